@@ -1,0 +1,77 @@
+"""The one place that knows how figures cross ranks.
+
+Everything the library reduces goes through :func:`all_reduce_sum`, which does nothing at all on
+a single process, so counting its calls counts the library's collectives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+# Ranks are encoded as bits of a float64; 2**52 is the last power of two it holds exactly.
+_MAX_RANK_BIT = 52
+
+
+def is_distributed() -> bool:
+    """Whether a process group with more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """The number of ranks (1 without a process group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` over all ranks, in place; a no-op on a single process."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def rank_bit(rank_index: int) -> float:
+    """The value a rank contributes to a summed bit-set of ranks (exact in float64)."""
+    return float(2 ** min(rank_index, _MAX_RANK_BIT))
+
+
+def ranks_in_bitset(bitset: float) -> list[int]:
+    """Decode a summed bit-set of ranks; ranks from 52 on share the last bit."""
+    bits = int(bitset)
+    return [index for index in range(_MAX_RANK_BIT + 1) if bits >> index & 1]
+
+
+def stats_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the packed statistics (exact counts and rank bits) where the device has it."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class HostCopy:
+    """A tensor copied to the host without stalling the device.
+
+    On CUDA the copy is queued right away and :meth:`get` waits only for it, not for the work
+    queued after it (the backward pass): reading a flag costs no pipeline stall.
+    """
+
+    def __init__(self, tensor: Tensor) -> None:
+        tensor = tensor.detach()
+        self._event: torch.cuda.Event | None = None
+        if tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensor.cpu()
+
+    def get(self) -> Tensor:
+        """The host tensor, once its copy is complete."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host

@@ -1,0 +1,252 @@
+"""``MultiTaskMixin``: the multi-task training, validation and test steps of a LightningModule."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_lossagg import distributed
+from lightning_lossagg.aggregation import GlobalTaskLosses, RankWeighting, global_task_losses
+from lightning_lossagg.tasks import MaskedLoss, Task
+from lightning_lossagg.weighting import LossRecord, WeightingCallback
+
+TaskLossOutput = Mapping[str, MaskedLoss | tuple[Tensor, Tensor] | Tensor]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A task loss was NaN or infinite (raised on every rank together)."""
+
+
+class MultiTaskMixin:
+    """Multi-task steps with exact, distributed-safe loss aggregation.
+
+    Use it before ``LightningModule`` in the bases, and pass the tasks to ``super().__init__``::
+
+        class Net(MultiTaskMixin, L.LightningModule):
+            def __init__(self):
+                super().__init__(tasks={"price": Task("mse", weight=2.0), "kind": "cross_entropy"})
+
+            def forward(self, inputs):  # one prediction per task
+                ...
+
+    A batch is ``(inputs, {task: target})`` by default; override :meth:`task_losses` for any other
+    layout. Each step reduces every task's per-sample losses over all ranks with ONE all-reduce,
+    weights the global task losses (static ``Task.weight`` times the weighting callback's weights,
+    if one is on the trainer) and returns the local share of ``sum_k w_k L_k`` that makes DDP's
+    averaged gradient exactly the gradient of the global objective. The step's figures are kept,
+    detached, in :attr:`loss_record` for loggers and monitors.
+
+    Args:
+        tasks: task name to :class:`Task` (or a loss name, for a task with default settings).
+        rank_weighting: ``"samples"`` (every valid sample of the global batch counts the same:
+            equals one process on the concatenated batch) or ``"uniform"`` (every rank's mean counts
+            the same, federated style).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        tasks: Mapping[str, Task | str],
+        rank_weighting: RankWeighting = "samples",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.tasks = _as_tasks(tasks)
+        if rank_weighting not in ("samples", "uniform"):
+            raise ValueError(
+                f"rank_weighting must be 'samples' or 'uniform', got {rank_weighting!r}."
+            )
+        self.rank_weighting = rank_weighting
+        static_weights = torch.tensor([task.weight for task in self.tasks.values()])
+        if static_weights.sum() <= 0:
+            raise ValueError(
+                "All task weights are zero: the objective would be 0. Give at least one task a "
+                "positive Task.weight."
+            )
+        # Not persistent: the model's state_dict does not depend on how it was trained.
+        self.register_buffer("_static_weights", static_weights, persistent=False)
+        self.loss_record: LossRecord | None = None
+        self._weighting: WeightingCallback | None = None
+        self._latest_weights: Tensor | None = None
+        self._unchecked_nonfinite: list[tuple[int, distributed.HostCopy]] = []
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        """The task names, in order: the order of every per-task vector."""
+        return tuple(self.tasks)
+
+    @property
+    def weighting(self) -> WeightingCallback | None:
+        """The weighting callback found on the trainer (``None``: static weights)."""
+        return self._weighting
+
+    # ----------------------------------------------------------------------------- the batch
+    def task_losses(self, batch: Any) -> TaskLossOutput:
+        """Per-sample losses of every task: ``{task: MaskedLoss(values, mask)}``.
+
+        The default reads ``(inputs, {task: target})`` batches and calls ``self(inputs)``, which
+        must return ``{task: prediction}``. Override it to return, per task, per-sample losses (a
+        tensor, every sample valid) or ``(values, mask)``.
+        """
+        if not (isinstance(batch, list | tuple) and len(batch) == 2 and isinstance(batch[1], dict)):
+            raise TypeError(
+                "The default task_losses expects batches (inputs, {task: target}), got "
+                f"{type(batch).__name__}. Yield such batches, or override task_losses(batch)."
+            )
+        inputs, targets = batch
+        predictions = self(inputs)  # type: ignore[operator]
+        return self.per_sample_losses(predictions, targets)
+
+    def per_sample_losses(
+        self, predictions: Mapping[str, Tensor], targets: Mapping[str, Tensor]
+    ) -> dict[str, MaskedLoss]:
+        """Apply each task's loss to its prediction and target, masking missing labels."""
+        if not isinstance(predictions, Mapping):
+            raise TypeError(
+                f"forward must return {{task: prediction}}, got {type(predictions).__name__}."
+            )
+        _check_names("targets", targets, self.task_names)
+        _check_names("predictions", predictions, self.task_names)
+        return {
+            name: task.per_sample_loss(name, predictions[name], targets[name])
+            for name, task in self.tasks.items()
+        }
+
+    # ----------------------------------------------------------------------------- the steps
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        step = self._global_losses(batch)
+        self._unchecked_nonfinite.append(
+            (self.global_step, distributed.HostCopy(step.nonfinite_ranks))  # type: ignore[attr-defined]
+        )
+        weights = self._static_weights
+        if self._weighting is not None:
+            adaptive = self._weighting.task_weights(self, step)  # type: ignore[arg-type]
+            weights = adaptive.detach().to(weights.dtype) * weights
+        weights = torch.where(step.valid, weights, torch.zeros_like(weights))
+        self._latest_weights = weights
+        return self._record("train", step, weights)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._evaluation_step("val", batch)
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._evaluation_step("test", batch)
+
+    def _evaluation_step(self, stage: str, batch: Any) -> Tensor:
+        step = self._global_losses(batch)
+        # Evaluation uses the weights of the latest training step (static before the first one).
+        weights = self._static_weights
+        if self._weighting is not None and self._latest_weights is not None:
+            weights = self._latest_weights
+        return self._record(stage, step, torch.where(step.valid, weights, 0.0))
+
+    def _global_losses(self, batch: Any) -> GlobalTaskLosses:
+        output = self.task_losses(batch)
+        _check_names("task_losses output", output, self.task_names)
+        masked = {name: _as_masked_loss(name, output[name]) for name in self.task_names}
+        return global_task_losses(masked, self.tasks, self.rank_weighting)
+
+    def _record(self, stage: str, step: GlobalTaskLosses, weights: Tensor) -> Tensor:
+        weights = weights.to(step.losses.dtype)
+        weighted = torch.where(step.valid, weights * step.losses, 0.0)
+        method_state = self._weighting.state_to_log() if self._weighting is not None else {}
+        self.loss_record = LossRecord(
+            stage=stage,
+            names=step.names,
+            losses=step.losses,
+            weights=weights,
+            weighted=weighted,
+            objective=weighted.sum(),
+            counts=step.counts,
+            method_state=method_state,
+        )
+        return (weights.to(step.local_terms.dtype) * step.local_terms).sum()
+
+    # ----------------------------------------------------------------------------- hooks
+    def setup(self, stage: str) -> None:
+        super().setup(stage)  # type: ignore[misc]
+        methods = [cb for cb in self.trainer.callbacks if isinstance(cb, WeightingCallback)]  # type: ignore[attr-defined]
+        if len(methods) > 1:
+            names = ", ".join(type(method).__name__ for method in methods)
+            raise ValueError(
+                f"Found {len(methods)} weighting callbacks ({names}); a model trains with one "
+                "weighting method. Keep one of them in the trainer's callbacks."
+            )
+        self._weighting = methods[0] if methods else None
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        super().on_before_optimizer_step(optimizer)  # type: ignore[misc]
+        unchecked, self._unchecked_nonfinite = self._unchecked_nonfinite, []
+        for step_index, flags in unchecked:
+            bitsets = flags.get().tolist()
+            bad = [
+                (name, bits) for name, bits in zip(self.task_names, bitsets, strict=True) if bits
+            ]
+            if bad:
+                raise NonFiniteLossError(_nonfinite_message(bad, step_index))
+
+
+def _nonfinite_message(bad: list[tuple[str, float]], step_index: int) -> str:
+    parts = []
+    for name, bits in bad:
+        ranks = ", ".join(str(r) for r in distributed.ranks_in_bitset(bits))
+        parts.append(f"task {name!r} on rank(s) {ranks}")
+    return (
+        f"Non-finite loss at global step {step_index}: {'; '.join(parts)}. Check the inputs and "
+        "targets of that batch, lower the learning rate, or clip gradients."
+    )
+
+
+def _as_tasks(tasks: Mapping[str, Task | str]) -> dict[str, Task]:
+    if not isinstance(tasks, Mapping) or not tasks:
+        raise ValueError(
+            "MultiTaskMixin needs at least one task: tasks={'name': Task(loss='mse'), ...}."
+        )
+    result = {}
+    for name, task in tasks.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"Task names must be non-empty strings, got {name!r}.")
+        if isinstance(task, str):
+            task = Task(loss=task)
+        if not isinstance(task, Task):
+            raise TypeError(f"Task {name!r} must be a Task or a loss name, got {task!r}.")
+        result[name] = task
+    return result
+
+
+def _check_names(what: str, mapping: Mapping[str, Any], task_names: tuple[str, ...]) -> None:
+    if not isinstance(mapping, Mapping):
+        raise TypeError(
+            f"The {what} must be a dict {{task: tensor}}, got {type(mapping).__name__}."
+        )
+    unknown = sorted(set(mapping) - set(task_names))
+    missing = [name for name in task_names if name not in mapping]
+    if unknown:
+        raise KeyError(
+            f"Unknown task name(s) {unknown} in the {what}; the model's tasks are "
+            f"{list(task_names)}. Rename them or add the tasks to the model."
+        )
+    if missing:
+        raise KeyError(
+            f"The {what} lack(s) task(s) {missing}. Give every task a value; mark missing labels "
+            "with NaN (float targets) or ignore_index (class targets)."
+        )
+
+
+def _as_masked_loss(name: str, value: MaskedLoss | tuple[Tensor, Tensor] | Tensor) -> MaskedLoss:
+    if isinstance(value, Tensor):
+        value = MaskedLoss(value, torch.ones_like(value, dtype=torch.bool))
+    values, mask = value
+    if values.ndim == 0:
+        raise ValueError(
+            f"Task {name!r}: task_losses returned a scalar. Return one loss per sample."
+        )
+    if mask.shape != values.shape or mask.dtype != torch.bool:
+        raise ValueError(
+            f"Task {name!r}: the mask must be a bool tensor of the values' shape "
+            f"{tuple(values.shape)}, got {mask.dtype} of shape {tuple(mask.shape)}."
+        )
+    return MaskedLoss(values, mask)

@@ -1,0 +1,162 @@
+"""Task specification and the registry of per-sample losses.
+
+A task loss is always computed per sample (per element for element-wise losses, per position for
+class maps), so that missing labels can be masked and ranks can be aggregated exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PerSampleLossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class MaskedLoss(NamedTuple):
+    """Per-sample loss values and the mask of the samples that count.
+
+    ``values`` and ``mask`` have the same shape; masked-out positions of ``values`` are ignored
+    (they may hold anything finite or not: they never reach the objective).
+    """
+
+    values: Tensor
+    mask: Tensor
+
+
+def _class_loss(fn: Callable[..., Tensor]) -> PerSampleLossFn:
+    def loss(prediction: Tensor, target: Tensor) -> Tensor:
+        return fn(prediction, target, reduction="none")
+
+    return loss
+
+
+# Losses whose targets are class indices (missing labels marked with ``ignore_index``).
+CLASS_LOSSES: dict[str, PerSampleLossFn] = {
+    "cross_entropy": _class_loss(F.cross_entropy),
+    "nll": _class_loss(F.nll_loss),
+}
+
+# Losses whose targets are floats (missing labels marked with NaN).
+FLOAT_LOSSES: dict[str, PerSampleLossFn] = {
+    "mse": _class_loss(F.mse_loss),
+    "mae": _class_loss(F.l1_loss),
+    "l1": _class_loss(F.l1_loss),
+    "huber": _class_loss(F.huber_loss),
+    "smooth_l1": _class_loss(F.smooth_l1_loss),
+    "bce": _class_loss(F.binary_cross_entropy),
+    "bce_with_logits": _class_loss(F.binary_cross_entropy_with_logits),
+}
+
+LOSSES: dict[str, PerSampleLossFn] = {**CLASS_LOSSES, **FLOAT_LOSSES}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of a multi-task model.
+
+    Args:
+        loss: a name from the registry (``mse``, ``mae``/``l1``, ``huber``, ``smooth_l1``,
+            ``cross_entropy``, ``bce``, ``bce_with_logits``, ``nll``) or a callable
+            ``(prediction, target) -> per-sample losses`` (one value per sample, never a scalar).
+        weight: static weight; it multiplies any adaptive weight (a preference on top).
+        reduction: ``"mean"`` over the valid samples of the global batch, or ``"sum"``.
+        ignore_index: the class target that marks a missing label (float targets use NaN).
+    """
+
+    loss: str | PerSampleLossFn
+    weight: float = 1.0
+    reduction: Literal["mean", "sum"] = "mean"
+    ignore_index: int = -100
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loss, str) and self.loss not in LOSSES:
+            raise ValueError(
+                f"Unknown loss {self.loss!r}. Use one of {sorted(LOSSES)} or pass a callable "
+                "(prediction, target) -> per-sample losses."
+            )
+        if not isinstance(self.loss, str) and not callable(self.loss):
+            raise TypeError(f"Task.loss must be a loss name or a callable, got {self.loss!r}.")
+        if not (isinstance(self.weight, int | float) and math.isfinite(self.weight)):
+            raise ValueError(f"Task.weight must be a finite number, got {self.weight!r}.")
+        if self.weight < 0:
+            raise ValueError(f"Task.weight must be >= 0, got {self.weight}.")
+        if self.reduction not in ("mean", "sum"):
+            raise ValueError(f"Task.reduction must be 'mean' or 'sum', got {self.reduction!r}.")
+
+    @property
+    def loss_name(self) -> str:
+        """The registry name, or the callable's qualified name."""
+        if isinstance(self.loss, str):
+            return self.loss
+        return getattr(self.loss, "__qualname__", type(self.loss).__name__)
+
+    def per_sample_loss(self, name: str, prediction: Tensor, target: Tensor) -> MaskedLoss:
+        """Per-sample losses of task ``name`` with missing labels masked out."""
+        if not isinstance(prediction, Tensor) or not isinstance(target, Tensor):
+            raise TypeError(
+                f"Task {name!r}: prediction and target must be tensors, got "
+                f"{type(prediction).__name__} and {type(target).__name__}."
+            )
+        self._check_target(name, prediction, target)
+        if isinstance(self.loss, str) and self.loss in FLOAT_LOSSES:
+            target = target.reshape(prediction.shape).to(prediction.dtype)
+        mask = ~torch.isnan(target) if target.is_floating_point() else target != self.ignore_index
+        # Zero the missing targets before the loss: a NaN or an out-of-range class index there
+        # would poison the gradient or fail the loss.
+        clean_target = torch.where(mask, target, torch.zeros_like(target))
+        loss_fn = LOSSES[self.loss] if isinstance(self.loss, str) else self.loss
+        try:
+            values = loss_fn(prediction, clean_target)
+        except (RuntimeError, ValueError, IndexError) as error:
+            raise ValueError(
+                f"Task {name!r}: loss {self.loss_name!r} failed on prediction of shape "
+                f"{tuple(prediction.shape)} ({prediction.dtype}) and target of shape "
+                f"{tuple(target.shape)} ({target.dtype}): {error}"
+            ) from error
+        return MaskedLoss(values, _mask_like(name, self.loss_name, values, mask))
+
+    def _check_target(self, name: str, prediction: Tensor, target: Tensor) -> None:
+        if not isinstance(self.loss, str):
+            return
+        if self.loss in CLASS_LOSSES and (target.is_floating_point() or target.dtype == torch.bool):
+            raise TypeError(
+                f"Task {name!r}: loss {self.loss!r} needs integer class targets, got "
+                f"{target.dtype}. Convert the targets with `.long()` and mark missing labels "
+                f"with ignore_index={self.ignore_index}."
+            )
+        if self.loss in FLOAT_LOSSES:
+            if not target.is_floating_point():
+                raise TypeError(
+                    f"Task {name!r}: loss {self.loss!r} needs float targets, got {target.dtype}. "
+                    "Convert them with `.float()` and mark missing labels with NaN."
+                )
+            if target.numel() != prediction.numel():
+                raise ValueError(
+                    f"Task {name!r}: target of shape {tuple(target.shape)} does not match the "
+                    f"prediction of shape {tuple(prediction.shape)} for loss {self.loss!r}."
+                )
+
+
+def _mask_like(name: str, loss_name: str, values: Tensor, mask: Tensor) -> Tensor:
+    """The mask at the shape of the per-sample values."""
+    if values.ndim == 0:
+        raise ValueError(
+            f"Task {name!r}: loss {loss_name!r} returned a scalar. Losses must return one value "
+            "per sample (use reduction='none'); per-sample values are what makes masking and "
+            "exact aggregation across ranks possible."
+        )
+    if mask.shape == values.shape:
+        return mask
+    if values.shape == mask.shape[: values.ndim]:
+        # One value per sample of a multi-element target: the sample counts when all of it does.
+        return mask.flatten(values.ndim).all(dim=-1)
+    raise ValueError(
+        f"Task {name!r}: loss {loss_name!r} returned values of shape {tuple(values.shape)}, which "
+        f"does not match the target's shape {tuple(mask.shape)} or its leading dimensions."
+    )

@@ -1,0 +1,82 @@
+"""Read an offline W&B run file (``run-<id>.wandb``) back, record by record.
+
+The file is W&B's LevelDB-style log: a 7-byte header (``:W&B``, magic 0xBEE1, version), then 32 KiB
+blocks of chunks, each with a 7-byte header (CRC32, length, type: full/first/middle/last), whose
+payloads join into serialised ``wandb.proto.wandb_internal_pb2.Record`` messages.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2
+
+_BLOCK = 32 * 1024
+_CHUNK_HEADER = struct.Struct("<IHB")
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
+    data = path.read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run file")
+    records, pending, offset = [], b"", 7
+    while offset + _CHUNK_HEADER.size <= len(data):
+        left_in_block = _BLOCK - offset % _BLOCK
+        if left_in_block < _CHUNK_HEADER.size:
+            offset += left_in_block
+            continue
+        _, length, kind = _CHUNK_HEADER.unpack_from(data, offset)
+        payload = data[offset + _CHUNK_HEADER.size : offset + _CHUNK_HEADER.size + length]
+        offset += _CHUNK_HEADER.size + length
+        if kind == 0 and length == 0:
+            continue
+        pending = payload if kind in (_FULL, _FIRST) else pending + payload
+        if kind in (_FULL, _LAST):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+@dataclass
+class OfflineRun:
+    """What an offline run logged: history rows, config, summary keys, defined metrics."""
+
+    history: list[dict[str, object]] = field(default_factory=list)
+    config: dict[str, object] = field(default_factory=dict)
+    defined_metrics: dict[str, object] = field(default_factory=dict)
+    kinds: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    @property
+    def history_keys(self) -> set[str]:
+        return {key for row in self.history for key in row}
+
+
+def read_offline_run(run_dir: Path) -> OfflineRun:
+    """Parse the single ``*.wandb`` file under ``run_dir`` (searched recursively)."""
+    files = sorted(Path(run_dir).rglob("*.wandb"))
+    if len(files) != 1:
+        raise FileNotFoundError(f"expected one .wandb file under {run_dir}, found {files}")
+    run = OfflineRun()
+    for record in read_records(files[0]):
+        kind = record.WhichOneof("record_type")
+        run.kinds[kind] += 1
+        if kind == "history":
+            run.history.append(
+                {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in record.history.item
+                }
+            )
+        elif kind == "config":
+            for item in record.config.update:
+                run.config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "metric":
+            run.defined_metrics[record.metric.name or record.metric.glob_name] = record.metric
+    return run
