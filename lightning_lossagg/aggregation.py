@@ -52,57 +52,95 @@ class GlobalTaskLosses:
     nonfinite_ranks: Tensor
 
 
+class TaskLossReducer:
+    """Reduces every task's per-sample losses over all ranks with ONE all-reduce per call.
+
+    The work per step is a fixed number of tensor operations whatever the number of tasks: the
+    tasks' values are concatenated and summed per task with one ``index_add``. The small per-task
+    constants are built once per device and shape and reused.
+    """
+
+    def __init__(self, tasks: Mapping[str, Task], rank_weighting: RankWeighting = "samples"):
+        if rank_weighting not in ("samples", "uniform"):
+            raise ValueError(
+                f"rank_weighting must be 'samples' or 'uniform', got {rank_weighting!r}."
+            )
+        self.names = tuple(tasks)
+        self.rank_weighting = rank_weighting
+        self._is_mean = [task.reduction == "mean" for task in tasks.values()]
+        self._cache: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def __call__(self, masked_losses: Mapping[str, MaskedLoss]) -> GlobalTaskLosses:
+        values = [masked_losses[name].values for name in self.names]
+        masks = [masked_losses[name].mask for name in self.names]
+        world_size, this_rank = distributed.world_size(), distributed.rank()
+        flat_values = torch.cat([v.reshape(-1) for v in values])
+        dtype = flat_values.dtype
+        segments, is_mean, sum_denominators = self._constants(values, flat_values, this_rank)
+        flat_masks = torch.cat([m.reshape(-1) for m in masks])
+        masked_values = torch.where(flat_masks, flat_values, torch.zeros((), dtype=dtype))
+        num_tasks = len(self.names)
+        local_sums = flat_values.new_zeros(num_tasks).index_add(0, segments, masked_values)
+        local_counts = flat_values.new_zeros(num_tasks).index_add(0, segments, flat_masks.to(dtype))
+        if self.rank_weighting == "uniform":
+            local_means = local_sums / local_counts.clamp(min=1)
+            numerators = torch.where(is_mean, local_means, local_sums)
+            denominators = (local_counts > 0).to(dtype)
+        else:
+            numerators = local_sums
+            # A global sum: rank 0 alone contributes the denominator 1, exactly.
+            denominators = torch.where(is_mean, local_counts, sum_denominators)
+
+        stats_dtype = distributed.stats_dtype(flat_values.device)
+        nonfinite = ~torch.isfinite(local_sums.detach())
+        stats = torch.cat(
+            [
+                numerators.detach().to(stats_dtype),
+                denominators.to(stats_dtype),
+                nonfinite.to(stats_dtype) * distributed.rank_bit(this_rank),
+            ]
+        )
+        stats = distributed.all_reduce_sum(stats)
+        global_numerators, global_denominators = stats[:num_tasks], stats[num_tasks : 2 * num_tasks]
+        valid = global_denominators > 0
+        one = torch.ones((), dtype=stats_dtype, device=stats.device)
+        safe_denominators = torch.where(valid, global_denominators, one)
+        losses = torch.where(valid, global_numerators / safe_denominators, torch.nan)
+        scale = torch.where(valid, world_size / safe_denominators, 0.0)
+        return GlobalTaskLosses(
+            names=self.names,
+            losses=losses.to(dtype),
+            counts=global_denominators,
+            valid=valid,
+            local_terms=numerators * scale.to(dtype),
+            nonfinite_ranks=stats[2 * num_tasks :],
+        )
+
+    def _constants(
+        self, values: list[Tensor], flat_values: Tensor, this_rank: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Segment ids of the concatenated values, the mean-reduction mask, sum denominators."""
+        sizes = tuple(v.numel() for v in values)
+        key = (sizes, flat_values.device, flat_values.dtype, this_rank)
+        if key not in self._cache:
+            device = flat_values.device
+            segments = torch.repeat_interleave(
+                torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long)
+            ).to(device)
+            is_mean = torch.tensor(self._is_mean, device=device)
+            sum_denominators = torch.full(
+                (len(sizes),), float(this_rank == 0), dtype=flat_values.dtype, device=device
+            )
+            if len(self._cache) > 64:  # batch sizes vary (a last short batch): keep it bounded
+                self._cache.clear()
+            self._cache[key] = (segments, is_mean, sum_denominators)
+        return self._cache[key]
+
+
 def global_task_losses(
     masked_losses: Mapping[str, MaskedLoss],
     tasks: Mapping[str, Task],
     rank_weighting: RankWeighting = "samples",
 ) -> GlobalTaskLosses:
     """Reduce the per-sample losses of every task over all ranks with ONE all-reduce."""
-    names = tuple(tasks)
-    world_size, this_rank = distributed.world_size(), distributed.rank()
-    numerators, denominators, nonfinite = [], [], []
-    for name in names:
-        values, mask = masked_losses[name]
-        local_sum = torch.where(mask, values, torch.zeros_like(values)).sum()
-        local_count = mask.sum().to(local_sum.dtype)
-        if rank_weighting == "uniform":
-            numerator = local_sum
-            if tasks[name].reduction == "mean":
-                numerator = local_sum / local_count.clamp(min=1)
-            denominator = (local_count > 0).to(local_sum.dtype)
-        elif tasks[name].reduction == "mean":
-            numerator, denominator = local_sum, local_count
-        else:
-            # A global sum: rank 0 alone contributes the denominator 1, exactly.
-            numerator = local_sum
-            denominator = torch.full_like(local_sum, float(this_rank == 0))
-        numerators.append(numerator)
-        denominators.append(denominator)
-        nonfinite.append(~torch.isfinite(local_sum))
-
-    local_numerators = torch.stack(numerators)
-    dtype = distributed.stats_dtype(local_numerators.device)
-    rank_bit = distributed.rank_bit(this_rank)
-    stats = torch.cat(
-        [
-            local_numerators.detach().to(dtype),
-            torch.stack(denominators).detach().to(dtype),
-            torch.stack(nonfinite).to(dtype) * rank_bit,
-        ]
-    )
-    stats = distributed.all_reduce_sum(stats)
-    num_tasks = len(names)
-    global_numerators, global_denominators = stats[:num_tasks], stats[num_tasks : 2 * num_tasks]
-    valid = global_denominators > 0
-    safe_denominators = torch.where(valid, global_denominators, torch.ones_like(stats[:1]))
-    losses = torch.where(valid, global_numerators / safe_denominators, torch.nan)
-    scale = torch.where(valid, world_size / safe_denominators, torch.zeros_like(stats[:1]))
-    local_terms = local_numerators * scale.to(local_numerators.dtype)
-    return GlobalTaskLosses(
-        names=names,
-        losses=losses.to(local_numerators.dtype),
-        counts=global_denominators,
-        valid=valid,
-        local_terms=local_terms,
-        nonfinite_ranks=stats[2 * num_tasks :],
-    )
+    return TaskLossReducer(tasks, rank_weighting)(masked_losses)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_lossagg import distributed
-from lightning_lossagg.aggregation import GlobalTaskLosses, RankWeighting, global_task_losses
+from lightning_lossagg.aggregation import GlobalTaskLosses, RankWeighting, TaskLossReducer
 from lightning_lossagg.tasks import MaskedLoss, Task
 from lightning_lossagg.weighting import LossRecord, WeightingCallback
 
@@ -55,11 +55,8 @@ class MultiTaskMixin:
     ) -> None:
         super().__init__(*args, **kwargs)
         self.tasks = _as_tasks(tasks)
-        if rank_weighting not in ("samples", "uniform"):
-            raise ValueError(
-                f"rank_weighting must be 'samples' or 'uniform', got {rank_weighting!r}."
-            )
         self.rank_weighting = rank_weighting
+        self._reducer = TaskLossReducer(self.tasks, rank_weighting)
         static_weights = torch.tensor([task.weight for task in self.tasks.values()])
         if static_weights.sum() <= 0:
             raise ValueError(
@@ -147,7 +144,7 @@ class MultiTaskMixin:
         output = self.task_losses(batch)
         _check_names("task_losses output", output, self.task_names)
         masked = {name: _as_masked_loss(name, output[name]) for name in self.task_names}
-        return global_task_losses(masked, self.tasks, self.rank_weighting)
+        return self._reducer(masked)
 
     def _record(self, stage: str, step: GlobalTaskLosses, weights: Tensor) -> Tensor:
         weights = weights.to(step.losses.dtype)

@@ -105,11 +105,18 @@ class Task:
             )
         self._check_target(name, prediction, target)
         if isinstance(self.loss, str) and self.loss in FLOAT_LOSSES:
-            target = target.reshape(prediction.shape).to(prediction.dtype)
-        mask = ~torch.isnan(target) if target.is_floating_point() else target != self.ignore_index
+            if target.shape != prediction.shape:
+                target = target.reshape(prediction.shape)
+            if target.dtype != prediction.dtype:
+                target = target.to(prediction.dtype)
         # Zero the missing targets before the loss: a NaN or an out-of-range class index there
         # would poison the gradient or fail the loss.
-        clean_target = torch.where(mask, target, torch.zeros_like(target))
+        if target.is_floating_point():
+            mask = target == target  # False exactly at NaN
+            clean_target = target.nan_to_num(nan=0.0, posinf=math.inf, neginf=-math.inf)
+        else:
+            mask = target != self.ignore_index
+            clean_target = target.masked_fill(~mask, 0)
         loss_fn = LOSSES[self.loss] if isinstance(self.loss, str) else self.loss
         try:
             values = loss_fn(prediction, clean_target)

@@ -99,7 +99,7 @@ class MultiTaskMLP(MultiTaskMixin, L.LightningModule):
         num_tasks: int = 3,
         in_features: int = 64,
         hidden: int = 256,
-        lr: float = 0.05,
+        lr: float = 0.01,
         rank_weighting: str = "samples",
     ) -> None:
         names = task_names(num_tasks)

@@ -1,0 +1,61 @@
+"""Step timing shared by the benchmarks: real ``Trainer.fit`` runs, timed per training batch."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_lossagg.demos.penguins import TaskDataset
+from lightning_lossagg.demos.synthetic import make_regression_tasks
+
+
+class StepTimer(L.Callback):
+    """Wall time of each training batch: forward, backward and optimizer step."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, *args: object) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
+def synthetic_loader(num_tasks: int, batch_size: int = 256, steps: int = 60) -> DataLoader:
+    inputs, targets = make_regression_tasks(batch_size * steps, num_tasks, seed=0)
+    return DataLoader(TaskDataset(inputs, targets), batch_size=batch_size)
+
+
+def median_step_time(
+    make_model: Callable[[], L.LightningModule], loader: DataLoader,
+    callbacks: Sequence[L.Callback] = (), warmup: int = 10, **trainer_kwargs: object,
+) -> float:
+    """Median seconds per training step over one epoch of ``loader`` (after ``warmup`` steps)."""
+    torch.manual_seed(0)
+    timer = StepTimer()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer, *callbacks],
+        **trainer_kwargs,
+    )
+    trainer.fit(make_model(), train_dataloaders=loader)
+    return statistics.median(timer.times[warmup:])
+
+
+def interleaved_ratios(
+    variants: dict[str, Callable[[], float]], baseline: str, rounds: int = 5
+) -> dict[str, float]:
+    """Median over rounds of each variant's time divided by the baseline's in the same round."""
+    ratios: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        times = {name: run() for name, run in variants.items()}
+        for name, value in times.items():
+            ratios[name].append(value / times[baseline])
+    return {name: statistics.median(values) for name, values in ratios.items()}

@@ -1,0 +1,73 @@
+"""Step-time overhead of MultiTaskMixin (static weights) against a plain LightningModule.
+
+Both train the same demo MLP (shared trunk 64→256→256, one head per task, MSE each, batch 256) on
+the same data; the plain module sums ``F.mse_loss`` of each task. Ratios are medians over
+interleaved rounds, measured in this run. Target: at most 1.05.
+
+    python benchmarks/overhead.py [--rounds 5] [--tasks 2 4 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from benchmarks._timing import interleaved_ratios, median_step_time, synthetic_loader
+from lightning_lossagg.demos import MultiTaskMLP
+
+
+class PlainMLP(L.LightningModule):
+    """The same network without the mixin: the sum of the task losses, nothing else."""
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__()
+        self.net = MultiTaskMLP(num_tasks)
+
+    def training_step(self, batch: tuple[Tensor, dict[str, Tensor]], batch_idx: int) -> Tensor:
+        inputs, targets = batch
+        predictions = self.net(inputs)
+        return sum(F.mse_loss(predictions[k], targets[k]) for k in targets)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.net.configure_optimizers()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8])
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    print(f"{'K':>3} {'plain ms':>9} {'mixin ms':>9} {'ratio':>6}")
+    for num_tasks in args.tasks:
+        loader = synthetic_loader(num_tasks)
+        times: dict[str, list[float]] = {"plain": [], "mixin": []}
+
+        def timed(name: str, make_model, loader=loader, times=times):
+            def run() -> float:
+                value = median_step_time(make_model, loader)
+                times[name].append(value)
+                return value
+
+            return run
+
+        ratios = interleaved_ratios(
+            {
+                "plain": timed("plain", lambda k=num_tasks: PlainMLP(k)),
+                "mixin": timed("mixin", lambda k=num_tasks: MultiTaskMLP(k)),
+            },
+            baseline="plain",
+            rounds=args.rounds,
+        )
+        plain_ms = 1e3 * sorted(times["plain"])[len(times["plain"]) // 2]
+        mixin_ms = 1e3 * sorted(times["mixin"])[len(times["mixin"]) // 2]
+        print(f"{num_tasks:>3} {plain_ms:>9.3f} {mixin_ms:>9.3f} {ratios['mixin']:>6.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Small multi-task models and batches shared by the tests (importable by spawned DDP ranks)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_lossagg import MultiTaskMixin, Task
+
+IN_FEATURES = 5
+
+
+class ThreeTaskNet(MultiTaskMixin, L.LightningModule):
+    """price (MSE, weight 2), kind (3-class cross-entropy), sold (BCE with logits)."""
+
+    def __init__(self, rank_weighting: str = "samples", lr: float = 0.1) -> None:
+        super().__init__(
+            tasks={
+                "price": Task("mse", weight=2.0),
+                "kind": Task("cross_entropy"),
+                "sold": Task("bce_with_logits"),
+            },
+            rank_weighting=rank_weighting,
+        )
+        self.lr = lr
+        self.trunk = nn.Sequential(nn.Linear(IN_FEATURES, 8), nn.Tanh())
+        self.heads = nn.ModuleDict(
+            {"price": nn.Linear(8, 1), "kind": nn.Linear(8, 3), "sold": nn.Linear(8, 1)}
+        )
+
+    def forward(self, inputs: Tensor) -> dict[str, Tensor]:
+        shared = self.trunk(inputs)
+        return {
+            "price": self.heads["price"](shared).squeeze(-1),
+            "kind": self.heads["kind"](shared),
+            "sold": self.heads["sold"](shared).squeeze(-1),
+        }
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def make_batch(
+    num_samples: int, seed: int, missing_every: int = 3, dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Inputs and targets with some labels missing (NaN / ignore_index)."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(num_samples, IN_FEATURES, generator=generator, dtype=dtype)
+    price = torch.randn(num_samples, generator=generator, dtype=dtype)
+    kind = torch.randint(0, 3, (num_samples,), generator=generator)
+    sold = torch.randint(0, 2, (num_samples,), generator=generator).to(dtype)
+    rows = torch.arange(num_samples)
+    price[rows % missing_every == 0] = torch.nan
+    kind[rows % missing_every == 1] = -100
+    return inputs, {"price": price, "kind": kind, "sold": sold}
+
+
+def concat_batches(*batches: tuple[Tensor, dict[str, Tensor]]) -> tuple[Tensor, dict[str, Tensor]]:
+    inputs = torch.cat([b[0] for b in batches])
+    targets = {k: torch.cat([b[1][k] for b in batches]) for k in batches[0][1]}
+    return inputs, targets
+
+
+def reference_task_losses(model: nn.Module, batch: tuple[Tensor, dict[str, Tensor]]) -> dict:
+    """Task losses by plain torch on the valid labels only (independent of the library)."""
+    inputs, targets = batch
+    predictions = model(inputs)
+    price_ok = ~torch.isnan(targets["price"])
+    kind_ok = targets["kind"] != -100
+    sold_ok = ~torch.isnan(targets["sold"])
+    return {
+        "price": nn.functional.mse_loss(predictions["price"][price_ok], targets["price"][price_ok]),
+        "kind": nn.functional.cross_entropy(predictions["kind"][kind_ok], targets["kind"][kind_ok]),
+        "sold": nn.functional.binary_cross_entropy_with_logits(
+            predictions["sold"][sold_ok], targets["sold"][sold_ok]
+        ),
+    }
+
+
+def one_batch_loader(batch: tuple[Tensor, dict[str, Tensor]]) -> DataLoader:
+    """A loader that yields exactly ``batch`` once."""
+    return DataLoader([batch], batch_size=None)

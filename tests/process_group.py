@@ -1,0 +1,60 @@
+"""Run a function on every rank of a real 2-process gloo group (CPU) and collect its results."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(rank: int, world_size: int, init_file: str, out_dir: str, fn: Callable, args: tuple):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, *args)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> list[Any]:
+    """``[fn(rank, *args) for each rank]``, each run in its own process of one gloo group."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        init_file = os.path.join(out_dir, "init")
+        mp.start_processes(
+            _worker, args=(world_size, init_file, out_dir, fn, args), nprocs=world_size,
+            start_method="spawn",
+        )
+        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+class CollectiveCounter:
+    """Counts the collectives issued through ``torch.distributed`` while active (a wrapper that
+    calls the real collective: the count is of real calls)."""
+
+    NAMES = ("all_reduce", "all_gather", "broadcast", "reduce", "all_gather_into_tensor")
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self._originals: dict[str, Callable] = {}
+
+    def __enter__(self) -> CollectiveCounter:
+        for name in self.NAMES:
+            original = getattr(dist, name)
+            self._originals[name] = original
+
+            def counted(*args, _name=name, _original=original, **kwargs):
+                self.calls.append(_name)
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, counted)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, original in self._originals.items():
+            setattr(dist, name, original)

@@ -1,0 +1,105 @@
+"""The exact global task losses: one process, and a real 2-process gloo group."""
+
+import pytest
+import torch
+
+from lightning_lossagg import MaskedLoss, Task, global_task_losses
+from tests.process_group import CollectiveCounter, run_on_ranks
+
+TASKS = {"a": Task("mse"), "b": Task("mse", reduction="sum"), "c": Task("mse")}
+
+# Per-rank per-sample losses and masks: uneven sizes, rank 1 has no valid sample of task "c".
+RANK_DATA = {
+    0: {"a": ([1.0, 2.0, 3.0], [1, 1, 0]), "b": ([1.0, 1.0], [1, 1]), "c": ([4.0, 6.0], [1, 1])},
+    1: {"a": ([5.0], [1]), "b": ([2.0, 3.0, 4.0], [1, 0, 1]), "c": ([9.0, 9.0], [0, 0])},
+}
+
+
+def _masked(rank: int, requires_grad: bool = False) -> dict[str, MaskedLoss]:
+    return {
+        name: MaskedLoss(
+            torch.tensor(values, dtype=torch.float64, requires_grad=requires_grad),
+            torch.tensor(mask, dtype=torch.bool),
+        )
+        for name, (values, mask) in RANK_DATA[rank].items()
+    }
+
+
+def _expected(rank_weighting: str) -> list[float]:
+    if rank_weighting == "samples":  # one process on the concatenated batch
+        return [(1 + 2 + 5) / 3, 1 + 1 + 2 + 4, (4 + 6) / 2]
+    # every rank with a valid sample has an equal say
+    return [((1 + 2) / 2 + 5) / 2, (1 + 1 + 2 + 4) / 2, 5.0]
+
+
+def _rank_step(rank: int, rank_weighting: str) -> dict:
+    masked = _masked(rank, requires_grad=True)
+    with CollectiveCounter() as counter:
+        step = global_task_losses(masked, TASKS, rank_weighting)
+    grads = [torch.autograd.grad(term, masked[n].values, retain_graph=True)[0]
+             for n, term in zip(step.names, step.local_terms, strict=True)]
+    return {"losses": step.losses, "counts": step.counts, "calls": counter.calls, "grads": grads}
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("rank_weighting", ["samples", "uniform"])
+def test_two_ranks_give_the_global_losses_and_gradients_with_one_all_reduce(rank_weighting):
+    results = run_on_ranks(_rank_step, rank_weighting)
+    expected = torch.tensor(_expected(rank_weighting), dtype=torch.float64)
+    for result in results:
+        torch.testing.assert_close(result["losses"], expected)
+        assert result["calls"] == ["all_reduce"]
+    # DDP averages the ranks' gradients of the local terms: that average must be the gradient of
+    # the global loss with respect to each rank's per-sample values.
+    for k, name in enumerate(TASKS):
+        for rank in (0, 1):
+            values = torch.tensor(RANK_DATA[rank][name][0], dtype=torch.float64, requires_grad=True)
+            all_values = {r: torch.tensor(RANK_DATA[r][name][0], dtype=torch.float64) for r in (0, 1)}
+            all_values[rank] = values
+            loss = _global_loss_by_hand(name, all_values, rank_weighting)
+            if loss.requires_grad:
+                (expected_grad,) = torch.autograd.grad(loss, values)
+            else:  # this rank's values do not enter the global loss
+                expected_grad = torch.zeros_like(values)
+            torch.testing.assert_close(results[rank]["grads"][k] / 2, expected_grad)
+
+
+def _global_loss_by_hand(name: str, values: dict, rank_weighting: str) -> torch.Tensor:
+    masks = {r: torch.tensor(RANK_DATA[r][name][1], dtype=torch.bool) for r in (0, 1)}
+    sums = {r: values[r][masks[r]].sum() for r in (0, 1)}
+    counts = {r: int(masks[r].sum()) for r in (0, 1)}
+    if rank_weighting == "samples":
+        total = sums[0] + sums[1]
+        return total if TASKS[name].reduction == "sum" else total / (counts[0] + counts[1])
+    present = [r for r in (0, 1) if counts[r]]
+    per_rank = [sums[r] / (counts[r] if TASKS[name].reduction == "mean" else 1) for r in present]
+    return sum(per_rank) / len(present)
+
+
+def test_one_process_issues_no_collective_and_matches_the_masked_mean():
+    masked = {**_masked(0), **{}}
+    with CollectiveCounter() as counter:
+        step = global_task_losses(masked, TASKS)
+    assert counter.calls == []
+    torch.testing.assert_close(step.losses, torch.tensor([1.5, 2.0, 5.0], dtype=torch.float64))
+    torch.testing.assert_close(step.local_terms.detach(), step.losses)
+
+
+def test_a_task_without_a_valid_sample_has_no_loss_and_a_zero_term_still_in_the_graph():
+    values = torch.tensor([3.0, 4.0], requires_grad=True)
+    masked = {"a": MaskedLoss(values, torch.tensor([False, False]))}
+    step = global_task_losses(masked, {"a": Task("mse")})
+    assert not step.valid[0] and torch.isnan(step.losses[0]) and step.counts[0] == 0
+    assert step.local_terms[0].item() == 0.0
+    (grad,) = torch.autograd.grad(step.local_terms.sum(), values)
+    assert torch.equal(grad, torch.zeros(2))
+
+
+def test_a_nan_in_a_masked_out_position_is_ignored_but_a_valid_nan_is_flagged():
+    masked = {
+        "a": MaskedLoss(torch.tensor([1.0, torch.nan]), torch.tensor([True, False])),
+        "b": MaskedLoss(torch.tensor([1.0, torch.inf]), torch.tensor([True, True])),
+    }
+    step = global_task_losses(masked, {"a": Task("mse"), "b": Task("mse")})
+    assert step.losses[0] == 1.0
+    assert step.nonfinite_ranks.tolist() == [0.0, 1.0]  # bit of rank 0 set for task b

@@ -1,0 +1,34 @@
+"""The real LightningCLI on the real configs, with W&B in offline mode read back from disk."""
+
+from pathlib import Path
+
+import pytest
+
+from lightning_lossagg.cli import build_cli
+from tests.wandb_records import read_offline_run
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+TASKS = ("species", "sex", "body_mass")
+
+
+def test_lossagg_fit_on_penguins_writes_every_task_to_the_offline_wandb_run(tmp_path):
+    build_cli(["fit", f"--config={CONFIGS / 'penguins.yaml'}", "--trainer.max_epochs=2"])
+    run = read_offline_run(tmp_path / "runs" / "penguins" / "wandb")
+    keys = run.history_keys
+    for task in TASKS:
+        for key in (f"train/loss/{task}", f"train/weight/{task}", f"val/loss/{task}"):
+            assert key in keys, key
+    assert "train/loss" in keys and "val/loss" in keys
+    assert run.config["hidden"] == 64
+    assert list((tmp_path / "runs" / "penguins").rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_lossagg_evaluates_the_demo(subcommand, tmp_path):
+    cli = build_cli(
+        [subcommand, f"--config={CONFIGS / 'penguins.yaml'}", "--trainer.logger=false"],
+    )
+    metrics = cli.trainer.callback_metrics
+    prefix = "val" if subcommand == "validate" else "test"
+    for task in TASKS:
+        assert f"{prefix}/loss/{task}" in metrics

@@ -1,0 +1,148 @@
+"""MultiTaskMixin on one process: steps, weighting interface, bad input and non-finite losses."""
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_lossagg import MultiTaskMixin, NonFiniteLossError, Task, WeightingCallback
+from tests.models import ThreeTaskNet, make_batch, one_batch_loader, reference_task_losses
+
+
+class HalvingWeights(WeightingCallback):
+    """A real weighting callback for the interface tests: w_k = 0.5 for every task."""
+
+    def task_weights(self, pl_module, step):
+        return torch.full_like(step.losses, 0.5)
+
+
+def _fit(model, callbacks=(), batch=None, **trainer_kwargs):
+    batch = batch if batch is not None else make_batch(6, seed=0, dtype=torch.float32)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
+        **trainer_kwargs,
+    )
+    trainer.fit(model, train_dataloaders=one_batch_loader(batch), val_dataloaders=one_batch_loader(batch))
+    return trainer
+
+
+def test_static_weights_multiply_the_global_losses():
+    model = ThreeTaskNet()
+    batch = make_batch(6, seed=0, dtype=torch.float32)
+    expected = reference_task_losses(model, batch)
+    objective = model.training_step(batch, 0)
+    record = model.loss_record
+    assert record.stage == "train" and record.names == ("price", "kind", "sold")
+    torch.testing.assert_close(record.losses, torch.stack(list(expected.values())).detach())
+    assert record.weights.tolist() == [2.0, 1.0, 1.0]
+    torch.testing.assert_close(record.weighted, record.weights * record.losses)
+    torch.testing.assert_close(objective.detach(), record.objective)
+
+
+def test_a_weighting_callback_multiplies_the_static_weights_and_evaluation_reuses_them():
+    model = ThreeTaskNet()
+    _fit(model, callbacks=[HalvingWeights()])
+    assert model.weighting is not None
+    record = model.loss_record  # the validation step after the training step
+    assert record.stage == "val"
+    assert record.weights.tolist() == [1.0, 0.5, 0.5]
+
+
+def test_two_weighting_callbacks_are_refused_naming_both():
+    with pytest.raises(ValueError, match=r"2 weighting callbacks \(HalvingWeights, HalvingWeights\)"):
+        _fit(ThreeTaskNet(), callbacks=[HalvingWeights(), HalvingWeights()])
+
+
+def test_validation_and_test_steps_record_global_losses():
+    model = ThreeTaskNet()
+    batch = make_batch(7, seed=4, dtype=torch.float32)
+    model.validation_step(batch, 0)
+    assert model.loss_record.stage == "val"
+    model.test_step(batch, 0)
+    expected = reference_task_losses(model, batch)
+    torch.testing.assert_close(model.loss_record.losses, torch.stack(list(expected.values())).detach())
+
+
+def test_a_task_with_no_label_in_the_batch_gets_no_weight_and_no_nan():
+    model = ThreeTaskNet()
+    inputs, targets = make_batch(4, seed=0, dtype=torch.float32)
+    targets["price"][:] = torch.nan
+    objective = model.training_step((inputs, targets), 0)
+    assert torch.isfinite(objective)
+    assert torch.isnan(model.loss_record.losses[0]) and model.loss_record.weights[0] == 0
+    objective.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error", "message"),
+    [
+        (lambda t: t.update(colour=torch.zeros(4)), KeyError, r"Unknown task name\(s\) \['colour'\] in the targets"),
+        (lambda t: t.pop("sold"), KeyError, r"targets lack\(s\) task\(s\) \['sold'\]"),
+        (lambda t: t.update(price=torch.zeros(5)), ValueError, "Task 'price'.*does not match"),
+        (lambda t: t.update(kind=t["kind"].float()), TypeError, "Task 'kind'.*integer class"),
+    ],
+)
+def test_bad_targets_name_the_task_and_the_fix(mutate, error, message):
+    inputs, targets = make_batch(4, seed=0, dtype=torch.float32)
+    mutate(targets)
+    with pytest.raises(error, match=message):
+        ThreeTaskNet().training_step((inputs, targets), 0)
+
+
+def test_a_forward_missing_a_task_prediction_is_named():
+    class Forgetful(ThreeTaskNet):
+        def forward(self, inputs):
+            predictions = super().forward(inputs)
+            del predictions["kind"]
+            return predictions
+
+    with pytest.raises(KeyError, match=r"predictions lack\(s\) task\(s\) \['kind'\]"):
+        Forgetful().training_step(make_batch(4, seed=0, dtype=torch.float32), 0)
+
+
+def test_a_batch_of_another_layout_asks_to_override_task_losses():
+    with pytest.raises(TypeError, match="override task_losses"):
+        ThreeTaskNet().training_step({"x": torch.zeros(2)}, 0)
+
+
+def test_task_losses_can_be_overridden_with_per_sample_values_and_masks():
+    class Custom(MultiTaskMixin, L.LightningModule):
+        def __init__(self):
+            super().__init__(tasks={"a": "mse", "b": "mse"})
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def task_losses(self, batch):
+            return {"a": self.scale * batch, "b": (self.scale * batch, batch > 1)}
+
+    model = Custom()
+    model.training_step(torch.tensor([1.0, 2.0, 3.0]), 0)
+    assert model.loss_record.losses.tolist() == [2.0, 2.5]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"tasks": {}}, ValueError, "at least one task"),
+        ({"tasks": {"a": Task("mse", weight=0.0)}}, ValueError, "All task weights are zero"),
+        ({"tasks": {"a": 3}}, TypeError, "Task 'a' must be a Task"),
+        ({"tasks": {"a": "mse"}, "rank_weighting": "ranks"}, ValueError, "'samples' or 'uniform'"),
+    ],
+)
+def test_bad_mixin_arguments_fail_at_construction(kwargs, error, message):
+    class Net(MultiTaskMixin, L.LightningModule):
+        pass
+
+    with pytest.raises(error, match=message):
+        Net(**kwargs)
+
+
+def test_a_nonfinite_loss_raises_naming_task_step_and_rank_before_the_weights_change():
+    model = ThreeTaskNet()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    inputs, targets = make_batch(6, seed=0, dtype=torch.float32)
+    targets["sold"][2] = torch.inf
+    with pytest.raises(NonFiniteLossError, match=r"global step 0: task 'sold' on rank\(s\) 0"):
+        _fit(model, batch=(inputs, targets), num_sanity_val_steps=0, limit_val_batches=0)
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, before[name]), name

@@ -1,0 +1,97 @@
+"""Promise 1 and 3 through Lightning: a real 2-rank DDP fit equals one process on the
+concatenated batch, with exactly one library collective per step (none on one process)."""
+
+import copy
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from tests.models import ThreeTaskNet, concat_batches, make_batch, one_batch_loader, reference_task_losses
+from tests.process_group import CollectiveCounter
+
+
+class RecordingNet(ThreeTaskNet):
+    """Trains on this rank's own batch and saves what the step produced."""
+
+    def __init__(self, out_dir: str, rank_batches: list) -> None:
+        super().__init__()
+        self.out_dir, self.rank_batches = out_dir, rank_batches
+
+    def train_dataloader(self):
+        return one_batch_loader(self.rank_batches[self.trainer.global_rank])
+
+    def training_step(self, batch, batch_idx):
+        with CollectiveCounter() as counter:
+            objective = super().training_step(batch, batch_idx)
+        self.collectives = counter.calls
+        return objective
+
+    def on_before_optimizer_step(self, optimizer):
+        super().on_before_optimizer_step(optimizer)
+        record = self.loss_record
+        torch.save(
+            {
+                "losses": record.losses, "weights": record.weights, "objective": record.objective,
+                "grads": {n: p.grad.clone() for n, p in self.named_parameters()},
+                "collectives": self.collectives,
+            },
+            Path(self.out_dir) / f"rank{self.global_rank}.pt",
+        )
+
+
+def _trainer(devices: int) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+        max_steps=1, precision="64-true", use_distributed_sampler=False, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
+def _reference(model: torch.nn.Module, batch) -> dict:
+    model = copy.deepcopy(model).double()
+    losses = reference_task_losses(model, batch)
+    objective = 2.0 * losses["price"] + losses["kind"] + losses["sold"]
+    objective.backward()
+    return {
+        "losses": torch.stack([losses[n] for n in ("price", "kind", "sold")]).detach(),
+        "objective": objective.detach(),
+        "grads": {n: p.grad for n, p in model.named_parameters()},
+    }
+
+
+def _assert_matches_reference(result: dict, reference: dict) -> None:
+    torch.testing.assert_close(result["losses"], reference["losses"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(result["objective"], reference["objective"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(result["weights"], torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64))
+    for name, grad in reference["grads"].items():
+        torch.testing.assert_close(result["grads"][name], grad, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.ddp
+def test_two_rank_ddp_equals_one_process_on_the_concatenated_batch(tmp_path):
+    # Uneven batches (5 and 8 samples), missing labels on both ranks, and rank 1 without a single
+    # valid "kind" label: the hard cases for exact aggregation.
+    rank0, rank1 = make_batch(5, seed=1), make_batch(8, seed=2)
+    rank1[1]["kind"][:] = -100
+    model = RecordingNet(str(tmp_path), [rank0, rank1])
+    reference = _reference(model, concat_batches(rank0, rank1))
+
+    _trainer(devices=2).fit(model)
+
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for result in results:
+        _assert_matches_reference(result, reference)
+        assert result["collectives"] == ["all_reduce"]
+
+
+def test_one_process_matches_the_reference_and_issues_no_collective(tmp_path):
+    batch = make_batch(9, seed=3)
+    model = RecordingNet(str(tmp_path), [batch])
+    reference = _reference(model, batch)
+    _trainer(devices=1).fit(model)
+    result = torch.load(tmp_path / "rank0.pt")
+    _assert_matches_reference(result, reference)
+    assert result["collectives"] == []

@@ -1,0 +1,102 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_lossagg import LOSSES, Task
+
+
+@pytest.mark.parametrize(
+    ("name", "reference", "kind"),
+    [
+        ("mse", F.mse_loss, "float"),
+        ("mae", F.l1_loss, "float"),
+        ("l1", F.l1_loss, "float"),
+        ("huber", F.huber_loss, "float"),
+        ("smooth_l1", F.smooth_l1_loss, "float"),
+        ("bce", F.binary_cross_entropy, "prob"),
+        ("bce_with_logits", F.binary_cross_entropy_with_logits, "prob"),
+        ("cross_entropy", F.cross_entropy, "class"),
+        ("nll", F.nll_loss, "class"),
+    ],
+)
+def test_every_registry_loss_masks_missing_labels_like_torch(name, reference, kind):
+    prediction = torch.randn(10, 4) if kind == "class" else torch.randn(10)
+    if name == "bce":
+        prediction = prediction.sigmoid()
+    if name == "nll":
+        prediction = prediction.log_softmax(-1)
+    if kind == "class":
+        target = torch.randint(0, 4, (10,))
+        target[::3] = -100
+        valid = target != -100
+    else:
+        target = torch.rand(10) if kind == "prob" else torch.randn(10)
+        target[::3] = torch.nan
+        valid = ~torch.isnan(target)
+    values, mask = Task(name).per_sample_loss("t", prediction, target)
+    assert torch.equal(mask, valid)
+    expected = reference(prediction[valid], target[valid])
+    torch.testing.assert_close(values[mask].mean(), expected)
+    assert set(LOSSES) >= {name}
+
+
+def test_missing_float_labels_leave_no_nan_in_the_gradient():
+    prediction = torch.randn(6, requires_grad=True)
+    target = torch.tensor([1.0, torch.nan, 2.0, torch.nan, 0.0, 1.0])
+    values, mask = Task("mse").per_sample_loss("price", prediction, target)
+    torch.where(mask, values, 0.0).sum().backward()
+    assert torch.isfinite(prediction.grad).all()
+    assert (prediction.grad[~mask] == 0).all()
+
+
+def test_elementwise_targets_count_each_element():
+    prediction = torch.randn(3, 2)
+    target = torch.tensor([[1.0, torch.nan], [0.0, 1.0], [torch.nan, torch.nan]])
+    values, mask = Task("mse").per_sample_loss("xy", prediction, target)
+    assert values.shape == (3, 2) and mask.sum() == 3
+
+
+def test_callable_loss_with_one_value_per_sample_masks_whole_samples():
+    def mean_abs(prediction, target):
+        return (prediction - target).abs().mean(dim=-1)
+
+    target = torch.tensor([[1.0, 2.0], [torch.nan, 0.0]])
+    values, mask = Task(mean_abs).per_sample_loss("t", torch.zeros(2, 2), target)
+    assert values.shape == (2,) and mask.tolist() == [True, False]
+    assert values[0] == 1.5
+
+
+def test_loss_returning_a_scalar_is_refused_with_the_fix():
+    task = Task(lambda prediction, target: F.mse_loss(prediction, target))
+    with pytest.raises(ValueError, match=r"Task 'price'.*returned a scalar.*one value per sample"):
+        task.per_sample_loss("price", torch.randn(4), torch.randn(4))
+
+
+@pytest.mark.parametrize(
+    ("task", "prediction", "target", "error", "message"),
+    [
+        (Task("cross_entropy"), torch.randn(4, 3), torch.rand(4), TypeError, "integer class"),
+        (Task("mse"), torch.randn(4), torch.ones(4, dtype=torch.long), TypeError, "float targets"),
+        (Task("mse"), torch.randn(4), torch.randn(5), ValueError, "does not match"),
+        (Task("cross_entropy"), torch.randn(4, 3), torch.full((4,), 7), ValueError, "kind"),
+    ],
+)
+def test_targets_of_the_wrong_dtype_or_shape_name_the_task(task, prediction, target, error, message):
+    with pytest.raises(error, match=message) as info:
+        task.per_sample_loss("kind", prediction, target)
+    assert "'kind'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"loss": "msee"}, "Unknown loss 'msee'"),
+        ({"loss": "mse", "weight": -1.0}, "must be >= 0"),
+        ({"loss": "mse", "weight": float("nan")}, "finite"),
+        ({"loss": "mse", "reduction": "max"}, "'mean' or 'sum'"),
+        ({"loss": 3}, "a loss name or a callable"),
+    ],
+)
+def test_bad_task_arguments_fail_at_construction(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        Task(**kwargs)
