@@ -1,0 +1,104 @@
+"""Uncertainty weighting: task losses weighted by learned homoscedastic uncertainty."""
+
+import torch
+from torch import Tensor
+
+
+def _check_inputs(log_vars: Tensor, classification: Tensor | None, validate_args: bool) -> Tensor:
+    """Validates the arguments and returns the factor c_k (1/2 or 1) in front of e^(-s_k)·L_k."""
+    if log_vars.ndim != 1 or not log_vars.is_floating_point():
+        raise ValueError(
+            "`log_vars` must be a 1-D floating tensor with one log-variance per task; found "
+            f"shape {tuple(log_vars.shape)} and dtype {log_vars.dtype}."
+        )
+    if validate_args and not torch.isfinite(log_vars).all():
+        bad = (~torch.isfinite(log_vars)).nonzero().flatten().tolist()
+        raise ValueError(
+            f"`log_vars` must be finite; found non-finite values at task indices {bad}. "
+            "Lower the learning rate of the log-variance optimizer or clamp the log-variances."
+        )
+    half = torch.full_like(log_vars, 0.5)
+    if classification is None:
+        return half
+    if classification.dtype != torch.bool or classification.shape != log_vars.shape:
+        raise ValueError(
+            "`classification` must be a bool tensor with the shape of `log_vars` "
+            f"{tuple(log_vars.shape)}, True for each classification task; found shape "
+            f"{tuple(classification.shape)} and dtype {classification.dtype}."
+        )
+    return torch.where(classification.to(log_vars.device), 1.0, half)
+
+
+def uncertainty_weights(
+    log_vars: Tensor, classification: Tensor | None = None, *, validate_args: bool = True
+) -> Tensor:
+    r"""Weights on the task losses under uncertainty weighting (Kendall et al., 2018).
+
+    `Multi-Task Learning Using Uncertainty to Weigh Losses for Scene Geometry and Semantics
+    <https://arxiv.org/abs/1705.07115>`_ (CVPR 2018). With learnable log-variances
+    :math:`s_k = \log \sigma_k^2` the objective is
+
+    .. math::
+        \mathcal{L}(s) = \sum_k c_k e^{-s_k} L_k + \tfrac{1}{2} s_k, \qquad
+        w_k = \frac{\partial \mathcal{L}}{\partial L_k} = c_k e^{-s_k},
+
+    with :math:`c_k = \tfrac{1}{2}` (regression, LibMTL's form for every task) or
+    :math:`c_k = 1` where ``classification[k]`` is True (the paper's softmax likelihood).
+    LibMTL starts from :math:`s_k = -0.5` (weights :math:`\approx 0.82`), torchjd's ``UW`` from
+    :math:`s_k = 0` (weights 0.5): neither scale is 1 per task.
+
+    Args:
+        log_vars: The log-variances :math:`s`, shape ``(K,)``.
+        classification: Optional bool mask of shape ``(K,)``; True selects :math:`c_k = 1`.
+        validate_args: Check that ``log_vars`` is finite (one device-to-host sync).
+
+    Returns:
+        The weights :math:`w`, shape ``(K,)``, detached.
+
+    Example:
+        >>> uncertainty_weights(torch.tensor([0.0, 0.0]), torch.tensor([False, True]))
+        tensor([0.5000, 1.0000])
+    """
+    factors = _check_inputs(log_vars, classification, validate_args)
+    return (factors * torch.exp(-log_vars)).detach()
+
+
+def uncertainty_objective(
+    losses: Tensor,
+    log_vars: Tensor,
+    classification: Tensor | None = None,
+    *,
+    validate_args: bool = True,
+) -> Tensor:
+    r"""The full uncertainty-weighting objective, regulariser included, differentiable throughout.
+
+    .. math::
+        \mathcal{L}(s) = \sum_k c_k e^{-s_k} L_k + \tfrac{1}{2} s_k
+
+    Minimised over :math:`s` it gives :math:`s_k^* = \log(2 c_k L_k)`. See
+    :func:`uncertainty_weights` for the paper and :math:`c_k`; pass detached losses to update
+    :math:`s` alone.
+
+    Args:
+        losses: The task losses :math:`L`, shape ``(K,)``.
+        log_vars: The log-variances :math:`s`, shape ``(K,)``.
+        classification: Optional bool mask of shape ``(K,)``; True selects :math:`c_k = 1`.
+        validate_args: Check that both tensors are finite (device-to-host syncs).
+
+    Returns:
+        The scalar objective.
+
+    Example:
+        >>> uncertainty_objective(torch.tensor([2.0, 4.0]), torch.zeros(2))
+        tensor(3.)
+    """
+    factors = _check_inputs(log_vars, classification, validate_args)
+    if losses.shape != log_vars.shape:
+        raise ValueError(
+            f"`losses` must have the shape of `log_vars` {tuple(log_vars.shape)}, one loss per "
+            f"task; found {tuple(losses.shape)}."
+        )
+    if validate_args and not torch.isfinite(losses).all():
+        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+        raise ValueError(f"`losses` must be finite; found non-finite losses at task indices {bad}.")
+    return (factors * torch.exp(-log_vars) * losses + 0.5 * log_vars).sum()
