@@ -114,7 +114,7 @@ class MultiTaskMixin:
 
     # ----------------------------------------------------------------------------- the steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        step = self._global_losses(batch)
+        step = self.compute_global_losses(batch)
         self._unchecked_nonfinite.append(
             (self.global_step, distributed.HostCopy(step.nonfinite_ranks))  # type: ignore[attr-defined]
         )
@@ -133,14 +133,18 @@ class MultiTaskMixin:
         return self._evaluation_step("test", batch)
 
     def _evaluation_step(self, stage: str, batch: Any) -> Tensor:
-        step = self._global_losses(batch)
+        step = self.compute_global_losses(batch)
         # Evaluation uses the weights of the latest training step (static before the first one).
         weights = self._static_weights
         if self._weighting is not None and self._latest_weights is not None:
             weights = self._latest_weights
         return self._record(stage, step, torch.where(step.valid, weights, 0.0))
 
-    def _global_losses(self, batch: Any) -> GlobalTaskLosses:
+    def compute_global_losses(self, batch: Any) -> GlobalTaskLosses:
+        """The batch's global task losses: :meth:`task_losses`, then the step's one all-reduce.
+
+        Call it on every rank together (it is a collective under DDP).
+        """
         output = self.task_losses(batch)
         _check_names("task_losses output", output, self.task_names)
         masked = {name: _as_masked_loss(name, output[name]) for name in self.task_names}
