@@ -69,6 +69,7 @@ class MultiTaskMixin:
         self._weighting: WeightingCallback | None = None
         self._latest_weights: Tensor | None = None
         self._unchecked_nonfinite: list[tuple[int, distributed.HostCopy]] = []
+        self.shared_representation: tuple[Tensor, Tensor] | None = None
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -94,8 +95,40 @@ class MultiTaskMixin:
                 f"{type(batch).__name__}. Yield such batches, or override task_losses(batch)."
             )
         inputs, targets = batch
-        predictions = self(inputs)  # type: ignore[operator]
-        return self.per_sample_losses(predictions, targets)
+        return self.per_sample_losses(self.predict_tasks(inputs), targets)
+
+    def predict_tasks(self, inputs: Any) -> Mapping[str, Tensor]:
+        """``{task: prediction}``: ``self(inputs)``, or, when the weighting method takes gradients
+        at the shared representation (``rep_grad=True``), ``forward_heads(forward_shared(inputs))``
+        with the representation kept in :attr:`shared_representation`."""
+        weighting = self._weighting
+        if not (
+            getattr(weighting, "rep_grad", False) and self.training and torch.is_grad_enabled()
+        ):
+            return self(inputs)  # type: ignore[operator]
+        shared = self.forward_shared(inputs)  # type: ignore[attr-defined]
+        # The heads see a detached leaf: its gradient per task is the representation gradient.
+        detached = shared.detach().requires_grad_()
+        self.shared_representation = (shared, detached)
+        return self.forward_heads(detached)  # type: ignore[attr-defined]
+
+    def shared_parameters(self) -> list[torch.nn.Parameter]:
+        """The trainable parameters every task shares (gradient-based methods weigh their
+        gradients). Default: everything outside ``self.heads``; override for other layouts."""
+        heads = getattr(self, "heads", None)
+        if not isinstance(heads, torch.nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} has no `heads` module, so the shared part is unknown. "
+                "Keep the task heads in `self.heads` (e.g. an nn.ModuleDict), or override "
+                "shared_parameters()."
+            )
+        head_ids = {id(p) for p in heads.parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in head_ids]  # type: ignore[attr-defined]
+
+    def task_specific_parameters(self) -> list[torch.nn.Parameter]:
+        """The trainable parameters outside :meth:`shared_parameters` (the task heads)."""
+        shared_ids = {id(p) for p in self.shared_parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in shared_ids]  # type: ignore[attr-defined]
 
     def per_sample_losses(
         self, predictions: Mapping[str, Tensor], targets: Mapping[str, Tensor]
@@ -118,13 +151,17 @@ class MultiTaskMixin:
         self._unchecked_nonfinite.append(
             (self.global_step, distributed.HostCopy(step.nonfinite_ranks))  # type: ignore[attr-defined]
         )
-        weights = self._static_weights
-        if self._weighting is not None:
-            adaptive = self._weighting.task_weights(self, step)  # type: ignore[arg-type]
-            weights = adaptive.detach().to(weights.dtype) * weights
-        weights = torch.where(step.valid, weights, torch.zeros_like(weights))
+        static = self._static_weights.to(step.local_terms.dtype)
+        if self._weighting is None:
+            weights = torch.where(step.valid, static, 0.0)
+            objective = (weights * step.local_terms).sum()
+        else:
+            adaptive = self._weighting.task_weights(self, step).detach()  # type: ignore[arg-type]
+            weights = torch.where(step.valid, adaptive.to(static.dtype) * static, 0.0)
+            objective = self._weighting.backward_objective(self, step, weights, static)  # type: ignore[arg-type]
         self._latest_weights = weights
-        return self._record("train", step, weights)
+        self._record("train", step, weights)
+        return objective
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._evaluation_step("val", batch)
@@ -135,10 +172,12 @@ class MultiTaskMixin:
     def _evaluation_step(self, stage: str, batch: Any) -> Tensor:
         step = self.compute_global_losses(batch)
         # Evaluation uses the weights of the latest training step (static before the first one).
-        weights = self._static_weights
+        weights = self._static_weights.to(step.local_terms.dtype)
         if self._weighting is not None and self._latest_weights is not None:
             weights = self._latest_weights
-        return self._record(stage, step, torch.where(step.valid, weights, 0.0))
+        weights = torch.where(step.valid, weights, 0.0)
+        self._record(stage, step, weights)
+        return (weights * step.local_terms).sum()
 
     def compute_global_losses(self, batch: Any) -> GlobalTaskLosses:
         """The batch's global task losses: :meth:`task_losses`, then the step's one all-reduce.
@@ -150,7 +189,7 @@ class MultiTaskMixin:
         masked = {name: _as_masked_loss(name, output[name]) for name in self.task_names}
         return self._reducer(masked)
 
-    def _record(self, stage: str, step: GlobalTaskLosses, weights: Tensor) -> Tensor:
+    def _record(self, stage: str, step: GlobalTaskLosses, weights: Tensor) -> None:
         weights = weights.to(step.losses.dtype)
         weighted = torch.where(step.valid, weights * step.losses, 0.0)
         method_state = self._weighting.state_to_log() if self._weighting is not None else {}
@@ -164,7 +203,6 @@ class MultiTaskMixin:
             counts=step.counts,
             method_state=method_state,
         )
-        return (weights.to(step.local_terms.dtype) * step.local_terms).sum()
 
     # ----------------------------------------------------------------------------- hooks
     def setup(self, stage: str) -> None:

@@ -32,6 +32,14 @@ class WeightingCallback(L.Callback):
         """The weights ``w`` (shape ``[K]``, detached) for this training step."""
         raise NotImplementedError
 
+    def backward_objective(
+        self, pl_module: L.LightningModule, step: GlobalTaskLosses, weights: Tensor, static: Tensor
+    ) -> Tensor:
+        """The scalar handed to backward. Default: ``sum_k w_k t_k`` (``weights`` already include
+        the static preferences ``static``). Gradient methods override it to send the weighted
+        combination to the shared part and each head its own task's gradient."""
+        return (weights * step.local_terms).sum()
+
     def state_to_log(self) -> dict[str, Tensor]:
         """Method state worth seeing, per task: ``{"log_var": tensor[K]}`` for example."""
         return {}
