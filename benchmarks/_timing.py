@@ -34,15 +34,24 @@ def synthetic_loader(num_tasks: int, batch_size: int = 256, steps: int = 60) -> 
 
 
 def median_step_time(
-    make_model: Callable[[], L.LightningModule], loader: DataLoader,
-    callbacks: Sequence[L.Callback] = (), warmup: int = 10, **trainer_kwargs: object,
+    make_model: Callable[[], L.LightningModule],
+    loader: DataLoader,
+    callbacks: Sequence[L.Callback] = (),
+    warmup: int = 10,
+    **trainer_kwargs: object,
 ) -> float:
     """Median seconds per training step over one epoch of ``loader`` (after ``warmup`` steps)."""
     torch.manual_seed(0)
     timer = StepTimer()
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer, *callbacks],
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer, *callbacks],
         **trainer_kwargs,
     )
     trainer.fit(make_model(), train_dataloaders=loader)

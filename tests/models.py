@@ -31,7 +31,12 @@ class ThreeTaskNet(MultiTaskMixin, L.LightningModule):
         )
 
     def forward(self, inputs: Tensor) -> dict[str, Tensor]:
-        shared = self.trunk(inputs)
+        return self.forward_heads(self.forward_shared(inputs))
+
+    def forward_shared(self, inputs: Tensor) -> Tensor:
+        return self.trunk(inputs)
+
+    def forward_heads(self, shared: Tensor) -> dict[str, Tensor]:
         return {
             "price": self.heads["price"](shared).squeeze(-1),
             "kind": self.heads["kind"](shared),

@@ -14,7 +14,9 @@ import torch.multiprocessing as mp
 
 
 def _worker(rank: int, world_size: int, init_file: str, out_dir: str, fn: Callable, args: tuple):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
     try:
         result = fn(rank, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
@@ -27,10 +29,14 @@ def run_on_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> lis
     with tempfile.TemporaryDirectory() as out_dir:
         init_file = os.path.join(out_dir, "init")
         mp.start_processes(
-            _worker, args=(world_size, init_file, out_dir, fn, args), nprocs=world_size,
+            _worker,
+            args=(world_size, init_file, out_dir, fn, args),
+            nprocs=world_size,
             start_method="spawn",
         )
-        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+        return [
+            torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)
+        ]
 
 
 class CollectiveCounter:

@@ -36,8 +36,10 @@ def _rank_step(rank: int, rank_weighting: str) -> dict:
     masked = _masked(rank, requires_grad=True)
     with CollectiveCounter() as counter:
         step = global_task_losses(masked, TASKS, rank_weighting)
-    grads = [torch.autograd.grad(term, masked[n].values, retain_graph=True)[0]
-             for n, term in zip(step.names, step.local_terms, strict=True)]
+    grads = [
+        torch.autograd.grad(term, masked[n].values, retain_graph=True)[0]
+        for n, term in zip(step.names, step.local_terms, strict=True)
+    ]
     return {"losses": step.losses, "counts": step.counts, "calls": counter.calls, "grads": grads}
 
 
@@ -54,7 +56,9 @@ def test_two_ranks_give_the_global_losses_and_gradients_with_one_all_reduce(rank
     for k, name in enumerate(TASKS):
         for rank in (0, 1):
             values = torch.tensor(RANK_DATA[rank][name][0], dtype=torch.float64, requires_grad=True)
-            all_values = {r: torch.tensor(RANK_DATA[r][name][0], dtype=torch.float64) for r in (0, 1)}
+            all_values = {
+                r: torch.tensor(RANK_DATA[r][name][0], dtype=torch.float64) for r in (0, 1)
+            }
             all_values[rank] = values
             loss = _global_loss_by_hand(name, all_values, rank_weighting)
             if loss.requires_grad:

@@ -23,7 +23,10 @@ def test_house_prices_trains_both_tasks_with_price_weighted_two_to_one(monkeypat
 @pytest.mark.ddp
 def test_ddp_example_runs_on_two_processes():
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "ddp.py")], capture_output=True, text=True, timeout=300,
+        [sys.executable, str(EXAMPLES / "ddp.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
         cwd=EXAMPLES,
     )
     assert result.returncode == 0, result.stderr[-3000:]

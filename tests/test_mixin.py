@@ -18,11 +18,19 @@ class HalvingWeights(WeightingCallback):
 def _fit(model, callbacks=(), batch=None, **trainer_kwargs):
     batch = batch if batch is not None else make_batch(6, seed=0, dtype=torch.float32)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
         **trainer_kwargs,
     )
-    trainer.fit(model, train_dataloaders=one_batch_loader(batch), val_dataloaders=one_batch_loader(batch))
+    trainer.fit(
+        model, train_dataloaders=one_batch_loader(batch), val_dataloaders=one_batch_loader(batch)
+    )
     return trainer
 
 
@@ -49,7 +57,9 @@ def test_a_weighting_callback_multiplies_the_static_weights_and_evaluation_reuse
 
 
 def test_two_weighting_callbacks_are_refused_naming_both():
-    with pytest.raises(ValueError, match=r"2 weighting callbacks \(HalvingWeights, HalvingWeights\)"):
+    with pytest.raises(
+        ValueError, match=r"2 weighting callbacks \(HalvingWeights, HalvingWeights\)"
+    ):
         _fit(ThreeTaskNet(), callbacks=[HalvingWeights(), HalvingWeights()])
 
 
@@ -60,7 +70,9 @@ def test_validation_and_test_steps_record_global_losses():
     assert model.loss_record.stage == "val"
     model.test_step(batch, 0)
     expected = reference_task_losses(model, batch)
-    torch.testing.assert_close(model.loss_record.losses, torch.stack(list(expected.values())).detach())
+    torch.testing.assert_close(
+        model.loss_record.losses, torch.stack(list(expected.values())).detach()
+    )
 
 
 def test_a_task_with_no_label_in_the_batch_gets_no_weight_and_no_nan():
@@ -77,7 +89,11 @@ def test_a_task_with_no_label_in_the_batch_gets_no_weight_and_no_nan():
 @pytest.mark.parametrize(
     ("mutate", "error", "message"),
     [
-        (lambda t: t.update(colour=torch.zeros(4)), KeyError, r"Unknown task name\(s\) \['colour'\] in the targets"),
+        (
+            lambda t: t.update(colour=torch.zeros(4)),
+            KeyError,
+            r"Unknown task name\(s\) \['colour'\] in the targets",
+        ),
         (lambda t: t.pop("sold"), KeyError, r"targets lack\(s\) task\(s\) \['sold'\]"),
         (lambda t: t.update(price=torch.zeros(5)), ValueError, "Task 'price'.*does not match"),
         (lambda t: t.update(kind=t["kind"].float()), TypeError, "Task 'kind'.*integer class"),

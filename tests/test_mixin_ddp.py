@@ -8,7 +8,13 @@ import lightning as L
 import pytest
 import torch
 
-from tests.models import ThreeTaskNet, concat_batches, make_batch, one_batch_loader, reference_task_losses
+from tests.models import (
+    ThreeTaskNet,
+    concat_batches,
+    make_batch,
+    one_batch_loader,
+    reference_task_losses,
+)
 from tests.process_group import CollectiveCounter
 
 
@@ -33,7 +39,9 @@ class RecordingNet(ThreeTaskNet):
         record = self.loss_record
         torch.save(
             {
-                "losses": record.losses, "weights": record.weights, "objective": record.objective,
+                "losses": record.losses,
+                "weights": record.weights,
+                "objective": record.objective,
                 "grads": {n: p.grad.clone() for n, p in self.named_parameters()},
                 "collectives": self.collectives,
             },
@@ -43,9 +51,16 @@ class RecordingNet(ThreeTaskNet):
 
 def _trainer(devices: int) -> L.Trainer:
     return L.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
-        max_steps=1, precision="64-true", use_distributed_sampler=False, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        max_steps=1,
+        precision="64-true",
+        use_distributed_sampler=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         num_sanity_val_steps=0,
     )
 
@@ -65,7 +80,9 @@ def _reference(model: torch.nn.Module, batch) -> dict:
 def _assert_matches_reference(result: dict, reference: dict) -> None:
     torch.testing.assert_close(result["losses"], reference["losses"], atol=1e-6, rtol=0)
     torch.testing.assert_close(result["objective"], reference["objective"], atol=1e-6, rtol=0)
-    torch.testing.assert_close(result["weights"], torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        result["weights"], torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)
+    )
     for name, grad in reference["grads"].items():
         torch.testing.assert_close(result["grads"][name], grad, atol=1e-6, rtol=0, msg=name)
 

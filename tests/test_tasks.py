@@ -81,7 +81,9 @@ def test_loss_returning_a_scalar_is_refused_with_the_fix():
         (Task("cross_entropy"), torch.randn(4, 3), torch.full((4,), 7), ValueError, "kind"),
     ],
 )
-def test_targets_of_the_wrong_dtype_or_shape_name_the_task(task, prediction, target, error, message):
+def test_targets_of_the_wrong_dtype_or_shape_name_the_task(
+    task, prediction, target, error, message
+):
     with pytest.raises(error, match=message) as info:
         task.per_sample_loss("kind", prediction, target)
     assert "'kind'" in str(info.value)

@@ -1,0 +1,173 @@
+"""``GradientWeighting``: the machinery every gradient-based weighting method shares.
+
+Per step it takes the per-task gradients of the shared part in ONE batched backward
+(``torch.autograd.grad(..., is_grads_batched=True)``), builds their K×K Gramian
+``G[i, j] = <g_i, g_j>`` from global gradients, asks the method for weights ``w``, and hands
+backward a surrogate whose gradient is ``d = sum_k w_k g_k`` on the shared part and each task's
+own (statically weighted) gradient on its head — LibMTL's and torchjd's semantics.
+
+Where the gradients are taken:
+
+* ``rep_grad=False``: at the shared parameters (``pl_module.shared_parameters()``).
+  ``sync="gradients"`` (default, exact) all-reduces the K×P Jacobian; ``sync="gramian"`` all-reduces
+  only the K×K Gramian, averaging the ranks' local Gramians (an approximation: it misses the
+  cross-rank terms of ``<g_i, g_j>``).
+* ``rep_grad=True``: at the shared representation (MGDA-UB), far cheaper. The model defines
+  ``forward_shared(inputs)`` and ``forward_heads(representation)``. Each rank's representation rows
+  belong to its own samples, so the global Gramian is exactly the sum of the ranks' Gramians: one
+  K×K all-reduce.
+
+Either way the weights come from global figures and are identical on every rank. Methods solve a
+small problem on the K×K Gramian on the host, which costs one device-to-host transfer per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_lossagg import distributed
+from lightning_lossagg.aggregation import GlobalTaskLosses
+from lightning_lossagg.weighting import WeightingCallback
+
+Sync = Literal["gradients", "gramian"]
+
+
+class GradientWeighting(WeightingCallback):
+    """Base class of gradient-based methods; subclasses implement :meth:`weights_from_gramian`.
+
+    Args:
+        rep_grad: take gradients at the shared representation instead of the shared parameters.
+        sync: with parameter gradients under DDP, ``"gradients"`` (exact) or ``"gramian"``
+            (cheaper approximation); ignored with ``rep_grad=True``, which is always exact.
+    """
+
+    def __init__(self, rep_grad: bool = False, sync: Sync = "gradients") -> None:
+        if sync not in ("gradients", "gramian"):
+            raise ValueError(f"sync must be 'gradients' or 'gramian', got {sync!r}.")
+        self.rep_grad = bool(rep_grad)
+        self.sync = sync
+        self._jacobian: Tensor | None = None
+        self._shared_parameters: list[torch.nn.Parameter] = []
+
+    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
+        """Weights ``w`` (``[K]``) from the global Gramian of the valid tasks (float64, on CPU)."""
+        raise NotImplementedError
+
+    @property
+    @override
+    def method_arguments(self) -> dict[str, Any]:
+        return {"rep_grad": self.rep_grad, "sync": self.sync}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(**self.method_arguments)
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        name = type(self).__name__
+        if not hasattr(pl_module, "shared_parameters"):
+            raise TypeError(
+                f"{name} needs a MultiTaskMixin model; add MultiTaskMixin to its bases."
+            )
+        if self.rep_grad:
+            missing = [m for m in ("forward_shared", "forward_heads") if not hasattr(pl_module, m)]
+            if missing:
+                raise TypeError(
+                    f"{name}(rep_grad=True) needs the model to split its forward: define "
+                    f"{' and '.join(missing)} (forward_shared(inputs) -> representation, "
+                    "forward_heads(representation) -> {task: prediction}), or use rep_grad=False."
+                )
+        elif not pl_module.shared_parameters():
+            raise ValueError(
+                f"{name} found no shared parameters: every trainable parameter is in a head. "
+                "Gradient-based weighting needs a shared part; check shared_parameters()."
+            )
+
+    # ------------------------------------------------------------------------ the step
+    @override
+    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+        terms = step.local_terms
+        world_size = distributed.world_size()
+        if self.rep_grad:
+            _, detached = pl_module.shared_representation  # type: ignore[misc]
+            jacobian = _batched_grads(terms, [detached])
+            # Rows of different ranks' representations are different coordinates of the global
+            # gradient (scaled 1/W by DDP's averaging): the global Gramian is the sum.
+            gramian = distributed.all_reduce_sum(_gramian(jacobian) / world_size**2)
+        else:
+            self._shared_parameters = pl_module.shared_parameters()  # type: ignore[operator]
+            jacobian = _batched_grads(terms, self._shared_parameters)
+            if self.sync == "gradients":
+                jacobian = distributed.all_reduce_sum(jacobian) / world_size
+                gramian = _gramian(jacobian)
+            else:
+                gramian = distributed.all_reduce_sum(_gramian(jacobian)) / world_size
+        self._jacobian = jacobian
+        return self._weights_of_valid_tasks(gramian, step.valid).to(terms.device, terms.dtype)
+
+    def _weights_of_valid_tasks(self, gramian: Tensor, valid: Tensor) -> Tensor:
+        """The method's weights on the valid tasks' sub-Gramian; 0 for the others."""
+        gramian, valid = gramian.detach().to("cpu", torch.float64), valid.cpu()
+        weights = torch.zeros(len(valid), dtype=torch.float64)
+        if not valid.any() or not torch.isfinite(gramian).all():
+            # Nothing to weigh, or a non-finite gradient: the mixin's non-finite policy decides
+            # the step; equal weights keep the method's state untouched.
+            return torch.where(valid, 1.0, 0.0).double()
+        index = valid.nonzero().flatten()
+        weights[index] = self.weights_from_gramian(gramian[index][:, index]).double()
+        return weights
+
+    @override
+    def backward_objective(
+        self, pl_module: L.LightningModule, step: GlobalTaskLosses, weights: Tensor, static: Tensor
+    ) -> Tensor:
+        jacobian, self._jacobian = self._jacobian, None
+        direction = weights.to(jacobian.dtype) @ jacobian  # d = sum_k w_k g_k
+        heads_objective = (static * step.local_terms).sum()
+        if self.rep_grad:
+            shared, _ = pl_module.shared_representation  # type: ignore[misc]
+            pl_module.shared_representation = None
+            # Heads: their own task's gradient (through the detached leaf). Shared trunk: d.
+            return heads_objective + (shared * direction.view_as(shared).detach()).sum()
+        head_parameters = pl_module.task_specific_parameters()  # type: ignore[operator]
+        head_grads = torch.autograd.grad(heads_objective, head_parameters, allow_unused=True)
+        surrogate = heads_objective.new_zeros(())
+        for parameter, grad in zip(head_parameters, head_grads, strict=True):
+            if grad is not None:
+                surrogate = surrogate + (parameter * grad).sum()
+        offset = 0
+        for parameter in self._shared_parameters:
+            size = parameter.numel()
+            grad = direction[offset : offset + size].view_as(parameter)
+            surrogate = surrogate + (parameter * grad.detach()).sum()
+            offset += size
+        return surrogate
+
+
+def _batched_grads(terms: Tensor, inputs: list[Tensor]) -> Tensor:
+    """The K×P matrix of per-task gradients of ``terms`` with respect to ``inputs``, from ONE
+    batched backward (vmap over the K unit vectors)."""
+    num_tasks = len(terms)
+    eye = torch.eye(num_tasks, dtype=terms.dtype, device=terms.device)
+    grads = torch.autograd.grad(
+        terms,
+        inputs,
+        grad_outputs=eye,
+        is_grads_batched=True,
+        retain_graph=True,
+        allow_unused=True,
+        materialize_grads=True,
+    )
+    return torch.cat([g.reshape(num_tasks, -1) for g in grads], dim=1)
+
+
+def _gramian(jacobian: Tensor) -> Tensor:
+    """``J J^T``, in float32 at least (bf16 gradients give float32 weights)."""
+    jacobian = jacobian.to(torch.promote_types(jacobian.dtype, torch.float32))
+    return jacobian @ jacobian.T

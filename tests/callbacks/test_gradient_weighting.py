@@ -1,0 +1,142 @@
+"""The gradient machinery shared by every gradient-based method, on a real 2-rank DDP group.
+
+``NormalisedGradients`` (w_k = 1/||g_k||, the MGDA "l2" normalisation) is a real subclass whose
+weights depend on the global Gramian, so any error in the gradients or their sync shows."""
+
+import copy
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting
+from tests.models import (
+    ThreeTaskNet,
+    concat_batches,
+    make_batch,
+    one_batch_loader,
+    reference_task_losses,
+)
+
+STATIC = torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)
+
+
+class NormalisedGradients(GradientWeighting):
+    def weights_from_gramian(self, gramian):
+        return gramian.diagonal().rsqrt()
+
+
+class RecordingNet(ThreeTaskNet):
+    def __init__(self, out_dir: str, rank_batches: list) -> None:
+        super().__init__()
+        self.out_dir, self.rank_batches = out_dir, rank_batches
+
+    def train_dataloader(self):
+        return one_batch_loader(self.rank_batches[self.trainer.global_rank])
+
+    def on_before_optimizer_step(self, optimizer):
+        super().on_before_optimizer_step(optimizer)
+        torch.save(
+            {
+                "weights": self.loss_record.weights,
+                "grads": {n: p.grad.clone() for n, p in self.named_parameters()},
+            },
+            Path(self.out_dir) / f"rank{self.global_rank}.pt",
+        )
+
+
+def _reference(model, batch, rep_grad: bool) -> dict:
+    """LibMTL semantics by hand: heads get s_k ∇L_k; the trunk gets sum_k w_k s_k g_k with
+    w_k = 1/||g_k||, g_k the global gradient of L_k at the parameters or the representation."""
+    model = copy.deepcopy(model).double()
+    inputs, targets = batch
+    shared = model.forward_shared(inputs)
+    predictions = model.forward_heads(shared)
+    model.forward = lambda _: predictions
+    losses = list(reference_task_losses(model, (inputs, targets)).values())
+    trunk = list(model.trunk.parameters())
+    at = [shared] if rep_grad else trunk
+
+    def gradient(loss):
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, at, retain_graph=True)])
+
+    per_task = [gradient(loss) for loss in losses]
+    weights = torch.stack([1 / g.norm() for g in per_task]) * STATIC
+    combined = sum(w * g for w, g in zip(weights, per_task, strict=True))
+    if rep_grad:
+        trunk_grads = torch.autograd.grad(
+            shared, trunk, combined.view_as(shared), retain_graph=True
+        )
+    else:
+        trunk_grads = torch.split(combined, [p.numel() for p in trunk])
+    head_objective = sum(s * loss for s, loss in zip(STATIC, losses, strict=True))
+    head_grads = torch.autograd.grad(head_objective, list(model.heads.parameters()))
+    grads = {}
+    for (name, parameter), grad in zip(model.trunk.named_parameters(), trunk_grads, strict=True):
+        grads[f"trunk.{name}"] = grad.reshape(parameter.shape)
+    for (name, _), grad in zip(model.heads.named_parameters(), head_grads, strict=True):
+        grads[f"heads.{name}"] = grad
+    return {"weights": weights, "grads": grads}
+
+
+def _fit(model, devices: int, method) -> None:
+    L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        max_steps=1,
+        precision="64-true",
+        use_distributed_sampler=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[method],
+    ).fit(model)
+
+
+def _assert_close(result, reference):
+    torch.testing.assert_close(result["weights"], reference["weights"], atol=1e-8, rtol=1e-6)
+    for name, grad in reference["grads"].items():
+        torch.testing.assert_close(result["grads"][name], grad, atol=1e-8, rtol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("rep_grad", [False, True])
+def test_one_process_weights_and_update_follow_the_gradients(tmp_path, rep_grad):
+    batch = make_batch(9, seed=5)
+    model = RecordingNet(str(tmp_path), [batch])
+    reference = _reference(model, batch, rep_grad)
+    _fit(model, 1, NormalisedGradients(rep_grad=rep_grad))
+    _assert_close(torch.load(tmp_path / "rank0.pt"), reference)
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("rep_grad", [False, True])
+def test_two_rank_weights_and_update_equal_one_process_on_the_concatenated_batch(
+    tmp_path, rep_grad
+):
+    rank0, rank1 = make_batch(5, seed=1), make_batch(8, seed=2)
+    rank1[1]["kind"][:] = -100
+    model = RecordingNet(str(tmp_path), [rank0, rank1])
+    reference = _reference(model, concat_batches(rank0, rank1), rep_grad)
+    _fit(model, 2, NormalisedGradients(rep_grad=rep_grad, sync="gradients"))
+    for rank in (0, 1):
+        _assert_close(torch.load(tmp_path / f"rank{rank}.pt"), reference)
+
+
+def test_bad_arguments_and_a_model_without_a_split_forward_are_refused():
+    with pytest.raises(ValueError, match="'gradients' or 'gramian'"):
+        NormalisedGradients(sync="params")
+
+    class NoHeads(ThreeTaskNet):
+        def shared_parameters(self):
+            return []
+
+    batch = make_batch(4, seed=0)
+    trainer = L.Trainer(
+        max_steps=1, logger=False, enable_progress_bar=False, callbacks=[NormalisedGradients()]
+    )
+    with pytest.raises(ValueError, match="no shared parameters"):
+        trainer.fit(NoHeads(), train_dataloaders=one_batch_loader(batch))
