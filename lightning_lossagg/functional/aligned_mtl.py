@@ -1,0 +1,84 @@
+"""Aligned-MTL: align the task gradients' principal components to remove conflict and dominance."""
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lightning_lossagg.functional._qp import validated_gramian
+
+ScaleMode = Literal["min", "median", "rmse"]
+
+
+def aligned_mtl(
+    gramian: Tensor, pref_vector: Tensor | None = None, scale_mode: ScaleMode = "min"
+) -> Tensor:
+    r"""Weights of Aligned-MTL (Independent Component Alignment).
+
+    The gradient matrix is replaced by one whose singular values all equal the smallest non-zero
+    one, :math:`\hat J = \sigma\, U V^\top` for :math:`J = U \Sigma V^\top`: the aligned task
+    gradients are orthogonal, of equal norm, and span the same space. With the eigendecomposition
+    :math:`G = Q \Lambda Q^\top` restricted to the :math:`r` eigenvalues above
+    ``K * eps * max eigenvalue`` (``eps`` of the Gramian's dtype), :math:`\hat J = B J` and
+
+    .. math::
+
+        B = \sqrt{\lambda}\; Q_r \Lambda_r^{-1/2} Q_r^\top, \qquad w = B p,
+
+    where :math:`\lambda` is the smallest kept eigenvalue (``scale_mode="min"``, the paper's and
+    LibMTL's), their median (``"median"``, the lower one for an even count) or mean (``"rmse"``, as
+    in the authors' code), and :math:`p` the preference vector. With ``"min"`` the eigenvalues of
+    :math:`B` are at most 1, so the weights stay bounded even for nearly collinear gradients.
+
+    Scale: LibMTL's default, :math:`p = \mathbf{1}` (``B.sum(0)``): the update is the sum of the
+    aligned gradients. torchjd's ``AlignedMTLWeighting`` defaults to :math:`p = \mathbf{1}/K`, the
+    mean, so its weights are ``K`` times smaller; pass ``pref_vector=torch.ones(K)`` to torchjd to
+    match. The weights do not change when all gradients are scaled by the same factor. A zero
+    Gramian gives :math:`p` (as torchjd's; LibMTL fails); ``K = 1`` gives :math:`p`. The weights
+    are detached.
+
+    Paper: Senushkin et al., "Independent Component Alignment for Multi-Task Learning", CVPR 2023,
+    https://arxiv.org/abs/2305.19000.
+
+    Args:
+        gramian: the [K, K] Gramian :math:`G_{ij} = \langle g_i, g_j \rangle` of the task gradients.
+        pref_vector: weights :math:`p` of shape [K] of the aligned gradients; ``None``: ones.
+        scale_mode: which kept eigenvalue sets the common norm: ``"min"``, ``"median"``, ``"rmse"``.
+
+    Returns:
+        Weights of shape [K], with the Gramian's dtype and device.
+
+    Example:
+        >>> import torch
+        >>> from lightning_lossagg.functional.aligned_mtl import aligned_mtl
+        >>> jacobian = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+        >>> aligned_mtl(jacobian @ jacobian.T)  # aligned gradients (1, 0) and (0, 1)
+        tensor([0.5000, 1.0000])
+    """
+    if scale_mode not in ("min", "median", "rmse"):
+        raise ValueError(f"scale_mode must be 'min', 'median' or 'rmse', got {scale_mode!r}.")
+    matrix = validated_gramian(gramian)
+    num_tasks = matrix.shape[0]
+    if pref_vector is None:
+        preferences = torch.ones(num_tasks, dtype=torch.float64)
+    elif pref_vector.shape != (num_tasks,) or not torch.isfinite(pref_vector).all():
+        raise ValueError(
+            f"pref_vector must be a finite vector of shape ({num_tasks},), one weight per task, "
+            f"got shape {tuple(pref_vector.shape)}."
+        )
+    else:
+        preferences = pref_vector.detach().to(device="cpu", dtype=torch.float64)
+    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
+    cutoff = num_tasks * torch.finfo(gramian.dtype).eps * eigenvalues.max().clamp(min=0.0)
+    kept = eigenvalues > cutoff
+    if not kept.any():
+        return preferences.to(dtype=gramian.dtype, device=gramian.device)
+    eigenvalues, eigenvectors = eigenvalues[kept], eigenvectors[:, kept]
+    if scale_mode == "min":
+        common = eigenvalues.min()
+    elif scale_mode == "median":
+        common = eigenvalues.median()
+    else:
+        common = eigenvalues.mean()
+    balance = (common.sqrt() * eigenvectors / eigenvalues.sqrt()) @ eigenvectors.T
+    return (balance @ preferences).to(dtype=gramian.dtype, device=gramian.device)

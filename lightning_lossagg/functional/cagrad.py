@@ -1,0 +1,126 @@
+"""CAGrad: the update that maximises the worst task improvement near the mean gradient."""
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+from torch import Tensor
+
+from lightning_lossagg.functional._qp import solve_lower_bounded_qp, validated_gramian
+
+# Below this norm (relative to the root of the Gramian's trace) the inner solution g_w is taken as
+# zero: the gradients are Pareto stationary and g_w / ||g_w|| is undefined.
+STATIONARY_TOL = 1e-6
+# Smooths sqrt(w^T G w) at g_w = 0 so that SLSQP sees a differentiable objective.
+_SQRT_SMOOTHING = 1e-20
+# Makes the projection QP strictly convex (its Gramian is singular at Pareto-stationary points).
+_TIE_BREAK = 1e-10
+_RESCALE_DIVISORS = {0: lambda c: 1.0, 1: lambda c: 1.0 + c**2, 2: lambda c: 1.0 + c}
+
+
+def _inner_weights(matrix: Tensor, linear: Tensor, radius: float) -> Tensor:
+    """Minimise ``linear @ w + radius * sqrt(w @ matrix @ w)`` over the simplex (SLSQP)."""
+    gram, lin = matrix.numpy(), linear.numpy()
+
+    def objective(w: np.ndarray) -> float:
+        return float(lin @ w + radius * np.sqrt(max(w @ gram @ w, 0.0) + _SQRT_SMOOTHING))
+
+    def gradient(w: np.ndarray) -> np.ndarray:
+        return lin + radius * (gram @ w) / np.sqrt(max(w @ gram @ w, 0.0) + _SQRT_SMOOTHING)
+
+    num_tasks = len(lin)
+    start = np.full(num_tasks, 1.0 / num_tasks)
+    simplex = {"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones_like(w)}
+    result = minimize(
+        objective,
+        start,
+        jac=gradient,
+        method="SLSQP",
+        bounds=[(0.0, 1.0)] * num_tasks,
+        constraints=[simplex],
+        options={"ftol": 1e-14, "maxiter": 500},
+    )
+    weights = torch.from_numpy(np.clip(result.x, 0.0, None))
+    return weights / weights.sum()
+
+
+def _paper_weights(matrix: Tensor, c: float) -> Tensor:
+    """The weights of the paper's update (``rescale=0``) for a float64 Gramian."""
+    num_tasks = matrix.shape[0]
+    mean_weights = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)
+    trace = matrix.trace()
+    if trace <= torch.finfo(torch.float64).tiny:
+        return mean_weights
+    matrix = matrix / trace
+    linear = matrix @ mean_weights  # <g_i, g_0>
+    radius = c * (mean_weights @ linear).clamp(min=0.0).sqrt().item()
+    if radius == 0.0:  # the ball is the single point g_0
+        return mean_weights
+    inner = _inner_weights(matrix, linear, radius)
+    inner_norm = (inner @ matrix @ inner).clamp(min=0.0).sqrt().item()
+    if inner_norm > STATIONARY_TOL:
+        return mean_weights + (radius / inner_norm) * inner
+    # Project g_0 onto the cone {d : <g_i, d> >= 0}. By duality d = g_0 + sum_i lambda_i g_i with
+    # lambda = argmin_{lambda >= 0} ||d||^2 / 2 = lambda^T G lambda / 2 + lambda^T G w_0 + const.
+    regularized = matrix + _TIE_BREAK * torch.eye(num_tasks, dtype=torch.float64)
+    zeros = torch.zeros(num_tasks, dtype=torch.float64)
+    return mean_weights + solve_lower_bounded_qp(
+        regularized, linear, zeros, max_iter=10 * num_tasks, tol=1e-12
+    )
+
+
+def cagrad(gramian: Tensor, c: float = 0.5, rescale: int = 1) -> Tensor:
+    r"""Weights of CAGrad: the best worst-case task improvement within a ball around the mean.
+
+    With :math:`g_0 = \tfrac1K \sum_i g_i` and :math:`\sqrt\phi = c \lVert g_0 \rVert`, CAGrad
+    solves the dual of :math:`\max_d \min_i \langle g_i, d\rangle` s.t.
+    :math:`\lVert d - g_0\rVert \le \sqrt\phi` over the simplex, then rescales:
+
+    .. math::
+
+        w^\star = \operatorname*{arg\,min}_{w \in \Delta^K}
+            \langle g_w, g_0 \rangle + \sqrt\phi\,\lVert g_w \rVert, \qquad
+        d = \frac{1}{s}\Big(g_0 + \frac{\sqrt\phi}{\lVert g_w \rVert}\, g_w\Big)
+          = \sum_i \frac{1/K + \sqrt\phi\, w^\star_i / \lVert g_w \rVert}{s}\, g_i,
+
+    where :math:`g_w = \sum_i w^\star_i g_i` and everything is a function of the Gramian. The
+    inner problem is solved by SciPy's SLSQP on :math:`G / \operatorname{tr} G`, so the weights do
+    not change when all gradients are scaled by the same factor.
+
+    Scale: LibMTL's, with :math:`s = 1 + c^2` (``rescale=1``, its default), :math:`s = 1 + c`
+    (``rescale=2``) or :math:`s = 1` (``rescale=0``; the paper's update). torchjd's
+    ``CAGradWeighting`` returns the ``rescale=0`` weights and zero weights when
+    :math:`\lVert g_w\rVert` is small; LibMTL adds ``1e-8`` inside its square roots, which matters
+    only for Gramians of order ``1e-8`` or below.
+
+    Degenerate input: if :math:`g_0 = 0` (a zero Gramian, two opposite gradients) or ``c = 0`` the
+    update is :math:`g_0 / s`, i.e. weights :math:`1 / (K s)`. If :math:`g_w = 0` is optimal (the
+    gradients are Pareto stationary), every :math:`d` of the ball with
+    :math:`\langle g_i, d\rangle \ge 0` is optimal and the one closest to :math:`g_0` is returned:
+    the projection of :math:`g_0` onto that cone, :math:`g_0 + \sum_i \lambda_i g_i` with
+    :math:`\lambda \succeq 0` from a small QP (so weights stay non-negative). ``K = 1`` gives
+    :math:`(1 + c) / s`.
+
+    Paper: Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS 2021,
+    https://arxiv.org/abs/2110.14048.
+
+    Args:
+        gramian: the [K, K] Gramian :math:`G_{ij} = \langle g_i, g_j \rangle` of the task gradients.
+        c: radius of the ball around :math:`g_0`, relative to :math:`\lVert g_0 \rVert`; ``c >= 0``.
+        rescale: LibMTL's divisor choice: 0 (none), 1 (:math:`1 + c^2`) or 2 (:math:`1 + c`).
+
+    Returns:
+        Weights of shape [K] (detached) with the Gramian's dtype and device.
+
+    Example:
+        >>> import torch
+        >>> from lightning_lossagg.functional.cagrad import cagrad
+        >>> jacobian = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> cagrad(jacobian @ jacobian.T, c=0.5)
+        tensor([0.6000, 0.6000])
+    """
+    if not c >= 0:
+        raise ValueError(f"c must be a non-negative float (LibMTL's default is 0.5), got {c}.")
+    if rescale not in _RESCALE_DIVISORS:
+        raise ValueError(f"rescale must be 0, 1 or 2 (LibMTL's default is 1), got {rescale!r}.")
+    weights = _paper_weights(validated_gramian(gramian), c) / _RESCALE_DIVISORS[rescale](c)
+    return weights.to(dtype=gramian.dtype, device=gramian.device)

@@ -1,0 +1,64 @@
+"""IMTL-G: the update that has the same projection onto every task's gradient direction."""
+
+import torch
+from torch import Tensor
+
+from lightning_lossagg.functional._qp import validated_gramian
+
+
+def imtl_g(gramian: Tensor) -> Tensor:
+    r"""Weights of IMTL-G (the gradient half of Impartial Multi-Task Learning).
+
+    IMTL-G looks for the update :math:`d = \sum_i \alpha_i g_i` with :math:`\sum_i \alpha_i = 1`
+    whose projections onto the unit gradients :math:`u_i = g_i / \lVert g_i \rVert` are all equal.
+    From the Gramian alone, following torchjd's generalisation to linearly dependent gradients:
+
+    .. math::
+
+        v = G^{+} \begin{bmatrix} \lVert g_1 \rVert & \cdots & \lVert g_K \rVert \end{bmatrix}^\top,
+        \qquad \alpha = \frac{v}{\mathbf{1}^\top v},
+
+    since :math:`G v = (\lVert g_i \rVert)_i` means :math:`\langle J^\top v, u_i \rangle = 1` for
+    every task. With independent gradients this is the paper's closed form
+    :math:`\alpha_{2:K} = g_1 U^\top (D U^\top)^{-1}`. The pseudo-inverse drops eigenvalues below
+    ``K * eps * max eigenvalue``, with ``eps`` of the Gramian's dtype (its accuracy).
+
+    Scale: :math:`\alpha` sums to 1, as in LibMTL and torchjd; it does not change when all
+    gradients are scaled by the same factor. Weights can be negative, and when
+    :math:`\mathbf{1}^\top v < 0` every task's projection is negative: that is the method.
+    Degenerate input: when :math:`\mathbf{1}^\top v` vanishes, i.e.
+    :math:`|\mathbf{1}^\top v| \max_i \lVert g_i \rVert \le \sqrt{K \epsilon}` (zero Gramian, two
+    opposite gradients of equal norm), every update with equal projections is zero and the weights
+    are uniform, :math:`1/K` (torchjd returns zeros, or weights set by rounding; the update is zero
+    either way). A zero gradient gets weight 0; ``K = 1`` gives ``[1.0]``. The weights are
+    detached.
+
+    Paper: Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021,
+    https://openreview.net/forum?id=IMPnRXEWpvr (no arXiv version).
+
+    Args:
+        gramian: the [K, K] Gramian :math:`G_{ij} = \langle g_i, g_j \rangle` of the task gradients.
+
+    Returns:
+        Weights of shape [K] that sum to 1, with the Gramian's dtype and device.
+
+    Example:
+        >>> import torch
+        >>> from lightning_lossagg.functional.imtl_g import imtl_g
+        >>> jacobian = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> imtl_g(jacobian @ jacobian.T)
+        tensor([0.6667, 0.3333])
+    """
+    matrix = validated_gramian(gramian)
+    num_tasks = matrix.shape[0]
+    precision = num_tasks * torch.finfo(gramian.dtype).eps
+    norms = matrix.diagonal().clamp(min=0.0).sqrt()
+    solution = torch.linalg.pinv(matrix, rtol=precision, hermitian=True) @ norms
+    total = solution.sum()
+    # 1ᵀv is measured in units of 1 / ||g||; below this cut-off the weights, ~1 / |1ᵀv|, would be
+    # set by rounding in the cancellation, not by the gradients.
+    if total.abs() * norms.max() <= precision**0.5:
+        weights = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)
+    else:
+        weights = solution / total
+    return weights.to(dtype=gramian.dtype, device=gramian.device)

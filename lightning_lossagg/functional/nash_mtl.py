@@ -1,0 +1,128 @@
+"""Nash-MTL: the Nash bargaining solution between the tasks, clipped to a maximum norm."""
+
+import torch
+from torch import Tensor
+
+from lightning_lossagg.functional._qp import validated_gramian
+
+# Stop when the Newton decrement is this small: the residual of alpha * (G alpha) = 1 is then of
+# the order of float64 rounding.
+_DECREMENT_TOL = 1e-10
+_RESIDUAL_TOL = 1e-6
+
+
+def _scaled_like_a_solution(matrix: Tensor, alpha: Tensor, eps: float) -> Tensor:
+    """``alpha`` times the factor giving ``alpha @ G @ alpha = K``, as every solution has.
+
+    Unchanged when its update vanishes to the rounding ``eps`` of the Gramian's dtype (e.g. equal
+    weights on opposite gradients).
+    """
+    quadratic = alpha @ matrix @ alpha
+    rounding = len(alpha) * eps * (alpha**2 @ matrix.diagonal())
+    return alpha * (len(alpha) / quadratic).sqrt() if quadratic > rounding else alpha
+
+
+def _solve_bargaining(matrix: Tensor, start: Tensor, max_iter: int) -> Tensor | None:
+    """Damped Newton on the self-concordant ``alpha @ G @ alpha / 2 - sum(log(alpha))``.
+
+    Returns ``None`` when it does not converge: then the function is unbounded below (some
+    non-negative combination of the gradients vanishes) and no solution exists.
+    """
+    alpha = start
+    for _ in range(max_iter):
+        gradient = matrix @ alpha - 1.0 / alpha
+        hessian = matrix + torch.diag(alpha**-2)
+        try:
+            step = torch.linalg.solve(hessian, -gradient)
+        except torch.linalg.LinAlgError:
+            return None
+        decrement = (-gradient @ step).clamp(min=0.0).sqrt()
+        if not torch.isfinite(decrement):
+            return None
+        if decrement < _DECREMENT_TOL:
+            residual = (alpha * (matrix @ alpha) - 1.0).abs().max()
+            return alpha if residual < _RESIDUAL_TOL else None
+        # Damped steps 1 / (1 + decrement) stay inside the domain alpha > 0 (self-concordance).
+        alpha = alpha + (step if decrement < 0.25 else step / (1.0 + decrement))
+    return None
+
+
+def nash_mtl(
+    gramian: Tensor, previous: Tensor | None = None, max_norm: float = 1.0, max_iter: int = 100
+) -> Tensor:
+    r"""Weights of Nash-MTL: the Nash bargaining solution, with LibMTL's gradient norm clipping.
+
+    The update :math:`d = \sum_i \alpha_i g_i` maximises :math:`\sum_i \log \langle g_i, d\rangle`
+    in a ball; its weights solve :math:`\alpha_i (G\alpha)_i = 1` with :math:`\alpha \succ 0`,
+    which is the stationarity condition of a strictly convex problem solved by damped Newton in
+    float64 (instead of LibMTL's and torchjd's sequence of cvxpy problems):
+
+    .. math::
+
+        \alpha^\star = \operatorname*{arg\,min}_{\alpha \succ 0}
+            \tfrac12 \alpha^\top G \alpha - \sum_{i=1}^K \log \alpha_i, \qquad
+        w = \alpha^\star \min\Big(1, \frac{m}{\sqrt{\alpha^{\star\top} G \alpha^\star}}\Big).
+
+    Scale: LibMTL's and torchjd's. :math:`\alpha^\star` solves the equation for the unnormalised
+    :math:`G` (their constraint undoes their Frobenius normalisation), so
+    :math:`\lVert d\rVert = \sqrt K` before clipping; the update is then clipped to norm
+    :math:`m` = ``max_norm`` (0 disables clipping), as LibMTL's ``clip_grad_norm_`` does to the
+    shared gradient. Here the clipping scales the weights, so task-specific parameters are scaled
+    too.
+
+    Degenerate input: no solution exists when some non-negative combination of the gradients is
+    zero (a zero Gramian or gradient, opposite gradients). Then the previous weights (ones at the
+    first step) are reused, scaled so that :math:`\lVert d\rVert^2 = K` as for every solution, and
+    clipped; LibMTL and torchjd reuse them unscaled when cvxpy fails, and otherwise may return an
+    approximate solution with huge weights. So the update never depends on the scale of the
+    gradients. ``K = 1`` gives :math:`1 / \lVert g \rVert`. Nearly degenerate input has a solution
+    with large weights.
+
+    Paper: Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022,
+    https://arxiv.org/abs/2202.01017.
+
+    Args:
+        gramian: the [K, K] Gramian :math:`G_{ij} = \langle g_i, g_j \rangle` of the task gradients.
+        previous: the weights this function returned at the previous step (the state to keep), or
+            ``None`` at the first step. Newton starts from them; they are the fallback. The
+            solution, when there is one, does not depend on them.
+        max_norm: the largest norm of the update :math:`\lVert d\rVert = \sqrt{w^\top G w}`.
+        max_iter: most Newton steps; about 10 are needed, more only for nearly degenerate input.
+
+    Returns:
+        Positive weights of shape [K] (detached) with the Gramian's dtype and device.
+
+    Example:
+        >>> import torch
+        >>> from lightning_lossagg.functional.nash_mtl import nash_mtl
+        >>> jacobian = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> nash_mtl(jacobian @ jacobian.T, max_norm=0.0)
+        tensor([1.0000, 0.5000])
+    """
+    if not max_norm >= 0:
+        raise ValueError(f"max_norm must be >= 0 (0 disables clipping), got {max_norm}.")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter}.")
+    matrix = validated_gramian(gramian)
+    num_tasks = matrix.shape[0]
+    if previous is None:
+        start = torch.ones(num_tasks, dtype=torch.float64)
+    else:
+        start = previous.detach().to(device="cpu", dtype=torch.float64)
+        if start.shape != (num_tasks,) or not (torch.isfinite(start).all() and (start > 0).all()):
+            raise ValueError(
+                f"previous must hold {num_tasks} positive finite weights (the last result of "
+                f"nash_mtl), got {previous}. Pass None to start afresh."
+            )
+    start = _scaled_like_a_solution(matrix, start, torch.finfo(gramian.dtype).eps)
+    weights = start
+    trace = matrix.trace()
+    if trace > torch.finfo(torch.float64).tiny:
+        # Newton on G / tr(G) is better conditioned; its solution is sqrt(tr(G)) times ours.
+        normalized = _solve_bargaining(matrix / trace, start * trace.sqrt(), max_iter)
+        if normalized is not None:
+            weights = normalized / trace.sqrt()
+    norm = (weights @ matrix @ weights).clamp(min=0.0).sqrt()
+    if max_norm > 0 and norm > max_norm:
+        weights = weights * (max_norm / norm)
+    return weights.to(dtype=gramian.dtype, device=gramian.device)

@@ -1,0 +1,65 @@
+"""PCGrad: project each task gradient away from the gradients it conflicts with."""
+
+import torch
+from torch import Tensor
+
+from lightning_lossagg.functional._qp import validated_gramian
+
+
+def pcgrad(gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    r"""Weights of PCGrad on the original task gradients.
+
+    For each task :math:`i`, starting from :math:`g_i^{\mathrm{PC}} = g_i`, visit the other tasks
+    :math:`j` in a random order and remove the conflicting component:
+
+    .. math::
+
+        \text{if } \langle g_i^{\mathrm{PC}}, g_j \rangle < 0:\quad
+        g_i^{\mathrm{PC}} \leftarrow g_i^{\mathrm{PC}}
+            - \frac{\langle g_i^{\mathrm{PC}}, g_j \rangle}{\lVert g_j \rVert^2}\, g_j,
+        \qquad d = \sum_{i=1}^{K} g_i^{\mathrm{PC}}.
+
+    Every :math:`g_i^{\mathrm{PC}}` stays a combination :math:`\sum_j c_{ij} g_j`, and
+    :math:`\langle g_i^{\mathrm{PC}}, g_j \rangle = (C G)_{ij}`, so the Gramian is enough: the
+    weights are :math:`w = \sum_i c_i`. One random order is drawn per task, with
+    ``torch.randperm`` from ``generator``; seeding it like the global generator reproduces
+    torchjd's ``PCGradWeighting`` draw for draw.
+
+    Scale: the sum of the projected gradients, as in LibMTL, the paper and torchjd; with no
+    conflict the weights are all 1 (plain summation). They do not change when all gradients are
+    scaled by the same factor. A task never projects onto itself, as in torchjd (LibMTL's shuffled
+    loop also visits :math:`j = i`, which matters only if :math:`g_i^{\mathrm{PC}}` comes to
+    conflict with :math:`g_i`). Gradients whose squared norm is below
+    ``K * 2.2e-16 * max_j ||g_j||^2`` count as zero, so that the weights stay finite: nothing is
+    projected onto them. A zero Gramian and ``K = 1`` give weights of 1. The weights are detached.
+
+    Paper: Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020,
+    https://arxiv.org/abs/2001.06782.
+
+    Args:
+        gramian: the [K, K] Gramian :math:`G_{ij} = \langle g_i, g_j \rangle` of the task gradients.
+        generator: a CPU generator for the projection orders; ``None`` uses torch's global one.
+
+    Returns:
+        Weights of shape [K], with the Gramian's dtype and device.
+
+    Example:
+        >>> import torch
+        >>> from lightning_lossagg.functional.pcgrad import pcgrad
+        >>> jacobian = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+        >>> pcgrad(jacobian @ jacobian.T)
+        tensor([2.0000, 1.5000])
+    """
+    matrix = validated_gramian(gramian)
+    num_tasks = matrix.shape[0]
+    squared_norms = matrix.diagonal()
+    negligible = num_tasks * torch.finfo(torch.float64).eps * squared_norms.max()
+    coefficients = torch.eye(num_tasks, dtype=torch.float64)
+    for task in range(num_tasks):
+        for other in torch.randperm(num_tasks, generator=generator).tolist():
+            if other == task or squared_norms[other] <= negligible:
+                continue
+            inner_product = matrix[other] @ coefficients[task]
+            if inner_product < 0:
+                coefficients[task, other] -= inner_product / squared_norms[other]
+    return coefficients.sum(dim=0).to(dtype=gramian.dtype, device=gramian.device)

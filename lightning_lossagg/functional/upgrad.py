@@ -1,0 +1,96 @@
+"""UPGrad: the mean of the task gradients' projections onto the cone of non-conflicting updates."""
+
+import torch
+from torch import Tensor
+
+from lightning_lossagg.functional._qp import solve_lower_bounded_qp, validated_gramian
+
+# The normalised QP has multipliers of the order of the preferences: this is rounding level.
+KKT_TOL = 1e-12
+
+
+def upgrad(
+    gramian: Tensor,
+    pref_vector: Tensor | None = None,
+    reg_eps: float = 1e-4,
+    norm_eps: float = 0.0,
+    max_iter: int = 250,
+) -> Tensor:
+    r"""Weights of UPGrad (Unconflicting Projection of Gradients).
+
+    Each gradient is projected onto the dual cone :math:`\{x : \langle x, g_j \rangle \ge 0\ \forall
+    j\}` of updates that conflict with no task, and the projections are combined with the
+    preference vector :math:`p` (default :math:`1/K`). By Proposition 1 of the paper the projection
+    of :math:`J^\top u` is :math:`J^\top v` with
+
+    .. math::
+
+        v = \operatorname*{arg\,min}_{v \succeq u} v^\top \tilde G v,
+        \qquad w = \sum_{i=1}^{K} v^{(i)} \text{ where } u^{(i)} = p_i e_i,
+
+    solved exactly for each task by an active-set method. :math:`\tilde G = G / \operatorname{tr} G
+    + \epsilon I` (``reg_eps``) is torchjd's normalised, regularised Gramian: the regularisation
+    keeps the QP strictly convex and lets :math:`\langle d, g_j \rangle` go below zero by at most
+    ``reg_eps * tr(G) * |w_j|``.
+
+    Scale: torchjd's, :math:`d = \sum_i p_i \pi(g_i)`, by default the mean of the projections
+    (LibMTL's UPGrad copies torchjd). With no conflict the weights equal :math:`p`. They do not
+    change when all gradients are scaled by the same factor. Unlike torchjd, which treats Gramians
+    with ``tr(G) < 1e-4`` as zero (its ``norm_eps``) and so returns :math:`p` for small gradients,
+    only a trace at most ``norm_eps`` (default 0) counts as zero here; pass ``norm_eps=1e-4`` to
+    reproduce torchjd exactly. A zero Gramian and ``K = 1`` give :math:`p`. The weights are
+    detached.
+
+    Paper: Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024,
+    https://arxiv.org/abs/2406.16232.
+
+    Args:
+        gramian: the [K, K] Gramian :math:`G_{ij} = \langle g_i, g_j \rangle` of the task gradients.
+        pref_vector: weights :math:`p` of shape [K] combining the projections; ``None``: ``1/K``.
+        reg_eps: :math:`\epsilon > 0` added to the diagonal of the trace-normalised Gramian.
+        norm_eps: Gramians whose trace is at most this are treated as zero.
+        max_iter: most active-set changes per projection (the exact solution needs about ``K``).
+
+    Returns:
+        Weights of shape [K], with the Gramian's dtype and device.
+
+    Example:
+        >>> import torch
+        >>> from lightning_lossagg.functional.upgrad import upgrad
+        >>> jacobian = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+        >>> upgrad(jacobian @ jacobian.T, reg_eps=1e-9)  # for two tasks: PCGrad / 2
+        tensor([1.0000, 0.7500])
+    """
+    if reg_eps <= 0:
+        raise ValueError(f"reg_eps must be positive (it makes the QP solvable), got {reg_eps}.")
+    if norm_eps < 0:
+        raise ValueError(f"norm_eps must be non-negative, got {norm_eps}.")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter}.")
+    matrix = validated_gramian(gramian)
+    num_tasks = matrix.shape[0]
+    if pref_vector is None:
+        preferences = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)
+    elif pref_vector.shape != (num_tasks,) or not torch.isfinite(pref_vector).all():
+        raise ValueError(
+            f"pref_vector must be a finite vector of shape ({num_tasks},), one weight per task, "
+            f"got shape {tuple(pref_vector.shape)}."
+        )
+    else:
+        preferences = pref_vector.detach().to(device="cpu", dtype=torch.float64)
+    trace = matrix.trace()
+    if trace <= norm_eps or trace <= torch.finfo(torch.float64).tiny:
+        return preferences.to(dtype=gramian.dtype, device=gramian.device)
+    hessian = matrix / trace + reg_eps * torch.eye(num_tasks, dtype=torch.float64)
+    weights = torch.zeros(num_tasks, dtype=torch.float64)
+    for task in range(num_tasks):
+        lower = torch.zeros(num_tasks, dtype=torch.float64)
+        lower[task] = preferences[task]
+        weights += solve_lower_bounded_qp(
+            hessian,
+            linear=torch.zeros(num_tasks, dtype=torch.float64),
+            lower=lower,
+            max_iter=max_iter,
+            tol=KKT_TOL * preferences.abs().max(),
+        )
+    return weights.to(dtype=gramian.dtype, device=gramian.device)

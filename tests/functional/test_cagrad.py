@@ -1,0 +1,115 @@
+"""CAGrad against torchjd, an independent cvxpy solve of the primal problem, and hand examples."""
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+from torchjd.aggregation import CAGradWeighting
+
+from lightning_lossagg.functional.cagrad import cagrad
+from tests.functional._jacobians import (
+    as_params,
+    assert_same_update,
+    degenerate_jacobians,
+    random_jacobians,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Solution may be inaccurate")  # cvxpy, tight tols
+# Clarabel's defaults leave errors of about 1e-5 in the update; SLSQP in cagrad gets about 1e-6.
+TIGHT_CLARABEL = {"tol_gap_abs": 1e-13, "tol_gap_rel": 1e-13, "tol_feas": 1e-13}
+
+
+def primal_optimum_by_cvxpy(jacobian: Tensor, c: float) -> tuple[Tensor, float]:
+    """``max_d min_i <g_i, d>`` s.t. ``||d - g0|| <= c ||g0||``, solved on the Jacobian itself.
+
+    Returns the optimal ``d`` and value, for gradients rescaled to a largest norm of 1."""
+    matrix = (jacobian / jacobian.norm(dim=1).max()).numpy()
+    mean = matrix.mean(axis=0)
+    update, worst = cp.Variable(matrix.shape[1]), cp.Variable()
+    constraints = [matrix @ update >= worst, cp.norm(update - mean) <= c * np.linalg.norm(mean)]
+    cp.Problem(cp.Maximize(worst), constraints).solve(solver=cp.CLARABEL, **TIGHT_CLARABEL)
+    return torch.from_numpy(update.value), float(worst.value)
+
+
+@pytest.mark.parametrize("c", [0.2, 0.5, 2.0])
+@pytest.mark.parametrize("jacobian", as_params(random_jacobians()))
+def test_update_solves_the_primal_problem(jacobian: Tensor, c: float) -> None:
+    """For independent gradients the primal optimum is unique: ours lies in the ball, is as good
+    as cvxpy's and close to it."""
+    scaled = jacobian / jacobian.norm(dim=1).max()
+    update = cagrad(scaled @ scaled.T, c=c, rescale=0) @ scaled
+    reference, optimal_value = primal_optimum_by_cvxpy(jacobian, c)
+    mean = scaled.mean(dim=0)
+    assert (update - mean).norm() <= c * mean.norm() + 1e-12
+    assert (scaled @ update).min() >= optimal_value - 1e-6
+    torch.testing.assert_close(update, reference, rtol=0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("jacobian", as_params(random_jacobians()))
+def test_weights_match_torchjd(jacobian: Tensor) -> None:
+    """torchjd's weights are LibMTL's with ``rescale=0``; ``rescale=1`` divides by 1 + c²."""
+    gramian = jacobian @ jacobian.T
+    reference = CAGradWeighting(c=0.5)(gramian)
+    assert_same_update(cagrad(gramian, c=0.5, rescale=0), reference, jacobian, tol=1e-4)
+    assert_same_update(cagrad(gramian), reference / 1.25, jacobian, tol=1e-4)
+    assert_same_update(cagrad(gramian, rescale=2), reference / 1.5, jacobian, tol=1e-4)
+
+
+@pytest.mark.parametrize("c", [0.5, 2.0])
+@pytest.mark.parametrize("jacobian", as_params(degenerate_jacobians()))
+def test_degenerate_update_is_primal_optimal(jacobian: Tensor, c: float) -> None:
+    """Finite weights, and an update in the ball that is as good as the cvxpy optimum."""
+    scaled = jacobian / jacobian.norm(dim=1).max().clamp(min=1e-300)
+    weights = cagrad(scaled @ scaled.T, c=c, rescale=0)
+    assert torch.isfinite(weights).all() and (weights >= 0).all()
+    for factor in (1e-8, 1e6):
+        rescaled = cagrad(factor * scaled @ scaled.T, c=c, rescale=0)
+        assert_same_update(rescaled, weights, scaled, tol=1e-6)
+    if not jacobian.any():
+        return
+    update, mean = weights @ scaled, scaled.mean(dim=0)
+    assert (update - mean).norm() <= c * mean.norm() + 1e-9
+    _, optimal_value = primal_optimum_by_cvxpy(jacobian, c)
+    assert (scaled @ update).min() >= optimal_value - 1e-6
+
+
+def test_hand_worked_examples() -> None:
+    # Orthogonal unit gradients: g0 = (1/2, 1/2), the inner solution is w = (1/2, 1/2) and
+    # d = g0 + (c ||g0|| / ||g_w||) g_w = (1 + c) g0.
+    assert torch.allclose(cagrad(torch.eye(2), c=0.5, rescale=0), torch.tensor([0.75, 0.75]))
+    # One task: d = (1 + c) g whatever its norm, divided by 1 + c².
+    assert torch.allclose(cagrad(torch.tensor([[9.0]]), c=2.0), torch.tensor([3.0 / 5.0]))
+    # Opposite gradients: g0 = 0 so the ball is a point, d = g0 = 0, weights 1 / (K (1 + c²)).
+    opposite = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+    assert torch.allclose(cagrad(opposite, c=0.5), torch.tensor([0.4, 0.4]))
+    assert torch.allclose(cagrad(torch.zeros(3, 3), c=0.5, rescale=0), torch.full((3,), 1 / 3))
+
+
+def test_pareto_stationary_returns_the_optimum_closest_to_the_mean() -> None:
+    # g1 = -g2 = e1, g3 = (-0.1, 1): 0 is in the hull; every optimal d has d1 = 0 and d2 >= 0.
+    # The mean is (-0.1/3, 1/3); the optimum closest to it is (0, 1/3) = g0 + (0.1/3) g1.
+    jacobian = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-0.1, 1.0]], dtype=torch.float64)
+    weights = cagrad(jacobian @ jacobian.T, c=0.5, rescale=0)
+    expected = torch.tensor([0.0, 1.0 / 3.0], dtype=torch.float64)
+    torch.testing.assert_close(weights @ jacobian, expected, atol=1e-7, rtol=0.0)
+
+
+def test_dtype_and_device_follow_the_gramian() -> None:
+    weights = cagrad(torch.eye(3, dtype=torch.float32))
+    assert weights.dtype == torch.float32 and weights.device == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("gramian", "kwargs", "message"),
+    [
+        (torch.eye(2), {"c": -0.1}, "c must be"),
+        (torch.eye(2), {"rescale": 3}, "rescale must be"),
+        (torch.ones(2, 3), {}, "square"),
+        (torch.tensor([[1.0, 0.5], [0.0, 1.0]]), {}, "symmetric"),
+        (torch.tensor([[float("nan"), 0.0], [0.0, 1.0]]), {}, "NaN"),
+    ],
+)
+def test_invalid_input_is_rejected(gramian: Tensor, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        cagrad(gramian, **kwargs)

@@ -1,0 +1,98 @@
+"""IMTL-G against torchjd, the paper's closed form on the Jacobian, and its defining property."""
+
+import pytest
+import torch
+from torch import Tensor
+from torchjd.aggregation import IMTLGWeighting
+
+from lightning_lossagg.functional.imtl_g import imtl_g
+from tests.functional._jacobians import (
+    as_params,
+    assert_same_update,
+    degenerate_jacobians,
+    random_jacobians,
+)
+
+# torchjd's fallback for a vanishing sum is an absolute 1e-12 test, so on these cases its weights
+# come from rounding noise (e.g. [-2, 3] for g and -g); our fallback is checked in
+# test_degenerate_results instead.
+TORCHJD_UNRELIABLE = {"zero", "opposite"}
+COMPARABLE_CASES = as_params(
+    random_jacobians()
+    + [case for case in degenerate_jacobians() if case[0] not in TORCHJD_UNRELIABLE]
+)
+
+
+def paper_closed_form(jacobian: Tensor) -> Tensor:
+    """Liu et al. 2021, IMTL-G's closed form: alpha_{2:K} = g_1 U^T (D U^T)^{-1} and
+    alpha_1 = 1 - sum alpha_{2:K}, with D_i = g_1 - g_i and U_i = u_1 - u_i, u_i = g_i / ||g_i||."""
+    units = jacobian / jacobian.norm(dim=1, keepdim=True)
+    differences = jacobian[:1] - jacobian[1:]
+    unit_differences = units[:1] - units[1:]
+    tail = jacobian[0] @ unit_differences.T @ torch.linalg.inv(differences @ unit_differences.T)
+    return torch.cat([1 - tail.sum(dim=0, keepdim=True), tail])
+
+
+@pytest.mark.parametrize("jacobian", COMPARABLE_CASES)
+def test_weights_match_torchjd(jacobian: Tensor) -> None:
+    """Same scale: both sum to 1."""
+    gramian = jacobian @ jacobian.T
+    weights = imtl_g(gramian)
+    assert_same_update(weights, IMTLGWeighting()(gramian), jacobian, tol=1e-6)
+    torch.testing.assert_close(weights.sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("jacobian", as_params(random_jacobians()))
+def test_weights_match_the_paper_closed_form(jacobian: Tensor) -> None:
+    torch.testing.assert_close(imtl_g(jacobian @ jacobian.T), paper_closed_form(jacobian))
+
+
+@pytest.mark.parametrize("jacobian", as_params(random_jacobians()))
+def test_update_has_equal_projections_on_all_gradient_directions(jacobian: Tensor) -> None:
+    update = imtl_g(jacobian @ jacobian.T) @ jacobian
+    projections = jacobian @ update / jacobian.norm(dim=1)
+    torch.testing.assert_close(projections, projections[0].expand_as(projections))
+
+
+def test_two_tasks_by_hand() -> None:
+    """g_1 = (1, 0), g_2 = (0, 2): d = a g_1 + (1 - a) g_2 = (a, 2 - 2a) has equal projections
+    a = 2 - 2a on the unit gradients, so a = 2/3."""
+    jacobian = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    expected = torch.tensor([2 / 3, 1 / 3], dtype=torch.float64)
+    torch.testing.assert_close(imtl_g(jacobian @ jacobian.T), expected)
+
+
+@pytest.mark.parametrize(
+    ("case_id", "expected"),
+    [
+        ("single-task", [1.0]),
+        ("zero", [1 / 3, 1 / 3, 1 / 3]),
+        ("identical", [1 / 3, 1 / 3, 1 / 3]),
+        ("opposite", [0.5, 0.5]),  # d = 0: both projections are equal (zero)
+    ],
+)
+def test_degenerate_results(case_id: str, expected: list[float]) -> None:
+    jacobian = dict(degenerate_jacobians())[case_id]
+    weights = imtl_g(jacobian @ jacobian.T)
+    torch.testing.assert_close(weights, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_zero_gradient_gets_zero_weight() -> None:
+    jacobian = dict(degenerate_jacobians())["one-zero-row"]
+    weights = imtl_g(jacobian @ jacobian.T)
+    assert weights[1] == 0
+    nonzero = jacobian[[0, 2]]
+    torch.testing.assert_close(weights[[0, 2]], imtl_g(nonzero @ nonzero.T))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("seed", range(10))
+def test_opposite_gradients_give_uniform_weights_despite_rounding(
+    seed: int, dtype: torch.dtype
+) -> None:
+    """Only d = 0 has equal projections on g and -g; 1ᵀv is then rounding noise, which must not be
+    divided by (torchjd does, and returns e.g. [-2, 3])."""
+    gradient = torch.randn(12, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    for jacobian in [torch.stack([gradient, -gradient]), torch.stack([gradient, -gradient] * 2)]:
+        weights = imtl_g(jacobian @ jacobian.T)
+        torch.testing.assert_close(weights, torch.full_like(weights, 1 / len(weights)))

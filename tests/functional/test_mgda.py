@@ -1,0 +1,121 @@
+"""MGDA against torchjd's Frank-Wolfe, an exact QP (quadprog) and the two-task closed form."""
+
+import numpy as np
+import pytest
+import torch
+from qpsolvers import solve_qp
+from torch import Tensor
+from torchjd.aggregation import MGDAWeighting
+
+from lightning_lossagg.functional.mgda import mgda
+from tests.functional._jacobians import (
+    as_params,
+    assert_same_update,
+    degenerate_jacobians,
+    random_jacobians,
+)
+
+ALL_CASES = as_params(random_jacobians() + degenerate_jacobians())
+# With a zero Gramian every point of the simplex is optimal (test_degenerate_results pins one).
+NONZERO_CASES = as_params(
+    [
+        (case_id, jacobian)
+        for case_id, jacobian in random_jacobians() + degenerate_jacobians()
+        if jacobian.any()
+    ]
+)
+
+
+def min_norm_weights_by_quadprog(gramian: Tensor) -> Tensor:
+    """The min-norm point of the simplex from an independent QP solver."""
+    num_tasks = gramian.shape[0]
+    normalized = (gramian / gramian.trace()).numpy() + 1e-13 * np.eye(num_tasks)
+    solution = solve_qp(
+        normalized,
+        np.zeros(num_tasks),
+        A=np.ones((1, num_tasks)),
+        b=np.ones(1),
+        lb=np.zeros(num_tasks),
+        solver="quadprog",
+    )
+    return torch.from_numpy(solution)
+
+
+@pytest.mark.parametrize("jacobian", NONZERO_CASES)
+def test_update_matches_exact_qp(jacobian: Tensor) -> None:
+    gramian = jacobian @ jacobian.T
+    weights = mgda(gramian)
+    torch.testing.assert_close(weights.sum(), torch.tensor(1.0, dtype=weights.dtype))
+    assert (weights >= 0).all()
+    reference = min_norm_weights_by_quadprog(gramian)
+    assert_same_update(weights, reference, jacobian, tol=1e-6)
+
+
+@pytest.mark.parametrize("jacobian", ALL_CASES)
+def test_update_agrees_with_torchjd(jacobian: Tensor) -> None:
+    """torchjd's Frank-Wolfe stops early (epsilon=1e-3), so its update is a little longer than the
+    exact min-norm point and a little off in direction; both are on the simplex (same scale)."""
+    gramian = jacobian @ jacobian.T
+    update = mgda(gramian) @ jacobian
+    reference = MGDAWeighting()(gramian) @ jacobian
+    largest_gradient = jacobian.norm(dim=1).max()
+    assert update.norm() <= reference.norm() + 1e-9 * largest_gradient
+    if update.norm() <= 1e-9 * largest_gradient:  # Pareto stationary: FW only gets close to 0
+        assert reference.norm() <= 1e-3 * largest_gradient
+    else:
+        cosine = update @ reference / (update.norm() * reference.norm())
+        assert cosine >= 0.99
+        assert update.norm() >= 0.95 * reference.norm()
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ([1.0, 0.0], [0.0, 2.0]),
+        ([3.0, 1.0], [-1.0, 2.0]),
+        ([1.0, 0.0], [-4.0, 0.5]),
+        ([1.0, 0.0], [2.0, 0.1]),  # the first gradient is the min-norm point: w = [1, 0]
+        ([1.0, 1.0], [1.0, 1.0]),
+    ],
+)
+def test_two_tasks_closed_form(first: list[float], second: list[float]) -> None:
+    """Sener & Koltun, Algorithm 1: for two gradients the min-norm weight of g_1 is
+    clip(<g_2 - g_1, g_2> / ||g_1 - g_2||^2, 0, 1); identical gradients get equal weights."""
+    g1 = torch.tensor(first, dtype=torch.float64)
+    g2 = torch.tensor(second, dtype=torch.float64)
+    difference = (g1 - g2) @ (g1 - g2)
+    gamma = 0.5 if difference == 0 else float(((g2 - g1) @ g2 / difference).clamp(0.0, 1.0))
+    jacobian = torch.stack([g1, g2])
+    torch.testing.assert_close(
+        mgda(jacobian @ jacobian.T),
+        torch.tensor([gamma, 1.0 - gamma], dtype=torch.float64),
+        rtol=0.0,
+        atol=1e-8,
+    )
+
+
+@pytest.mark.parametrize(
+    ("case_id", "expected"),
+    [
+        ("single-task", [1.0]),
+        ("zero", [1 / 3, 1 / 3, 1 / 3]),
+        ("identical", [1 / 3, 1 / 3, 1 / 3]),
+        ("opposite", [0.5, 0.5]),
+        ("opposite-unequal", [0.75, 0.25]),  # 0.75 g - 0.25 * 3 g = 0
+        ("one-zero-row", [0.0, 1.0, 0.0]),  # the zero gradient is the min-norm point
+    ],
+)
+def test_degenerate_results(case_id: str, expected: list[float]) -> None:
+    jacobian = dict(degenerate_jacobians())[case_id]
+    weights = mgda(jacobian @ jacobian.T)
+    torch.testing.assert_close(
+        weights, torch.tensor(expected, dtype=torch.float64), atol=1e-7, rtol=0
+    )
+
+
+def test_rejects_bad_solver_arguments() -> None:
+    gramian = torch.eye(2)
+    with pytest.raises(ValueError, match="max_iter"):
+        mgda(gramian, max_iter=0)
+    with pytest.raises(ValueError, match="tol"):
+        mgda(gramian, tol=-1.0)

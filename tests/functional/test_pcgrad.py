@@ -1,0 +1,82 @@
+"""PCGrad against torchjd (draw for draw) and against projecting the gradient vectors themselves."""
+
+import pytest
+import torch
+from torch import Tensor
+from torchjd.aggregation import PCGradWeighting
+
+from lightning_lossagg.functional.pcgrad import pcgrad
+from tests.functional._jacobians import as_params, degenerate_jacobians, random_jacobians
+
+ALL_CASES = as_params(random_jacobians() + degenerate_jacobians())
+
+
+def projected_gradient_sum(jacobian: Tensor, generator: torch.Generator) -> Tensor:
+    """PCGrad on the gradient vectors (Yu et al., Algorithm 1), drawing one order per task."""
+    gradients = list(jacobian)
+    update = torch.zeros_like(jacobian[0])
+    for task, gradient in enumerate(gradients):
+        projected = gradient.clone()
+        for other in torch.randperm(len(gradients), generator=generator).tolist():
+            inner_product = projected @ gradients[other]
+            if other != task and inner_product < 0:
+                projected -= (
+                    inner_product / (gradients[other] @ gradients[other]) * gradients[other]
+                )
+        update += projected
+    return update
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("jacobian", ALL_CASES)
+def test_weights_match_torchjd_with_the_same_seed(jacobian: Tensor, seed: int) -> None:
+    """Same scale (sum of projections) and, seeded alike, the same random orders."""
+    gramian = jacobian @ jacobian.T
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        reference = PCGradWeighting()(gramian)
+    weights = pcgrad(gramian, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(weights, reference, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("jacobian", as_params(random_jacobians()))
+def test_update_equals_projecting_the_vectors(jacobian: Tensor, seed: int) -> None:
+    weights = pcgrad(jacobian @ jacobian.T, generator=torch.Generator().manual_seed(seed))
+    expected = projected_gradient_sum(jacobian, torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(weights @ jacobian, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_order_comes_from_the_generator_only() -> None:
+    jacobian = dict(random_jacobians(num_tasks=[6], seeds=[0]))["K6-seed0"]
+    gramian = jacobian @ jacobian.T
+    first = pcgrad(gramian, generator=torch.Generator().manual_seed(5))
+    torch.rand(17)  # moves the global generator, which must not matter
+    second = pcgrad(gramian, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(first, second, rtol=0.0, atol=0.0)
+
+
+def test_order_changes_the_result_with_three_conflicting_tasks() -> None:
+    """Projection order matters once a gradient conflicts with two others (why PCGrad draws it)."""
+    jacobian = torch.tensor([[1.0, 0.0], [-0.8, 1.0], [-0.5, -1.0]], dtype=torch.float64)
+    gramian = jacobian @ jacobian.T
+    results = {
+        tuple(pcgrad(gramian, generator=torch.Generator().manual_seed(seed)).tolist())
+        for seed in range(20)
+    }
+    assert len(results) > 1
+
+
+@pytest.mark.parametrize(
+    ("case_id", "expected"),
+    [
+        ("single-task", [1.0]),
+        ("zero", [1.0, 1.0, 1.0]),
+        ("identical", [1.0, 1.0, 1.0]),  # no conflict: plain sum
+        ("opposite", [2.0, 2.0]),  # each projection g_i + g_j is zero, with coefficients [1, 1]
+    ],
+)
+def test_degenerate_results(case_id: str, expected: list[float]) -> None:
+    jacobian = dict(degenerate_jacobians())[case_id]
+    weights = pcgrad(jacobian @ jacobian.T, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(weights, torch.tensor(expected, dtype=torch.float64))

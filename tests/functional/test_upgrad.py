@@ -1,0 +1,87 @@
+"""UPGrad against torchjd (quadprog) and, for two tasks, the projection worked out by hand."""
+
+import pytest
+import torch
+from torch import Tensor
+from torchjd.aggregation import UPGradWeighting
+
+from lightning_lossagg.functional.upgrad import upgrad
+from tests.functional._jacobians import as_params, degenerate_jacobians, random_jacobians
+
+ALL_CASES = as_params(random_jacobians() + degenerate_jacobians())
+TORCHJD_NORM_EPS = 1e-4
+
+
+def assert_weights_close(weights: Tensor, reference: Tensor) -> None:
+    torch.testing.assert_close(weights, reference, rtol=1e-7, atol=1e-9 * reference.abs().max())
+
+
+@pytest.mark.parametrize("jacobian", ALL_CASES)
+def test_weights_match_torchjd(jacobian: Tensor) -> None:
+    """Same scale (mean of the projections) and, with torchjd's norm_eps, the same weights."""
+    gramian = jacobian @ jacobian.T
+    weights = upgrad(gramian, norm_eps=TORCHJD_NORM_EPS)
+    assert_weights_close(weights, UPGradWeighting()(gramian))
+
+
+@pytest.mark.parametrize("jacobian", as_params(random_jacobians(seeds=[0])))
+def test_weights_match_torchjd_with_a_preference_vector(jacobian: Tensor) -> None:
+    gramian = jacobian @ jacobian.T
+    preferences = torch.linspace(0.5, 2.0, jacobian.shape[0], dtype=torch.float64)
+    weights = upgrad(gramian, pref_vector=preferences)
+    assert_weights_close(weights, UPGradWeighting(pref_vector=preferences)(gramian))
+
+
+def test_small_gradients_are_projected_not_treated_as_zero() -> None:
+    """The documented difference from torchjd: norm_eps defaults to 0, so scale does not matter."""
+    jacobian = dict(degenerate_jacobians())["tiny"]
+    unit_scale = jacobian / jacobian.norm(dim=1).max()
+    weights = upgrad(jacobian @ jacobian.T)
+    assert_weights_close(weights, upgrad(unit_scale @ unit_scale.T))
+    mean = torch.full_like(weights, 1 / len(weights))
+    torch.testing.assert_close(UPGradWeighting()(jacobian @ jacobian.T), mean)
+    assert not torch.allclose(weights, mean)
+
+
+def project_onto_two_gradient_cone(gradient: Tensor, other: Tensor) -> Tensor:
+    """For two gradients the projection of g_1 onto {x : <x, g_1> >= 0, <x, g_2> >= 0} is g_1 if it
+    agrees with g_2, else its projection onto the hyperplane <x, g_2> = 0 (which keeps
+    <x, g_1> = ||g_1||^2 - <g_1, g_2>^2 / ||g_2||^2 >= 0 by Cauchy-Schwarz)."""
+    inner_product = gradient @ other
+    if inner_product >= 0:
+        return gradient
+    return gradient - inner_product / (other @ other) * other
+
+
+@pytest.mark.parametrize(
+    "jacobian",
+    [
+        [[1.0, 0.0], [-1.0, 1.0]],
+        [[2.0, 1.0, 0.0], [-3.0, 0.5, 1.0]],
+        [[1.0, 2.0], [2.0, -0.5]],  # orthogonal: nothing to project
+        [[1.0, 0.5], [3.0, 1.0]],  # agreeing: nothing to project
+    ],
+)
+def test_two_tasks_by_hand(jacobian: list[list[float]]) -> None:
+    matrix = torch.tensor(jacobian, dtype=torch.float64)
+    expected = (
+        project_onto_two_gradient_cone(matrix[0], matrix[1])
+        + project_onto_two_gradient_cone(matrix[1], matrix[0])
+    ) / 2
+    weights = upgrad(matrix @ matrix.T, reg_eps=1e-12)
+    torch.testing.assert_close(weights @ matrix, expected)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("reg_eps", 0.0),
+        ("norm_eps", -1.0),
+        ("max_iter", 0),
+        ("pref_vector", torch.ones(3)),
+        ("pref_vector", torch.tensor([1.0, float("nan")])),
+    ],
+)
+def test_rejects_bad_arguments(keyword: str, value: object) -> None:
+    with pytest.raises(ValueError, match=keyword):
+        upgrad(torch.eye(2), **{keyword: value})
