@@ -16,7 +16,7 @@ uneven batches, partly labelled batches and ranks without a valid sample.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -71,12 +71,71 @@ class TaskLossReducer:
         self._cache: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
 
     def __call__(self, masked_losses: Mapping[str, MaskedLoss]) -> GlobalTaskLosses:
+        numerators, denominators, local_sums = self._local_statistics(masked_losses)
+        num_tasks, dtype = len(self.names), numerators.dtype
+        stats_dtype = distributed.stats_dtype(numerators.device)
+        nonfinite = ~torch.isfinite(local_sums.detach())
+        stats = torch.cat(
+            [
+                numerators.detach().to(stats_dtype),
+                denominators.to(stats_dtype),
+                nonfinite.to(stats_dtype) * distributed.rank_bit(distributed.rank()),
+            ]
+        )
+        stats = distributed.all_reduce_sum(stats)
+        global_numerators, global_denominators = stats[:num_tasks], stats[num_tasks : 2 * num_tasks]
+        valid = global_denominators > 0
+        one = torch.ones((), dtype=stats_dtype, device=stats.device)
+        losses = torch.where(
+            valid, global_numerators / torch.where(valid, global_denominators, one), torch.nan
+        )
+        return GlobalTaskLosses(
+            names=self.names,
+            losses=losses.to(dtype),
+            counts=global_denominators,
+            valid=valid,
+            local_terms=numerators * self._scale(global_denominators, valid).to(dtype),
+            nonfinite_ranks=stats[2 * num_tasks :],
+        )
+
+    def drop_tasks(
+        self, step: GlobalTaskLosses, masked_losses: Mapping[str, MaskedLoss], drop: Tensor
+    ) -> GlobalTaskLosses:
+        """``step`` without the tasks flagged in ``drop`` (same on every rank): they become
+        invalid, and the local terms are rebuilt from their values DETACHED, so that no gradient,
+        not even a zero one times an infinite derivative, flows back through them."""
+        kept = {
+            name: MaskedLoss(loss.values.detach(), torch.zeros_like(loss.mask)) if dropped else loss
+            for (name, loss), dropped in zip(masked_losses.items(), drop.tolist(), strict=True)
+        }
+        numerators, _, _ = self._local_statistics(kept)
+        valid = step.valid & ~drop.to(step.valid.device)
+        scale = self._scale(step.counts, valid).to(numerators.dtype)
+        return replace(
+            step,
+            losses=torch.where(valid, step.losses, torch.nan),
+            counts=torch.where(valid, step.counts, 0.0),
+            valid=valid,
+            local_terms=numerators * scale,
+        )
+
+    @staticmethod
+    def _scale(global_denominators: Tensor, valid: Tensor) -> Tensor:
+        """W / sum_r b_kr: DDP's averaged gradient of ``a_k * scale_k`` is that of ``L_k``."""
+        safe = torch.where(valid, global_denominators, torch.ones_like(global_denominators))
+        return torch.where(valid, distributed.world_size() / safe, 0.0)
+
+    def _local_statistics(
+        self, masked_losses: Mapping[str, MaskedLoss]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """This rank's numerators (with their graph), denominators and valid-sample sums."""
         values = [masked_losses[name].values for name in self.names]
         masks = [masked_losses[name].mask for name in self.names]
-        world_size, this_rank = distributed.world_size(), distributed.rank()
         flat_values = torch.cat([v.reshape(-1) for v in values])
         dtype = flat_values.dtype
-        segments, is_mean, sum_denominators = self._constants(values, flat_values, this_rank)
+        segments, is_mean, sum_denominators = self._constants(
+            values, flat_values, distributed.rank()
+        )
         flat_masks = torch.cat([m.reshape(-1) for m in masks])
         masked_values = torch.where(flat_masks, flat_values, torch.zeros((), dtype=dtype))
         num_tasks = len(self.names)
@@ -90,31 +149,7 @@ class TaskLossReducer:
             numerators = local_sums
             # A global sum: rank 0 alone contributes the denominator 1, exactly.
             denominators = torch.where(is_mean, local_counts, sum_denominators)
-
-        stats_dtype = distributed.stats_dtype(flat_values.device)
-        nonfinite = ~torch.isfinite(local_sums.detach())
-        stats = torch.cat(
-            [
-                numerators.detach().to(stats_dtype),
-                denominators.to(stats_dtype),
-                nonfinite.to(stats_dtype) * distributed.rank_bit(this_rank),
-            ]
-        )
-        stats = distributed.all_reduce_sum(stats)
-        global_numerators, global_denominators = stats[:num_tasks], stats[num_tasks : 2 * num_tasks]
-        valid = global_denominators > 0
-        one = torch.ones((), dtype=stats_dtype, device=stats.device)
-        safe_denominators = torch.where(valid, global_denominators, one)
-        losses = torch.where(valid, global_numerators / safe_denominators, torch.nan)
-        scale = torch.where(valid, world_size / safe_denominators, 0.0)
-        return GlobalTaskLosses(
-            names=self.names,
-            losses=losses.to(dtype),
-            counts=global_denominators,
-            valid=valid,
-            local_terms=numerators * scale.to(dtype),
-            nonfinite_ranks=stats[2 * num_tasks :],
-        )
+        return numerators, denominators, local_sums
 
     def _constants(
         self, values: list[Tensor], flat_values: Tensor, this_rank: int

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_lossagg import distributed
@@ -14,6 +15,7 @@ from lightning_lossagg.tasks import MaskedLoss, Task
 from lightning_lossagg.weighting import LossRecord, WeightingCallback
 
 TaskLossOutput = Mapping[str, MaskedLoss | tuple[Tensor, Tensor] | Tensor]
+NonFinitePolicy = Literal["raise", "skip", "drop_task"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -44,6 +46,14 @@ class MultiTaskMixin:
         rank_weighting: ``"samples"`` (every valid sample of the global batch counts the same:
             equals one process on the concatenated batch) or ``"uniform"`` (every rank's mean counts
             the same, federated style).
+        nonfinite: what a NaN or infinite task loss does, decided the same on every rank:
+            ``"raise"`` (default) a :class:`NonFiniteLossError` naming the task, the step and the
+            rank(s), before the optimizer step changes anything; ``"skip"`` the step (no update,
+            no weighting-method state change); ``"drop_task"`` leaves that task out of the step.
+            ``"raise"`` costs nothing per step (the flags are read when the optimizer steps);
+            the other two read the step's flags on the host right after its all-reduce.
+        max_consecutive_skips: with ``"skip"``/``"drop_task"``, this many non-finite steps in a
+            row raise :class:`NonFiniteLossError` instead of skipping forever (``None``: never).
     """
 
     def __init__(
@@ -51,9 +61,24 @@ class MultiTaskMixin:
         *args: Any,
         tasks: Mapping[str, Task | str],
         rank_weighting: RankWeighting = "samples",
+        nonfinite: NonFinitePolicy = "raise",
+        max_consecutive_skips: int | None = 10,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if nonfinite not in ("raise", "skip", "drop_task"):
+            raise ValueError(
+                f"nonfinite must be 'raise', 'skip' or 'drop_task', got {nonfinite!r}."
+            )
+        if max_consecutive_skips is not None and max_consecutive_skips < 1:
+            raise ValueError(
+                f"max_consecutive_skips must be >= 1 or None, got {max_consecutive_skips}."
+            )
+        self.nonfinite = nonfinite
+        self.max_consecutive_skips = max_consecutive_skips
+        self.skipped_steps = 0
+        self._consecutive_skips = 0
+        self._skip_optimizer_step = False
         self.tasks = _as_tasks(tasks)
         self.rank_weighting = rank_weighting
         self._reducer = TaskLossReducer(self.tasks, rank_weighting)
@@ -146,11 +171,26 @@ class MultiTaskMixin:
         }
 
     # ----------------------------------------------------------------------------- the steps
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        step = self.compute_global_losses(batch)
-        self._unchecked_nonfinite.append(
-            (self.global_step, distributed.HostCopy(step.nonfinite_ranks))  # type: ignore[attr-defined]
-        )
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        masked = self._masked_losses(batch)
+        step = self._reducer(masked)
+        dropped = False
+        if self.nonfinite == "raise":
+            self._unchecked_nonfinite.append(
+                (self.global_step, distributed.HostCopy(step.nonfinite_ranks))  # type: ignore[attr-defined]
+            )
+        else:
+            bitsets = step.nonfinite_ranks.cpu()
+            if bitsets.any():
+                self._count_nonfinite_step(bitsets)
+                if self.nonfinite == "skip":
+                    self.loss_record = None
+                    self._skip_optimizer_step = True
+                    return self._zero_objective()
+                step = self._reducer.drop_tasks(step, masked, bitsets > 0)
+                dropped = True
+            else:
+                self._consecutive_skips = 0
         static = self._static_weights.to(step.local_terms.dtype)
         if self._weighting is None:
             weights = torch.where(step.valid, static, 0.0)
@@ -159,9 +199,31 @@ class MultiTaskMixin:
             adaptive = self._weighting.task_weights(self, step).detach()  # type: ignore[arg-type]
             weights = torch.where(step.valid, adaptive.to(static.dtype) * static, 0.0)
             objective = self._weighting.backward_objective(self, step, weights, static)  # type: ignore[arg-type]
+        if dropped:  # the dropped heads still take part in DDP's gradient reduction, with 0
+            objective = objective + self._zero_objective()
         self._latest_weights = weights
         self._record("train", step, weights)
         return objective
+
+    def _zero_objective(self) -> Tensor:
+        """A loss whose gradient is 0 for every parameter, so that DDP's backward runs as usual on
+        every rank (Lightning refuses a skipped training_step under DDP)."""
+        parameters = [p for p in self.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+        return torch.stack([p.sum() for p in parameters]).sum() * 0.0
+
+    def _count_nonfinite_step(self, bitsets: Tensor) -> None:
+        bad = [(n, b) for n, b in zip(self.task_names, bitsets.tolist(), strict=True) if b]
+        message = _nonfinite_message(bad, self.global_step)  # type: ignore[attr-defined]
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        limit = self.max_consecutive_skips
+        if limit is not None and self._consecutive_skips >= limit:
+            raise NonFiniteLossError(
+                f"{self._consecutive_skips} consecutive steps with a non-finite loss "
+                f"(nonfinite={self.nonfinite!r}, max_consecutive_skips={limit}). Last: {message}"
+            )
+        action = "skipped" if self.nonfinite == "skip" else "left the task(s) out"
+        rank_zero_warn(f"{message} The step was {action} (nonfinite={self.nonfinite!r}).")
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._evaluation_step("val", batch)
@@ -184,10 +246,12 @@ class MultiTaskMixin:
 
         Call it on every rank together (it is a collective under DDP).
         """
+        return self._reducer(self._masked_losses(batch))
+
+    def _masked_losses(self, batch: Any) -> dict[str, MaskedLoss]:
         output = self.task_losses(batch)
         _check_names("task_losses output", output, self.task_names)
-        masked = {name: _as_masked_loss(name, output[name]) for name in self.task_names}
-        return self._reducer(masked)
+        return {name: _as_masked_loss(name, output[name]) for name in self.task_names}
 
     def _record(self, stage: str, step: GlobalTaskLosses, weights: Tensor) -> None:
         weights = weights.to(step.losses.dtype)
@@ -218,6 +282,13 @@ class MultiTaskMixin:
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         super().on_before_optimizer_step(optimizer)  # type: ignore[misc]
+        if self._skip_optimizer_step:
+            # Parameters without a gradient are left alone by torch's optimizers (no update, no
+            # momentum or Adam state change). With gradient accumulation the whole step is skipped.
+            self._skip_optimizer_step = False
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    parameter.grad = None
         unchecked, self._unchecked_nonfinite = self._unchecked_nonfinite, []
         for step_index, flags in unchecked:
             bitsets = flags.get().tolist()
@@ -235,7 +306,8 @@ def _nonfinite_message(bad: list[tuple[str, float]], step_index: int) -> str:
         parts.append(f"task {name!r} on rank(s) {ranks}")
     return (
         f"Non-finite loss at global step {step_index}: {'; '.join(parts)}. Check the inputs and "
-        "targets of that batch, lower the learning rate, or clip gradients."
+        "targets of that batch, lower the learning rate, or clip gradients; "
+        "nonfinite='skip' or 'drop_task' on the model tolerates rare bad batches."
     )
 
 

@@ -1,0 +1,162 @@
+"""Non-finite task losses under a real 2-rank DDP run: the same decision on every rank.
+
+Rank 1 alone gets an infinite price target at step 1; each policy must act on both ranks together
+(a rank that skips alone, or raises alone, hangs the other in the next collective)."""
+
+import multiprocessing
+import traceback
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_lossagg import NonFiniteLossError
+from tests.models import ThreeTaskNet, concat_batches, make_batch, reference_task_losses
+
+STEPS, BAD_STEP = 3, 1
+
+
+def _rank_batches(rank: int) -> list:
+    batches = [make_batch(4 + rank, seed=10 * rank + step) for step in range(STEPS)]
+    if rank == 1:
+        batches[BAD_STEP][1]["price"][0] = torch.inf
+    return batches
+
+
+class PolicyNet(ThreeTaskNet):
+    def __init__(self, out_dir: str, nonfinite: str) -> None:
+        super().__init__()
+        self.nonfinite, self.out_dir = nonfinite, out_dir
+        self.history: list = []
+
+    def train_dataloader(self):
+        return DataLoader(_rank_batches(self.trainer.global_rank), batch_size=None)
+
+    def on_before_optimizer_step(self, optimizer):
+        super().on_before_optimizer_step(optimizer)
+        grads = {n: None if p.grad is None else p.grad.clone() for n, p in self.named_parameters()}
+        self.history.append(("grads", self.global_step, grads))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        params = {n: p.detach().clone() for n, p in self.named_parameters()}
+        self.history.append(("params", batch_idx, params))
+        torch.save(
+            {"history": self.history, "skipped": self.skipped_steps},
+            Path(self.out_dir) / f"rank{self.global_rank}.pt",
+        )
+
+
+def _fit(out_dir: str, nonfinite: str, error_file: str) -> None:
+    try:
+        model = PolicyNet(out_dir, nonfinite)
+        L.Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy="ddp_spawn",
+            max_steps=STEPS,
+            precision="64-true",
+            use_distributed_sampler=False,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        ).fit(model)
+    except Exception:  # the test reads what was raised
+        Path(error_file).write_text(traceback.format_exc())
+
+
+def _fit_with_timeout(tmp_path: Path, nonfinite: str, timeout: float = 120) -> str:
+    """Run the DDP fit in a child process; a hang fails the test instead of blocking it."""
+    error_file = tmp_path / "error.txt"
+    process = multiprocessing.get_context("spawn").Process(
+        target=_fit, args=(str(tmp_path), nonfinite, str(error_file))
+    )
+    process.start()
+    process.join(timeout)
+    if process.is_alive():
+        process.kill()
+        pytest.fail(f"nonfinite={nonfinite!r}: the DDP run hung for {timeout} s")
+    return error_file.read_text() if error_file.exists() else ""
+
+
+def _params_after(history: list, batch_idx: int) -> dict:
+    return next(p for kind, i, p in history if kind == "params" and i == batch_idx)
+
+
+@pytest.mark.ddp
+def test_raise_stops_both_ranks_with_an_error_naming_task_step_and_rank(tmp_path):
+    error = _fit_with_timeout(tmp_path, "raise")
+    assert NonFiniteLossError.__name__ in error
+    assert f"global step {BAD_STEP}: task 'price' on rank(s) 1" in error
+
+
+@pytest.mark.ddp
+def test_skip_leaves_parameters_unchanged_on_both_ranks_and_training_continues(tmp_path):
+    assert _fit_with_timeout(tmp_path, "skip") == ""
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        history = saved["history"]
+        assert saved["skipped"] == 1
+        before, at_bad = _params_after(history, BAD_STEP - 1), _params_after(history, BAD_STEP)
+        after = _params_after(history, BAD_STEP + 1)
+        for name in before:
+            assert torch.equal(before[name], at_bad[name]), name
+        assert any(not torch.equal(at_bad[n], after[n]) for n in at_bad)
+
+
+@pytest.mark.ddp
+def test_drop_task_updates_the_other_tasks_as_if_the_bad_one_was_absent(tmp_path):
+    assert _fit_with_timeout(tmp_path, "drop_task") == ""
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=False)["history"]
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=False)["history"]
+    # Reference: plain torch at the parameters before the bad step, on the concatenated batch,
+    # objective kind + sold only (price dropped for this step).
+    model = ThreeTaskNet().double()
+    model.load_state_dict(_params_after(rank0, BAD_STEP - 1))
+    batch = concat_batches(_rank_batches(0)[BAD_STEP], _rank_batches(1)[BAD_STEP])
+    losses = reference_task_losses(model, batch)
+    (losses["kind"] + losses["sold"]).backward()
+    for history in (rank0, rank1):
+        grads = next(g for kind, step, g in history if kind == "grads" and step == BAD_STEP)
+        for name, parameter in model.named_parameters():
+            expected = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
+            torch.testing.assert_close(grads[name], expected, atol=1e-10, rtol=1e-8, msg=name)
+
+
+def test_a_run_of_skips_becomes_an_error():
+    class AlwaysBad(ThreeTaskNet):
+        def task_losses(self, batch):
+            losses = super().task_losses(batch)
+            losses["kind"] = losses["kind"]._replace(values=losses["kind"].values * torch.nan)
+            return losses
+
+    model = AlwaysBad()
+    model.nonfinite, model.max_consecutive_skips = "skip", 3
+    loader = DataLoader(
+        [make_batch(4, seed=s, dtype=torch.float32) for s in range(5)], batch_size=None
+    )
+    trainer = L.Trainer(
+        max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False
+    )
+    with pytest.raises(NonFiniteLossError, match=r"3 consecutive steps .* max_consecutive_skips=3"):
+        trainer.fit(model, train_dataloaders=loader)
+    assert model.skipped_steps == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"nonfinite": "ignore"}, "'raise', 'skip' or 'drop_task'"),
+        ({"max_consecutive_skips": 0}, ">= 1 or None"),
+    ],
+)
+def test_bad_policy_arguments_are_refused(kwargs, message):
+    from lightning_lossagg import MultiTaskMixin
+
+    class Net(MultiTaskMixin, L.LightningModule):
+        pass
+
+    with pytest.raises(ValueError, match=message):
+        Net(tasks={"a": "mse"}, **kwargs)
