@@ -16,7 +16,7 @@ uneven batches, partly labelled batches and ranks without a valid sample.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -28,28 +28,51 @@ from lightning_lossagg.tasks import MaskedLoss, Task
 RankWeighting = Literal["samples", "uniform"]
 
 
-@dataclass(frozen=True)
 class GlobalTaskLosses:
     """The global figures of one step, identical on every rank (but ``local_terms``).
 
+    Derived figures are computed when first read.
+
     Attributes:
         names: the task names, in the model's order.
-        losses: global task losses ``L_k`` (detached; NaN where no rank had a valid sample).
-        counts: global denominators: valid samples (``"samples"``), or ranks with a valid sample
-            (``"uniform"``); the weight of this step in an epoch mean.
+        counts: global denominators ``sum_r b_kr``: valid samples (``"samples"``), or ranks with
+            a valid sample (``"uniform"``); the weight of this step in an epoch mean.
         valid: whether task ``k`` had a valid sample anywhere in the global batch.
+        losses: global task losses ``L_k`` (detached; NaN where no rank had a valid sample).
         local_terms: this rank's terms ``t_k`` with their graph: DDP's averaged gradient of
             ``t_k`` is the gradient of ``L_k``. The objective handed to backward is
             ``sum_k w_k t_k``.
         nonfinite_ranks: per task, the summed bit-set of ranks whose local loss was not finite.
     """
 
-    names: tuple[str, ...]
-    losses: Tensor
-    counts: Tensor
-    valid: Tensor
-    local_terms: Tensor
-    nonfinite_ranks: Tensor
+    def __init__(
+        self,
+        names: tuple[str, ...],
+        numerators: Tensor,
+        counts: Tensor,
+        local_terms: Tensor,
+        nonfinite_ranks: Tensor | None = None,
+    ) -> None:
+        self.names, self.counts, self.local_terms = names, counts, local_terms
+        self._numerators = numerators
+        self._nonfinite_ranks = nonfinite_ranks
+
+    @cached_property
+    def valid(self) -> Tensor:
+        return self.counts > 0
+
+    @cached_property
+    def losses(self) -> Tensor:
+        # Valid denominators are >= 1 (counts of samples or ranks, or exactly 1 for a sum).
+        losses = self._numerators / self.counts.clamp(min=1)
+        return torch.where(self.valid, losses, torch.nan).to(self.local_terms.dtype)
+
+    @cached_property
+    def nonfinite_ranks(self) -> Tensor:
+        if self._nonfinite_ranks is not None:
+            return self._nonfinite_ranks
+        # One process: rank 0 (bit value 1) is the only rank.
+        return (~torch.isfinite(self._numerators)).to(self.counts.dtype)
 
 
 class TaskLossReducer:
@@ -57,7 +80,8 @@ class TaskLossReducer:
 
     The work per step is a fixed number of tensor operations whatever the number of tasks: the
     tasks' values are concatenated and summed per task with one ``index_add``. The small per-task
-    constants are built once per device and shape and reused.
+    constants are built once per device and shape and reused. On one process nothing is packed
+    or reduced at all.
     """
 
     def __init__(self, tasks: Mapping[str, Task], rank_weighting: RankWeighting = "samples"):
@@ -71,10 +95,13 @@ class TaskLossReducer:
         self._cache: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
 
     def __call__(self, masked_losses: Mapping[str, MaskedLoss]) -> GlobalTaskLosses:
-        numerators, denominators, local_sums = self._local_statistics(masked_losses)
-        num_tasks, dtype = len(self.names), numerators.dtype
+        numerators, denominators = self._local_statistics(masked_losses)
+        if not distributed.is_distributed():
+            local_terms = numerators / denominators.clamp(min=1)
+            return GlobalTaskLosses(self.names, numerators.detach(), denominators, local_terms)
+        num_tasks = len(self.names)
         stats_dtype = distributed.stats_dtype(numerators.device)
-        nonfinite = ~torch.isfinite(local_sums.detach())
+        nonfinite = ~torch.isfinite(numerators.detach())
         stats = torch.cat(
             [
                 numerators.detach().to(stats_dtype),
@@ -83,18 +110,13 @@ class TaskLossReducer:
             ]
         )
         stats = distributed.all_reduce_sum(stats)
-        global_numerators, global_denominators = stats[:num_tasks], stats[num_tasks : 2 * num_tasks]
-        valid = global_denominators > 0
-        one = torch.ones((), dtype=stats_dtype, device=stats.device)
-        losses = torch.where(
-            valid, global_numerators / torch.where(valid, global_denominators, one), torch.nan
-        )
+        counts = stats[num_tasks : 2 * num_tasks]
+        scale = distributed.world_size() / counts.clamp(min=1)
         return GlobalTaskLosses(
-            names=self.names,
-            losses=losses.to(dtype),
-            counts=global_denominators,
-            valid=valid,
-            local_terms=numerators * self._scale(global_denominators, valid).to(dtype),
+            self.names,
+            numerators=stats[:num_tasks],
+            counts=counts,
+            local_terms=numerators * scale.to(numerators.dtype),
             nonfinite_ranks=stats[2 * num_tasks :],
         )
 
@@ -102,60 +124,54 @@ class TaskLossReducer:
         self, step: GlobalTaskLosses, masked_losses: Mapping[str, MaskedLoss], drop: Tensor
     ) -> GlobalTaskLosses:
         """``step`` without the tasks flagged in ``drop`` (same on every rank): they become
-        invalid, and the local terms are rebuilt from their values DETACHED, so that no gradient,
-        not even a zero one times an infinite derivative, flows back through them."""
+        invalid, and the local terms are rebuilt from their values DETACHED and masked out, so
+        that no gradient, not even a zero one times an infinite derivative, flows back through
+        them."""
         kept = {
             name: MaskedLoss(loss.values.detach(), torch.zeros_like(loss.mask)) if dropped else loss
             for (name, loss), dropped in zip(masked_losses.items(), drop.tolist(), strict=True)
         }
-        numerators, _, _ = self._local_statistics(kept)
-        valid = step.valid & ~drop.to(step.valid.device)
-        scale = self._scale(step.counts, valid).to(numerators.dtype)
-        return replace(
-            step,
-            losses=torch.where(valid, step.losses, torch.nan),
-            counts=torch.where(valid, step.counts, 0.0),
-            valid=valid,
-            local_terms=numerators * scale,
+        numerators, _ = self._local_statistics(kept)
+        counts = torch.where(drop.to(step.counts.device), 0.0, step.counts)
+        scale = distributed.world_size() / counts.clamp(min=1)
+        return GlobalTaskLosses(
+            self.names,
+            numerators=step._numerators,
+            counts=counts,
+            local_terms=numerators * scale.to(numerators.dtype),
+            nonfinite_ranks=step.nonfinite_ranks,
         )
 
-    @staticmethod
-    def _scale(global_denominators: Tensor, valid: Tensor) -> Tensor:
-        """W / sum_r b_kr: DDP's averaged gradient of ``a_k * scale_k`` is that of ``L_k``."""
-        safe = torch.where(valid, global_denominators, torch.ones_like(global_denominators))
-        return torch.where(valid, distributed.world_size() / safe, 0.0)
-
-    def _local_statistics(
-        self, masked_losses: Mapping[str, MaskedLoss]
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """This rank's numerators (with their graph), denominators and valid-sample sums."""
+    def _local_statistics(self, masked_losses: Mapping[str, MaskedLoss]) -> tuple[Tensor, Tensor]:
+        """This rank's numerators ``a_kr`` (with their graph) and denominators ``b_kr``."""
         values = [masked_losses[name].values for name in self.names]
-        masks = [masked_losses[name].mask for name in self.names]
-        flat_values = torch.cat([v.reshape(-1) for v in values])
-        dtype = flat_values.dtype
-        segments, is_mean, sum_denominators = self._constants(
-            values, flat_values, distributed.rank()
+        flat_values = torch.cat([v if v.ndim == 1 else v.reshape(-1) for v in values])
+        flat_masks = torch.cat(
+            [masked_losses[name].mask for name in self.names]
+            if all(v.ndim == 1 for v in values)
+            else [masked_losses[name].mask.reshape(-1) for name in self.names]
         )
-        flat_masks = torch.cat([m.reshape(-1) for m in masks])
-        masked_values = torch.where(flat_masks, flat_values, torch.zeros((), dtype=dtype))
+        dtype = flat_values.dtype
+        segments, is_mean, sum_denominators = self._constants(values, flat_values)
+        masked_values = torch.where(flat_masks, flat_values, 0.0)
         num_tasks = len(self.names)
         local_sums = flat_values.new_zeros(num_tasks).index_add(0, segments, masked_values)
         local_counts = flat_values.new_zeros(num_tasks).index_add(0, segments, flat_masks.to(dtype))
         if self.rank_weighting == "uniform":
             local_means = local_sums / local_counts.clamp(min=1)
             numerators = torch.where(is_mean, local_means, local_sums)
-            denominators = (local_counts > 0).to(dtype)
-        else:
-            numerators = local_sums
-            # A global sum: rank 0 alone contributes the denominator 1, exactly.
-            denominators = torch.where(is_mean, local_counts, sum_denominators)
-        return numerators, denominators, local_sums
+            return numerators, (local_counts > 0).to(dtype)
+        if all(self._is_mean):
+            return local_sums, local_counts
+        # A global sum: rank 0 alone contributes the denominator 1, exactly.
+        return local_sums, torch.where(is_mean, local_counts, sum_denominators)
 
     def _constants(
-        self, values: list[Tensor], flat_values: Tensor, this_rank: int
+        self, values: list[Tensor], flat_values: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Segment ids of the concatenated values, the mean-reduction mask, sum denominators."""
         sizes = tuple(v.numel() for v in values)
+        this_rank = distributed.rank()
         key = (sizes, flat_values.device, flat_values.dtype, this_rank)
         if key not in self._cache:
             device = flat_values.device

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -93,7 +93,7 @@ class MultiTaskMixin:
         self.loss_record: LossRecord | None = None
         self._weighting: WeightingCallback | None = None
         self._latest_weights: Tensor | None = None
-        self._unchecked_nonfinite: list[tuple[int, distributed.HostCopy]] = []
+        self._unchecked_nonfinite: list[tuple[int, Callable[[], Tensor]]] = []
         self.shared_representation: tuple[Tensor, Tensor] | None = None
 
     @property
@@ -171,14 +171,12 @@ class MultiTaskMixin:
         }
 
     # ----------------------------------------------------------------------------- the steps
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         masked = self._masked_losses(batch)
         step = self._reducer(masked)
         dropped = False
         if self.nonfinite == "raise":
-            self._unchecked_nonfinite.append(
-                (self.global_step, distributed.HostCopy(step.nonfinite_ranks))  # type: ignore[attr-defined]
-            )
+            self._unchecked_nonfinite.append((self.global_step, _later(step)))  # type: ignore[attr-defined]
         else:
             bitsets = step.nonfinite_ranks.cpu()
             if bitsets.any():
@@ -191,17 +189,17 @@ class MultiTaskMixin:
                 dropped = True
             else:
                 self._consecutive_skips = 0
-        static = self._static_weights.to(step.local_terms.dtype)
+        weights = self._static_weights
         if self._weighting is None:
-            weights = torch.where(step.valid, static, 0.0)
-            objective = (weights * step.local_terms).sum()
+            objective = weights.to(step.local_terms.dtype) @ step.local_terms
         else:
+            static = weights.to(step.local_terms.dtype)
             adaptive = self._weighting.task_weights(self, step).detach()  # type: ignore[arg-type]
             weights = torch.where(step.valid, adaptive.to(static.dtype) * static, 0.0)
             objective = self._weighting.backward_objective(self, step, weights, static)  # type: ignore[arg-type]
+            self._latest_weights = weights
         if dropped:  # the dropped heads still take part in DDP's gradient reduction, with 0
             objective = objective + self._zero_objective()
-        self._latest_weights = weights
         self._record("train", step, weights)
         return objective
 
@@ -234,12 +232,11 @@ class MultiTaskMixin:
     def _evaluation_step(self, stage: str, batch: Any) -> Tensor:
         step = self.compute_global_losses(batch)
         # Evaluation uses the weights of the latest training step (static before the first one).
-        weights = self._static_weights.to(step.local_terms.dtype)
+        weights = self._static_weights
         if self._weighting is not None and self._latest_weights is not None:
             weights = self._latest_weights
-        weights = torch.where(step.valid, weights, 0.0)
         self._record(stage, step, weights)
-        return (weights * step.local_terms).sum()
+        return weights.to(step.local_terms.dtype) @ step.local_terms
 
     def compute_global_losses(self, batch: Any) -> GlobalTaskLosses:
         """The batch's global task losses: :meth:`task_losses`, then the step's one all-reduce.
@@ -254,18 +251,8 @@ class MultiTaskMixin:
         return {name: _as_masked_loss(name, output[name]) for name in self.task_names}
 
     def _record(self, stage: str, step: GlobalTaskLosses, weights: Tensor) -> None:
-        weights = weights.to(step.losses.dtype)
-        weighted = torch.where(step.valid, weights * step.losses, 0.0)
-        method_state = self._weighting.state_to_log() if self._weighting is not None else {}
         self.loss_record = LossRecord(
-            stage=stage,
-            names=step.names,
-            losses=step.losses,
-            weights=weights,
-            weighted=weighted,
-            objective=weighted.sum(),
-            counts=step.counts,
-            method_state=method_state,
+            stage, step.names, step.losses, weights, step.counts, weighting=self._weighting
         )
 
     # ----------------------------------------------------------------------------- hooks
@@ -291,12 +278,21 @@ class MultiTaskMixin:
                     parameter.grad = None
         unchecked, self._unchecked_nonfinite = self._unchecked_nonfinite, []
         for step_index, flags in unchecked:
-            bitsets = flags.get().tolist()
+            bitsets = flags().tolist()
             bad = [
                 (name, bits) for name, bits in zip(self.task_names, bitsets, strict=True) if bits
             ]
             if bad:
                 raise NonFiniteLossError(_nonfinite_message(bad, step_index))
+
+
+def _later(step: GlobalTaskLosses) -> Callable[[], Tensor]:
+    """The step's non-finite flags, read when the optimizer steps: on CUDA a copy queued now
+    (reading it later waits for that copy only, not for the backward pass); elsewhere computed
+    on demand."""
+    if step.counts.device.type == "cuda":
+        return distributed.HostCopy(step.nonfinite_ranks).get
+    return lambda: step.nonfinite_ranks
 
 
 def _nonfinite_message(bad: list[tuple[str, float]], step_index: int) -> str:

@@ -9,10 +9,11 @@ their own state (histories, learnable log-variances and their optimizer) and sav
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
+import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -44,32 +45,64 @@ class WeightingCallback(L.Callback):
         """Method state worth seeing, per task: ``{"log_var": tensor[K]}`` for example."""
         return {}
 
+    def pairwise_state_to_log(self) -> dict[str, Tensor]:
+        """Method state worth seeing, per pair of tasks: ``{"grad_cos": tensor[K, K]}`` for
+        example. Loggers read it only at their logging interval (``LossLogger`` logs it as
+        ``train/<state>/<task_a>~<task_b>``), so it may cost a few tensor operations."""
+        return {}
+
     @property
     def method_arguments(self) -> dict[str, Any]:
         """The method's arguments, for the run config and ``state_key``."""
         return {}
 
 
-@dataclass(frozen=True)
 class LossRecord:
     """A detached record of one step, kept on the module for loggers and monitors.
+
+    Derived figures are computed when first read, so a step whose record nobody reads (most
+    steps, between two logging intervals) costs nothing more.
 
     Attributes:
         stage: ``"train"``, ``"val"`` or ``"test"``.
         names: task names.
         losses: global task losses (NaN where a task had no valid sample).
-        weights: the effective weights ``w_k`` (adaptive times static).
+        counts: the step's weight per task in an epoch mean (global valid samples; 0: no sample).
+        weights: the effective weights ``w_k`` (adaptive times static; 0 without a valid sample).
         weighted: ``w_k * L_k`` (0 where a task had no valid sample).
         objective: ``sum_k w_k L_k``, the global objective.
-        counts: the step's weight per task in an epoch mean (global valid samples).
         method_state: per-task method state to log, e.g. ``{"log_var": tensor[K]}``.
+        pairwise_state: per-pair method state to log, e.g. ``{"grad_cos": tensor[K, K]}``.
     """
 
-    stage: str
-    names: tuple[str, ...]
-    losses: Tensor
-    weights: Tensor
-    weighted: Tensor
-    objective: Tensor
-    counts: Tensor
-    method_state: dict[str, Tensor]
+    def __init__(
+        self,
+        stage: str,
+        names: tuple[str, ...],
+        losses: Tensor,
+        weights: Tensor,
+        counts: Tensor,
+        weighting: WeightingCallback | None = None,
+    ) -> None:
+        self.stage, self.names, self.losses, self.counts = stage, names, losses, counts
+        self._weights, self._weighting = weights, weighting
+
+    @cached_property
+    def weights(self) -> Tensor:
+        return torch.where(self.counts > 0, self._weights.to(self.losses.dtype), 0.0)
+
+    @cached_property
+    def weighted(self) -> Tensor:
+        return torch.where(self.counts > 0, self.weights * self.losses, 0.0)
+
+    @cached_property
+    def objective(self) -> Tensor:
+        return self.weighted.sum()
+
+    @cached_property
+    def method_state(self) -> dict[str, Tensor]:
+        return self._weighting.state_to_log() if self._weighting is not None else {}
+
+    @cached_property
+    def pairwise_state(self) -> dict[str, Tensor]:
+        return self._weighting.pairwise_state_to_log() if self._weighting is not None else {}
