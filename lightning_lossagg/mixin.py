@@ -252,7 +252,7 @@ class MultiTaskMixin:
 
     def _record(self, stage: str, step: GlobalTaskLosses, weights: Tensor) -> None:
         self.loss_record = LossRecord(
-            stage, step.names, step.losses, weights, step.counts, weighting=self._weighting
+            stage, step.names, lambda: step.losses, weights, step.counts, self._weighting
         )
 
     # ----------------------------------------------------------------------------- hooks

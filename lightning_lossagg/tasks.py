@@ -126,7 +126,7 @@ class Task:
                 f"{tuple(prediction.shape)} ({prediction.dtype}) and target of shape "
                 f"{tuple(target.shape)} ({target.dtype}): {error}"
             ) from error
-        return MaskedLoss(values, _mask_like(name, self.loss_name, values, mask))
+        return MaskedLoss(values, _mask_like(name, self, values, mask))
 
     def _check_target(self, name: str, prediction: Tensor, target: Tensor) -> None:
         if not isinstance(self.loss, str):
@@ -150,13 +150,13 @@ class Task:
                 )
 
 
-def _mask_like(name: str, loss_name: str, values: Tensor, mask: Tensor) -> Tensor:
+def _mask_like(name: str, task: Task, values: Tensor, mask: Tensor) -> Tensor:
     """The mask at the shape of the per-sample values."""
     if values.ndim == 0:
         raise ValueError(
-            f"Task {name!r}: loss {loss_name!r} returned a scalar. Losses must return one value "
-            "per sample (use reduction='none'); per-sample values are what makes masking and "
-            "exact aggregation across ranks possible."
+            f"Task {name!r}: loss {task.loss_name!r} returned a scalar. Losses must return one "
+            "value per sample (use reduction='none'); per-sample values are what makes masking "
+            "and exact aggregation across ranks possible."
         )
     if mask.shape == values.shape:
         return mask
@@ -164,6 +164,7 @@ def _mask_like(name: str, loss_name: str, values: Tensor, mask: Tensor) -> Tenso
         # One value per sample of a multi-element target: the sample counts when all of it does.
         return mask.flatten(values.ndim).all(dim=-1)
     raise ValueError(
-        f"Task {name!r}: loss {loss_name!r} returned values of shape {tuple(values.shape)}, which "
-        f"does not match the target's shape {tuple(mask.shape)} or its leading dimensions."
+        f"Task {name!r}: loss {task.loss_name!r} returned values of shape "
+        f"{tuple(values.shape)}, which does not match the target's shape {tuple(mask.shape)} or "
+        "its leading dimensions."
     )

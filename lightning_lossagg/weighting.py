@@ -9,6 +9,7 @@ their own state (histories, learnable log-variances and their optimizer) and sav
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -79,13 +80,18 @@ class LossRecord:
         self,
         stage: str,
         names: tuple[str, ...],
-        losses: Tensor,
+        losses: Tensor | Callable[[], Tensor],
         weights: Tensor,
         counts: Tensor,
         weighting: WeightingCallback | None = None,
     ) -> None:
-        self.stage, self.names, self.losses, self.counts = stage, names, losses, counts
-        self._weights, self._weighting = weights, weighting
+        """``losses`` may be a function that computes them when first read."""
+        self.stage, self.names, self.counts = stage, names, counts
+        self._losses, self._weights, self._weighting = losses, weights, weighting
+
+    @cached_property
+    def losses(self) -> Tensor:
+        return self._losses if isinstance(self._losses, Tensor) else self._losses()
 
     @cached_property
     def weights(self) -> Tensor:
