@@ -41,8 +41,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: process CPU time, steadier on a machine shared with other work",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    print(f"clock: {args.clock}, torch threads: {torch.get_num_threads()}")
     print(f"{'K':>3} {'plain ms':>9} {'mixin ms':>9} {'ratio':>6}")
     for num_tasks in args.tasks:
         loader = synthetic_loader(num_tasks)
@@ -50,7 +57,7 @@ def main() -> None:
 
         def timed(name: str, make_model, loader=loader, times=times):
             def run() -> float:
-                value = median_step_time(make_model, loader)
+                value = median_step_time(make_model, loader, clock=args.clock)
                 times[name].append(value)
                 return value
 

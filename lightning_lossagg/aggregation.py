@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from lightning_lossagg import distributed
-from lightning_lossagg.tasks import MaskedLoss, Task
+from lightning_lossagg.tasks import MaskedLoss, StackedLosses, Task
 
 RankWeighting = Literal["samples", "uniform"]
 
@@ -92,7 +92,7 @@ class TaskLossReducer:
         self.names = tuple(tasks)
         self.rank_weighting = rank_weighting
         self._is_mean = [task.reduction == "mean" for task in tasks.values()]
-        self._cache: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+        self._cache: dict[tuple, Any] = {}
 
     def __call__(self, masked_losses: Mapping[str, MaskedLoss]) -> GlobalTaskLosses:
         numerators, denominators = self._local_statistics(masked_losses)
@@ -144,6 +144,9 @@ class TaskLossReducer:
 
     def _local_statistics(self, masked_losses: Mapping[str, MaskedLoss]) -> tuple[Tensor, Tensor]:
         """This rank's numerators ``a_kr`` (with their graph) and denominators ``b_kr``."""
+        if isinstance(masked_losses, StackedLosses) and masked_losses.names == self.names:
+            local_sums, local_counts = self._stacked_sums(masked_losses)
+            return self._numerators_and_denominators(local_sums, local_counts)
         values = [masked_losses[name].values for name in self.names]
         flat_values = torch.cat([v if v.ndim == 1 else v.reshape(-1) for v in values])
         flat_masks = torch.cat(
@@ -152,11 +155,43 @@ class TaskLossReducer:
             else [masked_losses[name].mask.reshape(-1) for name in self.names]
         )
         dtype = flat_values.dtype
-        segments, is_mean, sum_denominators = self._constants(values, flat_values)
+        segments = self._segments(values, flat_values.device)
         masked_values = torch.where(flat_masks, flat_values, 0.0)
         num_tasks = len(self.names)
         local_sums = flat_values.new_zeros(num_tasks).index_add(0, segments, masked_values)
         local_counts = flat_values.new_zeros(num_tasks).index_add(0, segments, flat_masks.to(dtype))
+        return self._numerators_and_denominators(local_sums, local_counts)
+
+    def _stacked_sums(self, stacked: StackedLosses) -> tuple[Tensor, Tensor]:
+        """Per-task sums and counts of valid values, a group at a time, in task order."""
+        sums, counts = [], []
+        for rows, (values, mask) in stacked.groups:
+            masked_values = torch.where(mask, values, 0.0)
+            sums.append(masked_values.reshape(len(rows), -1).sum(1))
+            counts.append(mask.reshape(len(rows), -1).sum(1))
+        if len(sums) == 1:
+            local_sums, local_counts = sums[0], counts[0]
+        else:
+            order = self._task_order(stacked, sums[0].device)
+            local_sums = torch.cat(sums).index_select(0, order)
+            local_counts = torch.cat(counts).index_select(0, order)
+        return local_sums, local_counts.to(local_sums.dtype)
+
+    def _task_order(self, stacked: StackedLosses, device: torch.device) -> Tensor:
+        """Positions, in the groups' concatenation, of tasks 0 … K-1."""
+        rows = tuple(row for group_rows, _ in stacked.groups for row in group_rows)
+        key = ("order", rows, device)
+        if key not in self._cache:
+            order = torch.empty(len(rows), dtype=torch.long)
+            order[torch.tensor(rows)] = torch.arange(len(rows))
+            self._cache[key] = order.to(device)
+        return self._cache[key]
+
+    def _numerators_and_denominators(
+        self, local_sums: Tensor, local_counts: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        dtype = local_sums.dtype
+        is_mean, sum_denominators = self._reduction_constants(local_sums)
         if self.rank_weighting == "uniform":
             local_means = local_sums / local_counts.clamp(min=1)
             numerators = torch.where(is_mean, local_means, local_sums)
@@ -166,25 +201,25 @@ class TaskLossReducer:
         # A global sum: rank 0 alone contributes the denominator 1, exactly.
         return local_sums, torch.where(is_mean, local_counts, sum_denominators)
 
-    def _constants(
-        self, values: list[Tensor], flat_values: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Segment ids of the concatenated values, the mean-reduction mask, sum denominators."""
+    def _segments(self, values: list[Tensor], device: torch.device) -> Tensor:
+        """The task index of every element of the concatenated values."""
         sizes = tuple(v.numel() for v in values)
-        this_rank = distributed.rank()
-        key = (sizes, flat_values.device, flat_values.dtype, this_rank)
+        key = ("segments", sizes, device)
         if key not in self._cache:
-            device = flat_values.device
-            segments = torch.repeat_interleave(
-                torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long)
-            ).to(device)
-            is_mean = torch.tensor(self._is_mean, device=device)
-            sum_denominators = torch.full(
-                (len(sizes),), float(this_rank == 0), dtype=flat_values.dtype, device=device
-            )
             if len(self._cache) > 64:  # batch sizes vary (a last short batch): keep it bounded
                 self._cache.clear()
-            self._cache[key] = (segments, is_mean, sum_denominators)
+            segments = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+            self._cache[key] = segments.to(device)
+        return self._cache[key]
+
+    def _reduction_constants(self, reference: Tensor) -> tuple[Tensor, Tensor]:
+        """Which tasks average, and the sum-reduction denominators (1 on rank 0, else 0)."""
+        this_rank = distributed.rank()
+        key = ("reduction", reference.device, reference.dtype, this_rank)
+        if key not in self._cache:
+            is_mean = torch.tensor(self._is_mean, device=reference.device)
+            sum_denominators = torch.full_like(is_mean, this_rank == 0, dtype=reference.dtype)
+            self._cache[key] = (is_mean, sum_denominators)
         return self._cache[key]
 
 

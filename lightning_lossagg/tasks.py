@@ -7,7 +7,7 @@ class maps), so that missing labels can be masked and ranks can be aggregated ex
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -54,6 +54,31 @@ FLOAT_LOSSES: dict[str, PerSampleLossFn] = {
 }
 
 LOSSES: dict[str, PerSampleLossFn] = {**CLASS_LOSSES, **FLOAT_LOSSES}
+
+
+class StackedLosses(Mapping[str, MaskedLoss]):
+    """Per-sample losses of several tasks, computed a group at a time.
+
+    ``groups`` holds ``(task indices, MaskedLoss of shape [G, ...])``; a group's first dimension
+    runs over its tasks. Reading one task returns a view of its group.
+    """
+
+    def __init__(self, names: tuple[str, ...], groups: list[tuple[list[int], MaskedLoss]]):
+        self.names, self.groups = names, groups
+        self._where = {
+            index: (g, row) for g, (rows, _) in enumerate(groups) for row, index in enumerate(rows)
+        }
+
+    def __getitem__(self, name: str) -> MaskedLoss:
+        group, row = self._where[self.names.index(name)]
+        values, mask = self.groups[group][1]
+        return MaskedLoss(values[row], mask[row])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 @dataclass(frozen=True)
@@ -127,6 +152,15 @@ class Task:
                 f"{tuple(target.shape)} ({target.dtype}): {error}"
             ) from error
         return MaskedLoss(values, _mask_like(name, self, values, mask))
+
+    def stacking_key(self, prediction: Tensor, target: Tensor) -> tuple | None:
+        """Tasks with equal keys can compute their per-sample losses in one stacked call (an
+        element-wise registry loss on predictions and targets of one shape); ``None``: alone."""
+        if not (isinstance(self.loss, str) and self.loss in FLOAT_LOSSES):
+            return None
+        if target.shape != prediction.shape:
+            return None
+        return (self.loss, prediction.shape, prediction.dtype, target.dtype, prediction.device)
 
     def _check_target(self, name: str, prediction: Tensor, target: Tensor) -> None:
         if not isinstance(self.loss, str):

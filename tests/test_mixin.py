@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lightning_lossagg import MultiTaskMixin, NonFiniteLossError, Task, WeightingCallback
+from lightning_lossagg.tasks import StackedLosses
 from tests.models import ThreeTaskNet, make_batch, one_batch_loader, reference_task_losses
 
 
@@ -162,3 +163,76 @@ def test_a_nonfinite_loss_raises_naming_task_step_and_rank_before_the_weights_ch
         _fit(model, batch=(inputs, targets), num_sanity_val_steps=0, limit_val_batches=0)
     for name, parameter in model.named_parameters():
         assert torch.equal(parameter, before[name]), name
+
+
+class StackingNet(MultiTaskMixin, L.LightningModule):
+    """a, b: MSE on [B] (stacked together); c: cross-entropy; d: MSE on [B, 2]; e: MAE on [B]."""
+
+    def __init__(self):
+        super().__init__(
+            tasks={
+                "a": "mse",
+                "b": Task("mse", weight=3.0),
+                "c": "cross_entropy",
+                "d": "mse",
+                "e": "mae",
+            }
+        )
+        self.trunk = torch.nn.Linear(4, 6)
+        self.heads = torch.nn.ModuleDict(
+            {"a": torch.nn.Linear(6, 1), "b": torch.nn.Linear(6, 1), "c": torch.nn.Linear(6, 3),
+             "d": torch.nn.Linear(6, 2), "e": torch.nn.Linear(6, 1)}
+        )  # fmt: skip
+
+    def forward(self, inputs):
+        shared = self.trunk(inputs)
+        squeeze = {"a", "b", "e"}
+        return {
+            n: h(shared).squeeze(-1) if n in squeeze else h(shared) for n, h in self.heads.items()
+        }
+
+
+def test_tasks_stacked_by_loss_and_shape_give_each_task_its_own_masked_loss_and_gradient():
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(7, 4, generator=generator)
+    targets = {name: torch.randn(7, generator=generator) for name in ("a", "b", "e")}
+    targets["c"] = torch.randint(0, 3, (7,), generator=generator)
+    targets["d"] = torch.randn(7, 2, generator=generator)
+    targets["a"][[0, 3]] = torch.nan
+    targets["b"][:] = torch.nan  # a stacked task with no label at all
+    targets["d"][1, 0] = torch.nan
+    targets["c"][2] = -100
+    model = StackingNet()
+    stacked = model.per_sample_losses(model(inputs), targets)
+    assert isinstance(stacked, StackedLosses)
+    assert [rows for rows, _ in stacked.groups] == [[0, 1], [2], [3], [4]]
+    objective = model.training_step((inputs, targets), 0)
+    grads = torch.autograd.grad(objective, list(model.parameters()))
+
+    reference_model = StackingNet()
+    reference_model.load_state_dict(model.state_dict())
+    predictions = reference_model(inputs)
+    expected = {}
+    for name in ("a", "d"):
+        valid = ~torch.isnan(targets[name])
+        expected[name] = torch.nn.functional.mse_loss(
+            predictions[name][valid], targets[name][valid]
+        )
+    expected["c"] = torch.nn.functional.cross_entropy(
+        predictions["c"], targets["c"], ignore_index=-100
+    )
+    expected["e"] = torch.nn.functional.l1_loss(predictions["e"], targets["e"])
+    record = model.loss_record
+    for index, name in enumerate(record.names):
+        if name == "b":
+            assert torch.isnan(record.losses[index]) and record.weights[index] == 0
+        else:
+            torch.testing.assert_close(record.losses[index], expected[name].detach(), msg=name)
+    reference_objective = sum(expected.values())
+    expected_grads = torch.autograd.grad(
+        reference_objective, list(reference_model.parameters()), allow_unused=True
+    )
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(
+            grad, torch.zeros_like(grad) if expected_grad is None else expected_grad
+        )

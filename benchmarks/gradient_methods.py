@@ -1,0 +1,124 @@
+"""Step time of the Gramian-based weighting callbacks against a plain step and torchjd.
+
+On the demo MLP (shared trunk 64→256→256, one linear head per task, MSE each, batch 256), for
+K = 2, 4, 8 tasks, every method is timed three ways, each a real ``Trainer.fit`` timed per
+training batch (forward, backward and optimizer step; SGD with momentum):
+
+* ``rep``: the callback with ``rep_grad=True``, against a plain LightningModule that sums the task
+  losses (target: at most 1.3 times the plain step);
+* ``param``: the callback with parameter gradients, against torchjd's ``mtl_backward`` and
+  ``jac_to_grad`` with the same aggregator on the same network, in a manual-optimization
+  LightningModule (target: at most 0.8 times torchjd's step).
+
+Variants run interleaved, round after round; each ratio is the median over rounds of the ratio
+within a round, and the times shown are medians over rounds of each fit's median step time.
+
+    python -m benchmarks.gradient_methods [--rounds 5] [--tasks 2 4 8] [--methods mgda ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import warnings
+from collections.abc import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchjd import aggregation
+from torchjd.autojac import jac_to_grad, mtl_backward
+
+from benchmarks._timing import median_step_time, synthetic_loader
+from benchmarks.overhead import PlainMLP
+from lightning_lossagg import callbacks
+from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting
+from lightning_lossagg.demos import MultiTaskMLP
+
+# name: (our callback, torchjd's aggregator for K tasks), at LibMTL's and torchjd's defaults.
+METHODS: dict[str, tuple[Callable[..., GradientWeighting], Callable[[int], object]]] = {
+    "mgda": (callbacks.MGDA, lambda k: aggregation.MGDA()),
+    "pcgrad": (callbacks.PCGrad, lambda k: aggregation.PCGrad()),
+    "cagrad": (callbacks.CAGrad, lambda k: aggregation.CAGrad(c=0.5)),
+    "imtl_g": (callbacks.IMTLG, lambda k: aggregation.IMTLG()),
+    "upgrad": (callbacks.UPGrad, lambda k: aggregation.UPGrad()),
+    "aligned_mtl": (callbacks.AlignedMTL, lambda k: aggregation.AlignedMTL()),
+    "nash_mtl": (callbacks.NashMTL, lambda k: aggregation.NashMTL(n_tasks=k)),
+}
+
+
+class TorchJDMLP(L.LightningModule):
+    """The same network trained with torchjd: per-task Jacobian of the trunk, aggregated."""
+
+    def __init__(self, num_tasks: int, aggregator: object) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = MultiTaskMLP(num_tasks)
+        self.aggregator = aggregator
+
+    def training_step(self, batch: tuple[Tensor, dict[str, Tensor]], batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        inputs, targets = batch
+        features = self.net.forward_shared(inputs)
+        predictions = self.net.forward_heads(features)
+        losses = [F.mse_loss(predictions[k], targets[k]) for k in targets]
+        mtl_backward(losses, features=features)
+        jac_to_grad(list(self.net.trunk.parameters()), self.aggregator)
+        optimizer.step()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.net.configure_optimizers()
+
+
+def _variants(num_tasks: int, names: list[str]) -> dict[str, Callable[[], float]]:
+    loader = synthetic_loader(num_tasks, steps=40)
+    variants = {"plain": lambda: median_step_time(lambda: PlainMLP(num_tasks), loader)}
+    for name in names:
+        method, aggregator = METHODS[name]
+        for rep_grad in (True, False):
+            variants[f"{name}/{'rep' if rep_grad else 'param'}"] = (
+                lambda method=method, rep_grad=rep_grad: median_step_time(
+                    lambda: MultiTaskMLP(num_tasks), loader, [method(rep_grad=rep_grad)]
+                )
+            )
+        variants[f"{name}/torchjd"] = lambda aggregator=aggregator: median_step_time(
+            lambda: TorchJDMLP(num_tasks, aggregator(num_tasks)), loader
+        )
+    return variants
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    header = (
+        f"{'K':>2} {'method':<12} {'plain ms':>8} {'rep ms':>7} {'rep/plain':>9} "
+        f"{'param ms':>8} {'torchjd ms':>10} {'param/torchjd':>13}"
+    )
+    print(header)
+    for num_tasks in args.tasks:
+        variants = _variants(num_tasks, args.methods)
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, run in variants.items():
+                times[name].append(run())
+        for name in args.methods:
+            rep, param, torchjd = (times[f"{name}/{kind}"] for kind in ("rep", "param", "torchjd"))
+            rep_ratio = statistics.median(r / p for r, p in zip(rep, times["plain"], strict=True))
+            param_ratio = statistics.median(p / t for p, t in zip(param, torchjd, strict=True))
+            print(
+                f"{num_tasks:>2} {name:<12} {1e3 * statistics.median(times['plain']):>8.2f} "
+                f"{1e3 * statistics.median(rep):>7.2f} {rep_ratio:>9.2f} "
+                f"{1e3 * statistics.median(param):>8.2f} "
+                f"{1e3 * statistics.median(torchjd):>10.2f} {param_ratio:>13.2f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Step time of each loss-based weighting method relative to static weights, in the same run.
+
+The demo MLP (K=3 tasks, trunk 64→256→256, batch 256) trains one epoch of 60 steps per
+measurement; a step is timed from the start of the training batch to the end of every
+``on_train_batch_end`` hook (FAMO's re-evaluation of the batch runs there), and its time is the
+median over the epoch after 10 warm-up steps. Each round measures every variant once, in a
+rotated order; the ratio is the median over rounds of (method / static) within a round, so slow
+phases of a shared machine cancel. By default the clock is the main thread's CPU time (with one
+torch thread all the work is on it): on a machine shared with other jobs, wall time mostly
+measures waiting for a core. "(weights of 1)" is a weighting callback that returns ones: what the
+interface itself costs (hooks, the weights' way through the mixin). Target: at most 1.05, FAMO
+excepted (an extra forward pass by design).
+
+    python -m benchmarks.loss_methods [--rounds 9] [--threads 1] [--clock cpu|wall]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from benchmarks._timing import synthetic_loader
+from lightning_lossagg.aggregation import GlobalTaskLosses
+from lightning_lossagg.callbacks import (
+    DWA,
+    FAMO,
+    GLS,
+    IMTLL,
+    RLW,
+    LossScaling,
+    UncertaintyWeighting,
+)
+from lightning_lossagg.demos import MultiTaskMLP
+from lightning_lossagg.weighting import WeightingCallback
+
+NUM_TASKS = 3
+
+
+class OnesWeighting(WeightingCallback):
+    """Weights of 1 through the weighting interface: the floor that any method pays."""
+
+    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+        return torch.ones_like(step.losses)
+
+
+METHODS: dict[str, Callable[[], L.Callback | None]] = {
+    "static": lambda: None,
+    "(weights of 1)": OnesWeighting,
+    "UncertaintyWeighting": UncertaintyWeighting,
+    "DWA": lambda: DWA(window_steps=5),  # windows, so that its weights change in a short run
+    "LossScaling": LossScaling,
+    "RLW": RLW,
+    "GLS": GLS,
+    "IMTLL": IMTLL,
+    "FAMO": FAMO,
+}
+
+
+class TimerAfterHooks(L.Callback):
+    """Time per training batch, up to the end of the callbacks listed before this one."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self._start = self.clock()
+
+    def on_train_batch_end(self, *args: object) -> None:
+        self.times.append(self.clock() - self._start)
+
+
+def median_step_time(
+    method: Callable[[], L.Callback | None], loader: DataLoader, clock: Callable[[], float]
+) -> float:
+    torch.manual_seed(0)
+    callback, timer = method(), TimerAfterHooks(clock)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer] if callback is None else [callback, timer],
+    )
+    trainer.fit(MultiTaskMLP(NUM_TASKS), train_dataloaders=loader)
+    return statistics.median(timer.times[10:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="cpu: the main thread's CPU time (robust on a shared machine; needs --threads 1)",
+    )
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    loader = synthetic_loader(NUM_TASKS, batch_size=256)
+    names = list(METHODS)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    ratios: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(args.rounds):
+        # A different order every round: no variant always runs first, or right after another.
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(median_step_time(METHODS[name], loader, clock))
+        for name in names:
+            ratios[name].append(times[name][-1] / times["static"][-1])
+    print(
+        f"K={NUM_TASKS}, batch 256, {args.rounds} rounds, {args.threads} thread(s), "
+        f"{args.clock} time"
+    )
+    print(f"{'method':<22} {'ms/step':>8} {'ratio':>6}")
+    for name in names:
+        milliseconds = 1e3 * statistics.median(times[name])
+        print(f"{name:<22} {milliseconds:>8.3f} {statistics.median(ratios[name]):>6.3f}")
+
+
+if __name__ == "__main__":
+    main()
