@@ -2,7 +2,9 @@
 
 On the demo MLP (shared trunk 64→256→256, one linear head per task, MSE each, batch 256), for
 K = 2, 4, 8 tasks, every method is timed three ways, each a real ``Trainer.fit`` timed per
-training batch (forward, backward and optimizer step; SGD with momentum):
+training batch (forward, backward and optimizer step; SGD with momentum), as the CPU time of the
+training thread with one intra-op thread: on a shared machine wall time measures the other
+processes as much as this one, and OpenMP workers waiting for a busy core make it erratic.
 
 * ``rep``: the callback with ``rep_grad=True``, against a plain LightningModule that sums the task
   losses (target: at most 1.3 times the plain step);
@@ -20,17 +22,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DataLoader
 from torchjd import aggregation
 from torchjd.autojac import jac_to_grad, mtl_backward
 
-from benchmarks._timing import median_step_time, synthetic_loader
+from benchmarks._timing import StepTimer, synthetic_loader
 from benchmarks.overhead import PlainMLP
 from lightning_lossagg import callbacks
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting
@@ -46,6 +50,40 @@ METHODS: dict[str, tuple[Callable[..., GradientWeighting], Callable[[int], objec
     "aligned_mtl": (callbacks.AlignedMTL, lambda k: aggregation.AlignedMTL()),
     "nash_mtl": (callbacks.NashMTL, lambda k: aggregation.NashMTL(n_tasks=k)),
 }
+
+
+class CpuStepTimer(StepTimer):
+    """The CPU time of the training thread per batch: time spent computing, not time spent
+    waiting for a core that another process holds (the machine is shared)."""
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self._start = time.thread_time()
+
+    def on_train_batch_end(self, *args: object) -> None:
+        self.times.append(time.thread_time() - self._start)
+
+
+def median_step_time(
+    make_model: Callable[[], L.LightningModule],
+    loader: DataLoader,
+    callbacks: Sequence[L.Callback] = (),
+    warmup: int = 10,
+) -> float:
+    """Median CPU seconds per training step over one epoch of ``loader`` after ``warmup``."""
+    torch.manual_seed(0)
+    timer = CpuStepTimer()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer, *callbacks],
+    )
+    trainer.fit(make_model(), train_dataloaders=loader)
+    return statistics.median(timer.times[warmup:])
 
 
 class TorchJDMLP(L.LightningModule):
@@ -96,6 +134,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    # One intra-op thread: on a shared machine, OpenMP workers that wait for a busy core turn
+    # millisecond steps into tens of milliseconds at random. Both sides of every ratio use it.
+    torch.set_num_threads(1)
     header = (
         f"{'K':>2} {'method':<12} {'plain ms':>8} {'rep ms':>7} {'rep/plain':>9} "
         f"{'param ms':>8} {'torchjd ms':>10} {'param/torchjd':>13}"

@@ -47,7 +47,10 @@ def main() -> None:
         default="wall",
         help="cpu: process CPU time, steadier on a machine shared with other work",
     )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     print(f"clock: {args.clock}, torch threads: {torch.get_num_threads()}")
     print(f"{'K':>3} {'plain ms':>9} {'mixin ms':>9} {'ratio':>6}")

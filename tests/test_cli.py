@@ -11,9 +11,25 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 TASKS = ("species", "sex", "body_mass")
 
 
+@pytest.fixture(autouse=True)
+def _command_line(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["lossagg"])  # as if run as `lossagg ...`
+
+
 def test_lossagg_fit_on_penguins_writes_every_task_to_the_offline_wandb_run(tmp_path):
-    build_cli(["fit", f"--config={CONFIGS / 'penguins.yaml'}", "--trainer.max_epochs=2"])
-    run = read_offline_run(tmp_path / "runs" / "penguins" / "wandb")
+    # An absolute save_dir: W&B's service process, started by an earlier test, resolves relative
+    # paths against its own working directory.
+    save_dir = tmp_path / "runs" / "penguins"
+    cli = build_cli(
+        [
+            "fit",
+            f"--config={CONFIGS / 'penguins.yaml'}",
+            "--trainer.max_epochs=2",
+            f"--trainer.logger.init_args.save_dir={save_dir}",
+        ]
+    )
+    cli.trainer.logger.experiment.finish()  # what the end of the `lossagg` process does
+    run = read_offline_run(save_dir / "wandb", wait_for_exit_s=30)
     keys = run.history_keys
     for task in TASKS:
         for key in (f"train/loss/{task}", f"train/weight/{task}", f"val/loss/{task}"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,19 +53,39 @@ class OfflineRun:
     config: dict[str, object] = field(default_factory=dict)
     defined_metrics: dict[str, object] = field(default_factory=dict)
     kinds: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    files_dir: Path | None = None
+
+    def rows_with(self, key: str) -> list[dict[str, object]]:
+        """The history rows that hold ``key``, in order."""
+        return [row for row in self.history if key in row]
+
+    def table(self, key: str) -> dict[str, list]:
+        """The last ``wandb.Table`` logged under ``key``: ``{"columns": [...], "data": [...]}``."""
+        assert self.files_dir is not None
+        path = self.rows_with(f"{key}/path")[-1][f"{key}/path"]
+        return json.loads((self.files_dir / str(path)).read_text())
 
     @property
     def history_keys(self) -> set[str]:
         return {key for row in self.history for key in row}
 
 
-def read_offline_run(run_dir: Path) -> OfflineRun:
-    """Parse the single ``*.wandb`` file under ``run_dir`` (searched recursively)."""
+def read_offline_run(run_dir: Path, wait_for_exit_s: float = 0.0) -> OfflineRun:
+    """Parse the single ``*.wandb`` file under ``run_dir`` (searched recursively).
+
+    W&B's service writes the file in the background: after ``run.finish()`` pass
+    ``wait_for_exit_s`` to wait (up to that long) until the run's exit record is on disk.
+    """
     files = sorted(Path(run_dir).rglob("*.wandb"))
     if len(files) != 1:
         raise FileNotFoundError(f"expected one .wandb file under {run_dir}, found {files}")
+    records = read_records(files[0])
+    deadline = time.monotonic() + wait_for_exit_s
+    while time.monotonic() < deadline and not any(r.HasField("exit") for r in records):
+        time.sleep(0.1)
+        records = read_records(files[0])
     run = OfflineRun()
-    for record in read_records(files[0]):
+    for record in records:
         kind = record.WhichOneof("record_type")
         run.kinds[kind] += 1
         if kind == "history":
@@ -79,4 +100,5 @@ def read_offline_run(run_dir: Path) -> OfflineRun:
                 run.config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
         elif kind == "metric":
             run.defined_metrics[record.metric.name or record.metric.glob_name] = record.metric
+    run.files_dir = files[0].parent / "files"
     return run

@@ -11,7 +11,9 @@ Where the gradients are taken:
 * ``rep_grad=False``: at the shared parameters (``pl_module.shared_parameters()``).
   ``sync="gradients"`` (default, exact) all-reduces the K×P Jacobian; ``sync="gramian"`` all-reduces
   only the K×K Gramian, averaging the ranks' local Gramians (an approximation: it misses the
-  cross-rank terms of ``<g_i, g_j>``).
+  cross-rank terms of ``<g_i, g_j>``). The heads' per-task gradients come out of the same batched
+  backward, and the surrogate is one autograd node that hands every parameter its gradient: the
+  backward Lightning runs does no further work.
 * ``rep_grad=True``: at the shared representation (MGDA-UB), far cheaper. The model defines
   ``forward_shared(inputs)`` and ``forward_heads(representation)``. Each rank's representation rows
   belong to its own samples, so the global Gramian is exactly the sum of the ranks' Gramians: one
@@ -53,6 +55,11 @@ class GradientWeighting(WeightingCallback):
         self.sync = sync
         self._jacobian: Tensor | None = None
         self._shared_parameters: list[torch.nn.Parameter] = []
+        self._head_parameters: list[torch.nn.Parameter] = []
+        self._head_jacobians: tuple[Tensor, ...] = ()
+        # The latest step's global Gramian and valid tasks, on the device: the diagnostics.
+        self._gramian: Tensor | None = None
+        self._gramian_valid: Tensor | None = None
 
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
         """Weights ``w`` (``[K]``) from the global Gramian of the valid tasks (float64, on CPU)."""
@@ -102,24 +109,53 @@ class GradientWeighting(WeightingCallback):
             gramian = distributed.all_reduce_sum(_gramian(jacobian) / world_size**2)
         else:
             self._shared_parameters = pl_module.shared_parameters()  # type: ignore[operator]
-            jacobian = _batched_grads(terms, self._shared_parameters)
+            self._head_parameters = pl_module.task_specific_parameters()  # type: ignore[operator]
+            # The heads' per-task gradients come out of the same backward: no second pass.
+            grads = _per_task_grads(terms, self._shared_parameters + self._head_parameters)
+            shared_grads = grads[: len(self._shared_parameters)]
+            jacobian = torch.cat([g.reshape(len(terms), -1) for g in shared_grads], dim=1)
+            self._head_jacobians = grads[len(self._shared_parameters) :]
             if self.sync == "gradients":
                 jacobian = distributed.all_reduce_sum(jacobian) / world_size
                 gramian = _gramian(jacobian)
             else:
                 gramian = distributed.all_reduce_sum(_gramian(jacobian)) / world_size
         self._jacobian = jacobian
+        self._gramian, self._gramian_valid = gramian.detach(), step.valid
         return self._weights_of_valid_tasks(gramian, step.valid).to(terms.device, terms.dtype)
+
+    @override
+    def state_to_log(self) -> dict[str, Tensor]:
+        """``grad_norm``: each task's global gradient norm ``sqrt(G[k, k])`` (NaN for a task
+        without a valid sample in the step). Subclasses that add state merge it with this."""
+        if self._gramian is None:
+            return {}
+        norms = self._gramian.diagonal().clamp(min=0).sqrt()
+        return {"grad_norm": torch.where(self._gramian_valid, norms, torch.nan)}
+
+    @override
+    def pairwise_state_to_log(self) -> dict[str, Tensor]:
+        """``grad_cos``: the cosine similarity of every pair of task gradients, from the Gramian
+        (NaN where a task had no valid sample or a zero gradient)."""
+        if self._gramian is None:
+            return {}
+        norms = self._gramian.diagonal().clamp(min=0).sqrt()
+        scale = torch.outer(norms, norms)
+        defined = torch.outer(self._gramian_valid, self._gramian_valid) & (scale > 0)
+        cosine = self._gramian / torch.where(defined, scale, 1.0)
+        return {"grad_cos": torch.where(defined, cosine.clamp(-1.0, 1.0), torch.nan)}
 
     def _weights_of_valid_tasks(self, gramian: Tensor, valid: Tensor) -> Tensor:
         """The method's weights on the valid tasks' sub-Gramian; 0 for the others."""
         gramian, valid = gramian.detach().to("cpu", torch.float64), valid.cpu()
-        weights = torch.zeros(len(valid), dtype=torch.float64)
         if not valid.any() or not torch.isfinite(gramian).all():
             # Nothing to weigh, or a non-finite gradient: the mixin's non-finite policy decides
             # the step; equal weights keep the method's state untouched.
             return torch.where(valid, 1.0, 0.0).double()
+        if valid.all():
+            return self.weights_from_gramian(gramian).double()
         index = valid.nonzero().flatten()
+        weights = torch.zeros(len(valid), dtype=torch.float64)
         weights[index] = self.weights_from_gramian(gramian[index][:, index]).double()
         return weights
 
@@ -129,33 +165,56 @@ class GradientWeighting(WeightingCallback):
     ) -> Tensor:
         jacobian, self._jacobian = self._jacobian, None
         direction = weights.to(jacobian.dtype) @ jacobian  # d = sum_k w_k g_k
-        heads_objective = (static * step.local_terms).sum()
         if self.rep_grad:
             shared, _ = pl_module.shared_representation  # type: ignore[misc]
             pl_module.shared_representation = None
             # Heads: their own task's gradient (through the detached leaf). Shared trunk: d.
+            heads_objective = (static * step.local_terms).sum()
             return heads_objective + (shared * direction.view_as(shared).detach()).sum()
-        head_parameters = pl_module.task_specific_parameters()  # type: ignore[operator]
-        head_grads = torch.autograd.grad(heads_objective, head_parameters, allow_unused=True)
-        surrogate = heads_objective.new_zeros(())
-        for parameter, grad in zip(head_parameters, head_grads, strict=True):
-            if grad is not None:
-                surrogate = surrogate + (parameter * grad).sum()
-        offset = 0
-        for parameter in self._shared_parameters:
-            size = parameter.numel()
-            grad = direction[offset : offset + size].view_as(parameter)
-            surrogate = surrogate + (parameter * grad.detach()).sum()
-            offset += size
-        return surrogate
+        # Heads: their own task's gradient, sum_k s_k grad t_k (local: DDP averages it). Shared
+        # parameters: d, split back into their shapes.
+        head_jacobians, self._head_jacobians = self._head_jacobians, ()
+        static = static.to(jacobian.dtype)
+        head_grads = [(static @ g.flatten(1)).view(g.shape[1:]) for g in head_jacobians]
+        sizes = [parameter.numel() for parameter in self._shared_parameters]
+        shared_grads = [
+            grad.view_as(parameter)
+            for grad, parameter in zip(direction.split(sizes), self._shared_parameters, strict=True)
+        ]
+        parameters = self._shared_parameters + self._head_parameters
+        return _InjectedGradients.apply(tuple(shared_grads + head_grads), *parameters)
+
+
+class _InjectedGradients(torch.autograd.Function):
+    """A zero whose gradient with respect to each input is a given tensor (times the incoming
+    gradient: Lightning scales the loss for accumulation, AMP for its scaler). One autograd node
+    instead of a product and a sum per parameter."""
+
+    @staticmethod
+    def forward(ctx: Any, grads: tuple[Tensor, ...], *inputs: Tensor) -> Tensor:
+        ctx.grads = grads
+        return inputs[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        grads, ctx.grads = ctx.grads, ()
+        return (None, *(grad * grad_output for grad in grads))
 
 
 def _batched_grads(terms: Tensor, inputs: list[Tensor]) -> Tensor:
     """The K×P matrix of per-task gradients of ``terms`` with respect to ``inputs``, from ONE
-    batched backward (vmap over the K unit vectors)."""
-    num_tasks = len(terms)
-    eye = torch.eye(num_tasks, dtype=terms.dtype, device=terms.device)
-    grads = torch.autograd.grad(
+    batched backward (no copy for a single input)."""
+    grads = _per_task_grads(terms, inputs)
+    if len(grads) == 1:
+        return grads[0].reshape(len(terms), -1)
+    return torch.cat([g.reshape(len(terms), -1) for g in grads], dim=1)
+
+
+def _per_task_grads(terms: Tensor, inputs: list[Tensor]) -> tuple[Tensor, ...]:
+    """Per input, the ``[K, *shape]`` per-task gradients of ``terms``, from ONE batched backward
+    (vmap over the K unit vectors)."""
+    eye = torch.eye(len(terms), dtype=terms.dtype, device=terms.device)
+    return torch.autograd.grad(
         terms,
         inputs,
         grad_outputs=eye,
@@ -164,7 +223,6 @@ def _batched_grads(terms: Tensor, inputs: list[Tensor]) -> Tensor:
         allow_unused=True,
         materialize_grads=True,
     )
-    return torch.cat([g.reshape(num_tasks, -1) for g in grads], dim=1)
 
 
 def _gramian(jacobian: Tensor) -> Tensor:

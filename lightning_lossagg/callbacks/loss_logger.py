@@ -2,53 +2,73 @@
 
 from __future__ import annotations
 
+import itertools
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_lossagg.callbacks import _wandb_extras
+from lightning_lossagg.callbacks._direct_log import logging_step, write_metrics
+from lightning_lossagg.callbacks._trajectory import Trajectory
 from lightning_lossagg.weighting import LossRecord
+
+PLOT_FILE = "loss_trajectories.png"
 
 STAGES = ("train", "val", "test")
 
 
 class _EpochAccumulator:
-    """Device-side sums of one epoch's records: no host sync until the epoch ends."""
+    """Device-side sums of one epoch's records, with no host sync until the epoch ends.
+
+    A step only keeps its record's losses and weights (new tensors, computed when the record is
+    read) and a copy of its counts; they are summed ``CHUNK`` steps at a time, so that most steps
+    cost no arithmetic of their own.
+    """
+
+    CHUNK = 32
 
     def __init__(self) -> None:
-        self.loss_sum: Tensor | None = None
-        self.weighted_sum: Tensor | None = None
-        self.weight_sum: Tensor | None = None
-        self.count: Tensor | None = None
+        self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
+        # Rows: loss * count, weighted loss * count, weight, count.
+        self._sums: Tensor | None = None
         self.steps = 0
 
     def add(self, record: LossRecord) -> None:
-        valid = record.counts > 0
-        counts = record.counts.to(record.losses.dtype)
-        loss_sum = torch.where(valid, record.losses * counts, 0.0)
-        weighted_sum = torch.where(valid, record.weighted * counts, 0.0)
-        if self.steps == 0:
-            self.loss_sum, self.weighted_sum = loss_sum, weighted_sum
-            self.weight_sum, self.count = record.weights.clone(), counts
-        else:
-            self.loss_sum = self.loss_sum + loss_sum
-            self.weighted_sum = self.weighted_sum + weighted_sum
-            self.weight_sum = self.weight_sum + record.weights
-            self.count = self.count + counts
+        self._pending.append((record.losses, record.weights, record.counts.clone()))
         self.steps += 1
+        if len(self._pending) == self.CHUNK:
+            self._reduce()
+
+    def _reduce(self) -> None:
+        if not self._pending:
+            return
+        columns = zip(*self._pending, strict=True)
+        losses, weights, counts = (torch.stack(column) for column in columns)
+        counts = counts.to(losses.dtype)
+        # A task without a valid sample has a NaN loss and a zero count: it adds nothing.
+        scaled = losses.nan_to_num() * counts
+        sums = torch.stack([scaled, scaled * weights, weights, counts]).sum(1)
+        self._sums = sums if self._sums is None else self._sums + sums
+        self._pending = []
 
     def means(self) -> tuple[list[float], list[float], list[float]] | None:
         """Sample-weighted epoch means of losses and weighted losses, and the mean weights."""
-        if self.steps == 0:
+        self._reduce()
+        if self._sums is None:
             return None
-        count = self.count.clamp(min=torch.finfo(self.count.dtype).tiny)
+        loss_sum, weighted_sum, weight_sum, count = self._sums
+        safe_count = count.clamp(min=torch.finfo(count.dtype).tiny)
         packed = torch.stack(
             [
-                torch.where(self.count > 0, self.loss_sum / count, torch.nan),
-                self.weighted_sum / count,
-                self.weight_sum / self.steps,
+                torch.where(count > 0, loss_sum / safe_count, torch.nan),
+                weighted_sum / safe_count,
+                weight_sum / self.steps,
             ]
         )
         losses, weighted, weights = packed.tolist()  # one host transfer per epoch
@@ -60,20 +80,44 @@ class LossLogger(L.Callback):
 
     Per training step (at the trainer's ``log_every_n_steps``): ``train/loss/<task>``,
     ``train/weight/<task>``, ``train/weighted/<task>``, ``train/share/<task>`` (the task's share
-    of the objective), ``train/loss`` (also on the progress bar) and the weighting method's state
-    (``train/<state>/<task>``, e.g. ``train/log_var/<task>``). Per epoch, as global
-    sample-weighted means: the same keys under ``train_epoch/``, ``val/`` and ``test/``.
+    of the objective), ``train/loss`` (also on the progress bar), the weighting method's state
+    (``train/<state>/<task>``, e.g. ``train/log_var/<task>`` or, for gradient-based methods,
+    ``train/grad_norm/<task>``) and its pairwise state (``train/<state>/<task_a>~<task_b>``, e.g.
+    ``train/grad_cos/<task_a>~<task_b>``). Per epoch, as global sample-weighted means: the same
+    per-task keys under ``train_epoch/``, ``val/`` and ``test/``.
+
+    At the end of fit, with any logger, a PNG of every task's loss and weight over the logged
+    steps (``loss_trajectories.png`` in the logger's run folder; needs matplotlib, the ``plot``
+    extra, else a warning). With a ``WandbLogger`` among the loggers it also defines the summaries
+    of those keys (min for losses, last for weights and shares, against ``trainer/global_step``),
+    puts the task setup and the weighting method in the run config (``lossagg``), and at the end
+    of fit logs a chart of the weights (``lossagg/weights``), a table of each task's first, best
+    and last loss and final weight (``lossagg/task_summary``) and the PNG
+    (``lossagg/trajectories``).
 
     Every figure is already global (the mixin's one all-reduce per step made it so), so nothing
-    here issues a collective; loggers write on rank zero only.
+    here issues a collective, and only rank zero writes. Between logging steps a training step
+    only keeps its record's losses and weights for the epoch means, on the device. At a logging
+    step the figures reach the host in one transfer and go straight to the loggers (one row per
+    logger, as Lightning's LearningRateMonitor does, not through ``LightningModule.log``, whose
+    per-key bookkeeping would cost more than the step); ``train/loss`` also goes to the progress
+    bar and ``trainer.callback_metrics``. Epoch figures go through ``LightningModule.log``, so
+    ``ModelCheckpoint`` and ``EarlyStopping`` can monitor them (``val/loss`` for example). The
+    values for the end of fit reach the host once per epoch.
 
     Args:
-        prog_bar: show ``train/loss`` and ``val/loss`` on the progress bar.
+        prog_bar: show ``train/loss`` and ``val/loss`` on the progress bar (Lightning then reads
+            the progress-bar value to the host after every batch; ``False`` avoids that sync).
+        plot: write the trajectory PNG at the end of fit.
     """
 
-    def __init__(self, prog_bar: bool = True) -> None:
+    def __init__(self, prog_bar: bool = True, plot: bool = True) -> None:
         self.prog_bar = prog_bar
+        self.plot = plot
         self._epochs: dict[str, _EpochAccumulator] = {}
+        self._trajectory: Trajectory | None = None
+        self._wandb: WandbLogger | None = None
+        self._described_runs: set[str] = set()
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -82,6 +126,18 @@ class LossLogger(L.Callback):
                 f"LossLogger needs a MultiTaskMixin model; {type(pl_module).__name__} is not one. "
                 "Add MultiTaskMixin to the model's bases."
             )
+        self._wandb = _wandb_extras.find_wandb_logger(trainer) if trainer.is_global_zero else None
+        if self._wandb is not None and self._wandb.experiment.id not in self._described_runs:
+            names = pl_module.task_names  # type: ignore[attr-defined]
+            _wandb_extras.describe_run(self._wandb, trainer, pl_module, names)
+            self._described_runs.add(self._wandb.experiment.id)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Only rank zero writes; without a logger there is no run folder to write the plot to.
+        wanted = self.plot or self._wandb is not None
+        keep = trainer.is_global_zero and bool(trainer.loggers) and wanted
+        self._trajectory = Trajectory() if keep else None
 
     # --------------------------------------------------------------------- per batch
     @override
@@ -91,9 +147,18 @@ class LossLogger(L.Callback):
         record = self._take(pl_module, "train")
         if record is None:
             return
-        pl_module.log("train/loss", record.objective, prog_bar=self.prog_bar, batch_size=1)
-        if trainer._logger_connector.should_update_logs:
-            pl_module.log_dict(_step_metrics(record), batch_size=1)
+        should_log = trainer._logger_connector.should_update_logs
+        if should_log:
+            # For the progress bar and callbacks that monitor it; the loggers get it below.
+            pl_module.log(
+                "train/loss", record.objective, prog_bar=self.prog_bar, logger=False, batch_size=1
+            )
+            if trainer.is_global_zero and trainer.loggers:
+                write_metrics(trainer, _step_metrics(record))
+        trajectory = self._trajectory
+        if trajectory is not None and (should_log or not trajectory.steps):
+            # The first step too, so that the end-of-fit table has the starting loss.
+            trajectory.add(logging_step(trainer), record)
 
     @override
     def on_validation_batch_end(
@@ -123,7 +188,10 @@ class LossLogger(L.Callback):
         record: LossRecord | None = pl_module.loss_record  # type: ignore[assignment]
         if record is None or record.stage != stage:
             return None
-        self._epochs.setdefault(stage, _EpochAccumulator()).add(record)
+        accumulator = self._epochs.get(stage)
+        if accumulator is None:
+            accumulator = self._epochs[stage] = _EpochAccumulator()
+        accumulator.add(record)
         return record
 
     # --------------------------------------------------------------------- per epoch
@@ -142,6 +210,8 @@ class LossLogger(L.Callback):
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log_epoch(pl_module, "train", "train_epoch")
+        if self._trajectory is not None:
+            self._trajectory.flush()
 
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -170,16 +240,63 @@ class LossLogger(L.Callback):
         prog_bar = self.prog_bar and stage == "val"
         pl_module.log(f"{prefix}/loss", objective, prog_bar=prog_bar, batch_size=1)
 
+    # --------------------------------------------------------------------- end of fit
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trajectory, self._trajectory = self._trajectory, None
+        if trajectory is None:
+            return
+        trajectory.flush()
+        if not trajectory.steps:
+            return
+        names = pl_module.task_names  # type: ignore[attr-defined]
+        image = self._write_plot(trainer, trajectory, names) if self.plot else None
+        if self._wandb is not None:
+            step = logging_step(trainer)
+            _wandb_extras.log_end_of_fit(self._wandb, step, trajectory, names, image)
 
-def _step_metrics(record: LossRecord) -> dict[str, Tensor]:
-    """The per-task figures of one record, under ``<stage>/<figure>/<task>``."""
+    def _write_plot(
+        self, trainer: L.Trainer, trajectory: Trajectory, names: tuple[str, ...]
+    ) -> Path | None:
+        from lightning_lossagg import plotting
+
+        folder = self._run_folder(trainer)
+        if folder is None:
+            return None
+        losses, weights = trajectory.values()
+        try:
+            figure = plotting.trajectory_figure(trajectory.steps, losses, weights, names)
+        except ImportError as error:
+            rank_zero_warn(str(error), category=UserWarning)
+            return None
+        return plotting.save_figure(figure, Path(folder) / PLOT_FILE)
+
+    def _run_folder(self, trainer: L.Trainer) -> str | None:
+        """The W&B run's files folder, else the first logger's run folder. Not
+        ``trainer.log_dir``: it broadcasts, a collective that rank zero must not call alone."""
+        if self._wandb is not None:
+            return self._wandb.experiment.dir
+        logger = trainer.loggers[0]
+        return getattr(logger, "log_dir", None) or logger.save_dir
+
+
+def _step_metrics(record: LossRecord) -> dict[str, float]:
+    """The record's figures, moved to the host in ONE transfer: ``<stage>/loss``, per task
+    ``<stage>/<figure>/<task>`` and per pair of tasks ``<stage>/<state>/<task_a>~<task_b>``."""
     objective = record.objective
-    share = record.weighted / torch.where(objective != 0, objective, 1.0)
     figures = {"loss": record.losses, "weight": record.weights, "weighted": record.weighted}
-    figures["share"] = share
+    figures["share"] = record.weighted / torch.where(objective != 0, objective, 1.0)
     figures.update(record.method_state)
-    return {
-        f"{record.stage}/{figure}/{name}": values[index]
-        for figure, values in figures.items()
-        for index, name in enumerate(record.names)
-    }
+    names, stage = record.names, record.stage
+    keys, parts = [f"{stage}/loss"], [objective.reshape(1)]
+    for figure, values in figures.items():
+        keys += [f"{stage}/{figure}/{name}" for name in names]
+        parts.append(values.reshape(-1))
+    pairs = list(itertools.combinations(range(len(names)), 2))
+    for state, matrix in record.pairwise_state.items():
+        keys += [f"{stage}/{state}/{names[i]}~{names[j]}" for i, j in pairs]
+        parts.append(matrix[[i for i, _ in pairs], [j for _, j in pairs]])
+    dtype = torch.promote_types(record.losses.dtype, torch.float32)
+    device = record.losses.device
+    values = torch.cat([part.detach().to(device, dtype) for part in parts]).tolist()
+    return dict(zip(keys, values, strict=True))

@@ -3,8 +3,11 @@
 Gramians are K×K with K the number of tasks (rarely more than a few dozen), so the methods move
 them to the CPU in float64 once: solver loops on tiny tensors are faster there than on an
 accelerator, and float64 keeps rank decisions and active sets stable. MPS has no float64 at all.
+The loops themselves run in NumPy, whose operations on K×K arrays cost a fraction of torch's:
+they run at every training step.
 """
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -23,26 +26,29 @@ def validated_gramian(gramian: Tensor) -> Tensor:
             f"Expected a square [K, K] Gramian with K >= 1, got shape {tuple(gramian.shape)}. "
             "Pass G = J @ J.T for the [K, P] matrix J of per-task gradients."
         )
-    matrix = gramian.detach().to(device="cpu", dtype=torch.float64)
-    if not torch.isfinite(matrix).all():
+    # The checks run in NumPy on the float64 copy: a NumPy operation on a K×K matrix costs a
+    # fraction of a torch one, and they run at every training step.
+    matrix = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
+    if not np.isfinite(matrix).all():
         raise ValueError(
             "The Gramian has NaN or infinite entries: some task gradient is not finite. "
             "Check the task losses, or skip the step."
         )
-    scale = matrix.abs().max()
-    if (matrix.diagonal() < -SYMMETRY_RTOL * scale).any():
+    scale = np.abs(matrix).max()
+    diagonal = matrix.diagonal()
+    if (diagonal < -SYMMETRY_RTOL * scale).any():
         raise ValueError(
-            f"The Gramian has a negative diagonal entry {matrix.diagonal().min().item():.3g}, "
+            f"The Gramian has a negative diagonal entry {diagonal.min():.3g}, "
             "so it is not a Gramian: G[i, i] = <g_i, g_i> is a squared norm."
         )
-    asymmetry = (matrix - matrix.T).abs().max()
+    asymmetry = np.abs(matrix - matrix.T).max()
     if asymmetry > SYMMETRY_RTOL * scale:
         raise ValueError(
-            f"The Gramian is not symmetric (max |G - G.T| = {asymmetry.item():.3g}, "
-            f"max |G| = {scale.item():.3g}). Pass G = J @ J.T, or symmetrise it with "
+            f"The Gramian is not symmetric (max |G - G.T| = {asymmetry:.3g}, "
+            f"max |G| = {scale:.3g}). Pass G = J @ J.T, or symmetrise it with "
             "(G + G.T) / 2."
         )
-    return (matrix + matrix.T) / 2
+    return torch.from_numpy((matrix + matrix.T) / 2)
 
 
 def solve_lower_bounded_qp(
@@ -54,6 +60,7 @@ def solve_lower_bounded_qp(
     objective): start with every bound active, free the bound with the most negative multiplier,
     solve the equality-constrained problem on the free set, and step back to the nearest bound when
     that solution is infeasible. It terminates exactly in finitely many steps (usually ≤ 2K).
+    The loop runs in NumPy: on K×K matrices a NumPy operation costs a fraction of a torch one.
 
     Args:
         hessian: symmetric positive definite :math:`H` of shape [K, K].
@@ -63,30 +70,45 @@ def solve_lower_bounded_qp(
         tol: a bound stays active while its multiplier :math:`(Hx + c)_i \geq -\text{tol}`.
 
     Returns:
-        The minimiser :math:`x` of shape [K], feasible even if ``max_iter`` ran out.
+        The minimiser :math:`x` of shape [K] (float64, CPU), feasible even if ``max_iter`` ran out.
     """
-    solution = lower.clone()
-    free = torch.zeros_like(lower, dtype=torch.bool)
+    solution = active_set_qp(_as_numpy(hessian), _as_numpy(linear), _as_numpy(lower), max_iter, tol)
+    return torch.from_numpy(solution)
+
+
+def _as_numpy(tensor: Tensor) -> np.ndarray:
+    return tensor.detach().to(device="cpu", dtype=torch.float64).numpy()
+
+
+def active_set_qp(
+    hessian: np.ndarray, linear: np.ndarray, lower: np.ndarray, max_iter: int, tol: float
+) -> np.ndarray:
+    """:func:`solve_lower_bounded_qp` on float64 NumPy arrays."""
+    solution = lower.copy()
+    free = np.zeros(len(lower), dtype=bool)
+    tiny = np.finfo(np.float64).tiny
     for _ in range(max_iter):
         multipliers = hessian @ solution + linear
         releasable = ~free & (multipliers < -tol)
         if not releasable.any():
             break
-        previous_free = free.clone()
-        free[torch.where(releasable, multipliers, torch.inf).argmin()] = True
+        previous_free = free.copy()
+        free[np.where(releasable, multipliers, np.inf).argmin()] = True
         while True:
             # Every pass of this loop either accepts a feasible point or fixes one more bound.
-            trial = lower.clone()
+            trial = lower.copy()
             rhs = -(linear + hessian[:, ~free] @ lower[~free])[free]
-            trial[free] = torch.linalg.solve(hessian[free][:, free], rhs)
+            trial[free] = np.linalg.solve(hessian[np.ix_(free, free)], rhs)
             if (trial[free] > lower[free]).all():
                 solution = trial
                 break
             blocked = free & (trial <= lower)
             # For blocked bounds solution >= lower >= trial; the clamp turns 0 / 0 into 0.
-            distances = (solution - trial).clamp(min=torch.finfo(solution.dtype).tiny)
-            ratios = torch.where(blocked, (solution - lower) / distances, torch.inf)
-            step = ratios.min().clamp(0.0, 1.0)
+            distances = np.maximum(solution - trial, tiny)
+            ratios = np.full(len(lower), np.inf)
+            with np.errstate(over="ignore"):  # a huge ratio is as good as inf
+                ratios[blocked] = (solution - lower)[blocked] / distances[blocked]
+            step = min(max(ratios.min(), 0.0), 1.0)
             solution = solution + step * (trial - solution)
             hits = free & (solution <= lower)
             hits[ratios.argmin()] = True
@@ -94,6 +116,6 @@ def solve_lower_bounded_qp(
             free &= ~hits
             if not free.any():
                 break
-        if torch.equal(free, previous_free):
+        if np.array_equal(free, previous_free):
             break  # the freed bound was blocked at once: optimal to rounding
     return solution

@@ -2,6 +2,7 @@
 
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -68,8 +69,8 @@ def aligned_mtl(
         )
     else:
         preferences = pref_vector.detach().to(device="cpu", dtype=torch.float64)
-    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
-    cutoff = num_tasks * torch.finfo(gramian.dtype).eps * eigenvalues.max().clamp(min=0.0)
+    eigenvalues, eigenvectors = np.linalg.eigh(matrix.numpy())
+    cutoff = num_tasks * torch.finfo(gramian.dtype).eps * max(eigenvalues.max(), 0.0)
     kept = eigenvalues > cutoff
     if not kept.any():
         return preferences.to(dtype=gramian.dtype, device=gramian.device)
@@ -77,8 +78,9 @@ def aligned_mtl(
     if scale_mode == "min":
         common = eigenvalues.min()
     elif scale_mode == "median":
-        common = eigenvalues.median()
+        common = np.sort(eigenvalues)[(len(eigenvalues) - 1) // 2]  # the lower one, as torch's
     else:
         common = eigenvalues.mean()
-    balance = (common.sqrt() * eigenvectors / eigenvalues.sqrt()) @ eigenvectors.T
-    return (balance @ preferences).to(dtype=gramian.dtype, device=gramian.device)
+    balance = (np.sqrt(common) * eigenvectors / np.sqrt(eigenvalues)) @ eigenvectors.T
+    weights = torch.from_numpy(balance @ preferences.numpy())
+    return weights.to(dtype=gramian.dtype, device=gramian.device)

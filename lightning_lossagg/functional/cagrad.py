@@ -18,8 +18,12 @@ _RESCALE_DIVISORS = {0: lambda c: 1.0, 1: lambda c: 1.0 + c**2, 2: lambda c: 1.0
 
 
 def _inner_weights(matrix: Tensor, linear: Tensor, radius: float) -> Tensor:
-    """Minimise ``linear @ w + radius * sqrt(w @ matrix @ w)`` over the simplex (SLSQP)."""
+    """Minimise ``linear @ w + radius * sqrt(w @ matrix @ w)`` over the simplex: exactly by
+    :func:`_on_support` where it certifies its answer, else with SciPy's SLSQP."""
     gram, lin = matrix.numpy(), linear.numpy()
+    exact = _on_support(gram, lin, radius)
+    if exact is not None:
+        return torch.from_numpy(exact)
 
     def objective(w: np.ndarray) -> float:
         return float(lin @ w + radius * np.sqrt(max(w @ gram @ w, 0.0) + _SQRT_SMOOTHING))
@@ -41,6 +45,53 @@ def _inner_weights(matrix: Tensor, linear: Tensor, radius: float) -> Tensor:
     )
     weights = torch.from_numpy(np.clip(result.x, 0.0, None))
     return weights / weights.sum()
+
+
+def _on_support(gram: np.ndarray, lin: np.ndarray, radius: float) -> np.ndarray | None:
+    r"""The inner minimiser from its KKT conditions, by an active-set search over its support.
+
+    On a support :math:`S` with :math:`v = w / \lVert g_w\rVert`, stationarity reads
+    :math:`l_S + r\,G_{SS} v = \mu \mathbf 1` with :math:`v^\top G_{SS} v = 1`, so
+    :math:`v = (\mu a - b) / r` for :math:`a = G_{SS}^{-1}\mathbf 1`, :math:`b = G_{SS}^{-1} l_S`,
+    and :math:`\mu` is the root of a quadratic with :math:`\mathbf 1^\top v > 0`. Starting from
+    the best vertex, a task outside with :math:`(\nabla f)_i < \mu` joins :math:`S` and a task
+    with a negative weight leaves it.
+    The objective is convex, so a point meeting every KKT condition is the minimiser; ``None``
+    when none is found (singular :math:`G_{SS}`, Pareto-stationary gradients): SLSQP decides.
+    """
+    num_tasks = len(lin)
+    support = np.zeros(num_tasks, dtype=bool)
+    # Start at the best vertex: f(e_i) = l_i + r sqrt(G_ii).
+    support[(lin + radius * np.sqrt(np.maximum(gram.diagonal(), 0.0))).argmin()] = True
+    tol = 1e-12 * (np.abs(lin).max() + radius)
+    for _ in range(2 * num_tasks):
+        try:
+            inverse = np.linalg.solve(
+                gram[np.ix_(support, support)],
+                np.stack([np.ones(support.sum()), lin[support]], axis=1),
+            )
+        except np.linalg.LinAlgError:
+            return None
+        a, b = inverse[:, 0], inverse[:, 1]
+        sum_a, sum_b = a.sum(), b.sum()
+        discriminant = sum_b**2 - sum_a * (lin[support] @ b - radius**2)
+        if not (sum_a > 0 and discriminant > 0):
+            return None
+        mu = (sum_b + np.sqrt(discriminant)) / sum_a
+        v = np.zeros(num_tasks)
+        v[support] = (mu * a - b) / radius
+        if (v[support] < 0).any():
+            dropped = np.flatnonzero(support)[v[support].argmin()]
+            support[dropped] = False
+            if not support.any():
+                return None
+            continue
+        gradient = lin + radius * (gram @ v)
+        outside = ~support & (gradient < mu - tol)
+        if not outside.any():
+            return v / v.sum()
+        support[np.where(outside, gradient, np.inf).argmin()] = True
+    return None
 
 
 def _paper_weights(matrix: Tensor, c: float) -> Tensor:

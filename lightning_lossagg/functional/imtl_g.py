@@ -1,5 +1,6 @@
 """IMTL-G: the update that has the same projection onto every task's gradient direction."""
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -49,16 +50,16 @@ def imtl_g(gramian: Tensor) -> Tensor:
         >>> imtl_g(jacobian @ jacobian.T)
         tensor([0.6667, 0.3333])
     """
-    matrix = validated_gramian(gramian)
+    matrix = validated_gramian(gramian).numpy()
     num_tasks = matrix.shape[0]
     precision = num_tasks * torch.finfo(gramian.dtype).eps
-    norms = matrix.diagonal().clamp(min=0.0).sqrt()
-    solution = torch.linalg.pinv(matrix, rtol=precision, hermitian=True) @ norms
+    norms = np.sqrt(np.maximum(matrix.diagonal(), 0.0))
+    solution = np.linalg.pinv(matrix, rcond=precision, hermitian=True) @ norms
     total = solution.sum()
     # 1ᵀv is measured in units of 1 / ||g||; below this cut-off the weights, ~1 / |1ᵀv|, would be
     # set by rounding in the cancellation, not by the gradients.
-    if total.abs() * norms.max() <= precision**0.5:
-        weights = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)
+    if abs(total) * norms.max() <= precision**0.5:
+        weights = np.full(num_tasks, 1.0 / num_tasks)
     else:
         weights = solution / total
-    return weights.to(dtype=gramian.dtype, device=gramian.device)
+    return torch.from_numpy(weights).to(dtype=gramian.dtype, device=gramian.device)

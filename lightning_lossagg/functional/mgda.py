@@ -1,9 +1,10 @@
 """MGDA / MGDA-UB: the min-norm point in the convex hull of the task gradients."""
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_lossagg.functional._qp import solve_lower_bounded_qp, validated_gramian
+from lightning_lossagg.functional._qp import active_set_qp, validated_gramian
 
 # Relative Tikhonov term: among weights giving the same min-norm update (identical or linearly
 # dependent gradients) it picks the one of least norm, so the result is unique and symmetric.
@@ -61,13 +62,9 @@ def mgda(gramian: Tensor, max_iter: int = 250, tol: float = 1e-12) -> Tensor:
     if trace <= torch.finfo(torch.float64).tiny:
         weights = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)
     else:
-        hessian = matrix / trace + TIE_BREAK * torch.eye(num_tasks, dtype=torch.float64)
-        unnormalized = solve_lower_bounded_qp(
-            hessian,
-            linear=-torch.ones(num_tasks, dtype=torch.float64),
-            lower=torch.zeros(num_tasks, dtype=torch.float64),
-            max_iter=max_iter,
-            tol=tol,
+        hessian = (matrix / trace).numpy() + TIE_BREAK * np.eye(num_tasks)
+        unnormalized = active_set_qp(
+            hessian, -np.ones(num_tasks), np.zeros(num_tasks), max_iter=max_iter, tol=tol
         )
-        weights = unnormalized / unnormalized.sum()
+        weights = torch.from_numpy(unnormalized / unnormalized.sum())
     return weights.to(dtype=gramian.dtype, device=gramian.device)

@@ -1,5 +1,6 @@
 """PCGrad: project each task gradient away from the gradients it conflicts with."""
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -50,16 +51,18 @@ def pcgrad(gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
         >>> pcgrad(jacobian @ jacobian.T)
         tensor([2.0000, 1.5000])
     """
-    matrix = validated_gramian(gramian)
+    matrix = validated_gramian(gramian).numpy()
     num_tasks = matrix.shape[0]
-    squared_norms = matrix.diagonal()
-    negligible = num_tasks * torch.finfo(torch.float64).eps * squared_norms.max()
-    coefficients = torch.eye(num_tasks, dtype=torch.float64)
+    squared_norms = matrix.diagonal().tolist()
+    negligible = num_tasks * np.finfo(np.float64).eps * max(squared_norms)
+    coefficients = np.eye(num_tasks)
     for task in range(num_tasks):
+        row = coefficients[task]
         for other in torch.randperm(num_tasks, generator=generator).tolist():
             if other == task or squared_norms[other] <= negligible:
                 continue
-            inner_product = matrix[other] @ coefficients[task]
+            inner_product = matrix[other] @ row
             if inner_product < 0:
-                coefficients[task, other] -= inner_product / squared_norms[other]
-    return coefficients.sum(dim=0).to(dtype=gramian.dtype, device=gramian.device)
+                row[other] -= inner_product / squared_norms[other]
+    weights = torch.from_numpy(coefficients.sum(axis=0))
+    return weights.to(dtype=gramian.dtype, device=gramian.device)

@@ -1,9 +1,10 @@
 """UPGrad: the mean of the task gradients' projections onto the cone of non-conflicting updates."""
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_lossagg.functional._qp import solve_lower_bounded_qp, validated_gramian
+from lightning_lossagg.functional._qp import active_set_qp, validated_gramian
 
 # The normalised QP has multipliers of the order of the preferences: this is rounding level.
 KKT_TOL = 1e-12
@@ -81,16 +82,12 @@ def upgrad(
     trace = matrix.trace()
     if trace <= norm_eps or trace <= torch.finfo(torch.float64).tiny:
         return preferences.to(dtype=gramian.dtype, device=gramian.device)
-    hessian = matrix / trace + reg_eps * torch.eye(num_tasks, dtype=torch.float64)
-    weights = torch.zeros(num_tasks, dtype=torch.float64)
+    hessian = (matrix / trace).numpy() + reg_eps * np.eye(num_tasks)
+    choices = preferences.numpy()
+    tol = KKT_TOL * float(np.abs(choices).max())
+    weights = np.zeros(num_tasks)
     for task in range(num_tasks):
-        lower = torch.zeros(num_tasks, dtype=torch.float64)
-        lower[task] = preferences[task]
-        weights += solve_lower_bounded_qp(
-            hessian,
-            linear=torch.zeros(num_tasks, dtype=torch.float64),
-            lower=lower,
-            max_iter=max_iter,
-            tol=KKT_TOL * preferences.abs().max(),
-        )
-    return weights.to(dtype=gramian.dtype, device=gramian.device)
+        lower = np.zeros(num_tasks)
+        lower[task] = choices[task]
+        weights += active_set_qp(hessian, np.zeros(num_tasks), lower, max_iter, tol)
+    return torch.from_numpy(weights).to(dtype=gramian.dtype, device=gramian.device)

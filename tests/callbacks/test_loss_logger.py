@@ -1,15 +1,20 @@
-"""LossLogger through real loggers: CSV here, W&B offline in tests/test_cli.py."""
+"""LossLogger through real loggers: CSV here, W&B offline in test_loss_logger_wandb.py and
+tests/test_cli.py; under 2-rank DDP with a spy W&B run."""
 
 import csv
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger
+import torch.distributed as dist
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from lightning_lossagg.callbacks import LossLogger
+from lightning_lossagg import WeightingCallback
+from lightning_lossagg.callbacks import LossBalanceMonitor, LossLogger
 from lightning_lossagg.demos import PenguinsDataModule, PenguinsNet
 from tests.models import ThreeTaskNet, make_batch, one_batch_loader
+from tests.process_group import CollectiveCounter
 
 TASKS = ("species", "sex", "body_mass")
 
@@ -90,3 +95,176 @@ def test_loss_logger_refuses_a_model_without_the_mixin():
     )
     with pytest.raises(TypeError, match="needs a MultiTaskMixin model"):
         trainer.fit(Plain(), train_dataloaders=one_batch_loader(make_batch(2, seed=0)))
+
+
+# ----------------------------------------------------------------------------- method state
+class LearnedLogVar(WeightingCallback):
+    """A loss-based stand-in with per-task state: w_k = exp(-s_k), s_k = 0.1 k."""
+
+    def task_weights(self, pl_module, step):
+        return self.state_to_log()["log_var"].to(step.losses).neg().exp()
+
+    def state_to_log(self):
+        return {"log_var": torch.tensor([0.0, 0.1, 0.2])}
+
+
+def _fit_three_tasks(root, callbacks, log_every_n_steps=1, **trainer_kwargs) -> L.Trainer:
+    batches = [make_batch(6, seed=seed, dtype=torch.float32) for seed in range(4)]
+    trainer = L.Trainer(
+        max_epochs=1,
+        log_every_n_steps=log_every_n_steps,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **{"logger": CSVLogger(root), **trainer_kwargs},
+    )
+    trainer.fit(ThreeTaskNet(), train_dataloaders=torch.utils.data.DataLoader(batches, None))
+    return trainer
+
+
+def test_method_state_is_logged_per_task_and_gradients_only_for_gradient_methods(tmp_path):
+    trainer = _fit_three_tasks(tmp_path, [LossLogger(), LearnedLogVar()])
+    rows = _read_csv(trainer.logger.log_dir + "/metrics.csv")
+    step_rows = [row for row in rows if row["train/loss/price"]]
+    assert len(step_rows) == 4
+    for row in step_rows:
+        for index, task in enumerate(("price", "kind", "sold")):
+            assert float(row[f"train/log_var/{task}"]) == pytest.approx(0.1 * index)
+    assert not [column for column in rows[0] if "grad_" in column]
+
+
+def test_no_logger_no_trajectory(tmp_path):
+    logger = LossLogger()
+    trainer = _fit_three_tasks(tmp_path, [logger], logger=False)
+    assert trainer.state.finished and logger._trajectory is None
+    assert not list(tmp_path.rglob("*.png"))
+
+
+# ----------------------------------------------------------------------------- DDP
+class SpyRun:
+    """Stands in for a W&B run: every call is written to this process's own file."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir, self.id = Path(out_dir), "spy"
+        self.dir = str(self.out_dir / "files")
+        self.config = self
+
+    def update(self, values, **kwargs) -> None:  # run.config.update
+        self._note("config.update", values)
+
+    def _note(self, call: str, what) -> None:
+        rank = dist.get_rank() if dist.is_initialized() else "main"
+        keys = sorted(what) if isinstance(what, dict) else [what]
+        with open(self.out_dir / f"calls-{rank}.txt", "a") as handle:
+            handle.write(f"{call} {' '.join(keys)}\n")
+
+    def define_metric(self, name, **kwargs) -> None:
+        self._note("define_metric", name)
+
+    def log(self, metrics) -> None:
+        self._note("log", metrics)
+
+
+class SpyWandbLogger(WandbLogger):
+    """A WandbLogger whose run is a SpyRun, reachable from EVERY rank (no rank-zero guard), so a
+    call made on another rank would show in that rank's file."""
+
+    def __init__(self, out_dir: str) -> None:
+        super().__init__(offline=True, save_dir=out_dir)
+        self._spy = SpyRun(out_dir)
+
+    @property
+    def experiment(self):
+        return self._spy
+
+
+class CollectivesAround(L.Callback):
+    """Placed before (``opening``) and after the callbacks under test: counts the collectives
+    they issue in each hook, and those of the whole training step; writes them per rank."""
+
+    HOOKS = ("on_train_batch_end", "on_train_epoch_end", "on_validation_epoch_end", "on_fit_end")
+
+    def __init__(self, opening: bool, out_dir: str, shared: dict) -> None:
+        self.opening, self.out_dir, self.shared = opening, out_dir, shared
+
+    def _bracket(self, hook: str) -> None:
+        if self.opening:
+            self.shared["hook"] = CollectiveCounter().__enter__()
+            return
+        self.shared["hook"].__exit__()
+        self.shared.setdefault(hook, []).append(self.shared["hook"].calls)
+
+    def on_train_batch_start(self, *args) -> None:
+        if self.opening:
+            self.shared["step"] = CollectiveCounter().__enter__()
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self._bracket("on_train_batch_end")
+        if not self.opening:
+            self.shared["step"].__exit__()
+            self.shared.setdefault("step", [])
+            self.shared.setdefault("steps", []).append(self.shared["step"].calls)
+
+    def on_train_epoch_end(self, *args) -> None:
+        self._bracket("on_train_epoch_end")
+
+    def on_validation_epoch_end(self, trainer, *args) -> None:
+        if not trainer.sanity_checking:
+            self._bracket("on_validation_epoch_end")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._bracket("on_fit_end")
+        if not self.opening:
+            facts = {hook: self.shared[hook] for hook in (*self.HOOKS[1:], "steps")}
+            facts["on_train_batch_end"] = self.shared["on_train_batch_end"]
+            torch.save(facts, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
+
+
+class TwoRankNet(ThreeTaskNet):
+    def train_dataloader(self):
+        batches = [make_batch(6, seed=seed, dtype=torch.float32) for seed in range(8)]
+        return torch.utils.data.DataLoader(batches, batch_size=None)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader([make_batch(4, seed=99, dtype=torch.float32)] * 2, None)
+
+
+@pytest.mark.ddp
+def test_under_ddp_only_rank_zero_writes_and_logging_adds_no_collective(tmp_path):
+    shared: dict = {}
+    callbacks = [
+        CollectivesAround(True, str(tmp_path), shared),
+        LossLogger(),
+        # raise_on makes every rank evaluate, so that they would raise together.
+        LossBalanceMonitor(window=2, raise_on=["nonfinite_loss"]),
+        CollectivesAround(False, str(tmp_path), shared),
+    ]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        log_every_n_steps=1,
+        logger=SpyWandbLogger(str(tmp_path)),
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(TwoRankNet())
+
+    for rank in (0, 1):
+        facts = torch.load(tmp_path / f"rank{rank}.pt")
+        # Each rank's 4 steps: the mixin's one all-reduce, nothing from logging or monitoring.
+        assert facts["steps"] == [["all_reduce"]] * 4, rank
+        assert facts["on_train_batch_end"] == [[]] * 4
+        assert facts["on_train_epoch_end"] == facts["on_validation_epoch_end"] == [[]]
+        assert facts["on_fit_end"] == [[]]
+    assert not (tmp_path / "calls-1.txt").exists()
+    calls = (tmp_path / "calls-0.txt").read_text().splitlines()
+    assert any(call.startswith("define_metric train/loss/price") for call in calls)
+    assert "config.update lossagg" in calls
+    assert any("lossagg/weights" in call and "lossagg/task_summary" in call for call in calls)
+    assert [p.name for p in tmp_path.rglob("*.png")] == ["loss_trajectories.png"]

@@ -1,0 +1,57 @@
+"""Argument and setting checks shared by the loss-based weighting callbacks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lightning_lossagg.aggregation import GlobalTaskLosses
+from lightning_lossagg.mixin import MultiTaskMixin
+
+
+def check_positive(name: str, value: float, fix: str) -> float:
+    """``value`` as a float if it is a finite number > 0, else a ValueError naming ``fix``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number > 0; got {value!r}. {fix}")
+    if value <= 0:
+        raise ValueError(f"`{name}` must be > 0; got {value!r}. {fix}")
+    return float(value)
+
+
+def check_non_negative_int(name: str, value: int, fix: str) -> int:
+    """``value`` if it is an int >= 0, else a ValueError naming ``fix``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be an int >= 0; got {value!r}. {fix}")
+    return value
+
+
+def require_multitask(method: L.Callback, pl_module: L.LightningModule) -> tuple[str, ...]:
+    """The model's task names; a TypeError if the model does not use :class:`MultiTaskMixin`."""
+    if not isinstance(pl_module, MultiTaskMixin):
+        raise TypeError(
+            f"{type(method).__name__} weights the task losses of a MultiTaskMixin model; "
+            f"{type(pl_module).__name__} is not one. Add MultiTaskMixin to the model's bases."
+        )
+    return pl_module.task_names
+
+
+def check_task_names(argument: str, names: Iterable[str], task_names: tuple[str, ...]) -> None:
+    """A ValueError listing the model's tasks if ``names`` holds a name that is not one of them."""
+    unknown = [name for name in names if name not in task_names]
+    if unknown:
+        raise ValueError(
+            f"`{argument}` names {unknown}, which the model does not have; its tasks are "
+            f"{list(task_names)}. Use those names."
+        )
+
+
+def usable_tasks(step: GlobalTaskLosses) -> Tensor:
+    """Tasks whose global loss may update a method's state: a valid sample and a finite loss.
+
+    A non-finite loss is the mixin's to report (``nonfinite``); it must not poison the state.
+    """
+    return step.valid & torch.isfinite(step.losses)

@@ -1,0 +1,121 @@
+"""One learnable scalar per task with its own Adam: the state of UW, IMTL-L and FAMO."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_STATE = ("values", "exp_avg", "exp_avg_sq", "steps")
+
+
+class TaskParameters:
+    r"""``K`` learnable values, zero at the start, each stepped by its own Adam.
+
+    Adam (Kingma & Ba, 2015) exactly as ``torch.optim.Adam`` computes it, with L2 weight decay
+    :math:`g \leftarrow g + \lambda x`:
+
+    .. math::
+        m \leftarrow \beta_1 m + (1 - \beta_1) g, \quad
+        v \leftarrow \beta_2 v + (1 - \beta_2) g^2, \quad
+        x \leftarrow x - \frac{\eta}{1 - \beta_1^t}
+            \frac{m}{\sqrt{v} / \sqrt{1 - \beta_2^t} + \epsilon},
+
+    written out on the ``K``-vector rather than through ``torch.optim.Adam``: every task counts its
+    own steps :math:`t`, so a task left out of a step (no valid sample) keeps its value, moments
+    and bias correction, as a separate Adam per task would; and a step costs a dozen small tensor
+    operations, no optimizer machinery.
+
+    The state lives on the device of the task losses and in their dtype (at least float32). It is
+    created at the first training step: the callback's ``setup`` runs before the model moves to its
+    device, and ``load_state_dict`` before or after that.
+
+    Args:
+        lr: the learning rate :math:`\eta`.
+        weight_decay: the L2 weight decay :math:`\lambda`.
+        betas: :math:`(\beta_1, \beta_2)`.
+        eps: :math:`\epsilon`.
+    """
+
+    def __init__(
+        self,
+        lr: float,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
+        self.num_tasks = 0
+        self._state: dict[str, Tensor] | None = None
+
+    def set_num_tasks(self, num_tasks: int, owner: str) -> None:
+        """Fix ``K`` (in the callback's ``setup``); one instance serves one model."""
+        if self.num_tasks not in (0, num_tasks):
+            raise ValueError(
+                f"This {owner} already holds the state of a model with {self.num_tasks} tasks; "
+                f"create a new {owner} for this model with {num_tasks} tasks."
+            )
+        self.num_tasks = num_tasks
+
+    def values(self, like: Tensor) -> Tensor:
+        """The values, on ``like``'s device, in its dtype (at least float32)."""
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        state = self._state
+        if state is None or state["values"].device != like.device or state["values"].dtype != dtype:
+            state = state or self._fresh_state()
+            self._state = {name: state[name].to(like.device, dtype) for name in _STATE}
+        return self._state["values"]
+
+    def step(self, gradient: Tensor, mask: Tensor) -> None:
+        """One Adam step along ``gradient`` for the tasks where ``mask`` is True."""
+        state = self._state
+        assert state is not None, "values() creates the state at the first training step"
+        beta1, beta2 = self.betas
+        values = state["values"]
+        gradient = gradient.to(values.dtype)
+        if self.weight_decay:
+            gradient = gradient + self.weight_decay * values
+        steps = state["steps"] + mask
+        exp_avg = torch.lerp(state["exp_avg"], gradient, 1 - beta1)
+        exp_avg_sq = torch.addcmul(beta2 * state["exp_avg_sq"], gradient, gradient, value=1 - beta2)
+        counted = steps.clamp(min=1)
+        step_size = self.lr / (1 - beta1**counted)
+        denominator = exp_avg_sq.sqrt() / (1 - beta2**counted).sqrt() + self.eps
+        updated = values - step_size * exp_avg / denominator
+        self._state = {
+            "values": torch.where(mask, updated, values),
+            "exp_avg": torch.where(mask, exp_avg, state["exp_avg"]),
+            "exp_avg_sq": torch.where(mask, exp_avg_sq, state["exp_avg_sq"]),
+            "steps": steps,
+        }
+
+    @property
+    def parameter(self) -> Tensor | None:
+        """The live values (None before they exist): a method may rescale them in place."""
+        return None if self._state is None else self._state["values"]
+
+    def snapshot(self) -> Tensor | None:
+        """A copy of the values (None before the first step or a loaded state), for the logs."""
+        return None if self._state is None else self._state["values"].clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self._state or self._fresh_state()
+        return {name: state[name].clone() for name in _STATE}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if tuple(state["values"].shape) != (self.num_tasks,):
+            raise ValueError(
+                f"The checkpoint holds {tuple(state['values'].shape)} values for a model with "
+                f"{self.num_tasks} tasks: it was saved for another model. Resume the same model."
+            )
+        self._state = {name: state[name] for name in _STATE}
+
+    def _initial_state(self) -> dict[str, Any]:
+        """The start: ``{"values": zeros}``; a subclass may start elsewhere (GradNorm: ones)."""
+        return {"values": torch.zeros(self.num_tasks)}
+
+    def _fresh_state(self) -> dict[str, Tensor]:
+        values = self._initial_state()["values"]
+        moments = {name: torch.zeros_like(values) for name in _STATE if name != "values"}
+        return {"values": values, **moments}

@@ -1,0 +1,59 @@
+"""The task losses and weights of a run at its logged steps, for the end-of-fit chart and plot."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lightning_lossagg.weighting import LossRecord
+
+SUMMARY_COLUMNS = ("task", "first_loss", "best_loss", "last_loss", "final_weight")
+
+
+class Trajectory:
+    """Per-task losses and weights at the steps they were logged.
+
+    Each :meth:`add` keeps one small device tensor; :meth:`flush` (once per epoch) moves what was
+    added since the last flush to the host in ONE transfer, so training never waits on the host.
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self._pending: list[Tensor] = []
+        self._host: list[Tensor] = []
+
+    def add(self, step: int, record: LossRecord) -> None:
+        """Keep ``record``'s losses and weights as the values at training step ``step``."""
+        self.steps.append(step)
+        self._pending.append(torch.stack([record.losses, record.weights.to(record.losses.dtype)]))
+
+    def flush(self) -> None:
+        """Move the values added since the last flush to the host."""
+        if self._pending:
+            self._host.append(torch.stack(self._pending).double().cpu())
+            self._pending = []
+
+    def values(self) -> tuple[Tensor, Tensor]:
+        """Losses and weights on the host, each ``[steps, tasks]`` (call :meth:`flush` first)."""
+        if self._pending:
+            raise RuntimeError("Trajectory.values() before flush(): some values are on the device.")
+        stacked = torch.cat(self._host) if self._host else torch.empty(0, 2, 0)
+        return stacked[:, 0], stacked[:, 1]
+
+    def summary_rows(self, names: tuple[str, ...]) -> list[list[object]]:
+        """One row per task: ``SUMMARY_COLUMNS`` (None where a task never had a finite loss)."""
+        losses, weights = self.values()
+        rows: list[list[object]] = []
+        for index, name in enumerate(names):
+            task_losses = losses[:, index]
+            finite = task_losses[torch.isfinite(task_losses)].tolist()
+            first, best, last = (finite[0], min(finite), finite[-1]) if finite else (None,) * 3
+            final_weight = weights[-1, index].item() if len(weights) else None
+            rows.append([name, first, best, last, _finite_or_none(final_weight)])
+        return rows
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None

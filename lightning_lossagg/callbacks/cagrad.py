@@ -1,0 +1,66 @@
+"""``CAGrad``: the update that maximises the worst task's improvement near the mean gradient."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sync
+from lightning_lossagg.functional.cagrad import cagrad
+
+
+class CAGrad(GradientWeighting):
+    r"""Conflict-Averse Gradient descent (Liu et al., 2021).
+
+    `Conflict-Averse Gradient Descent for Multi-task Learning
+    <https://arxiv.org/abs/2110.14048>`_ (NeurIPS 2021). With :math:`g_0 = \frac1K \sum_k g_k`
+    and :math:`\sqrt\phi = c\,\lVert g_0\rVert`:
+
+    .. math::
+        w^\star = \operatorname*{arg\,min}_{w \in \Delta^K}
+            \langle g_w, g_0 \rangle + \sqrt\phi\,\lVert g_w \rVert, \qquad
+        d = \frac{1}{s}\Big(g_0 + \frac{\sqrt\phi}{\lVert g_w \rVert}\, g_w\Big)
+          = \sum_k w_k g_k,
+
+    with :math:`g_w = \sum_k w^\star_k g_k`, all from the global Gramian
+    (:func:`~lightning_lossagg.functional.cagrad`); each head follows its own task's gradient;
+    ``Task.weight`` multiplies :math:`w`.
+
+    Scale: LibMTL's, :math:`s = 1 + c^2` (``rescale=1``, its default), :math:`1 + c`
+    (``rescale=2``) or 1 (``rescale=0``, the paper's and torchjd's ``CAGrad``). LibMTL refuses
+    representation gradients; ``rep_grad=True`` works here. Stateless: nothing to save.
+
+    Args:
+        c: the radius :math:`c \geq 0` of the ball around :math:`g_0`, relative to
+            :math:`\lVert g_0\rVert` (LibMTL and the paper: 0.5).
+        rescale: 0, 1 or 2, LibMTL's choice of :math:`s`.
+        rep_grad: take gradients at the shared representation.
+        sync: with parameter gradients under DDP, ``"gradients"`` (exact) or ``"gramian"``.
+
+    Example:
+        >>> callback = CAGrad(c=0.5)
+    """
+
+    def __init__(
+        self, c: float = 0.5, rescale: int = 1, rep_grad: bool = False, sync: Sync = "gradients"
+    ) -> None:
+        super().__init__(rep_grad=rep_grad, sync=sync)
+        if isinstance(c, bool) or not isinstance(c, int | float) or not math.isfinite(c) or c < 0:
+            raise ValueError(f"`c` must be a finite number >= 0 (the paper uses 0.5); got {c!r}.")
+        if isinstance(rescale, bool) or rescale not in (0, 1, 2):
+            raise ValueError(
+                f"`rescale` must be 0, 1 or 2 (LibMTL's default is 1); got {rescale!r}."
+            )
+        self.c, self.rescale = float(c), int(rescale)
+
+    @property
+    @override
+    def method_arguments(self) -> dict[str, Any]:
+        return {"c": self.c, "rescale": self.rescale, **super().method_arguments}
+
+    @override
+    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
+        return cagrad(gramian, c=self.c, rescale=self.rescale)

@@ -1,0 +1,180 @@
+"""``DBMTL``: log-loss gradients, smoothed by an EMA buffer and balanced to the largest norm."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_lossagg import distributed
+from lightning_lossagg.aggregation import GlobalTaskLosses
+from lightning_lossagg.callbacks._checks import require_multitask, usable_tasks
+from lightning_lossagg.callbacks.gradient_weighting import (
+    GradientWeighting,
+    Sync,
+    _batched_grads,
+    _gramian,
+)
+from lightning_lossagg.functional.db_mtl import LOG_EPS, db_mtl, db_mtl_weights
+
+
+class DBMTL(GradientWeighting):
+    r"""Dual-Balancing Multi-Task Learning (Lin et al., 2023).
+
+    `Dual-Balancing for Multi-Task Learning <https://arxiv.org/abs/2308.12029>`_. Loss scales are
+    balanced by training on the log-losses, gradient scales by an EMA buffer :math:`b_k` of the
+    log-loss gradients :math:`\hat g_k = \nabla \log(L_k + 10^{-8})` on the shared parameters,
+    each scaled to the largest buffered norm:
+
+    .. math::
+        b_k \leftarrow \hat g_k + \frac{\beta}{t^{\sigma}} (b_k - \hat g_k), \qquad
+        d = \sum_k c_k \frac{\max_j \lVert b_j \rVert}{\lVert b_k \rVert}\, b_k,
+
+    with :math:`t` the 1-based step counter and :math:`c_k` = ``Task.weight`` (a preference on
+    top of the balancing; with all :math:`c_k = 1`, :math:`d` is exactly
+    :func:`~lightning_lossagg.functional.db_mtl`'s update). The shared parameters follow
+    :math:`d`, a combination of the *buffered* gradients, not a weighting of this step's; the
+    heads follow their log-losses, as in LibMTL: :math:`c_k \nabla L_k / (L_k + 10^{-8})`. The
+    weights this callback returns (and the logs show as ``train/weight/<task>``) are therefore
+    :math:`1 / (L_k + 10^{-8})`, the weight of :math:`L_k` in the heads' objective; the
+    balancing factors on the buffer are logged as ``train/buffer_weight/<task>``.
+
+    The buffer (K×P, the shared part's size, on the model's device) and the step counter are
+    the state, updated at every training step (micro-batch), in ``state_dict``. Under DDP the
+    per-task gradients are all-reduced first (``sync="gradients"``, the only choice): the buffer
+    is global and identical on every rank, so one rank's checkpoint resumes every rank exactly.
+    A task without a valid sample in a step keeps its buffered gradient and is left out of that
+    step's :math:`d`; LibMTL has no such case.
+
+    Representation gradients are refused, as in LibMTL: the rows of a representation are the
+    batch's samples, so a buffer over steps would average unrelated samples (and a last short
+    batch would not even fit it).
+
+    Args:
+        beta: the EMA rate :math:`\beta` of the buffer, in [0, 1) (LibMTL: 0.9).
+        beta_sigma: the decay exponent :math:`\sigma \geq 0` of the rate (LibMTL: 0).
+        rep_grad: must be False (see above).
+        sync: must be ``"gradients"`` (see above).
+
+    Example:
+        >>> callback = DBMTL(beta=0.9, beta_sigma=0.0)
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.9,
+        beta_sigma: float = 0.0,
+        rep_grad: bool = False,
+        sync: Sync = "gradients",
+    ) -> None:
+        super().__init__(rep_grad=rep_grad, sync=sync)
+        if self.rep_grad:
+            raise ValueError(
+                "DBMTL does not support rep_grad=True: its buffer averages gradients over steps, "
+                "and a representation's rows are different samples at every step. Use "
+                "rep_grad=False (LibMTL refuses it too)."
+            )
+        if self.sync != "gradients":
+            raise ValueError(
+                "DBMTL needs sync='gradients': its K×P buffer must hold the global gradients, "
+                "identical on every rank, to resume exactly from one rank's checkpoint."
+            )
+        for name, value in (("beta", beta), ("beta_sigma", beta_sigma)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"`{name}` must be a number; got {value!r}.")
+            if not math.isfinite(value):
+                raise ValueError(f"`{name}` must be finite; got {value!r}.")
+        if not 0 <= beta < 1:
+            raise ValueError(f"`beta` must be in [0, 1) (LibMTL uses 0.9); got {beta}.")
+        if beta_sigma < 0:
+            raise ValueError(f"`beta_sigma` must be >= 0 (LibMTL uses 0); got {beta_sigma}.")
+        self.beta, self.beta_sigma = float(beta), float(beta_sigma)
+        self._buffer: Tensor | None = None
+        self._step = 0
+        self._buffer_shape: tuple[int, int] | None = None
+        self._present_buffer: Tensor | None = None
+        self._balance: Tensor | None = None
+
+    @property
+    @override
+    def method_arguments(self) -> dict[str, Any]:
+        return {"beta": self.beta, "beta_sigma": self.beta_sigma}
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        num_tasks = len(require_multitask(self, pl_module))
+        size = sum(p.numel() for p in pl_module.shared_parameters())  # type: ignore[operator]
+        self._buffer_shape = (num_tasks, size)
+        self._check_buffer(self._buffer)
+
+    @override
+    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+        self._shared_parameters = pl_module.shared_parameters()  # type: ignore[operator]
+        jacobian = _batched_grads(step.local_terms, self._shared_parameters)
+        jacobian = distributed.all_reduce_sum(jacobian) / distributed.world_size()
+        self._gramian, self._gramian_valid = _gramian(jacobian).detach(), step.valid
+        usable = usable_tasks(step)
+        losses = torch.where(usable, step.losses, 1.0).to(jacobian.dtype)
+        self._step += 1
+        _, updated = db_mtl(jacobian, self._buffer, self._step, self.beta, self.beta_sigma, losses)
+        previous = torch.zeros_like(updated) if self._buffer is None else self._buffer
+        self._buffer = torch.where(usable.unsqueeze(1), updated, previous.to(updated))
+        present = torch.where(usable.unsqueeze(1), self._buffer, 0.0)
+        self._present_buffer = present
+        self._balance = db_mtl_weights(present @ present.T)
+        return torch.where(usable, 1.0 / (step.losses + LOG_EPS), 0.0)
+
+    @override
+    def backward_objective(
+        self, pl_module: L.LightningModule, step: GlobalTaskLosses, weights: Tensor, static: Tensor
+    ) -> Tensor:
+        assert self._present_buffer is not None and self._balance is not None
+        buffer, self._present_buffer = self._present_buffer, None
+        direction = (static * self._balance).to(buffer.dtype) @ buffer
+        # Heads: c_k / (L_k + eps) times their task's gradient, the gradient of c_k log(L_k + eps).
+        heads_objective = (weights * step.local_terms).sum()
+        head_parameters = pl_module.task_specific_parameters()  # type: ignore[operator]
+        head_grads = torch.autograd.grad(heads_objective, head_parameters, allow_unused=True)
+        surrogate = heads_objective.new_zeros(())
+        for parameter, grad in zip(head_parameters, head_grads, strict=True):
+            if grad is not None:
+                surrogate = surrogate + (parameter * grad).sum()
+        # Shared part: d, identical on every rank, so DDP's averaging leaves it unchanged.
+        offset = 0
+        for parameter in self._shared_parameters:
+            size = parameter.numel()
+            grad = direction[offset : offset + size].view_as(parameter)
+            surrogate = surrogate + (parameter * grad).sum()
+            offset += size
+        return surrogate
+
+    @override
+    def state_to_log(self) -> dict[str, Tensor]:
+        state = super().state_to_log()
+        if self._balance is not None:
+            state["buffer_weight"] = self._balance
+        return state
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        buffer = None if self._buffer is None else self._buffer.clone()
+        return {"buffer": buffer, "step": self._step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_buffer(state_dict["buffer"])
+        self._buffer, self._step = state_dict["buffer"], int(state_dict["step"])
+
+    def _check_buffer(self, buffer: Tensor | None) -> None:
+        expected = self._buffer_shape
+        if buffer is not None and expected is not None and tuple(buffer.shape) != expected:
+            raise ValueError(
+                f"This DBMTL holds a gradient buffer of shape {tuple(buffer.shape)}, but the model "
+                f"has {expected[0]} tasks and {expected[1]} shared parameters: the buffer belongs "
+                "to another model. Resume the same model, or create a new DBMTL."
+            )

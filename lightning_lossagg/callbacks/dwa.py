@@ -1,0 +1,151 @@
+"""``DWA``: Dynamic Weight Average, weights from the rate at which each task's loss falls."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_lossagg.aggregation import GlobalTaskLosses
+from lightning_lossagg.callbacks._checks import check_positive, require_multitask, usable_tasks
+from lightning_lossagg.functional.dwa import dwa
+from lightning_lossagg.weighting import WeightingCallback
+
+_TENSOR_STATE = ("_loss_sum", "_loss_count", "_previous", "_before_previous")
+
+
+class DWA(WeightingCallback):
+    r"""Dynamic Weight Average (Liu et al., 2019).
+
+    `End-to-End Multi-Task Learning with Attention <https://arxiv.org/abs/1803.10704>`_
+    (CVPR 2019). With :math:`\bar L_k(t)` the mean global loss of task :math:`k` over period
+    :math:`t` (an epoch, or ``window_steps`` optimizer steps), weighted by each step's valid
+    samples (``step.counts``),
+
+    .. math::
+        r_k = \frac{\bar L_k(t-1)}{\bar L_k(t-2)}, \qquad
+        w_k = K \frac{\exp(r_k / T)}{\sum_i \exp(r_i / T)},
+
+    and :math:`w_k = 1` during the first two periods. The weights are fixed within a period. A
+    task without a valid sample in one of the two periods (or with :math:`\bar L_k(t-2) = 0`) has
+    no rate and takes :math:`r_k = 1`, an unchanged loss.
+
+    The period means are accumulated on the device, step by step (every micro-batch counts), and
+    the previous period is closed at the first step of the next one: a checkpoint taken anywhere
+    in between holds it, and resuming is exact. Every input is global, so the weights are
+    identical on every rank. Logged as ``train/loss_rate/<task>`` (:math:`r_k`) from the third
+    period on.
+
+    Args:
+        temperature: the softmax temperature :math:`T > 0`; larger is more uniform.
+        window_steps: if given, periods of this many optimizer steps instead of epochs.
+
+    Example:
+        >>> callback = DWA(temperature=2.0, window_steps=50)
+    """
+
+    def __init__(self, temperature: float = 2.0, window_steps: int | None = None) -> None:
+        self.temperature = check_positive(
+            "temperature", temperature, "The paper uses temperature=2.0; larger is more uniform."
+        )
+        if window_steps is not None and (
+            isinstance(window_steps, bool) or not isinstance(window_steps, int) or window_steps < 1
+        ):
+            raise ValueError(
+                f"`window_steps` must be None (periods are epochs) or an int >= 1; got "
+                f"{window_steps!r}."
+            )
+        self.window_steps = window_steps
+        self._period: int | None = None
+        self._completed_periods = 0
+        self._loss_sum: Tensor | None = None
+        self._loss_count: Tensor | None = None
+        self._previous: Tensor | None = None
+        self._before_previous: Tensor | None = None
+        self._rates: Tensor | None = None
+        self._weights: Tensor | None = None
+
+    @cached_property  # Lightning reads it at every hook call
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(**self.method_arguments)
+
+    @property
+    @override
+    def method_arguments(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "window_steps": self.window_steps}
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        require_multitask(self, pl_module)
+
+    @override
+    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+        trainer = pl_module.trainer
+        period = (
+            trainer.current_epoch
+            if self.window_steps is None
+            else trainer.global_step // self.window_steps
+        )
+        if self._period is not None and period != self._period:
+            self._close_period()
+        self._period = period
+        self._accumulate(step)
+        if self._completed_periods < 2:
+            return torch.ones_like(step.losses)
+        if self._weights is None:
+            self._rates, self._weights = self._rates_and_weights(step.losses.device)
+        return self._weights
+
+    def _accumulate(self, step: GlobalTaskLosses) -> None:
+        usable = usable_tasks(step)
+        counts = torch.where(usable, step.counts, 0.0)
+        weighted_losses = torch.where(usable, step.losses.to(counts.dtype) * counts, 0.0)
+        if self._loss_sum is None or self._loss_count is None:
+            self._loss_sum, self._loss_count = weighted_losses, counts
+        else:
+            self._loss_sum = self._loss_sum.to(counts.device) + weighted_losses
+            self._loss_count = self._loss_count.to(counts.device) + counts
+
+    def _close_period(self) -> None:
+        if self._loss_sum is None or self._loss_count is None:
+            return
+        seen = self._loss_count > 0
+        means = torch.where(
+            seen, self._loss_sum / torch.where(seen, self._loss_count, 1.0), torch.nan
+        )
+        self._before_previous, self._previous = self._previous, means
+        self._loss_sum = self._loss_count = self._rates = self._weights = None
+        self._completed_periods += 1
+
+    def _rates_and_weights(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        assert self._previous is not None and self._before_previous is not None
+        previous, before = self._previous.to(device), self._before_previous.to(device)
+        has_rate = torch.isfinite(previous) & torch.isfinite(before) & (before > 0)
+        previous = torch.where(has_rate, previous, 1.0)
+        before = torch.where(has_rate, before, 1.0)
+        return previous / before, dwa(previous, before, self.temperature, validate_args=False)
+
+    @override
+    def state_to_log(self) -> dict[str, Tensor]:
+        return {} if self._rates is None else {"loss_rate": self._rates}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {name: getattr(self, name) for name in _TENSOR_STATE}
+        state["period"], state["completed_periods"] = self._period, self._completed_periods
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for name in _TENSOR_STATE:
+            setattr(self, name, state_dict[name])
+        self._period, self._completed_periods = (
+            state_dict["period"],
+            state_dict["completed_periods"],
+        )
+        self._rates = self._weights = None

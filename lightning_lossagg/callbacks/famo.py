@@ -1,0 +1,150 @@
+"""``FAMO``: task weights learned from how fast each log-loss falls."""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_lossagg.aggregation import GlobalTaskLosses
+from lightning_lossagg.callbacks._checks import check_positive, require_multitask, usable_tasks
+from lightning_lossagg.callbacks._task_parameters import TaskParameters
+from lightning_lossagg.functional.famo import famo_logit_gradient, famo_weights
+from lightning_lossagg.weighting import WeightingCallback
+
+
+class FAMO(WeightingCallback):
+    r"""Fast Adaptive Multitask Optimization (Liu et al., 2023).
+
+    `FAMO: Fast Adaptive Multitask Optimization <https://arxiv.org/abs/2306.03792>`_
+    (NeurIPS 2023). With logits :math:`\xi` (zero at the start) and
+    :math:`z = \mathrm{softmax}(\xi)`, the model follows
+
+    .. math::
+        w_k = \frac{z_k / (L_k + \epsilon)}{\sum_i z_i / (L_i + \epsilon)},
+
+    the gradient of :math:`\sum_k z_k \log(L_k + \epsilon)`. After each optimizer step the SAME
+    batch is evaluated again, without gradients, and the decrease of every log-loss
+    :math:`\delta_k = \log(L_k^{\text{before}} + \epsilon) - \log(L_k^{\text{after}} + \epsilon)`
+    gives the logits one Adam step (``lr=0.025``, ``weight_decay=1e-3``: the paper's and LibMTL's
+    defaults) along :math:`z \odot (\delta - z^\top\delta)`, moving weight towards the tasks whose
+    loss fell least.
+
+    **Cost**: one extra forward pass (no backward) and one extra all-reduce per optimizer step,
+    by design: the re-evaluation runs in ``on_train_batch_end``, through
+    ``pl_module.compute_global_losses`` (a collective, called on every rank together), in the
+    precision context of the training step and in training mode (as LibMTL does). With gradient
+    accumulation the last micro-batch of each optimizer step is the one evaluated again. Tasks
+    without a valid sample are left out of the weights (the others are renormalised) and keep
+    their logit and Adam moments.
+
+    The logits and their Adam live in this callback (the model's ``state_dict`` does not change)
+    and are saved in its ``state_dict``; they are logged as ``train/logit/<task>``.
+
+    Args:
+        lr: Adam's learning rate for the logits.
+        weight_decay: Adam's weight decay on the logits.
+        eps: :math:`\epsilon \geq 0` inside the logarithms.
+
+    Example:
+        >>> callback = FAMO(lr=0.025, weight_decay=1e-3)
+    """
+
+    def __init__(self, lr: float = 0.025, weight_decay: float = 1e-3, eps: float = 1e-8) -> None:
+        self.lr = check_positive("lr", lr, "The paper uses lr=0.025.")
+        for name, value in (("weight_decay", weight_decay), ("eps", eps)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"`{name}` must be a number >= 0; got {value!r}.")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"`{name}` must be a finite number >= 0; got {value!r}.")
+        self.weight_decay, self.eps = float(weight_decay), float(eps)
+        self._logits = TaskParameters(self.lr, self.weight_decay)
+        self._losses_before: tuple[Tensor, Tensor] | None = None
+        self._stepped = False
+
+    @cached_property  # Lightning reads it at every hook call
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(**self.method_arguments)
+
+    @property
+    @override
+    def method_arguments(self) -> dict[str, Any]:
+        return {"lr": self.lr, "weight_decay": self.weight_decay, "eps": self.eps}
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        task_names = require_multitask(self, pl_module)
+        self._logits.set_num_tasks(len(task_names), type(self).__name__)
+        self._losses_before, self._stepped = None, False
+
+    @override
+    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+        logits = self._logits.values(step.losses)
+        usable = usable_tasks(step)
+        losses = torch.where(usable, step.losses, 1.0).to(logits.dtype)
+        self._losses_before = (losses, usable)
+        weights = famo_weights(logits, losses, eps=self.eps, validate_args=False)
+        weights = torch.where(usable, weights, 0.0)
+        # Renormalise over the usable tasks: FAMO's weights of the tasks that are there.
+        return weights / weights.sum().clamp(min=torch.finfo(weights.dtype).tiny)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # Only this batch's own losses, and only after an optimizer step in this batch, may be
+        # compared with its re-evaluation (a step that the mixin skips never calls task_weights).
+        self._losses_before, self._stepped = None, False
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self._stepped = True
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if not self._stepped or self._losses_before is None:
+            return
+        losses_before, usable_before = self._losses_before
+        with torch.no_grad(), trainer.precision_plugin.train_step_context():
+            after = pl_module.compute_global_losses(batch)  # type: ignore[operator]
+        usable = usable_before & usable_tasks(after)
+        logits = self._logits.values(losses_before)
+        losses_after = torch.where(usable, after.losses, 1.0).to(logits.dtype)
+        # Tasks left out get the logit -inf: z_k = 0, so neither they nor their decrease count.
+        present_logits = torch.where(usable, logits, -torch.inf)
+        gradient = famo_logit_gradient(
+            present_logits,
+            torch.where(usable, losses_before, 1.0),
+            losses_after,
+            eps=self.eps,
+            validate_args=False,
+        )
+        self._logits.step(torch.where(usable, gradient, 0.0), usable)
+
+    @override
+    def state_to_log(self) -> dict[str, Tensor]:
+        logits = self._logits.snapshot()
+        return {} if logits is None else {"logit": logits}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"logits": self._logits.state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._logits.load_state_dict(state_dict["logits"])

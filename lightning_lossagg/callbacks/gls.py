@@ -1,0 +1,92 @@
+"""``GLS``: the Geometric Loss Strategy, the geometric mean of the task losses."""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+
+import lightning as L
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_lossagg import distributed
+from lightning_lossagg.aggregation import GlobalTaskLosses
+from lightning_lossagg.callbacks._checks import require_multitask
+from lightning_lossagg.functional.gls import gls_weights
+from lightning_lossagg.weighting import WeightingCallback
+
+
+class NonPositiveLossError(ValueError):
+    """GLS met a task loss <= 0, whose logarithm it cannot take."""
+
+
+class GLS(WeightingCallback):
+    r"""Geometric Loss Strategy (Chennupati et al., 2019).
+
+    `MultiNet++: Multi-Stream Feature Aggregation and Geometric Loss Strategy for Multi-Task
+    Learning <https://arxiv.org/abs/1904.08492>`_ (CVPR Workshops 2019). The objective is the
+    geometric mean of the global task losses, realised as weights on them:
+
+    .. math::
+        G = \Big(\prod_{k=1}^K L_k\Big)^{1/K}, \qquad
+        w_k = \frac{\partial G}{\partial L_k} = \frac{G}{K L_k},
+
+    so :math:`\sum_k w_k L_k = G` and :math:`\sum_k w_k \nabla L_k = \nabla G`. A task without a
+    valid sample in a step is left out: :math:`G` and :math:`K` are over the other tasks.
+
+    GLS takes the logarithm of every loss, so it refuses a loss :math:`\leq 0` with a
+    :class:`NonPositiveLossError` naming the task and the step. The check reads a flag copied to
+    the host without stalling the device and raises before the optimizer step, so a bad step
+    never updates the model. Stateless: nothing to save.
+
+    Example:
+        >>> callback = GLS()
+    """
+
+    def __init__(self) -> None:
+        self._task_names: tuple[str, ...] = ()
+        self._unchecked: list[tuple[int, distributed.HostCopy]] = []
+
+    @cached_property  # Lightning reads it at every hook call
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(**self.method_arguments)
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._task_names = require_multitask(self, pl_module)
+        self._unchecked = []
+
+    @override
+    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+        losses, valid = step.losses, step.valid
+        # NaN and +inf are the mixin's to report (nonfinite=...); here the losses <= 0.
+        offending = torch.where(valid & (losses <= 0), losses, torch.nan)
+        self._unchecked.append((pl_module.trainer.global_step, distributed.HostCopy(offending)))
+        # Tasks without a valid sample take the valid tasks' geometric mean, which leaves G
+        # unchanged; the weights then need K / K_valid to be those of G over the valid tasks.
+        log_losses = torch.where(valid, losses, 1.0).log()
+        num_valid = valid.sum().clamp(min=1)
+        geometric_mean = torch.exp(log_losses.sum() / num_valid)
+        filled = torch.where(valid, losses, geometric_mean)
+        return gls_weights(filled, validate_args=False) * (losses.numel() / num_valid)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        unchecked, self._unchecked = self._unchecked, []
+        for global_step, offending in unchecked:
+            values = offending.get().tolist()
+            bad = [
+                f"{name!r} ({value:g})"
+                for name, value in zip(self._task_names, values, strict=True)
+                if not math.isnan(value)
+            ]
+            if bad:
+                raise NonPositiveLossError(
+                    f"GLS takes the logarithm of every task loss, but the global loss of task(s) "
+                    f"{', '.join(bad)} was <= 0 at global step {global_step}. Add a small positive "
+                    "offset to that task's loss, or use another weighting method."
+                )

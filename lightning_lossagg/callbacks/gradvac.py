@@ -1,0 +1,135 @@
+"""``GradVac``: pull the cosine of every pair of task gradients up to an adaptive target."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_lossagg.aggregation import GlobalTaskLosses
+from lightning_lossagg.callbacks._checks import check_non_negative_int, require_multitask
+from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sync
+from lightning_lossagg.callbacks.rlw import step_seed
+from lightning_lossagg.functional.gradvac import gradvac
+
+
+class GradVac(GradientWeighting):
+    r"""Gradient Vaccine (Wang et al., 2021), whole-model variant.
+
+    `Gradient Vaccine: Investigating and Improving Multi-task Optimization in Massively
+    Multilingual Models <https://arxiv.org/abs/2010.05874>`_ (ICLR 2021). For each task
+    :math:`i` and each other task :math:`j` in random order, with :math:`\phi_{ij}` the cosine
+    between the corrected :math:`g_i^{PC}` and :math:`g_j`, and :math:`\hat\phi_{ij}` its target:
+
+    .. math::
+        \text{if } \phi_{ij} < \hat\phi_{ij}:\quad
+        g_i^{PC} \mathrel{+}= \frac{\lVert g_i^{PC}\rVert
+            \big(\hat\phi_{ij}\sqrt{1-\phi_{ij}^2} - \phi_{ij}\sqrt{1-\hat\phi_{ij}^2}\big)}
+            {\lVert g_j\rVert \sqrt{1-\hat\phi_{ij}^2}}\, g_j, \qquad
+        \hat\phi_{ij} \leftarrow (1-\beta)\hat\phi_{ij} + \beta\phi_{ij},
+
+    and the shared part follows :math:`d = \sum_i g_i^{PC} = \sum_k w_k g_k`, the weights of
+    :func:`~lightning_lossagg.functional.gradvac` (scale of LibMTL and torchjd: 1 when nothing
+    is corrected), times ``Task.weight``; each head follows its own task's gradient (the
+    surrogate of :class:`GradientWeighting`). The targets :math:`\hat\phi` (zero at the start)
+    are the state: a [K, K] matrix updated at every training step (micro-batch) from the step's
+    global Gramian, only for the pairs of tasks that both have a valid sample in it.
+
+    The order of the tasks :math:`j` is drawn from a CPU ``torch.Generator`` seeded from
+    ``(seed, global_step)``: every rank draws the same order without a collective, a resumed run
+    draws the orders of an uninterrupted one, and the global generator is not touched.
+
+    Differences from LibMTL: the targets move at every visit of a pair (paper, torchjd), not
+    only when a correction is made; only the whole-model grouping (``GradVac_group_type=0``);
+    LibMTL refuses representation gradients, which this callback accepts (``rep_grad=True``:
+    the cosines are those of the gradients at the shared representation).
+
+    The targets are in this callback's ``state_dict`` (the model's does not change) and logged as
+    ``train/target_cos/<task_i>~<task_j>`` (task :math:`i`'s target towards :math:`j`, for
+    :math:`i` before :math:`j`), with the base's ``grad_norm`` and ``grad_cos``.
+
+    Args:
+        beta: the EMA rate :math:`\beta` of the targets, in [0, 1] (LibMTL: 0.5).
+        seed: an int >= 0 for the random task orders.
+        rep_grad: take gradients at the shared representation.
+        sync: with parameter gradients under DDP, ``"gradients"`` (exact) or ``"gramian"``.
+
+    Example:
+        >>> callback = GradVac(beta=0.5, seed=0)
+    """
+
+    def __init__(
+        self, beta: float = 0.5, seed: int = 0, rep_grad: bool = False, sync: Sync = "gradients"
+    ) -> None:
+        super().__init__(rep_grad=rep_grad, sync=sync)
+        if isinstance(beta, bool) or not isinstance(beta, int | float) or not math.isfinite(beta):
+            raise ValueError(f"`beta` must be a number in [0, 1] (LibMTL uses 0.5); got {beta!r}.")
+        if not 0 <= beta <= 1:
+            raise ValueError(f"`beta` must be in [0, 1] (LibMTL uses 0.5); got {beta}.")
+        self.beta = float(beta)
+        self.seed = check_non_negative_int("seed", seed, "Pass e.g. seed=0.")
+        self._generator = torch.Generator()
+        self._num_tasks = 0
+        self._targets: Tensor | None = None
+        self._valid: Tensor | None = None
+
+    @property
+    @override
+    def method_arguments(self) -> dict[str, Any]:
+        return {"beta": self.beta, "seed": self.seed, **super().method_arguments}
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._num_tasks = len(require_multitask(self, pl_module))
+        self._check_targets(self._targets)
+
+    @override
+    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+        self._valid = step.valid.cpu()
+        self._generator.manual_seed(step_seed(self.seed, pl_module.trainer.global_step))
+        return super().task_weights(pl_module, step)
+
+    @override
+    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
+        assert self._valid is not None
+        targets = self._targets
+        if targets is None:
+            targets = torch.zeros(self._num_tasks, self._num_tasks, dtype=torch.float64)
+        index = self._valid.nonzero().flatten()
+        pairs = (index.unsqueeze(1), index)
+        weights, new_targets = gradvac(gramian, targets[pairs], self.beta, self._generator)
+        targets = targets.clone()
+        targets[pairs] = new_targets.to(targets)
+        self._targets = targets
+        return weights
+
+    @override
+    def pairwise_state_to_log(self) -> dict[str, Tensor]:
+        state = super().pairwise_state_to_log()
+        if self._targets is not None:
+            state["target_cos"] = self._targets.clone()
+        return state
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"targets": None if self._targets is None else self._targets.clone()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        targets = state_dict["targets"]
+        self._check_targets(targets)
+        self._targets = None if targets is None else targets.to("cpu", torch.float64)
+
+    def _check_targets(self, targets: Tensor | None) -> None:
+        size = self._num_tasks
+        if targets is not None and size and tuple(targets.shape) != (size, size):
+            raise ValueError(
+                f"This GradVac holds targets of shape {tuple(targets.shape)} for a model with "
+                f"{size} tasks: they belong to another model. Resume the same model, or create "
+                "a new GradVac."
+            )

@@ -1,0 +1,212 @@
+"""``LossBalanceMonitor``: a warning when one task's trouble hides behind the objective."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from lightning_lossagg.callbacks._balance_window import CONDITIONS, LossWindow, Thresholds
+from lightning_lossagg.callbacks._direct_log import write_metrics
+from lightning_lossagg.weighting import LossRecord
+
+
+class LossBalanceError(RuntimeError):
+    """A condition named in ``LossBalanceMonitor(raise_on=...)`` held (raised on every rank)."""
+
+
+class LossBalanceMonitor(L.Callback):
+    """Warns (rank zero, once per condition and task until it clears) when, for a task:
+
+    * ``dominance``: its weighted share of the objective stayed above ``dominance_threshold`` at
+      every step of the last ``window`` training steps;
+    * ``rising_loss``: its loss rose while the objective fell over the last ``window`` steps (the
+      mean of the later half above the earlier half's by more than ``rise_tolerance``, relative);
+    * ``weight_collapse``: its mean weight over the last ``window`` steps fell below
+      ``collapse_fraction`` times its mean weight over the first ``window`` steps;
+    * ``weight_explosion``: that mean weight rose above ``explosion_factor`` times the first one,
+      or the weight stopped being finite;
+    * ``nonfinite_loss``: its loss was NaN or infinite at a step with valid samples (with a policy
+      of the mixin that lets training go on).
+
+    Steps where a task has no valid sample do not count for its means. The window lives on the
+    device; the conditions are evaluated every ``check_every_n_steps`` training steps with one
+    host transfer, never per step. They are also logged, at the trainer's logging interval, as
+    ``train/monitor/<condition>/<task>`` (1 while the condition holds, else 0).
+
+    Args:
+        dominance_threshold: the share of the objective, in (0, 1), that counts as dominating.
+        window: training steps a condition is judged over (at least 2).
+        check_every_n_steps: evaluate every this many training steps (default: the trainer's
+            ``log_every_n_steps``, or ``window`` when logging is off).
+        rise_tolerance: relative rise of a task's loss (>= 0) that counts as rising.
+        collapse_fraction: the fraction, in (0, 1), of its first weight a weight collapses below.
+        explosion_factor: the multiple (> 1) of its first weight a weight explodes above.
+        raise_on: conditions that raise :class:`LossBalanceError` instead of warning, e.g.
+            ``["nonfinite_loss", "weight_collapse"]`` for the CI of a training job.
+
+    Example:
+        >>> monitor = LossBalanceMonitor(window=200, raise_on=["nonfinite_loss"])
+    """
+
+    def __init__(
+        self,
+        dominance_threshold: float = 0.9,
+        window: int = 100,
+        check_every_n_steps: int | None = None,
+        rise_tolerance: float = 0.1,
+        collapse_fraction: float = 0.01,
+        explosion_factor: float = 100.0,
+        raise_on: Iterable[str] = (),
+    ) -> None:
+        _check_number("dominance_threshold", dominance_threshold, 0.0, 1.0)
+        _check_number("rise_tolerance", rise_tolerance, 0.0, math.inf, closed_low=True)
+        _check_number("collapse_fraction", collapse_fraction, 0.0, 1.0)
+        _check_number("explosion_factor", explosion_factor, 1.0, math.inf)
+        _check_int("window", window, minimum=2)
+        if check_every_n_steps is not None:
+            _check_int("check_every_n_steps", check_every_n_steps, minimum=1)
+        self.raise_on = _check_conditions(raise_on)
+        self.window = window
+        self.check_every_n_steps = check_every_n_steps
+        self.thresholds = Thresholds(
+            float(dominance_threshold),
+            float(rise_tolerance),
+            float(collapse_fraction),
+            float(explosion_factor),
+        )
+        self._history = LossWindow(window)
+        self._every = check_every_n_steps or window
+        self._evaluates = True
+        self._active: set[tuple[str, str]] = set()
+        self._flags: dict[str, float] = {}
+        self._state_key: str | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # Cached: Lightning reads it on every hook call, and the arguments never change.
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(window=self.window, **vars(self.thresholds))
+        return self._state_key
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not hasattr(pl_module, "loss_record"):
+            raise TypeError(
+                f"LossBalanceMonitor needs a MultiTaskMixin model; {type(pl_module).__name__} is "
+                "not one. Add MultiTaskMixin to the model's bases."
+            )
+        self._every = self.check_every_n_steps or trainer.log_every_n_steps or self.window
+        # The records are global, so every rank reaches the same verdict: ranks other than zero
+        # evaluate only to raise together with it.
+        self._evaluates = trainer.is_global_zero or bool(self.raise_on)
+        names = pl_module.task_names  # type: ignore[attr-defined]
+        self._flags = {f"train/monitor/{c}/{n}": 0.0 for c in CONDITIONS for n in names}
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        record: LossRecord | None = pl_module.loss_record  # type: ignore[assignment]
+        if not self._evaluates or record is None or record.stage != "train":
+            return
+        self._history.add(record)
+        if self._history.seen % self._every == 0:
+            self._check(trainer, record.names)
+        if trainer._logger_connector.should_update_logs and trainer.loggers:
+            write_metrics(trainer, self._flags)
+
+    def _check(self, trainer: L.Trainer, names: tuple[str, ...]) -> None:
+        flags, values = self._history.evaluate(self.thresholds)
+        for condition, condition_flags, condition_values in zip(
+            CONDITIONS, flags, values, strict=True
+        ):
+            for name, holds, value in zip(names, condition_flags, condition_values, strict=True):
+                if holds is None:  # not judged yet: the window is not full
+                    continue
+                self._flags[f"train/monitor/{condition}/{name}"] = float(holds)
+                key = (condition, name)
+                if not holds:
+                    self._active.discard(key)
+                    continue
+                if key in self._active:
+                    continue
+                self._active.add(key)
+                message = f"LossBalanceMonitor at step {trainer.global_step}: " + self._describe(
+                    condition, name, value
+                )
+                if condition in self.raise_on:
+                    raise LossBalanceError(message)
+                rank_zero_warn(message, category=UserWarning)
+
+    def _describe(self, condition: str, name: str, value: float) -> str:
+        window, thresholds = self.window, self.thresholds
+        if condition == "dominance":
+            return (
+                f"task {name!r} made up more than {thresholds.dominance:.0%} of the objective at "
+                f"every one of the last {window} steps (mean share {value:.1%}): the other tasks "
+                "barely train. Lower its Task.weight or use an adaptive weighting method."
+            )
+        if condition == "rising_loss":
+            return (
+                f"the loss of task {name!r} rose by {value - 1:.1%} over the last {window} steps "
+                "while the objective fell: the total hides it. Check its weight and its data."
+            )
+        if condition == "weight_collapse":
+            return (
+                f"the weight of task {name!r} fell to {value:.2%} of its mean over the first "
+                f"{window} steps: the task has all but stopped training."
+            )
+        if condition == "weight_explosion":
+            return (
+                f"the weight of task {name!r} grew to {value:.3g} times its mean over the first "
+                f"{window} steps, or stopped being finite: the other tasks barely train."
+            )
+        return (
+            f"the loss of task {name!r} was NaN or infinite at a step since the last check. "
+            "Check the inputs and targets, lower the learning rate, or clip gradients."
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        reference = self._history.reference_weights
+        return {
+            "active": sorted(self._active),
+            "reference_weights": None if reference is None else reference.cpu(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._active = {tuple(key) for key in state_dict["active"]}  # type: ignore[misc]
+        self._history.reference_weights = state_dict["reference_weights"]
+
+
+def _check_number(
+    name: str, value: float, low: float, high: float, closed_low: bool = False
+) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not ((value >= low) if closed_low else (value > low)) or not value < high:
+        bounds = f"{'[' if closed_low else '('}{low}, {high})"
+        raise ValueError(f"`{name}` must be a number in {bounds}; got {value!r}.")
+
+
+def _check_int(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}; got {value!r}.")
+
+
+def _check_conditions(raise_on: Iterable[str]) -> frozenset[str]:
+    if isinstance(raise_on, str):
+        raise ValueError(f"`raise_on` must be a list of conditions, e.g. [{raise_on!r}].")
+    raise_on = tuple(raise_on)
+    unknown = sorted(set(raise_on) - set(CONDITIONS))
+    if unknown:
+        raise ValueError(
+            f"`raise_on` names unknown condition(s) {unknown}; use {list(CONDITIONS)}."
+        )
+    return frozenset(raise_on)

@@ -1,0 +1,140 @@
+"""``LossScaling``: every task loss divided by its own level, so that all start at 1."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_lossagg.aggregation import GlobalTaskLosses
+from lightning_lossagg.callbacks._checks import (
+    check_non_negative_int,
+    check_positive,
+    require_multitask,
+    usable_tasks,
+)
+from lightning_lossagg.functional.loss_scaling import loss_scaling_weights, update_loss_levels
+from lightning_lossagg.weighting import WeightingCallback
+
+LevelMode = Literal["ema", "initial"]
+
+
+class LossScaling(WeightingCallback):
+    r"""Dynamic loss scaling: each task's loss divided by its running (or initial) level.
+
+    .. math::
+        \alpha_k = \frac{1}{\max(\ell_k, \epsilon)}, \qquad
+        \ell_k \leftarrow \beta\, \ell_k + (1 - \beta)\, L_k \quad (\texttt{mode="ema"}),
+
+    so every scaled loss :math:`\alpha_k L_k` sits near 1 and no task dominates by its units
+    alone. With ``mode="ema"`` the level :math:`\ell_k` is an exponential moving average of the
+    task's global loss (decay :math:`\beta`: it remembers about the last :math:`1/(1-\beta)`
+    steps; its first value is the first loss), updated at every training step, this one included,
+    warm-up included. With ``mode="initial"`` the level is the task's global loss at the first
+    step after the warm-up, then fixed: the loss ratio of GradNorm (Chen et al., 2018,
+    `arXiv:1711.02257 <https://arxiv.org/abs/1711.02257>`_). There is no single paper for the EMA
+    variant; it is a common heuristic.
+
+    The weights are 1 during the first ``warmup_steps`` optimizer steps, and 1 for a task
+    that has not yet had a valid sample. A task without a valid sample in a step keeps its level.
+    Levels are kept on the device, saved in ``state_dict``, identical on every rank (global losses
+    only), and logged as ``train/loss_level/<task>``.
+
+    Args:
+        mode: ``"ema"`` or ``"initial"``.
+        decay: the EMA's decay :math:`\beta \in [0, 1)` (``mode="ema"``).
+        warmup_steps: optimizer steps with weights of 1 before the scaling starts.
+        eps: the floor :math:`\epsilon > 0` on the levels.
+
+    Example:
+        >>> callback = LossScaling(mode="ema", decay=0.9, warmup_steps=10)
+    """
+
+    def __init__(
+        self,
+        mode: LevelMode = "ema",
+        decay: float = 0.9,
+        warmup_steps: int = 0,
+        eps: float = 1e-8,
+    ) -> None:
+        if mode not in ("ema", "initial"):
+            raise ValueError(
+                f"`mode` must be 'ema' (a moving average of each loss) or 'initial' (the loss at "
+                f"the first step after the warm-up); got {mode!r}."
+            )
+        if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 <= decay < 1:
+            raise ValueError(
+                f"`decay` must be in [0, 1); got {decay!r}. Use e.g. decay=0.9 for a level that "
+                "averages about the last 10 steps."
+            )
+        self.mode: LevelMode = mode
+        self.decay = float(decay)
+        self.warmup_steps = check_non_negative_int(
+            "warmup_steps", warmup_steps, "Use 0 to scale from the first step."
+        )
+        self.eps = check_positive("eps", eps, "The default is 1e-8.")
+        self._levels: Tensor | None = None
+        self._has_level: Tensor | None = None
+
+    @cached_property  # Lightning reads it at every hook call
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(**self.method_arguments)
+
+    @property
+    @override
+    def method_arguments(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "decay": self.decay,
+            "warmup_steps": self.warmup_steps,
+            "eps": self.eps,
+        }
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        require_multitask(self, pl_module)
+
+    @override
+    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+        in_warmup = pl_module.trainer.global_step < self.warmup_steps
+        if self.mode == "ema" or not in_warmup:
+            self._update_levels(step)
+        if in_warmup or self._levels is None or self._has_level is None:
+            return torch.ones_like(step.losses)
+        weights = loss_scaling_weights(self._levels, self.eps, validate_args=False)
+        return torch.where(self._has_level, weights, 1.0)
+
+    def _update_levels(self, step: GlobalTaskLosses) -> None:
+        usable = usable_tasks(step)
+        losses = step.losses.detach()
+        if self._levels is None or self._has_level is None:
+            levels, has_level = torch.zeros_like(losses), torch.zeros_like(usable)
+        else:
+            levels = self._levels.to(losses.device)
+            has_level = self._has_level.to(losses.device)
+        if self.mode == "ema":
+            observed = torch.where(usable, losses, levels)
+            moving_average = update_loss_levels(levels, observed, self.decay, validate_args=False)
+            # A task's first level is its first loss, as update_loss_levels(None, ...) starts.
+            candidate, update = torch.where(has_level, moving_average, losses), usable
+        else:
+            candidate, update = losses, usable & ~has_level
+        self._levels = torch.where(update, candidate, levels)
+        self._has_level = has_level | usable
+
+    @override
+    def state_to_log(self) -> dict[str, Tensor]:
+        return {} if self._levels is None else {"loss_level": self._levels}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"levels": self._levels, "has_level": self._has_level}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._levels, self._has_level = state_dict["levels"], state_dict["has_level"]

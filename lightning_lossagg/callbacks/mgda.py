@@ -1,0 +1,118 @@
+"""``MGDA``: the min-norm combination of the (normalised) task gradients (MGDA-UB)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+import lightning as L
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_lossagg.aggregation import GlobalTaskLosses
+from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sync
+from lightning_lossagg.functional.mgda import mgda
+
+Normalization = Literal["none", "l2", "loss", "loss+"]
+
+
+class MGDA(GradientWeighting):
+    r"""Multiple-Gradient Descent (Sener & Koltun, 2018), with LibMTL's gradient normalisation.
+
+    `Multi-Task Learning as Multi-Objective Optimization <https://arxiv.org/abs/1810.04650>`_
+    (NeurIPS 2018). Each task gradient is divided by a normaliser :math:`n_k` and the shared part
+    follows the point of least norm in the convex hull of the normalised gradients:
+
+    .. math::
+        \lambda = \operatorname*{arg\,min}_{\lambda \in \Delta^K}
+            \Big\lVert \sum_k \lambda_k \frac{g_k}{n_k} \Big\rVert^2
+            = \operatorname*{arg\,min}_{\lambda \in \Delta^K}
+            \lambda^\top \frac{G}{n n^\top} \lambda, \qquad
+        d = \sum_k \frac{\lambda_k}{n_k}\, g_k, \quad w_k = \frac{\lambda_k}{n_k},
+
+    with :math:`n_k = 1` (``"none"``, LibMTL's default ``mgda_gn``), :math:`\lVert g_k\rVert`
+    (``"l2"``), :math:`L_k` (``"loss"``) or :math:`L_k \lVert g_k\rVert` (``"loss+"``), where
+    :math:`L_k` is the step's global task loss. :math:`\lambda` comes from
+    :func:`~lightning_lossagg.functional.mgda` (exact, instead of LibMTL's Frank-Wolfe). Each head
+    follows its own task's gradient; ``Task.weight`` multiplies :math:`w`.
+
+    Scale: LibMTL's. With ``"none"`` the weights lie on the simplex (sum 1), as in LibMTL and
+    torchjd's ``MGDA``. With a normalisation the update is the min-norm combination of the
+    normalised gradients, i.e. :math:`w = \lambda / n` on the original ones (LibMTL with parameter
+    gradients; with ``rep_grad=True`` LibMTL combines the unnormalised representation gradients
+    with :math:`\lambda`, which is not the min-norm point it solved for: here both modes use
+    :math:`\lambda / n`). A task whose normaliser is 0 (a zero gradient, or a zero loss with
+    ``"loss"``) is left out of the min-norm problem with weight 0, where LibMTL divides by 0.
+    ``"loss"`` and ``"loss+"`` refuse a negative loss with a ValueError naming the task.
+    Stateless: nothing to save.
+
+    Args:
+        normalization: ``"none"``, ``"l2"``, ``"loss"`` or ``"loss+"`` (LibMTL's ``mgda_gn``).
+        rep_grad: take gradients at the shared representation (MGDA-UB).
+        sync: with parameter gradients under DDP, ``"gradients"`` (exact) or ``"gramian"``.
+
+    Example:
+        >>> callback = MGDA(normalization="l2", rep_grad=True)
+    """
+
+    def __init__(
+        self,
+        normalization: Normalization = "none",
+        rep_grad: bool = False,
+        sync: Sync = "gradients",
+    ) -> None:
+        super().__init__(rep_grad=rep_grad, sync=sync)
+        if normalization not in get_args(Normalization):
+            raise ValueError(
+                "`normalization` must be 'none', 'l2', 'loss' or 'loss+' (LibMTL's mgda_gn); "
+                f"got {normalization!r}."
+            )
+        self.normalization = normalization
+        self._losses: Tensor | None = None
+        self._names: list[str] = []
+        self._global_step = 0
+
+    @property
+    @override
+    def method_arguments(self) -> dict[str, Any]:
+        return {"normalization": self.normalization, **super().method_arguments}
+
+    @override
+    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+        if self.normalization in ("loss", "loss+"):
+            valid = step.valid.cpu()
+            self._losses = step.losses.detach().to("cpu", torch.float64)[valid]
+            self._names = [name for name, ok in zip(step.names, valid.tolist(), strict=True) if ok]
+            self._global_step = pl_module.trainer.global_step
+        return super().task_weights(pl_module, step)
+
+    @override
+    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
+        normalizers = self._normalizers(gramian)
+        if not torch.isfinite(normalizers).all():
+            # A non-finite loss: the mixin's non-finite policy decides the step.
+            return torch.ones_like(normalizers)
+        weights = torch.zeros_like(normalizers)
+        usable = (normalizers > 0).nonzero().flatten()
+        if len(usable):
+            scale = normalizers[usable]
+            scaled = gramian[usable][:, usable] / torch.outer(scale, scale)
+            weights[usable] = mgda(scaled) / scale
+        return weights
+
+    def _normalizers(self, gramian: Tensor) -> Tensor:
+        norms = gramian.diagonal().clamp(min=0.0).sqrt()
+        if self.normalization == "none":
+            return torch.ones_like(norms)
+        if self.normalization == "l2":
+            return norms
+        assert self._losses is not None
+        losses = self._losses.tolist()
+        negative = [name for name, loss in zip(self._names, losses, strict=True) if loss < 0]
+        if negative:
+            raise ValueError(
+                f"MGDA(normalization={self.normalization!r}) divides each task's gradient by its "
+                f"loss, but the loss of task(s) {', '.join(negative)} was negative at global step "
+                f"{self._global_step}. Use normalization='l2' or 'none' for such losses."
+            )
+        return self._losses if self.normalization == "loss" else self._losses * norms

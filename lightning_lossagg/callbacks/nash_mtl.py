@@ -1,0 +1,174 @@
+"""``NashMTL``: the Nash bargaining solution between the tasks (LibMTL's update)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_lossagg.aggregation import GlobalTaskLosses
+from lightning_lossagg.callbacks._checks import require_multitask
+from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sync
+from lightning_lossagg.functional.nash_mtl import nash_mtl
+
+
+class NashMTL(GradientWeighting):
+    r"""Nash-MTL (Navon et al., 2022), with LibMTL's update and gradient clipping.
+
+    `Multi-Task Learning as a Bargaining Game <https://arxiv.org/abs/2202.01017>`_ (ICML 2022).
+    Every ``update_weights_every`` optimizer steps the weights solve the bargaining problem on the
+    global Gramian (:func:`~lightning_lossagg.functional.nash_mtl`, Newton warm-started from the
+    previous solution):
+
+    .. math::
+        \alpha_k\,(G\alpha)_k = 1 \quad (\alpha \succ 0), \qquad
+        \text{objective } \sum_k \alpha_k L_k, \qquad
+        \theta_{\text{shared}}.\text{grad} \leftarrow
+            \text{clip}\big(\textstyle\sum_k \alpha_k g_k,\ \texttt{max\_norm}\big);
+
+    in between, the last :math:`\alpha` is reused and no per-task gradient is taken at all.
+
+    Update: LibMTL's, which differs from the other gradient methods' on the heads. The gradient
+    is that of the weighted sum :math:`\sum_k \alpha_k L_k` (times ``Task.weight``), so the heads
+    get :math:`\alpha_k`-weighted gradients too (on a solving step through the base's surrogate,
+    with no second backward; in between, the plain weighted sum); then, before every optimizer
+    step, the global (DDP-averaged, accumulated) gradient of the shared parameters is clipped to
+    norm ``max_norm`` with ``torch.nn.utils.clip_grad_norm_``, exactly LibMTL's call (the heads
+    are not clipped).
+    torchjd's ``NashMTL`` instead gives each head its own task's unweighted gradient and does not
+    clip. Scale: LibMTL's and torchjd's, :math:`\lVert \sum_k \alpha_k g_k\rVert = \sqrt K`
+    before clipping; the weights recorded are the unclipped :math:`\alpha` (times
+    ``Task.weight``), as LibMTL returns them.
+
+    LibMTL refuses representation gradients; ``rep_grad=True`` works here (the Gramian of the
+    gradients at the shared representation; the clipping stays on the shared parameters).
+    LibMTL counts backward calls for ``update_weights_every``; here it counts optimizer steps
+    (``trainer.global_step``), so every micro-batch of an update step is solved (each from the
+    previous solution) and a resumed run keeps the schedule.
+
+    State: the previous solution :math:`\alpha` (ones before the first), the warm start and the
+    weights reused in between. A task without a valid sample in a step keeps its previous value.
+    It is saved in this callback's ``state_dict``.
+
+    Args:
+        update_weights_every: solve every this many optimizer steps (LibMTL: 1), an int >= 1.
+        max_norm: clip the shared gradient to this norm; 0 disables clipping (LibMTL: 1.0).
+        rep_grad: take gradients at the shared representation.
+        sync: with parameter gradients under DDP, ``"gradients"`` (exact) or ``"gramian"``.
+
+    Example:
+        >>> callback = NashMTL(update_weights_every=1, max_norm=1.0)
+    """
+
+    def __init__(
+        self,
+        update_weights_every: int = 1,
+        max_norm: float = 1.0,
+        rep_grad: bool = False,
+        sync: Sync = "gradients",
+    ) -> None:
+        super().__init__(rep_grad=rep_grad, sync=sync)
+        if (
+            isinstance(update_weights_every, bool)
+            or not isinstance(update_weights_every, int)
+            or update_weights_every < 1
+        ):
+            raise ValueError(
+                f"`update_weights_every` must be an int >= 1 (LibMTL's default is 1); got "
+                f"{update_weights_every!r}."
+            )
+        number = isinstance(max_norm, int | float) and not isinstance(max_norm, bool)
+        if not number or not math.isfinite(max_norm) or max_norm < 0:
+            raise ValueError(
+                f"`max_norm` must be a finite number >= 0 (0 disables clipping; LibMTL: 1.0); got "
+                f"{max_norm!r}."
+            )
+        self.update_weights_every = update_weights_every
+        self.max_norm = float(max_norm)
+        self._num_tasks = 0
+        self._previous: Tensor | None = None
+        self._valid: Tensor | None = None
+
+    @property
+    @override
+    def method_arguments(self) -> dict[str, Any]:
+        return {
+            "update_weights_every": self.update_weights_every,
+            "max_norm": self.max_norm,
+            **super().method_arguments,
+        }
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._num_tasks = len(require_multitask(self, pl_module))
+        if self.max_norm > 0:
+            pl_module.shared_parameters()  # type: ignore[operator]  # fails early with the fix
+        self._check_previous(self._previous)
+
+    @override
+    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+        due = pl_module.trainer.global_step % self.update_weights_every == 0
+        if due or self._previous is None:
+            self._valid = step.valid.cpu()
+            return super().task_weights(pl_module, step)
+        return self._previous.to(step.local_terms.device, step.local_terms.dtype)
+
+    @override
+    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
+        assert self._valid is not None
+        previous = self._previous
+        if previous is None:
+            previous = torch.ones(self._num_tasks, dtype=torch.float64)
+        weights = nash_mtl(gramian, previous[self._valid], max_norm=0.0)
+        previous = previous.clone()
+        previous[self._valid] = weights.to(previous)
+        self._previous = previous
+        return weights
+
+    @override
+    def backward_objective(
+        self, pl_module: L.LightningModule, step: GlobalTaskLosses, weights: Tensor, static: Tensor
+    ) -> Tensor:
+        if self._jacobian is not None:
+            # A solving step: the base's surrogate (d on the shared part, no second backward),
+            # with the weights in place of Task.weight on the heads, as LibMTL weighs them.
+            return super().backward_objective(pl_module, step, weights, weights)
+        objective = (weights * step.local_terms).sum()
+        if not self.rep_grad:
+            return objective
+        # The heads saw a detached copy of the representation: send its gradient on to the trunk.
+        shared, detached = pl_module.shared_representation  # type: ignore[misc]
+        pl_module.shared_representation = None
+        (representation_grad,) = torch.autograd.grad(objective, detached, retain_graph=True)
+        return objective + (shared * representation_grad).sum()
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.max_norm > 0:
+            shared = pl_module.shared_parameters()  # type: ignore[operator]
+            torch.nn.utils.clip_grad_norm_(shared, self.max_norm)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"previous": None if self._previous is None else self._previous.clone()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        previous = state_dict["previous"]
+        self._check_previous(previous)
+        self._previous = None if previous is None else previous.to("cpu", torch.float64)
+
+    def _check_previous(self, previous: Tensor | None) -> None:
+        if previous is not None and self._num_tasks and previous.shape != (self._num_tasks,):
+            raise ValueError(
+                f"This NashMTL holds {len(previous)} previous weights for a model with "
+                f"{self._num_tasks} tasks: they belong to another model. Resume the same model, "
+                "or create a new NashMTL."
+            )

@@ -1,0 +1,90 @@
+"""``UncertaintyWeighting``: task losses weighted by learned homoscedastic uncertainty."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_lossagg.callbacks._checks import check_task_names
+from lightning_lossagg.callbacks._learned_scales import LearnedScalesWeighting
+from lightning_lossagg.functional.uncertainty import uncertainty_weights
+
+
+class UncertaintyWeighting(LearnedScalesWeighting):
+    r"""Uncertainty weighting (Kendall et al., 2018), with learned log-variances.
+
+    `Multi-Task Learning Using Uncertainty to Weigh Losses for Scene Geometry and Semantics
+    <https://arxiv.org/abs/1705.07115>`_ (CVPR 2018). Each task has a log-variance
+    :math:`s_k = \log \sigma_k^2`, zero at the start, and the objective
+
+    .. math::
+        \mathcal{L} = \sum_k c_k e^{-s_k} L_k + \tfrac{1}{2} s_k, \qquad
+        w_k = c_k e^{-s_k}, \qquad
+        \frac{\partial \mathcal{L}}{\partial s_k} = \tfrac{1}{2} - w_k L_k,
+
+    with :math:`c_k = \tfrac12` (LibMTL's general form; the paper's Gaussian likelihood) or
+    :math:`c_k = 1` for the tasks in ``classification_tasks`` (the paper's softmax likelihood).
+    The model follows :math:`\sum_k w_k \nabla L_k`; the log-variances follow
+    :math:`\nabla_s \mathcal{L}` on the step's global losses (averaged over accumulated
+    micro-batches), with their own Adam, once per optimizer step of the model. At the optimum
+    :math:`e^{s_k} = 2 c_k L_k`: a regression task's learned variance is its loss, its MSE.
+
+    The log-variances live in this callback, not in the model: the model's ``state_dict`` does not
+    change and its checkpoints load without the callback. They, Adam's state and the losses of a
+    pending accumulation are in this callback's ``state_dict``. Logged as
+    ``train/log_var/<task>``.
+
+    Args:
+        lr: Adam's learning rate for the log-variances.
+        classification_tasks: the tasks with :math:`c_k = 1`.
+
+    Example:
+        >>> callback = UncertaintyWeighting(lr=0.01, classification_tasks=["species"])
+    """
+
+    state_name = "log_var"
+
+    def __init__(self, lr: float = 1e-2, classification_tasks: Sequence[str] = ()) -> None:
+        super().__init__(lr)
+        if isinstance(classification_tasks, str) or not all(
+            isinstance(name, str) for name in classification_tasks
+        ):
+            raise ValueError(
+                "`classification_tasks` must be a list of task names, e.g. ['species']; got "
+                f"{classification_tasks!r}."
+            )
+        self.classification_tasks = tuple(classification_tasks)
+        self._classification: Tensor | None = None
+
+    @property
+    @override
+    def method_arguments(self) -> dict[str, Any]:
+        return {"lr": self.lr, "classification_tasks": list(self.classification_tasks)}
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        task_names: tuple[str, ...] = pl_module.task_names  # type: ignore[assignment]
+        check_task_names("classification_tasks", self.classification_tasks, task_names)
+        self._classification = None  # every task in the general form: c_k = 1/2
+        if self.classification_tasks:
+            self._classification = torch.tensor(
+                [name in self.classification_tasks for name in task_names]
+            )
+
+    @override
+    def _weights(self, scales: Tensor) -> Tensor:
+        classification = self._classification
+        if classification is not None and classification.device != scales.device:
+            classification = self._classification = classification.to(scales.device)
+        return uncertainty_weights(scales, classification, validate_args=False)
+
+    @override
+    def _gradient(self, weights: Tensor, losses: Tensor) -> Tensor:
+        # d/ds_k of uncertainty_objective: 1/2 - c_k e^(-s_k) L_k = 1/2 - w_k L_k.
+        return 0.5 - weights * losses

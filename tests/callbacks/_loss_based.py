@@ -1,0 +1,417 @@
+"""Shared pieces of the loss-based weighting tests: the methods, tiny fits, and references.
+
+The references recompute each method's weights from the global losses that a real fit recorded,
+with the functional layer (the learned methods: autograd through its objectives and one
+``torch.optim.Adam`` per task): they share no code with the callbacks but the formulas.
+Importable by spawned DDP ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lightning_lossagg import MaskedLoss, Task, global_task_losses
+from lightning_lossagg.aggregation import GlobalTaskLosses
+from lightning_lossagg.callbacks import (
+    DWA,
+    FAMO,
+    GLS,
+    IMTLL,
+    RLW,
+    LossScaling,
+    UncertaintyWeighting,
+)
+from lightning_lossagg.callbacks.rlw import step_seed
+from lightning_lossagg.functional.dwa import dwa
+from lightning_lossagg.functional.famo import famo_logit_gradient, famo_weights
+from lightning_lossagg.functional.gls import gls_weights
+from lightning_lossagg.functional.imtl_l import imtl_l_objective, imtl_l_weights
+from lightning_lossagg.functional.loss_scaling import loss_scaling_weights, update_loss_levels
+from lightning_lossagg.functional.rlw import rlw
+from lightning_lossagg.functional.uncertainty import uncertainty_objective, uncertainty_weights
+from lightning_lossagg.weighting import WeightingCallback
+from tests.models import ThreeTaskNet, concat_batches, make_batch
+from tests.process_group import CollectiveCounter
+
+STATIC_WEIGHTS = torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)  # ThreeTaskNet's Task.weight
+
+# Arguments that make every method's state move visibly within a few steps.
+METHODS: dict[str, Callable[[], WeightingCallback]] = {
+    "uncertainty_weighting": lambda: UncertaintyWeighting(lr=0.1, classification_tasks=["kind"]),
+    "dwa": lambda: DWA(temperature=0.5),
+    "loss_scaling": lambda: LossScaling(mode="ema", decay=0.5, warmup_steps=1),
+    "rlw": lambda: RLW(seed=3),
+    "gls": GLS,
+    "imtl_l": lambda: IMTLL(lr=0.1),
+    "famo": lambda: FAMO(lr=0.1),
+}
+STATEFUL = [name for name in METHODS if name != "gls"]
+
+
+class Recorder(L.Callback):
+    """Keeps every training step's global figures; optionally the same batch's losses after the
+    optimizer step (what FAMO measures), evaluated here independently of the callback."""
+
+    def __init__(self, evaluate_after: bool = False) -> None:
+        self.evaluate_after = evaluate_after
+        self.steps: list[dict[str, Any]] = []
+        self._optimizer_step = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._optimizer_step = trainer.global_step  # optimizer steps done before this batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        record = pl_module.loss_record
+        step = {
+            "optimizer_step": self._optimizer_step,
+            "epoch": trainer.current_epoch,
+            "losses": record.losses.clone(),
+            "counts": record.counts.clone(),
+            "valid": record.counts > 0,
+            "weights": record.weights.clone(),
+            "state": {k: v.clone() for k, v in record.method_state.items()},
+        }
+        if self.evaluate_after:
+            with torch.no_grad(), trainer.precision_plugin.train_step_context():
+                step["losses_after"] = pl_module.compute_global_losses(batch).losses.clone()
+        self.steps.append(step)
+
+
+def global_losses(losses: list[float], valid: list[bool] | None = None) -> GlobalTaskLosses:
+    """One step's global figures for direct calls of ``task_weights``: one sample per task, whose
+    loss is ``losses[k]`` (masked out where ``valid[k]`` is False)."""
+    valid = [True] * len(losses) if valid is None else valid
+    tasks = {f"task_{k}": Task("mse") for k in range(len(losses))}
+    masked = {
+        name: MaskedLoss(torch.tensor([value], dtype=torch.float64), torch.tensor([ok]))
+        for name, value, ok in zip(tasks, losses, valid, strict=True)
+    }
+    return global_task_losses(masked, tasks)
+
+
+def at_step(global_step: int, epoch: int = 0) -> Any:
+    """A stand-in for the module as ``task_weights`` sees it: only ``trainer``'s step counters."""
+    return SimpleNamespace(trainer=SimpleNamespace(global_step=global_step, current_epoch=epoch))
+
+
+def training_batches(num_batches: int = 2, seed: int = 0) -> list:
+    """Uneven batches with missing labels; the second has no valid "kind" label at all."""
+    batches = [make_batch(6 + 3 * index, seed=seed + index) for index in range(num_batches)]
+    if num_batches > 1:
+        batches[1][1]["kind"][:] = -100
+    return batches
+
+
+def loader(batches: list) -> DataLoader:
+    return DataLoader(batches, batch_size=None)  # fixed order: no shuffle
+
+
+def trainer(callbacks: list, max_epochs: int, **kwargs: Any) -> L.Trainer:
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "precision": "64-true",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    options.update(kwargs)
+    return L.Trainer(max_epochs=max_epochs, callbacks=callbacks, **options)
+
+
+def initial_model_state() -> dict[str, Tensor]:
+    torch.manual_seed(0)
+    return ThreeTaskNet().state_dict()
+
+
+def model_from(state: dict[str, Tensor]) -> ThreeTaskNet:
+    """The model in float64 from the start: with "64-true" Lightning converts the module only
+    after restoring a checkpoint, which would round the restored weights to float32."""
+    model = ThreeTaskNet()
+    model.load_state_dict(state)
+    return model.double()
+
+
+def fit_method(
+    name: str,
+    batches: list,
+    max_epochs: int,
+    *,
+    val_batches: list | None = None,
+    extra_callbacks: tuple[L.Callback, ...] = (),
+    ckpt_path: str | Path | None = None,
+    callback: WeightingCallback | None = None,
+    **trainer_kwargs: Any,
+) -> tuple[WeightingCallback, Recorder, ThreeTaskNet]:
+    """A fresh ``name`` callback (or ``callback``) fitted on ``batches`` from the seeded initial
+    model."""
+    callback = METHODS[name]() if callback is None else callback
+    recorder = Recorder(evaluate_after=name == "famo")
+    model = model_from(initial_model_state())
+    run = trainer([callback, recorder, *extra_callbacks], max_epochs, **trainer_kwargs)
+    val_loader = None if val_batches is None else loader(val_batches)
+    run.fit(model, loader(batches), val_loader, ckpt_path=ckpt_path)
+    return callback, recorder, model
+
+
+# ----------------------------------------------------------------------------- references
+class _AdamPerTask:
+    """A ``torch.optim.Adam`` per task, stepped only when its task takes part."""
+
+    def __init__(self, lr: float, weight_decay: float = 0.0) -> None:
+        self.scalars = [torch.zeros((), dtype=torch.float64, requires_grad=True) for _ in range(3)]
+        self.optimizers = [
+            torch.optim.Adam([scalar], lr=lr, weight_decay=weight_decay) for scalar in self.scalars
+        ]
+
+    def values(self) -> Tensor:
+        return torch.stack([scalar.detach() for scalar in self.scalars])
+
+    def step(self, gradient: Tensor, taking_part: Tensor) -> None:
+        for task, (scalar, optimizer) in enumerate(zip(self.scalars, self.optimizers, strict=True)):
+            if taking_part[task]:
+                scalar.grad = gradient[task].clone()
+                optimizer.step()
+
+
+def _optimizer_steps(steps: list[dict]) -> list[list[dict]]:
+    """The micro-batches of each optimizer step, in order."""
+    groups: dict[int, list[dict]] = {}
+    for step in steps:
+        groups.setdefault(step["optimizer_step"], []).append(step)
+    return list(groups.values())
+
+
+def _mean_valid_losses(group: list[dict]) -> tuple[Tensor, Tensor]:
+    """Each task's loss averaged over the micro-batches where it had a valid sample."""
+    total = sum(torch.where(s["valid"], s["losses"], 0.0) for s in group)
+    count = sum(s["valid"].to(torch.float64) for s in group)
+    return total / count.clamp(min=1), count > 0
+
+
+def _learned_scales(steps: list[dict], lr: float, weights_of, objective_of) -> list[Tensor]:
+    adam, weights = _AdamPerTask(lr), []
+    for group in _optimizer_steps(steps):
+        scales = adam.values().requires_grad_()
+        weights += [weights_of(scales.detach())] * len(group)
+        losses, seen = _mean_valid_losses(group)
+        (gradient,) = torch.autograd.grad(objective_of(losses, scales), scales)
+        adam.step(gradient, seen)
+    return weights
+
+
+def _uncertainty(steps: list[dict], callback: UncertaintyWeighting) -> list[Tensor]:
+    classification = torch.tensor([False, True, False])  # "kind"
+    return _learned_scales(
+        steps,
+        callback.lr,
+        lambda s: uncertainty_weights(s, classification),
+        lambda losses, s: uncertainty_objective(losses, s, classification),
+    )
+
+
+def _imtl_l(steps: list[dict], callback: IMTLL) -> list[Tensor]:
+    return _learned_scales(steps, callback.lr, imtl_l_weights, imtl_l_objective)
+
+
+def _dwa(steps: list[dict], callback: DWA) -> list[Tensor]:
+    def period(step: dict) -> int:
+        if callback.window_steps is None:
+            return step["epoch"]
+        return step["optimizer_step"] // callback.window_steps
+
+    means = {}
+    for index in sorted({period(step) for step in steps}):
+        in_period = [step for step in steps if period(step) == index]
+        total = sum(torch.nan_to_num(s["losses"]) * s["counts"] for s in in_period)
+        means[index] = total / sum(s["counts"] for s in in_period)  # NaN: no valid sample
+    weights = []
+    for step in steps:
+        index = period(step)
+        if index < 2:
+            weights.append(torch.ones(3, dtype=torch.float64))
+            continue
+        previous, before = means[index - 1], means[index - 2]
+        has_rate = previous.isfinite() & before.isfinite()  # otherwise the rate is taken as 1
+        previous, before = previous.where(has_rate, 1.0), before.where(has_rate, 1.0)
+        weights.append(dwa(previous, before, callback.temperature))
+    return weights
+
+
+def _loss_scaling(steps: list[dict], callback: LossScaling) -> list[Tensor]:
+    levels: list[Tensor | None] = [None, None, None]  # per task, from its valid steps only
+    weights = []
+    for step in steps:
+        in_warmup = step["optimizer_step"] < callback.warmup_steps
+        for task in range(3):
+            if not step["valid"][task]:
+                continue
+            loss = step["losses"][task : task + 1]
+            if callback.mode == "ema":
+                levels[task] = update_loss_levels(levels[task], loss, callback.decay)
+            elif not in_warmup and levels[task] is None:
+                levels[task] = loss
+        if in_warmup:
+            weights.append(torch.ones(3, dtype=torch.float64))
+            continue
+        weights.append(
+            torch.cat(
+                [
+                    torch.ones(1) if level is None else loss_scaling_weights(level, callback.eps)
+                    for level in levels
+                ]
+            )
+        )
+    return weights
+
+
+def _rlw(steps: list[dict], callback: RLW) -> list[Tensor]:
+    def draw(optimizer_step: int) -> Tensor:
+        generator = torch.Generator().manual_seed(step_seed(callback.seed, optimizer_step))
+        return rlw(3, generator, dtype=torch.float64)
+
+    return [draw(step["optimizer_step"]) for step in steps]
+
+
+def _on_valid(fn: Callable[..., Tensor], valid: Tensor, *vectors: Tensor) -> Tensor:
+    """``fn`` applied to the valid tasks only, scattered back (0 elsewhere)."""
+    result = torch.zeros(valid.shape, dtype=torch.float64)
+    result[valid] = fn(*(vector[valid] for vector in vectors))
+    return result
+
+
+def _gls(steps: list[dict], callback: GLS) -> list[Tensor]:
+    return [_on_valid(gls_weights, step["valid"], step["losses"]) for step in steps]
+
+
+def _famo(steps: list[dict], callback: FAMO) -> list[Tensor]:
+    adam, weights = _AdamPerTask(callback.lr, callback.weight_decay), []
+    for group in _optimizer_steps(steps):
+        logits = adam.values()
+        for step in group:
+            weights.append(_on_valid(famo_weights, step["valid"], logits, step["losses"]))
+        last = group[-1]  # the micro-batch evaluated again after the optimizer step
+        valid = last["valid"]
+        gradient = _on_valid(
+            famo_logit_gradient, valid, logits, last["losses"], last["losses_after"]
+        )
+        adam.step(gradient, valid)
+    return weights
+
+
+REFERENCES: dict[str, Callable[[list[dict], Any], list[Tensor]]] = {
+    "uncertainty_weighting": _uncertainty,
+    "dwa": _dwa,
+    "loss_scaling": _loss_scaling,
+    "rlw": _rlw,
+    "gls": _gls,
+    "imtl_l": _imtl_l,
+    "famo": _famo,
+}
+
+
+def expected_record_weights(name: str, steps: list[dict], callback: Any) -> list[Tensor]:
+    """What the mixin must record: reference weights times the static ones, 0 where invalid."""
+    return [
+        torch.where(step["valid"], weights.to(torch.float64) * STATIC_WEIGHTS, 0.0)
+        for step, weights in zip(steps, REFERENCES[name](steps, callback), strict=True)
+    ]
+
+
+def assert_nested_equal(actual: Any, expected: Any, path: str = "state") -> None:
+    """Exact equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(expected, dict):
+        assert set(actual) == set(expected), path
+        for key in expected:
+            assert_nested_equal(actual[key], expected[key], f"{path}[{key!r}]")
+    elif isinstance(expected, list | tuple):
+        assert len(actual) == len(expected), path
+        for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_nested_equal(a, e, f"{path}[{index}]")
+    elif isinstance(expected, Tensor):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=path)
+    else:
+        assert actual == expected, path
+
+
+# ----------------------------------------------------------------------------- DDP
+def ddp_batches() -> list[list]:
+    """Per rank, two uneven batches per epoch; rank 1 has no valid "kind" label in its second."""
+    rank0 = [make_batch(5, seed=10), make_batch(7, seed=11)]
+    rank1 = [make_batch(8, seed=20), make_batch(4, seed=21)]
+    rank1[1][1]["kind"][:] = -100
+    return [rank0, rank1]
+
+
+def concatenated_ddp_batches() -> list:
+    rank0, rank1 = ddp_batches()
+    return [concat_batches(a, b) for a, b in zip(rank0, rank1, strict=True)]
+
+
+DDP_EPOCHS = 3
+
+
+class CollectivesPerStep(L.Callback):
+    """The ``torch.distributed`` all-reduces of each training batch, its hooks included (placed
+    after the weighting callback: its ``on_train_batch_end`` is counted, what follows is not)."""
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+        self._counter: CollectiveCounter | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._counter = CollectiveCounter().__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        assert self._counter is not None
+        self._counter.__exit__()
+        self.counts.append(self._counter.calls.count("all_reduce"))
+
+
+def ddp_rank(rank: int, port: int, out_dir: str, names: list[str]) -> None:
+    """One rank of a 2-process run: each method fits with Lightning's DDP strategy in turn.
+
+    The processes are launched here (as ``ddp_spawn`` would launch them), so one launch serves
+    every method: Lightning sees ``LOCAL_RANK`` and joins the process group instead of spawning.
+    """
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        NODE_RANK="0",
+        LOCAL_RANK=str(rank),
+        RANK=str(rank),
+    )
+    torch.set_num_threads(1)  # two ranks on two cores
+    results = {}
+    for name in names:
+        callback, recorder = METHODS[name](), Recorder(evaluate_after=name == "famo")
+        collectives = CollectivesPerStep()
+        model = model_from(initial_model_state())
+        run = trainer(
+            [callback, collectives, recorder],
+            DDP_EPOCHS,
+            strategy="ddp",
+            devices=2,
+            use_distributed_sampler=False,
+        )
+        run.fit(model, loader(ddp_batches()[rank]))
+        results[name] = {
+            "weights": torch.stack([step["weights"] for step in recorder.steps]),
+            "state": copy.deepcopy(callback.state_dict()),
+            "parameters": {k: v.clone() for k, v in model.state_dict().items()},
+            "all_reduces_per_step": collectives.counts,
+        }
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")

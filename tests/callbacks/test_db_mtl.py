@@ -1,0 +1,157 @@
+"""DB-MTL through real fits: the buffer, step counter and the model update against the paper's
+update written out with plain torch (log-loss gradients by autograd), a real 2-process run,
+exact resume, the YAML config, argument errors."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_lossagg.callbacks import DBMTL
+from lightning_lossagg.cli import build_cli
+from tests.callbacks._stateful_gradient import (
+    STATIC,
+    assert_grads_close,
+    assert_nested_equal,
+    assert_two_ranks_equal_one_process,
+    fit,
+    flat_grad,
+    forward_losses,
+    initial_model,
+    sgd_step,
+)
+from tests.models import make_batch
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CONFIG = Path(__file__).parents[2] / "configs" / "penguins_db_mtl.yaml"
+BETA, SIGMA, EPS = 0.9, 0.5, 1e-8
+
+
+def _batches() -> list:
+    batches = [make_batch(6, seed=1), make_batch(9, seed=2), make_batch(7, seed=3)]
+    batches[1][1]["kind"][:] = -100  # no valid "kind" label in the second step
+    return batches
+
+
+def _reference(batches: list) -> list[dict]:
+    """Per step t (1-based): b_k <- ĝ_k + beta / t^sigma (b_k - ĝ_k) with ĝ_k the gradient of
+    log(L_k + 1e-8) on the trunk, for the tasks with labels; the trunk follows
+    sum_k c_k max_j ||b_j|| / ||b_k|| b_k over those tasks; heads c_k ∇log(L_k + 1e-8)."""
+    model = initial_model()
+    trunk = list(model.trunk.parameters())
+    buffer = torch.zeros(3, sum(p.numel() for p in trunk), dtype=torch.float64)
+    steps = []
+    for t, batch in enumerate(batches, start=1):
+        losses, _ = forward_losses(model, batch)
+        present = torch.isfinite(losses)
+        log_losses = torch.log(torch.where(present, losses, 1.0) + EPS)
+        for k in present.nonzero().flatten().tolist():
+            log_grad = flat_grad(log_losses[k], trunk)
+            buffer[k] = log_grad + BETA / t**SIGMA * (buffer[k] - log_grad)
+        norms = buffer.norm(dim=1)
+        largest = norms[present].max()
+        balance = torch.where(present, largest / norms, 0.0)
+        direction = (STATIC * balance) @ buffer
+        head_objective = (torch.where(present, STATIC, 0.0) * log_losses).sum()
+        grads = sgd_step(model, direction, head_objective)
+        weights = torch.where(present, STATIC / (losses.detach() + EPS), 0.0)
+        steps.append(
+            {
+                "weights": weights,
+                "grads": grads,
+                "buffer": buffer.clone(),
+                "step": t,
+                "balance": balance,
+            }
+        )
+    return steps
+
+
+def test_buffer_counter_and_update_equal_the_paper_by_hand():
+    batches = _batches()
+    recorder, _ = fit(DBMTL(beta=BETA, beta_sigma=SIGMA), batches)
+    expected = _reference(batches)
+    for index, (step, reference) in enumerate(zip(recorder.steps, expected, strict=True)):
+        torch.testing.assert_close(step["weights"], reference["weights"], msg=f"step {index}")
+        assert_grads_close(step["grads"], reference["grads"], f"step {index}")
+        torch.testing.assert_close(step["state"]["buffer"], reference["buffer"])
+        assert step["state"]["step"] == reference["step"]
+        torch.testing.assert_close(step["logged"]["buffer_weight"], reference["balance"])
+
+
+@pytest.mark.ddp
+def test_two_processes_equal_one_process_on_the_concatenated_batches():
+    assert_two_ranks_equal_one_process("db_mtl")
+
+
+def test_resuming_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
+    batches = _batches()[:2]
+    full_method = DBMTL(beta=BETA, beta_sigma=SIGMA)
+    full, full_model = fit(full_method, batches, max_epochs=4)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    first, _ = fit(
+        DBMTL(beta=BETA, beta_sigma=SIGMA),
+        batches,
+        2,
+        extra_callbacks=(checkpoint,),
+        enable_checkpointing=True,
+    )
+    resumed_method = DBMTL(beta=BETA, beta_sigma=SIGMA)
+    second, resumed_model = fit(resumed_method, batches, 4, ckpt_path=tmp_path / "last.ckpt")
+    assert len(first.steps) == len(second.steps) == 4
+    for index, (resumed, uninterrupted) in enumerate(
+        zip(first.steps + second.steps, full.steps, strict=True)
+    ):
+        assert torch.equal(resumed["weights"], uninterrupted["weights"]), f"step {index}"
+        assert_nested_equal(resumed["grads"], uninterrupted["grads"], f"grads of step {index}")
+    assert full_method.state_dict()["step"] == 8
+    assert_nested_equal(resumed_method.state_dict(), full_method.state_dict())
+    assert_nested_equal(resumed_model.state_dict(), full_model.state_dict())
+
+
+def test_the_penguins_config_runs_through_the_cli(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["lossagg"])
+    cli = build_cli(
+        [
+            "fit",
+            f"--config={CONFIG}",
+            "--trainer.max_epochs=1",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    method = cli.model.weighting
+    assert isinstance(method, DBMTL) and method.beta == 0.9
+    state = method.state_dict()
+    assert state["step"] == cli.trainer.global_step > 0
+    shared = sum(p.numel() for p in cli.model.shared_parameters())
+    assert state["buffer"].shape == (3, shared)
+    # What LossLogger logs as train/buffer_weight/<task> (its own tests check the logging).
+    assert torch.isfinite(method.state_to_log()["buffer_weight"]).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"beta": 1.0}, r"`beta` must be in \[0, 1\)"),
+        ({"beta": -0.1}, r"`beta` must be in \[0, 1\)"),
+        ({"beta": float("nan")}, "`beta` must be finite"),
+        ({"beta_sigma": -1.0}, "`beta_sigma` must be >= 0"),
+        ({"beta_sigma": "0"}, "`beta_sigma` must be a number"),
+        ({"rep_grad": True}, "DBMTL does not support rep_grad=True"),
+        ({"sync": "gramian"}, "DBMTL needs sync='gradients'"),
+        ({"sync": "params"}, "'gradients' or 'gramian'"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DBMTL(**kwargs)
+
+
+def test_a_buffer_of_another_model_is_refused():
+    method = DBMTL()
+    fit(method, [make_batch(4, seed=0)])
+    with pytest.raises(ValueError, match="belongs to another model"):
+        method.load_state_dict({"buffer": torch.zeros(3, 7, dtype=torch.float64), "step": 1})

@@ -1,0 +1,76 @@
+"""DWA: its arguments, windows of steps, and tasks without a rate."""
+
+import pytest
+import torch
+
+from lightning_lossagg.callbacks import DWA
+from lightning_lossagg.functional.dwa import dwa
+from tests.callbacks._loss_based import (
+    at_step,
+    expected_record_weights,
+    fit_method,
+    global_losses,
+    training_batches,
+)
+from tests.models import ThreeTaskNet
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.mark.parametrize("temperature", [0.0, -2.0, float("nan"), float("inf")])
+def test_a_bad_temperature_is_refused(temperature):
+    with pytest.raises(ValueError, match="`temperature` must be"):
+        DWA(temperature=temperature)
+
+
+@pytest.mark.parametrize("window_steps", [0, -5, 2.5, True])
+def test_a_bad_window_is_refused(window_steps):
+    with pytest.raises(ValueError, match="`window_steps` must be None"):
+        DWA(window_steps=window_steps)
+
+
+def test_windows_of_steps_replace_epochs():
+    # One epoch of 8 steps in windows of 2 steps: the weights move within the epoch.
+    batches = training_batches(2) * 4
+    callback, recorder, _ = fit_method(
+        "dwa", batches, max_epochs=1, callback=DWA(temperature=0.5, window_steps=2)
+    )
+    steps = recorder.steps
+    assert [step["epoch"] for step in steps] == [0] * 8
+    static = torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)
+    for step in steps[:4]:  # windows 0 and 1: weights 1
+        assert torch.equal(step["weights"], torch.where(step["valid"], static, 0.0))
+    assert not torch.allclose(steps[4]["weights"], steps[2]["weights"])
+    for step, expected in zip(steps, expected_record_weights("dwa", steps, callback), strict=True):
+        torch.testing.assert_close(step["weights"], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_task_without_a_valid_sample_in_a_period_takes_the_rate_1():
+    # Windows of one step: task 1 has no label in window 1, so windows 2 and 3 have no rate for
+    # it; the other tasks' rates are theirs.
+    callback = DWA(temperature=2.0, window_steps=1)
+    callback.setup(None, ThreeTaskNet(), "fit")
+    history = [
+        global_losses([4.0, 2.0, 1.0]),
+        global_losses([2.0, 1.0, 3.0], valid=[True, False, True]),
+        global_losses([1.0, 1.0, 1.0]),
+        global_losses([1.0, 1.0, 1.0]),
+    ]
+    weights = [callback.task_weights(at_step(index), step) for index, step in enumerate(history)]
+    expected_window_2 = dwa(torch.tensor([2.0, 1.0, 3.0]), torch.tensor([4.0, 1.0, 1.0]))
+    expected_window_3 = dwa(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([2.0, 1.0, 3.0]))
+    torch.testing.assert_close(weights[2].float(), expected_window_2)
+    torch.testing.assert_close(weights[3].float(), expected_window_3)
+    assert callback.state_to_log()["loss_rate"][1] == 1.0
+
+
+def test_the_rates_are_logged_from_the_third_period():
+    callback = DWA(window_steps=1)
+    callback.setup(None, ThreeTaskNet(), "fit")
+    for index in range(3):
+        callback.task_weights(at_step(index), global_losses([1.0 + index, 2.0, 3.0]))
+        has_rates = "loss_rate" in callback.state_to_log()
+        assert has_rates == (index == 2)
+    torch.testing.assert_close(
+        callback.state_to_log()["loss_rate"], torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)
+    )

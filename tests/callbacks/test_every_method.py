@@ -1,0 +1,63 @@
+"""Every weighting method under bf16 mixed precision and gradient accumulation (issue 6)."""
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_lossagg import callbacks
+from lightning_lossagg.demos import PenguinsDataModule, PenguinsNet
+
+METHODS = {
+    "UncertaintyWeighting": lambda: callbacks.UncertaintyWeighting(),
+    "DWA": lambda: callbacks.DWA(window_steps=2),
+    "LossScaling": lambda: callbacks.LossScaling(),
+    "RLW": lambda: callbacks.RLW(),
+    "GLS": lambda: callbacks.GLS(),
+    "IMTLL": lambda: callbacks.IMTLL(),
+    "FAMO": lambda: callbacks.FAMO(),
+    "GradNorm": lambda: callbacks.GradNorm(),
+    "MGDA": lambda: callbacks.MGDA(),
+    "MGDA-rep": lambda: callbacks.MGDA(rep_grad=True),
+    "PCGrad": lambda: callbacks.PCGrad(),
+    "CAGrad": lambda: callbacks.CAGrad(),
+    "IMTLG": lambda: callbacks.IMTLG(),
+    "NashMTL": lambda: callbacks.NashMTL(),
+    "AlignedMTL": lambda: callbacks.AlignedMTL(),
+    "UPGrad": lambda: callbacks.UPGrad(),
+    "GradVac": lambda: callbacks.GradVac(),
+    "DBMTL": lambda: callbacks.DBMTL(),
+}
+
+
+class WeightsSeen(L.Callback):
+    def __init__(self) -> None:
+        self.weights: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.weights.append(pl_module.loss_record.weights.detach().clone())
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_trains_with_bf16_mixed_and_four_accumulated_batches(name):
+    seen = WeightsSeen()
+    model = PenguinsNet()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = L.Trainer(
+        max_steps=2,
+        accumulate_grad_batches=4,
+        precision="bf16-mixed",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[METHODS[name](), seen],
+    )
+    trainer.fit(model, PenguinsDataModule(batch_size=16))
+    assert trainer.global_step == 2 and len(seen.weights) == 8  # 2 steps x 4 micro-batches
+    for weights in seen.weights:
+        assert weights.dtype == torch.float32, "weights are computed in float32 under bf16"
+        assert torch.isfinite(weights).all() and (weights >= 0).all()
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert changed, "the optimizer steps changed no parameter"

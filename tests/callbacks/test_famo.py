@@ -1,0 +1,47 @@
+"""FAMO: its arguments, and the price of its re-evaluation (one extra forward per optimizer
+step; its one extra all-reduce is counted in the 2-process test of test_loss_based_common)."""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_lossagg.callbacks import FAMO
+from tests.callbacks._loss_based import trainer, training_batches
+from tests.models import ThreeTaskNet
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"lr": 0.0}, "`lr` must be > 0"),
+        ({"lr": float("inf")}, "`lr` must be a finite number"),
+        ({"weight_decay": -1e-3}, "`weight_decay` must be a finite number >= 0"),
+        ({"weight_decay": "0"}, "`weight_decay` must be a number >= 0"),
+        ({"eps": float("nan")}, "`eps` must be a finite number >= 0"),
+    ],
+)
+def test_bad_arguments_are_refused(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        FAMO(**arguments)
+
+
+class CountingNet(ThreeTaskNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.forward_calls = 0
+
+    def forward(self, inputs):
+        self.forward_calls += 1
+        return super().forward(inputs)
+
+
+@pytest.mark.parametrize(("accumulate", "expected_forwards"), [(1, 8), (2, 4 + 2)])
+def test_one_extra_forward_per_optimizer_step(accumulate, expected_forwards):
+    model, callback = CountingNet().double(), FAMO()
+    run = trainer([callback], max_epochs=1, accumulate_grad_batches=accumulate)
+    run.fit(model, DataLoader(training_batches(4), batch_size=None))
+    assert run.global_step == 4 // accumulate
+    assert model.forward_calls == expected_forwards
+    assert not torch.equal(callback.state_to_log()["logit"], torch.zeros(3, dtype=torch.float64))

@@ -1,0 +1,66 @@
+"""GLS: the weighted objective is the geometric mean, and a loss <= 0 stops training before the
+optimizer step, naming the task and the step."""
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_lossagg import MaskedLoss
+from lightning_lossagg.callbacks import GLS, NonPositiveLossError
+from tests.callbacks._loss_based import at_step, global_losses, trainer
+from tests.models import ThreeTaskNet, make_batch
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _weights(losses: list[float], valid: list[bool] | None = None) -> torch.Tensor:
+    callback = GLS()
+    callback.setup(None, ThreeTaskNet(), "fit")
+    return callback.task_weights(at_step(0), global_losses(losses, valid))
+
+
+def test_the_weighted_losses_are_the_geometric_mean_and_its_gradient():
+    losses = torch.tensor([0.5, 4.0, 32.0], dtype=torch.float64, requires_grad=True)
+    weights = _weights(losses.tolist())
+    geometric_mean = losses.prod() ** (1 / 3)  # 4
+    assert float((weights * losses.detach()).sum()) == pytest.approx(4.0)
+    (gradient,) = torch.autograd.grad(geometric_mean, losses)
+    torch.testing.assert_close(weights, gradient)
+
+
+def test_a_task_without_labels_leaves_the_mean_of_the_others():
+    weights = _weights([0.5, 7.0, 2.0], valid=[True, False, True])
+    # G over the two valid tasks is 1: w_k = G / (2 L_k).
+    torch.testing.assert_close(weights[[0, 2]], torch.tensor([1.0, 0.25], dtype=torch.float64))
+
+
+class SignedPriceNet(ThreeTaskNet):
+    """The "price" loss of a sample is its target, so that a test sets each step's loss."""
+
+    def per_sample_losses(self, predictions, targets):
+        losses = super().per_sample_losses(predictions, targets)
+        price = targets["price"] + 0 * predictions["price"]
+        losses["price"] = MaskedLoss(price, losses["price"].mask)
+        return losses
+
+
+class ParametersAfterEachStep(L.Callback):
+    def __init__(self) -> None:
+        self.parameters: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.parameters.append({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+
+def test_a_non_positive_loss_is_refused_before_the_optimizer_step():
+    batches = [make_batch(6, seed=seed) for seed in range(3)]
+    for index, batch in enumerate(batches):
+        sign = -1.0 if index == 2 else 1.0
+        batch[1]["price"] = sign * (batch[1]["price"].abs() + 0.5)  # step 2: a negative loss
+    model, after_step = SignedPriceNet().double(), ParametersAfterEachStep()
+    with pytest.raises(NonPositiveLossError, match=r"'price' \(-[0-9.]+\).*global step 2"):
+        trainer([GLS(), after_step], max_epochs=1).fit(model, DataLoader(batches, batch_size=None))
+    assert len(after_step.parameters) == 2
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, after_step.parameters[-1][name]), name  # step 2 never applied

@@ -1,0 +1,190 @@
+"""GradNorm through real fits: two updates of w by hand (plain torch autograd on the paper's
+loss, torch's Adam), a real 2-process run, exact resume, the YAML config, argument errors."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_lossagg.callbacks import GradNorm
+from lightning_lossagg.cli import build_cli
+from tests.callbacks._stateful_gradient import (
+    STATIC,
+    assert_grads_close,
+    assert_nested_equal,
+    assert_two_ranks_equal_one_process,
+    fit,
+    flat_grad,
+    forward_losses,
+    initial_model,
+    sgd_step,
+)
+from tests.models import make_batch
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CONFIG = Path(__file__).parents[2] / "configs" / "penguins_gradnorm.yaml"
+LR = 0.1
+
+
+def _reference(batches: list, where: str, alpha: float) -> list[dict]:
+    """The paper by hand: per step the weights used, the model's gradients, the new w."""
+    model = initial_model(deep=True)
+    weights = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    adam = torch.optim.Adam([weights], lr=LR)
+    initial_losses, steps = None, []
+    for batch in batches:
+        losses, shared = forward_losses(model, batch)
+        at = {
+            "last": list(model.trunk[2].parameters()),  # the last shared layer: Linear(8, 8)
+            "all": list(model.trunk.parameters()),
+            "representation": [shared],
+        }[where]
+        norms = torch.stack([flat_grad(loss, at).norm() for loss in losses])
+        if initial_losses is None:
+            initial_losses = losses.detach()
+        ratios = losses.detach() / initial_losses
+        inverse_rates = ratios / ratios.mean()
+        weighted_norms = weights * norms
+        target = (weighted_norms.mean() * inverse_rates**alpha).detach()
+        gradnorm_loss = (weighted_norms - target).abs().sum()
+        used = weights.detach().clone()
+        # The model: sum_k w_k c_k L_k, heads included.
+        objective = (used * STATIC * losses).sum()
+        trunk_grad = flat_grad(objective, list(model.trunk.parameters()))
+        grads = sgd_step(model, trunk_grad, objective)
+        adam.zero_grad()
+        gradnorm_loss.backward(inputs=[weights])
+        adam.step()
+        with torch.no_grad():
+            weights.copy_(3 * weights / weights.sum())
+        steps.append({"weights": used * STATIC, "grads": grads, "new": weights.detach().clone()})
+    return steps
+
+
+# The update follows sign(w_k n_k - target_k) n_k: a strong restoring force makes the signs, and
+# so the test, depend on the loss ratios too.
+@pytest.mark.parametrize(
+    ("where", "alpha"), [("last", 1.5), ("all", 1.5), ("representation", 1.5), ("last", 8.0)]
+)
+def test_two_updates_of_the_weights_equal_the_paper_by_hand(where, alpha):
+    batches = [make_batch(6, seed=1), make_batch(9, seed=2), make_batch(7, seed=3)]
+    rep_grad = where == "representation"
+    layer = "all" if where == "all" else "last"
+    method = GradNorm(alpha=alpha, lr=LR, layer=layer, rep_grad=rep_grad)
+    recorder, _ = fit(method, batches, deep=True)
+    expected = _reference(batches, where, alpha)
+    assert not torch.allclose(expected[-1]["new"], torch.ones(3, dtype=torch.float64))
+    for index, (step, reference) in enumerate(zip(recorder.steps, expected, strict=True)):
+        torch.testing.assert_close(step["weights"], reference["weights"], msg=f"step {index}")
+        assert_grads_close(step["grads"], reference["grads"], f"step {index}")
+        new_weights = step["state"]["weights"]["values"]
+        torch.testing.assert_close(new_weights, reference["new"], msg=f"step {index}")
+        assert torch.isclose(new_weights.sum(), torch.tensor(3.0, dtype=torch.float64))
+
+
+def test_the_last_shared_layer_and_a_named_layer_are_resolved():
+    batches = [make_batch(6, seed=1), make_batch(9, seed=2)]
+    by_name, _ = fit(GradNorm(lr=LR, layer="trunk.2"), batches, deep=True)
+    last, _ = fit(GradNorm(lr=LR, layer="last"), batches, deep=True)
+    first, _ = fit(GradNorm(lr=LR, layer="trunk.0"), batches, deep=True)
+
+    # Adam's first step moves by lr * sign: compare after the second, which sees magnitudes.
+    def learned(recorder):
+        return recorder.steps[-1]["state"]["weights"]["values"]
+
+    assert torch.equal(learned(by_name), learned(last))
+    assert not torch.allclose(learned(first), learned(last))
+
+
+def test_accumulated_micro_batches_share_one_update():
+    batches = [make_batch(6, seed=seed) for seed in range(4)]
+    recorder, _ = fit(GradNorm(lr=LR), batches, accumulate_grad_batches=2)
+    weights = [step["weights"] for step in recorder.steps]
+    assert torch.equal(weights[0], weights[1]) and torch.equal(weights[2], weights[3])
+    assert not torch.equal(weights[1], weights[2])
+
+
+def test_a_task_takes_part_from_its_first_labelled_step_and_only_when_labelled():
+    batches = [make_batch(6, seed=1), make_batch(9, seed=2), make_batch(7, seed=3)]
+    for index in (0, 2):
+        batches[index][1]["sold"][:] = torch.nan
+    recorder, _ = fit(GradNorm(lr=LR), batches)
+    states = [step["state"] for step in recorder.steps]
+    initial = [state["initial_losses"] for state in states]
+    moments = [state["weights"] for state in states]
+    assert initial[0][2].isnan() and moments[0]["exp_avg"][2] == 0
+    assert initial[1][2] == recorder.steps[1]["losses"][2] and moments[1]["exp_avg"][2] != 0
+    assert torch.equal(initial[2], initial[1])
+    for name in ("exp_avg", "exp_avg_sq", "steps"):
+        assert moments[2][name][2] == moments[1][name][2]
+        assert (moments[2][name][:2] != moments[1][name][:2]).all()
+    assert recorder.steps[2]["weights"][2] == 0
+
+
+@pytest.mark.ddp
+def test_two_processes_equal_one_process_on_the_concatenated_batches():
+    assert_two_ranks_equal_one_process("gradnorm")
+
+
+def test_resuming_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
+    batches = [make_batch(6, seed=1), make_batch(9, seed=2)]
+    full_method = GradNorm(lr=LR)
+    full, full_model = fit(full_method, batches, max_epochs=4)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    first, _ = fit(
+        GradNorm(lr=LR), batches, 2, extra_callbacks=(checkpoint,), enable_checkpointing=True
+    )
+    resumed_method = GradNorm(lr=LR)
+    second, resumed_model = fit(resumed_method, batches, 4, ckpt_path=tmp_path / "last.ckpt")
+    assert len(first.steps) == len(second.steps) == 4
+    for index, (resumed, uninterrupted) in enumerate(
+        zip(first.steps + second.steps, full.steps, strict=True)
+    ):
+        assert torch.equal(resumed["weights"], uninterrupted["weights"]), f"step {index}"
+    assert not torch.allclose(full.steps[-1]["weights"], STATIC)
+    assert_nested_equal(resumed_method.state_dict(), full_method.state_dict())
+    assert_nested_equal(resumed_model.state_dict(), full_model.state_dict())
+
+
+def test_the_penguins_config_runs_through_the_cli(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["lossagg"])
+    cli = build_cli(
+        [
+            "fit",
+            f"--config={CONFIG}",
+            "--trainer.max_epochs=1",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    method = cli.model.weighting
+    assert isinstance(method, GradNorm) and method.alpha == 1.5 and method.layer == "last"
+    learned = method.state_dict()["weights"]["values"]
+    assert not torch.allclose(learned, torch.ones_like(learned))
+    # What LossLogger logs as train/learned_weight/<task> (its own tests check the logging).
+    assert torch.isfinite(method.state_to_log()["learned_weight"]).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"alpha": -0.5}, "`alpha` must be a finite number >= 0"),
+        ({"alpha": float("nan")}, "`alpha` must be a finite number >= 0"),
+        ({"lr": 0.0}, "`lr` must be > 0"),
+        ({"lr": -1.0}, "`lr` must be > 0"),
+        ({"layer": ""}, "`layer` must be 'last'"),
+        ({"layer": 3}, "`layer` must be 'last'"),
+        ({"sync": "params"}, "'gradients' or 'gramian'"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GradNorm(**kwargs)
+
+
+@pytest.mark.parametrize("layer", ["decoder", "heads.price"])
+def test_a_layer_without_shared_parameters_is_refused_at_setup(layer):
+    with pytest.raises(ValueError, match=f"no submodule '{layer}' with shared parameters"):
+        fit(GradNorm(layer=layer), [make_batch(4, seed=0)])

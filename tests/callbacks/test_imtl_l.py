@@ -1,0 +1,47 @@
+"""IMTLL: its argument, and its optimum on fixed losses (every scaled loss at 1)."""
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_lossagg import MultiTaskMixin, Task
+from lightning_lossagg.callbacks import IMTLL
+from tests.callbacks._loss_based import at_step, global_losses
+from tests.models import ThreeTaskNet
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.mark.parametrize("lr", [0.0, -0.1, float("nan"), None])
+def test_a_bad_learning_rate_is_refused(lr):
+    with pytest.raises(ValueError, match="`lr` must be"):
+        IMTLL(lr=lr)
+
+
+def test_on_fixed_losses_every_scaled_loss_reaches_1():
+    # e^s L - s is minimal at e^s = 1 / L. Direct calls: one step of the log-scales per model step.
+    callback = IMTLL(lr=0.05)
+    callback.setup(None, ThreeTaskNet(), "fit")
+    losses = [0.1, 1.0, 20.0]
+    step = global_losses(losses)
+    for _ in range(400):
+        weights = callback.task_weights(at_step(0), step)
+        callback.on_before_optimizer_step(None, None, None)
+    scaled = weights * torch.tensor(losses, dtype=torch.float64)
+    torch.testing.assert_close(scaled, torch.ones(3, dtype=torch.float64), rtol=0.02, atol=0)
+    torch.testing.assert_close(
+        callback.state_to_log()["log_scale"].exp(), 1 / step.losses, rtol=0.02, atol=0
+    )
+
+
+class TwoTaskNet(MultiTaskMixin, L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__(tasks={"a": Task("mse"), "b": Task("mse")})
+
+
+def test_one_instance_serves_one_model():
+    callback = IMTLL()
+    callback.setup(None, ThreeTaskNet(), "fit")
+    callback.task_weights(at_step(0), global_losses([1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="create a new IMTLL for this model with 2 tasks"):
+        callback.setup(None, TwoTaskNet(), "fit")

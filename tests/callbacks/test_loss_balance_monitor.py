@@ -1,0 +1,281 @@
+"""LossBalanceMonitor: each condition fires on a run built to show it, once until it clears, and
+a healthy run (the penguins demo) stays silent."""
+
+import math
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import Logger
+from torch import nn
+
+from lightning_lossagg import LossRecord, WeightingCallback
+from lightning_lossagg.callbacks import LossBalanceError, LossBalanceMonitor, _balance_window
+from lightning_lossagg.demos import PenguinsDataModule, PenguinsNet
+from tests.models import ThreeTaskNet, make_batch
+
+NAMES = ("price", "kind", "sold")
+PENGUINS = ("species", "sex", "body_mass")
+
+
+class ScriptedNet(L.LightningModule):
+    """Plays back scripted task losses, weights and valid-sample counts as the mixin's loss
+    records, one per step."""
+
+    def __init__(self, losses, weights=None, counts=None) -> None:
+        super().__init__()
+        self.losses = losses
+        self.weights = torch.ones_like(losses) if weights is None else weights
+        self.counts = torch.ones_like(losses) if counts is None else counts
+        self.task_names = NAMES[: losses.shape[1]]
+        self.loss_record = None
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    def training_step(self, index, batch_idx):
+        self.loss_record = LossRecord(
+            "train", self.task_names, self.losses[index], self.weights[index], self.counts[index]
+        )
+        return self.anchor * 0.0
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(range(len(self.losses)), batch_size=None)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+class MemoryLogger(Logger):
+    """Keeps what was logged, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[dict[str, float]] = []
+
+    name, version = "memory", 0
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.append(dict(metrics))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def flags(self, condition: str, names=NAMES) -> dict[str, float]:
+        """The latest logged flags of ``condition``."""
+        key = f"train/monitor/{condition}/{names[0]}"
+        row = [row for row in self.rows if key in row][-1]
+        return {name: row[f"train/monitor/{condition}/{name}"] for name in names}
+
+
+def _fit(model, monitor, log_every_n_steps=1, max_epochs=1, **trainer_kwargs):
+    logger = MemoryLogger()
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        log_every_n_steps=log_every_n_steps,
+        logger=logger,
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model)
+    messages = [str(w.message) for w in caught if str(w.message).startswith("LossBalanceMonitor")]
+    return logger, messages
+
+
+def test_a_dominating_task_is_reported_once_until_it_clears():
+    # 12 steps where "price" is 99% of the objective, 8 balanced steps, 12 dominated again.
+    steps = [[99.0, 0.5, 0.5]] * 12 + [[1.0, 1.0, 1.0]] * 8 + [[99.0, 0.5, 0.5]] * 12
+    logger, messages = _fit(ScriptedNet(torch.tensor(steps)), LossBalanceMonitor(window=6))
+    dominance = [m for m in messages if "of the objective at every one" in m]
+    assert len(dominance) == 2
+    assert all("task 'price' made up more than 90% of the objective" in m for m in dominance)
+    assert logger.flags("dominance") == {"price": 1.0, "kind": 0.0, "sold": 0.0}
+
+
+def test_dominance_in_a_real_run_with_a_lopsided_static_weight():
+    torch.manual_seed(0)
+    logger = MemoryLogger()
+    trainer = L.Trainer(
+        max_epochs=3,
+        log_every_n_steps=2,
+        logger=logger,
+        callbacks=[LossBalanceMonitor(window=8)],
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(PenguinsNet(weights={"body_mass": 1000.0}), PenguinsDataModule(batch_size=32))
+    messages = [str(w.message) for w in caught if str(w.message).startswith("LossBalanceMonitor")]
+    assert len(messages) == 1 and "task 'body_mass' made up more than 90%" in messages[0]
+    flags = logger.flags("dominance", PENGUINS)
+    assert flags == {"species": 0.0, "sex": 0.0, "body_mass": 1.0}
+
+
+def test_a_rising_loss_behind_a_falling_objective_is_reported():
+    steps = torch.arange(40.0)
+    rising = 0.1 + 0.01 * steps  # "kind" gets worse ...
+    falling = 10.0 * 0.9**steps  # ... while "price" dominates the falling objective
+    losses = torch.stack([falling, rising, torch.full_like(steps, 0.5)], 1)
+    logger, messages = _fit(ScriptedNet(losses), LossBalanceMonitor(window=20))
+    assert messages and all("the loss of task 'kind' rose by" in m for m in messages)
+    assert len(messages) == 1
+    assert logger.flags("rising_loss") == {"price": 0.0, "kind": 1.0, "sold": 0.0}
+
+
+def test_noise_is_not_a_rising_loss():
+    generator = torch.Generator().manual_seed(0)
+    noisy = 1.0 + 0.5 * torch.rand(200, 3, generator=generator)
+    _, messages = _fit(ScriptedNet(noisy), LossBalanceMonitor(window=10))
+    assert messages == []
+    # A clearly falling objective does not make a noisy task's ups and downs a rising loss.
+    noisy[:, 0] = 100.0 * 0.98 ** torch.arange(200.0)
+    _, messages = _fit(ScriptedNet(noisy), LossBalanceMonitor(window=20))
+    assert not [m for m in messages if "rose by" in m]
+
+
+class DriftingWeights(WeightingCallback):
+    """ "price" decays by half and "sold" doubles at every step; "kind" stays at 1."""
+
+    def __init__(self):
+        self.step = 0
+
+    def task_weights(self, pl_module, step):
+        self.step += 1
+        return torch.tensor([0.5**self.step, 1.0, 2.0**self.step], dtype=step.losses.dtype)
+
+
+def test_collapsing_and_exploding_weights_are_reported():
+    batches = [make_batch(8, seed=seed, dtype=torch.float32) for seed in range(30)]
+    model = ThreeTaskNet(lr=0.0)
+    model.train_dataloader = lambda: torch.utils.data.DataLoader(batches, batch_size=None)
+    monitor = LossBalanceMonitor(window=8, dominance_threshold=0.999999)
+    logger = MemoryLogger()
+    trainer = L.Trainer(
+        max_epochs=1,
+        log_every_n_steps=4,
+        logger=logger,
+        callbacks=[monitor, DriftingWeights()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.warns(UserWarning) as caught:
+        trainer.fit(model)
+    messages = [str(w.message) for w in caught if "LossBalanceMonitor" in str(w.message)]
+    assert sum("weight of task 'price' fell to" in m for m in messages) == 1
+    assert sum("weight of task 'sold' grew to" in m for m in messages) == 1
+    assert not any("'kind'" in m for m in messages)
+    assert logger.flags("weight_collapse") == {"price": 1.0, "kind": 0.0, "sold": 0.0}
+    assert logger.flags("weight_explosion") == {"price": 0.0, "kind": 0.0, "sold": 1.0}
+
+
+def test_a_nonfinite_loss_is_reported_and_can_raise():
+    losses = torch.ones(10, 3)
+    losses[6, 2] = math.inf
+    _, messages = _fit(ScriptedNet(losses), LossBalanceMonitor(window=4, check_every_n_steps=3))
+    assert len(messages) == 1 and "the loss of task 'sold' was NaN or infinite" in messages[0]
+    with pytest.raises(LossBalanceError, match="step 7: the loss of task 'sold' was NaN"):
+        _fit(ScriptedNet(losses), LossBalanceMonitor(window=4, raise_on=["nonfinite_loss"]))
+
+
+def test_steps_without_labels_are_neither_nonfinite_nor_a_collapse():
+    # NaN is how the mixin records a task with no valid sample in the step: its count is 0, and
+    # so is its weight (LossRecord.weights). "kind" has labels at every other step only.
+    losses = torch.ones(9, 3)
+    counts = torch.ones(9, 3)
+    losses[1::2, 1], counts[1::2, 1] = torch.nan, 0.0
+    logger, messages = _fit(ScriptedNet(losses, counts=counts), LossBalanceMonitor(window=4))
+    assert messages == []
+    assert logger.flags("nonfinite_loss") == {"price": 0.0, "kind": 0.0, "sold": 0.0}
+    assert logger.flags("weight_collapse") == {"price": 0.0, "kind": 0.0, "sold": 0.0}
+
+
+def test_the_penguins_demo_is_healthy():
+    # The demo's configuration (20 epochs, batch 32, logging and so checking at every step);
+    # validation does not matter to the monitor.
+    torch.manual_seed(0)
+    trainer = L.Trainer(
+        max_epochs=20,
+        log_every_n_steps=1,
+        logger=False,
+        callbacks=[LossBalanceMonitor(window=20)],
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(PenguinsNet(), PenguinsDataModule(batch_size=32))
+    assert trainer.global_step == 160
+    assert [str(w.message) for w in caught if "LossBalanceMonitor" in str(w.message)] == []
+
+
+def test_conditions_are_evaluated_only_every_check_interval(monkeypatch):
+    evaluations = []
+    evaluate = _balance_window.LossWindow.evaluate
+
+    def counted(self, thresholds):
+        evaluations.append(self.seen)
+        return evaluate(self, thresholds)
+
+    monkeypatch.setattr(_balance_window.LossWindow, "evaluate", counted)
+    _fit(ScriptedNet(torch.ones(20, 3)), LossBalanceMonitor(window=4), log_every_n_steps=5)
+    assert evaluations == [5, 10, 15, 20]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"dominance_threshold": 1.0}, r"`dominance_threshold` must be a number in \(0.0, 1.0\)"),
+        ({"window": 1}, "`window` must be an int >= 2"),
+        ({"window": 10.0}, "`window` must be an int >= 2"),
+        ({"check_every_n_steps": 0}, "`check_every_n_steps` must be an int >= 1"),
+        ({"rise_tolerance": -0.1}, r"`rise_tolerance` must be a number in \[0.0, inf\)"),
+        ({"collapse_fraction": 0.0}, "`collapse_fraction` must be a number in"),
+        ({"explosion_factor": 1.0}, "`explosion_factor` must be a number in"),
+        ({"explosion_factor": math.inf}, "`explosion_factor` must be a number in"),
+        ({"raise_on": ["collapse"]}, r"unknown condition\(s\) \['collapse'\]; use \["),
+        ({"raise_on": "dominance"}, r"must be a list of conditions, e.g. \['dominance'\]"),
+    ],
+)
+def test_bad_arguments_are_refused(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        LossBalanceMonitor(**arguments)
+
+
+def test_state_survives_a_checkpoint_and_the_key_names_the_settings():
+    steps = [[99.0, 0.5, 0.5]] * 8
+    monitor = LossBalanceMonitor(window=4)
+    _fit(ScriptedNet(torch.tensor(steps)), monitor)
+    state = monitor.state_dict()
+    assert state["active"] == [("dominance", "price")]
+    torch.testing.assert_close(state["reference_weights"], torch.ones(3))
+
+    resumed = LossBalanceMonitor(window=4)
+    resumed.load_state_dict(state)
+    # Still dominated after the resume: already reported, so no second warning.
+    _, messages = _fit(ScriptedNet(torch.tensor(steps)), resumed)
+    assert messages == []
+    assert monitor.state_key != LossBalanceMonitor(window=5).state_key
+    assert monitor.state_key == LossBalanceMonitor(window=4).state_key
+
+
+def test_a_model_without_the_mixin_is_refused():
+    class Plain(L.LightningModule):
+        def training_step(self, batch, batch_idx):
+            return None
+
+        def configure_optimizers(self):
+            return None
+
+    trainer = L.Trainer(callbacks=[LossBalanceMonitor()], logger=False, max_steps=1)
+    with pytest.raises(TypeError, match="LossBalanceMonitor needs a MultiTaskMixin model"):
+        trainer.fit(Plain(), train_dataloaders=torch.utils.data.DataLoader([0], batch_size=None))

@@ -1,0 +1,249 @@
+"""Every loss-based weighting method through real fits: the recorded weights against the
+functional formulas, a real 2-process run against one process, exact resume, gradient
+accumulation, the YAML configs through the real CLI, and the checks every method shares."""
+
+import socket
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.multiprocessing as mp
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_lossagg.callbacks import LossLogger
+from lightning_lossagg.cli import build_cli
+from tests.callbacks._loss_based import (
+    DDP_EPOCHS,
+    METHODS,
+    STATEFUL,
+    STATIC_WEIGHTS,
+    assert_nested_equal,
+    concatenated_ddp_batches,
+    ddp_batches,
+    ddp_rank,
+    expected_record_weights,
+    fit_method,
+    training_batches,
+)
+from tests.models import ThreeTaskNet, make_batch, one_batch_loader
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+PENGUIN_TASKS = ("species", "sex", "body_mass")
+LOGGED_STATE = {
+    "uncertainty_weighting": "log_var",
+    "loss_scaling": "loss_level",
+    "imtl_l": "log_scale",
+    "famo": "logit",
+}
+
+
+def _assert_weights_match(steps: list[dict], expected: list[torch.Tensor]) -> None:
+    assert len(steps) == len(expected)
+    for index, (step, weights) in enumerate(zip(steps, expected, strict=True)):
+        torch.testing.assert_close(
+            step["weights"], weights, rtol=1e-12, atol=1e-12, msg=f"step {index}"
+        )
+
+
+def _assert_adaptive(steps: list[dict]) -> None:
+    """The weights moved away from the static ones: a test of them can fail."""
+    static = [torch.where(step["valid"], STATIC_WEIGHTS, 0.0) for step in steps]
+    assert any(
+        not torch.allclose(step["weights"], weights)
+        for step, weights in zip(steps, static, strict=True)
+    )
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_weights_equal_the_functional_formula_on_the_recorded_global_losses(name):
+    callback, recorder, _ = fit_method(name, training_batches(), max_epochs=4)
+    steps = recorder.steps
+    assert len(steps) == 8
+    assert not all(bool(step["valid"].all()) for step in steps)  # a task without labels, too
+    _assert_adaptive(steps)
+    _assert_weights_match(steps, expected_record_weights(name, steps, callback))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_accumulating_two_micro_batches_per_optimizer_step(name):
+    callback, recorder, _ = fit_method(
+        name, training_batches(4), max_epochs=3, accumulate_grad_batches=2
+    )
+    steps = recorder.steps
+    assert [step["optimizer_step"] for step in steps[:4]] == [0, 0, 1, 1]
+    _assert_adaptive(steps)
+    _assert_weights_match(steps, expected_record_weights(name, steps, callback))
+
+
+@pytest.mark.ddp
+def test_two_processes_equal_one_process_on_the_concatenated_batches(tmp_path):
+    # One launch of two processes serves all seven methods (a launch costs seconds; a fit with
+    # Lightning's DDP strategy inside it, a fraction of one).
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    rank0, rank1 = ddp_batches()
+    assert not torch.equal(rank0[0][0][:4], rank1[0][0][:4])  # each rank has its own data
+    names = list(METHODS)
+    mp.start_processes(ddp_rank, args=(port, str(tmp_path), names), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    for name in names:
+        callback, recorder, model = fit_method(name, concatenated_ddp_batches(), DDP_EPOCHS)
+        single = torch.stack([step["weights"] for step in recorder.steps])
+        on_rank0, on_rank1 = ranks[0][name], ranks[1][name]
+        assert torch.equal(on_rank0["weights"], on_rank1["weights"]), name
+        # The mixin's one all-reduce per step; FAMO's re-evaluation adds one, by design.
+        expected_all_reduces = 2 if name == "famo" else 1
+        assert set(on_rank0["all_reduces_per_step"]) == {expected_all_reduces}, name
+        _assert_adaptive(recorder.steps)
+        torch.testing.assert_close(on_rank0["weights"], single, rtol=0, atol=1e-12, msg=name)
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(on_rank0["parameters"][key], value, rtol=0, atol=1e-12)
+        _assert_nested_close(on_rank1["state"], callback.state_dict(), name)
+
+
+def _assert_nested_close(actual, expected, path: str) -> None:
+    if isinstance(expected, dict):
+        for key in expected:
+            _assert_nested_close(actual[key], expected[key], f"{path}[{key!r}]")
+    elif isinstance(expected, torch.Tensor):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12, equal_nan=True, msg=path)
+    elif isinstance(expected, list | tuple):
+        for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            _assert_nested_close(a, e, f"{path}[{index}]")
+    else:
+        assert actual == expected, path
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_resuming_from_a_checkpoint_equals_an_uninterrupted_run(name, tmp_path):
+    validation = [make_batch(4, seed=99)]
+    full_callback, full, full_model = fit_method(
+        name, training_batches(), 4, val_batches=validation
+    )
+    # Saved at the end of validation, before the epoch-end hooks: the hardest moment for
+    # state kept per epoch.
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_on_train_epoch_end=False)
+    _, first, _ = fit_method(
+        name,
+        training_batches(),
+        2,
+        val_batches=validation,
+        extra_callbacks=(checkpoint,),
+        enable_checkpointing=True,
+    )
+    resumed_callback, second, resumed_model = fit_method(
+        name, training_batches(), 4, val_batches=validation, ckpt_path=tmp_path / "last.ckpt"
+    )
+
+    assert len(first.steps) == len(second.steps) == 4
+    _assert_adaptive(second.steps)
+    for index, (resumed, uninterrupted) in enumerate(
+        zip(first.steps + second.steps, full.steps, strict=True)
+    ):
+        assert torch.equal(resumed["weights"], uninterrupted["weights"]), f"step {index}"
+    assert_nested_equal(resumed_callback.state_dict(), full_callback.state_dict())
+    assert_nested_equal(resumed_model.state_dict(), full_model.state_dict())
+
+    # The method's state lives in the callback: the model loads without it, unchanged in shape.
+    loaded = ThreeTaskNet.load_from_checkpoint(tmp_path / "last.ckpt")
+    assert loaded.state_dict().keys() == ThreeTaskNet().state_dict().keys()
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_the_penguins_config_runs_through_the_cli(name, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["lossagg"])
+    cli = build_cli(
+        [
+            "fit",
+            f"--config={CONFIGS / f'penguins_{name}.yaml'}",
+            "--trainer.max_epochs=1",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    method_type = type(METHODS[name]())
+    assert cli.model.weighting is not None and type(cli.model.weighting) is method_type
+    assert cli.trainer.global_step > 0
+    metrics = cli.trainer.callback_metrics
+    for task in PENGUIN_TASKS:
+        assert torch.isfinite(metrics[f"train_epoch/weight/{task}"]), task
+        assert f"val/loss/{task}" in metrics
+    if name in LOGGED_STATE:  # logged per step (see test_the_step_logs_carry_the_method_state)
+        assert set(cli.model.weighting.state_to_log()) == {LOGGED_STATE[name]}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_model_without_the_mixin_is_refused(name):
+    class Plain(L.LightningModule):
+        def training_step(self, batch, batch_idx):
+            return None
+
+        def configure_optimizers(self):
+            return None
+
+    trainer = L.Trainer(
+        callbacks=[METHODS[name]()],
+        logger=False,
+        max_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(TypeError, match="Add MultiTaskMixin to the model's bases"):
+        trainer.fit(Plain(), train_dataloaders=one_batch_loader(make_batch(2, seed=0)))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_the_state_key_is_built_from_the_arguments(name):
+    callback = METHODS[name]()
+    same = type(callback)(**callback.method_arguments)
+    assert same.state_key == callback.state_key
+    assert callback.state_key.startswith(type(callback).__name__)
+    assert all(str(value) in callback.state_key for value in callback.method_arguments.values())
+
+
+def test_the_step_logs_carry_the_method_state(tmp_path):
+    # Through LossLogger into a real logger: train/log_var/<task> per step.
+    from lightning.pytorch.loggers import CSVLogger
+
+    callback = METHODS["uncertainty_weighting"]()
+    model = ThreeTaskNet()
+    trainer = L.Trainer(
+        max_steps=3,
+        log_every_n_steps=1,
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback, LossLogger()],
+    )
+    trainer.fit(model, one_batch_loader(make_batch(6, seed=0, dtype=torch.float32)))
+    header = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()[0]
+    for task in ("price", "kind", "sold"):
+        assert f"train/log_var/{task}" in header.split(",")
+
+
+def test_the_learned_values_follow_torch_adam_per_task():
+    # UW, IMTL-L and FAMO share TaskParameters: one Adam per task, a task left out not stepped.
+    from lightning_lossagg.callbacks._task_parameters import TaskParameters
+
+    parameters = TaskParameters(lr=0.1, weight_decay=0.01)
+    parameters.set_num_tasks(3, "test")
+    values = parameters.values(torch.zeros(3, dtype=torch.float64))
+    scalars = [torch.zeros((), dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    optimizers = [torch.optim.Adam([s], lr=0.1, weight_decay=0.01) for s in scalars]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        gradient = torch.randn(3, generator=generator, dtype=torch.float64)
+        taking_part = torch.rand(3, generator=generator) < 0.7
+        parameters.step(gradient, taking_part)
+        for task in range(3):
+            if taking_part[task]:
+                scalars[task].grad = gradient[task].clone()
+                optimizers[task].step()
+    values = parameters.snapshot()
+    torch.testing.assert_close(values, torch.stack([s.detach() for s in scalars]))
+    assert len(set(values.tolist())) == 3

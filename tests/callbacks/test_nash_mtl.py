@@ -1,0 +1,103 @@
+"""Nash-MTL on real fits: the bargaining weights of the Gramian made by hand, warm-started and
+reused between updates, LibMTL's update (weighted heads, clipped shared gradient); state and
+argument checks."""
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_lossagg.callbacks import NashMTL, gradient_weighting
+from tests.callbacks._gradient_based import (
+    METHODS,
+    STATIC_WEIGHTS,
+    HandStep,
+    check_fit_against_hand,
+    fit,
+    loader,
+    reference_weights,
+    training_batches,
+)
+from tests.models import ThreeTaskNet
+
+
+@pytest.mark.parametrize("rep_grad", [False, True])
+def test_weights_and_update_follow_libmtl_by_hand(rep_grad):
+    callback = METHODS["nash_mtl"](rep_grad=rep_grad)
+    assert (callback.update_weights_every, callback.max_norm) == (2, 0.5)
+    steps = check_fit_against_hand(
+        callback,
+        reference_weights("nash_mtl", callback),
+        heads_weighted=True,
+        max_norm=callback.max_norm,
+    )
+    # Global step 1 reuses what step 0 solved (its batch has no "kind" label); step 2 solves.
+    valid = steps[1]["valid"]
+    assert torch.equal(steps[1]["weights"][valid], steps[0]["weights"][valid])
+    assert not torch.equal(steps[2]["weights"], steps[0]["weights"])
+    # The clipping mattered: some unclipped shared update was longer than max_norm.
+    norms = []
+    for step in steps:
+        hand = HandStep(step["before"], step["batch"], rep_grad)
+        grads = hand.gradients(step["weights"] / STATIC_WEIGHTS, heads_weighted=True)
+        trunk = [grad.flatten() for name, grad in grads.items() if name.startswith("trunk.")]
+        norms.append(torch.cat(trunk).norm())
+    assert max(norms) > callback.max_norm
+
+
+def test_between_updates_no_per_task_gradient_is_taken(monkeypatch):
+    calls = []
+    original = gradient_weighting._per_task_grads
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gradient_weighting, "_per_task_grads", counted)
+    recorder, _ = fit(NashMTL(update_weights_every=3), training_batches(), max_epochs=3)
+    assert [step["global_step"] for step in recorder.steps] == [0, 1, 2, 3, 4, 5]
+    assert len(calls) == 2  # global steps 0 and 3
+
+
+def test_without_clipping_the_shared_update_has_norm_sqrt_k():
+    # LibMTL's scale: ||sum_k alpha_k g_k|| = sqrt(K) on a batch where every task is labelled.
+    callback = NashMTL(max_norm=0.0)
+    recorder, _ = fit(callback, training_batches(1), max_epochs=1)
+    step = recorder.steps[0]
+    hand = HandStep(step["before"], step["batch"], rep_grad=False)
+    alpha = step["weights"] / STATIC_WEIGHTS
+    assert (alpha @ hand.gramian @ alpha).sqrt().item() == pytest.approx(3**0.5, rel=1e-8)
+
+
+def test_the_previous_solution_is_the_state_and_must_fit_the_model():
+    callback = NashMTL()
+    assert callback.state_dict() == {"previous": None}
+    fit(callback, training_batches(), max_epochs=1)
+    state = callback.state_dict()
+    assert state["previous"].shape == (3,) and (state["previous"] > 0).all()
+    other = NashMTL()
+    other.load_state_dict({"previous": torch.ones(4, dtype=torch.float64)})
+    trainer = L.Trainer(
+        callbacks=[other],
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(ValueError, match="4 previous weights for a model with 3 tasks"):
+        trainer.fit(ThreeTaskNet(), loader(training_batches(1)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"update_weights_every": 0}, "`update_weights_every` must be an int >= 1"),
+        ({"update_weights_every": 1.5}, "`update_weights_every` must be an int >= 1"),
+        ({"update_weights_every": True}, "`update_weights_every` must be an int >= 1"),
+        ({"max_norm": -1.0}, "`max_norm` must be a finite number >= 0"),
+        ({"max_norm": float("inf")}, "`max_norm` must be a finite number >= 0"),
+        ({"sync": "params"}, "'gradients' or 'gramian'"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NashMTL(**kwargs)

@@ -1,0 +1,57 @@
+"""RLW: its argument, the distribution of its weights, and that it leaves the global RNG alone."""
+
+import pytest
+import torch
+
+from lightning_lossagg.callbacks import RLW
+from tests.callbacks._loss_based import at_step, global_losses
+from tests.models import ThreeTaskNet
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "0", True, None])
+def test_a_bad_seed_is_refused(seed):
+    with pytest.raises(ValueError, match="`seed` must be an int >= 0"):
+        RLW(seed=seed)
+
+
+def _draws(seed: int, steps: range) -> torch.Tensor:
+    callback = RLW(seed=seed)
+    callback.setup(None, ThreeTaskNet(), "fit")
+    step = global_losses([1.0, 1.0, 1.0])
+    return torch.stack([callback.task_weights(at_step(index), step) for index in steps])
+
+
+def test_the_weights_are_the_softmax_of_a_standard_normal_draw():
+    # log w_i - log w_j = z_i - z_j with z ~ N(0, I): mean 0, variance 2, independent of the
+    # steps' order. 4000 steps: the sample moments are within a few percent.
+    weights = _draws(seed=0, steps=range(4000))
+    assert bool((weights > 0).all())
+    torch.testing.assert_close(weights.sum(1), torch.ones(4000, dtype=torch.float64))
+    differences = weights[:, 0].log() - weights[:, 1].log()
+    assert abs(float(differences.mean())) < 0.1
+    assert float(differences.var()) == pytest.approx(2.0, rel=0.1)
+    lag_correlation = torch.corrcoef(torch.stack([differences[1:], differences[:-1]]))[0, 1]
+    assert abs(float(lag_correlation)) < 0.1
+
+
+def test_the_weights_depend_on_seed_and_step_only():
+    torch.manual_seed(1)
+    first = _draws(seed=5, steps=range(10, 13))
+    torch.manual_seed(2)
+    assert torch.equal(_draws(seed=5, steps=range(10, 13)), first)
+    assert torch.equal(_draws(seed=5, steps=range(12, 13)), first[2:])  # resumed at step 12
+    assert not torch.equal(_draws(seed=6, steps=range(10, 13)), first)
+    assert len({tuple(row.tolist()) for row in first}) == 3
+
+
+def test_the_global_random_generator_is_not_touched():
+    callback = RLW(seed=0)
+    callback.setup(None, ThreeTaskNet(), "fit")
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    for index in range(5):
+        callback.task_weights(at_step(index), global_losses([1.0, 1.0, 1.0]))
+    assert torch.equal(torch.rand(4), expected)

@@ -1,0 +1,103 @@
+"""The trajectory figure: its data and scales, the PNG a fit writes, life without matplotlib."""
+
+import csv
+import sys
+from pathlib import Path
+
+import lightning as L
+import matplotlib.image
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_lossagg import plotting
+from lightning_lossagg.callbacks import LossLogger
+from lightning_lossagg.plotting import trajectory_figure
+from tests.models import ThreeTaskNet, make_batch
+
+TASKS = ("price", "kind", "sold")
+
+
+def _lines(axes) -> dict[str, list[float]]:
+    return {line.get_label(): list(line.get_ydata()) for line in axes.get_lines()}
+
+
+def test_one_line_per_task_with_the_given_values():
+    steps = [0, 5, 10]
+    losses = torch.tensor([[3.0, 2.0, 1.0], [2.0, 1.5, 0.5], [1.0, 1.0, 0.25]])
+    weights = torch.tensor([[1.0, 1.0, 1.0], [1.5, 1.0, 0.5], [2.0, 1.0, 0.25]])
+    figure = trajectory_figure(steps, losses, weights, TASKS)
+    loss_axes, weight_axes = figure.axes
+    for axes, values in ((loss_axes, losses), (weight_axes, weights)):
+        lines = _lines(axes)
+        assert list(lines) == list(TASKS)
+        for index, task in enumerate(TASKS):
+            assert lines[task] == values[:, index].tolist()
+        assert [list(line.get_xdata()) for line in axes.get_lines()] == [steps] * 3
+    assert loss_axes.get_yscale() == "log"
+    assert weight_axes.get_yscale() == "linear"
+
+
+def test_non_positive_losses_get_a_symlog_scale_and_bad_shapes_are_refused():
+    losses = torch.tensor([[-1.0], [0.5]])
+    figure = trajectory_figure([0, 1], losses, torch.ones(2, 1), ["custom"])
+    assert figure.axes[0].get_yscale() == "symlog"
+    with pytest.raises(ValueError, match=r"`weights` must have shape \(steps, tasks\) = \(2, 1\)"):
+        trajectory_figure([0, 1], losses, torch.ones(3, 1), ["custom"])
+
+
+def _fit(root: Path, callbacks) -> L.Trainer:
+    batches = [make_batch(6, seed=seed, dtype=torch.float32) for seed in range(5)]
+    trainer = L.Trainer(
+        max_epochs=2,
+        log_every_n_steps=2,
+        logger=CSVLogger(root),
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(ThreeTaskNet(), train_dataloaders=torch.utils.data.DataLoader(batches, None))
+    return trainer
+
+
+def test_a_fit_writes_the_png_of_what_it_logged(tmp_path, monkeypatch):
+    figures = []
+
+    def keep(*args, **kwargs):
+        figures.append(trajectory_figure(*args, **kwargs))
+        return figures[-1]
+
+    monkeypatch.setattr(plotting, "trajectory_figure", keep)
+    trainer = _fit(tmp_path, [LossLogger()])
+    log_dir = Path(trainer.logger.log_dir)
+    height, width, _ = matplotlib.image.imread(log_dir / "loss_trajectories.png").shape
+    assert (height, width) == (600, 800)
+
+    with open(log_dir / "metrics.csv") as handle:
+        logged = [row for row in csv.DictReader(handle) if row["train/loss/price"]]
+    (figure,) = figures
+    losses, weights = _lines(figure.axes[0]), _lines(figure.axes[1])
+    assert list(losses) == list(TASKS) and list(weights) == list(TASKS)
+    for task in TASKS:
+        # The first step, then every logged step.
+        assert losses[task][1:] == pytest.approx([float(r[f"train/loss/{task}"]) for r in logged])
+        assert weights[task][1:] == pytest.approx(
+            [float(r[f"train/weight/{task}"]) for r in logged]
+        )
+    steps = list(figure.axes[0].get_lines()[0].get_xdata())
+    assert steps == [0] + [int(row["step"]) for row in logged]
+
+
+def test_without_matplotlib_a_fit_warns_and_finishes(tmp_path, monkeypatch):
+    for name in [name for name in sys.modules if name.split(".")[0] == "matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.warns(UserWarning, match=r"matplotlib is not installed.*lightning-lossagg\[plot\]"):
+        trainer = _fit(tmp_path, [LossLogger()])
+    assert trainer.state.finished
+    assert not (Path(trainer.logger.log_dir) / "loss_trajectories.png").exists()
+
+
+def test_plot_false_writes_no_png(tmp_path):
+    trainer = _fit(tmp_path, [LossLogger(plot=False)])
+    assert not (Path(trainer.logger.log_dir) / "loss_trajectories.png").exists()
