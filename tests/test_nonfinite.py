@@ -160,3 +160,33 @@ def test_bad_policy_arguments_are_refused(kwargs, message):
 
     with pytest.raises(ValueError, match=message):
         Net(tasks={"a": "mse"}, **kwargs)
+
+
+def test_skipped_steps_are_counted_in_the_logs(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_lossagg.callbacks import LossLogger
+
+    batches = [make_batch(4, seed=s, dtype=torch.float32) for s in range(4)]
+    batches[1][1]["price"][0] = torch.inf
+    model = ThreeTaskNet()
+    model.nonfinite = "skip"
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=CSVLogger(tmp_path),
+        callbacks=[LossLogger(plot=False)],
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
+    with pytest.warns(UserWarning, match="The step was skipped"):
+        trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
+    with open(f"{trainer.logger.log_dir}/metrics.csv") as handle:
+        skipped = [
+            float(r["train/skipped_steps"])
+            for r in csv.DictReader(handle)
+            if r["train/skipped_steps"]
+        ]
+    assert skipped == [0.0, 1.0, 1.0]  # steps 0, 2 and 3 were logged; step 1 was skipped

@@ -154,7 +154,10 @@ class LossLogger(L.Callback):
                 "train/loss", record.objective, prog_bar=self.prog_bar, logger=False, batch_size=1
             )
             if trainer.is_global_zero and trainer.loggers:
-                write_metrics(trainer, _step_metrics(record))
+                metrics = _step_metrics(record)
+                if getattr(pl_module, "nonfinite", "raise") != "raise":
+                    metrics["train/skipped_steps"] = float(pl_module.skipped_steps)
+                write_metrics(trainer, metrics)
         trajectory = self._trajectory
         if trajectory is not None and (should_log or not trajectory.steps):
             # The first step too, so that the end-of-fit table has the starting loss.
