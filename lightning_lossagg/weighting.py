@@ -57,6 +57,11 @@ class WeightingCallback(L.Callback):
         """The method's arguments, for the run config and ``state_key``."""
         return {}
 
+    @cached_property  # Lightning reads it at every hook call; the arguments never change
+    def state_key(self) -> str:
+        """Built from :attr:`method_arguments`, so two differently set-up instances can coexist."""
+        return self._generate_state_key(**self.method_arguments)
+
 
 class LossRecord:
     """A detached record of one step, kept on the module for loggers and monitors.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Any
 
 import lightning as L
@@ -44,11 +43,6 @@ class LearnedScalesWeighting(WeightingCallback):
 
     def _gradient(self, weights: Tensor, losses: Tensor) -> Tensor:
         raise NotImplementedError
-
-    @cached_property  # Lightning reads it at every hook call
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(**self.method_arguments)
 
     @property
     @override

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Any
 
 import lightning as L
@@ -68,11 +67,6 @@ class DWA(WeightingCallback):
         self._before_previous: Tensor | None = None
         self._rates: Tensor | None = None
         self._weights: Tensor | None = None
-
-    @cached_property  # Lightning reads it at every hook call
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(**self.method_arguments)
 
     @property
     @override

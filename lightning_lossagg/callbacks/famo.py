@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from functools import cached_property
 from typing import Any
 
 import lightning as L
@@ -66,11 +65,6 @@ class FAMO(WeightingCallback):
         self._logits = TaskParameters(self.lr, self.weight_decay)
         self._losses_before: tuple[Tensor, Tensor] | None = None
         self._stepped = False
-
-    @cached_property  # Lightning reads it at every hook call
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(**self.method_arguments)
 
     @property
     @override

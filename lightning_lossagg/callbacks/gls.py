@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from functools import cached_property
 
 import lightning as L
 import torch
@@ -47,11 +46,6 @@ class GLS(WeightingCallback):
     def __init__(self) -> None:
         self._task_names: tuple[str, ...] = ()
         self._unchecked: list[tuple[int, distributed.HostCopy]] = []
-
-    @cached_property  # Lightning reads it at every hook call
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(**self.method_arguments)
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

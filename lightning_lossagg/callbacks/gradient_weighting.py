@@ -70,11 +70,6 @@ class GradientWeighting(WeightingCallback):
     def method_arguments(self) -> dict[str, Any]:
         return {"rep_grad": self.rep_grad, "sync": self.sync}
 
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(**self.method_arguments)
-
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         name = type(self).__name__

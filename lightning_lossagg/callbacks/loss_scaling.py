@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Any, Literal
 
 import lightning as L
@@ -79,11 +78,6 @@ class LossScaling(WeightingCallback):
         self.eps = check_positive("eps", eps, "The default is 1e-8.")
         self._levels: Tensor | None = None
         self._has_level: Tensor | None = None
-
-    @cached_property  # Lightning reads it at every hook call
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(**self.method_arguments)
 
     @property
     @override

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Any
 
 import lightning as L
@@ -60,11 +59,6 @@ class RLW(WeightingCallback):
         self.seed = check_non_negative_int("seed", seed, "Pass e.g. seed=0.")
         self._generator = torch.Generator()
         self._num_tasks = 0
-
-    @cached_property  # Lightning reads it at every hook call
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(**self.method_arguments)
 
     @property
     @override
