@@ -10,7 +10,6 @@ import lightning as L
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks._checks import require_multitask
 from lightning_lossagg.callbacks._preferences import (
     check_pref_length,
@@ -68,7 +67,6 @@ class AlignedMTL(GradientWeighting):
                 f"{scale_mode!r}."
             )
         self.scale_mode = scale_mode
-        self._valid: Tensor | None = None
 
     @property
     @override
@@ -85,12 +83,7 @@ class AlignedMTL(GradientWeighting):
         check_pref_length("AlignedMTL", self.pref_vector, require_multitask(self, pl_module))
 
     @override
-    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
-        self._valid = step.valid.cpu()
-        return super().task_weights(pl_module, step)
-
-    @override
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
-        assert self._valid is not None
-        preferences = valid_preferences(self.pref_vector, self._valid)
+        assert self.valid_tasks is not None
+        preferences = valid_preferences(self.pref_vector, self.valid_tasks)
         return aligned_mtl(gramian, preferences, scale_mode=self.scale_mode)

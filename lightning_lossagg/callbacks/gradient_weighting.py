@@ -60,9 +60,12 @@ class GradientWeighting(WeightingCallback):
         # The latest step's global Gramian and valid tasks, on the device: the diagnostics.
         self._gramian: Tensor | None = None
         self._gramian_valid: Tensor | None = None
+        # The step's tasks with a valid sample (CPU): the rows of the Gramian a method sees.
+        self.valid_tasks: Tensor | None = None
 
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
-        """Weights ``w`` (``[K]``) from the global Gramian of the valid tasks (float64, on CPU)."""
+        """Weights ``w`` from the global Gramian of the valid tasks (float64, on CPU): the tasks
+        where :attr:`valid_tasks` is True, in order."""
         raise NotImplementedError
 
     @property
@@ -143,6 +146,7 @@ class GradientWeighting(WeightingCallback):
     def _weights_of_valid_tasks(self, gramian: Tensor, valid: Tensor) -> Tensor:
         """The method's weights on the valid tasks' sub-Gramian; 0 for the others."""
         gramian, valid = gramian.detach().to("cpu", torch.float64), valid.cpu()
+        self.valid_tasks = valid  # which tasks weights_from_gramian sees, for per-task settings
         if not valid.any() or not torch.isfinite(gramian).all():
             # Nothing to weigh, or a non-finite gradient: the mixin's non-finite policy decides
             # the step; equal weights keep the method's state untouched.

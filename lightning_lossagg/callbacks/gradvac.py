@@ -75,7 +75,6 @@ class GradVac(GradientWeighting):
         self._generator = torch.Generator()
         self._num_tasks = 0
         self._targets: Tensor | None = None
-        self._valid: Tensor | None = None
 
     @property
     @override
@@ -90,17 +89,16 @@ class GradVac(GradientWeighting):
 
     @override
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
-        self._valid = step.valid.cpu()
         self._generator.manual_seed(step_seed(self.seed, pl_module.trainer.global_step))
         return super().task_weights(pl_module, step)
 
     @override
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
-        assert self._valid is not None
+        assert self.valid_tasks is not None
         targets = self._targets
         if targets is None:
             targets = torch.zeros(self._num_tasks, self._num_tasks, dtype=torch.float64)
-        index = self._valid.nonzero().flatten()
+        index = self.valid_tasks.nonzero().flatten()
         pairs = (index.unsqueeze(1), index)
         weights, new_targets = gradvac(gramian, targets[pairs], self.beta, self._generator)
         targets = targets.clone()

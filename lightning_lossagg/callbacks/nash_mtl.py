@@ -91,7 +91,6 @@ class NashMTL(GradientWeighting):
         self.max_norm = float(max_norm)
         self._num_tasks = 0
         self._previous: Tensor | None = None
-        self._valid: Tensor | None = None
 
     @property
     @override
@@ -114,19 +113,18 @@ class NashMTL(GradientWeighting):
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
         due = pl_module.trainer.global_step % self.update_weights_every == 0
         if due or self._previous is None:
-            self._valid = step.valid.cpu()
             return super().task_weights(pl_module, step)
         return self._previous.to(step.local_terms.device, step.local_terms.dtype)
 
     @override
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
-        assert self._valid is not None
+        assert self.valid_tasks is not None
         previous = self._previous
         if previous is None:
             previous = torch.ones(self._num_tasks, dtype=torch.float64)
-        weights = nash_mtl(gramian, previous[self._valid], max_norm=0.0)
+        weights = nash_mtl(gramian, previous[self.valid_tasks], max_norm=0.0)
         previous = previous.clone()
-        previous[self._valid] = weights.to(previous)
+        previous[self.valid_tasks] = weights.to(previous)
         self._previous = previous
         return weights
 

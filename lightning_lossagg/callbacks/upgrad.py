@@ -10,7 +10,6 @@ import lightning as L
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks._checks import check_positive, require_multitask
 from lightning_lossagg.callbacks._preferences import (
     check_pref_length,
@@ -70,7 +69,6 @@ class UPGrad(GradientWeighting):
         if not number or not math.isfinite(norm_eps) or norm_eps < 0:
             raise ValueError(f"`norm_eps` must be a finite number >= 0; got {norm_eps!r}.")
         self.norm_eps = float(norm_eps)
-        self._valid: Tensor | None = None
 
     @property
     @override
@@ -88,12 +86,7 @@ class UPGrad(GradientWeighting):
         check_pref_length("UPGrad", self.pref_vector, require_multitask(self, pl_module))
 
     @override
-    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
-        self._valid = step.valid.cpu()
-        return super().task_weights(pl_module, step)
-
-    @override
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
-        assert self._valid is not None
-        preferences = valid_preferences(self.pref_vector, self._valid)
+        assert self.valid_tasks is not None
+        preferences = valid_preferences(self.pref_vector, self.valid_tasks)
         return upgrad(gramian, preferences, reg_eps=self.reg_eps, norm_eps=self.norm_eps)
