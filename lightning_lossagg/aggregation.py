@@ -15,7 +15,7 @@ uneven batches, partly labelled batches and ranks without a valid sample.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cached_property
 from typing import Any, Literal
 
@@ -63,16 +63,35 @@ class GlobalTaskLosses:
 
     @cached_property
     def losses(self) -> Tensor:
-        # Valid denominators are >= 1 (counts of samples or ranks, or exactly 1 for a sum).
-        losses = self._numerators / self.counts.clamp(min=1)
-        return torch.where(self.valid, losses, torch.nan).to(self.local_terms.dtype)
+        return self.losses_later()()
 
     @cached_property
     def nonfinite_ranks(self) -> Tensor:
+        return self.nonfinite_ranks_later()()
+
+    def losses_later(self) -> Callable[[], Tensor]:
+        """A function computing :attr:`losses` from detached figures only: keeping it does not
+        keep the step's autograd graph (and activations) alive."""
+        if "losses" in self.__dict__:
+            losses = self.__dict__["losses"]
+            return lambda: losses
+        numerators, counts, dtype = self._numerators, self.counts, self.local_terms.dtype
+
+        def losses() -> Tensor:
+            # Valid denominators are >= 1 (counts of samples or ranks, or exactly 1 for a sum).
+            values = numerators / counts.clamp(min=1)
+            return torch.where(counts > 0, values, torch.nan).to(dtype)
+
+        return losses
+
+    def nonfinite_ranks_later(self) -> Callable[[], Tensor]:
+        """A function computing :attr:`nonfinite_ranks` from detached figures only."""
         if self._nonfinite_ranks is not None:
-            return self._nonfinite_ranks
+            ranks = self._nonfinite_ranks
+            return lambda: ranks
+        numerators, dtype = self._numerators, self.counts.dtype
         # One process: rank 0 (bit value 1) is the only rank.
-        return (~torch.isfinite(self._numerators)).to(self.counts.dtype)
+        return lambda: (~torch.isfinite(numerators)).to(dtype)
 
 
 class TaskLossReducer:

@@ -290,7 +290,7 @@ class MultiTaskMixin:
 
     def _record(self, stage: str, step: GlobalTaskLosses, weights: Tensor) -> None:
         self.loss_record = LossRecord(
-            stage, step.names, lambda: step.losses, weights, step.counts, self._weighting
+            stage, step.names, step.losses_later(), weights, step.counts, self._weighting
         )
 
     # ----------------------------------------------------------------------------- hooks
@@ -327,10 +327,10 @@ class MultiTaskMixin:
 def _later(step: GlobalTaskLosses) -> Callable[[], Tensor]:
     """The step's non-finite flags, read when the optimizer steps: on CUDA a copy queued now
     (reading it later waits for that copy only, not for the backward pass); elsewhere computed
-    on demand."""
+    on demand from detached figures (the step's graph is not kept alive)."""
     if step.counts.device.type == "cuda":
         return distributed.HostCopy(step.nonfinite_ranks).get
-    return lambda: step.nonfinite_ranks
+    return step.nonfinite_ranks_later()
 
 
 def _nonfinite_message(bad: list[tuple[str, float]], step_index: int) -> str:

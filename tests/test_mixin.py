@@ -236,3 +236,22 @@ def test_tasks_stacked_by_loss_and_shape_give_each_task_its_own_masked_loss_and_
         torch.testing.assert_close(
             grad, torch.zeros_like(grad) if expected_grad is None else expected_grad
         )
+
+
+def test_the_record_and_the_pending_flags_do_not_keep_the_steps_graph_alive():
+    import gc
+    import weakref
+
+    class Watched(ThreeTaskNet):
+        def forward(self, inputs):
+            predictions = super().forward(inputs)
+            self.watched = weakref.ref(predictions["price"])  # saved by the MSE's backward
+            return predictions
+
+    model = Watched()
+    objective = model.training_step(make_batch(6, seed=0, dtype=torch.float32), 0)
+    assert model.watched() is not None
+    del objective
+    gc.collect()
+    assert model.watched() is None, "something still holds the step's autograd graph"
+    assert torch.isfinite(model.loss_record.objective)  # the record still reads its figures
