@@ -174,37 +174,32 @@ class MultiTaskMixin:
         for index, (name, task) in enumerate(self.tasks.items()):
             prediction, target = predictions[name], targets[name]
             if isinstance(prediction, Tensor) and isinstance(target, Tensor):
-                task._check_target(name, prediction, target)
+                task.check_target(name, prediction, target)
                 key = task.stacking_key(prediction, target)
             else:
                 key = None
             groups.setdefault(key if key is not None else ("alone", index), []).append(index)
-        names, tasks = self.task_names, list(self.tasks.values())
-        if len(groups) == len(names):
+        if len(groups) == len(self.tasks):
             return {
                 n: t.per_sample_loss(n, predictions[n], targets[n]) for n, t in self.tasks.items()
             }
-        stacked = []
-        for rows in groups.values():
-            if len(rows) == 1:
-                name = names[rows[0]]
-                values, mask = tasks[rows[0]].per_sample_loss(
-                    name, predictions[name], targets[name]
-                )
-                stacked.append((rows, MaskedLoss(values.unsqueeze(0), mask.unsqueeze(0))))
-            else:
-                label = ", ".join(names[row] for row in rows)
-                stacked.append(
-                    (
-                        rows,
-                        tasks[rows[0]].per_sample_loss(
-                            label,
-                            torch.stack([predictions[names[row]] for row in rows]),
-                            torch.stack([targets[names[row]] for row in rows]),
-                        ),
-                    )
-                )
-        return StackedLosses(names, stacked)
+        stacked = [
+            (rows, self._stacked_loss(rows, predictions, targets)) for rows in groups.values()
+        ]
+        return StackedLosses(self.task_names, stacked)
+
+    def _stacked_loss(
+        self, rows: list[int], predictions: Mapping[str, Tensor], targets: Mapping[str, Tensor]
+    ) -> MaskedLoss:
+        """The per-sample losses of the tasks ``rows`` as one ``[G, ...]`` MaskedLoss."""
+        names = [self.task_names[row] for row in rows]
+        task = self.tasks[names[0]]
+        if len(names) == 1:
+            values, mask = task.per_sample_loss(names[0], predictions[names[0]], targets[names[0]])
+            return MaskedLoss(values.unsqueeze(0), mask.unsqueeze(0))
+        stacked_predictions = torch.stack([predictions[name] for name in names])
+        stacked_targets = torch.stack([targets[name] for name in names])
+        return task.per_sample_loss(", ".join(names), stacked_predictions, stacked_targets)
 
     # ----------------------------------------------------------------------------- the steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

@@ -128,7 +128,7 @@ class Task:
                 f"Task {name!r}: prediction and target must be tensors, got "
                 f"{type(prediction).__name__} and {type(target).__name__}."
             )
-        self._check_target(name, prediction, target)
+        self.check_target(name, prediction, target)
         if isinstance(self.loss, str) and self.loss in FLOAT_LOSSES:
             if target.shape != prediction.shape:
                 target = target.reshape(prediction.shape)
@@ -162,7 +162,8 @@ class Task:
             return None
         return (self.loss, prediction.shape, prediction.dtype, target.dtype, prediction.device)
 
-    def _check_target(self, name: str, prediction: Tensor, target: Tensor) -> None:
+    def check_target(self, name: str, prediction: Tensor, target: Tensor) -> None:
+        """Refuse a target of the wrong dtype or size for a registry loss, naming the task."""
         if not isinstance(self.loss, str):
             return
         if self.loss in CLASS_LOSSES and (target.is_floating_point() or target.dtype == torch.bool):
