@@ -18,7 +18,6 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from lightning_lossagg.callbacks import (
     IMTLG,
@@ -40,7 +39,16 @@ from lightning_lossagg.functional import (
     pcgrad,
     upgrad,
 )
-from tests.models import ThreeTaskNet, concat_batches, make_batch, reference_task_losses
+from tests.callbacks._fits import (
+    concatenated_ddp_batches,
+    ddp_batches,
+    initial_model_state,
+    loader,
+    model_from,
+    trainer,
+    training_batches,
+)
+from tests.models import ThreeTaskNet, reference_task_losses
 
 STATIC_WEIGHTS = torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)  # ThreeTaskNet's Task.weight
 LEARNING_RATE = 0.1  # ThreeTaskNet's plain SGD
@@ -78,46 +86,6 @@ class Recorder(L.Callback):
 
 def _snapshot(module: L.LightningModule) -> dict[str, Tensor]:
     return {name: value.detach().clone() for name, value in module.state_dict().items()}
-
-
-def training_batches(num_batches: int = 2, seed: int = 0) -> list:
-    """Uneven batches with missing labels; the second has no valid "kind" label at all."""
-    batches = [make_batch(6 + 3 * index, seed=seed + index) for index in range(num_batches)]
-    if num_batches > 1:
-        batches[1][1]["kind"][:] = -100
-    return batches
-
-
-def loader(batches: list) -> DataLoader:
-    return DataLoader(batches, batch_size=None)  # fixed order: no shuffle
-
-
-def trainer(callbacks: list, max_epochs: int, **kwargs: Any) -> L.Trainer:
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "precision": "64-true",
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-    }
-    options.update(kwargs)
-    return L.Trainer(max_epochs=max_epochs, callbacks=callbacks, **options)
-
-
-def initial_model_state() -> dict[str, Tensor]:
-    torch.manual_seed(0)
-    return ThreeTaskNet().state_dict()
-
-
-def model_from(state: dict[str, Tensor]) -> ThreeTaskNet:
-    """The model in float64 from the start (with "64-true" Lightning would convert it only after
-    restoring a checkpoint, rounding the restored weights to float32), ``state`` loaded exactly."""
-    model = ThreeTaskNet().double()
-    model.load_state_dict(state)
-    return model
 
 
 def fit(
@@ -321,19 +289,6 @@ def assert_adaptive(steps: list[dict[str, Any]]) -> None:
 
 
 # ----------------------------------------------------------------------------- DDP
-def ddp_batches() -> list[list]:
-    """Per rank, two uneven batches per epoch; rank 1 has no valid "kind" label in its second."""
-    rank0 = [make_batch(5, seed=10), make_batch(7, seed=11)]
-    rank1 = [make_batch(8, seed=20), make_batch(4, seed=21)]
-    rank1[1][1]["kind"][:] = -100
-    return [rank0, rank1]
-
-
-def concatenated_ddp_batches() -> list:
-    rank0, rank1 = ddp_batches()
-    return [concat_batches(a, b) for a, b in zip(rank0, rank1, strict=True)]
-
-
 DDP_EPOCHS = 2
 
 

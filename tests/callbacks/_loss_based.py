@@ -18,7 +18,6 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from lightning_lossagg import MaskedLoss, Task, global_task_losses
 from lightning_lossagg.aggregation import GlobalTaskLosses
@@ -40,7 +39,17 @@ from lightning_lossagg.functional.loss_scaling import loss_scaling_weights, upda
 from lightning_lossagg.functional.rlw import rlw
 from lightning_lossagg.functional.uncertainty import uncertainty_objective, uncertainty_weights
 from lightning_lossagg.weighting import WeightingCallback
-from tests.models import ThreeTaskNet, concat_batches, make_batch
+from tests.callbacks._fits import (  # noqa: F401 - re-exported for the tests
+    assert_nested_equal,
+    concatenated_ddp_batches,
+    ddp_batches,
+    initial_model_state,
+    loader,
+    model_from,
+    trainer,
+    training_batches,
+)
+from tests.models import ThreeTaskNet
 from tests.process_group import CollectiveCounter
 
 STATIC_WEIGHTS = torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)  # ThreeTaskNet's Task.weight
@@ -102,46 +111,6 @@ def global_losses(losses: list[float], valid: list[bool] | None = None) -> Globa
 def at_step(global_step: int, epoch: int = 0) -> Any:
     """A stand-in for the module as ``task_weights`` sees it: only ``trainer``'s step counters."""
     return SimpleNamespace(trainer=SimpleNamespace(global_step=global_step, current_epoch=epoch))
-
-
-def training_batches(num_batches: int = 2, seed: int = 0) -> list:
-    """Uneven batches with missing labels; the second has no valid "kind" label at all."""
-    batches = [make_batch(6 + 3 * index, seed=seed + index) for index in range(num_batches)]
-    if num_batches > 1:
-        batches[1][1]["kind"][:] = -100
-    return batches
-
-
-def loader(batches: list) -> DataLoader:
-    return DataLoader(batches, batch_size=None)  # fixed order: no shuffle
-
-
-def trainer(callbacks: list, max_epochs: int, **kwargs: Any) -> L.Trainer:
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "precision": "64-true",
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-    }
-    options.update(kwargs)
-    return L.Trainer(max_epochs=max_epochs, callbacks=callbacks, **options)
-
-
-def initial_model_state() -> dict[str, Tensor]:
-    torch.manual_seed(0)
-    return ThreeTaskNet().state_dict()
-
-
-def model_from(state: dict[str, Tensor]) -> ThreeTaskNet:
-    """The model in float64 from the start: with "64-true" Lightning converts the module only
-    after restoring a checkpoint, which would round the restored weights to float32."""
-    model = ThreeTaskNet()
-    model.load_state_dict(state)
-    return model.double()
 
 
 def fit_method(
@@ -330,36 +299,7 @@ def expected_record_weights(name: str, steps: list[dict], callback: Any) -> list
     ]
 
 
-def assert_nested_equal(actual: Any, expected: Any, path: str = "state") -> None:
-    """Exact equality of nested dicts/lists of tensors and plain values."""
-    if isinstance(expected, dict):
-        assert set(actual) == set(expected), path
-        for key in expected:
-            assert_nested_equal(actual[key], expected[key], f"{path}[{key!r}]")
-    elif isinstance(expected, list | tuple):
-        assert len(actual) == len(expected), path
-        for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
-            assert_nested_equal(a, e, f"{path}[{index}]")
-    elif isinstance(expected, Tensor):
-        torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=path)
-    else:
-        assert actual == expected, path
-
-
 # ----------------------------------------------------------------------------- DDP
-def ddp_batches() -> list[list]:
-    """Per rank, two uneven batches per epoch; rank 1 has no valid "kind" label in its second."""
-    rank0 = [make_batch(5, seed=10), make_batch(7, seed=11)]
-    rank1 = [make_batch(8, seed=20), make_batch(4, seed=21)]
-    rank1[1][1]["kind"][:] = -100
-    return [rank0, rank1]
-
-
-def concatenated_ddp_batches() -> list:
-    rank0, rank1 = ddp_batches()
-    return [concat_batches(a, b) for a, b in zip(rank0, rank1, strict=True)]
-
-
 DDP_EPOCHS = 3
 
 

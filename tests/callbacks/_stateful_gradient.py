@@ -19,15 +19,18 @@ import lightning as L
 import torch
 import torch.multiprocessing as mp
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from lightning_lossagg.callbacks import DBMTL, GradNorm, GradVac
 from lightning_lossagg.weighting import WeightingCallback
+from tests.callbacks._fits import (
+    assert_nested_equal,
+    concatenated_ddp_batches,
+    ddp_batches,
+    loader,
+)
 from tests.models import (
     IN_FEATURES,
     ThreeTaskNet,
-    concat_batches,
-    make_batch,
     reference_task_losses,
 )
 
@@ -79,10 +82,6 @@ def initial_model(deep: bool = False) -> ThreeTaskNet:
     the module only after restoring a checkpoint, which would round restored weights)."""
     torch.manual_seed(0)
     return (DeepTrunkNet() if deep else ThreeTaskNet()).double()
-
-
-def loader(batches: list) -> DataLoader:
-    return DataLoader(batches, batch_size=None)  # fixed order
 
 
 def fit(
@@ -163,22 +162,6 @@ def assert_grads_close(recorded: dict[str, Tensor], expected: dict[str, Tensor],
         torch.testing.assert_close(recorded[name], grad, rtol=1e-9, atol=1e-12, msg=f"{msg} {name}")
 
 
-def assert_nested_equal(actual: Any, expected: Any, path: str = "state") -> None:
-    """Exact equality of nested dicts/lists of tensors and plain values."""
-    if isinstance(expected, dict):
-        assert set(actual) == set(expected), path
-        for key in expected:
-            assert_nested_equal(actual[key], expected[key], f"{path}[{key!r}]")
-    elif isinstance(expected, list | tuple):
-        assert len(actual) == len(expected), path
-        for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
-            assert_nested_equal(a, e, f"{path}[{index}]")
-    elif isinstance(expected, Tensor):
-        torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=path)
-    else:
-        assert actual == expected, path
-
-
 def assert_nested_close(actual: Any, expected: Any, path: str = "state") -> None:
     """Nested equality to float64 rounding (sums taken in another order)."""
     if isinstance(expected, dict):
@@ -197,19 +180,6 @@ def assert_nested_close(actual: Any, expected: Any, path: str = "state") -> None
 
 
 # ----------------------------------------------------------------------------- DDP
-def ddp_batches() -> list[list]:
-    """Per rank, two uneven batches; rank 1 has no valid "kind" label in its second."""
-    rank0 = [make_batch(5, seed=10), make_batch(7, seed=11)]
-    rank1 = [make_batch(8, seed=20), make_batch(4, seed=21)]
-    rank1[1][1]["kind"][:] = -100
-    return [rank0, rank1]
-
-
-def concatenated_ddp_batches() -> list:
-    rank0, rank1 = ddp_batches()
-    return [concat_batches(a, b) for a, b in zip(rank0, rank1, strict=True)]
-
-
 def _ddp_rank(rank: int, port: int, out_dir: str) -> None:
     """One rank of a 2-process run: each method fits with Lightning's DDP strategy in turn.
 
