@@ -3,14 +3,19 @@ from a given state, the 2-rank DDP batches, and a nested equality check for meth
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import LightningCLI
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lightning_lossagg.cli import build_cli
 from tests.models import ThreeTaskNet, concat_batches, make_batch
+
+CONFIGS = Path(__file__).parents[2] / "configs"
 
 
 def training_batches(num_batches: int = 2, seed: int = 0) -> list:
@@ -80,3 +85,18 @@ def ddp_batches() -> list[list]:
 def concatenated_ddp_batches() -> list:
     rank0, rank1 = ddp_batches()
     return [concat_batches(a, b) for a, b in zip(rank0, rank1, strict=True)]
+
+
+def fit_config(method: str, *extra_args: str) -> LightningCLI:
+    """``lossagg fit --config configs/penguins_<method>.yaml`` for one epoch, without a logger or
+    progress bar, through the real LightningCLI (set ``sys.argv`` to ``["lossagg"]`` first)."""
+    return build_cli(
+        [
+            "fit",
+            f"--config={CONFIGS / f'penguins_{method}.yaml'}",
+            "--trainer.max_epochs=1",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            *extra_args,
+        ]
+    )

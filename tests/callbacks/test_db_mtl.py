@@ -2,14 +2,12 @@
 update written out with plain torch (log-loss gradients by autograd), a real 2-process run,
 exact resume, the YAML config, argument errors."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_lossagg.callbacks import DBMTL
-from lightning_lossagg.cli import build_cli
+from tests.callbacks._fits import fit_config
 from tests.callbacks._stateful_gradient import (
     STATIC,
     assert_grads_close,
@@ -25,7 +23,6 @@ from tests.models import make_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CONFIG = Path(__file__).parents[2] / "configs" / "penguins_db_mtl.yaml"
 BETA, SIGMA, EPS = 0.9, 0.5, 1e-8
 
 
@@ -113,15 +110,7 @@ def test_resuming_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
 
 def test_the_penguins_config_runs_through_the_cli(monkeypatch):
     monkeypatch.setattr("sys.argv", ["lossagg"])
-    cli = build_cli(
-        [
-            "fit",
-            f"--config={CONFIG}",
-            "--trainer.max_epochs=1",
-            "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false",
-        ]
-    )
+    cli = fit_config("db_mtl")
     method = cli.model.weighting
     assert isinstance(method, DBMTL) and method.beta == 0.9
     state = method.state_dict()

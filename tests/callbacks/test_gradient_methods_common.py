@@ -3,7 +3,6 @@ process, gradient accumulation, exact resume (Nash-MTL's state), the YAML config
 real CLI, and the checks every method shares."""
 
 import socket
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -12,7 +11,7 @@ import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_lossagg.callbacks import NashMTL
-from lightning_lossagg.cli import build_cli
+from tests.callbacks._fits import fit_config
 from tests.callbacks._gradient_based import (
     METHODS,
     assert_adaptive,
@@ -28,7 +27,6 @@ from tests.callbacks._gradient_based import (
 )
 from tests.models import ThreeTaskNet, make_batch, one_batch_loader
 
-CONFIGS = Path(__file__).parents[2] / "configs"
 PENGUIN_TASKS = ("species", "sex", "body_mass")
 NAMES = list(METHODS)
 
@@ -132,16 +130,10 @@ def test_resuming_nash_mtl_from_a_checkpoint_equals_an_uninterrupted_run(rep_gra
 @pytest.mark.parametrize("name", NAMES)
 def test_the_penguins_config_runs_through_the_cli(name, monkeypatch):
     monkeypatch.setattr("sys.argv", ["lossagg"])
-    cli = build_cli(
-        [
-            "fit",
-            f"--config={CONFIGS / f'penguins_{name}.yaml'}",
-            "--trainer.max_epochs=1",
-            "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.limit_train_batches=3",  # a few steps prove the setting; a full epoch
-            "--trainer.limit_val_batches=1",  # would triple the time
-        ]
+    cli = fit_config(
+        name,
+        "--trainer.limit_train_batches=3",  # a few steps prove the setting; a full epoch
+        "--trainer.limit_val_batches=1",  # would triple the time
     )
     assert type(cli.model.weighting) is type(METHODS[name]())
     metrics = cli.trainer.callback_metrics

@@ -1,14 +1,12 @@
 """GradNorm through real fits: two updates of w by hand (plain torch autograd on the paper's
 loss, torch's Adam), a real 2-process run, exact resume, the YAML config, argument errors."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_lossagg.callbacks import GradNorm
-from lightning_lossagg.cli import build_cli
+from tests.callbacks._fits import fit_config
 from tests.callbacks._stateful_gradient import (
     STATIC,
     assert_grads_close,
@@ -24,7 +22,6 @@ from tests.models import make_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CONFIG = Path(__file__).parents[2] / "configs" / "penguins_gradnorm.yaml"
 LR = 0.1
 
 
@@ -150,15 +147,7 @@ def test_resuming_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
 
 def test_the_penguins_config_runs_through_the_cli(monkeypatch):
     monkeypatch.setattr("sys.argv", ["lossagg"])
-    cli = build_cli(
-        [
-            "fit",
-            f"--config={CONFIG}",
-            "--trainer.max_epochs=1",
-            "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false",
-        ]
-    )
+    cli = fit_config("gradnorm")
     method = cli.model.weighting
     assert isinstance(method, GradNorm) and method.alpha == 1.5 and method.layer == "last"
     learned = method.state_dict()["weights"]["values"]

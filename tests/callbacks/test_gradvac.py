@@ -2,16 +2,14 @@
 applied by hand to plain-torch gradients, a real 2-process run, exact resume, the YAML config,
 argument errors."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_lossagg.callbacks import GradVac
 from lightning_lossagg.callbacks.rlw import step_seed
-from lightning_lossagg.cli import build_cli
 from lightning_lossagg.functional.gradvac import gradvac
+from tests.callbacks._fits import fit_config
 from tests.callbacks._stateful_gradient import (
     STATIC,
     assert_grads_close,
@@ -27,7 +25,6 @@ from tests.models import make_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CONFIG = Path(__file__).parents[2] / "configs" / "penguins_gradvac.yaml"
 BETA, SEED = 0.5, 7
 
 
@@ -116,15 +113,7 @@ def test_resuming_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
 
 def test_the_penguins_config_runs_through_the_cli(monkeypatch):
     monkeypatch.setattr("sys.argv", ["lossagg"])
-    cli = build_cli(
-        [
-            "fit",
-            f"--config={CONFIG}",
-            "--trainer.max_epochs=1",
-            "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false",
-        ]
-    )
+    cli = fit_config("gradvac")
     method = cli.model.weighting
     assert isinstance(method, GradVac) and method.beta == 0.5
     targets = method.state_dict()["targets"]

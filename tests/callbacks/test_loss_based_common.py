@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_lossagg.callbacks import LossLogger
-from lightning_lossagg.cli import build_cli
+from tests.callbacks._fits import fit_config
 from tests.callbacks._loss_based import (
     DDP_EPOCHS,
     METHODS,
@@ -30,7 +30,6 @@ from tests.models import ThreeTaskNet, make_batch, one_batch_loader
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CONFIGS = Path(__file__).parents[2] / "configs"
 PENGUIN_TASKS = ("species", "sex", "body_mass")
 LOGGED_STATE = {
     "uncertainty_weighting": "log_var",
@@ -156,15 +155,7 @@ def test_resuming_from_a_checkpoint_equals_an_uninterrupted_run(name, tmp_path):
 @pytest.mark.parametrize("name", list(METHODS))
 def test_the_penguins_config_runs_through_the_cli(name, monkeypatch):
     monkeypatch.setattr("sys.argv", ["lossagg"])
-    cli = build_cli(
-        [
-            "fit",
-            f"--config={CONFIGS / f'penguins_{name}.yaml'}",
-            "--trainer.max_epochs=1",
-            "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false",
-        ]
-    )
+    cli = fit_config(name)
     method_type = type(METHODS[name]())
     assert cli.model.weighting is not None and type(cli.model.weighting) is method_type
     assert cli.trainer.global_step > 0
