@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import lightning as L
@@ -29,6 +31,12 @@ class StepTimer(L.Callback):
 
     def on_train_batch_end(self, *args: object) -> None:
         self.times.append(self.clock() - self._start)
+
+
+def quiet() -> None:
+    """Only the benchmark's table on the terminal: no warnings, no per-fit Lightning banners."""
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Sequence
 
 import lightning as L
@@ -34,7 +33,7 @@ from torch.utils.data import DataLoader
 from torchjd import aggregation
 from torchjd.autojac import jac_to_grad, mtl_backward
 
-from benchmarks._timing import StepTimer, synthetic_loader
+from benchmarks._timing import StepTimer, quiet, synthetic_loader
 from benchmarks.overhead import PlainMLP
 from lightning_lossagg import callbacks
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting
@@ -133,7 +132,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
+    quiet()
     # One intra-op thread: on a shared machine, OpenMP workers that wait for a busy core turn
     # millisecond steps into tens of milliseconds at random. Both sides of every ratio use it.
     torch.set_num_threads(1)

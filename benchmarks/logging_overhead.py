@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import logging
 import os
 import statistics
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -33,6 +31,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from torch.utils.data import DataLoader
 
+from benchmarks._timing import quiet
 from lightning_lossagg.callbacks import LossLogger
 from lightning_lossagg.demos import MultiTaskMLP
 from lightning_lossagg.demos.synthetic import make_regression_tasks
@@ -137,8 +136,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    quiet()
     os.environ.setdefault("WANDB_SILENT", "true")
     print(
         f"log_every_n_steps={LOG_EVERY_N_STEPS}, {args.steps} steps, {args.rounds} rounds, "

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 
 import lightning as L
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from benchmarks._timing import synthetic_loader
+from benchmarks._timing import quiet, synthetic_loader
 from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks import (
     DWA,
@@ -109,7 +108,7 @@ def main() -> None:
         help="cpu: the main thread's CPU time (robust on a shared machine; needs --threads 1)",
     )
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
+    quiet()
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     loader = synthetic_loader(NUM_TASKS, batch_size=256)

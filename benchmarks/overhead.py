@@ -10,14 +10,13 @@ interleaved rounds, measured in this run. Target: at most 1.05.
 from __future__ import annotations
 
 import argparse
-import warnings
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks._timing import interleaved_ratios, median_step_time, synthetic_loader
+from benchmarks._timing import interleaved_ratios, median_step_time, quiet, synthetic_loader
 from lightning_lossagg.demos import MultiTaskMLP
 
 
@@ -51,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
+    quiet()
     print(f"clock: {args.clock}, torch threads: {torch.get_num_threads()}")
     print(f"{'K':>3} {'plain ms':>9} {'mixin ms':>9} {'ratio':>6}")
     for num_tasks in args.tasks:

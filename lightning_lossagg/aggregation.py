@@ -26,6 +26,7 @@ from lightning_lossagg import distributed
 from lightning_lossagg.tasks import MaskedLoss, StackedLosses, Task
 
 RankWeighting = Literal["samples", "uniform"]
+MaskedSum = tuple[Tensor, Tensor]  # a task's sum of valid values, and their count
 
 
 class GlobalTaskLosses:
@@ -42,6 +43,9 @@ class GlobalTaskLosses:
         local_terms: this rank's terms ``t_k`` with their graph: DDP's averaged gradient of
             ``t_k`` is the gradient of ``L_k``. The objective handed to backward is
             ``sum_k w_k t_k``.
+        task_terms: the same terms as K scalars whose graphs stay apart (each reaches only its
+            own task's losses), when the reducer was asked for them; else ``None``. Per-task
+            gradients taken from them cost one pass through each task's head, not through all.
         nonfinite_ranks: per task, the summed bit-set of ranks whose local loss was not finite.
     """
 
@@ -52,8 +56,10 @@ class GlobalTaskLosses:
         counts: Tensor,
         local_terms: Tensor,
         nonfinite_ranks: Tensor | None = None,
+        task_terms: tuple[Tensor, ...] | None = None,
     ) -> None:
         self.names, self.counts, self.local_terms = names, counts, local_terms
+        self.task_terms = task_terms
         self._numerators = numerators
         self._nonfinite_ranks = nonfinite_ranks
 
@@ -113,11 +119,19 @@ class TaskLossReducer:
         self._is_mean = [task.reduction == "mean" for task in tasks.values()]
         self._cache: dict[tuple, Any] = {}
 
-    def __call__(self, masked_losses: Mapping[str, MaskedLoss]) -> GlobalTaskLosses:
-        numerators, denominators = self._local_statistics(masked_losses)
+    def __call__(
+        self, masked_losses: Mapping[str, MaskedLoss], separate_tasks: bool = False
+    ) -> GlobalTaskLosses:
+        """The step's global figures. ``separate_tasks``: also build ``task_terms``, one scalar per
+        task with a graph of its own (the values of different tasks must not share a graph)."""
+        task_sums = self._task_sums(masked_losses) if separate_tasks else None
+        numerators, denominators = self._local_statistics(masked_losses, task_sums)
         if not distributed.is_distributed():
             local_terms = numerators / denominators.clamp(min=1)
-            return GlobalTaskLosses(self.names, numerators.detach(), denominators, local_terms)
+            task_terms = self._task_terms(task_sums, denominators.clamp(min=1).reciprocal())
+            return GlobalTaskLosses(
+                self.names, numerators.detach(), denominators, local_terms, task_terms=task_terms
+            )
         num_tasks = len(self.names)
         stats_dtype = distributed.stats_dtype(numerators.device)
         nonfinite = ~torch.isfinite(numerators.detach())
@@ -130,13 +144,14 @@ class TaskLossReducer:
         )
         stats = distributed.all_reduce_sum(stats)
         counts = stats[num_tasks : 2 * num_tasks]
-        scale = distributed.world_size() / counts.clamp(min=1)
+        scale = (distributed.world_size() / counts.clamp(min=1)).to(numerators.dtype)
         return GlobalTaskLosses(
             self.names,
             numerators=stats[:num_tasks],
             counts=counts,
-            local_terms=numerators * scale.to(numerators.dtype),
+            local_terms=numerators * scale,
             nonfinite_ranks=stats[2 * num_tasks :],
+            task_terms=self._task_terms(task_sums, scale),
         )
 
     def drop_tasks(
@@ -150,19 +165,27 @@ class TaskLossReducer:
             name: MaskedLoss(loss.values.detach(), torch.zeros_like(loss.mask)) if dropped else loss
             for (name, loss), dropped in zip(masked_losses.items(), drop.tolist(), strict=True)
         }
-        numerators, _ = self._local_statistics(kept)
+        task_sums = self._task_sums(kept) if step.task_terms is not None else None
+        numerators, _ = self._local_statistics(kept, task_sums)
         counts = torch.where(drop.to(step.counts.device), 0.0, step.counts)
-        scale = distributed.world_size() / counts.clamp(min=1)
+        scale = (distributed.world_size() / counts.clamp(min=1)).to(numerators.dtype)
         return GlobalTaskLosses(
             self.names,
             numerators=step._numerators,
             counts=counts,
-            local_terms=numerators * scale.to(numerators.dtype),
+            local_terms=numerators * scale,
             nonfinite_ranks=step.nonfinite_ranks,
+            task_terms=self._task_terms(task_sums, scale),
         )
 
-    def _local_statistics(self, masked_losses: Mapping[str, MaskedLoss]) -> tuple[Tensor, Tensor]:
+    def _local_statistics(
+        self, masked_losses: Mapping[str, MaskedLoss], task_sums: list[MaskedSum] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """This rank's numerators ``a_kr`` (with their graph) and denominators ``b_kr``."""
+        if task_sums is not None:
+            sums = torch.stack([total for total, _ in task_sums])
+            counts = torch.stack([count for _, count in task_sums]).to(sums.dtype)
+            return self._numerators_and_denominators(sums, counts)
         if isinstance(masked_losses, StackedLosses) and masked_losses.names == self.names:
             local_sums, local_counts = self._stacked_sums(masked_losses)
             return self._numerators_and_denominators(local_sums, local_counts)
@@ -180,6 +203,30 @@ class TaskLossReducer:
         local_sums = flat_values.new_zeros(num_tasks).index_add(0, segments, masked_values)
         local_counts = flat_values.new_zeros(num_tasks).index_add(0, segments, flat_masks.to(dtype))
         return self._numerators_and_denominators(local_sums, local_counts)
+
+    def _task_sums(self, masked_losses: Mapping[str, MaskedLoss]) -> list[MaskedSum]:
+        """Per task, the sum of its valid values (its own graph) and their count."""
+        sums = []
+        for name in self.names:
+            values, mask = masked_losses[name]
+            sums.append((torch.where(mask, values, 0.0).sum(), mask.sum()))
+        return sums
+
+    def _task_terms(
+        self, task_sums: list[MaskedSum] | None, scale: Tensor
+    ) -> tuple[Tensor, ...] | None:
+        """The local terms rebuilt per task from each task's own sum: ``sum_k * scale_k`` (times
+        ``1 / count_k`` for a ``rank_weighting="uniform"`` mean), each with a graph of its own."""
+        if task_sums is None:
+            return None
+        factors = scale
+        if self.rank_weighting == "uniform":
+            counts = torch.stack([count for _, count in task_sums]).to(scale.dtype)
+            is_mean, _ = self._reduction_constants(scale)
+            factors = torch.where(is_mean, 1 / counts.clamp(min=1), 1.0) * scale
+        return tuple(
+            total * factor for (total, _), factor in zip(task_sums, factors.unbind(), strict=True)
+        )
 
     def _stacked_sums(self, stacked: StackedLosses) -> tuple[Tensor, Tensor]:
         """Per-task sums and counts of valid values, a group at a time, in task order."""

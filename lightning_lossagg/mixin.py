@@ -123,12 +123,12 @@ class MultiTaskMixin:
         return self.per_sample_losses(self.predict_tasks(inputs), targets)
 
     def predict_tasks(self, inputs: Any) -> Mapping[str, Tensor]:
-        """``{task: prediction}``: ``self(inputs)``, or, when the weighting method takes gradients
-        at the shared representation (``rep_grad=True``), ``forward_heads(forward_shared(inputs))``
-        with the representation kept in :attr:`shared_representation`."""
+        """``{task: prediction}``: ``self(inputs)``, or, in training when the weighting method
+        takes per-task gradients through the shared representation, ``forward_heads`` of a
+        detached copy of ``forward_shared(inputs)``, both kept in :attr:`shared_representation`."""
         weighting = self._weighting
         if not (
-            getattr(weighting, "rep_grad", False) and self.training and torch.is_grad_enabled()
+            weighting and weighting.splits_forward and self.training and torch.is_grad_enabled()
         ):
             return self(inputs)  # type: ignore[operator]
         shared = self.forward_shared(inputs)  # type: ignore[attr-defined]
@@ -162,7 +162,8 @@ class MultiTaskMixin:
 
         Tasks with the same element-wise loss on predictions of one shape (several regression
         heads, say) are computed together on stacked tensors: a few operations per group instead
-        of a few per task.
+        of a few per task. Not for a weighting method that takes per-task gradients: stacking
+        would join the tasks' graphs.
         """
         if not isinstance(predictions, Mapping):
             raise TypeError(
@@ -171,9 +172,10 @@ class MultiTaskMixin:
         _check_names("targets", targets, self.task_names)
         _check_names("predictions", predictions, self.task_names)
         groups: dict[object, list[int]] = {}
+        stacking = not (self._weighting and self._weighting.separate_task_terms and self.training)
         for index, (name, task) in enumerate(self.tasks.items()):
             prediction, target = predictions[name], targets[name]
-            if isinstance(prediction, Tensor) and isinstance(target, Tensor):
+            if stacking and isinstance(prediction, Tensor) and isinstance(target, Tensor):
                 task.check_target(name, prediction, target)
                 key = task.stacking_key(prediction, target)
             else:
@@ -204,7 +206,8 @@ class MultiTaskMixin:
     # ----------------------------------------------------------------------------- the steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         masked = self._masked_losses(batch)
-        step = self._reducer(masked)
+        separate = self._weighting is not None and self._weighting.separate_task_terms
+        step = self._reducer(masked, separate_tasks=separate)
         dropped = False
         if self.nonfinite == "raise":
             self._unchecked_nonfinite.append((self.global_step, _later(step)))  # type: ignore[attr-defined]
@@ -213,7 +216,7 @@ class MultiTaskMixin:
             if bitsets.any():
                 self._count_nonfinite_step(bitsets)
                 if self.nonfinite == "skip":
-                    self.loss_record = None
+                    self.loss_record = self.shared_representation = None
                     self._skip_optimizer_step = True
                     return self._zero_objective()
                 step = self._reducer.drop_tasks(step, masked, bitsets > 0)

@@ -28,7 +28,17 @@ class WeightingCallback(L.Callback):
     one all-reduce, with the global figures of the step; whatever it computes from them alone is
     identical on every rank. Tasks with ``step.valid[k] == False`` (no valid sample anywhere this
     step) have a NaN loss: leave them out of any state update; their weight is ignored.
+
+    Attributes:
+        separate_task_terms: the mixin keeps each task's loss term in a graph of its own
+            (``step.task_terms``), for methods that take per-task gradients.
+        splits_forward: the mixin runs ``forward_heads(forward_shared(inputs))`` in training,
+            the heads seeing a detached copy of the representation (kept in the model's
+            ``shared_representation`` as ``(representation, detached copy)``).
     """
+
+    separate_task_terms: bool = False
+    splits_forward: bool = False
 
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
         """The weights ``w`` (shape ``[K]``, detached) for this training step."""

@@ -16,8 +16,8 @@ from lightning_lossagg.callbacks._checks import require_multitask, usable_tasks
 from lightning_lossagg.callbacks.gradient_weighting import (
     GradientWeighting,
     Sync,
-    _batched_grads,
     _gramian,
+    task_jacobian,
 )
 from lightning_lossagg.functional.db_mtl import LOG_EPS, db_mtl, db_mtl_weights
 
@@ -63,6 +63,8 @@ class DBMTL(GradientWeighting):
     Example:
         >>> callback = DBMTL(beta=0.9, beta_sigma=0.0)
     """
+
+    parameter_gradients_through_representation = False
 
     def __init__(
         self,
@@ -115,7 +117,7 @@ class DBMTL(GradientWeighting):
     @override
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
         self._shared_parameters = pl_module.shared_parameters()  # type: ignore[operator]
-        jacobian = _batched_grads(step.local_terms, self._shared_parameters)
+        jacobian = task_jacobian(step, self._shared_parameters)
         jacobian = distributed.all_reduce_sum(jacobian) / distributed.world_size()
         self._gramian, self._gramian_valid = _gramian(jacobian).detach(), step.valid
         usable = usable_tasks(step)

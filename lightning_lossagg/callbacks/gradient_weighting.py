@@ -1,23 +1,28 @@
 """``GradientWeighting``: the machinery every gradient-based weighting method shares.
 
-Per step it takes the per-task gradients of the shared part in ONE batched backward
-(``torch.autograd.grad(..., is_grads_batched=True)``), builds their K×K Gramian
+Per step it takes each task's gradient of the shared part, builds their K×K Gramian
 ``G[i, j] = <g_i, g_j>`` from global gradients, asks the method for weights ``w``, and hands
 backward a surrogate whose gradient is ``d = sum_k w_k g_k`` on the shared part and each task's
 own (statically weighted) gradient on its head — LibMTL's and torchjd's semantics.
 
+The mixin keeps each task's loss term in a graph of its own (``GlobalTaskLosses.task_terms``), so
+task ``k``'s gradient is one backward through task ``k``'s head only, never through the others'.
 Where the gradients are taken:
 
-* ``rep_grad=False``: at the shared parameters (``pl_module.shared_parameters()``).
-  ``sync="gradients"`` (default, exact) all-reduces the K×P Jacobian; ``sync="gramian"`` all-reduces
-  only the K×K Gramian, averaging the ranks' local Gramians (an approximation: it misses the
-  cross-rank terms of ``<g_i, g_j>``). The heads' per-task gradients come out of the same batched
-  backward, and the surrogate is one autograd node that hands every parameter its gradient: the
-  backward Lightning runs does no further work.
 * ``rep_grad=True``: at the shared representation (MGDA-UB), far cheaper. The model defines
-  ``forward_shared(inputs)`` and ``forward_heads(representation)``. Each rank's representation rows
-  belong to its own samples, so the global Gramian is exactly the sum of the ranks' Gramians: one
-  K×K all-reduce.
+  ``forward_shared(inputs)`` and ``forward_heads(representation)``; the heads see a detached copy
+  of the representation, one backward per task through its head gives that task's representation
+  gradient (and its head's gradient), and the trunk gets ``d`` in the one backward Lightning runs.
+  Each rank's representation rows belong to its own samples, so the global Gramian is exactly the
+  sum of the ranks' Gramians: one K×K all-reduce.
+* ``rep_grad=False``: at the shared parameters (``pl_module.shared_parameters()``). A model with
+  ``forward_shared``/``forward_heads`` gets its trunk's K×P Jacobian from the representation
+  gradients in ONE batched backward through the trunk (torchjd's ``mtl_backward`` algorithm);
+  any other model takes one backward per task through the whole network. ``sync="gradients"``
+  (default, exact) all-reduces the Jacobian; ``sync="gramian"`` all-reduces only the K×K Gramian,
+  averaging the ranks' local Gramians (an approximation: it misses the cross-rank terms of
+  ``<g_i, g_j>``). The surrogate is one autograd node that hands every parameter its gradient:
+  the backward Lightning runs does no further work.
 
 Either way the weights come from global figures and are identical on every rank. Methods solve a
 small problem on the K×K Gramian on the host, which costs one device-to-host transfer per step.
@@ -25,7 +30,7 @@ small problem on the K×K Gramian on the host, which costs one device-to-host tr
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -48,15 +53,22 @@ class GradientWeighting(WeightingCallback):
             (cheaper approximation); ignored with ``rep_grad=True``, which is always exact.
     """
 
+    separate_task_terms = True
+    # Subclasses that take parameter gradients their own way (GradNorm, DB-MTL) set it False:
+    # then the model's forward is split only for rep_grad=True.
+    parameter_gradients_through_representation: ClassVar[bool] = True
+
     def __init__(self, rep_grad: bool = False, sync: Sync = "gradients") -> None:
         if sync not in ("gradients", "gramian"):
             raise ValueError(f"sync must be 'gradients' or 'gramian', got {sync!r}.")
         self.rep_grad = bool(rep_grad)
         self.sync = sync
+        self.splits_forward = self.rep_grad
         self._jacobian: Tensor | None = None
         self._shared_parameters: list[torch.nn.Parameter] = []
-        self._head_parameters: list[torch.nn.Parameter] = []
-        self._head_jacobians: tuple[Tensor, ...] = ()
+        # Parameters whose gradient is each task's own (the heads; with rep_grad=True, whatever
+        # the heads use), with their per-task gradients (None: the task does not reach them).
+        self._own_task_gradients: list[tuple[torch.nn.Parameter, list[Tensor | None]]] = []
         # The latest step's global Gramian and valid tasks, on the device: the diagnostics.
         self._gramian: Tensor | None = None
         self._gramian_valid: Tensor | None = None
@@ -80,47 +92,91 @@ class GradientWeighting(WeightingCallback):
             raise TypeError(
                 f"{name} needs a MultiTaskMixin model; add MultiTaskMixin to its bases."
             )
-        if self.rep_grad:
-            missing = [m for m in ("forward_shared", "forward_heads") if not hasattr(pl_module, m)]
-            if missing:
-                raise TypeError(
-                    f"{name}(rep_grad=True) needs the model to split its forward: define "
-                    f"{' and '.join(missing)} (forward_shared(inputs) -> representation, "
-                    "forward_heads(representation) -> {task: prediction}), or use rep_grad=False."
-                )
-        elif not pl_module.shared_parameters():
+        split = [
+            m for m in ("forward_shared", "forward_heads") if callable(getattr(pl_module, m, None))
+        ]
+        if self.rep_grad and len(split) < 2:
+            missing = [m for m in ("forward_shared", "forward_heads") if m not in split]
+            raise TypeError(
+                f"{name}(rep_grad=True) needs the model to split its forward: define "
+                f"{' and '.join(missing)} (forward_shared(inputs) -> representation, "
+                "forward_heads(representation) -> {task: prediction}), or use rep_grad=False."
+            )
+        if not self.rep_grad and not pl_module.shared_parameters():
             raise ValueError(
                 f"{name} found no shared parameters: every trainable parameter is in a head. "
                 "Gradient-based weighting needs a shared part; check shared_parameters()."
             )
+        self.splits_forward = self.rep_grad or (
+            len(split) == 2 and self.parameter_gradients_through_representation
+        )
 
     # ------------------------------------------------------------------------ the step
     @override
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
-        terms = step.local_terms
-        world_size = distributed.world_size()
         if self.rep_grad:
-            _, detached = pl_module.shared_representation  # type: ignore[misc]
-            jacobian = _batched_grads(terms, [detached])
-            # Rows of different ranks' representations are different coordinates of the global
-            # gradient (scaled 1/W by DDP's averaging): the global Gramian is the sum.
-            gramian = distributed.all_reduce_sum(_gramian(jacobian) / world_size**2)
+            gramian = self._representation_gramian(pl_module, step)
         else:
-            self._shared_parameters = pl_module.shared_parameters()  # type: ignore[operator]
-            self._head_parameters = pl_module.task_specific_parameters()  # type: ignore[operator]
-            # The heads' per-task gradients come out of the same backward: no second pass.
-            grads = _per_task_grads(terms, self._shared_parameters + self._head_parameters)
-            shared_grads = grads[: len(self._shared_parameters)]
-            jacobian = torch.cat([g.reshape(len(terms), -1) for g in shared_grads], dim=1)
-            self._head_jacobians = grads[len(self._shared_parameters) :]
-            if self.sync == "gradients":
-                jacobian = distributed.all_reduce_sum(jacobian) / world_size
-                gramian = _gramian(jacobian)
-            else:
-                gramian = distributed.all_reduce_sum(_gramian(jacobian)) / world_size
-        self._jacobian = jacobian
+            gramian = self._parameter_gramian(pl_module, step)
         self._gramian, self._gramian_valid = gramian.detach(), step.valid
-        return self._weights_of_valid_tasks(gramian, step.valid).to(terms.device, terms.dtype)
+        return self._weights_of_valid_tasks(gramian, step.valid).to(
+            step.local_terms.device, step.local_terms.dtype
+        )
+
+    def _representation_gramian(
+        self, pl_module: L.LightningModule, step: GlobalTaskLosses
+    ) -> Tensor:
+        """The Jacobian at the shared representation, and its global Gramian."""
+        _, detached = _representation(pl_module, type(self).__name__)
+        parameters = _trainable_parameters(pl_module)
+        rows = task_gradients(step, [detached, *parameters])
+        self._jacobian = _stack(rows[0], detached).flatten(1)
+        self._own_task_gradients = [
+            (parameter, grads)
+            for parameter, grads in zip(parameters, rows[1:], strict=True)
+            if any(grad is not None for grad in grads)
+        ]
+        # Rows of different ranks' representations are different coordinates of the global
+        # gradient (scaled 1/W by DDP's averaging): the global Gramian is the sum.
+        world_size = distributed.world_size()
+        return distributed.all_reduce_sum(_gramian(self._jacobian) / world_size**2)
+
+    def _parameter_gramian(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+        """The Jacobian at the shared parameters (global with ``sync="gradients"``), and its
+        global Gramian."""
+        shared = self._shared_parameters = pl_module.shared_parameters()  # type: ignore[operator]
+        heads = pl_module.task_specific_parameters()  # type: ignore[operator]
+        representation = pl_module.shared_representation  # type: ignore[attr-defined]
+        if representation is None:
+            rows = task_gradients(step, [*shared, *heads])
+            jacobians = [_stack(grads, p) for grads, p in zip(rows, shared, strict=False)]
+        else:
+            output, detached = representation
+            rows = task_gradients(step, [detached, *shared, *heads])
+            # The trunk's Jacobian: its vector-Jacobian products with the K representation
+            # gradients, in one batched backward (the trunk's graph is not needed afterwards).
+            trunk = torch.autograd.grad(
+                output,
+                shared,
+                grad_outputs=_stack(rows[0], detached),
+                is_grads_batched=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+            rows = rows[1:]
+            jacobians = [
+                jacobian + _stack(grads, p) if any(g is not None for g in grads) else jacobian
+                for jacobian, grads, p in zip(trunk, rows, shared, strict=False)
+            ]
+        self._own_task_gradients = list(zip(heads, rows[len(shared) :], strict=True))
+        num_tasks = len(step.names)
+        jacobian = torch.cat([j.reshape(num_tasks, -1) for j in jacobians], dim=1)
+        world_size = distributed.world_size()
+        if self.sync == "gradients":
+            self._jacobian = distributed.all_reduce_sum(jacobian) / world_size
+            return _gramian(self._jacobian)
+        self._jacobian = jacobian
+        return distributed.all_reduce_sum(_gramian(jacobian)) / world_size
 
     @override
     def state_to_log(self) -> dict[str, Tensor]:
@@ -163,25 +219,41 @@ class GradientWeighting(WeightingCallback):
         self, pl_module: L.LightningModule, step: GlobalTaskLosses, weights: Tensor, static: Tensor
     ) -> Tensor:
         jacobian, self._jacobian = self._jacobian, None
+        representation, pl_module.shared_representation = pl_module.shared_representation, None  # type: ignore[attr-defined]
+        own, self._own_task_gradients = self._own_task_gradients, []
         direction = weights.to(jacobian.dtype) @ jacobian  # d = sum_k w_k g_k
+        # Heads: their own task's gradient, sum_k s_k grad t_k (local: DDP averages it).
+        static_weights = static.to(jacobian.dtype).unbind()
+        parameters = [parameter for parameter, _ in own]
+        grads = [_weighted_sum(grads, static_weights, parameter) for parameter, grads in own]
         if self.rep_grad:
-            shared, _ = pl_module.shared_representation  # type: ignore[misc]
-            pl_module.shared_representation = None
-            # Heads: their own task's gradient (through the detached leaf). Shared trunk: d.
-            heads_objective = (static * step.local_terms).sum()
-            return heads_objective + (shared * direction.view_as(shared).detach()).sum()
-        # Heads: their own task's gradient, sum_k s_k grad t_k (local: DDP averages it). Shared
-        # parameters: d, split back into their shapes.
-        head_jacobians, self._head_jacobians = self._head_jacobians, ()
-        static = static.to(jacobian.dtype)
-        head_grads = [(static @ g.flatten(1)).view(g.shape[1:]) for g in head_jacobians]
+            shared, _ = representation
+            # Shared trunk: d at the representation, in the backward Lightning runs.
+            trunk_objective = (shared * direction.view_as(shared).detach()).sum()
+            if not parameters:
+                return trunk_objective
+            return trunk_objective + _InjectedGradients.apply(tuple(grads), *parameters)
+        # Shared parameters: d, split back into their shapes.
         sizes = [parameter.numel() for parameter in self._shared_parameters]
         shared_grads = [
             grad.view_as(parameter)
             for grad, parameter in zip(direction.split(sizes), self._shared_parameters, strict=True)
         ]
-        parameters = self._shared_parameters + self._head_parameters
-        return _InjectedGradients.apply(tuple(shared_grads + head_grads), *parameters)
+        parameters = self._shared_parameters + parameters
+        return _InjectedGradients.apply(tuple(shared_grads + grads), *parameters)
+
+    def weighted_sum_objective(
+        self, pl_module: L.LightningModule, step: GlobalTaskLosses, weights: Tensor
+    ) -> Tensor:
+        """``sum_k w_k t_k`` for a step that skips the gradient machinery; when the heads saw a
+        detached representation, its gradient is sent on to the trunk."""
+        objective = (weights * step.local_terms).sum()
+        representation, pl_module.shared_representation = pl_module.shared_representation, None  # type: ignore[attr-defined]
+        if representation is None:
+            return objective
+        shared, detached = representation
+        (representation_grad,) = torch.autograd.grad(objective, detached, retain_graph=True)
+        return objective + (shared * representation_grad).sum()
 
 
 class _InjectedGradients(torch.autograd.Function):
@@ -200,28 +272,64 @@ class _InjectedGradients(torch.autograd.Function):
         return (None, *(grad * grad_output for grad in grads))
 
 
-def _batched_grads(terms: Tensor, inputs: list[Tensor]) -> Tensor:
-    """The K×P matrix of per-task gradients of ``terms`` with respect to ``inputs``, from ONE
-    batched backward (no copy for a single input)."""
-    grads = _per_task_grads(terms, inputs)
-    if len(grads) == 1:
-        return grads[0].reshape(len(terms), -1)
-    return torch.cat([g.reshape(len(terms), -1) for g in grads], dim=1)
+def task_gradients(step: GlobalTaskLosses, inputs: list[Tensor]) -> list[list[Tensor | None]]:
+    """Per input, per task, the gradient of the task's local term (``None``: the task does not
+    reach that input). One backward per task through its own part of the graph (the mixin keeps
+    the task terms apart for gradient methods)."""
+    terms = step.task_terms
+    if terms is None:
+        raise RuntimeError(
+            "The step has no separate task terms: the weighting callback must set "
+            "separate_task_terms = True so that the mixin builds them."
+        )
+    none: tuple[None, ...] = (None,) * len(inputs)
+    per_task = [
+        torch.autograd.grad(term, inputs, retain_graph=True, allow_unused=True)
+        if term.requires_grad
+        else none
+        for term in terms
+    ]
+    return [list(column) for column in zip(*per_task, strict=True)]
 
 
-def _per_task_grads(terms: Tensor, inputs: list[Tensor]) -> tuple[Tensor, ...]:
-    """Per input, the ``[K, *shape]`` per-task gradients of ``terms``, from ONE batched backward
-    (vmap over the K unit vectors)."""
-    eye = torch.eye(len(terms), dtype=terms.dtype, device=terms.device)
-    return torch.autograd.grad(
-        terms,
-        inputs,
-        grad_outputs=eye,
-        is_grads_batched=True,
-        retain_graph=True,
-        allow_unused=True,
-        materialize_grads=True,
-    )
+def task_jacobian(step: GlobalTaskLosses, inputs: list[Tensor]) -> Tensor:
+    """The K×P matrix of the tasks' gradients with respect to ``inputs`` (zeros where a task does
+    not reach an input)."""
+    rows = task_gradients(step, inputs)
+    jacobians = [
+        _stack(grads, like).reshape(len(step.names), -1)
+        for grads, like in zip(rows, inputs, strict=True)
+    ]
+    return jacobians[0] if len(jacobians) == 1 else torch.cat(jacobians, dim=1)
+
+
+def _stack(grads: list[Tensor | None], like: Tensor) -> Tensor:
+    """``[K, *like.shape]`` from per-task gradients, zeros for ``None``."""
+    return torch.stack([torch.zeros_like(like) if g is None else g for g in grads])
+
+
+def _weighted_sum(grads: list[Tensor | None], weights: tuple[Tensor, ...], like: Tensor) -> Tensor:
+    """``sum_k weights[k] * grads[k]`` over the tasks that reach the parameter (zeros if none)."""
+    total: Tensor | None = None
+    for grad, weight in zip(grads, weights, strict=True):
+        if grad is not None:
+            total = grad * weight if total is None else total + grad * weight
+    return torch.zeros_like(like) if total is None else total
+
+
+def _representation(pl_module: L.LightningModule, method: str) -> tuple[Tensor, Tensor]:
+    representation = pl_module.shared_representation  # type: ignore[attr-defined]
+    if representation is None:
+        raise RuntimeError(
+            f"{method}(rep_grad=True) found no shared representation for this step: the model's "
+            "task_losses must get its predictions from self.predict_tasks(inputs), which runs "
+            "forward_shared and forward_heads and keeps the representation."
+        )
+    return representation
+
+
+def _trainable_parameters(pl_module: L.LightningModule) -> list[torch.nn.Parameter]:
+    return [p for p in pl_module.parameters() if p.requires_grad]
 
 
 def _gramian(jacobian: Tensor) -> Tensor:

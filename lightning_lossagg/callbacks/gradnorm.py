@@ -17,8 +17,8 @@ from lightning_lossagg.callbacks._task_parameters import TaskParameters
 from lightning_lossagg.callbacks.gradient_weighting import (
     GradientWeighting,
     Sync,
-    _batched_grads,
     _gramian,
+    task_jacobian,
 )
 
 
@@ -83,6 +83,8 @@ class GradNorm(GradientWeighting):
         >>> callback = GradNorm(alpha=1.5, lr=0.025, layer="last")
     """
 
+    parameter_gradients_through_representation = False
+
     def __init__(
         self,
         alpha: float = 1.5,
@@ -131,16 +133,15 @@ class GradNorm(GradientWeighting):
     @override
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
         weights = self._weights.values(step.losses)
-        terms = step.local_terms
         world_size = distributed.world_size()
         if self.rep_grad:
             _, detached = pl_module.shared_representation  # type: ignore[misc]
-            jacobian = _batched_grads(terms, [detached])
+            jacobian = task_jacobian(step, [detached])
             # The ranks' representation rows are distinct coordinates: the Gramians add up.
             gramian = distributed.all_reduce_sum(_gramian(jacobian) / world_size**2)
             self._jacobian = jacobian
         else:
-            jacobian = _batched_grads(terms, self._layer_parameters(pl_module))
+            jacobian = task_jacobian(step, self._layer_parameters(pl_module))
             if self.sync == "gradients":
                 gramian = _gramian(distributed.all_reduce_sum(jacobian) / world_size)
             else:

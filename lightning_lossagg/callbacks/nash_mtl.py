@@ -136,14 +136,7 @@ class NashMTL(GradientWeighting):
             # A solving step: the base's surrogate (d on the shared part, no second backward),
             # with the weights in place of Task.weight on the heads, as LibMTL weighs them.
             return super().backward_objective(pl_module, step, weights, weights)
-        objective = (weights * step.local_terms).sum()
-        if not self.rep_grad:
-            return objective
-        # The heads saw a detached copy of the representation: send its gradient on to the trunk.
-        shared, detached = pl_module.shared_representation  # type: ignore[misc]
-        pl_module.shared_representation = None
-        (representation_grad,) = torch.autograd.grad(objective, detached, retain_graph=True)
-        return objective + (shared * representation_grad).sum()
+        return self.weighted_sum_objective(pl_module, step, weights)
 
     @override
     def on_before_optimizer_step(

@@ -46,13 +46,22 @@ class RecordingNet(ThreeTaskNet):
         )
 
 
+class WholeForwardNet(RecordingNet):
+    """No forward_shared / forward_heads: per-task gradients go through the whole network."""
+
+    forward_shared = forward_heads = None
+
+    def forward(self, inputs):
+        return ThreeTaskNet.forward_heads(self, ThreeTaskNet.forward_shared(self, inputs))
+
+
 def _reference(model, batch, rep_grad: bool) -> dict:
     """LibMTL semantics by hand: heads get s_k ∇L_k; the trunk gets sum_k w_k s_k g_k with
     w_k = 1/||g_k||, g_k the global gradient of L_k at the parameters or the representation."""
     model = copy.deepcopy(model).double()
     inputs, targets = batch
-    shared = model.forward_shared(inputs)
-    predictions = model.forward_heads(shared)
+    shared = ThreeTaskNet.forward_shared(model, inputs)
+    predictions = ThreeTaskNet.forward_heads(model, shared)
     model.forward = lambda _: predictions
     losses = list(reference_task_losses(model, (inputs, targets)).values())
     trunk = list(model.trunk.parameters())
@@ -103,23 +112,27 @@ def _assert_close(result, reference):
         torch.testing.assert_close(result["grads"][name], grad, atol=1e-8, rtol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("rep_grad", [False, True])
-def test_one_process_weights_and_update_follow_the_gradients(tmp_path, rep_grad):
+@pytest.mark.parametrize(
+    ("net", "rep_grad"), [(RecordingNet, False), (WholeForwardNet, False), (RecordingNet, True)]
+)
+def test_one_process_weights_and_update_follow_the_gradients(tmp_path, net, rep_grad):
     batch = make_batch(9, seed=5)
-    model = RecordingNet(str(tmp_path), [batch])
+    model = net(str(tmp_path), [batch])
     reference = _reference(model, batch, rep_grad)
     _fit(model, 1, NormalisedGradients(rep_grad=rep_grad))
     _assert_close(torch.load(tmp_path / "rank0.pt"), reference)
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("rep_grad", [False, True])
+@pytest.mark.parametrize(
+    ("net", "rep_grad"), [(RecordingNet, False), (WholeForwardNet, False), (RecordingNet, True)]
+)
 def test_two_rank_weights_and_update_equal_one_process_on_the_concatenated_batch(
-    tmp_path, rep_grad
+    tmp_path, net, rep_grad
 ):
     rank0, rank1 = make_batch(5, seed=1), make_batch(8, seed=2)
     rank1[1]["kind"][:] = -100
-    model = RecordingNet(str(tmp_path), [rank0, rank1])
+    model = net(str(tmp_path), [rank0, rank1])
     reference = _reference(model, concat_batches(rank0, rank1), rep_grad)
     _fit(model, 2, NormalisedGradients(rep_grad=rep_grad, sync="gradients"))
     for rank in (0, 1):
