@@ -17,12 +17,12 @@ Where the gradients are taken:
   sum of the ranks' Gramians: one K×K all-reduce.
 * ``rep_grad=False``: at the shared parameters (``pl_module.shared_parameters()``). A model with
   ``forward_shared``/``forward_heads`` gets its trunk's K×P Jacobian from the representation
-  gradients in ONE batched backward through the trunk (torchjd's ``mtl_backward`` algorithm);
-  any other model takes one backward per task through the whole network. ``sync="gradients"``
-  (default, exact) all-reduces the Jacobian; ``sync="gramian"`` all-reduces only the K×K Gramian,
-  averaging the ranks' local Gramians (an approximation: it misses the cross-rank terms of
-  ``<g_i, g_j>``). The surrogate is one autograd node that hands every parameter its gradient:
-  the backward Lightning runs does no further work.
+  gradients, one backward through the trunk per task (torchjd's ``mtl_backward`` algorithm,
+  without vmap); any other model takes one backward per task through the whole network.
+  ``sync="gradients"`` (default, exact) all-reduces the Jacobian; ``sync="gramian"`` all-reduces
+  only the K×K Gramian, averaging the ranks' local Gramians (an approximation: it misses the
+  cross-rank terms of ``<g_i, g_j>``). The surrogate is one autograd node that hands every
+  parameter its gradient: the backward Lightning runs does no further work.
 
 Either way the weights come from global figures and are identical on every rank. Methods solve a
 small problem on the K×K Gramian on the host, which costs one device-to-host transfer per step.
@@ -154,15 +154,23 @@ class GradientWeighting(WeightingCallback):
             output, detached = representation
             rows = task_gradients(step, [detached, *shared, *heads])
             # The trunk's Jacobian: its vector-Jacobian products with the K representation
-            # gradients, in one batched backward (the trunk's graph is not needed afterwards).
-            trunk = torch.autograd.grad(
-                output,
-                shared,
-                grad_outputs=_stack(rows[0], detached),
-                is_grads_batched=True,
-                allow_unused=True,
-                materialize_grads=True,
-            )
+            # gradients, one backward through the trunk per task. A loop rather than one batched
+            # (vmapped) backward: as fast on CPU, and vmap fails on some models (compiled
+            # modules, cuDNN RNNs).
+            trunk_rows = [
+                [torch.zeros_like(p) for p in shared]
+                if grad is None
+                else torch.autograd.grad(
+                    output,
+                    shared,
+                    grad_outputs=grad,
+                    retain_graph=True,
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
+                for grad in rows[0]
+            ]
+            trunk = [torch.stack(grads) for grads in zip(*trunk_rows, strict=True)]
             rows = rows[1:]
             jacobians = [
                 jacobian + _stack(grads, p) if any(g is not None for g in grads) else jacobian
