@@ -66,8 +66,8 @@ class GradientWeighting(WeightingCallback):
         self.splits_forward = self.rep_grad
         self._jacobian: Tensor | None = None
         self._shared_parameters: list[torch.nn.Parameter] = []
-        # Parameters whose gradient is each task's own (the heads; with rep_grad=True, whatever
-        # the heads use), with their per-task gradients (None: the task does not reach them).
+        # With parameter gradients: the heads' parameters, with their per-task gradients (None:
+        # the task does not reach them).
         self._own_task_gradients: list[tuple[torch.nn.Parameter, list[Tensor | None]]] = []
         # The latest step's global Gramian and valid tasks, on the device: the diagnostics.
         self._gramian: Tensor | None = None
@@ -128,14 +128,8 @@ class GradientWeighting(WeightingCallback):
     ) -> Tensor:
         """The Jacobian at the shared representation, and its global Gramian."""
         _, detached = _representation(pl_module, type(self).__name__)
-        parameters = _trainable_parameters(pl_module)
-        rows = task_gradients(step, [detached, *parameters])
-        self._jacobian = _stack(rows[0], detached).flatten(1)
-        self._own_task_gradients = [
-            (parameter, grads)
-            for parameter, grads in zip(parameters, rows[1:], strict=True)
-            if any(grad is not None for grad in grads)
-        ]
+        (rows,) = task_gradients(step, [detached])
+        self._jacobian = _stack(rows, detached).flatten(1)
         # Rows of different ranks' representations are different coordinates of the global
         # gradient (scaled 1/W by DDP's averaging): the global Gramian is the sum.
         world_size = distributed.world_size()
@@ -228,19 +222,18 @@ class GradientWeighting(WeightingCallback):
     ) -> Tensor:
         jacobian, self._jacobian = self._jacobian, None
         representation, pl_module.shared_representation = pl_module.shared_representation, None  # type: ignore[attr-defined]
-        own, self._own_task_gradients = self._own_task_gradients, []
         direction = weights.to(jacobian.dtype) @ jacobian  # d = sum_k w_k g_k
+        if self.rep_grad:
+            shared, _ = representation
+            # Heads: their own task's gradient, sum_k s_k grad t_k, through the detached copy of
+            # the representation (local: DDP averages it). Shared trunk: d at the representation.
+            heads_objective = static.to(step.local_terms.dtype) @ step.local_terms
+            return heads_objective + (shared * direction.view_as(shared).detach()).sum()
         # Heads: their own task's gradient, sum_k s_k grad t_k (local: DDP averages it).
+        own, self._own_task_gradients = self._own_task_gradients, []
         static_weights = static.to(jacobian.dtype).unbind()
         parameters = [parameter for parameter, _ in own]
         grads = [_weighted_sum(grads, static_weights, parameter) for parameter, grads in own]
-        if self.rep_grad:
-            shared, _ = representation
-            # Shared trunk: d at the representation, in the backward Lightning runs.
-            trunk_objective = (shared * direction.view_as(shared).detach()).sum()
-            if not parameters:
-                return trunk_objective
-            return trunk_objective + _InjectedGradients.apply(tuple(grads), *parameters)
         # Shared parameters: d, split back into their shapes.
         sizes = [parameter.numel() for parameter in self._shared_parameters]
         shared_grads = [
@@ -334,10 +327,6 @@ def _representation(pl_module: L.LightningModule, method: str) -> tuple[Tensor, 
             "forward_shared and forward_heads and keeps the representation."
         )
     return representation
-
-
-def _trainable_parameters(pl_module: L.LightningModule) -> list[torch.nn.Parameter]:
-    return [p for p in pl_module.parameters() if p.requires_grad]
 
 
 def _gramian(jacobian: Tensor) -> Tensor:
