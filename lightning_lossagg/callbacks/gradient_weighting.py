@@ -33,6 +33,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 from typing_extensions import override
@@ -132,8 +133,7 @@ class GradientWeighting(WeightingCallback):
         self._jacobian = _stack(rows, detached).flatten(1)
         # Rows of different ranks' representations are different coordinates of the global
         # gradient (scaled 1/W by DDP's averaging): the global Gramian is the sum.
-        world_size = distributed.world_size()
-        return distributed.all_reduce_sum(_gramian(self._jacobian) / world_size**2)
+        return _scaled_sum_over_ranks(_gramian(self._jacobian), distributed.world_size() ** -2)
 
     def _parameter_gramian(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
         """The Jacobian at the shared parameters (global with ``sync="gradients"``), and its
@@ -173,12 +173,12 @@ class GradientWeighting(WeightingCallback):
         self._own_task_gradients = list(zip(heads, rows[len(shared) :], strict=True))
         num_tasks = len(step.names)
         jacobian = torch.cat([j.reshape(num_tasks, -1) for j in jacobians], dim=1)
-        world_size = distributed.world_size()
+        scale = 1 / distributed.world_size()
         if self.sync == "gradients":
-            self._jacobian = distributed.all_reduce_sum(jacobian) / world_size
+            self._jacobian = _scaled_sum_over_ranks(jacobian, scale)
             return _gramian(self._jacobian)
         self._jacobian = jacobian
-        return distributed.all_reduce_sum(_gramian(jacobian)) / world_size
+        return _scaled_sum_over_ranks(_gramian(jacobian), scale)
 
     @override
     def state_to_log(self) -> dict[str, Tensor]:
@@ -205,11 +205,12 @@ class GradientWeighting(WeightingCallback):
         """The method's weights on the valid tasks' sub-Gramian; 0 for the others."""
         gramian, valid = gramian.detach().to("cpu", torch.float64), valid.cpu()
         self.valid_tasks = valid  # which tasks weights_from_gramian sees, for per-task settings
-        if not valid.any() or not torch.isfinite(gramian).all():
+        valid_flags = valid.numpy()  # NumPy checks: a fraction of a torch operation's cost
+        if not valid_flags.any() or not np.isfinite(gramian.numpy()).all():
             # Nothing to weigh, or a non-finite gradient: the mixin's non-finite policy decides
             # the step; equal weights keep the method's state untouched.
-            return torch.where(valid, 1.0, 0.0).double()
-        if valid.all():
+            return torch.from_numpy(valid_flags.astype(np.float64))
+        if valid_flags.all():
             return self.weights_from_gramian(gramian).double()
         index = valid.nonzero().flatten()
         weights = torch.zeros(len(valid), dtype=torch.float64)
@@ -327,6 +328,13 @@ def _representation(pl_module: L.LightningModule, method: str) -> tuple[Tensor, 
             "forward_shared and forward_heads and keeps the representation."
         )
     return representation
+
+
+def _scaled_sum_over_ranks(tensor: Tensor, scale: float) -> Tensor:
+    """``scale`` times the sum of ``tensor`` over the ranks: on one process, ``tensor`` itself."""
+    if not distributed.is_distributed():
+        return tensor
+    return distributed.all_reduce_sum(tensor) * scale
 
 
 def _gramian(jacobian: Tensor) -> Tensor:

@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any, Literal, get_args
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sync
-from lightning_lossagg.functional.mgda import mgda
+from lightning_lossagg.functional.mgda import min_norm_weights
 
 Normalization = Literal["none", "l2", "loss", "loss+"]
 
@@ -68,7 +69,7 @@ class MGDA(GradientWeighting):
                 f"got {normalization!r}."
             )
         self.normalization = normalization
-        self._losses: Tensor | None = None
+        self._losses: np.ndarray | None = None
         self._names: list[str] = []
         self._global_step = 0
 
@@ -81,29 +82,32 @@ class MGDA(GradientWeighting):
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
         if self.normalization in ("loss", "loss+"):
             valid = step.valid.cpu()
-            self._losses = step.losses.detach().to("cpu", torch.float64)[valid]
+            self._losses = step.losses.detach().to("cpu", torch.float64)[valid].numpy()
             self._names = [name for name, ok in zip(step.names, valid.tolist(), strict=True) if ok]
             self._global_step = pl_module.trainer.global_step
         return super().task_weights(pl_module, step)
 
     @override
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
-        normalizers = self._normalizers(gramian)
-        if not torch.isfinite(normalizers).all():
+        # In NumPy: a few K×K operations at every training step cost a fraction of torch's.
+        matrix = gramian.numpy()
+        matrix = (matrix + matrix.T) / 2
+        normalizers = self._normalizers(matrix)
+        if not np.isfinite(normalizers).all():
             # A non-finite loss: the mixin's non-finite policy decides the step.
-            return torch.ones_like(normalizers)
-        weights = torch.zeros_like(normalizers)
-        usable = (normalizers > 0).nonzero().flatten()
-        if len(usable):
+            return torch.ones(len(matrix), dtype=torch.float64)
+        weights = np.zeros(len(matrix))
+        usable = normalizers > 0
+        if usable.any():
             scale = normalizers[usable]
-            scaled = gramian[usable][:, usable] / torch.outer(scale, scale)
-            weights[usable] = mgda(scaled) / scale
-        return weights
+            scaled = matrix[np.ix_(usable, usable)] / np.outer(scale, scale)
+            weights[usable] = min_norm_weights(scaled) / scale
+        return torch.from_numpy(weights)
 
-    def _normalizers(self, gramian: Tensor) -> Tensor:
-        norms = gramian.diagonal().clamp(min=0.0).sqrt()
+    def _normalizers(self, matrix: np.ndarray) -> np.ndarray:
+        norms = np.sqrt(matrix.diagonal().clip(min=0.0))
         if self.normalization == "none":
-            return torch.ones_like(norms)
+            return np.ones_like(norms)
         if self.normalization == "l2":
             return norms
         assert self._losses is not None

@@ -56,15 +56,19 @@ def mgda(gramian: Tensor, max_iter: int = 250, tol: float = 1e-12) -> Tensor:
         raise ValueError(f"max_iter must be a positive integer, got {max_iter}.")
     if tol < 0:
         raise ValueError(f"tol must be non-negative, got {tol}.")
-    matrix = validated_gramian(gramian)
+    matrix = validated_gramian(gramian).numpy()
+    weights = torch.from_numpy(min_norm_weights(matrix, max_iter, tol))
+    return weights.to(dtype=gramian.dtype, device=gramian.device)
+
+
+def min_norm_weights(matrix: np.ndarray, max_iter: int = 250, tol: float = 1e-12) -> np.ndarray:
+    """:func:`mgda` on a symmetric float64 NumPy Gramian, unchecked (for the callbacks' step)."""
     num_tasks = matrix.shape[0]
     trace = matrix.trace()
-    if trace <= torch.finfo(torch.float64).tiny:
-        weights = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)
-    else:
-        hessian = (matrix / trace).numpy() + TIE_BREAK * np.eye(num_tasks)
-        unnormalized = active_set_qp(
-            hessian, -np.ones(num_tasks), np.zeros(num_tasks), max_iter=max_iter, tol=tol
-        )
-        weights = torch.from_numpy(unnormalized / unnormalized.sum())
-    return weights.to(dtype=gramian.dtype, device=gramian.device)
+    if trace <= np.finfo(np.float64).tiny:
+        return np.full(num_tasks, 1.0 / num_tasks)
+    hessian = matrix / trace + TIE_BREAK * np.eye(num_tasks)
+    unnormalized = active_set_qp(
+        hessian, -np.ones(num_tasks), np.zeros(num_tasks), max_iter=max_iter, tol=tol
+    )
+    return unnormalized / unnormalized.sum()
