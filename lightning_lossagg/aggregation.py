@@ -293,6 +293,8 @@ def global_task_losses(
     masked_losses: Mapping[str, MaskedLoss],
     tasks: Mapping[str, Task],
     rank_weighting: RankWeighting = "samples",
+    separate_tasks: bool = False,
 ) -> GlobalTaskLosses:
-    """Reduce the per-sample losses of every task over all ranks with ONE all-reduce."""
-    return TaskLossReducer(tasks, rank_weighting)(masked_losses)
+    """Reduce the per-sample losses of every task over all ranks with ONE all-reduce
+    (``separate_tasks``: also build ``task_terms``, see :class:`GlobalTaskLosses`)."""
+    return TaskLossReducer(tasks, rank_weighting)(masked_losses, separate_tasks)

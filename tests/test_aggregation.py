@@ -32,21 +32,36 @@ def _expected(rank_weighting: str) -> list[float]:
     return [((1 + 2) / 2 + 5) / 2, (1 + 1 + 2 + 4) / 2, 5.0]
 
 
-def _rank_step(rank: int, rank_weighting: str) -> dict:
+def _rank_step(rank: int, rank_weighting: str, separate_tasks: bool) -> dict:
     masked = _masked(rank, requires_grad=True)
     with CollectiveCounter() as counter:
-        step = global_task_losses(masked, TASKS, rank_weighting)
-    grads = [
-        torch.autograd.grad(term, masked[n].values, retain_graph=True)[0]
-        for n, term in zip(step.names, step.local_terms, strict=True)
-    ]
-    return {"losses": step.losses, "counts": step.counts, "calls": counter.calls, "grads": grads}
+        step = global_task_losses(masked, TASKS, rank_weighting, separate_tasks)
+    terms = step.task_terms if separate_tasks else step.local_terms
+    all_values = [masked[n].values for n in step.names]
+    grads, reached = [], []
+    for term in terms:
+        per_input = torch.autograd.grad(term, all_values, retain_graph=True, allow_unused=True)
+        grads.append(per_input[len(grads)])
+        reached.append([grad is not None for grad in per_input])
+    return {
+        "losses": step.losses,
+        "counts": step.counts,
+        "calls": counter.calls,
+        "grads": grads,
+        "reached": reached,
+    }
 
 
 @pytest.mark.ddp
 @pytest.mark.parametrize("rank_weighting", ["samples", "uniform"])
-def test_two_ranks_give_the_global_losses_and_gradients_with_one_all_reduce(rank_weighting):
-    results = run_on_ranks(_rank_step, rank_weighting)
+@pytest.mark.parametrize("separate_tasks", [False, True])
+def test_two_ranks_give_the_global_losses_and_gradients_with_one_all_reduce(
+    rank_weighting, separate_tasks
+):
+    results = run_on_ranks(_rank_step, rank_weighting, separate_tasks)
+    if separate_tasks:  # each task's term reaches its own values only
+        for result in results:
+            assert result["reached"] == [[j == k for j in range(3)] for k in range(3)]
     expected = torch.tensor(_expected(rank_weighting), dtype=torch.float64)
     for result in results:
         torch.testing.assert_close(result["losses"], expected)
@@ -87,6 +102,21 @@ def test_one_process_issues_no_collective_and_matches_the_masked_mean():
     assert counter.calls == []
     torch.testing.assert_close(step.losses, torch.tensor([1.5, 2.0, 5.0], dtype=torch.float64))
     torch.testing.assert_close(step.local_terms.detach(), step.losses)
+
+
+@pytest.mark.parametrize("rank_weighting", ["samples", "uniform"])
+def test_one_process_task_terms_equal_the_local_terms_each_in_its_own_graph(rank_weighting):
+    masked = _masked(0, requires_grad=True)
+    step = global_task_losses(masked, TASKS, rank_weighting, separate_tasks=True)
+    assert step.task_terms is not None
+    torch.testing.assert_close(torch.stack(step.task_terms), step.local_terms)
+    for k, term in enumerate(step.task_terms):
+        values = [masked[name].values for name in TASKS]
+        grads = torch.autograd.grad(term, values, retain_graph=True, allow_unused=True)
+        (expected,) = torch.autograd.grad(step.local_terms[k], values[k], retain_graph=True)
+        torch.testing.assert_close(grads[k], expected)
+        assert all(grad is None for j, grad in enumerate(grads) if j != k)
+    assert global_task_losses(masked, TASKS, rank_weighting).task_terms is None
 
 
 def test_a_task_without_a_valid_sample_has_no_loss_and_a_zero_term_still_in_the_graph():

@@ -55,15 +55,18 @@ class WholeForwardNet(RecordingNet):
         return ThreeTaskNet.forward_heads(self, ThreeTaskNet.forward_shared(self, inputs))
 
 
-def _reference(model, batch, rep_grad: bool) -> dict:
+def _reference(model, batch, rep_grad: bool, valid: tuple[int, ...] = (0, 1, 2)) -> dict:
     """LibMTL semantics by hand: heads get s_k ∇L_k; the trunk gets sum_k w_k s_k g_k with
-    w_k = 1/||g_k||, g_k the global gradient of L_k at the parameters or the representation."""
+    w_k = 1/||g_k||, g_k the global gradient of L_k at the parameters or the representation.
+    Only the tasks in ``valid`` take part (the others: weight 0, no gradient)."""
     model = copy.deepcopy(model).double()
     inputs, targets = batch
     shared = ThreeTaskNet.forward_shared(model, inputs)
     predictions = ThreeTaskNet.forward_heads(model, shared)
     model.forward = lambda _: predictions
-    losses = list(reference_task_losses(model, (inputs, targets)).values())
+    all_losses = list(reference_task_losses(model, (inputs, targets)).values())
+    losses = [all_losses[k] for k in valid]
+    static = STATIC[list(valid)]
     trunk = list(model.trunk.parameters())
     at = [shared] if rep_grad else trunk
 
@@ -71,7 +74,7 @@ def _reference(model, batch, rep_grad: bool) -> dict:
         return torch.cat([g.flatten() for g in torch.autograd.grad(loss, at, retain_graph=True)])
 
     per_task = [gradient(loss) for loss in losses]
-    weights = torch.stack([1 / g.norm() for g in per_task]) * STATIC
+    weights = torch.stack([1 / g.norm() for g in per_task]) * static
     combined = sum(w * g for w, g in zip(weights, per_task, strict=True))
     if rep_grad:
         trunk_grads = torch.autograd.grad(
@@ -79,14 +82,17 @@ def _reference(model, batch, rep_grad: bool) -> dict:
         )
     else:
         trunk_grads = torch.split(combined, [p.numel() for p in trunk])
-    head_objective = sum(s * loss for s, loss in zip(STATIC, losses, strict=True))
-    head_grads = torch.autograd.grad(head_objective, list(model.heads.parameters()))
+    head_objective = sum(s * loss for s, loss in zip(static, losses, strict=True))
+    heads = list(model.heads.parameters())
+    head_grads = torch.autograd.grad(head_objective, heads, materialize_grads=True)
     grads = {}
     for (name, parameter), grad in zip(model.trunk.named_parameters(), trunk_grads, strict=True):
         grads[f"trunk.{name}"] = grad.reshape(parameter.shape)
     for (name, _), grad in zip(model.heads.named_parameters(), head_grads, strict=True):
         grads[f"heads.{name}"] = grad
-    return {"weights": weights, "grads": grads}
+    all_weights = torch.zeros(len(all_losses), dtype=torch.float64)
+    all_weights[list(valid)] = weights
+    return {"weights": all_weights, "grads": grads}
 
 
 def _fit(model, devices: int, method) -> None:
@@ -153,3 +159,17 @@ def test_bad_arguments_and_a_model_without_a_split_forward_are_refused():
     )
     with pytest.raises(ValueError, match="no shared parameters"):
         trainer.fit(NoHeads(), train_dataloaders=one_batch_loader(batch))
+
+
+@pytest.mark.parametrize("rep_grad", [False, True])
+def test_drop_task_leaves_a_non_finite_task_out_of_the_gradients(tmp_path, rep_grad):
+    batch = make_batch(9, seed=5)
+    batch[1]["price"][1] = torch.inf  # a labelled sample: price's loss is infinite
+    model = RecordingNet(str(tmp_path), [batch])
+    model.nonfinite = "drop_task"
+    clean = copy.deepcopy(batch)
+    clean[1]["price"][:] = torch.nan  # what dropping price must equal: no price label at all
+    reference = _reference(model, clean, rep_grad, valid=(1, 2))
+    with pytest.warns(UserWarning, match="left the task"):
+        _fit(model, 1, NormalisedGradients(rep_grad=rep_grad))
+    _assert_close(torch.load(tmp_path / "rank0.pt"), reference)
