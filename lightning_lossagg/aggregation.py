@@ -234,7 +234,7 @@ class TaskLossReducer:
         for rows, (values, mask) in stacked.groups:
             masked_values = torch.where(mask, values, 0.0)
             sums.append(masked_values.reshape(len(rows), -1).sum(1))
-            counts.append(mask.reshape(len(rows), -1).sum(1))
+            counts.append(mask.reshape(len(rows), -1).sum(1, dtype=values.dtype))
         if len(sums) == 1:
             local_sums, local_counts = sums[0], counts[0]
         else:

@@ -50,7 +50,7 @@ class WeightingCallback(L.Callback):
         """The scalar handed to backward. Default: ``sum_k w_k t_k`` (``weights`` already include
         the static preferences ``static``). Gradient methods override it to send the weighted
         combination to the shared part and each head its own task's gradient."""
-        return (weights * step.local_terms).sum()
+        return weights @ step.local_terms
 
     def state_to_log(self) -> dict[str, Tensor]:
         """Method state worth seeing, per task: ``{"log_var": tensor[K]}`` for example."""
