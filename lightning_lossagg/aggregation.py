@@ -97,7 +97,7 @@ class GlobalTaskLosses:
             return lambda: ranks
         numerators, dtype = self._numerators, self.counts.dtype
         # One process: rank 0 (bit value 1) is the only rank.
-        return lambda: (~torch.isfinite(numerators)).to(dtype)
+        return lambda: _nonfinite(numerators).to(dtype)
 
 
 class TaskLossReducer:
@@ -134,7 +134,7 @@ class TaskLossReducer:
             )
         num_tasks = len(self.names)
         stats_dtype = distributed.stats_dtype(numerators.device)
-        nonfinite = ~torch.isfinite(numerators.detach())
+        nonfinite = _nonfinite(numerators.detach())
         stats = torch.cat(
             [
                 numerators.detach().to(stats_dtype),
@@ -287,6 +287,12 @@ class TaskLossReducer:
             sum_denominators = torch.full_like(is_mean, this_rank == 0, dtype=reference.dtype)
             self._cache[key] = (is_mean, sum_denominators)
         return self._cache[key]
+
+
+def _nonfinite(values: Tensor) -> Tensor:
+    """``~torch.isfinite(values)`` in two cheap operations (``isfinite`` is a composite of four):
+    ``0 * x`` is NaN exactly for a NaN or an infinite ``x``."""
+    return (values * 0).isnan()
 
 
 def global_task_losses(

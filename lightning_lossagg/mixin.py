@@ -95,6 +95,7 @@ class MultiTaskMixin:
         self._latest_weights: Tensor | None = None
         self._unchecked_nonfinite: list[tuple[int, Callable[[], Tensor]]] = []
         self.shared_representation: tuple[Tensor, Tensor] | None = None
+        self._stacking_plans: dict[tuple, list[list[int]] | None] = {}
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -165,30 +166,40 @@ class MultiTaskMixin:
         of a few per task. Not for a weighting method that takes per-task gradients: stacking
         would join the tasks' graphs.
         """
-        if not isinstance(predictions, Mapping):
-            raise TypeError(
-                f"forward must return {{task: prediction}}, got {type(predictions).__name__}."
-            )
-        _check_names("targets", targets, self.task_names)
-        _check_names("predictions", predictions, self.task_names)
-        groups: dict[object, list[int]] = {}
         stacking = not (self._weighting and self._weighting.separate_task_terms and self.training)
-        for index, (name, task) in enumerate(self.tasks.items()):
-            prediction, target = predictions[name], targets[name]
-            if stacking and isinstance(prediction, Tensor) and isinstance(target, Tensor):
-                task.check_target(name, prediction, target)
-                key = task.stacking_key(prediction, target)
-            else:
-                key = None
-            groups.setdefault(key if key is not None else ("alone", index), []).append(index)
-        if len(groups) == len(self.tasks):
+        groups = self._stacking_groups(predictions, targets) if stacking else None
+        if groups is None:
+            _check_names_of_batch(predictions, targets, self.task_names)
             return {
                 n: t.per_sample_loss(n, predictions[n], targets[n]) for n, t in self.tasks.items()
             }
-        stacked = [
-            (rows, self._stacked_loss(rows, predictions, targets)) for rows in groups.values()
-        ]
+        stacked = [(rows, self._stacked_loss(rows, predictions, targets)) for rows in groups]
         return StackedLosses(self.task_names, stacked)
+
+    def _stacking_groups(
+        self, predictions: Mapping[str, Tensor], targets: Mapping[str, Tensor]
+    ) -> list[list[int]] | None:
+        """The tasks' indices grouped by :meth:`Task.stacking_key` (``None``: every task alone),
+        once the batch passed the checks. Kept per layout of the batch (names, shapes, dtypes,
+        devices): a new layout is checked and grouped once."""
+        signature = _layout(predictions, targets, self.task_names)
+        if signature is not None and signature in self._stacking_plans:
+            return self._stacking_plans[signature]
+        _check_names_of_batch(predictions, targets, self.task_names)
+        groups: dict[object, list[int]] = {}
+        for index, (name, task) in enumerate(self.tasks.items()):
+            prediction, target = predictions[name], targets[name]
+            key = None
+            if isinstance(prediction, Tensor) and isinstance(target, Tensor):
+                task.check_target(name, prediction, target)
+                key = task.stacking_key(prediction, target)
+            groups.setdefault(key if key is not None else ("alone", index), []).append(index)
+        plan = None if len(groups) == len(self.tasks) else list(groups.values())
+        if signature is not None:
+            if len(self._stacking_plans) > 64:  # layouts vary (a last short batch): bounded
+                self._stacking_plans.clear()
+            self._stacking_plans[signature] = plan
+        return plan
 
     def _stacked_loss(
         self, rows: list[int], predictions: Mapping[str, Tensor], targets: Mapping[str, Tensor]
@@ -358,6 +369,36 @@ def _as_tasks(tasks: Mapping[str, Task | str]) -> dict[str, Task]:
             raise TypeError(f"Task {name!r} must be a Task or a loss name, got {task!r}.")
         result[name] = task
     return result
+
+
+def _check_names_of_batch(
+    predictions: Mapping[str, Any], targets: Mapping[str, Any], task_names: tuple[str, ...]
+) -> None:
+    if not isinstance(predictions, Mapping):
+        raise TypeError(
+            f"forward must return {{task: prediction}}, got {type(predictions).__name__}."
+        )
+    _check_names("targets", targets, task_names)
+    _check_names("predictions", predictions, task_names)
+
+
+def _layout(
+    predictions: Mapping[str, Any], targets: Mapping[str, Any], task_names: tuple[str, ...]
+) -> tuple | None:
+    """Names, shapes, dtypes and devices of a batch of tensors (``None`` if it has others)."""
+    if not (isinstance(predictions, dict) and isinstance(targets, dict)):
+        return None
+    if len(predictions) != len(task_names) or len(targets) != len(task_names):
+        return None
+    layout = []
+    for name in task_names:
+        prediction, target = predictions.get(name), targets.get(name)
+        if not (isinstance(prediction, Tensor) and isinstance(target, Tensor)):
+            return None
+        layout.append(
+            (prediction.shape, prediction.dtype, prediction.device, target.shape, target.dtype)
+        )
+    return tuple(layout)
 
 
 def _check_names(what: str, mapping: Mapping[str, Any], task_names: tuple[str, ...]) -> None:

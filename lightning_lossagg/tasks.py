@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, NamedTuple
 
 import torch
@@ -65,7 +66,12 @@ class StackedLosses(Mapping[str, MaskedLoss]):
 
     def __init__(self, names: tuple[str, ...], groups: list[tuple[list[int], MaskedLoss]]):
         self.names, self.groups = names, groups
-        self._where = {
+
+    @cached_property
+    def _where(self) -> dict[int, tuple[int, int]]:
+        """Task index to (group, row): built only if a task is read on its own."""
+        groups = self.groups
+        return {
             index: (g, row) for g, (rows, _) in enumerate(groups) for row, index in enumerate(rows)
         }
 
