@@ -72,9 +72,10 @@ class RLW(WeightingCallback):
     @override
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
         self._generator.manual_seed(step_seed(self.seed, pl_module.trainer.global_step))
-        dtype = torch.promote_types(step.losses.dtype, torch.float32)
+        terms = step.local_terms  # its dtype and device: the losses themselves are not needed
+        dtype = torch.promote_types(terms.dtype, torch.float32)
         weights = rlw(self._num_tasks, self._generator, dtype=dtype)
-        return weights.to(step.losses.device, non_blocking=True)
+        return weights.to(terms.device, non_blocking=True)
 
     @override
     def state_dict(self) -> dict[str, Any]:
