@@ -110,12 +110,17 @@ def main() -> None:
     args = parser.parse_args()
     quiet()
     torch.set_num_threads(args.threads)
-    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    print_method_table(args.rounds, args.clock)
+
+
+def print_method_table(rounds: int, clock_name: str) -> None:
+    """Each method's median step time and its ratio to static weights, measured in this run."""
+    clock = time.thread_time if clock_name == "cpu" else time.perf_counter
     loader = synthetic_loader(NUM_TASKS, batch_size=256)
     names = list(METHODS)
     times: dict[str, list[float]] = {name: [] for name in names}
     ratios: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(args.rounds):
+    for round_index in range(rounds):
         # A different order every round: no variant always runs first, or right after another.
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
@@ -123,8 +128,8 @@ def main() -> None:
         for name in names:
             ratios[name].append(times[name][-1] / times["static"][-1])
     print(
-        f"K={NUM_TASKS}, batch 256, {args.rounds} rounds, {args.threads} thread(s), "
-        f"{args.clock} time"
+        f"K={NUM_TASKS}, batch 256, {rounds} rounds, {torch.get_num_threads()} thread(s), "
+        f"{clock_name} time"
     )
     print(f"{'method':<22} {'ms/step':>8} {'ratio':>6}")
     for name in names:

@@ -2,9 +2,12 @@
 
 Both train the same demo MLP (shared trunk 64→256→256, one head per task, MSE each, batch 256) on
 the same data; the plain module sums ``F.mse_loss`` of each task. Ratios are medians over
-interleaved rounds, measured in this run. Target: at most 1.05.
+interleaved rounds, measured in this run. Target: at most 1.05. ``--methods`` then times every
+loss-based weighting method against static weights (:mod:`benchmarks.loss_methods`; the
+gradient-based ones are in :mod:`benchmarks.gradient_methods`).
 
-    python benchmarks/overhead.py [--rounds 5] [--tasks 2 4 8]
+    python -m benchmarks.overhead [--rounds 5] [--tasks 2 4 8] [--clock cpu] [--threads 1]
+        [--methods]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks._timing import interleaved_ratios, median_step_time, quiet, synthetic_loader
+from benchmarks.loss_methods import print_method_table
 from lightning_lossagg.demos import MultiTaskMLP
 
 
@@ -47,6 +51,11 @@ def main() -> None:
         help="cpu: process CPU time, steadier on a machine shared with other work",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--methods",
+        action="store_true",
+        help="then each loss-based method against static weights (benchmarks.loss_methods)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,6 +85,8 @@ def main() -> None:
         plain_ms = 1e3 * sorted(times["plain"])[len(times["plain"]) // 2]
         mixin_ms = 1e3 * sorted(times["mixin"])[len(times["mixin"]) // 2]
         print(f"{num_tasks:>3} {plain_ms:>9.3f} {mixin_ms:>9.3f} {ratios['mixin']:>6.3f}")
+    if args.methods:
+        print_method_table(args.rounds, args.clock)
 
 
 if __name__ == "__main__":

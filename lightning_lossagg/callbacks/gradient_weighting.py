@@ -48,6 +48,12 @@ Sync = Literal["gradients", "gramian"]
 class GradientWeighting(WeightingCallback):
     """Base class of gradient-based methods; subclasses implement :meth:`weights_from_gramian`.
 
+    A model with ``forward_shared``/``forward_heads`` trains with its heads on a detached copy of
+    the representation (see the module's docstring). A subclass that overrides
+    :meth:`backward_objective` must send the trunk its gradient (:meth:`weighted_sum_objective`
+    does), or set ``parameter_gradients_through_representation = False`` to keep the forward
+    whole with parameter gradients.
+
     Args:
         rep_grad: take gradients at the shared representation instead of the shared parameters.
         sync: with parameter gradients under DDP, ``"gradients"`` (exact) or ``"gramian"``
