@@ -30,6 +30,7 @@ small problem on the K×K Gramian on the host, which costs one device-to-host tr
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar, Literal
 
 import lightning as L
@@ -135,8 +136,7 @@ class GradientWeighting(WeightingCallback):
     ) -> Tensor:
         """The Jacobian at the shared representation, and its global Gramian."""
         _, detached = _representation(pl_module, type(self).__name__)
-        (rows,) = task_gradients(step, [detached])
-        self._jacobian = _stack(rows, detached).flatten(1)
+        self._jacobian = task_jacobian(step, [detached])
         # Rows of different ranks' representations are different coordinates of the global
         # gradient (scaled 1/W by DDP's averaging): the global Gramian is the sum.
         return _scaled_sum_over_ranks(_gramian(self._jacobian), distributed.world_size() ** -2)
@@ -148,37 +148,21 @@ class GradientWeighting(WeightingCallback):
         heads = pl_module.task_specific_parameters()  # type: ignore[operator]
         representation = pl_module.shared_representation  # type: ignore[attr-defined]
         if representation is None:
-            rows = task_gradients(step, [*shared, *heads])
-            jacobians = [_stack(grads, p) for grads, p in zip(rows, shared, strict=False)]
+            per_task = task_gradients(step, [*shared, *heads])
+            shared_grads = [grads[: len(shared)] for grads in per_task]
         else:
             output, detached = representation
-            rows = task_gradients(step, [detached, *shared, *heads])
-            # The trunk's Jacobian: its vector-Jacobian products with the K representation
-            # gradients, one backward through the trunk per task. A loop rather than one batched
-            # (vmapped) backward: as fast on CPU, and vmap fails on some models (compiled
-            # modules, cuDNN RNNs).
-            trunk_rows = [
-                [torch.zeros_like(p) for p in shared]
-                if grad is None
-                else torch.autograd.grad(
-                    output,
-                    shared,
-                    grad_outputs=grad,
-                    retain_graph=True,
-                    allow_unused=True,
-                    materialize_grads=True,
-                )
-                for grad in rows[0]
+            per_task = task_gradients(step, [detached, *shared, *heads])
+            shared_grads = [
+                _trunk_gradients(output, shared, grads[0], grads[1 : 1 + len(shared)])
+                for grads in per_task
             ]
-            trunk = [torch.stack(grads) for grads in zip(*trunk_rows, strict=True)]
-            rows = rows[1:]
-            jacobians = [
-                jacobian + _stack(grads, p) if any(g is not None for g in grads) else jacobian
-                for jacobian, grads, p in zip(trunk, rows, shared, strict=False)
-            ]
-        self._own_task_gradients = list(zip(heads, rows[len(shared) :], strict=True))
-        num_tasks = len(step.names)
-        jacobian = torch.cat([j.reshape(num_tasks, -1) for j in jacobians], dim=1)
+            per_task = [grads[1:] for grads in per_task]
+        self._own_task_gradients = [
+            (parameter, [grads[len(shared) + i] for grads in per_task])
+            for i, parameter in enumerate(heads)
+        ]
+        jacobian = _jacobian(shared_grads, shared)
         scale = 1 / distributed.world_size()
         if self.sync == "gradients":
             self._jacobian = _scaled_sum_over_ranks(jacobian, scale)
@@ -280,10 +264,10 @@ class _InjectedGradients(torch.autograd.Function):
         return (None, *(grad * grad_output for grad in grads))
 
 
-def task_gradients(step: GlobalTaskLosses, inputs: list[Tensor]) -> list[list[Tensor | None]]:
-    """Per input, per task, the gradient of the task's local term (``None``: the task does not
-    reach that input). One backward per task through its own part of the graph (the mixin keeps
-    the task terms apart for gradient methods)."""
+def task_gradients(step: GlobalTaskLosses, inputs: list[Tensor]) -> list[tuple[Tensor | None, ...]]:
+    """Per task, the gradients of its local term with respect to ``inputs`` (``None``: the task
+    does not reach that input). One backward per task through its own part of the graph (the
+    mixin keeps the task terms apart for gradient methods)."""
     terms = step.task_terms
     if terms is None:
         raise RuntimeError(
@@ -291,29 +275,52 @@ def task_gradients(step: GlobalTaskLosses, inputs: list[Tensor]) -> list[list[Te
             "separate_task_terms = True so that the mixin builds them."
         )
     none: tuple[None, ...] = (None,) * len(inputs)
-    per_task = [
+    return [
         torch.autograd.grad(term, inputs, retain_graph=True, allow_unused=True)
         if term.requires_grad
         else none
         for term in terms
     ]
-    return [list(column) for column in zip(*per_task, strict=True)]
 
 
 def task_jacobian(step: GlobalTaskLosses, inputs: list[Tensor]) -> Tensor:
     """The K×P matrix of the tasks' gradients with respect to ``inputs`` (zeros where a task does
     not reach an input)."""
-    rows = task_gradients(step, inputs)
-    jacobians = [
-        _stack(grads, like).reshape(len(step.names), -1)
-        for grads, like in zip(rows, inputs, strict=True)
-    ]
-    return jacobians[0] if len(jacobians) == 1 else torch.cat(jacobians, dim=1)
+    return _jacobian(task_gradients(step, inputs), inputs)
 
 
-def _stack(grads: list[Tensor | None], like: Tensor) -> Tensor:
-    """``[K, *like.shape]`` from per-task gradients, zeros for ``None``."""
-    return torch.stack([torch.zeros_like(like) if g is None else g for g in grads])
+def _trunk_gradients(
+    output: Tensor,
+    shared: list[torch.nn.Parameter],
+    representation_grad: Tensor | None,
+    after: tuple[Tensor | None, ...],
+) -> tuple[Tensor | None, ...]:
+    """A task's gradient of the shared parameters: the trunk's vector-Jacobian product with its
+    representation gradient (one backward through the trunk; a loop over tasks rather than one
+    vmapped backward: as fast on CPU, and vmap fails on some models, such as compiled modules or
+    cuDNN RNNs), plus what reaches shared parameters used after the representation."""
+    if representation_grad is None:
+        return after
+    trunk = torch.autograd.grad(
+        output, shared, grad_outputs=representation_grad, retain_graph=True, allow_unused=True
+    )
+    return tuple(
+        t if a is None else a if t is None else t + a for t, a in zip(trunk, after, strict=True)
+    )
+
+
+def _jacobian(per_task: list[tuple[Tensor | None, ...]], inputs: list[Tensor]) -> Tensor:
+    """``[K, P]``: row ``k`` holds task ``k``'s gradients, flattened one after the other (zeros
+    for ``None``), written in place: one copy."""
+    dtype = functools.reduce(torch.promote_types, (x.dtype for x in inputs))
+    jacobian = inputs[0].new_empty(len(per_task), sum(x.numel() for x in inputs), dtype=dtype)
+    for row, grads in zip(jacobian, per_task, strict=True):
+        pieces = [
+            (torch.zeros_like(x) if g is None else g).reshape(-1)
+            for g, x in zip(grads, inputs, strict=True)
+        ]
+        torch.cat(pieces, out=row)
+    return jacobian
 
 
 def _weighted_sum(grads: list[Tensor | None], weights: tuple[Tensor, ...], like: Tensor) -> Tensor:
