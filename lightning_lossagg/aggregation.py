@@ -117,6 +117,7 @@ class TaskLossReducer:
         self.names = tuple(tasks)
         self.rank_weighting = rank_weighting
         self._is_mean = [task.reduction == "mean" for task in tasks.values()]
+        self._all_mean = all(self._is_mean)
         self._cache: dict[tuple, Any] = {}
 
     def __call__(
@@ -127,8 +128,11 @@ class TaskLossReducer:
         task_sums = self._task_sums(masked_losses) if separate_tasks else None
         numerators, denominators = self._local_statistics(masked_losses, task_sums)
         if not distributed.is_distributed():
-            local_terms = numerators / denominators.clamp(min=1)
-            task_terms = self._task_terms(task_sums, denominators.clamp(min=1).reciprocal())
+            divisors = denominators.clamp(min=1)
+            task_terms = None
+            if task_sums is not None:
+                task_terms = self._task_terms(task_sums, divisors.reciprocal())
+            local_terms = numerators / divisors
             return GlobalTaskLosses(
                 self.names, numerators.detach(), denominators, local_terms, task_terms=task_terms
             )
@@ -256,14 +260,13 @@ class TaskLossReducer:
     def _numerators_and_denominators(
         self, local_sums: Tensor, local_counts: Tensor
     ) -> tuple[Tensor, Tensor]:
-        dtype = local_sums.dtype
+        if self.rank_weighting == "samples" and self._all_mean:
+            return local_sums, local_counts
         is_mean, sum_denominators = self._reduction_constants(local_sums)
         if self.rank_weighting == "uniform":
             local_means = local_sums / local_counts.clamp(min=1)
             numerators = torch.where(is_mean, local_means, local_sums)
-            return numerators, (local_counts > 0).to(dtype)
-        if all(self._is_mean):
-            return local_sums, local_counts
+            return numerators, (local_counts > 0).to(local_sums.dtype)
         # A global sum: rank 0 alone contributes the denominator 1, exactly.
         return local_sums, torch.where(is_mean, local_counts, sum_denominators)
 
