@@ -24,9 +24,10 @@ def mgda(gramian: Tensor, max_iter: int = 250, tol: float = 1e-12) -> Tensor:
     Instead of Frank-Wolfe (LibMTL, torchjd), the QP is solved exactly: by its KKT conditions
     :math:`w^\star = x^\star / \mathbf{1}^\top x^\star` with
     :math:`x^\star = \arg\min_{x \succeq 0} \tfrac12 x^\top (G / \operatorname{tr} G
-    + \epsilon I) x - \mathbf{1}^\top x`, solved by an active-set method (``TIE_BREAK``
-    :math:`\epsilon = 10^{-10}` only makes the weights unique). The update is zero exactly when the
-    gradients are Pareto stationary (e.g. two opposite gradients).
+    + \epsilon I) x - \mathbf{1}^\top x`, solved by an active-set method, or for two tasks by
+    the paper's closed form (``TIE_BREAK`` :math:`\epsilon = 10^{-10}` only makes the weights
+    unique). The update is zero exactly when the gradients are Pareto stationary (e.g. two
+    opposite gradients).
 
     Scale: the weights lie on the simplex (sum 1), as in LibMTL (``mgda_gn="none"``) and torchjd;
     they do not change when all gradients are scaled by the same factor. Degenerate input: a zero
@@ -68,6 +69,11 @@ def min_norm_weights(matrix: np.ndarray, max_iter: int = 250, tol: float = 1e-12
     if trace <= np.finfo(np.float64).tiny:
         return np.full(num_tasks, 1.0 / num_tasks)
     hessian = matrix / trace + TIE_BREAK * np.eye(num_tasks)
+    if num_tasks == 2:
+        # Sener & Koltun's Algorithm 1, exact: the min-norm point of the segment [g_1, g_2].
+        (a, b), (_, c) = hessian
+        first = min(max((c - b) / (a + c - 2 * b), 0.0), 1.0)  # a + c - 2b >= 2 * TIE_BREAK
+        return np.array([first, 1.0 - first])
     unnormalized = active_set_qp(
         hessian, -np.ones(num_tasks), np.zeros(num_tasks), max_iter=max_iter, tol=tol
     )
