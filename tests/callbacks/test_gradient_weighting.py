@@ -95,6 +95,49 @@ def _reference(model, batch, rep_grad: bool, valid: tuple[int, ...] = (0, 1, 2))
     return {"weights": all_weights, "grads": grads}
 
 
+def _gramian_sync_reference(model, rank_batches: list) -> dict:
+    """``sync="gramian"`` by hand: rank r's Jacobian J_r is W times its share of the global
+    gradient (the gradient of its valid per-sample losses summed, over the global count); the
+    weights come from the mean of the ranks' Gramians J_r J_r^T (which misses the cross-rank
+    terms), and DDP's averaging makes the trunk follow w @ mean_r J_r = w @ J."""
+    model = copy.deepcopy(model).double()
+    trunk = list(model.trunk.parameters())
+    world = len(rank_batches)
+
+    def valid_counts(batch) -> torch.Tensor:
+        targets = batch[1]
+        masks = (~targets["price"].isnan(), targets["kind"] != -100, ~targets["sold"].isnan())
+        return torch.stack([mask.sum() for mask in masks]).double()
+
+    total = sum(valid_counts(batch) for batch in rank_batches)
+    jacobians = []
+    for batch in rank_batches:
+        local = valid_counts(batch)
+        means = list(reference_task_losses(model, batch).values())
+        rows = []
+        for k, mean in enumerate(means):
+            if local[k] == 0:
+                rows.append(torch.zeros(sum(p.numel() for p in trunk), dtype=torch.float64))
+                continue
+            share = world * mean * local[k] / total[k]
+            grads = torch.autograd.grad(share, trunk, retain_graph=True)
+            rows.append(torch.cat([g.flatten() for g in grads]))
+        jacobians.append(torch.stack(rows))
+    gramian = sum(j @ j.T for j in jacobians) / world
+    weights = gramian.diagonal().rsqrt() * STATIC
+    combined = weights @ (sum(jacobians) / world)
+    losses = list(reference_task_losses(model, concat_batches(*rank_batches)).values())
+    head_objective = sum(s * loss for s, loss in zip(STATIC, losses, strict=True))
+    head_grads = torch.autograd.grad(head_objective, list(model.heads.parameters()))
+    grads = {}
+    trunk_grads = torch.split(combined, [p.numel() for p in trunk])
+    for (name, parameter), grad in zip(model.trunk.named_parameters(), trunk_grads, strict=True):
+        grads[f"trunk.{name}"] = grad.reshape(parameter.shape)
+    for (name, _), grad in zip(model.heads.named_parameters(), head_grads, strict=True):
+        grads[f"heads.{name}"] = grad
+    return {"weights": weights, "grads": grads}
+
+
 def _fit(model, devices: int, method) -> None:
     L.Trainer(
         accelerator="cpu",
@@ -141,6 +184,18 @@ def test_two_rank_weights_and_update_equal_one_process_on_the_concatenated_batch
     model = net(str(tmp_path), [rank0, rank1])
     reference = _reference(model, concat_batches(rank0, rank1), rep_grad)
     _fit(model, 2, NormalisedGradients(rep_grad=rep_grad, sync="gradients"))
+    for rank in (0, 1):
+        _assert_close(torch.load(tmp_path / f"rank{rank}.pt"), reference)
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("net", [RecordingNet, WholeForwardNet])
+def test_two_ranks_with_gramian_sync_weigh_the_mean_of_the_ranks_gramians(tmp_path, net):
+    rank0, rank1 = make_batch(5, seed=1), make_batch(8, seed=2)
+    rank1[1]["kind"][:] = -100
+    model = net(str(tmp_path), [rank0, rank1])
+    reference = _gramian_sync_reference(model, [rank0, rank1])
+    _fit(model, 2, NormalisedGradients(sync="gramian"))
     for rank in (0, 1):
         _assert_close(torch.load(tmp_path / f"rank{rank}.pt"), reference)
 
