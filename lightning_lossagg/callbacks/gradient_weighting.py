@@ -223,16 +223,16 @@ class GradientWeighting(WeightingCallback):
         # Heads: their own task's gradient, sum_k s_k grad t_k (local: DDP averages it).
         own, self._own_task_gradients = self._own_task_gradients, []
         static_weights = static.to(jacobian.dtype).unbind()
-        parameters = [parameter for parameter, _ in own]
-        grads = [_weighted_sum(grads, static_weights, parameter) for parameter, grads in own]
+        heads = [parameter for parameter, _ in own]
+        head_grads = [_weighted_sum(grads, static_weights, parameter) for parameter, grads in own]
         # Shared parameters: d, split back into their shapes.
-        sizes = [parameter.numel() for parameter in self._shared_parameters]
+        shared = self._shared_parameters
+        sizes = [parameter.numel() for parameter in shared]
         shared_grads = [
             grad.view_as(parameter)
-            for grad, parameter in zip(direction.split(sizes), self._shared_parameters, strict=True)
+            for grad, parameter in zip(direction.split(sizes), shared, strict=True)
         ]
-        parameters = self._shared_parameters + parameters
-        return _InjectedGradients.apply(tuple(shared_grads + grads), *parameters)
+        return _InjectedGradients.apply(tuple(shared_grads + head_grads), *shared, *heads)
 
     def weighted_sum_objective(
         self, pl_module: L.LightningModule, step: GlobalTaskLosses, weights: Tensor
