@@ -219,7 +219,7 @@ class GradientWeighting(WeightingCallback):
             # Heads: their own task's gradient, sum_k s_k grad t_k, through the detached copy of
             # the representation (local: DDP averages it). Shared trunk: d at the representation.
             heads_objective = static.to(step.local_terms.dtype) @ step.local_terms
-            return heads_objective + (shared * direction.view_as(shared).detach()).sum()
+            return heads_objective + torch.dot(shared.reshape(-1), direction.detach())
         # Heads: their own task's gradient, sum_k s_k grad t_k (local: DDP averages it).
         own, self._own_task_gradients = self._own_task_gradients, []
         static_weights = static.to(jacobian.dtype).unbind()
@@ -312,6 +312,8 @@ def _trunk_gradients(
 def _jacobian(per_task: list[tuple[Tensor | None, ...]], inputs: list[Tensor]) -> Tensor:
     """``[K, P]``: row ``k`` holds task ``k``'s gradients, flattened one after the other (zeros
     for ``None``), written in place: one copy."""
+    if len(inputs) == 1 and all(g is not None for (g,) in per_task):
+        return torch.stack([g for (g,) in per_task]).reshape(len(per_task), -1)
     dtype = functools.reduce(torch.promote_types, (x.dtype for x in inputs))
     jacobian = inputs[0].new_empty(len(per_task), sum(x.numel() for x in inputs), dtype=dtype)
     for row, grads in zip(jacobian, per_task, strict=True):
