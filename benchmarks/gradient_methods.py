@@ -22,18 +22,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader
 from torchjd import aggregation
 from torchjd.autojac import jac_to_grad, mtl_backward
 
-from benchmarks._timing import StepTimer, quiet, synthetic_loader
+from benchmarks._timing import median_step_time, quiet, synthetic_loader
 from benchmarks.overhead import PlainMLP
 from lightning_lossagg import callbacks
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting
@@ -49,40 +47,6 @@ METHODS: dict[str, tuple[Callable[..., GradientWeighting], Callable[[int], objec
     "aligned_mtl": (callbacks.AlignedMTL, lambda k: aggregation.AlignedMTL()),
     "nash_mtl": (callbacks.NashMTL, lambda k: aggregation.NashMTL(n_tasks=k)),
 }
-
-
-class CpuStepTimer(StepTimer):
-    """The CPU time of the training thread per batch: time spent computing, not time spent
-    waiting for a core that another process holds (the machine is shared)."""
-
-    def on_train_batch_start(self, *args: object) -> None:
-        self._start = time.thread_time()
-
-    def on_train_batch_end(self, *args: object) -> None:
-        self.times.append(time.thread_time() - self._start)
-
-
-def median_step_time(
-    make_model: Callable[[], L.LightningModule],
-    loader: DataLoader,
-    callbacks: Sequence[L.Callback] = (),
-    warmup: int = 10,
-) -> float:
-    """Median CPU seconds per training step over one epoch of ``loader`` after ``warmup``."""
-    torch.manual_seed(0)
-    timer = CpuStepTimer()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer, *callbacks],
-    )
-    trainer.fit(make_model(), train_dataloaders=loader)
-    return statistics.median(timer.times[warmup:])
 
 
 class TorchJDMLP(L.LightningModule):
@@ -111,17 +75,22 @@ class TorchJDMLP(L.LightningModule):
 
 def _variants(num_tasks: int, names: list[str]) -> dict[str, Callable[[], float]]:
     loader = synthetic_loader(num_tasks, steps=40)
-    variants = {"plain": lambda: median_step_time(lambda: PlainMLP(num_tasks), loader)}
+    variants = {
+        "plain": lambda: median_step_time(lambda: PlainMLP(num_tasks), loader, clock="thread")
+    }
     for name in names:
         method, aggregator = METHODS[name]
         for rep_grad in (True, False):
             variants[f"{name}/{'rep' if rep_grad else 'param'}"] = (
                 lambda method=method, rep_grad=rep_grad: median_step_time(
-                    lambda: MultiTaskMLP(num_tasks), loader, [method(rep_grad=rep_grad)]
+                    lambda: MultiTaskMLP(num_tasks),
+                    loader,
+                    [method(rep_grad=rep_grad)],
+                    clock="thread",
                 )
             )
         variants[f"{name}/torchjd"] = lambda aggregator=aggregator: median_step_time(
-            lambda: TorchJDMLP(num_tasks, aggregator(num_tasks)), loader
+            lambda: TorchJDMLP(num_tasks, aggregator(num_tasks)), loader, clock="thread"
         )
     return variants
 

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from benchmarks._timing import quiet, synthetic_loader
+from benchmarks._timing import median_step_time, quiet, synthetic_loader
 from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks import (
     DWA,
@@ -63,40 +61,6 @@ METHODS: dict[str, Callable[[], L.Callback | None]] = {
 }
 
 
-class TimerAfterHooks(L.Callback):
-    """Time per training batch, up to the end of the callbacks listed before this one."""
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self.clock = clock
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, *args: object) -> None:
-        self._start = self.clock()
-
-    def on_train_batch_end(self, *args: object) -> None:
-        self.times.append(self.clock() - self._start)
-
-
-def median_step_time(
-    method: Callable[[], L.Callback | None], loader: DataLoader, clock: Callable[[], float]
-) -> float:
-    torch.manual_seed(0)
-    callback, timer = method(), TimerAfterHooks(clock)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer] if callback is None else [callback, timer],
-    )
-    trainer.fit(MultiTaskMLP(NUM_TASKS), train_dataloaders=loader)
-    return statistics.median(timer.times[10:])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=9)
@@ -115,7 +79,7 @@ def main() -> None:
 
 def print_method_table(rounds: int, clock_name: str) -> None:
     """Each method's median step time and its ratio to static weights, measured in this run."""
-    clock = time.thread_time if clock_name == "cpu" else time.perf_counter
+    clock = "thread" if clock_name == "cpu" else "wall"
     loader = synthetic_loader(NUM_TASKS, batch_size=256)
     names = list(METHODS)
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -124,7 +88,15 @@ def print_method_table(rounds: int, clock_name: str) -> None:
         # A different order every round: no variant always runs first, or right after another.
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(median_step_time(METHODS[name], loader, clock))
+            callback = METHODS[name]()
+            times[name].append(
+                median_step_time(
+                    lambda: MultiTaskMLP(NUM_TASKS),
+                    loader,
+                    [] if callback is None else [callback],
+                    clock=clock,
+                )
+            )
         for name in names:
             ratios[name].append(times[name][-1] / times["static"][-1])
     print(
