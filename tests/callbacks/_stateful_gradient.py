@@ -18,6 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.multiprocessing as mp
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
 from lightning_lossagg.callbacks import DBMTL, GradNorm, GradVac
@@ -113,6 +114,33 @@ def fit(
     )
     trainer.fit(model, loader(batches), ckpt_path=ckpt_path)
     return recorder, model
+
+
+def assert_resume_equals_uninterrupted(
+    make_method: Callable[[], WeightingCallback], batches: list, checkpoint_dir: Path
+) -> tuple[Recorder, Recorder, WeightingCallback]:
+    """Fit 2 epochs with a checkpoint, resume to 4 with a new method, and check every step's
+    weights and gradients, the method's state and the model against an uninterrupted 4-epoch
+    fit. Returns the uninterrupted steps, the resumed run's steps and the uninterrupted method."""
+    full_method = make_method()
+    full, full_model = fit(full_method, batches, max_epochs=4)
+    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, save_last=True)
+    first, _ = fit(
+        make_method(), batches, 2, extra_callbacks=(checkpoint,), enable_checkpointing=True
+    )
+    resumed_method = make_method()
+    second, resumed_model = fit(
+        resumed_method, batches, 4, ckpt_path=Path(checkpoint_dir) / "last.ckpt"
+    )
+    assert len(first.steps) == len(second.steps) == 2 * len(batches)
+    for index, (resumed, uninterrupted) in enumerate(
+        zip(first.steps + second.steps, full.steps, strict=True)
+    ):
+        assert torch.equal(resumed["weights"], uninterrupted["weights"]), f"step {index}"
+        assert_nested_equal(resumed["grads"], uninterrupted["grads"], f"grads of step {index}")
+    assert_nested_equal(resumed_method.state_dict(), full_method.state_dict())
+    assert_nested_equal(resumed_model.state_dict(), full_model.state_dict())
+    return full, second, full_method
 
 
 # ----------------------------------------------------------------------------- plain torch
