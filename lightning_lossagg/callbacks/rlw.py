@@ -15,6 +15,7 @@ from lightning_lossagg.functional.rlw import rlw
 from lightning_lossagg.weighting import WeightingCallback
 
 _MASK64 = 2**64 - 1
+DRAW_BLOCK = 256  # optimizer steps whose weights are drawn at once
 
 
 def step_seed(seed: int, global_step: int) -> int:
@@ -41,12 +42,13 @@ class RLW(WeightingCallback):
     .. math::
         z \sim \mathcal{N}(0, I_K), \qquad w = \operatorname{softmax}(z).
 
-    The weights sum to 1 (LibMTL's ``RLW`` and torchjd's ``Random`` scale). They are drawn once
-    per optimizer step (the micro-batches of one accumulated step share them) from a CPU
-    ``torch.Generator`` seeded from ``(seed, global_step)``, never from the global generator: every
-    rank draws the same weights without a collective, a resumed run draws exactly the weights of
-    an uninterrupted one, and the model's own randomness (dropout, shuffling) is not disturbed.
-    The state is the seed.
+    The weights sum to 1 (LibMTL's ``RLW`` and torchjd's ``Random`` scale). Each optimizer step has
+    its own (the micro-batches of one accumulated step share them): row ``global_step % 256`` of
+    256 vectors drawn at once from a CPU ``torch.Generator`` seeded from
+    ``(seed, global_step // 256)`` and moved to the device once, never from the global generator:
+    every rank draws the same weights without a collective, a resumed run draws exactly the
+    weights of an uninterrupted one, and the model's own randomness (dropout, shuffling) is not
+    disturbed. A step costs one indexing. The state is the seed.
 
     Args:
         seed: an int >= 0; runs with the same seed draw the same weight sequence.
@@ -59,6 +61,8 @@ class RLW(WeightingCallback):
         self.seed = check_non_negative_int("seed", seed, "Pass e.g. seed=0.")
         self._generator = torch.Generator()
         self._num_tasks = 0
+        self._block: tuple | None = None  # (block index, device, dtype) of the drawn block
+        self._block_weights: Tensor | None = None
 
     @property
     @override
@@ -71,11 +75,15 @@ class RLW(WeightingCallback):
 
     @override
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
-        self._generator.manual_seed(step_seed(self.seed, pl_module.trainer.global_step))
+        block, row = divmod(pl_module.trainer.global_step, DRAW_BLOCK)
         terms = step.local_terms  # its dtype and device: the losses themselves are not needed
         dtype = torch.promote_types(terms.dtype, torch.float32)
-        weights = rlw(self._num_tasks, self._generator, dtype=dtype)
-        return weights.to(terms.device, non_blocking=True)
+        if self._block != (block, terms.device, dtype) or self._block_weights is None:
+            self._generator.manual_seed(step_seed(self.seed, block))
+            drawn = rlw(self._num_tasks, self._generator, dtype=dtype, draws=DRAW_BLOCK)
+            self._block_weights = drawn.to(terms.device)
+            self._block = (block, terms.device, dtype)
+        return self._block_weights[row]
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -84,3 +92,4 @@ class RLW(WeightingCallback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.seed = state_dict["seed"]
+        self._block = self._block_weights = None

@@ -10,6 +10,7 @@ def rlw(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    draws: int | None = None,
 ) -> Tensor:
     r"""Random Loss Weighting (Lin et al., 2022).
 
@@ -32,9 +33,10 @@ def rlw(
             torch's global generator.
         device: Where to draw; defaults to the generator's device (CPU for the global one).
         dtype: The floating dtype of the weights; defaults to torch's default dtype.
+        draws: ``None`` for one weight vector; else that many independent ones, in one draw.
 
     Returns:
-        The weights :math:`w`, shape ``(K,)``.
+        The weights :math:`w`, shape ``(K,)`` (``(draws, K)`` with ``draws``).
 
     Example:
         >>> weights = rlw(3, torch.Generator().manual_seed(0))
@@ -45,5 +47,8 @@ def rlw(
         raise ValueError(f"`num_tasks` must be an int >= 1; found {num_tasks!r}.")
     if device is None and generator is not None:
         device = generator.device
-    normal_draw = torch.randn(num_tasks, generator=generator, device=device, dtype=dtype)
-    return torch.softmax(normal_draw, dim=0)
+    if draws is not None and (isinstance(draws, bool) or not isinstance(draws, int) or draws < 1):
+        raise ValueError(f"`draws` must be None or an int >= 1; found {draws!r}.")
+    shape = (num_tasks,) if draws is None else (draws, num_tasks)
+    normal_draw = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    return torch.softmax(normal_draw, dim=-1)

@@ -30,7 +30,7 @@ from lightning_lossagg.callbacks import (
     LossScaling,
     UncertaintyWeighting,
 )
-from lightning_lossagg.callbacks.rlw import step_seed
+from lightning_lossagg.callbacks.rlw import DRAW_BLOCK, step_seed
 from lightning_lossagg.functional.dwa import dwa
 from lightning_lossagg.functional.famo import famo_logit_gradient, famo_weights
 from lightning_lossagg.functional.gls import gls_weights
@@ -248,8 +248,9 @@ def _loss_scaling(steps: list[dict], callback: LossScaling) -> list[Tensor]:
 
 def _rlw(steps: list[dict], callback: RLW) -> list[Tensor]:
     def draw(optimizer_step: int) -> Tensor:
-        generator = torch.Generator().manual_seed(step_seed(callback.seed, optimizer_step))
-        return rlw(3, generator, dtype=torch.float64)
+        block, row = divmod(optimizer_step, DRAW_BLOCK)
+        generator = torch.Generator().manual_seed(step_seed(callback.seed, block))
+        return rlw(3, generator, dtype=torch.float64, draws=DRAW_BLOCK)[row]
 
     return [draw(step["optimizer_step"]) for step in steps]
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lightning_lossagg.callbacks import RLW
+from lightning_lossagg.callbacks.rlw import DRAW_BLOCK
 from tests.callbacks._loss_based import at_step, global_losses
 from tests.models import ThreeTaskNet
 
@@ -44,6 +45,15 @@ def test_the_weights_depend_on_seed_and_step_only():
     assert torch.equal(_draws(seed=5, steps=range(12, 13)), first[2:])  # resumed at step 12
     assert not torch.equal(_draws(seed=6, steps=range(10, 13)), first)
     assert len({tuple(row.tolist()) for row in first}) == 3
+
+
+def test_a_run_resumed_in_another_block_of_draws_draws_the_same_weights():
+    # Weights are drawn DRAW_BLOCK steps at a time: a resumed run starts mid-block.
+    steps = range(DRAW_BLOCK - 3, DRAW_BLOCK + 3)
+    uninterrupted = _draws(seed=5, steps=steps)
+    assert torch.equal(_draws(seed=5, steps=steps[4:]), uninterrupted[4:])
+    assert torch.equal(_draws(seed=5, steps=steps[:2]), uninterrupted[:2])
+    assert len({tuple(row.tolist()) for row in uninterrupted}) == len(steps)
 
 
 def test_the_global_random_generator_is_not_touched():

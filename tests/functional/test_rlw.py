@@ -50,3 +50,20 @@ def test_dtype_and_device_follow_the_arguments():
 def test_invalid_number_of_tasks_is_refused(num_tasks):
     with pytest.raises(ValueError, match="`num_tasks` must be an int >= 1"):
         rlw(num_tasks)
+
+
+def test_several_draws_at_once_are_independent_rows_on_the_simplex():
+    weights = rlw(3, torch.Generator().manual_seed(0), dtype=torch.float64, draws=4000)
+    assert weights.shape == (4000, 3) and bool((weights > 0).all())
+    assert_close(weights.sum(1), torch.ones(4000, dtype=torch.float64))
+    assert_close(
+        weights.mean(dim=0), torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.01, rtol=0
+    )
+    differences = weights[:, 0].log() - weights[:, 1].log()  # z_0 - z_1 ~ N(0, 2)
+    assert float(differences.var()) == pytest.approx(2.0, rel=0.1)
+
+
+@pytest.mark.parametrize("draws", [0, -2, 1.5, True])
+def test_an_invalid_number_of_draws_is_refused(draws):
+    with pytest.raises(ValueError, match="`draws` must be None or an int >= 1"):
+        rlw(3, draws=draws)
