@@ -6,7 +6,6 @@ import math
 from collections.abc import Iterable
 
 import lightning as L
-import torch
 from torch import Tensor
 
 from lightning_lossagg.aggregation import GlobalTaskLosses
@@ -54,4 +53,6 @@ def usable_tasks(step: GlobalTaskLosses) -> Tensor:
 
     A non-finite loss is the mixin's to report (``nonfinite``); it must not poison the state.
     """
-    return step.valid & torch.isfinite(step.losses)
+    losses = step.losses  # NaN for a task without a valid sample
+    # Finite exactly where x - x == 0 (two cheap operations; torch.isfinite is four).
+    return (losses - losses) == 0
