@@ -12,7 +12,6 @@ from typing_extensions import override
 from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks._checks import require_multitask
-from lightning_lossagg.functional.gls import gls_weights
 from lightning_lossagg.weighting import WeightingCallback
 
 
@@ -58,13 +57,11 @@ class GLS(WeightingCallback):
         # NaN and +inf are the mixin's to report (nonfinite=...); here the losses <= 0.
         offending = torch.where(valid & (losses <= 0), losses, torch.nan)
         self._unchecked.append((pl_module.trainer.global_step, distributed.HostCopy(offending)))
-        # Tasks without a valid sample take the valid tasks' geometric mean, which leaves G
-        # unchanged; the weights then need K / K_valid to be those of G over the valid tasks.
+        # The weights of G over the valid tasks, w_k = G / (K_valid L_k) with log G the mean of
+        # their log-losses (gls_weights' formula; the mixin zeroes the other tasks' weights).
         log_losses = torch.where(valid, losses, 1.0).log()
         num_valid = valid.sum().clamp(min=1)
-        geometric_mean = torch.exp(log_losses.sum() / num_valid)
-        filled = torch.where(valid, losses, geometric_mean)
-        return gls_weights(filled, validate_args=False) * (losses.numel() / num_valid)
+        return torch.exp(log_losses.sum() / num_valid - log_losses) / num_valid
 
     @override
     def on_before_optimizer_step(
