@@ -12,6 +12,7 @@ from typing_extensions import override
 from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks._checks import require_multitask
+from lightning_lossagg.functional.gls import gls_weights
 from lightning_lossagg.weighting import WeightingCallback
 
 
@@ -57,11 +58,8 @@ class GLS(WeightingCallback):
         # NaN and +inf are the mixin's to report (nonfinite=...); here the losses <= 0.
         offending = torch.where(valid & (losses <= 0), losses, torch.nan)
         self._unchecked.append((pl_module.trainer.global_step, distributed.HostCopy(offending)))
-        # The weights of G over the valid tasks, w_k = G / (K_valid L_k) with log G the mean of
-        # their log-losses (gls_weights' formula; the mixin zeroes the other tasks' weights).
-        log_losses = torch.where(valid, losses, 1.0).log()
-        num_valid = valid.sum().clamp(min=1)
-        return torch.exp(log_losses.sum() / num_valid - log_losses) / num_valid
+        # The weights of G over the valid tasks (the mixin zeroes the other tasks' weights).
+        return gls_weights(losses, validate_args=False, valid=valid)
 
     @override
     def on_before_optimizer_step(

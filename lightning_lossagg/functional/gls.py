@@ -48,7 +48,9 @@ def gls(losses: Tensor, *, validate_args: bool = True) -> Tensor:
     return torch.exp(torch.log(losses).mean())
 
 
-def gls_weights(losses: Tensor, *, validate_args: bool = True) -> Tensor:
+def gls_weights(
+    losses: Tensor, *, validate_args: bool = True, valid: Tensor | None = None
+) -> Tensor:
     r"""Weights :math:`w` with :math:`\sum_k w_k \nabla L_k = \nabla G` for :func:`gls`.
 
     .. math::
@@ -61,6 +63,9 @@ def gls_weights(losses: Tensor, *, validate_args: bool = True) -> Tensor:
     Args:
         losses: The task losses, shape ``(K,)``, strictly positive.
         validate_args: Check that the losses are finite and positive (one device-to-host sync).
+        valid: Which tasks take part (a bool mask, shape ``(K,)``): the weights of :math:`G` over
+            those tasks alone, with :math:`K` their number; the other tasks' losses are ignored
+            (not checked) and their weights are meaningless. ``None``: every task.
 
     Returns:
         The weights, shape ``(K,)``, detached.
@@ -69,6 +74,12 @@ def gls_weights(losses: Tensor, *, validate_args: bool = True) -> Tensor:
         >>> gls_weights(torch.tensor([1.0, 4.0]))
         tensor([1.0000, 0.2500])
     """
-    _check_losses(losses, validate_args)
-    log_losses = torch.log(losses.detach())
-    return torch.exp(log_losses.mean() - log_losses) / losses.numel()
+    if valid is None:
+        _check_losses(losses, validate_args)
+        log_losses = torch.log(losses.detach())
+        return torch.exp(log_losses.mean() - log_losses) / losses.numel()
+    taking_part = torch.where(valid, losses.detach(), 1.0)
+    _check_losses(taking_part, validate_args)
+    log_losses = taking_part.log()
+    num_valid = valid.sum().clamp(min=1)
+    return torch.exp(log_losses.sum() / num_valid - log_losses) / num_valid

@@ -67,3 +67,12 @@ def test_non_positive_or_non_finite_losses_are_refused_by_index(function, losses
 def test_bad_shapes_and_dtypes_are_refused(losses):
     with pytest.raises(ValueError, match="non-empty 1-D floating"):
         gls(losses)
+
+
+def test_weights_over_the_valid_tasks_ignore_the_others():
+    losses = torch.tensor([2.0, float("nan"), 0.5, -1.0], dtype=torch.float64)
+    valid = torch.tensor([True, False, True, False])
+    weights = gls_weights(losses, valid=valid)
+    assert_close(weights[valid], gls_weights(losses[valid]))
+    with pytest.raises(ValueError, match="must be finite and > 0"):
+        gls_weights(losses, valid=torch.tensor([True, True, True, False]))
