@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,40 @@ def run_on_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> lis
         mp.start_processes(
             _worker,
             args=(world_size, init_file, out_dir, fn, args),
+            nprocs=world_size,
+            start_method="spawn",
+        )
+        return [
+            torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)
+        ]
+
+
+def _lightning_worker(
+    rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world_size),
+        NODE_RANK="0",
+        LOCAL_RANK=str(rank),
+        RANK=str(rank),
+    )
+    torch.set_num_threads(1)  # the ranks share the machine's cores
+    torch.save(fn(rank, *args), Path(out_dir) / f"rank{rank}.pt")
+
+
+def run_on_lightning_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> list[Any]:
+    """``[fn(rank, *args) for each rank]``, each run in its own process set up as a rank of a
+    Lightning DDP job (as ``ddp_spawn`` would launch it): a Trainer with ``strategy="ddp"`` inside
+    ``fn`` joins the process group instead of spawning, so one launch serves many fits."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(
+            _lightning_worker,
+            args=(world_size, port, out_dir, fn, args),
             nprocs=world_size,
             start_method="spawn",
         )

@@ -10,7 +10,6 @@ Importable by spawned DDP ranks.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -314,20 +313,8 @@ def ddp_fit(name: str, rep_grad: bool, rank: int | None = None) -> dict[str, Any
     }
 
 
-def ddp_rank(rank: int, port: int, out_dir: str, cases: list[tuple[str, bool]]) -> None:
-    """One rank of a 2-process run: every case fits with Lightning's DDP strategy in turn.
-
-    The processes are launched by the test (as ``ddp_spawn`` would launch them), so one launch
-    serves every case: Lightning sees ``LOCAL_RANK`` and joins the process group instead of
-    spawning. DDP averages the gradients in backward, as in any DDP run.
-    """
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE="2",
-        NODE_RANK="0",
-        LOCAL_RANK=str(rank),
-        RANK=str(rank),
-    )
-    results = {case: ddp_fit(*case, rank=rank) for case in cases}
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+def ddp_rank(rank: int, cases: list[tuple[str, bool]]) -> dict[tuple[str, bool], dict]:
+    """One rank of a 2-process run (:func:`tests.process_group.run_on_lightning_ranks`): every
+    case fits with Lightning's DDP strategy in turn; DDP averages the gradients in backward, as in
+    any DDP run."""
+    return {case: ddp_fit(*case, rank=rank) for case in cases}

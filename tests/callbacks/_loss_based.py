@@ -9,7 +9,6 @@ Importable by spawned DDP ranks.
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -321,21 +320,9 @@ class CollectivesPerStep(L.Callback):
         self.counts.append(self._counter.calls.count("all_reduce"))
 
 
-def ddp_rank(rank: int, port: int, out_dir: str, names: list[str]) -> None:
-    """One rank of a 2-process run: each method fits with Lightning's DDP strategy in turn.
-
-    The processes are launched here (as ``ddp_spawn`` would launch them), so one launch serves
-    every method: Lightning sees ``LOCAL_RANK`` and joins the process group instead of spawning.
-    """
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE="2",
-        NODE_RANK="0",
-        LOCAL_RANK=str(rank),
-        RANK=str(rank),
-    )
-    torch.set_num_threads(1)  # two ranks on two cores
+def ddp_rank(rank: int, names: list[str]) -> dict[str, dict[str, Any]]:
+    """One rank of a 2-process run (:func:`tests.process_group.run_on_lightning_ranks`): each
+    method fits with Lightning's DDP strategy in turn."""
     results = {}
     for name in names:
         callback, recorder = METHODS[name](), Recorder(evaluate_after=name == "famo")
@@ -355,4 +342,4 @@ def ddp_rank(rank: int, port: int, out_dir: str, names: list[str]) -> None:
             "parameters": {k: v.clone() for k, v in model.state_dict().items()},
             "all_reduces_per_step": collectives.counts,
         }
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    return results

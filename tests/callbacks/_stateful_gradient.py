@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
-import socket
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
@@ -34,6 +30,7 @@ from tests.models import (
     ThreeTaskNet,
     reference_task_losses,
 )
+from tests.process_group import run_on_lightning_ranks
 
 STATIC = torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)  # ThreeTaskNet's Task.weight
 MODEL_LR = 0.1  # ThreeTaskNet's SGD
@@ -208,21 +205,8 @@ def assert_nested_close(actual: Any, expected: Any, path: str = "state") -> None
 
 
 # ----------------------------------------------------------------------------- DDP
-def _ddp_rank(rank: int, port: int, out_dir: str) -> None:
-    """One rank of a 2-process run: each method fits with Lightning's DDP strategy in turn.
-
-    The processes are launched here (as ``ddp_spawn`` would launch them), so one launch serves
-    every method: Lightning sees ``LOCAL_RANK`` and joins the process group instead of spawning.
-    """
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE="2",
-        NODE_RANK="0",
-        LOCAL_RANK=str(rank),
-        RANK=str(rank),
-    )
-    torch.set_num_threads(1)  # two ranks share the cores
+def _ddp_rank(rank: int) -> dict[str, dict[str, Any]]:
+    """One rank of a 2-process run: each method fits with Lightning's DDP strategy in turn."""
     results = {}
     for name, make_method in METHODS.items():
         method = make_method()
@@ -234,7 +218,7 @@ def _ddp_rank(rank: int, port: int, out_dir: str) -> None:
             "state": copy.deepcopy(method.state_dict()),
             "parameters": {k: v.clone() for k, v in model.state_dict().items()},
         }
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    return results
 
 
 @functools.cache
@@ -243,12 +227,7 @@ def two_rank_results() -> list[dict[str, Any]]:
 
     Launched once per test session (a launch costs seconds; a fit inside it, a fraction).
     """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_ddp_rank, args=(port, out_dir), nprocs=2, start_method="spawn")
-        return [torch.load(Path(out_dir) / f"rank{rank}.pt") for rank in (0, 1)]
+    return run_on_lightning_ranks(_ddp_rank)
 
 
 def assert_two_ranks_equal_one_process(name: str) -> None:

@@ -2,12 +2,9 @@
 process, gradient accumulation, exact resume (Nash-MTL's state), the YAML configs through the
 real CLI, and the checks every method shares."""
 
-import socket
-
 import lightning as L
 import pytest
 import torch
-import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_lossagg.callbacks import NashMTL
@@ -26,6 +23,7 @@ from tests.callbacks._gradient_based import (
     training_batches,
 )
 from tests.models import ThreeTaskNet, make_batch, one_batch_loader
+from tests.process_group import run_on_lightning_ranks
 
 PENGUIN_TASKS = ("species", "sex", "body_mass")
 NAMES = list(METHODS)
@@ -43,17 +41,13 @@ def _assert_nested_close(actual, expected, path: str) -> None:
 
 
 @pytest.mark.ddp
-def test_two_processes_equal_one_process_on_the_concatenated_batches(tmp_path):
+def test_two_processes_equal_one_process_on_the_concatenated_batches():
     # One launch of two processes serves every method with parameter gradients (exact sync) and
     # with representation gradients: a launch costs seconds, a DDP fit inside it a fraction.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     rank0, rank1 = ddp_batches()
     assert len(rank0[0][0]) != len(rank1[0][0])  # uneven batches, each rank its own
     cases = [(name, rep_grad) for rep_grad in (False, True) for name in NAMES]
-    mp.start_processes(ddp_rank, args=(port, str(tmp_path), cases), nprocs=2, start_method="spawn")
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    ranks = run_on_lightning_ranks(ddp_rank, cases)
     for case in cases:
         single = ddp_fit(*case)
         on_rank0, on_rank1 = ranks[0][case], ranks[1][case]

@@ -2,13 +2,11 @@
 functional formulas, a real 2-process run against one process, exact resume, gradient
 accumulation, the YAML configs through the real CLI, and the checks every method shares."""
 
-import socket
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_lossagg.callbacks import LossLogger
@@ -27,6 +25,7 @@ from tests.callbacks._loss_based import (
     training_batches,
 )
 from tests.models import ThreeTaskNet, make_batch, one_batch_loader
+from tests.process_group import run_on_lightning_ranks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -78,17 +77,13 @@ def test_accumulating_two_micro_batches_per_optimizer_step(name):
 
 
 @pytest.mark.ddp
-def test_two_processes_equal_one_process_on_the_concatenated_batches(tmp_path):
+def test_two_processes_equal_one_process_on_the_concatenated_batches():
     # One launch of two processes serves all seven methods (a launch costs seconds; a fit with
     # Lightning's DDP strategy inside it, a fraction of one).
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     rank0, rank1 = ddp_batches()
     assert not torch.equal(rank0[0][0][:4], rank1[0][0][:4])  # each rank has its own data
     names = list(METHODS)
-    mp.start_processes(ddp_rank, args=(port, str(tmp_path), names), nprocs=2, start_method="spawn")
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    ranks = run_on_lightning_ranks(ddp_rank, names)
     for name in names:
         callback, recorder, model = fit_method(name, concatenated_ddp_batches(), DDP_EPOCHS)
         single = torch.stack([step["weights"] for step in recorder.steps])
