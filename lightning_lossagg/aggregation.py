@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -26,7 +26,14 @@ from lightning_lossagg import distributed
 from lightning_lossagg.tasks import MaskedLoss, StackedLosses, Task
 
 RankWeighting = Literal["samples", "uniform"]
-MaskedSum = tuple[Tensor, Tensor]  # a task's sum of valid values, and their count
+
+
+class TaskSums(NamedTuple):
+    """Per task, the sum of its valid values, each a scalar with a graph of its own, and the
+    counts of those values (one vector)."""
+
+    sums: list[Tensor]
+    counts: Tensor
 
 
 class GlobalTaskLosses:
@@ -183,13 +190,11 @@ class TaskLossReducer:
         )
 
     def _local_statistics(
-        self, masked_losses: Mapping[str, MaskedLoss], task_sums: list[MaskedSum] | None = None
+        self, masked_losses: Mapping[str, MaskedLoss], task_sums: TaskSums | None = None
     ) -> tuple[Tensor, Tensor]:
         """This rank's numerators ``a_kr`` (with their graph) and denominators ``b_kr``."""
         if task_sums is not None:
-            sums = torch.stack([total for total, _ in task_sums])
-            counts = torch.stack([count for _, count in task_sums]).to(sums.dtype)
-            return self._numerators_and_denominators(sums, counts)
+            return self._numerators_and_denominators(torch.stack(task_sums.sums), task_sums.counts)
         if isinstance(masked_losses, StackedLosses) and masked_losses.names == self.names:
             local_sums, local_counts = self._stacked_sums(masked_losses)
             return self._numerators_and_denominators(local_sums, local_counts)
@@ -208,28 +213,27 @@ class TaskLossReducer:
         local_counts = flat_values.new_zeros(num_tasks).index_add(0, segments, flat_masks.to(dtype))
         return self._numerators_and_denominators(local_sums, local_counts)
 
-    def _task_sums(self, masked_losses: Mapping[str, MaskedLoss]) -> list[MaskedSum]:
-        """Per task, the sum of its valid values (its own graph) and their count."""
-        sums = []
+    def _task_sums(self, masked_losses: Mapping[str, MaskedLoss]) -> TaskSums:
+        """Per task, the sum of its valid values (its own graph), and their counts."""
+        sums, counts = [], []
         for name in self.names:
             values, mask = masked_losses[name]
-            sums.append((torch.where(mask, values, 0.0).sum(), mask.sum()))
-        return sums
+            sums.append(torch.where(mask, values, 0.0).sum())
+            counts.append(mask.sum())
+        return TaskSums(sums, torch.stack(counts).to(sums[0].dtype))
 
-    def _task_terms(
-        self, task_sums: list[MaskedSum] | None, scale: Tensor
-    ) -> tuple[Tensor, ...] | None:
+    def _task_terms(self, task_sums: TaskSums | None, scale: Tensor) -> tuple[Tensor, ...] | None:
         """The local terms rebuilt per task from each task's own sum: ``sum_k * scale_k`` (times
         ``1 / count_k`` for a ``rank_weighting="uniform"`` mean), each with a graph of its own."""
         if task_sums is None:
             return None
         factors = scale
         if self.rank_weighting == "uniform":
-            counts = torch.stack([count for _, count in task_sums]).to(scale.dtype)
             is_mean, _ = self._reduction_constants(scale)
+            counts = task_sums.counts.to(scale.dtype)
             factors = torch.where(is_mean, 1 / counts.clamp(min=1), 1.0) * scale
         return tuple(
-            total * factor for (total, _), factor in zip(task_sums, factors.unbind(), strict=True)
+            total * factor for total, factor in zip(task_sums.sums, factors.unbind(), strict=True)
         )
 
     def _stacked_sums(self, stacked: StackedLosses) -> tuple[Tensor, Tensor]:
