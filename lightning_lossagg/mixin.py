@@ -107,6 +107,13 @@ class MultiTaskMixin:
         """The weighting callback found on the trainer (``None``: static weights)."""
         return self._weighting
 
+    @property
+    def _keeps_task_terms_apart(self) -> bool:
+        """Training with a weighting method that takes per-task gradients: each task's loss term
+        keeps a graph of its own (no stacked computation across tasks)."""
+        weighting = self._weighting
+        return weighting is not None and weighting.separate_task_terms and self.training  # type: ignore[attr-defined]
+
     # ----------------------------------------------------------------------------- the batch
     def task_losses(self, batch: Any) -> TaskLossOutput:
         """Per-sample losses of every task: ``{task: MaskedLoss(values, mask)}``.
@@ -166,10 +173,12 @@ class MultiTaskMixin:
         of a few per task. Not for a weighting method that takes per-task gradients: stacking
         would join the tasks' graphs.
         """
-        stacking = not (self._weighting and self._weighting.separate_task_terms and self.training)
-        groups = self._stacking_groups(predictions, targets) if stacking else None
-        if groups is None:
+        if self._keeps_task_terms_apart:
             _check_names_of_batch(predictions, targets, self.task_names)
+            groups = None
+        else:
+            groups = self._stacking_groups(predictions, targets)
+        if groups is None:
             return {
                 n: t.per_sample_loss(n, predictions[n], targets[n]) for n, t in self.tasks.items()
             }
@@ -217,8 +226,7 @@ class MultiTaskMixin:
     # ----------------------------------------------------------------------------- the steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         masked = self._masked_losses(batch)
-        separate = self._weighting is not None and self._weighting.separate_task_terms
-        step = self._reducer(masked, separate_tasks=separate)
+        step = self._reducer(masked, separate_tasks=self._keeps_task_terms_apart)
         dropped = False
         if self.nonfinite == "raise":
             self._unchecked_nonfinite.append((self.global_step, _later(step)))  # type: ignore[attr-defined]
