@@ -104,7 +104,7 @@ class GlobalTaskLosses:
             return lambda: ranks
         numerators, dtype = self._numerators, self.counts.dtype
         # One process: rank 0 (bit value 1) is the only rank.
-        return lambda: _nonfinite(numerators).to(dtype)
+        return lambda: (~finite(numerators)).to(dtype)
 
 
 class TaskLossReducer:
@@ -145,7 +145,7 @@ class TaskLossReducer:
             )
         num_tasks = len(self.names)
         stats_dtype = distributed.stats_dtype(numerators.device)
-        nonfinite = _nonfinite(numerators.detach())
+        nonfinite = ~finite(numerators.detach())
         stats = torch.cat(
             [
                 numerators.detach().to(stats_dtype),
@@ -296,10 +296,10 @@ class TaskLossReducer:
         return self._cache[key]
 
 
-def _nonfinite(values: Tensor) -> Tensor:
-    """``~torch.isfinite(values)`` in two cheap operations (``isfinite`` is a composite of four):
-    ``x - x`` is NaN exactly for a NaN or an infinite ``x``."""
-    return (values - values).isnan()
+def finite(values: Tensor) -> Tensor:
+    """``torch.isfinite(values)`` in two cheap operations (``isfinite`` is a composite of four):
+    ``x - x`` is 0 exactly for a finite ``x``, NaN for a NaN or an infinite one."""
+    return (values - values) == 0
 
 
 def global_task_losses(

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import lightning as L
 from torch import Tensor
 
-from lightning_lossagg.aggregation import GlobalTaskLosses
+from lightning_lossagg.aggregation import GlobalTaskLosses, finite
 from lightning_lossagg.mixin import MultiTaskMixin
 
 
@@ -53,6 +53,4 @@ def usable_tasks(step: GlobalTaskLosses) -> Tensor:
 
     A non-finite loss is the mixin's to report (``nonfinite``); it must not poison the state.
     """
-    losses = step.losses  # NaN for a task without a valid sample
-    # Finite exactly where x - x == 0 (two cheap operations; torch.isfinite is four).
-    return (losses - losses) == 0
+    return finite(step.losses)  # NaN (not finite) for a task without a valid sample
