@@ -239,7 +239,7 @@ class GradientWeighting(WeightingCallback):
     ) -> Tensor:
         """``sum_k w_k t_k`` for a step that skips the gradient machinery; when the heads saw a
         detached representation, its gradient is sent on to the trunk."""
-        objective = (weights * step.local_terms).sum()
+        objective = weights @ step.local_terms
         representation, pl_module.shared_representation = pl_module.shared_representation, None  # type: ignore[attr-defined]
         if representation is None:
             return objective

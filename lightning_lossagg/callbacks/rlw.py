@@ -61,8 +61,8 @@ class RLW(WeightingCallback):
         self.seed = check_non_negative_int("seed", seed, "Pass e.g. seed=0.")
         self._generator = torch.Generator()
         self._num_tasks = 0
-        self._block: tuple | None = None  # (block index, device, dtype) of the drawn block
-        self._block_weights: Tensor | None = None
+        # The drawn block: ((block index, device, dtype), its weights [DRAW_BLOCK, K]).
+        self._drawn: tuple[tuple, Tensor] | None = None
 
     @property
     @override
@@ -78,12 +78,12 @@ class RLW(WeightingCallback):
         block, row = divmod(pl_module.trainer.global_step, DRAW_BLOCK)
         terms = step.local_terms  # its dtype and device: the losses themselves are not needed
         dtype = torch.promote_types(terms.dtype, torch.float32)
-        if self._block != (block, terms.device, dtype) or self._block_weights is None:
+        key = (block, terms.device, dtype)
+        if self._drawn is None or self._drawn[0] != key:
             self._generator.manual_seed(step_seed(self.seed, block))
             drawn = rlw(self._num_tasks, self._generator, dtype=dtype, draws=DRAW_BLOCK)
-            self._block_weights = drawn.to(terms.device)
-            self._block = (block, terms.device, dtype)
-        return self._block_weights[row]
+            self._drawn = (key, drawn.to(terms.device))
+        return self._drawn[1][row]
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -92,4 +92,4 @@ class RLW(WeightingCallback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.seed = state_dict["seed"]
-        self._block = self._block_weights = None
+        self._drawn = None
