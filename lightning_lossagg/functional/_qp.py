@@ -51,6 +51,22 @@ def validated_gramian(gramian: Tensor) -> Tensor:
     return torch.from_numpy((matrix + matrix.T) / 2)
 
 
+def validated_preferences(pref_vector: Tensor | None, num_tasks: int, default: float) -> Tensor:
+    """``pref_vector`` as a float64 CPU copy, or ``default`` for every task when it is ``None``.
+
+    Raises:
+        ValueError: if ``pref_vector`` is not a finite vector with one weight per task.
+    """
+    if pref_vector is None:
+        return torch.full((num_tasks,), default, dtype=torch.float64)
+    if pref_vector.shape != (num_tasks,) or not torch.isfinite(pref_vector).all():
+        raise ValueError(
+            f"pref_vector must be a finite vector of shape ({num_tasks},), one weight per task, "
+            f"got shape {tuple(pref_vector.shape)}."
+        )
+    return pref_vector.detach().to(device="cpu", dtype=torch.float64)
+
+
 def solve_lower_bounded_qp(
     hessian: Tensor, linear: Tensor, lower: Tensor, max_iter: int, tol: float
 ) -> Tensor:

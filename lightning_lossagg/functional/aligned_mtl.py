@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_lossagg.functional._qp import validated_gramian
+from lightning_lossagg.functional._qp import validated_gramian, validated_preferences
 
 ScaleMode = Literal["min", "median", "rmse"]
 
@@ -60,15 +60,7 @@ def aligned_mtl(
         raise ValueError(f"scale_mode must be 'min', 'median' or 'rmse', got {scale_mode!r}.")
     matrix = validated_gramian(gramian)
     num_tasks = matrix.shape[0]
-    if pref_vector is None:
-        preferences = torch.ones(num_tasks, dtype=torch.float64)
-    elif pref_vector.shape != (num_tasks,) or not torch.isfinite(pref_vector).all():
-        raise ValueError(
-            f"pref_vector must be a finite vector of shape ({num_tasks},), one weight per task, "
-            f"got shape {tuple(pref_vector.shape)}."
-        )
-    else:
-        preferences = pref_vector.detach().to(device="cpu", dtype=torch.float64)
+    preferences = validated_preferences(pref_vector, num_tasks, default=1.0)
     eigenvalues, eigenvectors = np.linalg.eigh(matrix.numpy())
     cutoff = num_tasks * torch.finfo(gramian.dtype).eps * max(eigenvalues.max(), 0.0)
     kept = eigenvalues > cutoff

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_lossagg.functional._qp import active_set_qp, validated_gramian
+from lightning_lossagg.functional._qp import active_set_qp, validated_gramian, validated_preferences
 
 # The normalised QP has multipliers of the order of the preferences: this is rounding level.
 KKT_TOL = 1e-12
@@ -70,15 +70,7 @@ def upgrad(
         raise ValueError(f"max_iter must be a positive integer, got {max_iter}.")
     matrix = validated_gramian(gramian)
     num_tasks = matrix.shape[0]
-    if pref_vector is None:
-        preferences = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)
-    elif pref_vector.shape != (num_tasks,) or not torch.isfinite(pref_vector).all():
-        raise ValueError(
-            f"pref_vector must be a finite vector of shape ({num_tasks},), one weight per task, "
-            f"got shape {tuple(pref_vector.shape)}."
-        )
-    else:
-        preferences = pref_vector.detach().to(device="cpu", dtype=torch.float64)
+    preferences = validated_preferences(pref_vector, num_tasks, default=1.0 / num_tasks)
     trace = matrix.trace()
     if trace <= norm_eps or trace <= torch.finfo(torch.float64).tiny:
         return preferences.to(dtype=gramian.dtype, device=gramian.device)
