@@ -28,11 +28,11 @@ def check_non_negative_int(name: str, value: int, fix: str) -> int:
     return value
 
 
-def require_multitask(method: L.Callback, pl_module: L.LightningModule) -> tuple[str, ...]:
+def require_multitask(callback: L.Callback, pl_module: L.LightningModule) -> tuple[str, ...]:
     """The model's task names; a TypeError if the model does not use :class:`MultiTaskMixin`."""
     if not isinstance(pl_module, MultiTaskMixin):
         raise TypeError(
-            f"{type(method).__name__} weights the task losses of a MultiTaskMixin model; "
+            f"{type(callback).__name__} needs a MultiTaskMixin model; "
             f"{type(pl_module).__name__} is not one. Add MultiTaskMixin to the model's bases."
         )
     return pl_module.task_names

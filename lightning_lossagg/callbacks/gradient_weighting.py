@@ -41,6 +41,7 @@ from typing_extensions import override
 
 from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses
+from lightning_lossagg.callbacks._checks import require_multitask
 from lightning_lossagg.weighting import WeightingCallback
 
 Sync = Literal["gradients", "gramian"]
@@ -95,11 +96,8 @@ class GradientWeighting(WeightingCallback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        require_multitask(self, pl_module)
         name = type(self).__name__
-        if not hasattr(pl_module, "shared_parameters"):
-            raise TypeError(
-                f"{name} needs a MultiTaskMixin model; add MultiTaskMixin to its bases."
-            )
         split = [
             m for m in ("forward_shared", "forward_heads") if callable(getattr(pl_module, m, None))
         ]
