@@ -1,4 +1,5 @@
-"""Run a function on every rank of a real 2-process gloo group (CPU) and collect its results."""
+"""Run a function on every rank of a real 2-process group (CPU): a gloo group, or the ranks of a
+Lightning DDP job; collect what each returns."""
 
 from __future__ import annotations
 
@@ -14,24 +15,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _worker(rank: int, world_size: int, init_file: str, out_dir: str, fn: Callable, args: tuple):
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
-    )
-    try:
-        result = fn(rank, *args)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def run_on_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> list[Any]:
-    """``[fn(rank, *args) for each rank]``, each run in its own process of one gloo group."""
+def _launch(worker: Callable, world_size: int, fn: Callable, args: tuple, *extra: Any) -> list:
+    """Spawn ``worker(rank, world_size, out_dir, fn, args, *extra)`` on every rank and load what
+    each rank saved."""
     with tempfile.TemporaryDirectory() as out_dir:
-        init_file = os.path.join(out_dir, "init")
         mp.start_processes(
-            _worker,
-            args=(world_size, init_file, out_dir, fn, args),
+            worker,
+            args=(world_size, out_dir, fn, args, *extra),
             nprocs=world_size,
             start_method="spawn",
         )
@@ -40,8 +30,24 @@ def run_on_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> lis
         ]
 
 
+def _gloo_worker(rank: int, world_size: int, out_dir: str, fn: Callable, args: tuple) -> None:
+    init_file = os.path.join(out_dir, "init")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    try:
+        torch.save(fn(rank, *args), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> list[Any]:
+    """``[fn(rank, *args) for each rank]``, each run in its own process of one gloo group."""
+    return _launch(_gloo_worker, world_size, fn, args)
+
+
 def _lightning_worker(
-    rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple
+    rank: int, world_size: int, out_dir: str, fn: Callable, args: tuple, port: int
 ) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -62,16 +68,7 @@ def run_on_lightning_ranks(fn: Callable[..., Any], *args: Any, world_size: int =
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(
-            _lightning_worker,
-            args=(world_size, port, out_dir, fn, args),
-            nprocs=world_size,
-            start_method="spawn",
-        )
-        return [
-            torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)
-        ]
+    return _launch(_lightning_worker, world_size, fn, args, port)
 
 
 class CollectiveCounter:
