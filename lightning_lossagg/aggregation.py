@@ -15,6 +15,7 @@ uneven batches, partly labelled batches and ranks without a valid sample.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from functools import cached_property
 from typing import Any, Literal, NamedTuple
@@ -76,11 +77,14 @@ class GlobalTaskLosses:
 
     @cached_property
     def losses(self) -> Tensor:
-        return self.losses_later()()
+        return _global_losses(self._numerators, self.counts, self.valid, self.local_terms.dtype)
 
     @cached_property
     def nonfinite_ranks(self) -> Tensor:
-        return self.nonfinite_ranks_later()()
+        if self._nonfinite_ranks is not None:
+            return self._nonfinite_ranks
+        # One process: rank 0 (bit value 1) is the only rank.
+        return (~finite(self._numerators)).to(self.counts.dtype)
 
     def losses_later(self) -> Callable[[], Tensor]:
         """A function computing :attr:`losses` from detached figures only: keeping it does not
@@ -89,22 +93,21 @@ class GlobalTaskLosses:
             losses = self.__dict__["losses"]
             return lambda: losses
         numerators, counts, dtype = self._numerators, self.counts, self.local_terms.dtype
+        return lambda: _global_losses(numerators, counts, counts > 0, dtype)
 
-        def losses() -> Tensor:
-            # Valid denominators are >= 1 (counts of samples or ranks, or exactly 1 for a sum).
-            values = numerators / counts.clamp(min=1)
-            return torch.where(counts > 0, values, torch.nan).to(dtype)
-
-        return losses
-
-    def nonfinite_ranks_later(self) -> Callable[[], Tensor]:
-        """A function computing :attr:`nonfinite_ranks` from detached figures only."""
+    def nonfinite_ranks_on_host_later(self) -> Callable[[], list[float]]:
+        """A function returning :attr:`nonfinite_ranks` as a host list, from detached figures only.
+        On CUDA the copy to the host is queued now and the function waits for it alone, not for
+        the work queued after it; on one process the check runs on the host, no tensor operation.
+        """
+        figures = self._numerators if self._nonfinite_ranks is None else self._nonfinite_ranks
+        read: Callable[[], list[float]] = figures.tolist
+        if figures.device.type == "cuda":
+            read = _host_list_later(figures)
         if self._nonfinite_ranks is not None:
-            ranks = self._nonfinite_ranks
-            return lambda: ranks
-        numerators, dtype = self._numerators, self.counts.dtype
+            return read
         # One process: rank 0 (bit value 1) is the only rank.
-        return lambda: (~finite(numerators)).to(dtype)
+        return lambda: [0.0 if math.isfinite(value) else 1.0 for value in read()]
 
 
 class TaskLossReducer:
@@ -294,6 +297,16 @@ class TaskLossReducer:
             sum_denominators = torch.full_like(is_mean, this_rank == 0, dtype=reference.dtype)
             self._cache[key] = (is_mean, sum_denominators)
         return self._cache[key]
+
+
+def _global_losses(numerators: Tensor, counts: Tensor, valid: Tensor, dtype: torch.dtype) -> Tensor:
+    # Valid denominators are >= 1 (counts of samples or ranks, or exactly 1 for a sum).
+    return torch.where(valid, numerators / counts.clamp(min=1), torch.nan).to(dtype)
+
+
+def _host_list_later(tensor: Tensor) -> Callable[[], list[float]]:
+    copy = distributed.HostCopy(tensor)
+    return lambda: copy.get().tolist()
 
 
 def finite(values: Tensor) -> Tensor:

@@ -135,6 +135,11 @@ class Task:
                 f"{type(prediction).__name__} and {type(target).__name__}."
             )
         self.check_target(name, prediction, target)
+        return self.checked_per_sample_loss(name, prediction, target)
+
+    def checked_per_sample_loss(self, name: str, prediction: Tensor, target: Tensor) -> MaskedLoss:
+        """:meth:`per_sample_loss` of tensors that passed :meth:`check_target` (the mixin checks
+        a layout of the batch once, not at every step)."""
         if isinstance(self.loss, str) and self.loss in FLOAT_LOSSES:
             if target.shape != prediction.shape:
                 target = target.reshape(prediction.shape)
