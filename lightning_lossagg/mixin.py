@@ -90,10 +90,11 @@ class MultiTaskMixin:
             )
         # Not persistent: the model's state_dict does not depend on how it was trained.
         self.register_buffer("_static_weights", static_weights, persistent=False)
+        self._static_weights_are_ones = bool((static_weights == 1).all())
         self.loss_record: LossRecord | None = None
         self._weighting: WeightingCallback | None = None
         self._latest_weights: Tensor | None = None
-        self._unchecked_nonfinite: list[tuple[int, Callable[[], Tensor]]] = []
+        self._unchecked_nonfinite: list[tuple[int, Callable[[], list[float]]]] = []
         self.shared_representation: tuple[Tensor, Tensor] | None = None
         self._stacking_plans: dict[tuple, list[list[int]] | None] = {}
 
@@ -221,7 +222,8 @@ class MultiTaskMixin:
             return MaskedLoss(values.unsqueeze(0), mask.unsqueeze(0))
         stacked_predictions = torch.stack([predictions[name] for name in names])
         stacked_targets = torch.stack([targets[name] for name in names])
-        return task.per_sample_loss(", ".join(names), stacked_predictions, stacked_targets)
+        # Stacked tasks passed check_target in _stacking_groups, for this layout of the batch.
+        return task.checked_per_sample_loss(", ".join(names), stacked_predictions, stacked_targets)
 
     # ----------------------------------------------------------------------------- the steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -229,7 +231,8 @@ class MultiTaskMixin:
         step = self._reducer(masked, separate_tasks=self._keeps_task_terms_apart)
         dropped = False
         if self.nonfinite == "raise":
-            self._unchecked_nonfinite.append((self.global_step, _later(step)))  # type: ignore[attr-defined]
+            flags = step.nonfinite_ranks_on_host_later()
+            self._unchecked_nonfinite.append((self.global_step, flags))  # type: ignore[attr-defined]
         else:
             bitsets = step.nonfinite_ranks.cpu()
             if bitsets.any():
@@ -247,8 +250,12 @@ class MultiTaskMixin:
             objective = weights.to(step.local_terms.dtype) @ step.local_terms
         else:
             static = weights.to(step.local_terms.dtype)
-            adaptive = self._weighting.task_weights(self, step).detach()  # type: ignore[arg-type]
-            weights = torch.where(step.valid, adaptive.to(static.dtype) * static, 0.0)
+            adaptive = self._weighting.task_weights(self, step).to(static.dtype)  # type: ignore[arg-type]
+            if adaptive.requires_grad:
+                adaptive = adaptive.detach()
+            if not self._static_weights_are_ones:
+                adaptive = adaptive * static
+            weights = torch.where(step.valid, adaptive, 0.0)
             objective = self._weighting.backward_objective(self, step, weights, static)  # type: ignore[arg-type]
             self._latest_weights = weights
         if dropped:  # the dropped heads still take part in DDP's gradient reduction, with 0
@@ -331,23 +338,18 @@ class MultiTaskMixin:
             for group in optimizer.param_groups:
                 for parameter in group["params"]:
                     parameter.grad = None
-        unchecked, self._unchecked_nonfinite = self._unchecked_nonfinite, []
-        for step_index, flags in unchecked:
-            bitsets = flags().tolist()
+        unchecked = self._unchecked_nonfinite
+        if not unchecked:
+            return
+        pending = unchecked.copy()
+        unchecked.clear()  # in place: no nn.Module attribute assignment on the hot path
+        for step_index, flags in pending:
+            bitsets = flags()
             bad = [
                 (name, bits) for name, bits in zip(self.task_names, bitsets, strict=True) if bits
             ]
             if bad:
                 raise NonFiniteLossError(_nonfinite_message(bad, step_index))
-
-
-def _later(step: GlobalTaskLosses) -> Callable[[], Tensor]:
-    """The step's non-finite flags, read when the optimizer steps: on CUDA a copy queued now
-    (reading it later waits for that copy only, not for the backward pass); elsewhere computed
-    on demand from detached figures (the step's graph is not kept alive)."""
-    if step.counts.device.type == "cuda":
-        return distributed.HostCopy(step.nonfinite_ranks).get
-    return step.nonfinite_ranks_later()
 
 
 def _nonfinite_message(bad: list[tuple[str, float]], step_index: int) -> str:
