@@ -35,6 +35,7 @@ class LearnedScalesWeighting(WeightingCallback):
         self.lr = check_positive("lr", lr, "Use e.g. lr=1e-2 for the log-scales' own Adam.")
         self._scales = TaskParameters(self.lr)
         self._loss_sum: Tensor | None = None
+        # Per task, the micro-batches with a usable loss: a bool mask after the first one.
         self._loss_count: Tensor | None = None
         self._weights_now: Tensor | None = None  # self._weights(s) until s moves
 
@@ -60,10 +61,11 @@ class LearnedScalesWeighting(WeightingCallback):
         usable = usable_tasks(step)
         losses = torch.where(usable, step.losses, 0.0).to(scales.dtype)
         if self._loss_sum is None or self._loss_count is None:
-            self._loss_sum, self._loss_count = losses, usable.to(scales.dtype)
+            # One micro-batch so far: its mask stands for the counts (no conversion, no division).
+            self._loss_sum, self._loss_count = losses, usable
         else:
             self._loss_sum = self._loss_sum.to(scales.device) + losses
-            self._loss_count = self._loss_count.to(scales.device) + usable
+            self._loss_count = self._loss_count.to(scales.device, scales.dtype) + usable
         self._weights_now = self._weights(scales)
         return self._weights_now
 
@@ -76,8 +78,10 @@ class LearnedScalesWeighting(WeightingCallback):
         weights = self._weights_now
         if weights is None:  # a pending accumulation restored from a checkpoint
             weights = self._weights(self._scales.values(self._loss_sum))
-        mean_losses = self._loss_sum / self._loss_count.clamp(min=1)
-        self._scales.step(self._gradient(weights, mean_losses), self._loss_count > 0)
+        mean_losses, stepped = self._loss_sum, self._loss_count
+        if stepped.dtype != torch.bool:  # counts of several micro-batches
+            mean_losses, stepped = mean_losses / stepped.clamp(min=1), stepped > 0
+        self._scales.step(self._gradient(weights, mean_losses), stepped)
         self._loss_sum = self._loss_count = self._weights_now = None
 
     @override

@@ -13,18 +13,18 @@ _STATE = ("values", "exp_avg", "exp_avg_sq", "steps")
 class TaskParameters:
     r"""``K`` learnable values, zero at the start, each stepped by its own Adam.
 
-    Adam (Kingma & Ba, 2015) exactly as ``torch.optim.Adam`` computes it, with L2 weight decay
+    Adam (Kingma & Ba, 2015) as ``torch.optim.Adam`` computes it (up to rounding), with L2 weight
+    decay
     :math:`g \leftarrow g + \lambda x`:
 
     .. math::
         m \leftarrow \beta_1 m + (1 - \beta_1) g, \quad
         v \leftarrow \beta_2 v + (1 - \beta_2) g^2, \quad
-        x \leftarrow x - \frac{\eta}{1 - \beta_1^t}
-            \frac{m}{\sqrt{v} / \sqrt{1 - \beta_2^t} + \epsilon},
+        x \leftarrow x - \eta \, \frac{m / (1 - \beta_1^t)}{\sqrt{v / (1 - \beta_2^t)} + \epsilon},
 
     written out on the ``K``-vector rather than through ``torch.optim.Adam``: every task counts its
     own steps :math:`t`, so a task left out of a step (no valid sample) keeps its value, moments
-    and bias correction, as a separate Adam per task would; and a step costs a dozen small tensor
+    and bias correction, as a separate Adam per task would; and a step costs sixteen small tensor
     operations, no optimizer machinery.
 
     The state lives on the device of the task losses and in their dtype (at least float32). It is
@@ -79,10 +79,12 @@ class TaskParameters:
         steps = state["steps"] + mask
         exp_avg = torch.lerp(state["exp_avg"], gradient, 1 - beta1)
         exp_avg_sq = torch.addcmul(beta2 * state["exp_avg_sq"], gradient, gradient, value=1 - beta2)
-        counted = steps.clamp(min=1)
-        step_size = self.lr / (1 - beta1**counted)
-        denominator = exp_avg_sq.sqrt() / (1 - beta2**counted).sqrt() + self.eps
-        updated = values - step_size * exp_avg / denominator
+        # The bias corrections 1 - beta^t: 0 for a task never stepped, whose update (a division
+        # by 0) is discarded below.
+        corrected_sq = exp_avg_sq / (1 - torch.pow(beta2, steps))
+        denominator = corrected_sq.sqrt_().add_(self.eps)
+        corrected = exp_avg / (1 - torch.pow(beta1, steps))
+        updated = torch.addcdiv(values, corrected, denominator, value=-self.lr)
         self._state = {
             "values": torch.where(mask, updated, values),
             "exp_avg": torch.where(mask, exp_avg, state["exp_avg"]),

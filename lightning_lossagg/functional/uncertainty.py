@@ -1,11 +1,18 @@
 """Uncertainty weighting: task losses weighted by learned homoscedastic uncertainty."""
 
+import math
+
 import torch
 from torch import Tensor
 
+_LOG_HALF = -math.log(2.0)
 
-def _check_inputs(log_vars: Tensor, classification: Tensor | None, validate_args: bool) -> Tensor:
-    """Validates the arguments and returns the factor c_k (1/2 or 1) in front of e^(-s_k)·L_k."""
+
+def _log_factors(
+    log_vars: Tensor, classification: Tensor | None, validate_args: bool
+) -> Tensor | float:
+    """Validates the arguments and returns log c_k (log 1/2, or 0 for a classification task), the
+    log of the factor in front of e^(-s_k)·L_k."""
     if log_vars.ndim != 1 or not log_vars.is_floating_point():
         raise ValueError(
             "`log_vars` must be a 1-D floating tensor with one log-variance per task; found "
@@ -17,16 +24,16 @@ def _check_inputs(log_vars: Tensor, classification: Tensor | None, validate_args
             f"`log_vars` must be finite; found non-finite values at task indices {bad}. "
             "Lower the learning rate of the log-variance optimizer or clamp the log-variances."
         )
-    half = torch.full_like(log_vars, 0.5)
     if classification is None:
-        return half
+        return _LOG_HALF
     if classification.dtype != torch.bool or classification.shape != log_vars.shape:
         raise ValueError(
             "`classification` must be a bool tensor with the shape of `log_vars` "
             f"{tuple(log_vars.shape)}, True for each classification task; found shape "
             f"{tuple(classification.shape)} and dtype {classification.dtype}."
         )
-    return torch.where(classification.to(log_vars.device), 1.0, half)
+    log_half = log_vars.new_full(log_vars.shape, _LOG_HALF)
+    return log_half.masked_fill_(classification.to(log_vars.device), 0.0)
 
 
 def uncertainty_weights(
@@ -59,8 +66,8 @@ def uncertainty_weights(
         >>> uncertainty_weights(torch.tensor([0.0, 0.0]), torch.tensor([False, True]))
         tensor([0.5000, 1.0000])
     """
-    factors = _check_inputs(log_vars, classification, validate_args)
-    return (factors * torch.exp(-log_vars)).detach()
+    log_factors = _log_factors(log_vars, classification, validate_args)
+    return torch.exp(log_factors - log_vars.detach())  # c_k e^(-s_k) = e^(log c_k - s_k)
 
 
 def uncertainty_objective(
@@ -92,7 +99,7 @@ def uncertainty_objective(
         >>> uncertainty_objective(torch.tensor([2.0, 4.0]), torch.zeros(2))
         tensor(3.)
     """
-    factors = _check_inputs(log_vars, classification, validate_args)
+    log_factors = _log_factors(log_vars, classification, validate_args)
     if losses.shape != log_vars.shape:
         raise ValueError(
             f"`losses` must have the shape of `log_vars` {tuple(log_vars.shape)}, one loss per "
@@ -101,4 +108,4 @@ def uncertainty_objective(
     if validate_args and not torch.isfinite(losses).all():
         bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
         raise ValueError(f"`losses` must be finite; found non-finite losses at task indices {bad}.")
-    return (factors * torch.exp(-log_vars) * losses + 0.5 * log_vars).sum()
+    return (torch.exp(log_factors - log_vars) * losses + 0.5 * log_vars).sum()
