@@ -60,7 +60,8 @@ class HostCopy:
     """
 
     def __init__(self, tensor: Tensor) -> None:
-        tensor = tensor.detach()
+        if tensor.requires_grad:
+            tensor = tensor.detach()
         self._event: torch.cuda.Event | None = None
         if tensor.device.type == "cuda":
             self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import torch
 from torch import Tensor
@@ -55,9 +53,9 @@ class GLS(WeightingCallback):
     @override
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
         losses, valid = step.losses, step.valid
-        # NaN and +inf are the mixin's to report (nonfinite=...); here the losses <= 0.
-        offending = torch.where(valid & (losses <= 0), losses, torch.nan)
-        self._unchecked.append((pl_module.trainer.global_step, distributed.HostCopy(offending)))
+        # The losses <= 0, read on the host at the optimizer step (a task without a valid sample
+        # has a NaN loss: never <= 0). NaN and +inf are the mixin's to report (nonfinite=...).
+        self._unchecked.append((pl_module.trainer.global_step, distributed.HostCopy(losses)))
         # The weights of G over the valid tasks (the mixin zeroes the other tasks' weights).
         return gls_weights(losses, validate_args=False, valid=valid)
 
@@ -71,7 +69,7 @@ class GLS(WeightingCallback):
             bad = [
                 f"{name!r} ({value:g})"
                 for name, value in zip(self._task_names, values, strict=True)
-                if not math.isnan(value)
+                if value <= 0
             ]
             if bad:
                 raise NonPositiveLossError(

@@ -105,7 +105,7 @@ class LossScaling(WeightingCallback):
 
     def _update_levels(self, step: GlobalTaskLosses) -> None:
         usable = usable_tasks(step)
-        losses = step.losses.detach()
+        losses = step.losses
         if self._levels is None or self._has_level is None:
             levels, has_level = torch.zeros_like(losses), torch.zeros_like(usable)
         else:

@@ -3,6 +3,8 @@
 import torch
 from torch import Tensor
 
+from lightning_lossagg.functional._tensors import detached
+
 
 def _check_losses(losses: Tensor, validate_args: bool) -> None:
     if losses.ndim != 1 or losses.numel() == 0 or not losses.is_floating_point():
@@ -76,9 +78,9 @@ def gls_weights(
     """
     if valid is None:
         _check_losses(losses, validate_args)
-        log_losses = torch.log(losses.detach())
+        log_losses = torch.log(detached(losses))
         return torch.exp(log_losses.mean() - log_losses) / losses.numel()
-    taking_part = torch.where(valid, losses.detach(), 1.0)
+    taking_part = torch.where(valid, detached(losses), 1.0)
     _check_losses(taking_part, validate_args)
     log_losses = taking_part.log()
     num_valid = valid.sum().clamp(min=1)

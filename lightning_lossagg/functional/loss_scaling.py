@@ -5,6 +5,8 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_lossagg.functional._tensors import detached
+
 
 def update_loss_levels(
     levels: Tensor | None, losses: Tensor, decay: float, *, validate_args: bool = True
@@ -51,10 +53,10 @@ def update_loss_levels(
             f"`losses` must be finite; found non-finite losses at task indices {bad}. Skip the "
             "update for this step."
         )
-    losses = losses.detach()
+    losses = detached(losses)
     if levels is None:
         return losses.clone()
-    return decay * levels.detach() + (1.0 - decay) * losses
+    return torch.lerp(detached(levels), losses, 1.0 - decay)  # decay * levels + (1 - decay) * L
 
 
 def loss_scaling_weights(
@@ -93,4 +95,4 @@ def loss_scaling_weights(
             f"`levels` must be finite and >= 0; found {levels[bad].tolist()} at task indices "
             f"{bad}. Loss scaling needs non-negative losses."
         )
-    return 1.0 / levels.detach().clamp_min(eps)
+    return detached(levels).clamp_min(eps).reciprocal()

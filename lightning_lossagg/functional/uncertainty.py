@@ -5,6 +5,8 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_lossagg.functional._tensors import detached
+
 _LOG_HALF = -math.log(2.0)
 
 
@@ -67,7 +69,7 @@ def uncertainty_weights(
         tensor([0.5000, 1.0000])
     """
     log_factors = _log_factors(log_vars, classification, validate_args)
-    return torch.exp(log_factors - log_vars.detach())  # c_k e^(-s_k) = e^(log c_k - s_k)
+    return torch.exp(log_factors - detached(log_vars))  # c_k e^(-s_k) = e^(log c_k - s_k)
 
 
 def uncertainty_objective(

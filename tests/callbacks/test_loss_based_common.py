@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_lossagg.callbacks import LossLogger
+from lightning_lossagg.callbacks import IMTLL, LossLogger, UncertaintyWeighting
 from tests.callbacks._fits import fit_config
 from tests.callbacks._loss_based import (
     DDP_EPOCHS,
@@ -22,6 +22,7 @@ from tests.callbacks._loss_based import (
     ddp_rank,
     expected_record_weights,
     fit_method,
+    global_losses,
     training_batches,
 )
 from tests.models import ThreeTaskNet, make_batch, one_batch_loader
@@ -213,12 +214,13 @@ def test_the_step_logs_carry_the_method_state(tmp_path):
 
 
 def test_the_learned_values_follow_torch_adam_per_task():
-    # UW, IMTL-L and FAMO share TaskParameters: one Adam per task, a task left out not stepped.
+    # UW, IMTL-L, FAMO and GradNorm share TaskParameters: one Adam per task, a task left out not
+    # stepped.
     from lightning_lossagg.callbacks._task_parameters import TaskParameters
 
     parameters = TaskParameters(lr=0.1, weight_decay=0.01)
     parameters.set_num_tasks(3, "test")
-    values = parameters.values(torch.zeros(3, dtype=torch.float64))
+    parameters.values(torch.zeros(3, dtype=torch.float64))
     scalars = [torch.zeros((), dtype=torch.float64, requires_grad=True) for _ in range(3)]
     optimizers = [torch.optim.Adam([s], lr=0.1, weight_decay=0.01) for s in scalars]
     generator = torch.Generator().manual_seed(0)
@@ -233,3 +235,34 @@ def test_the_learned_values_follow_torch_adam_per_task():
     values = parameters.snapshot()
     torch.testing.assert_close(values, torch.stack([s.detach() for s in scalars]))
     assert len(set(values.tolist())) == 3
+
+
+@pytest.mark.parametrize("method", [UncertaintyWeighting, IMTLL])
+def test_a_checkpoint_amid_an_accumulation_keeps_the_earlier_micro_batches(method):
+    # UW and IMTL-L average each task's losses over the micro-batches of an optimizer step; a
+    # checkpoint taken after the first of two must carry it to the resumed run.
+    model = ThreeTaskNet()
+    micro_batches = [
+        global_losses([2.0, 1.0, 0.5], [True, False, True]),
+        global_losses([1.0, 3.0, 0.5]),
+    ]
+    uninterrupted, resumed = method(lr=0.1), method(lr=0.1)
+    for callback in (uninterrupted, resumed):
+        callback.setup(None, model, "fit")
+    for callback in (uninterrupted, resumed):
+        callback.task_weights(model, micro_batches[0])
+    state = resumed.state_dict()
+    resumed = method(lr=0.1)
+    resumed.setup(None, model, "fit")
+    resumed.load_state_dict(state)
+    for callback in (uninterrupted, resumed):
+        callback.task_weights(model, micro_batches[1])
+        callback.on_before_optimizer_step(None, model, None)
+    scales = uninterrupted.state_to_log()
+    assert_nested_equal(resumed.state_to_log(), scales)
+    # The first micro-batch counted: not the scales of the second alone.
+    alone = method(lr=0.1)
+    alone.setup(None, model, "fit")
+    alone.task_weights(model, micro_batches[1])
+    alone.on_before_optimizer_step(None, model, None)
+    assert not torch.equal(alone.state_to_log()[method.state_name], scales[method.state_name])
