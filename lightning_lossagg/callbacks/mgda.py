@@ -72,6 +72,9 @@ class MGDA(GradientWeighting):
         self._losses: np.ndarray | None = None
         self._names: list[str] = []
         self._global_step = 0
+        # The tasks with a positive weight at the latest step: where the next solve starts (the
+        # support rarely changes from one step to the next; the result does not depend on it).
+        self._positive = np.zeros(0, dtype=bool)
 
     @property
     @override
@@ -101,7 +104,9 @@ class MGDA(GradientWeighting):
         if usable.any():
             scale = normalizers[usable]
             scaled = matrix[np.ix_(usable, usable)] / np.outer(scale, scale)
-            weights[usable] = min_norm_weights(scaled) / scale
+            guess = self._positive if self._positive.shape == scale.shape else None
+            weights[usable] = min_norm_weights(scaled, guess=guess) / scale
+            self._positive = weights[usable] > 0
         return torch.from_numpy(weights)
 
     def _normalizers(self, matrix: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 from torch import Tensor
 from typing_extensions import override
 
@@ -69,6 +70,10 @@ class UPGrad(GradientWeighting):
         if not number or not math.isfinite(norm_eps) or norm_eps < 0:
             raise ValueError(f"`norm_eps` must be a finite number >= 0; got {norm_eps!r}.")
         self.norm_eps = float(norm_eps)
+        # Per projection, the coordinates above their bounds at the latest step: where the next
+        # solves start (they rarely change from one step to the next; the weights do not depend
+        # on them).
+        self._supports: list[np.ndarray] = []
 
     @property
     @override
@@ -89,4 +94,13 @@ class UPGrad(GradientWeighting):
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
         assert self.valid_tasks is not None
         preferences = valid_preferences(self.pref_vector, self.valid_tasks)
-        return upgrad(gramian, preferences, reg_eps=self.reg_eps, norm_eps=self.norm_eps)
+        num_tasks = len(gramian)
+        if len(self._supports) != num_tasks:
+            self._supports = [np.zeros(num_tasks, dtype=bool) for _ in range(num_tasks)]
+        return upgrad(
+            gramian,
+            preferences,
+            reg_eps=self.reg_eps,
+            norm_eps=self.norm_eps,
+            guesses=self._supports,
+        )

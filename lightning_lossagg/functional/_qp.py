@@ -97,11 +97,26 @@ def _as_numpy(tensor: Tensor) -> np.ndarray:
 
 
 def active_set_qp(
-    hessian: np.ndarray, linear: np.ndarray, lower: np.ndarray, max_iter: int, tol: float
+    hessian: np.ndarray,
+    linear: np.ndarray,
+    lower: np.ndarray,
+    max_iter: int,
+    tol: float,
+    guess: np.ndarray | None = None,
 ) -> np.ndarray:
-    """:func:`solve_lower_bounded_qp` on float64 NumPy arrays."""
+    """:func:`solve_lower_bounded_qp` on float64 NumPy arrays.
+
+    ``guess``: the variables expected above their bounds (at a training step, those of the
+    previous step's solution): when the solution on that free set is feasible, the method starts
+    there and usually only checks the multipliers; otherwise it starts from the bounds. The
+    result is the same either way, the exact minimiser.
+    """
     solution = lower.copy()
     free = np.zeros(len(lower), dtype=bool)
+    if guess is not None and guess.any():
+        trial = _solve_on_free_set(hessian, linear, lower, guess)
+        if (trial[guess] > lower[guess]).all():
+            solution, free = trial, guess.copy()
     tiny = np.finfo(np.float64).tiny
     for _ in range(max_iter):
         multipliers = hessian @ solution + linear
@@ -112,9 +127,7 @@ def active_set_qp(
         free[np.where(releasable, multipliers, np.inf).argmin()] = True
         while True:
             # Every pass of this loop either accepts a feasible point or fixes one more bound.
-            trial = lower.copy()
-            rhs = -(linear + hessian[:, ~free] @ lower[~free])[free]
-            trial[free] = np.linalg.solve(hessian[np.ix_(free, free)], rhs)
+            trial = _solve_on_free_set(hessian, linear, lower, free)
             if (trial[free] > lower[free]).all():
                 solution = trial
                 break
@@ -135,3 +148,13 @@ def active_set_qp(
         if np.array_equal(free, previous_free):
             break  # the freed bound was blocked at once: optimal to rounding
     return solution
+
+
+def _solve_on_free_set(
+    hessian: np.ndarray, linear: np.ndarray, lower: np.ndarray, free: np.ndarray
+) -> np.ndarray:
+    """The minimiser with the variables outside ``free`` at their bounds (the others unbounded)."""
+    trial = lower.copy()
+    rhs = -(linear + hessian[:, ~free] @ lower[~free])[free]
+    trial[free] = np.linalg.solve(hessian[np.ix_(free, free)], rhs)
+    return trial

@@ -62,8 +62,11 @@ def mgda(gramian: Tensor, max_iter: int = 250, tol: float = 1e-12) -> Tensor:
     return weights.to(dtype=gramian.dtype, device=gramian.device)
 
 
-def min_norm_weights(matrix: np.ndarray, max_iter: int = 250, tol: float = 1e-12) -> np.ndarray:
-    """:func:`mgda` on a symmetric float64 NumPy Gramian, unchecked (for the callbacks' step)."""
+def min_norm_weights(
+    matrix: np.ndarray, max_iter: int = 250, tol: float = 1e-12, guess: np.ndarray | None = None
+) -> np.ndarray:
+    """:func:`mgda` on a symmetric float64 NumPy Gramian, unchecked (for the callbacks' step);
+    ``guess``: the tasks expected to have a positive weight (see :func:`active_set_qp`)."""
     num_tasks = matrix.shape[0]
     trace = matrix.trace()
     if trace <= np.finfo(np.float64).tiny:
@@ -75,6 +78,6 @@ def min_norm_weights(matrix: np.ndarray, max_iter: int = 250, tol: float = 1e-12
         first = min(max((c - b) / (a + c - 2 * b), 0.0), 1.0)  # a + c - 2b >= 2 * TIE_BREAK
         return np.array([first, 1.0 - first])
     unnormalized = active_set_qp(
-        hessian, -np.ones(num_tasks), np.zeros(num_tasks), max_iter=max_iter, tol=tol
+        hessian, -np.ones(num_tasks), np.zeros(num_tasks), max_iter, tol, guess
     )
     return unnormalized / unnormalized.sum()

@@ -16,6 +16,7 @@ def upgrad(
     reg_eps: float = 1e-4,
     norm_eps: float = 0.0,
     max_iter: int = 250,
+    guesses: list[np.ndarray] | None = None,
 ) -> Tensor:
     r"""Weights of UPGrad (Unconflicting Projection of Gradients).
 
@@ -51,6 +52,9 @@ def upgrad(
         reg_eps: :math:`\epsilon > 0` added to the diagonal of the trace-normalised Gramian.
         norm_eps: Gramians whose trace is at most this are treated as zero.
         max_iter: most active-set changes per projection (the exact solution needs about ``K``).
+        guesses: per projection, the coordinates expected above their bounds (a training step
+            passes the previous step's, which rarely change): each solve starts there when it
+            can. Updated in place with this call's; the weights do not depend on them.
 
     Returns:
         Weights of shape [K], with the Gramian's dtype and device.
@@ -78,8 +82,14 @@ def upgrad(
     choices = preferences.numpy()
     tol = KKT_TOL * float(np.abs(choices).max())
     weights = np.zeros(num_tasks)
+    if guesses is not None and len(guesses) != num_tasks:
+        guesses = None
     for task in range(num_tasks):
         lower = np.zeros(num_tasks)
         lower[task] = choices[task]
-        weights += active_set_qp(hessian, np.zeros(num_tasks), lower, max_iter, tol)
+        guess = None if guesses is None else guesses[task]
+        projection = active_set_qp(hessian, np.zeros(num_tasks), lower, max_iter, tol, guess)
+        if guesses is not None:
+            guesses[task] = projection > lower
+        weights += projection
     return torch.from_numpy(weights).to(dtype=gramian.dtype, device=gramian.device)

@@ -119,3 +119,18 @@ def test_rejects_bad_solver_arguments() -> None:
         mgda(gramian, max_iter=0)
     with pytest.raises(ValueError, match="tol"):
         mgda(gramian, tol=-1.0)
+
+
+@pytest.mark.parametrize("jacobian", NONZERO_CASES)
+def test_a_guessed_support_changes_nothing_but_the_start(jacobian: Tensor) -> None:
+    # The callback starts each step's solve from the previous step's positive weights; right,
+    # wrong, empty or full, the guess must lead to the same exact minimiser.
+    from lightning_lossagg.functional.mgda import min_norm_weights
+
+    matrix = (jacobian @ jacobian.T).numpy()
+    cold = min_norm_weights(matrix)
+    num_tasks = len(cold)
+    rng = np.random.default_rng(0)
+    guesses = [cold > 0, ~(cold > 0), np.ones(num_tasks, bool), rng.random(num_tasks) < 0.5]
+    for guess in guesses:
+        np.testing.assert_allclose(min_norm_weights(matrix, guess=guess), cold, atol=1e-12)

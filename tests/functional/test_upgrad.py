@@ -1,5 +1,6 @@
 """UPGrad against torchjd (quadprog) and, for two tasks, the projection worked out by hand."""
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -85,3 +86,21 @@ def test_two_tasks_by_hand(jacobian: list[list[float]]) -> None:
 def test_rejects_bad_arguments(keyword: str, value: object) -> None:
     with pytest.raises(ValueError, match=keyword):
         upgrad(torch.eye(2), **{keyword: value})
+
+
+@pytest.mark.parametrize("jacobian", ALL_CASES)
+def test_guessed_supports_change_nothing_but_the_start(jacobian: Tensor) -> None:
+    # The callback passes each step's supports to the next; from right, wrong or empty guesses
+    # the weights are the same, and the guesses come back as this call's supports.
+    num_tasks = jacobian.shape[0]
+    gramian = jacobian @ jacobian.T
+    cold = upgrad(gramian)
+    wrong = [
+        torch.rand(num_tasks, generator=torch.Generator().manual_seed(k)).numpy() < 0.5
+        for k in range(num_tasks)
+    ]
+    for guesses in (wrong, [np.zeros(num_tasks, bool) for _ in range(num_tasks)]):
+        assert_weights_close(upgrad(gramian, guesses=guesses), cold)
+    supports = [guess.copy() for guess in wrong]
+    assert_weights_close(upgrad(gramian, guesses=wrong), cold)  # from the last call's supports
+    assert all(np.array_equal(a, b) for a, b in zip(wrong, supports, strict=True))
