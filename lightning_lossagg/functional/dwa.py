@@ -51,8 +51,8 @@ def dwa(
             "`prev` and `prev2` must be 1-D tensors of the same shape (one epoch-mean loss per "
             f"task); found {tuple(prev.shape)} and {tuple(prev2.shape)}."
         )
-    rates = prev.detach() / prev2.detach()
-    valid = torch.isfinite(prev) & torch.isfinite(prev2) & torch.isfinite(rates)
+    scaled_rates = prev.detach() / prev2.detach() / temperature
+    valid = torch.isfinite(prev) & torch.isfinite(prev2) & torch.isfinite(scaled_rates)
     if validate_args and not valid.all():
         for name, values in (("prev", prev), ("prev2", prev2)):
             bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
@@ -66,6 +66,8 @@ def dwa(
                 f"`prev2` is 0 at task indices {zero}, so the rate L(t-1)/L(t-2) is undefined. "
                 "Use weights of 1 until those tasks have a non-zero epoch-mean loss."
             )
-        bad = (~torch.isfinite(rates)).nonzero().flatten().tolist()
-        raise ValueError(f"The rate `prev / prev2` overflows at task indices {bad}.")
-    return prev.numel() * torch.softmax(rates / temperature, dim=0)
+        bad = (~torch.isfinite(scaled_rates)).nonzero().flatten().tolist()
+        raise ValueError(
+            f"The rate `prev / prev2` divided by the temperature overflows at task indices {bad}."
+        )
+    return prev.numel() * torch.softmax(scaled_rates, dim=0)

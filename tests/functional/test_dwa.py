@@ -66,6 +66,15 @@ def test_weights_are_detached():
         ((torch.tensor([math.nan, 1.0]), torch.ones(2)), r"`prev` must be finite.*\[0\]"),
         ((torch.ones(2), torch.tensor([1.0, math.inf])), r"`prev2` must be finite.*\[1\]"),
         ((torch.tensor([1e30, 1.0]), torch.tensor([1e-30, 1.0])), r"overflows.*\[0\]"),
+        # A finite rate that the temperature pushes past the largest float (found by test_fuzz).
+        (
+            (
+                torch.tensor([1.0, 1.0], dtype=torch.float64),
+                torch.tensor([1e-308, 1.0], dtype=torch.float64),
+                0.5,
+            ),
+            r"divided by the temperature overflows.*\[0\]",
+        ),
         ((torch.ones(2), torch.ones(3)), "same shape"),
         ((torch.ones(2), torch.ones(2), 0.0), "`temperature`"),
         ((torch.ones(2), torch.ones(2), -1.0), "`temperature`"),
