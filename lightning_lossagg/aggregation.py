@@ -77,7 +77,7 @@ class GlobalTaskLosses:
 
     @cached_property
     def losses(self) -> Tensor:
-        return _global_losses(self._numerators, self.counts, self.valid, self.local_terms.dtype)
+        return _global_losses(self._numerators, self.counts, self.local_terms.dtype)
 
     @cached_property
     def nonfinite_ranks(self) -> Tensor:
@@ -93,7 +93,7 @@ class GlobalTaskLosses:
             losses = self.__dict__["losses"]
             return lambda: losses
         numerators, counts, dtype = self._numerators, self.counts, self.local_terms.dtype
-        return lambda: _global_losses(numerators, counts, counts > 0, dtype)
+        return lambda: _global_losses(numerators, counts, dtype)
 
     def nonfinite_ranks_on_host_later(self) -> Callable[[], list[float]]:
         """A function returning :attr:`nonfinite_ranks` as a host list, from detached figures only.
@@ -181,11 +181,12 @@ class TaskLossReducer:
         }
         task_sums = self._task_sums(kept) if step.task_terms is not None else None
         numerators, _ = self._local_statistics(kept, task_sums)
-        counts = torch.where(drop.to(step.counts.device), 0.0, step.counts)
+        dropped = drop.to(step.counts.device)
+        counts = torch.where(dropped, 0.0, step.counts)
         scale = (distributed.world_size() / counts.clamp(min=1)).to(numerators.dtype)
         return GlobalTaskLosses(
             self.names,
-            numerators=step._numerators,
+            numerators=torch.where(dropped, torch.nan, step._numerators),
             counts=counts,
             local_terms=numerators * scale,
             nonfinite_ranks=step.nonfinite_ranks,
@@ -299,9 +300,10 @@ class TaskLossReducer:
         return self._cache[key]
 
 
-def _global_losses(numerators: Tensor, counts: Tensor, valid: Tensor, dtype: torch.dtype) -> Tensor:
-    # Valid denominators are >= 1 (counts of samples or ranks, or exactly 1 for a sum).
-    return torch.where(valid, numerators / counts.clamp(min=1), torch.nan).to(dtype)
+def _global_losses(numerators: Tensor, counts: Tensor, dtype: torch.dtype) -> Tensor:
+    """``numerators / counts``: NaN exactly for a task without a valid sample, whose numerator is
+    a sum of nothing, 0, over a count of 0 (a dropped task's numerator is NaN)."""
+    return (numerators / counts).to(dtype)
 
 
 def _host_list_later(tensor: Tensor) -> Callable[[], list[float]]:

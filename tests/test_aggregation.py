@@ -119,10 +119,14 @@ def test_one_process_task_terms_equal_the_local_terms_each_in_its_own_graph(rank
     assert global_task_losses(masked, TASKS, rank_weighting).task_terms is None
 
 
-def test_a_task_without_a_valid_sample_has_no_loss_and_a_zero_term_still_in_the_graph():
-    values = torch.tensor([3.0, 4.0], requires_grad=True)
+@pytest.mark.parametrize("rank_weighting", ["samples", "uniform"])
+def test_a_task_without_a_valid_sample_has_no_loss_and_a_zero_term_still_in_the_graph(
+    rank_weighting,
+):
+    # Its loss is its sum of nothing over a count of 0: NaN, whatever the masked values hold.
+    values = torch.tensor([torch.inf, 4.0], requires_grad=True)
     masked = {"a": MaskedLoss(values, torch.tensor([False, False]))}
-    step = global_task_losses(masked, {"a": Task("mse")})
+    step = global_task_losses(masked, {"a": Task("mse")}, rank_weighting)
     assert not step.valid[0] and torch.isnan(step.losses[0]) and step.counts[0] == 0
     assert step.local_terms[0].item() == 0.0
     (grad,) = torch.autograd.grad(step.local_terms.sum(), values)
@@ -137,3 +141,19 @@ def test_a_nan_in_a_masked_out_position_is_ignored_but_a_valid_nan_is_flagged():
     step = global_task_losses(masked, {"a": Task("mse"), "b": Task("mse")})
     assert step.losses[0] == 1.0
     assert step.nonfinite_ranks.tolist() == [0.0, 1.0]  # bit of rank 0 set for task b
+
+
+def test_a_dropped_task_has_no_loss_even_when_its_sum_was_infinite():
+    from lightning_lossagg.aggregation import TaskLossReducer
+
+    tasks = {"a": Task("mse"), "b": Task("mse")}
+    masked = {
+        "a": MaskedLoss(torch.tensor([1.0, 3.0]), torch.tensor([True, True])),
+        "b": MaskedLoss(torch.tensor([1.0, torch.inf]), torch.tensor([True, True])),
+    }
+    reducer = TaskLossReducer(tasks)
+    step = reducer(masked)
+    assert step.losses.tolist() == [2.0, torch.inf]
+    dropped = reducer.drop_tasks(step, masked, torch.tensor([False, True]))
+    assert dropped.losses[0] == 2.0 and torch.isnan(dropped.losses[1])
+    assert dropped.valid.tolist() == [True, False]
