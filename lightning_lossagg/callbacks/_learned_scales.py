@@ -1,7 +1,8 @@
-"""The machinery of UW and IMTL-L: per-task log-scales learned by their own Adam."""
+"""The machinery of UW and IMTL-L: per-task log-scales learned by their own Adam, on the host."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -9,40 +10,52 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses
-from lightning_lossagg.callbacks._checks import check_positive, require_multitask, usable_tasks
-from lightning_lossagg.callbacks._task_parameters import TaskParameters
+from lightning_lossagg.callbacks._checks import check_positive, require_multitask
+from lightning_lossagg.callbacks._task_parameters import HostTaskParameters
 from lightning_lossagg.weighting import WeightingCallback
 
 
 class LearnedScalesWeighting(WeightingCallback):
     """Weights from learnable per-task values ``s`` that minimise an objective of the losses.
 
-    Every training step returns ``self._weights(s)`` and keeps the step's global losses; once per
-    optimizer step of the model (``on_before_optimizer_step``, after the backward of every
-    accumulated micro-batch) one Adam step moves ``s`` along ``self._gradient(w, mean_losses)``,
-    the gradient of the method's objective at the current weights ``w = self._weights(s)``, where
-    ``mean_losses`` averages each task's global loss over the micro-batches in which it had a
-    valid sample. A task with none is not stepped.
-    Every input is global, so ``s`` stays identical on every rank; nothing leaves the device.
+    Every training step returns ``self._weights(s)`` and queues a copy of the step's global losses
+    to the host; once per optimizer step of the model (``on_before_optimizer_step``, after the
+    backward of every accumulated micro-batch) one Adam step moves ``s`` along
+    ``self._gradient(w, mean_losses)``, the gradient of the method's objective at the current
+    weights ``w = self._weights(s)``, where ``mean_losses`` averages each task's global loss over
+    the micro-batches in which it was finite (a valid sample; an overflow is the mixin's to
+    report). A task with none is not stepped. Every input is global, so ``s`` stays identical on
+    every rank.
 
-    Subclasses set :attr:`state_name` and implement :meth:`_weights` and :meth:`_gradient`.
+    ``s``, Adam's state and this arithmetic live on the host in float64: ``K`` numbers, a few
+    microseconds, where each operation on a ``K``-element tensor would cost a kernel launch or a
+    dispatch. A step's device work is the copy of ``K`` losses to the host, queued without
+    stalling, and once per optimizer step the copy of ``K`` weights to the device.
+
+    Subclasses set :attr:`state_name` and implement :meth:`_weight` and :meth:`_derivative`, one
+    task's weight and objective derivative, on Python floats.
     """
 
     state_name = "scale"
 
     def __init__(self, lr: float) -> None:
         self.lr = check_positive("lr", lr, "Use e.g. lr=1e-2 for the log-scales' own Adam.")
-        self._scales = TaskParameters(self.lr)
-        self._loss_sum: Tensor | None = None
-        # Per task, the micro-batches with a usable loss: a bool mask after the first one.
-        self._loss_count: Tensor | None = None
-        self._weights_now: Tensor | None = None  # self._weights(s) until s moves
+        self._scales = HostTaskParameters(self.lr)
+        # This optimizer step's global losses on their way to the host, and (restored from a
+        # checkpoint taken amid an accumulation) the sums and counts of the micro-batches before.
+        self._pending: list[distributed.HostCopy] = []
+        self._loss_sum: list[float] | None = None
+        self._loss_count: list[float] | None = None
+        self._device_weights: Tensor | None = None  # the weights on the device, until s moves
 
-    def _weights(self, scales: Tensor) -> Tensor:
+    def _weight(self, task: int, scale: float) -> float:
+        """Task ``task``'s weight ``w_k`` at the value ``s_k``."""
         raise NotImplementedError
 
-    def _gradient(self, weights: Tensor, losses: Tensor) -> Tensor:
+    def _derivative(self, weight: float, loss: float) -> float:
+        """The derivative of the method's objective in ``s_k``, at weight ``w_k`` and loss."""
         raise NotImplementedError
 
     @property
@@ -57,32 +70,44 @@ class LearnedScalesWeighting(WeightingCallback):
 
     @override
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
-        scales = self._scales.values(step.losses)
-        usable = usable_tasks(step)
-        losses = torch.where(usable, step.losses, 0.0).to(scales.dtype)
-        if self._loss_sum is None or self._loss_count is None:
-            # One micro-batch so far: its mask stands for the counts (no conversion, no division).
-            self._loss_sum, self._loss_count = losses, usable
-        else:
-            self._loss_sum = self._loss_sum.to(scales.device) + losses
-            self._loss_count = self._loss_count.to(scales.device, scales.dtype) + usable
-        self._weights_now = self._weights(scales)
-        return self._weights_now
+        losses = step.losses
+        self._pending.append(distributed.HostCopy(losses))
+        weights = self._device_weights
+        if weights is None or weights.device != losses.device:
+            weights = distributed.to_device(self._host_weights(), like=losses)
+            self._device_weights = weights
+        return weights
 
     @override
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self._loss_sum is None or self._loss_count is None:
+        if not self._pending and self._loss_sum is None:
             return
-        weights = self._weights_now
-        if weights is None:  # a pending accumulation restored from a checkpoint
-            weights = self._weights(self._scales.values(self._loss_sum))
-        mean_losses, stepped = self._loss_sum, self._loss_count
-        if stepped.dtype != torch.bool:  # counts of several micro-batches
-            mean_losses, stepped = mean_losses / stepped.clamp(min=1), stepped > 0
-        self._scales.step(self._gradient(weights, mean_losses), stepped)
-        self._loss_sum = self._loss_count = self._weights_now = None
+        totals, counts = self._accumulated_losses()
+        self._pending, self._loss_sum, self._loss_count = [], None, None
+        gradient = [
+            self._derivative(weight, total / max(count, 1.0))
+            for weight, total, count in zip(self._host_weights(), totals, counts, strict=True)
+        ]
+        self._scales.step(gradient, [count > 0 for count in counts])
+        self._device_weights = None
+
+    def _host_weights(self) -> list[float]:
+        return [self._weight(task, scale) for task, scale in enumerate(self._scales.values)]
+
+    def _accumulated_losses(self) -> tuple[list[float], list[float]]:
+        """Per task, the sum of its finite global losses over this optimizer step's micro-batches,
+        and their number."""
+        num_tasks = self._scales.num_tasks
+        totals = list(self._loss_sum or [0.0] * num_tasks)
+        counts = list(self._loss_count or [0.0] * num_tasks)
+        for copy in self._pending:
+            for task, loss in enumerate(copy.get().tolist()):
+                if math.isfinite(loss):  # NaN: no valid sample
+                    totals[task] += loss
+                    counts[task] += 1.0
+        return totals, counts
 
     @override
     def state_to_log(self) -> dict[str, Tensor]:
@@ -91,14 +116,19 @@ class LearnedScalesWeighting(WeightingCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        totals, counts = (None, None)
+        if self._pending or self._loss_sum is not None:
+            totals, counts = self._accumulated_losses()
         return {
             "scales": self._scales.state_dict(),
-            "loss_sum": self._loss_sum,
-            "loss_count": self._loss_count,
+            "loss_sum": None if totals is None else torch.tensor(totals, dtype=torch.float64),
+            "loss_count": None if counts is None else torch.tensor(counts, dtype=torch.float64),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._scales.load_state_dict(state_dict["scales"])
-        self._loss_sum, self._loss_count = state_dict["loss_sum"], state_dict["loss_count"]
-        self._weights_now = None
+        totals, counts = state_dict["loss_sum"], state_dict["loss_count"]
+        self._loss_sum = None if totals is None else totals.double().tolist()
+        self._loss_count = None if counts is None else counts.double().tolist()
+        self._pending, self._device_weights = [], None

@@ -1,13 +1,17 @@
-"""One learnable scalar per task with its own Adam: the state of UW, IMTL-L and FAMO."""
+"""One learnable scalar per task with its own Adam: on the device for FAMO and GradNorm, whose
+gradients are computed there; on the host for UW and IMTL-L, whose gradients are formulas of the
+step's global losses."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 _STATE = ("values", "exp_avg", "exp_avg_sq", "steps")
+_HOST = torch.float64  # Python floats
 
 
 class TaskParameters:
@@ -51,12 +55,7 @@ class TaskParameters:
 
     def set_num_tasks(self, num_tasks: int, owner: str) -> None:
         """Fix ``K`` (in the callback's ``setup``); one instance serves one model."""
-        if self.num_tasks not in (0, num_tasks):
-            raise ValueError(
-                f"This {owner} already holds the state of a model with {self.num_tasks} tasks; "
-                f"create a new {owner} for this model with {num_tasks} tasks."
-            )
-        self.num_tasks = num_tasks
+        self.num_tasks = _fixed_num_tasks(self.num_tasks, num_tasks, owner)
 
     def values(self, like: Tensor) -> Tensor:
         """The values, on ``like``'s device, in its dtype (at least float32)."""
@@ -106,11 +105,7 @@ class TaskParameters:
         return {name: state[name].clone() for name in _STATE}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if tuple(state["values"].shape) != (self.num_tasks,):
-            raise ValueError(
-                f"The checkpoint holds {tuple(state['values'].shape)} values for a model with "
-                f"{self.num_tasks} tasks: it was saved for another model. Resume the same model."
-            )
+        _check_loaded(state, self.num_tasks)
         self._state = {name: state[name] for name in _STATE}
 
     def _initial_state(self) -> dict[str, Any]:
@@ -121,3 +116,76 @@ class TaskParameters:
         values = self._initial_state()["values"]
         moments = {name: torch.zeros_like(values) for name in _STATE if name != "values"}
         return {"values": values, **moments}
+
+
+class HostTaskParameters:
+    """:class:`TaskParameters` on the host, in Python floats (float64): for methods whose gradient
+    is a formula of the step's global losses (UW, IMTL-L), which reach the host once per step by a
+    copy queued without stalling the device. The same Adam on ``K`` numbers costs a few
+    microseconds, where each of its sixteen operations on a ``K``-element tensor costs a kernel
+    launch or a dispatch of its own.
+    """
+
+    def __init__(self, lr: float) -> None:
+        self.lr, self.betas, self.eps = lr, (0.9, 0.999), 1e-8
+        self.num_tasks = 0
+        self._state: dict[str, list[float]] | None = None
+
+    def set_num_tasks(self, num_tasks: int, owner: str) -> None:
+        """Fix ``K`` (in the callback's ``setup``); one instance serves one model."""
+        self.num_tasks = _fixed_num_tasks(self.num_tasks, num_tasks, owner)
+
+    @property
+    def values(self) -> list[float]:
+        """The values (a new list at every step; never changed in place)."""
+        return self._host_state()["values"]
+
+    def step(self, gradient: list[float], mask: list[bool]) -> None:
+        """One Adam step along ``gradient`` for the tasks where ``mask`` is True."""
+        (beta1, beta2), state = self.betas, self._host_state()
+        new = {name: list(column) for name, column in state.items()}
+        for k, (g, stepped) in enumerate(zip(gradient, mask, strict=True)):
+            if not stepped:
+                continue
+            steps = new["steps"][k] = state["steps"][k] + 1
+            m = new["exp_avg"][k] = beta1 * state["exp_avg"][k] + (1 - beta1) * g
+            v = new["exp_avg_sq"][k] = beta2 * state["exp_avg_sq"][k] + (1 - beta2) * g * g
+            corrected = m / (1 - beta1**steps)
+            denominator = math.sqrt(v / (1 - beta2**steps)) + self.eps
+            new["values"][k] = state["values"][k] - self.lr * corrected / denominator
+        self._state = new
+
+    def snapshot(self) -> Tensor | None:
+        """The values as a tensor (None before the first step or a loaded state), for the logs."""
+        return None if self._state is None else torch.tensor(self._state["values"], dtype=_HOST)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            name: torch.tensor(column, dtype=_HOST) for name, column in self._host_state().items()
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_loaded(state, self.num_tasks)
+        self._state = {name: state[name].double().tolist() for name in _STATE}
+
+    def _host_state(self) -> dict[str, list[float]]:
+        if self._state is None:
+            self._state = {name: [0.0] * self.num_tasks for name in _STATE}
+        return self._state
+
+
+def _fixed_num_tasks(current: int, num_tasks: int, owner: str) -> int:
+    if current not in (0, num_tasks):
+        raise ValueError(
+            f"This {owner} already holds the state of a model with {current} tasks; "
+            f"create a new {owner} for this model with {num_tasks} tasks."
+        )
+    return num_tasks
+
+
+def _check_loaded(state: dict[str, Any], num_tasks: int) -> None:
+    if tuple(state["values"].shape) != (num_tasks,):
+        raise ValueError(
+            f"The checkpoint holds {tuple(state['values'].shape)} values for a model with "
+            f"{num_tasks} tasks: it was saved for another model. Resume the same model."
+        )

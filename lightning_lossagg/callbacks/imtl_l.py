@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from torch import Tensor
+import math
+
 from typing_extensions import override
 
 from lightning_lossagg.callbacks._learned_scales import LearnedScalesWeighting
-from lightning_lossagg.functional.imtl_l import imtl_l_weights
 
 
 class IMTLL(LearnedScalesWeighting):
@@ -22,8 +22,9 @@ class IMTLL(LearnedScalesWeighting):
 
     The model follows :math:`\sum_k w_k \nabla L_k`; the log-scales follow
     :math:`\nabla_s \mathcal{L}` on the step's global losses (averaged over accumulated
-    micro-batches), with their own Adam, once per optimizer step of the model. At the optimum
-    :math:`e^{s_k} L_k = 1`: every scaled loss sits at the same level.
+    micro-batches), with their own Adam on the host (float64: ``K`` numbers), once per
+    optimizer step of the model. At the optimum :math:`e^{s_k} L_k = 1`: every scaled loss sits
+    at the same level.
 
     The log-scales live in this callback, not in the model (its ``state_dict`` does not change);
     they, Adam's state and the losses of a pending accumulation are in this callback's
@@ -42,10 +43,10 @@ class IMTLL(LearnedScalesWeighting):
         super().__init__(lr)
 
     @override
-    def _weights(self, scales: Tensor) -> Tensor:
-        return imtl_l_weights(scales, validate_args=False)
+    def _weight(self, task: int, scale: float) -> float:
+        return math.exp(scale)  # imtl_l_weights: e^(s_k)
 
     @override
-    def _gradient(self, weights: Tensor, losses: Tensor) -> Tensor:
+    def _derivative(self, weight: float, loss: float) -> float:
         # d/ds_k of imtl_l_objective: e^(s_k) L_k - 1 = w_k L_k - 1.
-        return weights * losses - 1.0
+        return weight * loss - 1.0

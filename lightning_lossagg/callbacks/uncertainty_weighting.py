@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
-import torch
-from torch import Tensor
 from typing_extensions import override
 
 from lightning_lossagg.callbacks._checks import check_task_names
 from lightning_lossagg.callbacks._learned_scales import LearnedScalesWeighting
-from lightning_lossagg.functional.uncertainty import uncertainty_weights
 
 
 class UncertaintyWeighting(LearnedScalesWeighting):
@@ -31,8 +29,9 @@ class UncertaintyWeighting(LearnedScalesWeighting):
     :math:`c_k = 1` for the tasks in ``classification_tasks`` (the paper's softmax likelihood).
     The model follows :math:`\sum_k w_k \nabla L_k`; the log-variances follow
     :math:`\nabla_s \mathcal{L}` on the step's global losses (averaged over accumulated
-    micro-batches), with their own Adam, once per optimizer step of the model. At the optimum
-    :math:`e^{s_k} = 2 c_k L_k`: a regression task's learned variance is its loss, its MSE.
+    micro-batches), with their own Adam on the host (float64: ``K`` numbers), once per
+    optimizer step of the model. At the optimum :math:`e^{s_k} = 2 c_k L_k`: a regression task's
+    learned variance is its loss, its MSE.
 
     The log-variances live in this callback, not in the model: the model's ``state_dict`` does not
     change and its checkpoints load without the callback. They, Adam's state and the losses of a
@@ -59,7 +58,7 @@ class UncertaintyWeighting(LearnedScalesWeighting):
                 f"{classification_tasks!r}."
             )
         self.classification_tasks = tuple(classification_tasks)
-        self._classification: Tensor | None = None
+        self._factors: list[float] = []
 
     @property
     @override
@@ -71,20 +70,14 @@ class UncertaintyWeighting(LearnedScalesWeighting):
         super().setup(trainer, pl_module, stage)
         task_names: tuple[str, ...] = pl_module.task_names  # type: ignore[assignment]
         check_task_names("classification_tasks", self.classification_tasks, task_names)
-        self._classification = None  # every task in the general form: c_k = 1/2
-        if self.classification_tasks:
-            self._classification = torch.tensor(
-                [name in self.classification_tasks for name in task_names]
-            )
+        # c_k: 1 for a classification task, 1/2 (the general form) for the others.
+        self._factors = [1.0 if name in self.classification_tasks else 0.5 for name in task_names]
 
     @override
-    def _weights(self, scales: Tensor) -> Tensor:
-        classification = self._classification
-        if classification is not None and classification.device != scales.device:
-            classification = self._classification = classification.to(scales.device)
-        return uncertainty_weights(scales, classification, validate_args=False)
+    def _weight(self, task: int, scale: float) -> float:
+        return self._factors[task] * math.exp(-scale)  # uncertainty_weights: c_k e^(-s_k)
 
     @override
-    def _gradient(self, weights: Tensor, losses: Tensor) -> Tensor:
+    def _derivative(self, weight: float, loss: float) -> float:
         # d/ds_k of uncertainty_objective: 1/2 - c_k e^(-s_k) L_k = 1/2 - w_k L_k.
-        return 0.5 - weights * losses
+        return 0.5 - weight * loss

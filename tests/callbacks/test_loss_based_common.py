@@ -213,21 +213,30 @@ def test_the_step_logs_carry_the_method_state(tmp_path):
         assert f"train/log_var/{task}" in header.split(",")
 
 
-def test_the_learned_values_follow_torch_adam_per_task():
-    # UW, IMTL-L, FAMO and GradNorm share TaskParameters: one Adam per task, a task left out not
-    # stepped.
-    from lightning_lossagg.callbacks._task_parameters import TaskParameters
+@pytest.mark.parametrize("home", ["device", "host"])
+def test_the_learned_values_follow_torch_adam_per_task(home):
+    # UW and IMTL-L (on the host), FAMO and GradNorm (on the device) step one Adam per task, a
+    # task left out not stepped.
+    from lightning_lossagg.callbacks._task_parameters import HostTaskParameters, TaskParameters
 
-    parameters = TaskParameters(lr=0.1, weight_decay=0.01)
-    parameters.set_num_tasks(3, "test")
-    parameters.values(torch.zeros(3, dtype=torch.float64))
+    weight_decay = 0.01 if home == "device" else 0.0  # the host one serves methods without
+    if home == "device":
+        parameters = TaskParameters(lr=0.1, weight_decay=weight_decay)
+        parameters.set_num_tasks(3, "test")
+        parameters.values(torch.zeros(3, dtype=torch.float64))
+    else:
+        parameters = HostTaskParameters(lr=0.1)
+        parameters.set_num_tasks(3, "test")
     scalars = [torch.zeros((), dtype=torch.float64, requires_grad=True) for _ in range(3)]
-    optimizers = [torch.optim.Adam([s], lr=0.1, weight_decay=0.01) for s in scalars]
+    optimizers = [torch.optim.Adam([s], lr=0.1, weight_decay=weight_decay) for s in scalars]
     generator = torch.Generator().manual_seed(0)
     for _ in range(20):
         gradient = torch.randn(3, generator=generator, dtype=torch.float64)
         taking_part = torch.rand(3, generator=generator) < 0.7
-        parameters.step(gradient, taking_part)
+        if home == "device":
+            parameters.step(gradient, taking_part)
+        else:
+            parameters.step(gradient.tolist(), taking_part.tolist())
         for task in range(3):
             if taking_part[task]:
                 scalars[task].grad = gradient[task].clone()
