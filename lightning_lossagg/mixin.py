@@ -101,7 +101,7 @@ class MultiTaskMixin:
     @property
     def task_names(self) -> tuple[str, ...]:
         """The task names, in order: the order of every per-task vector."""
-        return tuple(self.tasks)
+        return self._reducer.names
 
     @property
     def weighting(self) -> WeightingCallback | None:
