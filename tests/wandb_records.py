@@ -32,6 +32,8 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
             offset += left_in_block
             continue
         _, length, kind = _CHUNK_HEADER.unpack_from(data, offset)
+        if offset + _CHUNK_HEADER.size + length > len(data):
+            break  # the service is still writing this chunk: the records before it are whole
         payload = data[offset + _CHUNK_HEADER.size : offset + _CHUNK_HEADER.size + length]
         offset += _CHUNK_HEADER.size + length
         if kind == 0 and length == 0:

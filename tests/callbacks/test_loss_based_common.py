@@ -219,7 +219,7 @@ def test_the_learned_values_follow_torch_adam_per_task(home):
     # task left out not stepped.
     from lightning_lossagg.callbacks._task_parameters import HostTaskParameters, TaskParameters
 
-    weight_decay = 0.01 if home == "device" else 0.0  # the host one serves methods without
+    weight_decay = 0.01 if home == "device" else 0.0  # UW and IMTL-L use no weight decay
     if home == "device":
         parameters = TaskParameters(lr=0.1, weight_decay=weight_decay)
         parameters.set_num_tasks(3, "test")
