@@ -17,6 +17,7 @@ from lightning_lossagg.callbacks.gradient_weighting import (
     GradientWeighting,
     Sync,
     _gramian,
+    _scaled_sum_over_ranks,
     task_jacobian,
 )
 from lightning_lossagg.functional.db_mtl import LOG_EPS, db_mtl, db_mtl_weights
@@ -118,7 +119,7 @@ class DBMTL(GradientWeighting):
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
         self._shared_parameters = pl_module.shared_parameters()  # type: ignore[operator]
         jacobian = task_jacobian(step, self._shared_parameters)
-        jacobian = distributed.all_reduce_sum(jacobian) / distributed.world_size()
+        jacobian = _scaled_sum_over_ranks(jacobian, 1 / distributed.world_size())
         self._gramian, self._gramian_valid = _gramian(jacobian).detach(), step.valid
         usable = usable_tasks(step)
         losses = torch.where(usable, step.losses, 1.0).to(jacobian.dtype)

@@ -160,13 +160,18 @@ class GradientWeighting(WeightingCallback):
             (parameter, [grads[len(shared) + i] for grads in per_task])
             for i, parameter in enumerate(heads)
         ]
-        jacobian = _jacobian(shared_grads, shared)
+        self._jacobian, gramian = self._synced_gramian(_jacobian(shared_grads, shared))
+        return gramian
+
+    def _synced_gramian(self, jacobian: Tensor) -> tuple[Tensor, Tensor]:
+        """A local Jacobian of parameter gradients made global as :attr:`sync` says (the
+        Jacobian itself with ``"gradients"``, only the Gramian with ``"gramian"``): the Jacobian
+        (global or local) and the global Gramian."""
         scale = 1 / distributed.world_size()
         if self.sync == "gradients":
-            self._jacobian = _scaled_sum_over_ranks(jacobian, scale)
-            return _gramian(self._jacobian)
-        self._jacobian = jacobian
-        return _scaled_sum_over_ranks(_gramian(jacobian), scale)
+            jacobian = _scaled_sum_over_ranks(jacobian, scale)
+            return jacobian, _gramian(jacobian)
+        return jacobian, _scaled_sum_over_ranks(_gramian(jacobian), scale)
 
     @override
     def state_to_log(self) -> dict[str, Tensor]:

@@ -10,14 +10,12 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks._checks import check_positive, require_multitask, usable_tasks
 from lightning_lossagg.callbacks._task_parameters import TaskParameters
 from lightning_lossagg.callbacks.gradient_weighting import (
     GradientWeighting,
     Sync,
-    _gramian,
     task_jacobian,
 )
 
@@ -133,19 +131,11 @@ class GradNorm(GradientWeighting):
     @override
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
         weights = self._weights.values(step.losses)
-        world_size = distributed.world_size()
         if self.rep_grad:
-            _, detached = pl_module.shared_representation  # type: ignore[misc]
-            jacobian = task_jacobian(step, [detached])
-            # The ranks' representation rows are distinct coordinates: the Gramians add up.
-            gramian = distributed.all_reduce_sum(_gramian(jacobian) / world_size**2)
-            self._jacobian = jacobian
+            gramian = self._representation_gramian(pl_module, step)
         else:
             jacobian = task_jacobian(step, self._layer_parameters(pl_module))
-            if self.sync == "gradients":
-                gramian = _gramian(distributed.all_reduce_sum(jacobian) / world_size)
-            else:
-                gramian = distributed.all_reduce_sum(_gramian(jacobian)) / world_size
+            _, gramian = self._synced_gramian(jacobian)
         self._gramian, self._gramian_valid = gramian.detach(), step.valid
         self._accumulate_gradient(weights.detach(), gramian.detach().diagonal(), step)
         return weights.detach().clone()

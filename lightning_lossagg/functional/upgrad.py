@@ -83,7 +83,7 @@ def upgrad(
     tol = KKT_TOL * float(np.abs(choices).max())
     weights = np.zeros(num_tasks)
     if guesses is not None and len(guesses) != num_tasks:
-        guesses = None
+        raise ValueError(f"guesses must hold one array per task ({num_tasks}), got {len(guesses)}.")
     for task in range(num_tasks):
         lower = np.zeros(num_tasks)
         lower[task] = choices[task]
