@@ -11,6 +11,13 @@ from torch import Tensor
 
 from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses, RankWeighting, TaskLossReducer
+from lightning_lossagg.representation import (
+    HeadInputs,
+    SharedRepresentation,
+    TaskHeads,
+    find_task_heads,
+    reach_only_own_heads,
+)
 from lightning_lossagg.tasks import MaskedLoss, StackedLosses, Task
 from lightning_lossagg.weighting import LossRecord, WeightingCallback
 
@@ -95,7 +102,12 @@ class MultiTaskMixin:
         self._weighting: WeightingCallback | None = None
         self._latest_weights: Tensor | None = None
         self._unchecked_nonfinite: list[tuple[int, Callable[[], list[float]]]] = []
-        self.shared_representation: tuple[Tensor, Tensor] | None = None
+        self.shared_representation: SharedRepresentation | None = None
+        # Heads that read a leaf each (see lightning_lossagg.representation), found at setup;
+        # whether each task's prediction reaches the representation only through its own head
+        # is checked once per fit (None: not yet).
+        self._task_heads: TaskHeads | None = None
+        self._heads_apart: bool | None = None
         self._stacking_plans: dict[tuple, list[list[int]] | None] = {}
 
     @property
@@ -113,7 +125,11 @@ class MultiTaskMixin:
         """Training with a weighting method that takes per-task gradients: each task's loss term
         keeps a graph of its own (no stacked computation across tasks)."""
         weighting = self._weighting
-        return weighting is not None and weighting.separate_task_terms and self.training  # type: ignore[attr-defined]
+        if weighting is None or not weighting.separate_task_terms or not self.training:  # type: ignore[attr-defined]
+            return False
+        # Heads reading a leaf each give every task's gradient apart from one joint graph.
+        representation = self.shared_representation
+        return representation is None or representation.per_task is None
 
     # ----------------------------------------------------------------------------- the batch
     def task_losses(self, batch: Any) -> TaskLossOutput:
@@ -133,18 +149,44 @@ class MultiTaskMixin:
 
     def predict_tasks(self, inputs: Any) -> Mapping[str, Tensor]:
         """``{task: prediction}``: ``self(inputs)``, or, in training when the weighting method
-        takes per-task gradients through the shared representation, ``forward_heads`` of a
-        detached copy of ``forward_shared(inputs)``, both kept in :attr:`shared_representation`."""
+        takes per-task gradients through the shared representation, ``forward_heads`` of detached
+        leaves of ``forward_shared(inputs)``, kept in :attr:`shared_representation` (see
+        :mod:`lightning_lossagg.representation`)."""
         weighting = self._weighting
         if not (
             weighting and weighting.splits_forward and self.training and torch.is_grad_enabled()
         ):
             return self(inputs)  # type: ignore[operator]
         shared = self.forward_shared(inputs)  # type: ignore[attr-defined]
-        # The heads see a detached leaf: its gradient per task is the representation gradient.
         detached = shared.detach().requires_grad_()
-        self.shared_representation = (shared, detached)
-        return self.forward_heads(detached)  # type: ignore[attr-defined]
+        heads = self._task_heads if self._heads_apart is not False else None
+        if heads is None:
+            self.shared_representation = SharedRepresentation(shared, (detached,))
+            return self.forward_heads(detached)  # type: ignore[attr-defined]
+        with HeadInputs(heads.modules, detached) as head_inputs:
+            predictions = self.forward_heads(detached)  # type: ignore[attr-defined]
+        leaves = head_inputs.created()
+        per_task = None
+        if head_inputs.one_call_each:
+            if self._heads_apart is None:
+                self._heads_apart = self._check_heads_apart(predictions, leaves, detached)
+            if self._heads_apart:
+                per_task = leaves
+        self.shared_representation = SharedRepresentation(shared, (detached, *leaves), per_task)
+        return predictions
+
+    def _check_heads_apart(
+        self, predictions: Mapping[str, Tensor], leaves: tuple[Tensor, ...], detached: Tensor
+    ) -> bool:
+        others = [detached, *self.shared_parameters()]
+        broken = reach_only_own_heads(predictions, self.task_names, leaves, others)
+        if broken is not None:
+            rank_zero_warn(
+                f"Per-task gradients take one backward pass per task: {broken}. One pass serves "
+                "all tasks when each task's prediction depends only on its own head in "
+                "`self.heads`."
+            )
+        return broken is None
 
     def shared_parameters(self) -> list[torch.nn.Parameter]:
         """The trainable parameters every task shares (gradient-based methods weigh their
@@ -328,6 +370,9 @@ class MultiTaskMixin:
                 "weighting method. Keep one of them in the trainer's callbacks."
             )
         self._weighting = methods[0] if methods else None
+        self._task_heads, self._heads_apart = None, None
+        if self._weighting is not None and self._weighting.splits_forward and _default_losses(self):
+            self._task_heads = find_task_heads(self)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         super().on_before_optimizer_step(optimizer)  # type: ignore[misc]
@@ -350,6 +395,16 @@ class MultiTaskMixin:
             ]
             if bad:
                 raise NonFiniteLossError(_nonfinite_message(bad, step_index))
+
+
+def _default_losses(model: MultiTaskMixin) -> bool:
+    """Whether the model computes its losses the default way: task ``k``'s loss from its own
+    prediction and target only."""
+    cls = type(model)
+    return (
+        cls.task_losses is MultiTaskMixin.task_losses
+        and cls.per_sample_losses is MultiTaskMixin.per_sample_losses
+    )
 
 
 def _nonfinite_message(bad: list[tuple[str, float]], step_index: int) -> str:

@@ -5,14 +5,18 @@ Per step it takes each task's gradient of the shared part, builds their K×K Gra
 backward a surrogate whose gradient is ``d = sum_k w_k g_k`` on the shared part and each task's
 own (statically weighted) gradient on its head — LibMTL's and torchjd's semantics.
 
-The mixin keeps each task's loss term in a graph of its own (``GlobalTaskLosses.task_terms``), so
-task ``k``'s gradient is one backward through task ``k``'s head only, never through the others'.
-Where the gradients are taken:
+Per-task gradients below the heads come from ONE backward pass of the summed loss terms when the
+model keeps one head per task in ``self.heads`` and each task's prediction depends on its own head
+only: each head reads a leaf of the representation of its own (:mod:`lightning_lossagg.
+representation`), so task ``k``'s gradient arrives at leaf ``k``, and the heads' parameter
+gradients come in the same pass. Otherwise the mixin keeps each task's loss term in a graph of its
+own (``GlobalTaskLosses.task_terms``) and task ``k``'s gradient is one backward through task
+``k``'s head only. Where the gradients are taken:
 
 * ``rep_grad=True``: at the shared representation (MGDA-UB), far cheaper. The model defines
-  ``forward_shared(inputs)`` and ``forward_heads(representation)``; the heads see a detached copy
-  of the representation, one backward per task through its head gives that task's representation
-  gradient (and its head's gradient), and the trunk gets ``d`` in the one backward Lightning runs.
+  ``forward_shared(inputs)`` and ``forward_heads(representation)``; the heads see detached leaves
+  of the representation, the per-task pass gives each task's representation gradient (and its
+  head's gradient), and the trunk gets ``d`` in the one backward Lightning runs.
   Each rank's representation rows belong to its own samples, so the global Gramian is exactly the
   sum of the ranks' Gramians: one K×K all-reduce.
 * ``rep_grad=False``: at the shared parameters (``pl_module.shared_parameters()``). A model with
@@ -42,9 +46,13 @@ from typing_extensions import override
 from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks._checks import require_multitask
+from lightning_lossagg.functional._tensors import detached
+from lightning_lossagg.representation import SharedRepresentation
 from lightning_lossagg.weighting import WeightingCallback
 
 Sync = Literal["gradients", "gramian"]
+# A parameter's gradient from each task that reaches it: (task index, gradient or None).
+TaskGradients = list[tuple[int, Tensor | None]]
 
 
 class GradientWeighting(WeightingCallback):
@@ -66,6 +74,9 @@ class GradientWeighting(WeightingCallback):
     # Subclasses that take parameter gradients their own way (GradNorm, DB-MTL) set it False:
     # then the model's forward is split only for rep_grad=True.
     parameter_gradients_through_representation: ClassVar[bool] = True
+    # Whether backward_objective hands the heads the gradients kept from the per-task pass
+    # (subclasses with an objective of their own that runs through the heads set it False).
+    injects_head_gradients: ClassVar[bool] = True
 
     def __init__(self, rep_grad: bool = False, sync: Sync = "gradients") -> None:
         if sync not in ("gradients", "gramian"):
@@ -75,12 +86,13 @@ class GradientWeighting(WeightingCallback):
         self.splits_forward = self.rep_grad
         self._jacobian: Tensor | None = None
         self._shared_parameters: list[torch.nn.Parameter] = []
-        # With parameter gradients: the heads' parameters, with their per-task gradients (None:
-        # the task does not reach them).
-        self._own_task_gradients: list[tuple[torch.nn.Parameter, list[Tensor | None]]] = []
+        # The heads' parameters, each with its (task, gradient) pairs (None: the task does not
+        # reach it), from the per-task pass(es), for the surrogate.
+        self._own_task_gradients: list[tuple[torch.nn.Parameter, TaskGradients]] = []
         # The latest step's global Gramian and valid tasks, on the device: the diagnostics.
         self._gramian: Tensor | None = None
         self._gramian_valid: Tensor | None = None
+        self._ones: Tensor | None = None
         # The step's tasks with a valid sample (CPU): the rows of the Gramian a method sees.
         self.valid_tasks: Tensor | None = None
 
@@ -124,7 +136,7 @@ class GradientWeighting(WeightingCallback):
             gramian = self._representation_gramian(pl_module, step)
         else:
             gramian = self._parameter_gramian(pl_module, step)
-        self._gramian, self._gramian_valid = gramian.detach(), step.valid
+        self._gramian, self._gramian_valid = detached(gramian), step.valid
         return self._weights_of_valid_tasks(gramian, step.valid).to(
             step.local_terms.device, step.local_terms.dtype
         )
@@ -133,8 +145,13 @@ class GradientWeighting(WeightingCallback):
         self, pl_module: L.LightningModule, step: GlobalTaskLosses
     ) -> Tensor:
         """The Jacobian at the shared representation, and its global Gramian."""
-        _, detached = _representation(pl_module, type(self).__name__)
-        self._jacobian = task_jacobian(step, [detached])
+        representation = _representation(pl_module, type(self).__name__)
+        if representation.per_task is not None:
+            rows = self._gradients_in_one_pass(pl_module, step, representation.per_task)
+        else:
+            inputs = list(representation.inputs)
+            rows = [_summed(grads) for grads in task_gradients(step, inputs)]
+        self._jacobian = _jacobian([(row,) for row in rows], [representation.inputs[0]])
         # Rows of different ranks' representations are different coordinates of the global
         # gradient (scaled 1/W by DDP's averaging): the global Gramian is the sum.
         return _scaled_sum_over_ranks(_gramian(self._jacobian), distributed.world_size() ** -2)
@@ -143,25 +160,78 @@ class GradientWeighting(WeightingCallback):
         """The Jacobian at the shared parameters (global with ``sync="gradients"``), and its
         global Gramian."""
         shared = self._shared_parameters = pl_module.shared_parameters()  # type: ignore[operator]
-        heads = pl_module.task_specific_parameters()  # type: ignore[operator]
         representation = pl_module.shared_representation  # type: ignore[attr-defined]
+        if representation is not None and representation.per_task is not None:
+            rows = self._gradients_in_one_pass(pl_module, step, representation.per_task)
+            shared_grads = [
+                _trunk_gradients(representation.output, shared, row, (None,) * len(shared))
+                for row in rows
+            ]
+            self._jacobian, gramian = self._synced_gramian(_jacobian(shared_grads, shared))
+            return gramian
+        heads = pl_module.task_specific_parameters()  # type: ignore[operator]
         if representation is None:
             per_task = task_gradients(step, [*shared, *heads])
             shared_grads = [grads[: len(shared)] for grads in per_task]
         else:
-            output, detached = representation
-            per_task = task_gradients(step, [detached, *shared, *heads])
+            inputs = representation.inputs
+            per_task = task_gradients(step, [*inputs, *shared, *heads])
             shared_grads = [
-                _trunk_gradients(output, shared, grads[0], grads[1 : 1 + len(shared)])
+                _trunk_gradients(
+                    representation.output,
+                    shared,
+                    _summed(grads[: len(inputs)]),
+                    grads[len(inputs) : len(inputs) + len(shared)],
+                )
                 for grads in per_task
             ]
-            per_task = [grads[1:] for grads in per_task]
+            per_task = [grads[len(inputs) :] for grads in per_task]
         self._own_task_gradients = [
-            (parameter, [grads[len(shared) + i] for grads in per_task])
+            (
+                parameter,
+                [
+                    (k, g[len(shared) + i])
+                    for k, g in enumerate(per_task)
+                    if g[len(shared) + i] is not None
+                ],
+            )
             for i, parameter in enumerate(heads)
         ]
         self._jacobian, gramian = self._synced_gramian(_jacobian(shared_grads, shared))
         return gramian
+
+    def _gradients_in_one_pass(
+        self, pl_module: L.LightningModule, step: GlobalTaskLosses, leaves: tuple[Tensor, ...]
+    ) -> list[Tensor | None]:
+        """Every task's gradient at its own head's leaf of the representation, and (kept for
+        the surrogate) every head's parameter gradients, from ONE backward pass of the summed
+        local terms: task ``k`` alone reaches leaf ``k`` and head ``k``."""
+        heads = pl_module._task_heads.parameters if self.injects_head_gradients else []  # type: ignore[attr-defined]
+        flat_heads = [parameter for group in heads for parameter in group]
+        terms = step.local_terms
+        if not terms.requires_grad:
+            return [None] * len(leaves)
+        ones = self._ones
+        if ones is None or (ones.shape, ones.dtype, ones.device) != (
+            terms.shape,
+            terms.dtype,
+            terms.device,
+        ):
+            ones = self._ones = torch.ones_like(terms)  # the terms' sum: each term's gradient is 1
+        grads = torch.autograd.grad(
+            terms,
+            [*leaves, *flat_heads],
+            ones,
+            retain_graph=not self.injects_head_gradients,
+            allow_unused=True,
+        )
+        head_grads = iter(grads[len(leaves) :])
+        self._own_task_gradients = [
+            (parameter, [(k, next(head_grads))])
+            for k, group in enumerate(heads)
+            for parameter in group
+        ]
+        return list(grads[: len(leaves)])
 
     def _synced_gramian(self, jacobian: Tensor) -> tuple[Tensor, Tensor]:
         """A local Jacobian of parameter gradients made global as :attr:`sync` says (the
@@ -196,7 +266,7 @@ class GradientWeighting(WeightingCallback):
 
     def _weights_of_valid_tasks(self, gramian: Tensor, valid: Tensor) -> Tensor:
         """The method's weights on the valid tasks' sub-Gramian; 0 for the others."""
-        gramian, valid = gramian.detach().to("cpu", torch.float64), valid.cpu()
+        gramian, valid = detached(gramian).to("cpu", torch.float64), valid.cpu()
         self.valid_tasks = valid  # which tasks weights_from_gramian sees, for per-task settings
         valid_flags = valid.numpy()  # NumPy checks: a fraction of a torch operation's cost
         if not valid_flags.any() or not np.isfinite(gramian.numpy()).all():
@@ -217,54 +287,101 @@ class GradientWeighting(WeightingCallback):
         jacobian, self._jacobian = self._jacobian, None
         representation, pl_module.shared_representation = pl_module.shared_representation, None  # type: ignore[attr-defined]
         direction = weights.to(jacobian.dtype) @ jacobian  # d = sum_k w_k g_k
-        if self.rep_grad:
-            shared, _ = representation
-            # Heads: their own task's gradient, sum_k s_k grad t_k, through the detached copy of
-            # the representation (local: DDP averages it). Shared trunk: d at the representation.
-            heads_objective = static.to(step.local_terms.dtype) @ step.local_terms
-            return heads_objective + torch.dot(shared.reshape(-1), direction.detach())
         # Heads: their own task's gradient, sum_k s_k grad t_k (local: DDP averages it).
+        heads, head_grads, head_tasks = self._head_gradients(static.to(jacobian.dtype))
+        if self.rep_grad:
+            # Shared trunk: d at the representation, in the one backward Lightning runs.
+            output = representation.output
+            if representation.per_task is None:  # the heads' graphs are still there
+                trunk = _InjectedGradients.apply(
+                    (direction.view_as(output),), (None,), None, output
+                )
+                return static.to(step.local_terms.dtype) @ step.local_terms + trunk
+            # The heads' gradients came with the tasks' (one pass), which freed their graphs.
+            inputs, grads, tasks = [output, *heads], [direction.view_as(output)], [None]
+        else:
+            # Shared parameters: d, split back into their shapes.
+            inputs = [*self._shared_parameters, *heads]
+            sizes = [parameter.numel() for parameter in self._shared_parameters]
+            grads = [
+                grad.view_as(parameter)
+                for grad, parameter in zip(
+                    direction.split(sizes), self._shared_parameters, strict=True
+                )
+            ]
+            tasks = [None] * len(grads)
+        return _InjectedGradients.apply(
+            (*grads, *head_grads), (*tasks, *head_tasks), static.to(jacobian.dtype), *inputs
+        )
+
+    def _head_gradients(
+        self, static: Tensor
+    ) -> tuple[list[torch.nn.Parameter], list[Tensor], list[int | None]]:
+        """The heads' parameters, their gradients, and for each the task whose static weight
+        still scales it (``None``: weighted already, the parameter is reached by several tasks)."""
         own, self._own_task_gradients = self._own_task_gradients, []
-        static_weights = static.to(jacobian.dtype).unbind()
-        heads = [parameter for parameter, _ in own]
-        head_grads = [_weighted_sum(grads, static_weights, parameter) for parameter, grads in own]
-        # Shared parameters: d, split back into their shapes.
-        shared = self._shared_parameters
-        sizes = [parameter.numel() for parameter in shared]
-        shared_grads = [
-            grad.view_as(parameter)
-            for grad, parameter in zip(direction.split(sizes), shared, strict=True)
-        ]
-        return _InjectedGradients.apply(tuple(shared_grads + head_grads), *shared, *heads)
+        parameters, grads, tasks = [], [], []
+        for parameter, pairs in own:
+            parameters.append(parameter)
+            if len(pairs) == 1 and pairs[0][1] is not None:
+                tasks.append(pairs[0][0])
+                grads.append(pairs[0][1])
+            else:
+                tasks.append(None)
+                grads.append(_weighted_sum(pairs, static.unbind(), parameter))
+        return parameters, grads, tasks
 
     def weighted_sum_objective(
         self, pl_module: L.LightningModule, step: GlobalTaskLosses, weights: Tensor
     ) -> Tensor:
-        """``sum_k w_k t_k`` for a step that skips the gradient machinery; when the heads saw a
-        detached representation, its gradient is sent on to the trunk."""
+        """``sum_k w_k t_k`` for a step that skips the gradient machinery; when the heads saw
+        detached leaves of the representation, their gradient is sent on to the trunk."""
         objective = weights @ step.local_terms
         representation, pl_module.shared_representation = pl_module.shared_representation, None  # type: ignore[attr-defined]
         if representation is None:
             return objective
-        shared, detached = representation
-        (representation_grad,) = torch.autograd.grad(objective, detached, retain_graph=True)
-        return objective + (shared * representation_grad).sum()
+        grads = torch.autograd.grad(
+            objective, representation.inputs, retain_graph=True, allow_unused=True
+        )
+        representation_grad = _summed(grads)
+        if representation_grad is None:
+            return objective
+        return objective + (representation.output * representation_grad).sum()
 
 
 class _InjectedGradients(torch.autograd.Function):
-    """A zero whose gradient with respect to each input is a given tensor (times the incoming
-    gradient: Lightning scales the loss for accumulation, AMP for its scaler). One autograd node
-    instead of a product and a sum per parameter."""
+    """A zero whose gradient with respect to input ``i`` is ``grads[i]`` times the incoming
+    gradient (Lightning scales the loss for accumulation, AMP for its scaler), times
+    ``scales[tasks[i]]`` where ``tasks[i]`` is not ``None``. One autograd node instead of a
+    product and a sum per input, and one multiplication per input in backward."""
 
     @staticmethod
-    def forward(ctx: Any, grads: tuple[Tensor, ...], *inputs: Tensor) -> Tensor:
-        ctx.grads = grads
+    def forward(
+        ctx: Any,
+        grads: tuple[Tensor, ...],
+        tasks: tuple[int | None, ...],
+        scales: Tensor | None,
+        *inputs: Tensor,
+    ) -> Tensor:
+        ctx.grads, ctx.tasks, ctx.scales = grads, tasks, scales
         return inputs[0].new_zeros(())
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        grads, ctx.grads = ctx.grads, ()
-        return (None, *(grad * grad_output for grad in grads))
+        grads, tasks, scales = ctx.grads, ctx.tasks, ctx.scales
+        ctx.grads = ctx.scales = None
+        factors = None
+        if scales is not None and any(task is not None for task in tasks):
+            factors = (scales * grad_output).unbind()
+        return (
+            None,
+            None,
+            None,
+            *(
+                grad * (grad_output if task is None else factors[task])  # type: ignore[index]
+                for grad, task in zip(grads, tasks, strict=True)
+            ),
+        )
 
 
 def task_gradients(step: GlobalTaskLosses, inputs: list[Tensor]) -> list[tuple[Tensor | None, ...]]:
@@ -328,16 +445,25 @@ def _jacobian(per_task: list[tuple[Tensor | None, ...]], inputs: list[Tensor]) -
     return jacobian
 
 
-def _weighted_sum(grads: list[Tensor | None], weights: tuple[Tensor, ...], like: Tensor) -> Tensor:
-    """``sum_k weights[k] * grads[k]`` over the tasks that reach the parameter (zeros if none)."""
+def _weighted_sum(grads: TaskGradients, weights: tuple[Tensor, ...], like: Tensor) -> Tensor:
+    """``sum_k weights[k] * grad_k`` over the ``(k, grad_k)`` of the tasks that reach the
+    parameter (zeros if none)."""
     total: Tensor | None = None
-    for grad, weight in zip(grads, weights, strict=True):
+    for task, grad in grads:
         if grad is not None:
-            total = grad * weight if total is None else total + grad * weight
+            total = grad * weights[task] if total is None else total + grad * weights[task]
     return torch.zeros_like(like) if total is None else total
 
 
-def _representation(pl_module: L.LightningModule, method: str) -> tuple[Tensor, Tensor]:
+def _summed(grads: tuple[Tensor | None, ...] | list[Tensor | None]) -> Tensor | None:
+    """The sum of the gradients that are not ``None`` (``None`` if all are)."""
+    present = [grad for grad in grads if grad is not None]
+    if not present:
+        return None
+    return functools.reduce(torch.add, present)
+
+
+def _representation(pl_module: L.LightningModule, method: str) -> SharedRepresentation:
     representation = pl_module.shared_representation  # type: ignore[attr-defined]
     if representation is None:
         raise RuntimeError(

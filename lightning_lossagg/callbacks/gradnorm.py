@@ -82,6 +82,7 @@ class GradNorm(GradientWeighting):
     """
 
     parameter_gradients_through_representation = False
+    injects_head_gradients = False  # its objective runs through the heads
 
     def __init__(
         self,
@@ -150,7 +151,7 @@ class GradNorm(GradientWeighting):
         # The heads saw a detached copy of the representation: hand the trunk the objective's
         # representation gradient sum_k w_k c_k dt_k/drep through the attached one.
         jacobian, self._jacobian = self._jacobian, None
-        shared, _ = pl_module.shared_representation  # type: ignore[misc]
+        shared = pl_module.shared_representation.output  # type: ignore[attr-defined]
         pl_module.shared_representation = None
         direction = weights.to(jacobian.dtype) @ jacobian
         return objective + (shared * direction.view_as(shared).detach()).sum()

@@ -95,6 +95,10 @@ class MGDA(GradientWeighting):
         # In NumPy: a few K×K operations at every training step cost a fraction of torch's.
         matrix = gramian.numpy()
         matrix = (matrix + matrix.T) / 2
+        if self.normalization == "none":
+            weights = min_norm_weights(matrix, guess=self._guess(len(matrix)))
+            self._positive = weights > 0
+            return torch.from_numpy(weights)
         normalizers = self._normalizers(matrix)
         if not np.isfinite(normalizers).all():
             # A non-finite loss: the mixin's non-finite policy decides the step.
@@ -104,10 +108,12 @@ class MGDA(GradientWeighting):
         if usable.any():
             scale = normalizers[usable]
             scaled = matrix[np.ix_(usable, usable)] / np.outer(scale, scale)
-            guess = self._positive if self._positive.shape == scale.shape else None
-            weights[usable] = min_norm_weights(scaled, guess=guess) / scale
+            weights[usable] = min_norm_weights(scaled, guess=self._guess(len(scale))) / scale
             self._positive = weights[usable] > 0
         return torch.from_numpy(weights)
+
+    def _guess(self, num_tasks: int) -> np.ndarray | None:
+        return self._positive if len(self._positive) == num_tasks else None
 
     def _normalizers(self, matrix: np.ndarray) -> np.ndarray:
         norms = np.sqrt(matrix.diagonal().clip(min=0.0))

@@ -9,6 +9,7 @@ from lightning_lossagg.functional._qp import active_set_qp, validated_gramian
 # Relative Tikhonov term: among weights giving the same min-norm update (identical or linearly
 # dependent gradients) it picks the one of least norm, so the result is unique and symmetric.
 TIE_BREAK = 1e-10
+_TINY = float(np.finfo(np.float64).tiny)
 
 
 def mgda(gramian: Tensor, max_iter: int = 250, tol: float = 1e-12) -> Tensor:
@@ -68,16 +69,24 @@ def min_norm_weights(
     """:func:`mgda` on a symmetric float64 NumPy Gramian, unchecked (for the callbacks' step);
     ``guess``: the tasks expected to have a positive weight (see :func:`active_set_qp`)."""
     num_tasks = matrix.shape[0]
+    if num_tasks == 2:
+        return _two_task_weights(*matrix.ravel().tolist())
     trace = matrix.trace()
     if trace <= np.finfo(np.float64).tiny:
         return np.full(num_tasks, 1.0 / num_tasks)
     hessian = matrix / trace + TIE_BREAK * np.eye(num_tasks)
-    if num_tasks == 2:
-        # Sener & Koltun's Algorithm 1, exact: the min-norm point of the segment [g_1, g_2].
-        (a, b), (_, c) = hessian
-        first = min(max((c - b) / (a + c - 2 * b), 0.0), 1.0)  # a + c - 2b >= 2 * TIE_BREAK
-        return np.array([first, 1.0 - first])
     unnormalized = active_set_qp(
         hessian, -np.ones(num_tasks), np.zeros(num_tasks), max_iter, tol, guess
     )
     return unnormalized / unnormalized.sum()
+
+
+def _two_task_weights(g11: float, g12: float, _: float, g22: float) -> np.ndarray:
+    """Sener & Koltun's Algorithm 1, exact: the min-norm point of the segment [g_1, g_2] (in
+    Python floats: a handful of NumPy operations on a 2×2 matrix cost more)."""
+    trace = g11 + g22
+    if trace <= _TINY:
+        return np.full(2, 0.5)
+    a, b, c = g11 / trace + TIE_BREAK, g12 / trace, g22 / trace + TIE_BREAK
+    first = min(max((c - b) / (a + c - 2 * b), 0.0), 1.0)  # a + c - 2b >= 2 * TIE_BREAK
+    return np.array([first, 1.0 - first])

@@ -62,7 +62,7 @@ def _reference(model, batch, rep_grad: bool, valid: tuple[int, ...] = (0, 1, 2))
     model = copy.deepcopy(model).double()
     inputs, targets = batch
     shared = ThreeTaskNet.forward_shared(model, inputs)
-    predictions = ThreeTaskNet.forward_heads(model, shared)
+    predictions = (type(model).forward_heads or ThreeTaskNet.forward_heads)(model, shared)
     model.forward = lambda _: predictions
     all_losses = list(reference_task_losses(model, (inputs, targets)).values())
     losses = [all_losses[k] for k in valid]
@@ -198,6 +198,83 @@ def test_two_ranks_with_gramian_sync_weigh_the_mean_of_the_ranks_gramians(tmp_pa
     _fit(model, 2, NormalisedGradients(sync="gramian"))
     for rank in (0, 1):
         _assert_close(torch.load(tmp_path / f"rank{rank}.pt"), reference)
+
+
+class CoupledHeadsNet(RecordingNet):
+    """sold's prediction reads price's head too: one backward pass cannot tell them apart."""
+
+    def forward_heads(self, shared):
+        price = self.heads["price"](shared).squeeze(-1)
+        sold = self.heads["sold"](shared).squeeze(-1) + 0.5 * price
+        return {"price": price, "kind": self.heads["kind"](shared), "sold": sold}
+
+
+class HeadCalledTwiceNet(RecordingNet):
+    """kind's head reads the representation twice."""
+
+    def forward_heads(self, shared):
+        kind = self.heads["kind"](shared) - 0.25 * self.heads["kind"](torch.tanh(shared))
+        price, sold = self.heads["price"](shared), self.heads["sold"](shared)
+        return {"price": price.squeeze(-1), "kind": kind, "sold": sold.squeeze(-1)}
+
+
+class RepresentationOutsideHeadsNet(RecordingNet):
+    """price's prediction also reads the representation outside its head."""
+
+    def forward_heads(self, shared):
+        predictions = ThreeTaskNet.forward_heads(self, shared)
+        return {**predictions, "price": predictions["price"] + shared.sum(-1)}
+
+
+@pytest.mark.parametrize("rep_grad", [False, True])
+def test_a_head_per_task_gives_every_task_gradient_from_one_backward_pass(
+    tmp_path, monkeypatch, rep_grad
+):
+    from lightning_lossagg.callbacks import gradient_weighting
+
+    passes = {"one pass": 0, "per task": 0}
+
+    def counting(name, original):
+        def counted(*args, **kwargs):
+            passes[name] += 1
+            return original(*args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(
+        gradient_weighting,
+        "task_gradients",
+        counting("per task", gradient_weighting.task_gradients),
+    )
+    one_pass = counting("one pass", GradientWeighting._gradients_in_one_pass)
+    monkeypatch.setattr(GradientWeighting, "_gradients_in_one_pass", one_pass)
+    batch = make_batch(9, seed=5)
+    model = RecordingNet(str(tmp_path), [batch])
+    reference = _reference(model, batch, rep_grad)
+    _fit(model, 1, NormalisedGradients(rep_grad=rep_grad))
+    _assert_close(torch.load(tmp_path / "rank0.pt"), reference)
+    assert passes == {"one pass": 1, "per task": 0}
+
+
+@pytest.mark.parametrize("rep_grad", [False, True])
+@pytest.mark.parametrize(
+    ("net", "warning"),
+    [
+        (CoupledHeadsNet, "task 'sold' depends on the head of task 'price'"),
+        (RepresentationOutsideHeadsNet, "task 'price' depends on the representation"),
+        (HeadCalledTwiceNet, None),
+    ],
+)
+def test_heads_that_share_a_task_take_a_backward_pass_per_task(tmp_path, net, warning, rep_grad):
+    batch = make_batch(9, seed=5)
+    model = net(str(tmp_path), [batch])
+    reference = _reference(model, batch, rep_grad)
+    if warning is None:
+        _fit(model, 1, NormalisedGradients(rep_grad=rep_grad))
+    else:
+        with pytest.warns(UserWarning, match=warning):
+            _fit(model, 1, NormalisedGradients(rep_grad=rep_grad))
+    _assert_close(torch.load(tmp_path / "rank0.pt"), reference)
 
 
 def test_bad_arguments_and_a_model_without_a_split_forward_are_refused():

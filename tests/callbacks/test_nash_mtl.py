@@ -45,14 +45,23 @@ def test_weights_and_update_follow_libmtl_by_hand(rep_grad):
 
 
 def test_between_updates_no_per_task_gradient_is_taken(monkeypatch):
+    # Per-task gradients come from task_gradients (a pass per task) or, with a head per task,
+    # from the one pass: count both.
     calls = []
-    original = gradient_weighting.task_gradients
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
+    def counting(original):
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return original(*args, **kwargs)
 
-    monkeypatch.setattr(gradient_weighting, "task_gradients", counted)
+        return counted
+
+    monkeypatch.setattr(
+        gradient_weighting, "task_gradients", counting(gradient_weighting.task_gradients)
+    )
+    weighting = gradient_weighting.GradientWeighting
+    one_pass = counting(weighting._gradients_in_one_pass)
+    monkeypatch.setattr(weighting, "_gradients_in_one_pass", one_pass)
     recorder, _ = fit(NashMTL(update_weights_every=3), training_batches(), max_epochs=3)
     assert [step["global_step"] for step in recorder.steps] == [0, 1, 2, 3, 4, 5]
     assert len(calls) == 2  # global steps 0 and 3
