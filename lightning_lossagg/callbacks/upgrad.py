@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from torch import Tensor
 from typing_extensions import override
 
@@ -18,7 +19,7 @@ from lightning_lossagg.callbacks._preferences import (
     valid_preferences,
 )
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sync
-from lightning_lossagg.functional.upgrad import upgrad
+from lightning_lossagg.functional.upgrad import upgrad_weights
 
 
 class UPGrad(GradientWeighting):
@@ -73,7 +74,7 @@ class UPGrad(GradientWeighting):
         # Per projection, the coordinates above their bounds at the latest step: where the next
         # solves start (they rarely change from one step to the next; the weights do not depend
         # on them).
-        self._supports: list[np.ndarray] = []
+        self._supports = np.zeros((0, 0), dtype=bool)
 
     @property
     @override
@@ -93,14 +94,17 @@ class UPGrad(GradientWeighting):
     @override
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
         assert self.valid_tasks is not None
-        preferences = valid_preferences(self.pref_vector, self.valid_tasks)
         num_tasks = len(gramian)
-        if len(self._supports) != num_tasks:
-            self._supports = [np.zeros(num_tasks, dtype=bool) for _ in range(num_tasks)]
-        return upgrad(
-            gramian,
-            preferences,
+        preferences = valid_preferences(self.pref_vector, self.valid_tasks)
+        choices = np.full(num_tasks, 1 / num_tasks) if preferences is None else preferences.numpy()
+        if self._supports.shape != (num_tasks, num_tasks):
+            self._supports = np.zeros((num_tasks, num_tasks), dtype=bool)
+        matrix = gramian.numpy()
+        weights, self._supports = upgrad_weights(
+            (matrix + matrix.T) / 2,
+            choices,
             reg_eps=self.reg_eps,
             norm_eps=self.norm_eps,
-            guesses=self._supports,
+            supports=self._supports,
         )
+        return torch.from_numpy(weights)

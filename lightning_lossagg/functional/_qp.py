@@ -150,6 +150,32 @@ def active_set_qp(
     return solution
 
 
+def active_set_qps(
+    hessian: np.ndarray,
+    linear: np.ndarray,
+    lowers: np.ndarray,
+    max_iter: int,
+    tol: float,
+    guesses: np.ndarray,
+) -> np.ndarray:
+    """Row ``i``: :func:`active_set_qp` with ``lowers[i]`` and ``guesses[i]``, for QPs that share
+    their Hessian (UPGrad's projections). The solutions on the guessed free sets come from one
+    batched solve (the fixed variables' rows and columns replaced by the identity); a row whose
+    solution there is feasible and has no negative multiplier is the exact minimiser, and only
+    the other rows run the active-set method."""
+    size = lowers.shape[1]
+    free = guesses.astype(bool)
+    matrices = np.where(free[:, :, None] & free[:, None, :], hessian, np.eye(size))
+    fixed_lowers = np.where(free, 0.0, lowers)
+    rhs = np.where(free, -(linear + fixed_lowers @ hessian), lowers)
+    trial = np.linalg.solve(matrices, rhs[:, :, None])[:, :, 0]
+    multipliers = trial @ hessian + linear  # the Hessian is symmetric
+    optimal = np.all(np.where(free, trial > lowers, multipliers >= -tol), axis=1)
+    for row in np.flatnonzero(~optimal):
+        trial[row] = active_set_qp(hessian, linear, lowers[row], max_iter, tol, free[row])
+    return trial
+
+
 def _solve_on_free_set(
     hessian: np.ndarray, linear: np.ndarray, lower: np.ndarray, free: np.ndarray
 ) -> np.ndarray:

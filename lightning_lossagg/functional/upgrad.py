@@ -4,10 +4,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_lossagg.functional._qp import active_set_qp, validated_gramian, validated_preferences
+from lightning_lossagg.functional._qp import (
+    active_set_qps,
+    validated_gramian,
+    validated_preferences,
+)
 
 # The normalised QP has multipliers of the order of the preferences: this is rounding level.
 KKT_TOL = 1e-12
+_TINY = float(np.finfo(np.float64).tiny)
 
 
 def upgrad(
@@ -72,24 +77,40 @@ def upgrad(
         raise ValueError(f"norm_eps must be non-negative, got {norm_eps}.")
     if max_iter < 1:
         raise ValueError(f"max_iter must be a positive integer, got {max_iter}.")
-    matrix = validated_gramian(gramian)
+    matrix = validated_gramian(gramian).numpy()
     num_tasks = matrix.shape[0]
-    preferences = validated_preferences(pref_vector, num_tasks, default=1.0 / num_tasks)
-    trace = matrix.trace()
-    if trace <= norm_eps or trace <= torch.finfo(torch.float64).tiny:
-        return preferences.to(dtype=gramian.dtype, device=gramian.device)
-    hessian = (matrix / trace).numpy() + reg_eps * np.eye(num_tasks)
-    choices = preferences.numpy()
-    tol = KKT_TOL * float(np.abs(choices).max())
-    weights = np.zeros(num_tasks)
+    preferences = validated_preferences(pref_vector, num_tasks, default=1.0 / num_tasks).numpy()
     if guesses is not None and len(guesses) != num_tasks:
         raise ValueError(f"guesses must hold one array per task ({num_tasks}), got {len(guesses)}.")
-    for task in range(num_tasks):
-        lower = np.zeros(num_tasks)
-        lower[task] = choices[task]
-        guess = None if guesses is None else guesses[task]
-        projection = active_set_qp(hessian, np.zeros(num_tasks), lower, max_iter, tol, guess)
-        if guesses is not None:
-            guesses[task] = projection > lower
-        weights += projection
+    supports = None if guesses is None else np.stack(guesses)
+    weights, supports = upgrad_weights(matrix, preferences, reg_eps, norm_eps, max_iter, supports)
+    if guesses is not None:
+        guesses[:] = list(supports)
     return torch.from_numpy(weights).to(dtype=gramian.dtype, device=gramian.device)
+
+
+def upgrad_weights(
+    matrix: np.ndarray,
+    preferences: np.ndarray,
+    reg_eps: float = 1e-4,
+    norm_eps: float = 0.0,
+    max_iter: int = 250,
+    supports: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`upgrad` on a symmetric float64 NumPy Gramian, unchecked (for the callback's step).
+
+    ``supports[i]``: the coordinates expected above their bounds in projection ``i`` (``None``:
+    none). Returns the weights and this call's supports. The projections share their Hessian:
+    they are solved together (:func:`active_set_qps`).
+    """
+    num_tasks = matrix.shape[0]
+    if supports is None:
+        supports = np.zeros((num_tasks, num_tasks), dtype=bool)
+    trace = matrix.trace()
+    if trace <= norm_eps or trace <= _TINY:
+        return preferences.copy(), supports
+    hessian = matrix / trace + reg_eps * np.eye(num_tasks)
+    tol = KKT_TOL * float(np.abs(preferences).max())
+    lowers = np.diag(preferences)  # projection i: v >= p_i e_i
+    projections = active_set_qps(hessian, np.zeros(num_tasks), lowers, max_iter, tol, supports)
+    return projections.sum(0), projections > lowers
