@@ -111,43 +111,8 @@ def active_set_qp(
     there and usually only checks the multipliers; otherwise it starts from the bounds. The
     result is the same either way, the exact minimiser.
     """
-    solution = lower.copy()
-    free = np.zeros(len(lower), dtype=bool)
-    if guess is not None and guess.any():
-        trial = _solve_on_free_set(hessian, linear, lower, guess)
-        if (trial[guess] > lower[guess]).all():
-            solution, free = trial, guess.copy()
-    tiny = np.finfo(np.float64).tiny
-    for _ in range(max_iter):
-        multipliers = hessian @ solution + linear
-        releasable = ~free & (multipliers < -tol)
-        if not releasable.any():
-            break
-        previous_free = free.copy()
-        free[np.where(releasable, multipliers, np.inf).argmin()] = True
-        while True:
-            # Every pass of this loop either accepts a feasible point or fixes one more bound.
-            trial = _solve_on_free_set(hessian, linear, lower, free)
-            if (trial[free] > lower[free]).all():
-                solution = trial
-                break
-            blocked = free & (trial <= lower)
-            # For blocked bounds solution >= lower >= trial; the clamp turns 0 / 0 into 0.
-            distances = np.maximum(solution - trial, tiny)
-            ratios = np.full(len(lower), np.inf)
-            with np.errstate(over="ignore"):  # a huge ratio is as good as inf
-                ratios[blocked] = (solution - lower)[blocked] / distances[blocked]
-            step = min(max(ratios.min(), 0.0), 1.0)
-            solution = solution + step * (trial - solution)
-            hits = free & (solution <= lower)
-            hits[ratios.argmin()] = True
-            solution[hits] = lower[hits]
-            free &= ~hits
-            if not free.any():
-                break
-        if np.array_equal(free, previous_free):
-            break  # the freed bound was blocked at once: optimal to rounding
-    return solution
+    guesses = None if guess is None else guess[None]
+    return active_set_qps(hessian, linear, lower[None], max_iter, tol, guesses)[0]
 
 
 def active_set_qps(
@@ -156,31 +121,65 @@ def active_set_qps(
     lowers: np.ndarray,
     max_iter: int,
     tol: float,
-    guesses: np.ndarray,
+    guesses: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Row ``i``: :func:`active_set_qp` with ``lowers[i]`` and ``guesses[i]``, for QPs that share
-    their Hessian (UPGrad's projections). The solutions on the guessed free sets come from one
-    batched solve (the fixed variables' rows and columns replaced by the identity); a row whose
-    solution there is feasible and has no negative multiplier is the exact minimiser, and only
-    the other rows run the active-set method."""
-    size = lowers.shape[1]
-    free = guesses.astype(bool)
+    r"""Row ``i``: the minimiser of :math:`\tfrac12 x^\top H x + c^\top x` subject to
+    :math:`x \succeq` ``lowers[i]``, for QPs that share their Hessian (UPGrad's projections),
+    solved together: every iteration of the active-set method runs on all the rows still
+    working, with one batched solve (see :func:`active_set_qp` for ``guesses[i]``)."""
+    num_rows, size = lowers.shape
+    solution = lowers.copy()
+    free = np.zeros((num_rows, size), dtype=bool)
+    if guesses is not None:
+        trial = _solve_on_free_sets(hessian, linear, lowers, guesses)
+        start = guesses.any(1) & np.all(~guesses | (trial > lowers), axis=1)
+        solution[start], free[start] = trial[start], guesses[start]
+    tiny = np.finfo(np.float64).tiny
+    done = np.zeros(num_rows, dtype=bool)
+    for _ in range(max_iter):
+        multipliers = solution @ hessian + linear  # the Hessian is symmetric
+        releasable = ~free & (multipliers < -tol) & ~done[:, None]
+        working = releasable.any(1)
+        if not working.any():
+            break
+        previous_free = free.copy()
+        rows = np.flatnonzero(working)
+        free[rows, np.where(releasable, multipliers, np.inf)[rows].argmin(1)] = True
+        pending = working.copy()
+        while pending.any():
+            # Every pass accepts a feasible point or fixes one more bound, in each pending row.
+            trial = _solve_on_free_sets(hessian, linear, lowers, free)
+            accepted = pending & np.all(~free | (trial > lowers), axis=1)
+            solution[accepted] = trial[accepted]
+            pending &= ~accepted
+            if not pending.any():
+                break
+            blocked = free & (trial <= lowers) & pending[:, None]
+            # For blocked bounds solution >= lower >= trial; the clamp turns 0 / 0 into 0.
+            distances = np.maximum(solution - trial, tiny)
+            with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+                ratios = np.where(blocked, (solution - lowers) / distances, np.inf)
+            steps = np.clip(ratios.min(1), 0.0, 1.0)[:, None]
+            solution = np.where(pending[:, None], solution + steps * (trial - solution), solution)
+            hits = free & (solution <= lowers) & pending[:, None]
+            rows = np.flatnonzero(pending)
+            hits[rows, ratios[rows].argmin(1)] = True
+            solution = np.where(hits, lowers, solution)
+            free &= ~hits
+            pending &= free.any(1)
+        # A row whose freed bound was blocked at once is optimal to rounding.
+        done |= working & np.all(free == previous_free, axis=1)
+    return solution
+
+
+def _solve_on_free_sets(
+    hessian: np.ndarray, linear: np.ndarray, lowers: np.ndarray, free: np.ndarray
+) -> np.ndarray:
+    """Row ``i``: the minimiser with the variables outside ``free[i]`` at ``lowers[i]`` (the
+    others unbounded), from one batched solve: the fixed variables' rows and columns of the
+    Hessian are replaced by the identity's."""
+    size = hessian.shape[0]
     matrices = np.where(free[:, :, None] & free[:, None, :], hessian, np.eye(size))
-    fixed_lowers = np.where(free, 0.0, lowers)
-    rhs = np.where(free, -(linear + fixed_lowers @ hessian), lowers)
-    trial = np.linalg.solve(matrices, rhs[:, :, None])[:, :, 0]
-    multipliers = trial @ hessian + linear  # the Hessian is symmetric
-    optimal = np.all(np.where(free, trial > lowers, multipliers >= -tol), axis=1)
-    for row in np.flatnonzero(~optimal):
-        trial[row] = active_set_qp(hessian, linear, lowers[row], max_iter, tol, free[row])
-    return trial
-
-
-def _solve_on_free_set(
-    hessian: np.ndarray, linear: np.ndarray, lower: np.ndarray, free: np.ndarray
-) -> np.ndarray:
-    """The minimiser with the variables outside ``free`` at their bounds (the others unbounded)."""
-    trial = lower.copy()
-    rhs = -(linear + hessian[:, ~free] @ lower[~free])[free]
-    trial[free] = np.linalg.solve(hessian[np.ix_(free, free)], rhs)
-    return trial
+    fixed = np.where(free, 0.0, lowers)
+    rhs = np.where(free, -(linear + fixed @ hessian), lowers)
+    return np.linalg.solve(matrices, rhs[:, :, None])[:, :, 0]
