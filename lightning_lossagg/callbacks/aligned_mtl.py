@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from typing import Any, get_args
 
 import lightning as L
+import numpy as np
+import torch
 from torch import Tensor
 from typing_extensions import override
 
@@ -17,7 +19,8 @@ from lightning_lossagg.callbacks._preferences import (
     valid_preferences,
 )
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sync
-from lightning_lossagg.functional.aligned_mtl import ScaleMode, aligned_mtl
+from lightning_lossagg.functional._qp import symmetric_matrix
+from lightning_lossagg.functional.aligned_mtl import ScaleMode, aligned_mtl_weights
 
 
 class AlignedMTL(GradientWeighting):
@@ -86,4 +89,7 @@ class AlignedMTL(GradientWeighting):
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
         assert self.valid_tasks is not None
         preferences = valid_preferences(self.pref_vector, self.valid_tasks)
-        return aligned_mtl(gramian, preferences, scale_mode=self.scale_mode)
+        matrix = symmetric_matrix(gramian)
+        choices = np.ones(len(matrix)) if preferences is None else preferences.numpy()
+        eps = float(np.finfo(np.float64).eps)
+        return torch.from_numpy(aligned_mtl_weights(matrix, choices, self.scale_mode, eps))

@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+import torch
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sync
-from lightning_lossagg.functional.cagrad import cagrad
+from lightning_lossagg.functional._qp import symmetric_matrix
+from lightning_lossagg.functional.cagrad import cagrad_weights
 
 
 class CAGrad(GradientWeighting):
@@ -55,6 +58,9 @@ class CAGrad(GradientWeighting):
                 f"`rescale` must be 0, 1 or 2 (LibMTL's default is 1); got {rescale!r}."
             )
         self.c, self.rescale = float(c), int(rescale)
+        # The tasks with a positive inner weight at the latest step: where the next search
+        # starts (the support rarely changes; the weights do not depend on it).
+        self._support = np.zeros(0, dtype=bool)
 
     @property
     @override
@@ -63,4 +69,7 @@ class CAGrad(GradientWeighting):
 
     @override
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
-        return cagrad(gramian, c=self.c, rescale=self.rescale)
+        support = self._support if len(self._support) == len(gramian) else None
+        weights, found = cagrad_weights(symmetric_matrix(gramian), self.c, self.rescale, support)
+        self._support = np.zeros(0, dtype=bool) if found is None else found
+        return torch.from_numpy(weights)

@@ -370,18 +370,36 @@ class _InjectedGradients(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         grads, tasks, scales = ctx.grads, ctx.tasks, ctx.scales
         ctx.grads = ctx.scales = None
-        factors = None
-        if scales is not None and any(task is not None for task in tasks):
-            factors = (scales * grad_output).unbind()
-        return (
-            None,
-            None,
-            None,
-            *(
-                grad * (grad_output if task is None else factors[task])  # type: ignore[index]
-                for grad, task in zip(grads, tasks, strict=True)
-            ),
-        )
+        return (None, None, None, *_scaled(grads, tasks, scales, grad_output))
+
+
+def _scaled(
+    grads: tuple[Tensor, ...],
+    tasks: tuple[int | None, ...],
+    scales: Tensor | None,
+    grad_output: Tensor,
+) -> list[Tensor]:
+    """``grads[i] * grad_output`` (times ``scales[tasks[i]]``). On the CPU, where reading them
+    costs nothing, factors equal to 1 (no accumulation, no loss scaling, unit static weights)
+    are skipped: the gradients are handed over as they are, without a copy."""
+    scaled = [task is not None for task in tasks]
+    if grad_output.device.type == "cpu" and grad_output.numel() == 1:
+        output = grad_output.item()
+        factors = [output] * len(grads)
+        if scales is not None and any(scaled):
+            per_task = (scales * output).tolist()
+            factors = [per_task[task] if task is not None else output for task in tasks]
+        return [
+            grad if factor == 1.0 else grad * factor
+            for grad, factor in zip(grads, factors, strict=True)
+        ]
+    if scales is not None and any(scaled):
+        per_task = (scales * grad_output).unbind()
+        return [
+            grad * (per_task[task] if task is not None else grad_output)
+            for grad, task in zip(grads, tasks, strict=True)
+        ]
+    return [grad * grad_output for grad in grads]
 
 
 def task_gradients(step: GlobalTaskLosses, inputs: list[Tensor]) -> list[tuple[Tensor | None, ...]]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting
-from lightning_lossagg.functional.imtl_g import imtl_g
+from lightning_lossagg.functional._qp import symmetric_matrix
+from lightning_lossagg.functional.imtl_g import imtl_g_weights
 
 
 class IMTLG(GradientWeighting):
@@ -39,4 +41,5 @@ class IMTLG(GradientWeighting):
 
     @override
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
-        return imtl_g(gramian)
+        weights = imtl_g_weights(symmetric_matrix(gramian), torch.finfo(torch.float64).eps)
+        return torch.from_numpy(weights)

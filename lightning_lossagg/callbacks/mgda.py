@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sync
+from lightning_lossagg.functional._qp import symmetric_matrix
 from lightning_lossagg.functional.mgda import min_norm_weights
 
 Normalization = Literal["none", "l2", "loss", "loss+"]
@@ -93,8 +94,7 @@ class MGDA(GradientWeighting):
     @override
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
         # In NumPy: a few K×K operations at every training step cost a fraction of torch's.
-        matrix = gramian.numpy()
-        matrix = (matrix + matrix.T) / 2
+        matrix = symmetric_matrix(gramian)
         if self.normalization == "none":
             weights = min_norm_weights(matrix, guess=self._guess(len(matrix)))
             self._positive = weights > 0

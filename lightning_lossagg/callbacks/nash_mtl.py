@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 from typing_extensions import override
@@ -13,7 +14,8 @@ from typing_extensions import override
 from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks._checks import require_multitask
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sync
-from lightning_lossagg.functional.nash_mtl import nash_mtl
+from lightning_lossagg.functional._qp import symmetric_matrix
+from lightning_lossagg.functional.nash_mtl import MAX_ITER, nash_mtl_weights
 
 
 class NashMTL(GradientWeighting):
@@ -122,7 +124,10 @@ class NashMTL(GradientWeighting):
         previous = self._previous
         if previous is None:
             previous = torch.ones(self._num_tasks, dtype=torch.float64)
-        weights = nash_mtl(gramian, previous[self.valid_tasks], max_norm=0.0)
+        start = previous[self.valid_tasks].numpy()
+        eps = float(np.finfo(np.float64).eps)
+        matrix = symmetric_matrix(gramian)
+        weights = torch.from_numpy(nash_mtl_weights(matrix, start, 0.0, MAX_ITER, eps))
         previous = previous.clone()
         previous[self.valid_tasks] = weights.to(previous)
         self._previous = previous

@@ -13,7 +13,8 @@ from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks._checks import check_non_negative_int
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sync
 from lightning_lossagg.callbacks.rlw import step_seed
-from lightning_lossagg.functional.pcgrad import pcgrad
+from lightning_lossagg.functional._qp import symmetric_matrix
+from lightning_lossagg.functional.pcgrad import pcgrad_weights
 
 
 class PCGrad(GradientWeighting):
@@ -68,7 +69,7 @@ class PCGrad(GradientWeighting):
 
     @override
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
-        return pcgrad(gramian, self._generator)
+        return torch.from_numpy(pcgrad_weights(symmetric_matrix(gramian), self._generator))
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from lightning_lossagg.callbacks._preferences import (
     valid_preferences,
 )
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sync
+from lightning_lossagg.functional._qp import symmetric_matrix
 from lightning_lossagg.functional.upgrad import upgrad_weights
 
 
@@ -99,9 +100,8 @@ class UPGrad(GradientWeighting):
         choices = np.full(num_tasks, 1 / num_tasks) if preferences is None else preferences.numpy()
         if self._supports.shape != (num_tasks, num_tasks):
             self._supports = np.zeros((num_tasks, num_tasks), dtype=bool)
-        matrix = gramian.numpy()
         weights, self._supports = upgrad_weights(
-            (matrix + matrix.T) / 2,
+            symmetric_matrix(gramian),
             choices,
             reg_eps=self.reg_eps,
             norm_eps=self.norm_eps,

@@ -51,6 +51,13 @@ def validated_gramian(gramian: Tensor) -> Tensor:
     return torch.from_numpy((matrix + matrix.T) / 2)
 
 
+def symmetric_matrix(gramian: Tensor) -> np.ndarray:
+    """A float64 CPU Gramian that passed a training step's checks (finite) as a symmetric NumPy
+    matrix: what the callbacks hand their method's unchecked solver."""
+    matrix = gramian.numpy()
+    return (matrix + matrix.T) / 2
+
+
 def validated_preferences(pref_vector: Tensor | None, num_tasks: int, default: float) -> Tensor:
     """``pref_vector`` as a float64 CPU copy, or ``default`` for every task when it is ``None``.
 
@@ -67,9 +74,14 @@ def validated_preferences(pref_vector: Tensor | None, num_tasks: int, default: f
     return pref_vector.detach().to(device="cpu", dtype=torch.float64)
 
 
-def solve_lower_bounded_qp(
-    hessian: Tensor, linear: Tensor, lower: Tensor, max_iter: int, tol: float
-) -> Tensor:
+def active_set_qp(
+    hessian: np.ndarray,
+    linear: np.ndarray,
+    lower: np.ndarray,
+    max_iter: int,
+    tol: float,
+    guess: np.ndarray | None = None,
+) -> np.ndarray:
     r"""Solve :math:`\min_x \tfrac12 x^\top H x + c^\top x` subject to :math:`x \succeq l`.
 
     A primal active-set method (Lawson & Hanson's NNLS algorithm, written for a quadratic
@@ -79,37 +91,18 @@ def solve_lower_bounded_qp(
     The loop runs in NumPy: on K×K matrices a NumPy operation costs a fraction of a torch one.
 
     Args:
-        hessian: symmetric positive definite :math:`H` of shape [K, K].
+        hessian: symmetric positive definite :math:`H` of shape [K, K], float64.
         linear: :math:`c` of shape [K].
         lower: :math:`l` of shape [K].
         max_iter: most bounds freed; the feasible iterate reached is returned when it is spent.
         tol: a bound stays active while its multiplier :math:`(Hx + c)_i \geq -\text{tol}`.
+        guess: the variables expected above their bounds (at a training step, those of the
+            previous step's solution): when the solution on that free set is feasible, the method
+            starts there and usually only checks the multipliers; otherwise it starts from the
+            bounds. The result is the same either way, the exact minimiser.
 
     Returns:
-        The minimiser :math:`x` of shape [K] (float64, CPU), feasible even if ``max_iter`` ran out.
-    """
-    solution = active_set_qp(_as_numpy(hessian), _as_numpy(linear), _as_numpy(lower), max_iter, tol)
-    return torch.from_numpy(solution)
-
-
-def _as_numpy(tensor: Tensor) -> np.ndarray:
-    return tensor.detach().to(device="cpu", dtype=torch.float64).numpy()
-
-
-def active_set_qp(
-    hessian: np.ndarray,
-    linear: np.ndarray,
-    lower: np.ndarray,
-    max_iter: int,
-    tol: float,
-    guess: np.ndarray | None = None,
-) -> np.ndarray:
-    """:func:`solve_lower_bounded_qp` on float64 NumPy arrays.
-
-    ``guess``: the variables expected above their bounds (at a training step, those of the
-    previous step's solution): when the solution on that free set is feasible, the method starts
-    there and usually only checks the multipliers; otherwise it starts from the bounds. The
-    result is the same either way, the exact minimiser.
+        The minimiser :math:`x` of shape [K], feasible even if ``max_iter`` ran out.
     """
     guesses = None if guess is None else guess[None]
     return active_set_qps(hessian, linear, lower[None], max_iter, tol, guesses)[0]

@@ -58,14 +58,23 @@ def aligned_mtl(
     """
     if scale_mode not in ("min", "median", "rmse"):
         raise ValueError(f"scale_mode must be 'min', 'median' or 'rmse', got {scale_mode!r}.")
-    matrix = validated_gramian(gramian)
+    matrix = validated_gramian(gramian).numpy()
+    preferences = validated_preferences(pref_vector, matrix.shape[0], default=1.0).numpy()
+    weights = aligned_mtl_weights(matrix, preferences, scale_mode, torch.finfo(gramian.dtype).eps)
+    return torch.from_numpy(weights).to(dtype=gramian.dtype, device=gramian.device)
+
+
+def aligned_mtl_weights(
+    matrix: np.ndarray, preferences: np.ndarray, scale_mode: ScaleMode, eps: float
+) -> np.ndarray:
+    """:func:`aligned_mtl` on a symmetric float64 NumPy Gramian, unchecked (for the callback's
+    step); ``eps``: the rounding unit of the gradients' dtype."""
     num_tasks = matrix.shape[0]
-    preferences = validated_preferences(pref_vector, num_tasks, default=1.0)
-    eigenvalues, eigenvectors = np.linalg.eigh(matrix.numpy())
-    cutoff = num_tasks * torch.finfo(gramian.dtype).eps * max(eigenvalues.max(), 0.0)
+    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
+    cutoff = num_tasks * eps * max(eigenvalues.max(), 0.0)
     kept = eigenvalues > cutoff
     if not kept.any():
-        return preferences.to(dtype=gramian.dtype, device=gramian.device)
+        return preferences.copy()
     eigenvalues, eigenvectors = eigenvalues[kept], eigenvectors[:, kept]
     if scale_mode == "min":
         common = eigenvalues.min()
@@ -74,5 +83,4 @@ def aligned_mtl(
     else:
         common = eigenvalues.mean()
     balance = (np.sqrt(common) * eigenvectors / np.sqrt(eigenvalues)) @ eigenvectors.T
-    weights = torch.from_numpy(balance @ preferences.numpy())
-    return weights.to(dtype=gramian.dtype, device=gramian.device)
+    return balance @ preferences

@@ -5,7 +5,7 @@ import torch
 from scipy.optimize import minimize
 from torch import Tensor
 
-from lightning_lossagg.functional._qp import solve_lower_bounded_qp, validated_gramian
+from lightning_lossagg.functional._qp import active_set_qp, validated_gramian
 
 # Below this norm (relative to the root of the Gramian's trace) the inner solution g_w is taken as
 # zero: the gradients are Pareto stationary and g_w / ||g_w|| is undefined.
@@ -14,16 +14,23 @@ STATIONARY_TOL = 1e-6
 _SQRT_SMOOTHING = 1e-20
 # Makes the projection QP strictly convex (its Gramian is singular at Pareto-stationary points).
 _TIE_BREAK = 1e-10
+_TINY = float(np.finfo(np.float64).tiny)
 _RESCALE_DIVISORS = {0: lambda c: 1.0, 1: lambda c: 1.0 + c**2, 2: lambda c: 1.0 + c}
 
 
-def _inner_weights(matrix: Tensor, linear: Tensor, radius: float) -> Tensor:
-    """Minimise ``linear @ w + radius * sqrt(w @ matrix @ w)`` over the simplex: exactly by
-    :func:`_on_support` where it certifies its answer, else with SciPy's SLSQP."""
-    gram, lin = matrix.numpy(), linear.numpy()
-    exact = _on_support(gram, lin, radius)
+def _inner_weights(
+    gram: np.ndarray, lin: np.ndarray, radius: float, support: np.ndarray | None = None
+) -> np.ndarray:
+    """Minimise ``lin @ w + radius * sqrt(w @ gram @ w)`` over the simplex: exactly by
+    :func:`_on_support` where it certifies its answer (from the ``support`` guessed, else from
+    the best vertex), else with SciPy's SLSQP."""
+    exact = (
+        None if support is None or not support.any() else _on_support(gram, lin, radius, support)
+    )
+    if exact is None:
+        exact = _on_support(gram, lin, radius)
     if exact is not None:
-        return torch.from_numpy(exact)
+        return exact
 
     def objective(w: np.ndarray) -> float:
         return float(lin @ w + radius * np.sqrt(max(w @ gram @ w, 0.0) + _SQRT_SMOOTHING))
@@ -43,26 +50,30 @@ def _inner_weights(matrix: Tensor, linear: Tensor, radius: float) -> Tensor:
         constraints=[simplex],
         options={"ftol": 1e-14, "maxiter": 500},
     )
-    weights = torch.from_numpy(np.clip(result.x, 0.0, None))
+    weights = np.clip(result.x, 0.0, None)
     return weights / weights.sum()
 
 
-def _on_support(gram: np.ndarray, lin: np.ndarray, radius: float) -> np.ndarray | None:
+def _on_support(
+    gram: np.ndarray, lin: np.ndarray, radius: float, start: np.ndarray | None = None
+) -> np.ndarray | None:
     r"""The inner minimiser from its KKT conditions, by an active-set search over its support.
 
     On a support :math:`S` with :math:`v = w / \lVert g_w\rVert`, stationarity reads
     :math:`l_S + r\,G_{SS} v = \mu \mathbf 1` with :math:`v^\top G_{SS} v = 1`, so
     :math:`v = (\mu a - b) / r` for :math:`a = G_{SS}^{-1}\mathbf 1`, :math:`b = G_{SS}^{-1} l_S`,
     and :math:`\mu` is the root of a quadratic with :math:`\mathbf 1^\top v > 0`. Starting from
-    the best vertex, a task outside with :math:`(\nabla f)_i < \mu` joins :math:`S` and a task
-    with a negative weight leaves it.
+    ``start`` (a guessed support) or the best vertex, a task outside with
+    :math:`(\nabla f)_i < \mu` joins :math:`S` and a task with a negative weight leaves it.
     The objective is convex, so a point meeting every KKT condition is the minimiser; ``None``
     when none is found (singular :math:`G_{SS}`, Pareto-stationary gradients): SLSQP decides.
     """
     num_tasks = len(lin)
-    support = np.zeros(num_tasks, dtype=bool)
-    # Start at the best vertex: f(e_i) = l_i + r sqrt(G_ii).
-    support[(lin + radius * np.sqrt(np.maximum(gram.diagonal(), 0.0))).argmin()] = True
+    if start is not None:
+        support = start.copy()
+    else:  # the best vertex: f(e_i) = l_i + r sqrt(G_ii)
+        support = np.zeros(num_tasks, dtype=bool)
+        support[(lin + radius * np.sqrt(np.maximum(gram.diagonal(), 0.0))).argmin()] = True
     tol = 1e-12 * (np.abs(lin).max() + radius)
     for _ in range(2 * num_tasks):
         try:
@@ -94,29 +105,36 @@ def _on_support(gram: np.ndarray, lin: np.ndarray, radius: float) -> np.ndarray 
     return None
 
 
-def _paper_weights(matrix: Tensor, c: float) -> Tensor:
-    """The weights of the paper's update (``rescale=0``) for a float64 Gramian."""
+def cagrad_weights(
+    matrix: np.ndarray, c: float, rescale: int = 1, support: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`cagrad` on a symmetric float64 NumPy Gramian, unchecked (for the callback's step).
+
+    ``support``: the tasks expected to have a positive inner weight (the previous step's); the
+    result does not depend on it. Returns the weights and this call's support (``None`` when the
+    inner problem was not solved).
+    """
     num_tasks = matrix.shape[0]
-    mean_weights = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)
+    divisor = _RESCALE_DIVISORS[rescale](c)
+    mean_weights = np.full(num_tasks, 1.0 / num_tasks)
     trace = matrix.trace()
-    if trace <= torch.finfo(torch.float64).tiny:
-        return mean_weights
+    if trace <= _TINY:
+        return mean_weights / divisor, None
     matrix = matrix / trace
     linear = matrix @ mean_weights  # <g_i, g_0>
-    radius = c * (mean_weights @ linear).clamp(min=0.0).sqrt().item()
+    radius = c * np.sqrt(max(mean_weights @ linear, 0.0))
     if radius == 0.0:  # the ball is the single point g_0
-        return mean_weights
-    inner = _inner_weights(matrix, linear, radius)
-    inner_norm = (inner @ matrix @ inner).clamp(min=0.0).sqrt().item()
+        return mean_weights / divisor, None
+    inner = _inner_weights(matrix, linear, radius, support)
+    inner_norm = np.sqrt(max(inner @ matrix @ inner, 0.0))
     if inner_norm > STATIONARY_TOL:
-        return mean_weights + (radius / inner_norm) * inner
+        return (mean_weights + (radius / inner_norm) * inner) / divisor, inner > 0
     # Project g_0 onto the cone {d : <g_i, d> >= 0}. By duality d = g_0 + sum_i lambda_i g_i with
     # lambda = argmin_{lambda >= 0} ||d||^2 / 2 = lambda^T G lambda / 2 + lambda^T G w_0 + const.
-    regularized = matrix + _TIE_BREAK * torch.eye(num_tasks, dtype=torch.float64)
-    zeros = torch.zeros(num_tasks, dtype=torch.float64)
-    return mean_weights + solve_lower_bounded_qp(
-        regularized, linear, zeros, max_iter=10 * num_tasks, tol=1e-12
-    )
+    regularized = matrix + _TIE_BREAK * np.eye(num_tasks)
+    zeros = np.zeros(num_tasks)
+    multipliers = active_set_qp(regularized, linear, zeros, max_iter=10 * num_tasks, tol=1e-12)
+    return (mean_weights + multipliers) / divisor, inner > 0
 
 
 def cagrad(gramian: Tensor, c: float = 0.5, rescale: int = 1) -> Tensor:
@@ -173,5 +191,5 @@ def cagrad(gramian: Tensor, c: float = 0.5, rescale: int = 1) -> Tensor:
         raise ValueError(f"c must be a non-negative float (LibMTL's default is 0.5), got {c}.")
     if rescale not in _RESCALE_DIVISORS:
         raise ValueError(f"rescale must be 0, 1 or 2 (LibMTL's default is 1), got {rescale!r}.")
-    weights = _paper_weights(validated_gramian(gramian), c) / _RESCALE_DIVISORS[rescale](c)
-    return weights.to(dtype=gramian.dtype, device=gramian.device)
+    weights, _ = cagrad_weights(validated_gramian(gramian).numpy(), c, rescale)
+    return torch.from_numpy(weights).to(dtype=gramian.dtype, device=gramian.device)

@@ -51,15 +51,20 @@ def imtl_g(gramian: Tensor) -> Tensor:
         tensor([0.6667, 0.3333])
     """
     matrix = validated_gramian(gramian).numpy()
+    weights = imtl_g_weights(matrix, torch.finfo(gramian.dtype).eps)
+    return torch.from_numpy(weights).to(dtype=gramian.dtype, device=gramian.device)
+
+
+def imtl_g_weights(matrix: np.ndarray, eps: float) -> np.ndarray:
+    """:func:`imtl_g` on a symmetric float64 NumPy Gramian, unchecked (for the callback's step);
+    ``eps``: the rounding unit of the gradients' dtype."""
     num_tasks = matrix.shape[0]
-    precision = num_tasks * torch.finfo(gramian.dtype).eps
+    precision = num_tasks * eps
     norms = np.sqrt(np.maximum(matrix.diagonal(), 0.0))
     solution = np.linalg.pinv(matrix, rcond=precision, hermitian=True) @ norms
     total = solution.sum()
     # 1ᵀv is measured in units of 1 / ||g||; below this cut-off the weights, ~1 / |1ᵀv|, would be
     # set by rounding in the cancellation, not by the gradients.
     if abs(total) * norms.max() <= precision**0.5:
-        weights = np.full(num_tasks, 1.0 / num_tasks)
-    else:
-        weights = solution / total
-    return torch.from_numpy(weights).to(dtype=gramian.dtype, device=gramian.device)
+        return np.full(num_tasks, 1.0 / num_tasks)
+    return solution / total

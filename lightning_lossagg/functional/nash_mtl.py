@@ -10,6 +10,8 @@ from lightning_lossagg.functional._qp import validated_gramian
 # the order of float64 rounding.
 _DECREMENT_TOL = 1e-10
 _RESIDUAL_TOL = 1e-6
+# Newton steps allowed: about 10 are needed, more only for nearly degenerate input.
+MAX_ITER = 100
 
 
 def _scaled_like_a_solution(matrix: np.ndarray, alpha: np.ndarray, eps: float) -> np.ndarray:
@@ -50,7 +52,10 @@ def _solve_bargaining(matrix: np.ndarray, start: np.ndarray, max_iter: int) -> n
 
 
 def nash_mtl(
-    gramian: Tensor, previous: Tensor | None = None, max_norm: float = 1.0, max_iter: int = 100
+    gramian: Tensor,
+    previous: Tensor | None = None,
+    max_norm: float = 1.0,
+    max_iter: int = MAX_ITER,
 ) -> Tensor:
     r"""Weights of Nash-MTL: the Nash bargaining solution, with LibMTL's gradient norm clipping.
 
@@ -116,15 +121,25 @@ def nash_mtl(
                 f"previous must hold {num_tasks} positive finite weights (the last result of "
                 f"nash_mtl), got {previous}. Pass None to start afresh."
             )
-    gram = matrix.numpy()
-    weights = _scaled_like_a_solution(gram, start.numpy(), torch.finfo(gramian.dtype).eps)
-    trace = np.trace(gram)
+    weights = nash_mtl_weights(
+        matrix.numpy(), start.numpy(), max_norm, max_iter, torch.finfo(gramian.dtype).eps
+    )
+    return torch.from_numpy(weights).to(dtype=gramian.dtype, device=gramian.device)
+
+
+def nash_mtl_weights(
+    matrix: np.ndarray, start: np.ndarray, max_norm: float, max_iter: int, eps: float
+) -> np.ndarray:
+    """:func:`nash_mtl` on a symmetric float64 NumPy Gramian from positive weights ``start``,
+    unchecked (for the callback's step); ``eps``: the rounding unit of the gradients' dtype."""
+    weights = _scaled_like_a_solution(matrix, start, eps)
+    trace = np.trace(matrix)
     if trace > np.finfo(np.float64).tiny:
         # Newton on G / tr(G) is better conditioned; its solution is sqrt(tr(G)) times ours.
-        normalized = _solve_bargaining(gram / trace, weights * np.sqrt(trace), max_iter)
+        normalized = _solve_bargaining(matrix / trace, weights * np.sqrt(trace), max_iter)
         if normalized is not None:
             weights = normalized / np.sqrt(trace)
-    norm = np.sqrt(max(weights @ gram @ weights, 0.0))
+    norm = np.sqrt(max(weights @ matrix @ weights, 0.0))
     if max_norm > 0 and norm > max_norm:
         weights = weights * (max_norm / norm)
-    return torch.from_numpy(weights).to(dtype=gramian.dtype, device=gramian.device)
+    return weights

@@ -51,7 +51,12 @@ def pcgrad(gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
         >>> pcgrad(jacobian @ jacobian.T)
         tensor([2.0000, 1.5000])
     """
-    matrix = validated_gramian(gramian).numpy()
+    weights = torch.from_numpy(pcgrad_weights(validated_gramian(gramian).numpy(), generator))
+    return weights.to(dtype=gramian.dtype, device=gramian.device)
+
+
+def pcgrad_weights(matrix: np.ndarray, generator: torch.Generator | None = None) -> np.ndarray:
+    """:func:`pcgrad` on a symmetric float64 NumPy Gramian, unchecked (for the callback's step)."""
     num_tasks = matrix.shape[0]
     squared_norms = matrix.diagonal().tolist()
     negligible = num_tasks * np.finfo(np.float64).eps * max(squared_norms)
@@ -64,5 +69,4 @@ def pcgrad(gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
             inner_product = matrix[other] @ row
             if inner_product < 0:
                 row[other] -= inner_product / squared_norms[other]
-    weights = torch.from_numpy(coefficients.sum(axis=0))
-    return weights.to(dtype=gramian.dtype, device=gramian.device)
+    return coefficients.sum(axis=0)
