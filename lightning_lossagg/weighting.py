@@ -31,10 +31,12 @@ class WeightingCallback(L.Callback):
 
     Attributes:
         separate_task_terms: the mixin keeps each task's loss term in a graph of its own
-            (``step.task_terms``), for methods that take per-task gradients.
+            (``step.task_terms``), for methods that take per-task gradients; not needed, and not
+            built, when every head reads a leaf of its own (``shared_representation.per_task``).
         splits_forward: the mixin runs ``forward_heads(forward_shared(inputs))`` in training,
-            the heads seeing a detached copy of the representation (kept in the model's
-            ``shared_representation`` as ``(representation, detached copy)``).
+            the heads reading detached leaves of the representation (kept in the model's
+            ``shared_representation``, a :class:`~lightning_lossagg.representation.
+            SharedRepresentation`).
     """
 
     separate_task_terms: bool = False
