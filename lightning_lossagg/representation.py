@@ -5,13 +5,14 @@ Gradient-based methods with a model that splits its forward (``forward_shared`` 
 representation, so the trunk's graph is left alone until the method has its weights.
 
 When the model keeps one head per task in ``self.heads`` (an ``nn.ModuleDict`` keyed by the task
-names, no parameter in two heads), each head reads a leaf of its own, handed to it by a forward
-pre-hook. If task ``k``'s prediction reaches the representation and the shared parameters only
-through head ``k``'s leaf, ONE backward pass of the summed loss terms gives every task's
-representation gradient apart (task ``k``'s arrives at leaf ``k``) and every head's parameter
-gradient; without it, each task needs a backward pass of its own. The first step of a fit checks
-that reach once, with a backward pass per prediction; every step checks that each head was called
-once, on the representation. Any other layout keeps one backward pass per task: correct, slower.
+names, no parameter in two heads) and the default ``task_losses``, each head reads a leaf of its
+own, handed to it by a forward pre-hook. If task ``k``'s prediction reaches the representation
+and the shared parameters only through head ``k``'s leaf, ONE backward pass of the summed loss
+terms gives every task's representation gradient apart (task ``k``'s arrives at leaf ``k``) and
+every head's parameter gradient; without it, each task needs a backward pass of its own. The
+first step of a fit checks that reach once, with a backward pass per prediction; every step
+checks that each head was called once, on the representation. Any other layout keeps one
+backward pass per task: correct, slower.
 """
 
 from __future__ import annotations
