@@ -12,6 +12,8 @@ import torch
 from torch import Tensor
 
 SYMMETRY_RTOL = 1e-5
+# The smallest positive normal float64 (a Gramian whose trace is at most this counts as zero).
+TINY = float(np.finfo(np.float64).tiny)
 
 
 def validated_gramian(gramian: Tensor) -> Tensor:
@@ -127,7 +129,6 @@ def active_set_qps(
         trial = _solve_on_free_sets(hessian, linear, lowers, guesses)
         start = guesses.any(1) & np.all(~guesses | (trial > lowers), axis=1)
         solution[start], free[start] = trial[start], guesses[start]
-    tiny = np.finfo(np.float64).tiny
     done = np.zeros(num_rows, dtype=bool)
     for _ in range(max_iter):
         multipliers = solution @ hessian + linear  # the Hessian is symmetric
@@ -149,7 +150,7 @@ def active_set_qps(
                 break
             blocked = free & (trial <= lowers) & pending[:, None]
             # For blocked bounds solution >= lower >= trial; the clamp turns 0 / 0 into 0.
-            distances = np.maximum(solution - trial, tiny)
+            distances = np.maximum(solution - trial, TINY)
             with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
                 ratios = np.where(blocked, (solution - lowers) / distances, np.inf)
             steps = np.clip(ratios.min(1), 0.0, 1.0)[:, None]

@@ -5,7 +5,7 @@ import torch
 from scipy.optimize import minimize
 from torch import Tensor
 
-from lightning_lossagg.functional._qp import active_set_qp, validated_gramian
+from lightning_lossagg.functional._qp import TINY, active_set_qp, validated_gramian
 
 # Below this norm (relative to the root of the Gramian's trace) the inner solution g_w is taken as
 # zero: the gradients are Pareto stationary and g_w / ||g_w|| is undefined.
@@ -14,7 +14,6 @@ STATIONARY_TOL = 1e-6
 _SQRT_SMOOTHING = 1e-20
 # Makes the projection QP strictly convex (its Gramian is singular at Pareto-stationary points).
 _TIE_BREAK = 1e-10
-_TINY = float(np.finfo(np.float64).tiny)
 _RESCALE_DIVISORS = {0: lambda c: 1.0, 1: lambda c: 1.0 + c**2, 2: lambda c: 1.0 + c}
 
 
@@ -118,7 +117,7 @@ def cagrad_weights(
     divisor = _RESCALE_DIVISORS[rescale](c)
     mean_weights = np.full(num_tasks, 1.0 / num_tasks)
     trace = matrix.trace()
-    if trace <= _TINY:
+    if trace <= TINY:
         return mean_weights / divisor, None
     matrix = matrix / trace
     linear = matrix @ mean_weights  # <g_i, g_0>

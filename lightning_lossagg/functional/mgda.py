@@ -4,12 +4,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_lossagg.functional._qp import active_set_qp, validated_gramian
+from lightning_lossagg.functional._qp import TINY, active_set_qp, validated_gramian
 
 # Relative Tikhonov term: among weights giving the same min-norm update (identical or linearly
 # dependent gradients) it picks the one of least norm, so the result is unique and symmetric.
 TIE_BREAK = 1e-10
-_TINY = float(np.finfo(np.float64).tiny)
 
 
 def mgda(gramian: Tensor, max_iter: int = 250, tol: float = 1e-12) -> Tensor:
@@ -72,7 +71,7 @@ def min_norm_weights(
     if num_tasks == 2:
         return _two_task_weights(*matrix.ravel().tolist())
     trace = matrix.trace()
-    if trace <= np.finfo(np.float64).tiny:
+    if trace <= TINY:
         return np.full(num_tasks, 1.0 / num_tasks)
     hessian = matrix / trace + TIE_BREAK * np.eye(num_tasks)
     unnormalized = active_set_qp(
@@ -85,7 +84,7 @@ def _two_task_weights(g11: float, g12: float, _: float, g22: float) -> np.ndarra
     """Sener & Koltun's Algorithm 1, exact: the min-norm point of the segment [g_1, g_2] (in
     Python floats: a handful of NumPy operations on a 2×2 matrix cost more)."""
     trace = g11 + g22
-    if trace <= _TINY:
+    if trace <= TINY:
         return np.full(2, 0.5)
     a, b, c = g11 / trace + TIE_BREAK, g12 / trace, g22 / trace + TIE_BREAK
     first = min(max((c - b) / (a + c - 2 * b), 0.0), 1.0)  # a + c - 2b >= 2 * TIE_BREAK

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_lossagg.functional._qp import validated_gramian
+from lightning_lossagg.functional._qp import TINY, validated_gramian
 
 # Stop when the Newton decrement is this small: the residual of alpha * (G alpha) = 1 is then of
 # the order of float64 rounding.
@@ -134,7 +134,7 @@ def nash_mtl_weights(
     unchecked (for the callback's step); ``eps``: the rounding unit of the gradients' dtype."""
     weights = _scaled_like_a_solution(matrix, start, eps)
     trace = np.trace(matrix)
-    if trace > np.finfo(np.float64).tiny:
+    if trace > TINY:
         # Newton on G / tr(G) is better conditioned; its solution is sqrt(tr(G)) times ours.
         normalized = _solve_bargaining(matrix / trace, weights * np.sqrt(trace), max_iter)
         if normalized is not None:

@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from lightning_lossagg.functional._qp import (
+    TINY,
     active_set_qps,
     validated_gramian,
     validated_preferences,
@@ -12,7 +13,6 @@ from lightning_lossagg.functional._qp import (
 
 # The normalised QP has multipliers of the order of the preferences: this is rounding level.
 KKT_TOL = 1e-12
-_TINY = float(np.finfo(np.float64).tiny)
 
 
 def upgrad(
@@ -107,7 +107,7 @@ def upgrad_weights(
     if supports is None:
         supports = np.zeros((num_tasks, num_tasks), dtype=bool)
     trace = matrix.trace()
-    if trace <= norm_eps or trace <= _TINY:
+    if trace <= norm_eps or trace <= TINY:
         return preferences.copy(), supports
     hessian = matrix / trace + reg_eps * np.eye(num_tasks)
     tol = KKT_TOL * float(np.abs(preferences).max())
