@@ -379,27 +379,37 @@ def _scaled(
     scales: Tensor | None,
     grad_output: Tensor,
 ) -> list[Tensor]:
-    """``grads[i] * grad_output`` (times ``scales[tasks[i]]``). On the CPU, where reading them
-    costs nothing, factors equal to 1 (no accumulation, no loss scaling, unit static weights)
-    are skipped: the gradients are handed over as they are, without a copy."""
-    scaled = [task is not None for task in tasks]
+    """``grads[i] * grad_output``, times ``scales[tasks[i]]`` where ``tasks[i]`` is not ``None``.
+    On the CPU, where reading them costs nothing, the factors are read on the host and factors
+    of exactly 1 (no accumulation, no loss scaling, unit static weights) are skipped: those
+    gradients are handed over as they are, without a copy."""
     if grad_output.device.type == "cpu" and grad_output.numel() == 1:
         output = grad_output.item()
         factors = [output] * len(grads)
-        if scales is not None and any(scaled):
+        if scales is not None and any(task is not None for task in tasks):
             per_task = (scales * output).tolist()
-            factors = [per_task[task] if task is not None else output for task in tasks]
+            factors = [output if task is None else per_task[task] for task in tasks]
         return [
             grad if factor == 1.0 else grad * factor
             for grad, factor in zip(grads, factors, strict=True)
         ]
-    if scales is not None and any(scaled):
-        per_task = (scales * grad_output).unbind()
-        return [
-            grad * (per_task[task] if task is not None else grad_output)
-            for grad, task in zip(grads, tasks, strict=True)
-        ]
-    return [grad * grad_output for grad in grads]
+    return _scaled_on_device(grads, tasks, scales, grad_output)
+
+
+def _scaled_on_device(
+    grads: tuple[Tensor, ...],
+    tasks: tuple[int | None, ...],
+    scales: Tensor | None,
+    grad_output: Tensor,
+) -> list[Tensor]:
+    """:func:`_scaled` without reading anything on the host (an accelerator would wait)."""
+    if scales is None or all(task is None for task in tasks):
+        return [grad * grad_output for grad in grads]
+    per_task = (scales * grad_output).unbind()
+    return [
+        grad * (grad_output if task is None else per_task[task])
+        for grad, task in zip(grads, tasks, strict=True)
+    ]
 
 
 def task_gradients(step: GlobalTaskLosses, inputs: list[Tensor]) -> list[tuple[Tensor | None, ...]]:

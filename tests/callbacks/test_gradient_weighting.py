@@ -10,7 +10,12 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting
+from lightning_lossagg.callbacks import gradient_weighting
+from lightning_lossagg.callbacks.gradient_weighting import (
+    GradientWeighting,
+    _scaled,
+    _scaled_on_device,
+)
 from tests.models import (
     ThreeTaskNet,
     concat_batches,
@@ -230,8 +235,6 @@ class RepresentationOutsideHeadsNet(RecordingNet):
 def test_a_head_per_task_gives_every_task_gradient_from_one_backward_pass(
     tmp_path, monkeypatch, rep_grad
 ):
-    from lightning_lossagg.callbacks import gradient_weighting
-
     passes = {"one pass": 0, "per task": 0}
 
     def counting(name, original):
@@ -305,3 +308,29 @@ def test_drop_task_leaves_a_non_finite_task_out_of_the_gradients(tmp_path, rep_g
     with pytest.warns(UserWarning, match="left the task"):
         _fit(model, 1, NormalisedGradients(rep_grad=rep_grad))
     _assert_close(torch.load(tmp_path / "rank0.pt"), reference)
+
+
+@pytest.mark.parametrize("incoming", [1.0, 0.25])
+@pytest.mark.parametrize("static", [(1.0, 1.0, 1.0), (2.0, 1.0, 0.5)])
+def test_injected_gradients_are_scaled_alike_on_the_host_and_on_a_device(incoming, static):
+    # The surrogate's backward reads the factors on the host on the CPU and skips factors of 1;
+    # the branch an accelerator takes (no host read) is run here on CPU tensors: both must give
+    # grads[i] * incoming * static[tasks[i]].
+    generator = torch.Generator().manual_seed(0)
+    grads = tuple(torch.randn(3, 2, generator=generator) for _ in range(4))
+    tasks = (None, 0, 2, 1)
+    scales = torch.tensor(static)
+    grad_output = torch.tensor(incoming)
+    expected = [
+        grad * incoming * (1.0 if task is None else static[task])
+        for grad, task in zip(grads, tasks, strict=True)
+    ]
+    for scaled in (
+        _scaled(grads, tasks, scales, grad_output),
+        _scaled_on_device(grads, tasks, scales, grad_output),
+    ):
+        for result, reference in zip(scaled, expected, strict=True):
+            torch.testing.assert_close(result, reference)
+    host = _scaled(grads, tasks, scales, grad_output)
+    unit = [incoming == 1.0 and (task is None or static[task] == 1.0) for task in tasks]
+    assert [result is grad for result, grad in zip(host, grads, strict=True)] == unit
