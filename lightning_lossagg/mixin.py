@@ -12,6 +12,7 @@ from torch import Tensor
 from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses, RankWeighting, TaskLossReducer
 from lightning_lossagg.representation import (
+    GradientsAtHeads,
     HeadInputs,
     SharedRepresentation,
     TaskHeads,
@@ -98,6 +99,7 @@ class MultiTaskMixin:
         # Not persistent: the model's state_dict does not depend on how it was trained.
         self.register_buffer("_static_weights", static_weights, persistent=False)
         self._static_weights_are_ones = bool((static_weights == 1).all())
+        self._static_weights_are_positive = bool((static_weights > 0).all())
         self.loss_record: LossRecord | None = None
         self._weighting: WeightingCallback | None = None
         self._latest_weights: Tensor | None = None
@@ -163,23 +165,29 @@ class MultiTaskMixin:
         if heads is None:
             self.shared_representation = SharedRepresentation(shared, (detached,))
             return self.forward_heads(detached)  # type: ignore[attr-defined]
-        with HeadInputs(heads.modules, detached) as head_inputs:
+        split = views = None
+        if weighting.weighs_in_backward and self._static_weights_are_positive:
+            split = GradientsAtHeads(len(heads.modules))
+            views = split.views(shared)
+        with HeadInputs(heads.modules, detached, views) as head_inputs:
             predictions = self.forward_heads(detached)  # type: ignore[attr-defined]
-        leaves = head_inputs.created()
+        copies = head_inputs.created()
         per_task = None
         if head_inputs.one_call_each:
             if self._heads_apart is None:
-                self._heads_apart = self._check_heads_apart(predictions, leaves, detached)
+                self._heads_apart = self._check_heads_apart(predictions, copies, detached)
             if self._heads_apart:
-                per_task = leaves
-        self.shared_representation = SharedRepresentation(shared, (detached, *leaves), per_task)
+                per_task = copies
+        self.shared_representation = SharedRepresentation(
+            shared, (detached, *copies), per_task, split if per_task is not None else None
+        )
         return predictions
 
     def _check_heads_apart(
-        self, predictions: Mapping[str, Tensor], leaves: tuple[Tensor, ...], detached: Tensor
+        self, predictions: Mapping[str, Tensor], copies: tuple[Tensor, ...], detached: Tensor
     ) -> bool:
         others = [detached, *self.shared_parameters()]
-        broken = reach_only_own_heads(predictions, self.task_names, leaves, others)
+        broken = reach_only_own_heads(predictions, self.task_names, copies, others)
         if broken is not None:
             rank_zero_warn(
                 f"Per-task gradients take one backward pass per task: {broken}. One pass serves "
@@ -290,6 +298,13 @@ class MultiTaskMixin:
         weights = self._static_weights
         if self._weighting is None:
             objective = weights.to(step.local_terms.dtype) @ step.local_terms
+        elif (representation := self.shared_representation) and representation.split:
+            # The weights come from the task gradients that reach the heads' views in backward.
+            self.shared_representation = None
+            static = weights.to(step.local_terms.dtype)
+            weights, receiver = self._weighting.weights_in_backward(self, step, static)  # type: ignore[arg-type]
+            objective = representation.split.objective(static @ step.local_terms, receiver)
+            self._latest_weights = weights
         else:
             static = weights.to(step.local_terms.dtype)
             adaptive = self._weighting.task_weights(self, step).to(static.dtype)  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ backward pass per task: correct, slower.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -34,13 +34,76 @@ class SharedRepresentation(NamedTuple):
         inputs: every detached leaf of ``output`` the heads read (the copy ``forward_heads`` was
             called with first): a task's representation gradient is the sum of its gradients
             at these leaves.
-        per_task: task ``k``'s head's own leaf, in task order, when every task reaches the
-            representation only through it (one backward pass serves all tasks); else ``None``.
+        per_task: task ``k``'s head's own copy of the representation, in task order, when every
+            task reaches the representation only through it (one backward pass serves all
+            tasks); else ``None``.
+        split: set when the heads' copies are the views of a :class:`GradientsAtHeads`: the
+            backward Lightning runs then hands it every task's gradient.
     """
 
     output: Tensor
     inputs: tuple[Tensor, ...]
     per_task: tuple[Tensor, ...] | None = None
+    split: GradientsAtHeads | None = None
+
+
+# Receives, in backward, every task's gradient at the representation (each times the incoming
+# factor, see GradientsAtHeads) and that factor; returns the representation's gradient.
+Receiver = Callable[[tuple[Tensor, ...], Tensor], Tensor]
+
+
+class GradientsAtHeads:
+    """Per-task gradients at the representation from the backward pass Lightning runs anyway.
+
+    :meth:`views` gives head ``k`` a view of the representation of its own, so the gradient of
+    the objective arriving at view ``k`` is task ``k``'s alone (its term's weight times the
+    factor the loss was scaled by before backward: accumulation, AMP). Armed by :meth:`objective`
+    with a receiver, the views' backward node calls it with the K gradients and that factor and
+    sends on to the trunk what it returns; unarmed, it sends nothing (the trunk gets its gradient
+    some other way). One engine call serves heads, weights and trunk, as in a plain step.
+    """
+
+    def __init__(self, num_tasks: int) -> None:
+        self.num_tasks = num_tasks
+        self._receiver: Receiver | None = None
+        self._factor: Tensor | None = None
+
+    def views(self, representation: Tensor) -> tuple[Tensor, ...]:
+        """One view of ``representation`` per task, joined in backward."""
+        return _Views.apply(self, representation)
+
+    def objective(self, objective: Tensor, receiver: Receiver) -> Tensor:
+        """``objective`` itself, whose backward records the incoming factor; arms ``receiver``."""
+        self._receiver = receiver
+        return _IncomingFactor.apply(self, objective)
+
+
+class _IncomingFactor(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, split: GradientsAtHeads, objective: Tensor) -> Tensor:
+        ctx.split = split
+        return objective.view_as(objective)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[None, Tensor]:
+        ctx.split._factor = grad_output
+        return None, grad_output
+
+
+class _Views(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, split: GradientsAtHeads, representation: Tensor) -> tuple[Tensor, ...]:
+        ctx.split = split
+        return tuple(representation.view_as(representation) for _ in range(split.num_tasks))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[None, Tensor | None]:
+        split = ctx.split
+        receiver, factor = split._receiver, split._factor
+        split._receiver = split._factor = None
+        if receiver is None or factor is None:
+            return None, None
+        return None, receiver(grads, factor)
 
 
 class TaskHeads(NamedTuple):
@@ -67,13 +130,20 @@ def find_task_heads(model: Any) -> TaskHeads | None:
 
 
 class HeadInputs:
-    """While entered, head ``k`` reads ``leaves[k]``, a leaf of its own, in place of the
-    representation. ``one_call_each`` says whether every head was called exactly once, on the
-    representation (a head called again, or on anything else, keeps what it was given)."""
+    """While entered, head ``k`` reads ``views[k]`` or, without views, a new leaf of its own, in
+    place of the representation. ``one_call_each`` says whether every head was called exactly
+    once, on the representation (a head called again, or on anything else, keeps what it was
+    given)."""
 
-    def __init__(self, heads: Sequence[nn.Module], representation: Tensor) -> None:
+    def __init__(
+        self,
+        heads: Sequence[nn.Module],
+        representation: Tensor,
+        views: Sequence[Tensor] | None = None,
+    ) -> None:
         self._heads = heads
         self._representation = representation
+        self._views = views
         self.leaves: list[Tensor | None] = [None] * len(heads)
         self.one_call_each = True
         self._handles: list[Any] = []
@@ -100,45 +170,73 @@ class HeadInputs:
         if self.leaves[index] is not None or not args or args[0] is not self._representation:
             self.one_call_each = False
             return None
-        leaf = self._representation.detach().requires_grad_()
+        if self._views is None:
+            leaf = self._representation.detach().requires_grad_()
+        else:
+            leaf = self._views[index]
         self.leaves[index] = leaf
         return (leaf, *args[1:])
 
     def created(self) -> tuple[Tensor, ...]:
-        """The leaves handed out."""
+        """The copies handed out."""
         return tuple(leaf for leaf in self.leaves if leaf is not None)
 
 
 def reach_only_own_heads(
     predictions: Mapping[str, Any],
     task_names: Sequence[str],
-    leaves: Sequence[Tensor],
+    own: Sequence[Tensor],
     others: Sequence[Tensor],
 ) -> str | None:
-    """Checks, with one backward pass per prediction, that task ``k``'s prediction reaches none
-    of ``leaves`` but ``leaves[k]`` and none of ``others`` (the representation itself, the shared
-    parameters). Returns what breaks it (``None``: nothing)."""
+    """Checks that task ``k``'s prediction reaches none of ``own`` (the heads' copies of the
+    representation) but ``own[k]``, and none of ``others`` (the representation the heads were
+    called with, the shared parameters) except through ``own[k]``: a walk of each prediction's
+    graph that stops at the heads' copies, so it never enters the trunk. Returns what breaks it
+    (``None``: nothing)."""
+    owners = {_position(tensor): index for index, tensor in enumerate(own)}
+    foreign = {_position(tensor) for tensor in others}
     for index, name in enumerate(task_names):
         prediction = predictions.get(name)
         if not isinstance(prediction, Tensor) or not prediction.is_floating_point():
             return f"the prediction of task {name!r} is not a floating-point tensor"
         if not prediction.requires_grad:
             continue
-        inputs = [*leaves, *others]
-        grads = torch.autograd.grad(
-            prediction,
-            inputs,
-            torch.ones_like(prediction),
-            retain_graph=True,
-            allow_unused=True,
-        )
-        reached = [i for i, grad in enumerate(grads) if grad is not None and i != index]
-        if reached:
-            where = reached[0]
-            what = (
-                f"the head of task {task_names[where]!r}"
-                if where < len(leaves)
-                else "the representation or a shared parameter outside the heads"
-            )
-            return f"the prediction of task {name!r} depends on {what}"
+        start = _position(prediction)
+        stack, seen = [start], {start}
+        while stack:
+            position = stack.pop()
+            owner = owners.get(position)
+            if owner is not None and owner != index:
+                head = f"the head of task {task_names[owner]!r}"
+                return f"the prediction of task {name!r} depends on {head}"
+            if position in foreign:
+                return (
+                    f"the prediction of task {name!r} depends on the representation or a shared "
+                    "parameter outside the heads"
+                )
+            node = position[0]
+            if owner is not None or isinstance(node, str):
+                continue  # a head's copy, or a leaf
+            for next_node, number in node.next_functions:
+                if next_node is not None:
+                    following = _edge(next_node, number)
+                    if following not in seen:
+                        seen.add(following)
+                        stack.append(following)
     return None
+
+
+def _position(tensor: Tensor) -> tuple[Any, int]:
+    """Where ``tensor`` sits in the autograd graph: its node and output, or (for a leaf) the
+    leaf itself."""
+    if tensor.grad_fn is None:
+        return ("leaf", id(tensor))
+    return (tensor.grad_fn, tensor.output_nr)
+
+
+def _edge(node: Any, number: int) -> tuple[Any, int]:
+    """:func:`_position` of the tensor an edge of the graph leads to."""
+    variable = getattr(node, "variable", None)  # a leaf's gradient accumulator
+    if variable is not None:
+        return ("leaf", id(variable))
+    return (node, number)

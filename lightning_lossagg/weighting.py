@@ -19,6 +19,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from lightning_lossagg.aggregation import GlobalTaskLosses
+    from lightning_lossagg.representation import Receiver
 
 
 class WeightingCallback(L.Callback):
@@ -37,13 +38,27 @@ class WeightingCallback(L.Callback):
             the heads reading detached leaves of the representation (kept in the model's
             ``shared_representation``, a :class:`~lightning_lossagg.representation.
             SharedRepresentation`).
+        weighs_in_backward: with a split forward and one head per task, the heads read views
+            of the representation and the weights come from the gradients that reach them in
+            the backward Lightning runs (:meth:`weights_in_backward`).
     """
 
     separate_task_terms: bool = False
     splits_forward: bool = False
+    weighs_in_backward: bool = False
 
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
         """The weights ``w`` (shape ``[K]``, detached) for this training step."""
+        raise NotImplementedError
+
+    def weights_in_backward(
+        self, pl_module: L.LightningModule, step: GlobalTaskLosses, static: Tensor
+    ) -> tuple[Tensor, Receiver]:
+        """For a method with :attr:`weighs_in_backward`, on a step whose heads read views of a
+        :class:`~lightning_lossagg.representation.GradientsAtHeads`: instead of
+        :meth:`task_weights` and :meth:`backward_objective`, the weights (times ``static``,
+        written during backward) and the receiver of the tasks' gradients at the views, which
+        returns the representation's gradient. The objective is ``sum_k static_k t_k``."""
         raise NotImplementedError
 
     def backward_objective(

@@ -47,10 +47,13 @@ from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks._checks import require_multitask
 from lightning_lossagg.functional._tensors import detached
-from lightning_lossagg.representation import SharedRepresentation
+from lightning_lossagg.representation import Receiver, SharedRepresentation
 from lightning_lossagg.weighting import WeightingCallback
 
 Sync = Literal["gradients", "gramian"]
+# Up to this many tasks, the Gramian of gradients on the CPU is K(K+1)/2 dot products of the
+# gradients where they lie; with more, one copy of them into a matrix and a product are faster.
+_DOT_PRODUCTS_UP_TO = 4
 # A parameter's gradient from each task that reaches it: (task index, gradient or None).
 TaskGradients = list[tuple[int, Tensor | None]]
 
@@ -77,6 +80,10 @@ class GradientWeighting(WeightingCallback):
     # Whether backward_objective hands the heads the gradients kept from the per-task pass
     # (subclasses with an objective of their own that runs through the heads set it False).
     injects_head_gradients: ClassVar[bool] = True
+    # Whether, with rep_grad=True, the weights may be computed inside the backward Lightning runs
+    # (the heads then get their own tasks' gradients times Task.weight, as backward_objective
+    # gives them). Subclasses that weigh the heads otherwise set it False.
+    may_weigh_in_backward: ClassVar[bool] = True
 
     def __init__(self, rep_grad: bool = False, sync: Sync = "gradients") -> None:
         if sync not in ("gradients", "gramian"):
@@ -100,6 +107,10 @@ class GradientWeighting(WeightingCallback):
         """Weights ``w`` from the global Gramian of the valid tasks (float64, on CPU): the tasks
         where :attr:`valid_tasks` is True, in order."""
         raise NotImplementedError
+
+    def prepare_step(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> None:
+        """Called in ``training_step`` before the step's gradients are taken (which may be in
+        backward): read what :meth:`weights_from_gramian` needs of the step, seed generators."""
 
     @property
     @override
@@ -128,10 +139,14 @@ class GradientWeighting(WeightingCallback):
         self.splits_forward = self.rep_grad or (
             len(split) == 2 and self.parameter_gradients_through_representation
         )
+        self.weighs_in_backward = (
+            self.rep_grad and self.injects_head_gradients and self.may_weigh_in_backward
+        )
 
     # ------------------------------------------------------------------------ the step
     @override
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+        self.prepare_step(pl_module, step)
         if self.rep_grad:
             gramian = self._representation_gramian(pl_module, step)
         else:
@@ -140,6 +155,58 @@ class GradientWeighting(WeightingCallback):
         return self._weights_of_valid_tasks(gramian, step.valid).to(
             step.local_terms.device, step.local_terms.dtype
         )
+
+    @override
+    def weights_in_backward(
+        self, pl_module: L.LightningModule, step: GlobalTaskLosses, static: Tensor
+    ) -> tuple[Tensor, Receiver]:
+        self.prepare_step(pl_module, step)
+        weights = torch.zeros_like(static)  # written in backward
+        valid = step.valid
+
+        def receive(grads: tuple[Tensor, ...], factor: Tensor) -> Tensor:
+            return self._weigh_at_heads(grads, factor, valid, static, weights)
+
+        return weights, receive
+
+    def _weigh_at_heads(
+        self,
+        grads: tuple[Tensor, ...],
+        factor: Tensor,
+        valid: Tensor,
+        static: Tensor,
+        weights: Tensor,
+    ) -> Tensor:
+        """In backward: the tasks' gradients at the heads' views, ``factor * s_k`` times this
+        rank's terms' gradients (``s``: ``Task.weight``, ``factor``: the loss's scaling before
+        backward), make the global Gramian; the method's weights go to ``weights`` (times ``s``)
+        and the trunk gets ``factor * sum_k w_k s_k g_k``, exactly what the surrogate gives it."""
+        size = len(grads)
+        rows = [grad.reshape(-1) for grad in grads]
+        if rows[0].device.type == "cpu":
+            # Host figures cost nothing here; with few tasks, K(K+1)/2 dot products beat
+            # copying the rows into one matrix.
+            few = size <= _DOT_PRODUCTS_UP_TO and rows[0].dtype in (torch.float32, torch.float64)
+            jacobian = None if few else torch.stack(rows)
+            local = _dot_gramian(rows) if jacobian is None else _gramian(jacobian).double()
+            gramian = distributed.all_reduce_sum(local).numpy()
+            static_values, factor_value = np.asarray(static.tolist()), factor.item()
+        else:  # one transfer to the host
+            jacobian = torch.stack(rows)
+            local = distributed.all_reduce_sum(_gramian(jacobian))
+            host = torch.cat([local.flatten(), static.to(local.dtype), factor.to(local).view(1)])
+            host = host.to("cpu", torch.float64).numpy()
+            gramian = host[: size * size].reshape(size, size)
+            static_values, factor_value = host[size * size : -1], float(host[-1])
+        # Each rank's row k is W * factor * s_k times its share of the global gradient g_k.
+        scales = static_values * (factor_value * distributed.world_size())
+        global_gramian = torch.from_numpy(gramian / np.outer(scales, scales))
+        adaptive = self._weights_of_valid_tasks(global_gramian, valid)
+        self._gramian, self._gramian_valid = global_gramian, self.valid_tasks
+        weights.copy_(torch.from_numpy(adaptive.numpy() * static_values))
+        if jacobian is None:
+            return _combination(grads, adaptive.tolist())
+        return (adaptive.to(jacobian.device, jacobian.dtype) @ jacobian).view_as(grads[0])
 
     def _representation_gramian(
         self, pl_module: L.LightningModule, step: GlobalTaskLosses
@@ -471,6 +538,25 @@ def _jacobian(per_task: list[tuple[Tensor | None, ...]], inputs: list[Tensor]) -
         ]
         torch.cat(pieces, out=row)
     return jacobian
+
+
+def _dot_gramian(rows: list[Tensor]) -> Tensor:
+    """``G[i, j] = <rows[i], rows[j]>`` (float64, on the host) from K(K+1)/2 dot products."""
+    size = len(rows)
+    gramian = np.empty((size, size))
+    for i in range(size):
+        for j in range(i, size):
+            gramian[i, j] = gramian[j, i] = rows[i].dot(rows[j]).item()
+    return torch.from_numpy(gramian)
+
+
+def _combination(grads: tuple[Tensor, ...], weights: list[float]) -> Tensor:
+    """``sum_k weights[k] * grads[k]``, skipping zero weights."""
+    total: Tensor | None = None
+    for grad, weight in zip(grads, weights, strict=True):
+        if weight != 0.0:
+            total = grad * weight if total is None else total.add_(grad, alpha=weight)
+    return torch.zeros_like(grads[0]) if total is None else total
 
 
 def _weighted_sum(grads: TaskGradients, weights: tuple[Tensor, ...], like: Tensor) -> Tensor:

@@ -88,9 +88,8 @@ class GradVac(GradientWeighting):
         self._check_targets(self._targets)
 
     @override
-    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+    def prepare_step(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> None:
         self._generator.manual_seed(step_seed(self.seed, pl_module.trainer.global_step))
-        return super().task_weights(pl_module, step)
 
     @override
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:

@@ -83,13 +83,12 @@ class MGDA(GradientWeighting):
         return {"normalization": self.normalization, **super().method_arguments}
 
     @override
-    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+    def prepare_step(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> None:
         if self.normalization in ("loss", "loss+"):
             valid = step.valid.cpu()
             self._losses = step.losses.detach().to("cpu", torch.float64)[valid].numpy()
             self._names = [name for name, ok in zip(step.names, valid.tolist(), strict=True) if ok]
             self._global_step = pl_module.trainer.global_step
-        return super().task_weights(pl_module, step)
 
     @override
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:

@@ -66,6 +66,9 @@ class NashMTL(GradientWeighting):
         >>> callback = NashMTL(update_weights_every=1, max_norm=1.0)
     """
 
+    # The heads take the weights too (LibMTL's update): they must be known before backward.
+    may_weigh_in_backward = False
+
     def __init__(
         self,
         update_weights_every: int = 1,

@@ -63,9 +63,8 @@ class PCGrad(GradientWeighting):
         return {"seed": self.seed, **super().method_arguments}
 
     @override
-    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+    def prepare_step(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> None:
         self._generator.manual_seed(step_seed(self.seed, pl_module.trainer.global_step))
-        return super().task_weights(pl_module, step)
 
     @override
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:

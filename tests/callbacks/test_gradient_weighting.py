@@ -235,7 +235,9 @@ class RepresentationOutsideHeadsNet(RecordingNet):
 def test_a_head_per_task_gives_every_task_gradient_from_one_backward_pass(
     tmp_path, monkeypatch, rep_grad
 ):
-    passes = {"one pass": 0, "per task": 0}
+    # Parameter gradients: one autograd pass before backward. Representation gradients: none at
+    # all, the weights come from the gradients reaching the heads' views in Lightning's backward.
+    passes = {"one pass": 0, "per task": 0, "in backward": 0}
 
     def counting(name, original):
         def counted(*args, **kwargs):
@@ -249,14 +251,21 @@ def test_a_head_per_task_gives_every_task_gradient_from_one_backward_pass(
         "task_gradients",
         counting("per task", gradient_weighting.task_gradients),
     )
-    one_pass = counting("one pass", GradientWeighting._gradients_in_one_pass)
-    monkeypatch.setattr(GradientWeighting, "_gradients_in_one_pass", one_pass)
+    for name, method in (
+        ("one pass", "_gradients_in_one_pass"),
+        ("in backward", "_weigh_at_heads"),
+    ):
+        original = getattr(GradientWeighting, method)
+        monkeypatch.setattr(GradientWeighting, method, counting(name, original))
     batch = make_batch(9, seed=5)
     model = RecordingNet(str(tmp_path), [batch])
     reference = _reference(model, batch, rep_grad)
     _fit(model, 1, NormalisedGradients(rep_grad=rep_grad))
     _assert_close(torch.load(tmp_path / "rank0.pt"), reference)
-    assert passes == {"one pass": 1, "per task": 0}
+    if rep_grad:
+        assert passes == {"one pass": 0, "per task": 0, "in backward": 1}
+    else:
+        assert passes == {"one pass": 1, "per task": 0, "in backward": 0}
 
 
 @pytest.mark.parametrize("rep_grad", [False, True])
