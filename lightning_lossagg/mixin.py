@@ -168,7 +168,7 @@ class MultiTaskMixin:
         split = views = None
         if weighting.weighs_in_backward and self._static_weights_are_positive:
             split = GradientsAtHeads(len(heads.modules))
-            views = split.views(shared)
+            views = weighting.views_at_heads(self, split, shared, detached)  # type: ignore[arg-type]
         with HeadInputs(heads.modules, detached, views) as head_inputs:
             predictions = self.forward_heads(detached)  # type: ignore[attr-defined]
         copies = head_inputs.created()
@@ -300,9 +300,9 @@ class MultiTaskMixin:
             objective = weights.to(step.local_terms.dtype) @ step.local_terms
         elif (representation := self.shared_representation) and representation.split:
             # The weights come from the task gradients that reach the heads' views in backward.
-            self.shared_representation = None
             static = weights.to(step.local_terms.dtype)
             weights, receiver = self._weighting.weights_in_backward(self, step, static)  # type: ignore[arg-type]
+            self.shared_representation = None
             objective = representation.split.objective(static @ step.local_terms, receiver)
             self._latest_weights = weights
         else:

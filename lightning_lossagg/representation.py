@@ -38,7 +38,8 @@ class SharedRepresentation(NamedTuple):
             task reaches the representation only through it (one backward pass serves all
             tasks); else ``None``.
         split: set when the heads' copies are the views of a :class:`GradientsAtHeads`: the
-            backward Lightning runs then hands it every task's gradient.
+            backward Lightning runs then hands it every task's gradient (with ``output``'s
+            graph, the trunk's, for a receiver that takes parameter gradients).
     """
 
     output: Tensor
@@ -48,8 +49,9 @@ class SharedRepresentation(NamedTuple):
 
 
 # Receives, in backward, every task's gradient at the representation (each times the incoming
-# factor, see GradientsAtHeads) and that factor; returns the representation's gradient.
-Receiver = Callable[[tuple[Tensor, ...], Tensor], Tensor]
+# factor, see GradientsAtHeads) and that factor; returns the gradients of what the views were
+# made of: the representation, and the parameters passed along.
+Receiver = Callable[[tuple[Tensor, ...], Tensor], tuple[Tensor | None, tuple[Tensor | None, ...]]]
 
 
 class GradientsAtHeads:
@@ -59,8 +61,10 @@ class GradientsAtHeads:
     the objective arriving at view ``k`` is task ``k``'s alone (its term's weight times the
     factor the loss was scaled by before backward: accumulation, AMP). Armed by :meth:`objective`
     with a receiver, the views' backward node calls it with the K gradients and that factor and
-    sends on to the trunk what it returns; unarmed, it sends nothing (the trunk gets its gradient
-    some other way). One engine call serves heads, weights and trunk, as in a plain step.
+    sends on what it returns: a gradient for the representation (the trunk below it), and one
+    for each parameter passed to :meth:`views` (a receiver that takes the trunk's gradients
+    itself); unarmed, it sends nothing (the trunk gets its gradient some other way). One engine
+    call serves heads, weights and trunk, as in a plain step.
     """
 
     def __init__(self, num_tasks: int) -> None:
@@ -68,9 +72,11 @@ class GradientsAtHeads:
         self._receiver: Receiver | None = None
         self._factor: Tensor | None = None
 
-    def views(self, representation: Tensor) -> tuple[Tensor, ...]:
+    def views(
+        self, representation: Tensor, parameters: Sequence[Tensor] = ()
+    ) -> tuple[Tensor, ...]:
         """One view of ``representation`` per task, joined in backward."""
-        return _Views.apply(self, representation)
+        return _Views.apply(self, representation, *parameters)
 
     def objective(self, objective: Tensor, receiver: Receiver) -> Tensor:
         """``objective`` itself, whose backward records the incoming factor; arms ``receiver``."""
@@ -92,18 +98,21 @@ class _IncomingFactor(torch.autograd.Function):
 
 class _Views(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, split: GradientsAtHeads, representation: Tensor) -> tuple[Tensor, ...]:
-        ctx.split = split
+    def forward(
+        ctx: Any, split: GradientsAtHeads, representation: Tensor, *parameters: Tensor
+    ) -> tuple[Tensor, ...]:
+        ctx.split, ctx.num_parameters = split, len(parameters)
         return tuple(representation.view_as(representation) for _ in range(split.num_tasks))
 
     @staticmethod
-    def backward(ctx: Any, *grads: Tensor) -> tuple[None, Tensor | None]:
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         split = ctx.split
         receiver, factor = split._receiver, split._factor
         split._receiver = split._factor = None
         if receiver is None or factor is None:
-            return None, None
-        return None, receiver(grads, factor)
+            return (None, None, *[None] * ctx.num_parameters)
+        representation_grad, parameter_grads = receiver(grads, factor)
+        return (None, representation_grad, *parameter_grads)
 
 
 class TaskHeads(NamedTuple):

@@ -19,7 +19,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from lightning_lossagg.aggregation import GlobalTaskLosses
-    from lightning_lossagg.representation import Receiver
+    from lightning_lossagg.representation import GradientsAtHeads, Receiver
 
 
 class WeightingCallback(L.Callback):
@@ -39,8 +39,9 @@ class WeightingCallback(L.Callback):
             ``shared_representation``, a :class:`~lightning_lossagg.representation.
             SharedRepresentation`).
         weighs_in_backward: with a split forward and one head per task, the heads read views
-            of the representation and the weights come from the gradients that reach them in
-            the backward Lightning runs (:meth:`weights_in_backward`).
+            of the representation (:meth:`views_at_heads`) and the weights come from the
+            gradients that reach them in the backward Lightning runs
+            (:meth:`weights_in_backward`).
     """
 
     separate_task_terms: bool = False
@@ -50,6 +51,14 @@ class WeightingCallback(L.Callback):
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
         """The weights ``w`` (shape ``[K]``, detached) for this training step."""
         raise NotImplementedError
+
+    def views_at_heads(
+        self, pl_module: L.LightningModule, split: GradientsAtHeads, output: Tensor, leaf: Tensor
+    ) -> tuple[Tensor, ...]:
+        """For a method with :attr:`weighs_in_backward`: the heads' views, of ``output`` (the
+        representation with the trunk's graph) or of ``leaf`` (a detached copy) with the
+        parameters whose gradients the receiver gives."""
+        return split.views(output)
 
     def weights_in_backward(
         self, pl_module: L.LightningModule, step: GlobalTaskLosses, static: Tensor

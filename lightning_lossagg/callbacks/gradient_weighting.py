@@ -47,13 +47,15 @@ from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks._checks import require_multitask
 from lightning_lossagg.functional._tensors import detached
-from lightning_lossagg.representation import Receiver, SharedRepresentation
+from lightning_lossagg.representation import GradientsAtHeads, Receiver, SharedRepresentation
 from lightning_lossagg.weighting import WeightingCallback
 
 Sync = Literal["gradients", "gramian"]
 # Up to this many tasks, the Gramian of gradients on the CPU is K(K+1)/2 dot products of the
 # gradients where they lie; with more, one copy of them into a matrix and a product are faster.
 _DOT_PRODUCTS_UP_TO = 4
+# What a receiver returns: the representation's gradient and the parameters'.
+BackwardGradients = tuple[Tensor | None, tuple[Tensor | None, ...]]
 # A parameter's gradient from each task that reaches it: (task index, gradient or None).
 TaskGradients = list[tuple[int, Tensor | None]]
 
@@ -80,9 +82,9 @@ class GradientWeighting(WeightingCallback):
     # Whether backward_objective hands the heads the gradients kept from the per-task pass
     # (subclasses with an objective of their own that runs through the heads set it False).
     injects_head_gradients: ClassVar[bool] = True
-    # Whether, with rep_grad=True, the weights may be computed inside the backward Lightning runs
-    # (the heads then get their own tasks' gradients times Task.weight, as backward_objective
-    # gives them). Subclasses that weigh the heads otherwise set it False.
+    # Whether the weights may be computed inside the backward Lightning runs (the heads then get
+    # their own tasks' gradients times Task.weight, as backward_objective gives them).
+    # Subclasses that weigh the heads otherwise set it False.
     may_weigh_in_backward: ClassVar[bool] = True
 
     def __init__(self, rep_grad: bool = False, sync: Sync = "gradients") -> None:
@@ -139,9 +141,7 @@ class GradientWeighting(WeightingCallback):
         self.splits_forward = self.rep_grad or (
             len(split) == 2 and self.parameter_gradients_through_representation
         )
-        self.weighs_in_backward = (
-            self.rep_grad and self.injects_head_gradients and self.may_weigh_in_backward
-        )
+        self.weighs_in_backward = self.injects_head_gradients and self.may_weigh_in_backward
 
     # ------------------------------------------------------------------------ the step
     @override
@@ -157,17 +157,37 @@ class GradientWeighting(WeightingCallback):
         )
 
     @override
+    def views_at_heads(
+        self, pl_module: L.LightningModule, split: GradientsAtHeads, output: Tensor, leaf: Tensor
+    ) -> tuple[Tensor, ...]:
+        if self.rep_grad:
+            return split.views(output)
+        # The receiver takes the trunk's gradients itself: backward stops at the views.
+        self._shared_parameters = pl_module.shared_parameters()  # type: ignore[operator]
+        return split.views(leaf, self._shared_parameters)
+
+    @override
     def weights_in_backward(
         self, pl_module: L.LightningModule, step: GlobalTaskLosses, static: Tensor
     ) -> tuple[Tensor, Receiver]:
         self.prepare_step(pl_module, step)
         weights = torch.zeros_like(static)  # written in backward
         valid = step.valid
+        if self.rep_grad:
 
-        def receive(grads: tuple[Tensor, ...], factor: Tensor) -> Tensor:
-            return self._weigh_at_heads(grads, factor, valid, static, weights)
+            def receive(grads: tuple[Tensor, ...], factor: Tensor) -> BackwardGradients:
+                return self._weigh_at_heads(grads, factor, valid, static, weights), ()
 
-        return weights, receive
+            return weights, receive
+        output = pl_module.shared_representation.output  # type: ignore[attr-defined]
+        shared = self._shared_parameters
+
+        def receive_for_parameters(grads: tuple[Tensor, ...], factor: Tensor) -> BackwardGradients:
+            return None, self._weigh_at_parameters(
+                grads, factor, valid, static, weights, output, shared
+            )
+
+        return weights, receive_for_parameters
 
     def _weigh_at_heads(
         self,
@@ -183,30 +203,63 @@ class GradientWeighting(WeightingCallback):
         and the trunk gets ``factor * sum_k w_k s_k g_k``, exactly what the surrogate gives it."""
         size = len(grads)
         rows = [grad.reshape(-1) for grad in grads]
-        if rows[0].device.type == "cpu":
-            # Host figures cost nothing here; with few tasks, K(K+1)/2 dot products beat
-            # copying the rows into one matrix.
-            few = size <= _DOT_PRODUCTS_UP_TO and rows[0].dtype in (torch.float32, torch.float64)
-            jacobian = None if few else torch.stack(rows)
-            local = _dot_gramian(rows) if jacobian is None else _gramian(jacobian).double()
-            gramian = distributed.all_reduce_sum(local).numpy()
-            static_values, factor_value = np.asarray(static.tolist()), factor.item()
-        else:  # one transfer to the host
-            jacobian = torch.stack(rows)
-            local = distributed.all_reduce_sum(_gramian(jacobian))
-            host = torch.cat([local.flatten(), static.to(local.dtype), factor.to(local).view(1)])
-            host = host.to("cpu", torch.float64).numpy()
-            gramian = host[: size * size].reshape(size, size)
-            static_values, factor_value = host[size * size : -1], float(host[-1])
+        # On the CPU, with few tasks, K(K+1)/2 dot products beat copying the rows into a matrix.
+        few = size <= _DOT_PRODUCTS_UP_TO and rows[0].dtype in (torch.float32, torch.float64)
+        jacobian = None if few and rows[0].device.type == "cpu" else torch.stack(rows)
+        local = _dot_gramian(rows) if jacobian is None else _gramian(jacobian)
+        gramian, static_values, factor_value = _on_host(
+            distributed.all_reduce_sum(local), static, factor
+        )
         # Each rank's row k is W * factor * s_k times its share of the global gradient g_k.
-        scales = static_values * (factor_value * distributed.world_size())
+        scale = factor_value * distributed.world_size()
+        adaptive = self._weights_of_scaled_gramian(gramian, static_values, scale, valid, weights)
+        if jacobian is None:
+            return _combination(grads, adaptive.tolist())
+        return (adaptive.to(jacobian.device, jacobian.dtype) @ jacobian).view_as(grads[0])
+
+    def _weigh_at_parameters(
+        self,
+        grads: tuple[Tensor, ...],
+        factor: Tensor,
+        valid: Tensor,
+        static: Tensor,
+        weights: Tensor,
+        output: Tensor,
+        shared: list[torch.nn.Parameter],
+    ) -> tuple[Tensor, ...]:
+        """:meth:`_weigh_at_heads` at the shared parameters: each task's gradient at the views
+        goes back through the trunk (one backward per task), the Jacobian is synced as
+        :attr:`sync` says, and the shared parameters get ``factor * sum_k w_k s_k g_k``."""
+        none = (None,) * len(shared)
+        rows = [_trunk_gradients(output, shared, grad, none) for grad in grads]
+        jacobian, gramian = self._synced_gramian(_jacobian(rows, shared))
+        gramian, static_values, factor_value = _on_host(gramian, static, factor)
+        adaptive = self._weights_of_scaled_gramian(
+            gramian, static_values, factor_value, valid, weights
+        )
+        direction = adaptive.to(jacobian.device, jacobian.dtype) @ jacobian
+        sizes = [parameter.numel() for parameter in shared]
+        return tuple(
+            grad.view_as(parameter)
+            for grad, parameter in zip(direction.split(sizes), shared, strict=True)
+        )
+
+    def _weights_of_scaled_gramian(
+        self,
+        gramian: np.ndarray,
+        static_values: np.ndarray,
+        scale: float,
+        valid: Tensor,
+        weights: Tensor,
+    ) -> Tensor:
+        """The method's weights from the global Gramian of rows scaled by ``scale * s_k``; the
+        weights times ``s`` are written to ``weights``."""
+        scales = static_values * scale
         global_gramian = torch.from_numpy(gramian / np.outer(scales, scales))
         adaptive = self._weights_of_valid_tasks(global_gramian, valid)
         self._gramian, self._gramian_valid = global_gramian, self.valid_tasks
         weights.copy_(torch.from_numpy(adaptive.numpy() * static_values))
-        if jacobian is None:
-            return _combination(grads, adaptive.tolist())
-        return (adaptive.to(jacobian.device, jacobian.dtype) @ jacobian).view_as(grads[0])
+        return adaptive
 
     def _representation_gramian(
         self, pl_module: L.LightningModule, step: GlobalTaskLosses
@@ -538,6 +591,19 @@ def _jacobian(per_task: list[tuple[Tensor | None, ...]], inputs: list[Tensor]) -
         ]
         torch.cat(pieces, out=row)
     return jacobian
+
+
+def _on_host(
+    gramian: Tensor, static: Tensor, factor: Tensor
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """The Gramian, the static weights and the incoming factor as float64 host figures (from an
+    accelerator in one transfer)."""
+    if gramian.device.type == "cpu":
+        return gramian.double().numpy(), np.asarray(static.tolist()), factor.item()
+    size = len(gramian)
+    host = torch.cat([gramian.flatten(), static.to(gramian.dtype), factor.to(gramian).view(1)])
+    host = host.to("cpu", torch.float64).numpy()
+    return host[: size * size].reshape(size, size), host[size * size : -1], float(host[-1])
 
 
 def _dot_gramian(rows: list[Tensor]) -> Tensor:

@@ -235,9 +235,10 @@ class RepresentationOutsideHeadsNet(RecordingNet):
 def test_a_head_per_task_gives_every_task_gradient_from_one_backward_pass(
     tmp_path, monkeypatch, rep_grad
 ):
-    # Parameter gradients: one autograd pass before backward. Representation gradients: none at
-    # all, the weights come from the gradients reaching the heads' views in Lightning's backward.
-    passes = {"one pass": 0, "per task": 0, "in backward": 0}
+    # No autograd pass before backward: the weights come from the gradients reaching the heads'
+    # views in Lightning's backward (and, for parameter gradients, one pass through the trunk per
+    # task from there).
+    passes = {"one pass": 0, "per task": 0, "at heads": 0, "at parameters": 0}
 
     def counting(name, original):
         def counted(*args, **kwargs):
@@ -253,7 +254,8 @@ def test_a_head_per_task_gives_every_task_gradient_from_one_backward_pass(
     )
     for name, method in (
         ("one pass", "_gradients_in_one_pass"),
-        ("in backward", "_weigh_at_heads"),
+        ("at heads", "_weigh_at_heads"),
+        ("at parameters", "_weigh_at_parameters"),
     ):
         original = getattr(GradientWeighting, method)
         monkeypatch.setattr(GradientWeighting, method, counting(name, original))
@@ -262,10 +264,8 @@ def test_a_head_per_task_gives_every_task_gradient_from_one_backward_pass(
     reference = _reference(model, batch, rep_grad)
     _fit(model, 1, NormalisedGradients(rep_grad=rep_grad))
     _assert_close(torch.load(tmp_path / "rank0.pt"), reference)
-    if rep_grad:
-        assert passes == {"one pass": 0, "per task": 0, "in backward": 1}
-    else:
-        assert passes == {"one pass": 1, "per task": 0, "in backward": 0}
+    where = "at heads" if rep_grad else "at parameters"
+    assert passes == {"one pass": 0, "per task": 0, "at heads": 0, "at parameters": 0, where: 1}
 
 
 @pytest.mark.parametrize("rep_grad", [False, True])
