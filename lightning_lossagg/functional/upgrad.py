@@ -109,8 +109,27 @@ def upgrad_weights(
     trace = matrix.trace()
     if trace <= norm_eps or trace <= TINY:
         return preferences.copy(), supports
+    if num_tasks == 2:
+        return _two_task_upgrad(*(matrix / trace).ravel().tolist(), *preferences.tolist(), reg_eps)
     hessian = matrix / trace + reg_eps * np.eye(num_tasks)
     tol = KKT_TOL * float(np.abs(preferences).max())
     lowers = np.diag(preferences)  # projection i: v >= p_i e_i
     projections = active_set_qps(hessian, np.zeros(num_tasks), lowers, max_iter, tol, supports)
     return projections.sum(0), projections > lowers
+
+
+def _two_task_upgrad(
+    g11: float, g12: float, _: float, g22: float, p1: float, p2: float, reg_eps: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The two projections in closed form (in Python floats: the active-set solver's NumPy
+    operations on a 2×2 matrix cost more). With ``H = [[a, b], [b, c]]`` positive definite and
+    ``q1 = max(p1, 0)``, the first projection is ``v = (q1, max(0, -b q1 / c))``: ``v = 0`` when
+    ``p1 <= 0``; else the first bound is active and ``Hv >= 0`` (``a q1 + b v2 =
+    q1 (a - b^2 / c) > 0`` when ``v2 > 0``), the KKT conditions. The second likewise."""
+    a, b, c = g11 + reg_eps, g12, g22 + reg_eps
+    q1, q2 = max(p1, 0.0), max(p2, 0.0)
+    second_in_first = max(0.0, -b * q1 / c)
+    first_in_second = max(0.0, -b * q2 / a)
+    weights = np.array([q1 + first_in_second, q2 + second_in_first])
+    supports = np.array([[q1 > p1, second_in_first > 0], [first_in_second > 0, q2 > p2]])
+    return weights, supports

@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 from torchjd.aggregation import UPGradWeighting
 
-from lightning_lossagg.functional.upgrad import upgrad
+from lightning_lossagg.functional._qp import active_set_qps
+from lightning_lossagg.functional.upgrad import KKT_TOL, upgrad, upgrad_weights
 from tests.functional._jacobians import as_params, degenerate_jacobians, random_jacobians
 
 ALL_CASES = as_params(random_jacobians() + degenerate_jacobians())
@@ -104,3 +105,22 @@ def test_guessed_supports_change_nothing_but_the_start(jacobian: Tensor) -> None
     supports = [guess.copy() for guess in wrong]
     assert_weights_close(upgrad(gramian, guesses=wrong), cold)  # from the last call's supports
     assert all(np.array_equal(a, b) for a, b in zip(wrong, supports, strict=True))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_two_task_closed_form_equals_the_active_set_solver(seed: int) -> None:
+    # Two tasks skip the solver; negative and zero preferences included (their projection is 0).
+    generator = np.random.default_rng(seed)
+    for case in range(200):
+        jacobian = generator.normal(size=(2, 4)) * 10.0 ** generator.integers(-3, 4)
+        if case % 4 == 0:
+            jacobian[1] = -generator.uniform(0.1, 2.0) * jacobian[0]  # opposite
+        matrix = jacobian @ jacobian.T
+        preferences = generator.normal(size=2) if case % 3 else np.array([0.0, 0.5])
+        hessian = matrix / matrix.trace() + 1e-4 * np.eye(2)
+        tol = KKT_TOL * np.abs(preferences).max()
+        lowers = np.diag(preferences)
+        projections = active_set_qps(hessian, np.zeros(2), lowers, 250, tol, np.zeros((2, 2), bool))
+        weights, supports = upgrad_weights(matrix, preferences, reg_eps=1e-4)
+        np.testing.assert_allclose(weights, projections.sum(0), rtol=1e-12, atol=1e-15)
+        np.testing.assert_array_equal(supports, projections > lowers)
