@@ -1,18 +1,19 @@
 """The shared representation of a split forward, and the heads' own copies of it.
 
 Gradient-based methods with a model that splits its forward (``forward_shared`` then
-``forward_heads``) take per-task gradients below the heads. The heads read detached leaves of the
-representation, so the trunk's graph is left alone until the method has its weights.
+``forward_heads``) take per-task gradients below the heads. ``forward_heads`` is called with a
+detached leaf of the representation, so nothing reaches the trunk but what the method sends.
 
 When the model keeps one head per task in ``self.heads`` (an ``nn.ModuleDict`` keyed by the task
-names, no parameter in two heads) and the default ``task_losses``, each head reads a leaf of its
-own, handed to it by a forward pre-hook. If task ``k``'s prediction reaches the representation
-and the shared parameters only through head ``k``'s leaf, ONE backward pass of the summed loss
-terms gives every task's representation gradient apart (task ``k``'s arrives at leaf ``k``) and
-every head's parameter gradient; without it, each task needs a backward pass of its own. The
-first step of a fit checks that reach once, with a backward pass per prediction; every step
-checks that each head was called once, on the representation. Any other layout keeps one
-backward pass per task: correct, slower.
+names, no parameter in two heads) and the default ``task_losses``, each head reads a copy of its
+own, handed to it by a forward pre-hook: a view from :class:`GradientsAtHeads`, whose node
+receives every task's gradient apart in the backward Lightning runs and hands the method's
+gradient on, or (for methods that need the weights before backward) a leaf, from which ONE
+autograd pass of the summed loss terms gives every task's gradient apart. Both need task ``k``'s
+prediction to reach the representation and the shared parameters only through head ``k``'s
+copy: the first step of a fit checks that once, walking each prediction's graph down to the
+copies; every step checks that each head was called once, on the representation. Any other
+layout keeps one backward pass per task: correct, slower.
 """
 
 from __future__ import annotations

@@ -66,6 +66,7 @@ class DBMTL(GradientWeighting):
     """
 
     parameter_gradients_through_representation = False
+    may_weigh_in_backward = False  # its own backward_objective (buffered gradients)
 
     def __init__(
         self,

@@ -1,32 +1,38 @@
 """``GradientWeighting``: the machinery every gradient-based weighting method shares.
 
 Per step it takes each task's gradient of the shared part, builds their K×K Gramian
-``G[i, j] = <g_i, g_j>`` from global gradients, asks the method for weights ``w``, and hands
-backward a surrogate whose gradient is ``d = sum_k w_k g_k`` on the shared part and each task's
-own (statically weighted) gradient on its head — LibMTL's and torchjd's semantics.
+``G[i, j] = <g_i, g_j>`` from global gradients, asks the method for weights ``w``, and gives the
+shared part ``d = sum_k w_k g_k`` and each head its own task's (statically weighted) gradient —
+LibMTL's and torchjd's semantics.
 
-Per-task gradients below the heads come from ONE backward pass of the summed loss terms when the
-model keeps one head per task in ``self.heads`` and each task's prediction depends on its own head
-only: each head reads a leaf of the representation of its own (:mod:`lightning_lossagg.
-representation`), so task ``k``'s gradient arrives at leaf ``k``, and the heads' parameter
-gradients come in the same pass. Otherwise the mixin keeps each task's loss term in a graph of its
-own (``GlobalTaskLosses.task_terms``) and task ``k``'s gradient is one backward through task
-``k``'s head only. Where the gradients are taken:
+Where the per-task gradients come from:
+
+* The model keeps one head per task in ``self.heads`` and each task's prediction depends on its
+  own head only (:mod:`lightning_lossagg.representation`): each head reads a view of the
+  representation of its own, and the backward Lightning runs does everything in one engine call,
+  as in a plain step. The heads get their gradients as usual; task ``k``'s gradient at the
+  representation arrives at view ``k``; the views' node builds the Gramian, calls the method and
+  sends ``d`` on (``weights_in_backward``). The step's weights are written during backward.
+  Methods that weigh the heads with the weights themselves (Nash-MTL) take ONE autograd pass of
+  the summed terms to per-head leaves before backward instead, and a surrogate hands out the
+  gradients.
+* Any other layout: the mixin keeps each task's loss term in a graph of its own
+  (``GlobalTaskLosses.task_terms``) and task ``k``'s gradient is one backward through task
+  ``k``'s head only, before backward; a surrogate hands out the gradients.
+
+Where the gradients are taken:
 
 * ``rep_grad=True``: at the shared representation (MGDA-UB), far cheaper. The model defines
-  ``forward_shared(inputs)`` and ``forward_heads(representation)``; the heads see detached leaves
-  of the representation, the per-task pass gives each task's representation gradient (and its
-  head's gradient), and the trunk gets ``d`` in the one backward Lightning runs.
-  Each rank's representation rows belong to its own samples, so the global Gramian is exactly the
-  sum of the ranks' Gramians: one K×K all-reduce.
+  ``forward_shared(inputs)`` and ``forward_heads(representation)``; the trunk runs once, with
+  ``d``. Each rank's representation rows belong to its own samples, so the global Gramian is
+  exactly the sum of the ranks' Gramians: one K×K all-reduce.
 * ``rep_grad=False``: at the shared parameters (``pl_module.shared_parameters()``). A model with
   ``forward_shared``/``forward_heads`` gets its trunk's K×P Jacobian from the representation
   gradients, one backward through the trunk per task (torchjd's ``mtl_backward`` algorithm,
   without vmap); any other model takes one backward per task through the whole network.
   ``sync="gradients"`` (default, exact) all-reduces the Jacobian; ``sync="gramian"`` all-reduces
   only the K×K Gramian, averaging the ranks' local Gramians (an approximation: it misses the
-  cross-rank terms of ``<g_i, g_j>``). The surrogate is one autograd node that hands every
-  parameter its gradient: the backward Lightning runs does no further work.
+  cross-rank terms of ``<g_i, g_j>``).
 
 Either way the weights come from global figures and are identical on every rank. Methods solve a
 small problem on the K×K Gramian on the host, which costs one device-to-host transfer per step.
@@ -65,7 +71,8 @@ class GradientWeighting(WeightingCallback):
 
     A model with ``forward_shared``/``forward_heads`` trains with its heads on a detached copy of
     the representation (see the module's docstring). A subclass that overrides
-    :meth:`backward_objective` must send the trunk its gradient (:meth:`weighted_sum_objective`
+    :meth:`backward_objective` must set ``may_weigh_in_backward = False`` (the weights computed
+    in backward bypass it) and send the trunk its gradient (:meth:`weighted_sum_objective`
     does), or set ``parameter_gradients_through_representation = False`` to keep the forward
     whole with parameter gradients.
 
@@ -141,7 +148,9 @@ class GradientWeighting(WeightingCallback):
         self.splits_forward = self.rep_grad or (
             len(split) == 2 and self.parameter_gradients_through_representation
         )
-        self.weighs_in_backward = self.injects_head_gradients and self.may_weigh_in_backward
+        self.weighs_in_backward = (
+            self.splits_forward and self.injects_head_gradients and self.may_weigh_in_backward
+        )
 
     # ------------------------------------------------------------------------ the step
     @override
@@ -600,6 +609,13 @@ def _on_host(
     accelerator in one transfer)."""
     if gramian.device.type == "cpu":
         return gramian.double().numpy(), np.asarray(static.tolist()), factor.item()
+    return _on_host_in_one_transfer(gramian, static, factor)
+
+
+def _on_host_in_one_transfer(
+    gramian: Tensor, static: Tensor, factor: Tensor
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """:func:`_on_host` for an accelerator: one copy to the host, not three."""
     size = len(gramian)
     host = torch.cat([gramian.flatten(), static.to(gramian.dtype), factor.to(gramian).view(1)])
     host = host.to("cpu", torch.float64).numpy()

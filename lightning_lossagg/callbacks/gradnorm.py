@@ -83,6 +83,7 @@ class GradNorm(GradientWeighting):
 
     parameter_gradients_through_representation = False
     injects_head_gradients = False  # its objective runs through the heads
+    may_weigh_in_backward = False
 
     def __init__(
         self,

@@ -7,12 +7,18 @@ import copy
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from lightning_lossagg.callbacks import gradient_weighting
 from lightning_lossagg.callbacks.gradient_weighting import (
     GradientWeighting,
+    _combination,
+    _dot_gramian,
+    _on_host,
+    _on_host_in_one_transfer,
     _scaled,
     _scaled_on_device,
 )
@@ -33,8 +39,8 @@ class NormalisedGradients(GradientWeighting):
 
 
 class RecordingNet(ThreeTaskNet):
-    def __init__(self, out_dir: str, rank_batches: list) -> None:
-        super().__init__()
+    def __init__(self, out_dir: str, rank_batches: list, **kwargs) -> None:
+        super().__init__(**kwargs)
         self.out_dir, self.rank_batches = out_dir, rank_batches
 
     def train_dataloader(self):
@@ -60,7 +66,9 @@ class WholeForwardNet(RecordingNet):
         return ThreeTaskNet.forward_heads(self, ThreeTaskNet.forward_shared(self, inputs))
 
 
-def _reference(model, batch, rep_grad: bool, valid: tuple[int, ...] = (0, 1, 2)) -> dict:
+def _reference(
+    model, batch, rep_grad: bool, valid: tuple[int, ...] = (0, 1, 2), static: Tensor = STATIC
+) -> dict:
     """LibMTL semantics by hand: heads get s_k ∇L_k; the trunk gets sum_k w_k s_k g_k with
     w_k = 1/||g_k||, g_k the global gradient of L_k at the parameters or the representation.
     Only the tasks in ``valid`` take part (the others: weight 0, no gradient)."""
@@ -71,7 +79,7 @@ def _reference(model, batch, rep_grad: bool, valid: tuple[int, ...] = (0, 1, 2))
     model.forward = lambda _: predictions
     all_losses = list(reference_task_losses(model, (inputs, targets)).values())
     losses = [all_losses[k] for k in valid]
-    static = STATIC[list(valid)]
+    static = static[list(valid)]
     trunk = list(model.trunk.parameters())
     at = [shared] if rep_grad else trunk
 
@@ -266,6 +274,57 @@ def test_a_head_per_task_gives_every_task_gradient_from_one_backward_pass(
     _assert_close(torch.load(tmp_path / "rank0.pt"), reference)
     where = "at heads" if rep_grad else "at parameters"
     assert passes == {"one pass": 0, "per task": 0, "at heads": 0, "at parameters": 0, where: 1}
+
+
+@pytest.mark.parametrize("rep_grad", [False, True])
+def test_a_task_weighted_zero_takes_the_pass_before_backward(tmp_path, monkeypatch, rep_grad):
+    # The gradients reaching the views are Task.weight times the tasks': with a weight of 0 the
+    # task's own gradient is lost there, so its Gramian row comes from a pass before backward.
+    in_backward = []
+    for method in ("_weigh_at_heads", "_weigh_at_parameters"):
+        original = getattr(GradientWeighting, method)
+
+        def counted(*args, original=original, **kwargs):
+            in_backward.append(True)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(GradientWeighting, method, counted)
+    batch = make_batch(9, seed=5)
+    model = RecordingNet(str(tmp_path), [batch], sold_weight=0.0)
+    static = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
+    reference = _reference(model, batch, rep_grad, static=static)
+    _fit(model, 1, NormalisedGradients(rep_grad=rep_grad))
+    _assert_close(torch.load(tmp_path / "rank0.pt"), reference)
+    assert not in_backward
+
+
+@pytest.mark.parametrize("num_tasks", [1, 2, 3, 5])
+def test_dot_product_gramian_and_combination_equal_the_matrix_products(num_tasks):
+    generator = torch.Generator().manual_seed(num_tasks)
+    grads = tuple(torch.randn(6, 4, generator=generator) for _ in range(num_tasks))
+    jacobian = torch.stack(grads).reshape(num_tasks, -1)
+    torch.testing.assert_close(  # float32 products, summed in different orders
+        _dot_gramian([g.reshape(-1) for g in grads]).float(),
+        jacobian @ jacobian.T,
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    weights = torch.randn(num_tasks, generator=generator)
+    weights[0] = 0.0  # skipped, not added
+    expected = (weights @ jacobian).view(6, 4)
+    torch.testing.assert_close(_combination(grads, weights.tolist()), expected)
+    torch.testing.assert_close(_combination(grads, [0.0] * num_tasks), torch.zeros(6, 4))
+
+
+def test_host_figures_are_the_same_in_one_transfer():
+    # The branch an accelerator takes (one copy to the host) run on CPU tensors.
+    gramian = torch.tensor([[4.0, -1.0], [-1.0, 2.0]])
+    static, factor = torch.tensor([2.0, 0.5]), torch.tensor(0.25)
+    for figures in (_on_host, _on_host_in_one_transfer):
+        result = figures(gramian, static, factor)
+        np.testing.assert_array_equal(result[0], gramian.double().numpy())
+        np.testing.assert_array_equal(result[1], [2.0, 0.5])
+        assert result[2] == 0.25
 
 
 @pytest.mark.parametrize("rep_grad", [False, True])
