@@ -67,7 +67,8 @@ class WeightingCallback(L.Callback):
         :class:`~lightning_lossagg.representation.GradientsAtHeads`: instead of
         :meth:`task_weights` and :meth:`backward_objective`, the weights (times ``static``,
         written during backward) and the receiver of the tasks' gradients at the views, which
-        returns the representation's gradient. The objective is ``sum_k static_k t_k``."""
+        returns the gradients of the representation and of the parameters the views carry. The
+        objective is ``sum_k static_k t_k``."""
         raise NotImplementedError
 
     def backward_objective(
