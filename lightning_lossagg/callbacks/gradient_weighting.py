@@ -41,7 +41,7 @@ small problem on the K×K Gramian on the host, which costs one device-to-host tr
 from __future__ import annotations
 
 import functools
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import lightning as L
 import numpy as np
@@ -64,6 +64,15 @@ _DOT_PRODUCTS_UP_TO = 4
 BackwardGradients = tuple[Tensor | None, tuple[Tensor | None, ...]]
 # A parameter's gradient from each task that reaches it: (task index, gradient or None).
 TaskGradients = list[tuple[int, Tensor | None]]
+
+
+class _PendingStep(NamedTuple):
+    """What a step whose weights come in backward keeps for its receiver: the tasks with a valid
+    sample, ``Task.weight`` and the weights to write (times ``Task.weight``)."""
+
+    valid: Tensor
+    static: Tensor
+    weights: Tensor
 
 
 class GradientWeighting(WeightingCallback):
@@ -180,36 +189,28 @@ class GradientWeighting(WeightingCallback):
         self, pl_module: L.LightningModule, step: GlobalTaskLosses, static: Tensor
     ) -> tuple[Tensor, Receiver]:
         self.prepare_step(pl_module, step)
-        weights = torch.zeros_like(static)  # written in backward
-        valid = step.valid
+        pending = _PendingStep(step.valid, static, torch.zeros_like(static))
         if self.rep_grad:
 
             def receive(grads: tuple[Tensor, ...], factor: Tensor) -> BackwardGradients:
-                return self._weigh_at_heads(grads, factor, valid, static, weights), ()
+                return self._weigh_at_heads(grads, factor, pending), ()
 
-            return weights, receive
-        output = pl_module.shared_representation.output  # type: ignore[attr-defined]
-        shared = self._shared_parameters
+        else:
+            output = pl_module.shared_representation.output  # type: ignore[attr-defined]
+            shared = self._shared_parameters
 
-        def receive_for_parameters(grads: tuple[Tensor, ...], factor: Tensor) -> BackwardGradients:
-            return None, self._weigh_at_parameters(
-                grads, factor, valid, static, weights, output, shared
-            )
+            def receive(grads: tuple[Tensor, ...], factor: Tensor) -> BackwardGradients:
+                return None, self._weigh_at_parameters(grads, factor, pending, output, shared)
 
-        return weights, receive_for_parameters
+        return pending.weights, receive
 
     def _weigh_at_heads(
-        self,
-        grads: tuple[Tensor, ...],
-        factor: Tensor,
-        valid: Tensor,
-        static: Tensor,
-        weights: Tensor,
+        self, grads: tuple[Tensor, ...], factor: Tensor, pending: _PendingStep
     ) -> Tensor:
         """In backward: the tasks' gradients at the heads' views, ``factor * s_k`` times this
         rank's terms' gradients (``s``: ``Task.weight``, ``factor``: the loss's scaling before
-        backward), make the global Gramian; the method's weights go to ``weights`` (times ``s``)
-        and the trunk gets ``factor * sum_k w_k s_k g_k``, exactly what the surrogate gives it."""
+        backward), make the global Gramian; the method's weights go to ``pending.weights`` (times
+        ``s``) and the trunk gets ``factor * sum_k w_k s_k g_k``, as the surrogate gives it."""
         size = len(grads)
         rows = [grad.reshape(-1) for grad in grads]
         # On the CPU, with few tasks, K(K+1)/2 dot products beat copying the rows into a matrix.
@@ -217,11 +218,11 @@ class GradientWeighting(WeightingCallback):
         jacobian = None if few and rows[0].device.type == "cpu" else torch.stack(rows)
         local = _dot_gramian(rows) if jacobian is None else _gramian(jacobian)
         gramian, static_values, factor_value = _on_host(
-            distributed.all_reduce_sum(local), static, factor
+            distributed.all_reduce_sum(local), pending.static, factor
         )
         # Each rank's row k is W * factor * s_k times its share of the global gradient g_k.
         scale = factor_value * distributed.world_size()
-        adaptive = self._weights_of_scaled_gramian(gramian, static_values, scale, valid, weights)
+        adaptive = self._weights_of_scaled_gramian(gramian, static_values, scale, pending)
         if jacobian is None:
             return _combination(grads, adaptive.tolist())
         return (adaptive.to(jacobian.device, jacobian.dtype) @ jacobian).view_as(grads[0])
@@ -230,9 +231,7 @@ class GradientWeighting(WeightingCallback):
         self,
         grads: tuple[Tensor, ...],
         factor: Tensor,
-        valid: Tensor,
-        static: Tensor,
-        weights: Tensor,
+        pending: _PendingStep,
         output: Tensor,
         shared: list[torch.nn.Parameter],
     ) -> tuple[Tensor, ...]:
@@ -242,32 +241,20 @@ class GradientWeighting(WeightingCallback):
         none = (None,) * len(shared)
         rows = [_trunk_gradients(output, shared, grad, none) for grad in grads]
         jacobian, gramian = self._synced_gramian(_jacobian(rows, shared))
-        gramian, static_values, factor_value = _on_host(gramian, static, factor)
-        adaptive = self._weights_of_scaled_gramian(
-            gramian, static_values, factor_value, valid, weights
-        )
-        direction = adaptive.to(jacobian.device, jacobian.dtype) @ jacobian
-        sizes = [parameter.numel() for parameter in shared]
-        return tuple(
-            grad.view_as(parameter)
-            for grad, parameter in zip(direction.split(sizes), shared, strict=True)
-        )
+        gramian, static_values, factor_value = _on_host(gramian, pending.static, factor)
+        adaptive = self._weights_of_scaled_gramian(gramian, static_values, factor_value, pending)
+        return _shaped_like(adaptive.to(jacobian.device, jacobian.dtype) @ jacobian, shared)
 
     def _weights_of_scaled_gramian(
-        self,
-        gramian: np.ndarray,
-        static_values: np.ndarray,
-        scale: float,
-        valid: Tensor,
-        weights: Tensor,
+        self, gramian: np.ndarray, static_values: np.ndarray, scale: float, pending: _PendingStep
     ) -> Tensor:
         """The method's weights from the global Gramian of rows scaled by ``scale * s_k``; the
-        weights times ``s`` are written to ``weights``."""
+        weights times ``s`` are written to ``pending.weights``."""
         scales = static_values * scale
         global_gramian = torch.from_numpy(gramian / np.outer(scales, scales))
-        adaptive = self._weights_of_valid_tasks(global_gramian, valid)
+        adaptive = self._weights_of_valid_tasks(global_gramian, pending.valid)
         self._gramian, self._gramian_valid = global_gramian, self.valid_tasks
-        weights.copy_(torch.from_numpy(adaptive.numpy() * static_values))
+        pending.weights.copy_(torch.from_numpy(adaptive.numpy() * static_values))
         return adaptive
 
     def _representation_gramian(
@@ -431,13 +418,7 @@ class GradientWeighting(WeightingCallback):
         else:
             # Shared parameters: d, split back into their shapes.
             inputs = [*self._shared_parameters, *heads]
-            sizes = [parameter.numel() for parameter in self._shared_parameters]
-            grads = [
-                grad.view_as(parameter)
-                for grad, parameter in zip(
-                    direction.split(sizes), self._shared_parameters, strict=True
-                )
-            ]
+            grads = list(_shaped_like(direction, self._shared_parameters))
             tasks = [None] * len(grads)
         return _InjectedGradients.apply(
             (*grads, *head_grads), (*tasks, *head_tasks), static.to(jacobian.dtype), *inputs
@@ -600,6 +581,15 @@ def _jacobian(per_task: list[tuple[Tensor | None, ...]], inputs: list[Tensor]) -
         ]
         torch.cat(pieces, out=row)
     return jacobian
+
+
+def _shaped_like(direction: Tensor, parameters: list[torch.nn.Parameter]) -> tuple[Tensor, ...]:
+    """The flat ``direction`` split back into the parameters' shapes (views, no copy)."""
+    sizes = [parameter.numel() for parameter in parameters]
+    return tuple(
+        grad.view_as(parameter)
+        for grad, parameter in zip(direction.split(sizes), parameters, strict=True)
+    )
 
 
 def _on_host(
