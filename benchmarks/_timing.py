@@ -6,7 +6,8 @@ import logging
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import lightning as L
 import torch
@@ -76,13 +77,45 @@ def median_step_time(
     return statistics.median(timer.times[warmup:])
 
 
-def interleaved_ratios(
-    variants: dict[str, Callable[[], float]], baseline: str, rounds: int = 5
-) -> dict[str, float]:
-    """Median over rounds of each variant's time divided by the baseline's in the same round."""
-    ratios: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        times = {name: run() for name, run in variants.items()}
-        for name, value in times.items():
-            ratios[name].append(value / times[baseline])
-    return {name: statistics.median(values) for name, values in ratios.items()}
+class Summary(NamedTuple):
+    """One variant's times over the rounds, against the baseline's in the same rounds."""
+
+    median: float  # median over rounds of the variant's step time (seconds)
+    best: float  # its fastest round
+    ratio: float  # median over rounds of variant / baseline within a round
+    best_ratio: float  # best / the baseline's best
+
+
+def summarize(times: Mapping[str, Sequence[float]], baseline: str) -> dict[str, Summary]:
+    """Each variant's :class:`Summary` from its step times, round by round.
+
+    Two ratios, because on a shared machine a whole fit runs slow or fast at random (the plain
+    step reads 2.3 ms in one fit and 3.6 ms in the next): ``ratio`` cancels slow phases that hit
+    both sides of a round; ``best_ratio`` compares each side's fastest fit, as ``timeit``
+    recommends: interference only ever adds time, so the fastest fit is the closest to the code's
+    own cost.
+    """
+    reference = times[baseline]
+    return {
+        name: Summary(
+            statistics.median(values),
+            min(values),
+            statistics.median(v / r for v, r in zip(values, reference, strict=True)),
+            min(values) / min(reference),
+        )
+        for name, values in times.items()
+    }
+
+
+def interleaved_times(
+    variants: Mapping[str, Callable[[], float]], rounds: int = 5
+) -> dict[str, list[float]]:
+    """Each variant's step time, round after round; every round runs the variants in a rotated
+    order, so that none always runs first or right after another."""
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(variants[name]())
+    return times

@@ -12,8 +12,10 @@ processes as much as this one, and OpenMP workers waiting for a busy core make i
   ``jac_to_grad`` with the same aggregator on the same network, in a manual-optimization
   LightningModule (target: at most 0.8 times torchjd's step).
 
-Variants run interleaved, round after round; each ratio is the median over rounds of the ratio
-within a round, and the times shown are medians over rounds of each fit's median step time.
+Variants run interleaved, round after round (rotated); each ratio is the median over rounds of the
+ratio within a round, ``best`` the ratio of each side's fastest fit
+(:func:`benchmarks._timing.summarize`), and the times shown are medians over rounds of each fit's
+median step time.
 
     python -m benchmarks.gradient_methods [--rounds 5] [--tasks 2 4 8] [--methods mgda ...]
 """
@@ -21,7 +23,6 @@ within a round, and the times shown are medians over rounds of each fit's median
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections.abc import Callable
 
 import lightning as L
@@ -31,7 +32,13 @@ from torch import Tensor
 from torchjd import aggregation
 from torchjd.autojac import jac_to_grad, mtl_backward
 
-from benchmarks._timing import median_step_time, quiet, synthetic_loader
+from benchmarks._timing import (
+    interleaved_times,
+    median_step_time,
+    quiet,
+    summarize,
+    synthetic_loader,
+)
 from benchmarks.overhead import PlainMLP
 from lightning_lossagg import callbacks
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting
@@ -106,25 +113,24 @@ def main() -> None:
     # millisecond steps into tens of milliseconds at random. Both sides of every ratio use it.
     torch.set_num_threads(1)
     header = (
-        f"{'K':>2} {'method':<12} {'plain ms':>8} {'rep ms':>7} {'rep/plain':>9} "
-        f"{'param ms':>8} {'torchjd ms':>10} {'param/torchjd':>13}"
+        f"{'K':>2} {'method':<12} {'plain ms':>8} {'rep ms':>7} {'rep/plain':>9} {'best':>5} "
+        f"{'param ms':>8} {'torchjd ms':>10} {'param/torchjd':>13} {'best':>5}"
     )
+    print(f"{args.rounds} rounds; best: the ratio of each side's fastest fit")
     print(header)
     for num_tasks in args.tasks:
-        variants = _variants(num_tasks, args.methods)
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(args.rounds):
-            for name, run in variants.items():
-                times[name].append(run())
+        times = interleaved_times(_variants(num_tasks, args.methods), args.rounds)
+        against_plain = summarize(times, "plain")
         for name in args.methods:
-            rep, param, torchjd = (times[f"{name}/{kind}"] for kind in ("rep", "param", "torchjd"))
-            rep_ratio = statistics.median(r / p for r, p in zip(rep, times["plain"], strict=True))
-            param_ratio = statistics.median(p / t for p, t in zip(param, torchjd, strict=True))
+            rep = against_plain[f"{name}/rep"]
+            torchjd = f"{name}/torchjd"
+            against_torchjd = summarize({k: times[k] for k in (torchjd, f"{name}/param")}, torchjd)
+            param = against_torchjd[f"{name}/param"]
             print(
-                f"{num_tasks:>2} {name:<12} {1e3 * statistics.median(times['plain']):>8.2f} "
-                f"{1e3 * statistics.median(rep):>7.2f} {rep_ratio:>9.2f} "
-                f"{1e3 * statistics.median(param):>8.2f} "
-                f"{1e3 * statistics.median(torchjd):>10.2f} {param_ratio:>13.2f}",
+                f"{num_tasks:>2} {name:<12} {1e3 * against_plain['plain'].median:>8.2f} "
+                f"{1e3 * rep.median:>7.2f} {rep.ratio:>9.2f} {rep.best_ratio:>5.2f} "
+                f"{1e3 * param.median:>8.2f} {1e3 * against_torchjd[torchjd].median:>10.2f} "
+                f"{param.ratio:>13.2f} {param.best_ratio:>5.2f}",
                 flush=True,
             )
 

@@ -4,8 +4,9 @@ The demo MLP (K=3 tasks, trunk 64→256→256, batch 256) trains one epoch of 60
 measurement; a step is timed from the start of the training batch to the end of every
 ``on_train_batch_end`` hook (FAMO's re-evaluation of the batch runs there), and its time is the
 median over the epoch after 10 warm-up steps. Each round measures every variant once, in a
-rotated order; the ratio is the median over rounds of (method / static) within a round, so slow
-phases of a shared machine cancel. By default the clock is the main thread's CPU time (with one
+rotated order; ``ratio`` is the median over rounds of (method / static) within a round, so slow
+phases of a shared machine cancel, and ``best`` the ratio of each one's fastest fit
+(:func:`benchmarks._timing.summarize`). By default the clock is the main thread's CPU time (with one
 torch thread all the work is on it): on a machine shared with other jobs, wall time mostly
 measures waiting for a core. "(weights of 1)" is a weighting callback that returns ones: what the
 interface itself costs (hooks, the weights' way through the mixin). Target: at most 1.05, FAMO
@@ -17,14 +18,19 @@ excepted (an extra forward pass by design).
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections.abc import Callable
 
 import lightning as L
 import torch
 from torch import Tensor
 
-from benchmarks._timing import median_step_time, quiet, synthetic_loader
+from benchmarks._timing import (
+    interleaved_times,
+    median_step_time,
+    quiet,
+    summarize,
+    synthetic_loader,
+)
 from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks import (
     DWA,
@@ -81,32 +87,26 @@ def print_method_table(rounds: int, clock_name: str) -> None:
     """Each method's median step time and its ratio to static weights, measured in this run."""
     clock = "thread" if clock_name == "cpu" else "wall"
     loader = synthetic_loader(NUM_TASKS, batch_size=256)
-    names = list(METHODS)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    ratios: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(rounds):
-        # A different order every round: no variant always runs first, or right after another.
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            callback = METHODS[name]()
-            times[name].append(
-                median_step_time(
-                    lambda: MultiTaskMLP(NUM_TASKS),
-                    loader,
-                    [] if callback is None else [callback],
-                    clock=clock,
-                )
-            )
-        for name in names:
-            ratios[name].append(times[name][-1] / times["static"][-1])
+
+    def timed(make: Callable[[], L.Callback | None]) -> Callable[[], float]:
+        def run() -> float:
+            callback = make()
+            callbacks = [] if callback is None else [callback]
+            return median_step_time(lambda: MultiTaskMLP(NUM_TASKS), loader, callbacks, clock=clock)
+
+        return run
+
+    times = interleaved_times({name: timed(make) for name, make in METHODS.items()}, rounds)
     print(
         f"K={NUM_TASKS}, batch 256, {rounds} rounds, {torch.get_num_threads()} thread(s), "
         f"{clock_name} time"
     )
-    print(f"{'method':<22} {'ms/step':>8} {'ratio':>6}")
-    for name in names:
-        milliseconds = 1e3 * statistics.median(times[name])
-        print(f"{name:<22} {milliseconds:>8.3f} {statistics.median(ratios[name]):>6.3f}")
+    print(f"{'method':<22} {'ms/step':>8} {'ratio':>6} {'best':>6}")
+    for name, summary in summarize(times, "static").items():
+        print(
+            f"{name:<22} {1e3 * summary.median:>8.3f} {summary.ratio:>6.3f} "
+            f"{summary.best_ratio:>6.3f}"
+        )
 
 
 if __name__ == "__main__":

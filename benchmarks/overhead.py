@@ -2,7 +2,8 @@
 
 Both train the same demo MLP (shared trunk 64→256→256, one head per task, MSE each, batch 256) on
 the same data; the plain module sums ``F.mse_loss`` of each task. Ratios are medians over
-interleaved rounds, measured in this run. Target: at most 1.05. ``--methods`` then times every
+interleaved rounds, measured in this run, and (``best``) of each side's fastest fit
+(:func:`benchmarks._timing.summarize`). Target: at most 1.05. ``--methods`` then times every
 loss-based weighting method against static weights (:mod:`benchmarks.loss_methods`; the
 gradient-based ones are in :mod:`benchmarks.gradient_methods`).
 
@@ -19,7 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks._timing import interleaved_ratios, median_step_time, quiet, synthetic_loader
+from benchmarks._timing import (
+    interleaved_times,
+    median_step_time,
+    quiet,
+    summarize,
+    synthetic_loader,
+)
 from benchmarks.loss_methods import print_method_table
 from lightning_lossagg.demos import MultiTaskMLP
 
@@ -60,31 +67,25 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     quiet()
-    print(f"clock: {args.clock}, torch threads: {torch.get_num_threads()}")
-    print(f"{'K':>3} {'plain ms':>9} {'mixin ms':>9} {'ratio':>6}")
+    print(f"clock: {args.clock}, torch threads: {torch.get_num_threads()}, {args.rounds} rounds")
+    print(f"{'K':>3} {'plain ms':>9} {'mixin ms':>9} {'ratio':>6} {'best':>6}")
     for num_tasks in args.tasks:
         loader = synthetic_loader(num_tasks)
-        times: dict[str, list[float]] = {"plain": [], "mixin": []}
-
-        def timed(name: str, make_model, loader=loader, times=times):
-            def run() -> float:
-                value = median_step_time(make_model, loader, clock=args.clock)
-                times[name].append(value)
-                return value
-
-            return run
-
-        ratios = interleaved_ratios(
+        models = {"plain": PlainMLP, "mixin": MultiTaskMLP}
+        times = interleaved_times(
             {
-                "plain": timed("plain", lambda k=num_tasks: PlainMLP(k)),
-                "mixin": timed("mixin", lambda k=num_tasks: MultiTaskMLP(k)),
+                name: lambda make=make, k=num_tasks, loader=loader: median_step_time(
+                    lambda: make(k), loader, clock=args.clock
+                )
+                for name, make in models.items()
             },
-            baseline="plain",
-            rounds=args.rounds,
+            args.rounds,
         )
-        plain_ms = 1e3 * sorted(times["plain"])[len(times["plain"]) // 2]
-        mixin_ms = 1e3 * sorted(times["mixin"])[len(times["mixin"]) // 2]
-        print(f"{num_tasks:>3} {plain_ms:>9.3f} {mixin_ms:>9.3f} {ratios['mixin']:>6.3f}")
+        plain, mixin = (summarize(times, "plain")[name] for name in models)
+        print(
+            f"{num_tasks:>3} {1e3 * plain.median:>9.3f} {1e3 * mixin.median:>9.3f} "
+            f"{mixin.ratio:>6.3f} {mixin.best_ratio:>6.3f}"
+        )
     if args.methods:
         print_method_table(args.rounds, args.clock)
 
