@@ -17,6 +17,7 @@ from lightning_lossagg.representation import (
     SharedRepresentation,
     TaskHeads,
     find_task_heads,
+    linear_heads_factor,
     reach_only_own_heads,
 )
 from lightning_lossagg.tasks import MaskedLoss, StackedLosses, Task
@@ -110,6 +111,9 @@ class MultiTaskMixin:
         # is checked once per fit (None: not yet).
         self._task_heads: TaskHeads | None = None
         self._heads_apart: bool | None = None
+        # Whether the heads are linear layers whose factors give the Gramian cheaper (checked
+        # once per fit, on the first step that asks; see GradientsAtHeads.linear_factors).
+        self._linear_heads: bool | None = None
         self._stacking_plans: dict[tuple, list[list[int]] | None] = {}
 
     @property
@@ -165,11 +169,13 @@ class MultiTaskMixin:
         if heads is None:
             self.shared_representation = SharedRepresentation(shared, (detached,))
             return self.forward_heads(detached)  # type: ignore[attr-defined]
-        split = views = None
+        split = views = watch = None
         if weighting.weighs_in_backward and self._static_weights_are_positive:
             split = GradientsAtHeads(len(heads.modules))
             views = weighting.views_at_heads(self, split, shared, detached)  # type: ignore[arg-type]
-        with HeadInputs(heads.modules, detached, views) as head_inputs:
+            if split.wants_linear_factors and self._linear_heads is not False:
+                watch = split
+        with HeadInputs(heads.modules, detached, views, watch) as head_inputs:
             predictions = self.forward_heads(detached)  # type: ignore[attr-defined]
         copies = head_inputs.created()
         per_task = None
@@ -178,6 +184,14 @@ class MultiTaskMixin:
                 self._heads_apart = self._check_heads_apart(predictions, copies, detached)
             if self._heads_apart:
                 per_task = copies
+        if watch is not None:
+            outputs = watch.take_linear_outputs()
+            if self._linear_heads is None and per_task is not None:
+                self._linear_heads = self._linear_factors_pay(heads.modules, detached) and (
+                    linear_heads_factor(predictions, self.task_names, copies, outputs)
+                )
+            if not self._linear_heads:
+                watch.forget_linear_heads()
         self.shared_representation = SharedRepresentation(
             shared, (detached, *copies), per_task, split if per_task is not None else None
         )
@@ -195,6 +209,18 @@ class MultiTaskMixin:
                 "`self.heads`."
             )
         return broken is None
+
+    @staticmethod
+    def _linear_factors_pay(heads: list[torch.nn.Module], representation: Tensor) -> bool:
+        """Whether linear heads' factors give the Gramian and the update in fewer operations than
+        the views' gradients: ``O^2 (N + H) + N O H`` against ``K (K + 1) / 2 N H + K N H`` for K
+        heads of O outputs in all on an N × H representation."""
+        if representation.dim() != 2:
+            return False
+        rows, width = representation.shape
+        tasks, outputs = len(heads), sum(head.out_features for head in heads)  # type: ignore[misc]
+        factored = outputs * outputs * (rows + width) + rows * outputs * width
+        return factored < (tasks * (tasks + 1) // 2 + tasks) * rows * width
 
     def shared_parameters(self) -> list[torch.nn.Parameter]:
         """The trainable parameters every task shares (gradient-based methods weigh their
@@ -385,9 +411,13 @@ class MultiTaskMixin:
                 "weighting method. Keep one of them in the trainer's callbacks."
             )
         self._weighting = methods[0] if methods else None
-        self._task_heads, self._heads_apart = None, None
+        self._task_heads, self._heads_apart, self._linear_heads = None, None, None
         if self._weighting is not None and self._weighting.splits_forward and _default_losses(self):
             self._task_heads = find_task_heads(self)
+        if self._task_heads is not None and not all(
+            type(head) is torch.nn.Linear for head in self._task_heads.modules
+        ):
+            self._linear_heads = False
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         super().on_before_optimizer_step(optimizer)  # type: ignore[misc]

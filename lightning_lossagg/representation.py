@@ -14,12 +14,19 @@ prediction to reach the representation and the shared parameters only through he
 copy: the first step of a fit checks that once, walking each prediction's graph down to the
 copies; every step checks that each head was called once, on the representation. Any other
 layout keeps one backward pass per task: correct, slower.
+
+When every head is an ``nn.Linear`` on a 2-D representation, view ``k``'s gradient is
+``D_k W_k``: the gradient at the head's output times its weight. A method that asks for them
+(:meth:`GradientsAtHeads.linear_factors`) gets these factors from a hook on each head's output
+node, and builds the Gramian and the update from them (``N × O`` and ``O × H`` for ``O`` head
+outputs) instead of from K gradients of ``N × H`` each; the first step checks, once, that each
+view reaches its prediction only through its head's linear map.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -72,6 +79,11 @@ class GradientsAtHeads:
         self.num_tasks = num_tasks
         self._receiver: Receiver | None = None
         self._factor: Tensor | None = None
+        # Set by a receiver that can use linear heads' factors (see linear_factors).
+        self.wants_linear_factors = False
+        self.linear_outputs: list[Tensor | None] = [None] * num_tasks
+        self._linear_weights: list[Tensor | None] = [None] * num_tasks
+        self._output_grads: list[Tensor | None] = [None] * num_tasks
 
     def views(
         self, representation: Tensor, parameters: Sequence[Tensor] = ()
@@ -83,6 +95,45 @@ class GradientsAtHeads:
         """``objective`` itself, whose backward records the incoming factor; arms ``receiver``."""
         self._receiver = receiver
         return _IncomingFactor.apply(self, objective)
+
+    def watch_linear_head(self, index: int, head: nn.Linear, output: Tensor) -> None:
+        """Head ``index`` is an ``nn.Linear`` that read its view: keep its weight and, in
+        backward, the gradient at its output, whose product is the view's gradient."""
+        if output.grad_fn is None:
+            return
+        self.linear_outputs[index] = output
+        self._linear_weights[index] = head.weight
+        output.grad_fn.register_prehook(functools.partial(self._keep_output_grad, index))
+
+    def _keep_output_grad(self, index: int, grad_outputs: tuple[Tensor, ...]) -> None:
+        self._output_grads[index] = grad_outputs[0]
+
+    def take_linear_outputs(self) -> list[Tensor | None]:
+        """The watched heads' outputs (for :func:`linear_heads_factor`), no longer kept: they
+        hold the step's graph, which holds this object."""
+        outputs, self.linear_outputs = self.linear_outputs, [None] * self.num_tasks
+        return outputs
+
+    def forget_linear_heads(self) -> None:
+        """Use no linear factors this step (the heads' layout does not allow them)."""
+        self.wants_linear_factors = False
+        self._linear_weights = [None] * self.num_tasks
+
+    def linear_factors(self) -> tuple[Tensor, Tensor, list[int]] | None:
+        r"""In the views' backward, when every head is an ``nn.Linear`` on its view (checked by
+        :func:`linear_heads_factor`): ``(D, W, sizes)`` with view ``k``'s gradient
+        :math:`D_k W_k`, the heads' output gradients :math:`D = [D_1 \dots D_K]` (N × O) and
+        weights :math:`W = [W_1; \dots; W_K]` (O × H) in blocks of ``sizes`` (each head's
+        outputs). ``None`` when a factor is missing (a head's output took no part in the
+        objective) or the dtypes differ (autocast)."""
+        grads, weights = self._output_grads, self._linear_weights
+        self._output_grads = [None] * self.num_tasks
+        if not self.wants_linear_factors or any(g is None for g in grads):
+            return None
+        if any(w is None or w.dtype != g.dtype for g, w in zip(grads, weights, strict=True)):  # type: ignore[union-attr]
+            return None
+        sizes = [w.shape[0] for w in weights]  # type: ignore[union-attr]
+        return torch.cat(grads, dim=1), torch.cat(weights), sizes  # type: ignore[arg-type]
 
 
 class _IncomingFactor(torch.autograd.Function):
@@ -150,10 +201,12 @@ class HeadInputs:
         heads: Sequence[nn.Module],
         representation: Tensor,
         views: Sequence[Tensor] | None = None,
+        watch: GradientsAtHeads | None = None,
     ) -> None:
         self._heads = heads
         self._representation = representation
         self._views = views
+        self._watch = watch
         self.leaves: list[Tensor | None] = [None] * len(heads)
         self.one_call_each = True
         self._handles: list[Any] = []
@@ -163,6 +216,11 @@ class HeadInputs:
             head.register_forward_pre_hook(functools.partial(self._own_leaf, index))
             for index, head in enumerate(self._heads)
         ]
+        if self._watch is not None:
+            self._handles += [
+                head.register_forward_hook(functools.partial(self._watch_output, index))
+                for index, head in enumerate(self._heads)
+            ]
         return self
 
     def __exit__(
@@ -186,6 +244,12 @@ class HeadInputs:
             leaf = self._views[index]
         self.leaves[index] = leaf
         return (leaf, *args[1:])
+
+    def _watch_output(
+        self, index: int, module: nn.Module, args: tuple[Any, ...], output: Any
+    ) -> None:
+        if self._watch is not None and args and args[0] is self.leaves[index]:
+            self._watch.watch_linear_head(index, module, output)  # type: ignore[arg-type]
 
     def created(self) -> tuple[Tensor, ...]:
         """The copies handed out."""
@@ -211,10 +275,7 @@ def reach_only_own_heads(
             return f"the prediction of task {name!r} is not a floating-point tensor"
         if not prediction.requires_grad:
             continue
-        start = _position(prediction)
-        stack, seen = [start], {start}
-        while stack:
-            position = stack.pop()
+        for position in _reachable(_position(prediction), owners.__contains__):
             owner = owners.get(position)
             if owner is not None and owner != index:
                 head = f"the head of task {task_names[owner]!r}"
@@ -224,16 +285,51 @@ def reach_only_own_heads(
                     f"the prediction of task {name!r} depends on the representation or a shared "
                     "parameter outside the heads"
                 )
-            node = position[0]
-            if owner is not None or isinstance(node, str):
-                continue  # a head's copy, or a leaf
-            for next_node, number in node.next_functions:
-                if next_node is not None:
-                    following = _edge(next_node, number)
-                    if following not in seen:
-                        seen.add(following)
-                        stack.append(following)
     return None
+
+
+def linear_heads_factor(
+    predictions: Mapping[str, Any],
+    task_names: Sequence[str],
+    views: Sequence[Tensor],
+    outputs: Sequence[Tensor | None],
+) -> bool:
+    """Whether view ``k``'s gradient is the gradient at ``outputs[k]`` times head ``k``'s weight:
+    the node of ``outputs[k]`` (an ``nn.Linear`` on a 2-D view) reads view ``k`` itself, and task
+    ``k``'s prediction reaches view ``k`` only through it. A walk of each prediction's graph
+    that stops at that node and at the views."""
+    for index, name in enumerate(task_names):
+        output, view = outputs[index], _position(views[index])
+        if output is None or output.grad_fn is None or views[index].dim() != 2:
+            return False
+        node = output.grad_fn
+        if view not in {_edge(n, number) for n, number in node.next_functions if n is not None}:
+            return False
+        prediction = predictions[name]
+        if not prediction.requires_grad:
+            return False
+        stops = {_position(other) for other in views} | {(node, output.output_nr)}
+        if view in _reachable(_position(prediction), stops.__contains__):
+            return False
+    return True
+
+
+def _reachable(start: tuple[Any, int], stop: Callable[[tuple[Any, int]], bool]) -> Iterator[Any]:
+    """The :func:`_position` of every tensor ``start`` depends on, each once: a walk of the
+    autograd graph that goes past neither a leaf nor a position where ``stop`` is true."""
+    stack, seen = [start], {start}
+    while stack:
+        position = stack.pop()
+        yield position
+        node = position[0]
+        if stop(position) or isinstance(node, str):
+            continue
+        for next_node, number in node.next_functions:
+            if next_node is not None:
+                following = _edge(next_node, number)
+                if following not in seen:
+                    seen.add(following)
+                    stack.append(following)
 
 
 def _position(tensor: Tensor) -> tuple[Any, int]:

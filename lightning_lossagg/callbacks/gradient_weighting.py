@@ -25,7 +25,9 @@ Where the gradients are taken:
 * ``rep_grad=True``: at the shared representation (MGDA-UB), far cheaper. The model defines
   ``forward_shared(inputs)`` and ``forward_heads(representation)``; the trunk runs once, with
   ``d``. Each rank's representation rows belong to its own samples, so the global Gramian is
-  exactly the sum of the ranks' Gramians: one K×K all-reduce.
+  exactly the sum of the ranks' Gramians: one K×K all-reduce. With linear heads and at least
+  ``linear_factors_from`` tasks, the Gramian and ``d`` come from the heads' output gradients and
+  weights (:meth:`GradientsAtHeads.linear_factors`), not from the K gradients at the views.
 * ``rep_grad=False``: at the shared parameters (``pl_module.shared_parameters()``). A model with
   ``forward_shared``/``forward_heads`` gets its trunk's K×P Jacobian from the representation
   gradients, one backward through the trunk per task (torchjd's ``mtl_backward`` algorithm,
@@ -60,6 +62,7 @@ Sync = Literal["gradients", "gramian"]
 # Up to this many tasks, the Gramian of gradients on the CPU is K(K+1)/2 dot products of the
 # gradients where they lie; with more, one copy of them into a matrix and a product are faster.
 _DOT_PRODUCTS_UP_TO = 4
+_DOT_DTYPES = (torch.float32, torch.float64)
 # What a receiver returns: the representation's gradient and the parameters'.
 BackwardGradients = tuple[Tensor | None, tuple[Tensor | None, ...]]
 # A parameter's gradient from each task that reaches it: (task index, gradient or None).
@@ -102,6 +105,11 @@ class GradientWeighting(WeightingCallback):
     # their own tasks' gradients times Task.weight, as backward_objective gives them).
     # Subclasses that weigh the heads otherwise set it False.
     may_weigh_in_backward: ClassVar[bool] = True
+    # With rep_grad=True and at least this many tasks, linear heads hand the gradient at their
+    # outputs and their weights (GradientsAtHeads.linear_factors): the Gramian and the update
+    # then cost O(N O^2) instead of copying K gradients into a matrix; with fewer tasks the dot
+    # products are as cheap as the factors' hooks.
+    linear_factors_from: ClassVar[int] = _DOT_PRODUCTS_UP_TO + 1
 
     def __init__(self, rep_grad: bool = False, sync: Sync = "gradients") -> None:
         if sync not in ("gradients", "gramian"):
@@ -179,6 +187,7 @@ class GradientWeighting(WeightingCallback):
         self, pl_module: L.LightningModule, split: GradientsAtHeads, output: Tensor, leaf: Tensor
     ) -> tuple[Tensor, ...]:
         if self.rep_grad:
+            split.wants_linear_factors = split.num_tasks >= self.linear_factors_from
             return split.views(output)
         # The receiver takes the trunk's gradients itself: backward stops at the views.
         self._shared_parameters = pl_module.shared_parameters()  # type: ignore[operator]
@@ -191,9 +200,10 @@ class GradientWeighting(WeightingCallback):
         self.prepare_step(pl_module, step)
         pending = _PendingStep(step.valid, static, torch.zeros_like(static))
         if self.rep_grad:
+            split = pl_module.shared_representation.split  # type: ignore[attr-defined]
 
             def receive(grads: tuple[Tensor, ...], factor: Tensor) -> BackwardGradients:
-                return self._weigh_at_heads(grads, factor, pending), ()
+                return self._weigh_at_heads(grads, factor, pending, split.linear_factors()), ()
 
         else:
             output = pl_module.shared_representation.output  # type: ignore[attr-defined]
@@ -205,24 +215,36 @@ class GradientWeighting(WeightingCallback):
         return pending.weights, receive
 
     def _weigh_at_heads(
-        self, grads: tuple[Tensor, ...], factor: Tensor, pending: _PendingStep
+        self,
+        grads: tuple[Tensor, ...],
+        factor: Tensor,
+        pending: _PendingStep,
+        linear: tuple[Tensor, Tensor, list[int]] | None = None,
     ) -> Tensor:
         """In backward: the tasks' gradients at the heads' views, ``factor * s_k`` times this
         rank's terms' gradients (``s``: ``Task.weight``, ``factor``: the loss's scaling before
         backward), make the global Gramian; the method's weights go to ``pending.weights`` (times
-        ``s``) and the trunk gets ``factor * sum_k w_k s_k g_k``, as the surrogate gives it."""
-        size = len(grads)
-        rows = [grad.reshape(-1) for grad in grads]
-        # On the CPU, with few tasks, K(K+1)/2 dot products beat copying the rows into a matrix.
-        few = size <= _DOT_PRODUCTS_UP_TO and rows[0].dtype in (torch.float32, torch.float64)
-        jacobian = None if few and rows[0].device.type == "cpu" else torch.stack(rows)
-        local = _dot_gramian(rows) if jacobian is None else _gramian(jacobian)
+        ``s``) and the trunk gets ``factor * sum_k w_k s_k g_k``, as the surrogate gives it.
+        ``linear``: the linear heads' factors of the same gradients
+        (:meth:`GradientsAtHeads.linear_factors`), which give both in far fewer operations."""
+        jacobian = rows = None
+        if linear is not None:
+            local = _factored_gramian(*linear)
+        else:
+            rows = [grad.reshape(-1) for grad in grads]
+            # On the CPU, with few tasks, K(K+1)/2 dot products beat copying the rows into a
+            # matrix.
+            few = len(rows) <= _DOT_PRODUCTS_UP_TO and rows[0].dtype in _DOT_DTYPES
+            jacobian = None if few and rows[0].device.type == "cpu" else torch.stack(rows)
+            local = _dot_gramian(rows) if jacobian is None else _gramian(jacobian)
         gramian, static_values, factor_value = _on_host(
             distributed.all_reduce_sum(local), pending.static, factor
         )
         # Each rank's row k is W * factor * s_k times its share of the global gradient g_k.
         scale = factor_value * distributed.world_size()
         adaptive = self._weights_of_scaled_gramian(gramian, static_values, scale, pending)
+        if linear is not None:
+            return _factored_combination(*linear, adaptive).view_as(grads[0])
         if jacobian is None:
             return _combination(grads, adaptive.tolist())
         return (adaptive.to(jacobian.device, jacobian.dtype) @ jacobian).view_as(grads[0])
@@ -620,6 +642,34 @@ def _dot_gramian(rows: list[Tensor]) -> Tensor:
         for j in range(i, size):
             gramian[i, j] = gramian[j, i] = rows[i].dot(rows[j]).item()
     return torch.from_numpy(gramian)
+
+
+def _factored_gramian(outputs: Tensor, weights: Tensor, sizes: list[int]) -> Tensor:
+    """The Gramian of the gradients ``D_k W_k`` (:meth:`GradientsAtHeads.linear_factors`):
+    ``<D_i W_i, D_j W_j> = sum((D_i^T D_j) * (W_i W_j^T))``, in float32 at least."""
+    dtype = torch.promote_types(outputs.dtype, torch.float32)
+    outputs, weights = outputs.to(dtype), weights.to(dtype)
+    products = (outputs.T @ outputs) * (weights @ weights.T)
+    if len(sizes) == len(products):  # one output per head
+        return products
+    blocks = _blocks(sizes, products)
+    return blocks.T @ products @ blocks
+
+
+def _factored_combination(
+    outputs: Tensor, weights: Tensor, sizes: list[int], adaptive: Tensor
+) -> Tensor:
+    """``sum_k adaptive[k] D_k W_k``: one product of the factors."""
+    adaptive = adaptive.to(outputs.device, outputs.dtype)
+    if len(sizes) != len(weights):
+        adaptive = _blocks(sizes, outputs) @ adaptive
+    return (outputs * adaptive) @ weights
+
+
+def _blocks(sizes: list[int], like: Tensor) -> Tensor:
+    """The O × K indicator of which head each of the O outputs belongs to."""
+    eye = torch.eye(len(sizes), dtype=like.dtype, device=like.device)
+    return eye.repeat_interleave(torch.tensor(sizes, device=like.device), dim=0)
 
 
 def _combination(grads: tuple[Tensor, ...], weights: list[float]) -> Tensor:

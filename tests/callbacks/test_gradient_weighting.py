@@ -17,6 +17,8 @@ from lightning_lossagg.callbacks.gradient_weighting import (
     GradientWeighting,
     _combination,
     _dot_gramian,
+    _factored_combination,
+    _factored_gramian,
     _on_host,
     _on_host_in_one_transfer,
     _scaled,
@@ -55,6 +57,30 @@ class RecordingNet(ThreeTaskNet):
             },
             Path(self.out_dir) / f"rank{self.global_rank}.pt",
         )
+
+
+class FactoredGradients(NormalisedGradients):
+    linear_factors_from = 1  # the linear heads' factors from one task on (default: 5)
+
+
+class LinearFactorsNet(RecordingNet):
+    """Takes its linear heads' factors whatever the sizes (for batches this small the rule
+    prefers the views' gradients)."""
+
+    _linear_factors_pay = staticmethod(lambda heads, representation: True)
+
+
+class ScaledHeadOutputNet(LinearFactorsNet):
+    """A forward hook doubles kind's head output: the view's gradient is no longer the output's
+    gradient times the weight, so the factors are refused."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.heads["kind"].register_forward_hook(_doubled)
+
+
+def _doubled(module, args, output):
+    return 2.0 * output
 
 
 class WholeForwardNet(RecordingNet):
@@ -199,6 +225,76 @@ def test_two_rank_weights_and_update_equal_one_process_on_the_concatenated_batch
     _fit(model, 2, NormalisedGradients(rep_grad=rep_grad, sync="gradients"))
     for rank in (0, 1):
         _assert_close(torch.load(tmp_path / f"rank{rank}.pt"), reference)
+
+
+@pytest.mark.ddp
+def test_two_rank_linear_head_factors_equal_one_process_on_the_concatenated_batch(tmp_path):
+    rank0, rank1 = make_batch(5, seed=1), make_batch(8, seed=2)
+    rank1[1]["kind"][:] = -100
+    model = LinearFactorsNet(str(tmp_path), [rank0, rank1])
+    reference = _reference(model, concat_batches(rank0, rank1), rep_grad=True)
+    _fit(model, 2, FactoredGradients(rep_grad=True))
+    for rank in (0, 1):
+        _assert_close(torch.load(tmp_path / f"rank{rank}.pt"), reference)
+
+
+@pytest.mark.parametrize(
+    ("net", "method", "factored"),
+    [
+        (LinearFactorsNet, FactoredGradients, True),
+        (ScaledHeadOutputNet, FactoredGradients, False),
+        (LinearFactorsNet, NormalisedGradients, False),  # 3 tasks: below linear_factors_from
+        (RecordingNet, FactoredGradients, False),  # the sizes favour the views' gradients
+    ],
+)
+def test_linear_heads_give_the_gramian_and_update_from_their_factors(
+    tmp_path, monkeypatch, net, method, factored
+):
+    calls = []
+    original = gradient_weighting._factored_gramian
+    monkeypatch.setattr(
+        gradient_weighting, "_factored_gramian", lambda *a: calls.append(1) or original(*a)
+    )
+    batch = make_batch(9, seed=5)
+    model = net(str(tmp_path), [batch])
+    reference = _reference(model, batch, rep_grad=True)
+    _fit(model, 1, method(rep_grad=True))
+    _assert_close(torch.load(tmp_path / "rank0.pt"), reference)
+    assert len(calls) == int(factored)
+    assert bool(model._linear_heads) is factored
+
+
+def test_factored_gramian_and_combination_equal_those_of_the_products():
+    generator = torch.Generator().manual_seed(0)
+    sizes = [1, 3, 2]
+    outputs = torch.randn(7, sum(sizes), generator=generator, dtype=torch.float64)
+    weights = torch.randn(sum(sizes), 4, generator=generator, dtype=torch.float64)
+    blocks = torch.arange(len(sizes)).repeat_interleave(torch.tensor(sizes))
+    gradients = torch.stack(
+        [(outputs[:, blocks == k] @ weights[blocks == k]).flatten() for k in range(len(sizes))]
+    )
+    factors = (outputs, weights, sizes)
+    torch.testing.assert_close(_factored_gramian(*factors), gradients @ gradients.T)
+    adaptive = torch.tensor([0.5, -2.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(
+        _factored_combination(*factors, adaptive), (adaptive @ gradients).view(7, 4)
+    )
+    ones = (outputs[:, :3], weights[:3], [1, 1, 1])  # one output per head: no block sums
+    torch.testing.assert_close(
+        _factored_gramian(*ones),
+        (outputs[:, :3].T @ outputs[:, :3]) * (weights[:3] @ weights[:3].T),
+    )
+
+
+def test_the_factors_are_used_where_they_take_fewer_operations():
+    pays = ThreeTaskNet._linear_factors_pay
+    two_heads = [torch.nn.Linear(256, 1), torch.nn.Linear(256, 1)]
+    assert pays(two_heads, torch.zeros(256, 256))
+    three = [torch.nn.Linear(8, 1), torch.nn.Linear(8, 3), torch.nn.Linear(8, 1)]
+    assert not pays(three, torch.zeros(4, 8))  # 5 outputs, 4 × 8: the products are cheaper
+    assert pays(three, torch.zeros(64, 8))
+    assert not pays([torch.nn.Linear(256, 256)] * 2, torch.zeros(256, 256))  # wide heads
+    assert not pays(two_heads, torch.zeros(4, 8, 256))  # not a matrix: the views' gradients
 
 
 @pytest.mark.ddp
