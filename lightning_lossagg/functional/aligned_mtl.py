@@ -1,5 +1,6 @@
 """Aligned-MTL: align the task gradients' principal components to remove conflict and dominance."""
 
+import math
 from typing import Literal
 
 import numpy as np
@@ -69,6 +70,17 @@ def aligned_mtl_weights(
 ) -> np.ndarray:
     """:func:`aligned_mtl` on a symmetric float64 NumPy Gramian, unchecked (for the callback's
     step); ``eps``: the rounding unit of the gradients' dtype."""
+    if matrix.shape[0] == 2:
+        return _two_task_aligned_mtl(
+            *matrix.ravel().tolist(), *preferences.tolist(), scale_mode, eps
+        )
+    return _general_aligned_mtl(matrix, preferences, scale_mode, eps)
+
+
+def _general_aligned_mtl(
+    matrix: np.ndarray, preferences: np.ndarray, scale_mode: ScaleMode, eps: float
+) -> np.ndarray:
+    """:func:`aligned_mtl_weights` for any number of tasks, by the eigendecomposition."""
     num_tasks = matrix.shape[0]
     eigenvalues, eigenvectors = np.linalg.eigh(matrix)
     cutoff = num_tasks * eps * max(eigenvalues.max(), 0.0)
@@ -84,3 +96,45 @@ def aligned_mtl_weights(
         common = eigenvalues.mean()
     balance = (np.sqrt(common) * eigenvectors / np.sqrt(eigenvalues)) @ eigenvectors.T
     return balance @ preferences
+
+
+def _two_task_aligned_mtl(
+    g11: float,
+    g12: float,
+    _: float,
+    g22: float,
+    p1: float,
+    p2: float,
+    scale_mode: ScaleMode,
+    eps: float,
+) -> np.ndarray:
+    """:func:`_general_aligned_mtl` for two tasks in Python floats (NumPy's operations on a 2×2
+    matrix cost more), with the same cut-off.
+
+    ``G = [[a, b], [b, c]]`` is first scaled by a power of 2 (exactly) so that no product over- or
+    underflows. Its eigenvalues are ``λ₊ = m + r`` and ``λ₋ = det / λ₊`` (no cancellation, unlike
+    ``m - r``), ``m = (a + c) / 2``, ``r = hypot((a - c) / 2, b)``, ``det = ac - b²``; the unit
+    eigenvector ``u`` of ``λ₊`` is ``(h + r, b)`` normalised for ``h = (a - c) / 2 >= 0`` and ``(b,
+    r - h)`` otherwise (no cancellation either), and ``u⊥ = (-u₂, u₁)`` that of ``λ₋``. With both
+    kept, ``w = √(λ/λ₊) u (u·p) + √(λ/λ₋) u⊥ (u⊥·p)``, ``λ = λ₋`` for ``"min"`` and ``"median"``
+    and ``m`` (their mean) for ``"rmse"``; with ``λ₊`` alone, ``w = u (u·p)``; with neither, ``p``.
+    """
+    exponent = math.frexp(max(abs(g11), abs(g12), abs(g22)))[1]
+    a, b, c = math.ldexp(g11, -exponent), math.ldexp(g12, -exponent), math.ldexp(g22, -exponent)
+    mean, half_gap = (a + c) / 2, (a - c) / 2
+    radius = math.hypot(half_gap, b)
+    large = mean + radius
+    if large <= 0.0:
+        return np.array([p1, p2])
+    x, y = (half_gap + radius, b) if half_gap >= 0 else (b, radius - half_gap)
+    length = math.hypot(x, y)
+    u1, u2 = (x / length, y / length) if length > 0 else (1.0, 0.0)
+    along = u1 * p1 + u2 * p2
+    small = (a * c - b * b) / large
+    if small <= 2 * eps * large:
+        return np.array([u1 * along, u2 * along])
+    across = u1 * p2 - u2 * p1
+    common = mean if scale_mode == "rmse" else small
+    along *= math.sqrt(common / large)
+    across *= math.sqrt(common / small)
+    return np.array([u1 * along - u2 * across, u2 * along + u1 * across])

@@ -1,5 +1,7 @@
 """IMTL-G: the update that has the same projection onto every task's gradient direction."""
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -58,6 +60,13 @@ def imtl_g(gramian: Tensor) -> Tensor:
 def imtl_g_weights(matrix: np.ndarray, eps: float) -> np.ndarray:
     """:func:`imtl_g` on a symmetric float64 NumPy Gramian, unchecked (for the callback's step);
     ``eps``: the rounding unit of the gradients' dtype."""
+    if matrix.shape[0] == 2:
+        return _two_task_imtl_g(*matrix.ravel().tolist(), eps)
+    return _general_imtl_g(matrix, eps)
+
+
+def _general_imtl_g(matrix: np.ndarray, eps: float) -> np.ndarray:
+    """:func:`imtl_g_weights` for any number of tasks, by the pseudo-inverse."""
     num_tasks = matrix.shape[0]
     precision = num_tasks * eps
     norms = np.sqrt(np.maximum(matrix.diagonal(), 0.0))
@@ -68,3 +77,40 @@ def imtl_g_weights(matrix: np.ndarray, eps: float) -> np.ndarray:
     if abs(total) * norms.max() <= precision**0.5:
         return np.full(num_tasks, 1.0 / num_tasks)
     return solution / total
+
+
+def _two_task_imtl_g(g11: float, g12: float, _: float, g22: float, eps: float) -> np.ndarray:
+    """:func:`_general_imtl_g` for two tasks in Python floats (NumPy's operations on a 2×2 matrix
+    cost more), with the same rank decision and fallback.
+
+    ``G = [[a, b], [b, c]]`` is first scaled by a power of 4 (exactly, norms included) so that no
+    product over- or underflows. Its eigenvalues are ``m ± r``, ``m = (a + c) / 2``, ``r =
+    hypot((a - c) / 2, b)``; the one of largest magnitude, ``λ = m + r`` (``m - r`` if ``m < 0``),
+    sets the cut-off: the other, ``det / λ`` with ``det = ac - b²`` (no cancellation, unlike the
+    difference), is kept when ``|det| > 2 eps λ²``. Then ``v = G⁻¹ n = (c n₁ - b n₂, a n₂ - b n₁) /
+    det``; else ``v = q (q·n) / (λ |q|²)`` with ``q`` the eigenvector of ``λ``: ``(h + r, b)`` for
+    ``h = (a - c) / 2 >= 0`` and ``(b, r - h)`` otherwise (no cancellation either). A rank-1 ``G``
+    with ``λ <= 0`` gets the uniform weights: it is zero, or has a negative diagonal entry, and
+    then ``|1ᵀv| max n <= 2√2 eps / (1 - √(2 eps))``, far below the fallback's ``√(2 eps)``.
+    """
+    exponent = math.frexp(max(abs(g11), abs(g12), abs(g22)))[1] & ~1
+    a, b, c = math.ldexp(g11, -exponent), math.ldexp(g12, -exponent), math.ldexp(g22, -exponent)
+    precision = 2 * eps
+    norm1, norm2 = math.sqrt(max(a, 0.0)), math.sqrt(max(c, 0.0))
+    mean, half_gap = (a + c) / 2, (a - c) / 2
+    radius = math.hypot(half_gap, b)
+    largest = mean + radius if mean >= 0 else mean - radius
+    determinant = a * c - b * b
+    if abs(determinant) > precision * largest * largest:
+        first = (c * norm1 - b * norm2) / determinant
+        second = (a * norm2 - b * norm1) / determinant
+    elif largest <= 0.0:
+        return np.full(2, 0.5)
+    else:
+        x, y = (half_gap + radius, b) if half_gap >= 0 else (b, radius - half_gap)
+        along = (x * norm1 + y * norm2) / (largest * (x * x + y * y))
+        first, second = x * along, y * along
+    total = first + second
+    if abs(total) * max(norm1, norm2) <= precision**0.5:
+        return np.full(2, 0.5)
+    return np.array([first / total, second / total])

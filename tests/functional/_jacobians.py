@@ -9,6 +9,7 @@ by the updates they produce with ``assert_same_update``.
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -93,3 +94,21 @@ def assert_same_update(
     if not update_is_zero:
         cosine = update @ reference / (update.norm() * reference.norm())
         assert cosine >= 1 - tol, f"cosine {cosine.item()} between {update} and {reference}"
+
+
+def two_task_jacobians(seed: int) -> list[np.ndarray]:
+    """Random pairs of gradients at scales 10**-3..10**3, nearly collinear pairs, and exactly
+    collinear or zero pairs (integers times a power of 2, so that their Gramian is exact)."""
+    generator = np.random.default_rng(seed)
+    jacobians = [np.zeros((2, 4))]
+    for exponent in range(-3, 4):
+        scale = 10.0**exponent
+        jacobians += list(generator.normal(size=(20, 2, 4)) * scale)
+        gradient = generator.normal(size=4) * scale
+        for factor in (1.0, -1.0, 3.0, -0.5):
+            noise = 1e-5 * scale * generator.normal(size=4)
+            jacobians.append(np.stack([gradient, factor * gradient + noise]))
+        exact = np.round(8 * generator.normal(size=4)) * 2.0 ** (3 * exponent)
+        for factor in (0.0, 1.0, -1.0, 2.0, -3.0, 0.5):
+            jacobians += [np.stack([exact, factor * exact]), np.stack([factor * exact, exact])]
+    return jacobians

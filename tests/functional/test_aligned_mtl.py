@@ -1,16 +1,23 @@
 """Aligned-MTL against torchjd and against aligning the Jacobian's SVD by hand."""
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
 from torchjd.aggregation import AlignedMTLWeighting
 
-from lightning_lossagg.functional.aligned_mtl import aligned_mtl
+from lightning_lossagg.functional.aligned_mtl import (
+    ScaleMode,
+    _general_aligned_mtl,
+    aligned_mtl,
+    aligned_mtl_weights,
+)
 from tests.functional._jacobians import (
     as_params,
     assert_same_update,
     degenerate_jacobians,
     random_jacobians,
+    two_task_jacobians,
 )
 
 ALL_CASES = as_params(random_jacobians() + degenerate_jacobians())
@@ -93,3 +100,36 @@ def test_degenerate_results_are_the_preferences(case_id: str) -> None:
 def test_rejects_bad_arguments(keyword: str, value: object) -> None:
     with pytest.raises(ValueError, match=keyword):
         aligned_mtl(torch.eye(2), **{keyword: value})
+
+
+@pytest.mark.parametrize("scale_mode", ["min", "median", "rmse"])
+@pytest.mark.parametrize("seed", range(3))
+def test_two_task_closed_form_equals_the_general_solver(seed: int, scale_mode: ScaleMode) -> None:
+    # Two tasks skip the eigendecomposition. Both keep the small eigenvalue above 2 eps times the
+    # large one; no Gramian lies near that cut-off but the diagonal ones, whose eigenvalues are
+    # exact. The weights then agree to rounding, which the condition number of the kept part
+    # amplifies, relative to the preferences as well (u·p cancels for p ⊥ u). Also for matrices
+    # that are not positive semi-definite (the function does not check them), and for negative
+    # and zero preferences.
+    generator = np.random.default_rng(seed)
+    gramians = [jacobian @ jacobian.T for jacobian in two_task_jacobians(seed)]
+    by_hand = [[[1, 2], [2, 1]], [[-1e-7, 1], [1, -2e-7]], [[2, 0], [0, -1]], [[-1, 0], [0, -2]]]
+    by_hand.append([[3, 0], [0, 3]])
+    choices = [[1.0, 1.0], [0.0, 0.5], [-1.0, 2.0], [0.0, 0.0], generator.normal(size=2)]
+    for eps in (float(np.finfo(np.float64).eps), float(np.finfo(np.float32).eps)):
+        at_cutoff = [np.diag([1.0, 2 * eps * factor]) for factor in (0.7, 1.4)]
+        for preferences in map(np.array, choices):
+            for matrix in gramians:
+                eigenvalues = np.linalg.eigvalsh(matrix)
+                kept = eigenvalues[eigenvalues > 2 * eps * eigenvalues.max()]
+                condition = kept.max() / kept.min() if len(kept) else 1.0
+                tol = 1e-10 + 16 * np.finfo(np.float64).eps * condition
+                general = _general_aligned_mtl(matrix, preferences, scale_mode, eps)
+                weights = aligned_mtl_weights(matrix, preferences, scale_mode, eps)
+                atol = tol * max(np.abs(general).max(), np.abs(preferences).max())
+                np.testing.assert_allclose(weights, general, rtol=tol, atol=atol)
+            for matrix in [np.array(case, float) for case in by_hand] + at_cutoff:
+                general = _general_aligned_mtl(matrix, preferences, scale_mode, eps)
+                weights = aligned_mtl_weights(matrix, preferences, scale_mode, eps)
+                atol = 1e-15 * max(np.abs(general).max(), np.abs(preferences).max())
+                np.testing.assert_allclose(weights, general, atol=atol)

@@ -1,16 +1,18 @@
 """IMTL-G against torchjd, the paper's closed form on the Jacobian, and its defining property."""
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
 from torchjd.aggregation import IMTLGWeighting
 
-from lightning_lossagg.functional.imtl_g import imtl_g
+from lightning_lossagg.functional.imtl_g import _general_imtl_g, imtl_g, imtl_g_weights
 from tests.functional._jacobians import (
     as_params,
     assert_same_update,
     degenerate_jacobians,
     random_jacobians,
+    two_task_jacobians,
 )
 
 # torchjd's fallback for a vanishing sum is an absolute 1e-12 test, so on these cases its weights
@@ -96,3 +98,27 @@ def test_opposite_gradients_give_uniform_weights_despite_rounding(
     for jacobian in [torch.stack([gradient, -gradient]), torch.stack([gradient, -gradient] * 2)]:
         weights = imtl_g(jacobian @ jacobian.T)
         torch.testing.assert_close(weights, torch.full_like(weights, 1 / len(weights)))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_two_task_closed_form_equals_the_general_solver(seed: int) -> None:
+    # Two tasks skip the pseudo-inverse. Both keep the small eigenvalue above 2 eps times the
+    # large one; no Gramian lies near that cut-off but the diagonal ones, whose eigenvalues are
+    # exact. The weights then agree to rounding, which the condition number of the kept part
+    # amplifies. Also for matrices that are not positive semi-definite (the function does not
+    # check them).
+    gramians = [jacobian @ jacobian.T for jacobian in two_task_jacobians(seed)]
+    by_hand = [[[1, 2], [2, 1]], [[-1e-7, 1], [1, -2e-7]], [[2e-7, 1], [1, -1e-7]]]
+    by_hand += [[[1e-17, 1e-9], [1e-9, -1]], [[-1, -2], [-2, -4]], [[3, 0], [0, 3]]]
+    for eps in (float(np.finfo(np.float64).eps), float(np.finfo(np.float32).eps)):
+        for matrix in gramians:
+            eigenvalues = np.linalg.eigvalsh(matrix)
+            kept = eigenvalues[eigenvalues > 2 * eps * eigenvalues.max()]
+            condition = kept.max() / kept.min() if len(kept) else 1.0
+            tol = 1e-10 + 16 * np.finfo(np.float64).eps * condition
+            general = _general_imtl_g(matrix, eps)
+            atol = tol * np.abs(general).max()
+            np.testing.assert_allclose(imtl_g_weights(matrix, eps), general, rtol=tol, atol=atol)
+        at_cutoff = [np.diag([1.0, 2 * eps * factor]) for factor in (0.7, 1.4)]
+        for matrix in [np.array(case, float) for case in by_hand] + at_cutoff:
+            np.testing.assert_allclose(imtl_g_weights(matrix, eps), _general_imtl_g(matrix, eps))
