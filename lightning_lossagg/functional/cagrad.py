@@ -1,5 +1,7 @@
 """CAGrad: the update that maximises the worst task improvement near the mean gradient."""
 
+import math
+
 import numpy as np
 import torch
 from scipy.optimize import minimize
@@ -113,6 +115,15 @@ def cagrad_weights(
     result does not depend on it. Returns the weights and this call's support (``None`` when the
     inner problem was not solved).
     """
+    if matrix.shape[0] == 2:
+        return _two_task_cagrad(*matrix.ravel().tolist(), c, _RESCALE_DIVISORS[rescale](c))
+    return _general_cagrad_weights(matrix, c, rescale, support)
+
+
+def _general_cagrad_weights(
+    matrix: np.ndarray, c: float, rescale: int = 1, support: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`cagrad_weights` for any number of tasks (two skip it: :func:`_two_task_cagrad`)."""
     num_tasks = matrix.shape[0]
     divisor = _RESCALE_DIVISORS[rescale](c)
     mean_weights = np.full(num_tasks, 1.0 / num_tasks)
@@ -128,12 +139,71 @@ def cagrad_weights(
     inner_norm = np.sqrt(max(inner @ matrix @ inner, 0.0))
     if inner_norm > STATIONARY_TOL:
         return (mean_weights + (radius / inner_norm) * inner) / divisor, inner > 0
-    # Project g_0 onto the cone {d : <g_i, d> >= 0}. By duality d = g_0 + sum_i lambda_i g_i with
-    # lambda = argmin_{lambda >= 0} ||d||^2 / 2 = lambda^T G lambda / 2 + lambda^T G w_0 + const.
+    return (mean_weights + _closest_optimum(matrix, linear)) / divisor, inner > 0
+
+
+def _closest_optimum(matrix: np.ndarray, linear: np.ndarray) -> np.ndarray:
+    """The multipliers of the Pareto-stationary case: the projection of g_0 onto the cone
+    ``{d : <g_i, d> >= 0}`` is ``g_0 + sum_i lambda_i g_i`` with, by duality, ``lambda =
+    argmin_{lambda >= 0} lambda^T G lambda / 2 + lambda^T G w_0``."""
+    num_tasks = len(linear)
     regularized = matrix + _TIE_BREAK * np.eye(num_tasks)
     zeros = np.zeros(num_tasks)
-    multipliers = active_set_qp(regularized, linear, zeros, max_iter=10 * num_tasks, tol=1e-12)
-    return (mean_weights + multipliers) / divisor, inner > 0
+    return active_set_qp(regularized, linear, zeros, max_iter=10 * num_tasks, tol=1e-12)
+
+
+def _two_task_cagrad(
+    g11: float, g12: float, _: float, g22: float, c: float, divisor: float
+) -> tuple[np.ndarray, np.ndarray | None]:
+    r"""Two tasks' inner problem in closed form, in Python floats (the general search's NumPy
+    operations on a 2×2 matrix cost more); Pareto-stationary gradients still take
+    :func:`_closest_optimum`.
+
+    On the normalised Gramian ``[[a, b], [b, d]]`` with :math:`w = (t, 1 - t)`, the objective
+    :math:`f(t) = l_2 + \Delta t + r \sqrt{q(t)}`, :math:`\Delta = l_1 - l_2`,
+    :math:`q(t) = \alpha t^2 + 2 \beta t + d`, :math:`\alpha = a - 2b + d`, :math:`\beta = b - d`,
+    is convex. With :math:`s = \alpha t + \beta` and :math:`D = ad - b^2 \ge 0`,
+    :math:`\alpha q = s^2 + D`, so :math:`f' = \Delta + r s \sqrt{\alpha / (s^2 + D)}` increases
+    within :math:`(\Delta - r \sqrt\alpha, \Delta + r \sqrt\alpha)`. If :math:`\sigma =
+    r^2 \alpha - \Delta^2 = D + (c^2 - 1) \lVert g_0 \rVert^2 \alpha > 0` (computed in this
+    form, :math:`D / \sigma` is exactly 1 at ``c = 1``), :math:`f' = 0` at
+    :math:`s = -\Delta \sqrt{D / \sigma}` (the kink :math:`s = 0` of collinear gradients when
+    :math:`D = 0`), where :math:`\sqrt q = r \sqrt{D / \sigma}`, and the minimiser is
+    :math:`t = (s - \beta) / \alpha` clipped to :math:`[0, 1]` (with ``1 - t = (a - b - s) / α``
+    computed apart, accurate near ``t = 1``). Else :math:`f` is monotone: :math:`t = 0` if
+    :math:`\Delta > 0`, else :math:`t = 1`, also when it is constant (identical gradients), like
+    the general search's first vertex.
+    """
+    trace = g11 + g22
+    if trace <= TINY:
+        return np.full(2, 0.5 / divisor), None
+    a, b, d = g11 / trace, g12 / trace, g22 / trace
+    first, second = (a + b) * 0.5, (b + d) * 0.5  # <g_i, g_0>
+    mean_norm = (first + second) * 0.5
+    radius = c * math.sqrt(max(mean_norm, 0.0))
+    if radius == 0.0:
+        return np.full(2, 0.5 / divisor), None
+    delta = first - second
+    determinant = max(a * d - b * b, 0.0)
+    slack = determinant + (c * c - 1.0) * mean_norm * max(a - 2.0 * b + d, 0.0)
+    t1, t2 = (0.0, 1.0) if delta > 0.0 else (1.0, 0.0)
+    inner_norm = math.sqrt(d) if delta > 0.0 else math.sqrt(a)
+    if slack > 0.0:
+        ratio = determinant / slack
+        slope = -delta * math.sqrt(ratio)
+        t1, t2 = slope - b + d, a - b - slope
+        if t1 <= 0.0:
+            t1, t2, inner_norm = 0.0, 1.0, math.sqrt(d)
+        elif t2 <= 0.0:
+            t1, t2, inner_norm = 1.0, 0.0, math.sqrt(a)
+        else:
+            t1, t2, inner_norm = t1 / (t1 + t2), t2 / (t1 + t2), radius * math.sqrt(ratio)
+    support = np.array([t1 > 0.0, t2 > 0.0])
+    if inner_norm > STATIONARY_TOL:
+        scale = radius / inner_norm
+        return np.array([0.5 + scale * t1, 0.5 + scale * t2]) / divisor, support
+    multipliers = _closest_optimum(np.array([[a, b], [b, d]]), np.array([first, second]))
+    return (0.5 + multipliers) / divisor, support
 
 
 def cagrad(gramian: Tensor, c: float = 0.5, rescale: int = 1) -> Tensor:

@@ -6,6 +6,8 @@ from torch import Tensor
 
 from lightning_lossagg.functional._qp import validated_gramian
 
+_EPS = float(np.finfo(np.float64).eps)
+
 
 def pcgrad(gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
     r"""Weights of PCGrad on the original task gradients.
@@ -57,6 +59,15 @@ def pcgrad(gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
 
 def pcgrad_weights(matrix: np.ndarray, generator: torch.Generator | None = None) -> np.ndarray:
     """:func:`pcgrad` on a symmetric float64 NumPy Gramian, unchecked (for the callback's step)."""
+    if matrix.shape[0] == 2:
+        return _two_task_pcgrad(*matrix.ravel().tolist(), generator)
+    return _general_pcgrad_weights(matrix, generator)
+
+
+def _general_pcgrad_weights(
+    matrix: np.ndarray, generator: torch.Generator | None = None
+) -> np.ndarray:
+    """:func:`pcgrad_weights` for any number of tasks (two skip it: :func:`_two_task_pcgrad`)."""
     num_tasks = matrix.shape[0]
     squared_norms = matrix.diagonal().tolist()
     negligible = num_tasks * np.finfo(np.float64).eps * max(squared_norms)
@@ -70,3 +81,20 @@ def pcgrad_weights(matrix: np.ndarray, generator: torch.Generator | None = None)
             if inner_product < 0:
                 row[other] -= inner_product / squared_norms[other]
     return coefficients.sum(axis=0)
+
+
+def _two_task_pcgrad(
+    g11: float, g12: float, g21: float, g22: float, generator: torch.Generator | None
+) -> np.ndarray:
+    """Two tasks in Python floats (the general loop's NumPy operations on a 2×2 matrix cost
+    more). Each gradient has a single other to visit, so the order does not matter, and is
+    projected onto the other's original gradient: ``c_12 = -g21 / g22`` if ``g21 < 0`` and
+    ``c_21 = -g12 / g11`` if ``g12 < 0``, unless that other's squared norm is negligible, so
+    ``w = (1 + c_21, 1 + c_12)``. The orders are drawn all the same, so that ``generator`` ends
+    where the general loop leaves it."""
+    torch.randperm(2, generator=generator)
+    torch.randperm(2, generator=generator)
+    negligible = 2 * _EPS * max(g11, g22)
+    first = 1.0 - g12 / g11 if g12 < 0 and g11 > negligible else 1.0
+    second = 1.0 - g21 / g22 if g21 < 0 and g22 > negligible else 1.0
+    return np.array([first, second])

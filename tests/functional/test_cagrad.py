@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torchjd.aggregation import CAGradWeighting
 
-from lightning_lossagg.functional.cagrad import cagrad, cagrad_weights
+from lightning_lossagg.functional.cagrad import _general_cagrad_weights, cagrad, cagrad_weights
 from tests.functional._jacobians import (
     as_params,
     assert_same_update,
@@ -126,3 +126,52 @@ def test_a_guessed_support_changes_nothing_but_the_start(jacobian: Tensor) -> No
     for guess in (right, ~right, np.ones(num_tasks, bool), np.zeros(num_tasks, bool)):
         weights, _ = cagrad_weights(gramian, c=0.5, support=guess)
         np.testing.assert_allclose(weights, cold, rtol=1e-7, atol=1e-9 * np.abs(cold).max())
+
+
+def cagrad_pairs(generator: np.random.Generator) -> list[tuple[str, np.ndarray, float]]:
+    """``(case, jacobian, rtol)``: random pairs with norms and conflicts of every kind, then
+    degenerate pairs at scales 1e-3 to 1e3."""
+    cases = []
+    for _ in range(100):
+        jacobian = generator.normal(size=(2, 4)) * 10.0 ** generator.integers(-3, 4)
+        jacobian[1] *= 10.0 ** generator.uniform(-2, 2)
+        jacobian[1] += generator.uniform(-2, 2) * jacobian[0]
+        cases.append(("random", jacobian, 1e-9))
+    gradient, noise = generator.normal(size=4), 1e-4 * generator.normal(size=4)
+    degenerate = [
+        ("zero", np.zeros((2, 4)), 1e-9),
+        ("one zero gradient", np.stack([gradient, 0 * gradient]), 1e-9),
+        ("one zero gradient", np.stack([0 * gradient, gradient]), 1e-9),
+        ("identical", np.stack([gradient, gradient]), 1e-9),
+        ("opposite", np.stack([gradient, -gradient]), 1e-9),
+        ("opposite, unequal", np.stack([gradient, -3.0 * gradient]), 1e-9),
+        ("opposite, unequal", np.stack([gradient, -1e-3 * gradient]), 1e-9),
+        ("same direction, unequal", np.stack([gradient, 0.2 * gradient]), 1e-9),
+        ("orthogonal", np.eye(2, 4), 1e-9),
+        ("orthogonal", np.diag([1.0, 10.0]), 1e-9),
+        # Both solvers lose about eps / angle² of relative accuracy (the general one more).
+        ("nearly collinear", np.stack([gradient, gradient + noise]), 1e-6),
+        ("nearly collinear", np.stack([gradient, -2.0 * gradient + noise]), 1e-6),
+    ]
+    for scale in 10.0 ** np.arange(-3, 4):
+        cases += [(case, scale * jacobian, rtol) for case, jacobian, rtol in degenerate]
+    return cases
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_two_task_closed_form_equals_the_general_solver(seed: int) -> None:
+    # Two tasks skip the search; the Pareto-stationary ones (a zero gradient, opposite gradients
+    # with c > 1) still take the projection. With a zero gradient the general search fails and
+    # SLSQP leaves ~1e-16 on the other task: the closed form's support is the exact one.
+    for case, jacobian, rtol in cagrad_pairs(np.random.default_rng(seed)):
+        matrix = jacobian @ jacobian.T
+        for c in (0.0, 0.1, 0.5, 1.0, 5.0):
+            for rescale in (0, 1, 2):
+                weights, support = cagrad_weights(matrix, c, rescale)
+                expected, expected_support = _general_cagrad_weights(matrix, c, rescale)
+                np.testing.assert_allclose(weights, expected, rtol=rtol, atol=0.0, err_msg=case)
+                if expected_support is None or case != "one zero gradient":
+                    np.testing.assert_array_equal(support, expected_support, err_msg=case)
+                else:
+                    np.testing.assert_array_equal(support, ~jacobian.any(axis=1))
+                    assert (expected_support | ~support).all()

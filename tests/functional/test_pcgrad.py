@@ -1,11 +1,12 @@
 """PCGrad against torchjd (draw for draw) and against projecting the gradient vectors themselves."""
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
 from torchjd.aggregation import PCGradWeighting
 
-from lightning_lossagg.functional.pcgrad import pcgrad
+from lightning_lossagg.functional.pcgrad import _general_pcgrad_weights, pcgrad, pcgrad_weights
 from tests.functional._jacobians import as_params, degenerate_jacobians, random_jacobians
 
 ALL_CASES = as_params(random_jacobians() + degenerate_jacobians())
@@ -80,3 +81,41 @@ def test_degenerate_results(case_id: str, expected: list[float]) -> None:
     jacobian = dict(degenerate_jacobians())[case_id]
     weights = pcgrad(jacobian @ jacobian.T, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(weights, torch.tensor(expected, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_two_task_closed_form_equals_the_general_solver(seed: int) -> None:
+    """The same weights to the bit, and the generator (given or global) left in the same state."""
+    generator = np.random.default_rng(seed)
+    jacobians = [
+        generator.normal(size=(2, 4)) * 10.0 ** generator.integers(-3, 4, size=(2, 1))
+        for _ in range(200)
+    ]
+    gradient, noise = generator.normal(size=4), 1e-4 * generator.normal(size=4)
+    degenerate = [
+        np.zeros((2, 4)),
+        np.stack([gradient, 0 * gradient]),  # one zero gradient
+        np.stack([0 * gradient, gradient]),
+        np.stack([gradient, -1e-9 * gradient]),  # one negligible gradient
+        np.stack([gradient, gradient]),  # identical
+        np.stack([gradient, -gradient]),  # opposite
+        np.stack([gradient, -3.0 * gradient]),  # opposite, unequal
+        np.stack([gradient, -gradient + noise]),  # nearly collinear
+        np.eye(2, 4),  # orthogonal
+        np.diag([1.0, 10.0]),
+    ]
+    jacobians += [scale * jacobian for jacobian in degenerate for scale in 10.0 ** np.arange(-3, 4)]
+    for index, jacobian in enumerate(jacobians):
+        matrix = jacobian @ jacobian.T
+        closed, general = torch.Generator(), torch.Generator()
+        closed.manual_seed(index), general.manual_seed(index)
+        weights = pcgrad_weights(matrix, closed)
+        np.testing.assert_array_equal(weights, _general_pcgrad_weights(matrix, general))
+        assert torch.equal(closed.get_state(), general.get_state())
+        with torch.random.fork_rng():
+            torch.manual_seed(index)
+            pcgrad_weights(matrix)
+            state = torch.get_rng_state()
+            torch.manual_seed(index)
+            _general_pcgrad_weights(matrix)
+            assert torch.equal(state, torch.get_rng_state())
