@@ -18,6 +18,7 @@ ratio within a round, ``best`` the ratio of each side's fastest fit
 median step time.
 
     python -m benchmarks.gradient_methods [--rounds 5] [--tasks 2 4 8] [--methods mgda ...]
+        [--kinds rep param]
 """
 
 from __future__ import annotations
@@ -80,25 +81,28 @@ class TorchJDMLP(L.LightningModule):
         return self.net.configure_optimizers()
 
 
-def _variants(num_tasks: int, names: list[str]) -> dict[str, Callable[[], float]]:
+def _variants(num_tasks: int, names: list[str], kinds: list[str]) -> dict[str, Callable[[], float]]:
     loader = synthetic_loader(num_tasks, steps=40)
-    variants = {
-        "plain": lambda: median_step_time(lambda: PlainMLP(num_tasks), loader, clock="thread")
-    }
+    variants = {}
+    if "rep" in kinds:
+        variants["plain"] = lambda: median_step_time(
+            lambda: PlainMLP(num_tasks), loader, clock="thread"
+        )
     for name in names:
         method, aggregator = METHODS[name]
-        for rep_grad in (True, False):
-            variants[f"{name}/{'rep' if rep_grad else 'param'}"] = (
-                lambda method=method, rep_grad=rep_grad: median_step_time(
+        for kind in kinds:
+            variants[f"{name}/{kind}"] = lambda method=method, rep_grad=kind == "rep": (
+                median_step_time(
                     lambda: MultiTaskMLP(num_tasks),
                     loader,
                     [method(rep_grad=rep_grad)],
                     clock="thread",
                 )
             )
-        variants[f"{name}/torchjd"] = lambda aggregator=aggregator: median_step_time(
-            lambda: TorchJDMLP(num_tasks, aggregator(num_tasks)), loader, clock="thread"
-        )
+        if "param" in kinds:
+            variants[f"{name}/torchjd"] = lambda aggregator=aggregator: median_step_time(
+                lambda: TorchJDMLP(num_tasks, aggregator(num_tasks)), loader, clock="thread"
+            )
     return variants
 
 
@@ -107,6 +111,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        default=["rep", "param"],
+        choices=["rep", "param"],
+        help=(
+            "rep: rep_grad=True against the plain step; param: parameter gradients against torchjd"
+        ),
+    )
     args = parser.parse_args()
     quiet()
     # One intra-op thread: on a shared machine, OpenMP workers that wait for a busy core turn
@@ -119,20 +132,27 @@ def main() -> None:
     print(f"{args.rounds} rounds; best: the ratio of each side's fastest fit")
     print(header)
     for num_tasks in args.tasks:
-        times = interleaved_times(_variants(num_tasks, args.methods), args.rounds)
-        against_plain = summarize(times, "plain")
+        times = interleaved_times(_variants(num_tasks, args.methods, args.kinds), args.rounds)
         for name in args.methods:
-            rep = against_plain[f"{name}/rep"]
-            torchjd = f"{name}/torchjd"
-            against_torchjd = summarize({k: times[k] for k in (torchjd, f"{name}/param")}, torchjd)
-            param = against_torchjd[f"{name}/param"]
-            print(
-                f"{num_tasks:>2} {name:<12} {1e3 * against_plain['plain'].median:>8.2f} "
-                f"{1e3 * rep.median:>7.2f} {rep.ratio:>9.2f} {rep.best_ratio:>5.2f} "
-                f"{1e3 * param.median:>8.2f} {1e3 * against_torchjd[torchjd].median:>10.2f} "
-                f"{param.ratio:>13.2f} {param.best_ratio:>5.2f}",
-                flush=True,
-            )
+            row = f"{num_tasks:>2} {name:<12} "
+            if "rep" in args.kinds:
+                against_plain = summarize({k: times[k] for k in ("plain", f"{name}/rep")}, "plain")
+                rep = against_plain[f"{name}/rep"]
+                row += (
+                    f"{1e3 * against_plain['plain'].median:>8.2f} {1e3 * rep.median:>7.2f} "
+                    f"{rep.ratio:>9.2f} {rep.best_ratio:>5.2f} "
+                )
+            else:
+                row += f"{'':>8} {'':>7} {'':>9} {'':>5} "
+            if "param" in args.kinds:
+                torchjd = f"{name}/torchjd"
+                against = summarize({k: times[k] for k in (torchjd, f"{name}/param")}, torchjd)
+                param = against[f"{name}/param"]
+                row += (
+                    f"{1e3 * param.median:>8.2f} {1e3 * against[torchjd].median:>10.2f} "
+                    f"{param.ratio:>13.2f} {param.best_ratio:>5.2f}"
+                )
+            print(row.rstrip(), flush=True)
 
 
 if __name__ == "__main__":
