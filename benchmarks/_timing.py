@@ -7,12 +7,15 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lightning_lossagg.demos import MultiTaskMLP
 from lightning_lossagg.demos.penguins import TaskDataset
 from lightning_lossagg.demos.synthetic import make_regression_tasks
 
@@ -50,16 +53,15 @@ def synthetic_loader(num_tasks: int, batch_size: int = 256, steps: int = 60) -> 
     return DataLoader(TaskDataset(inputs, targets), batch_size=batch_size)
 
 
-def median_step_time(
+def step_times(
     make_model: Callable[[], L.LightningModule],
     loader: DataLoader,
     callbacks: Sequence[L.Callback] = (),
-    warmup: int = 10,
     clock: str = "wall",
     **trainer_kwargs: object,
-) -> float:
-    """Median seconds per training step over one epoch of ``loader`` (after ``warmup`` steps),
-    on the ``clock`` named in :data:`CLOCKS`."""
+) -> list[float]:
+    """Seconds of every training step of one epoch of ``loader``, on the ``clock`` named in
+    :data:`CLOCKS`."""
     torch.manual_seed(0)
     timer = StepTimer(CLOCKS[clock])
     trainer = L.Trainer(
@@ -74,7 +76,53 @@ def median_step_time(
         **trainer_kwargs,
     )
     trainer.fit(make_model(), train_dataloaders=loader)
-    return statistics.median(timer.times[warmup:])
+    return timer.times
+
+
+def median_step_time(
+    make_model: Callable[[], L.LightningModule],
+    loader: DataLoader,
+    callbacks: Sequence[L.Callback] = (),
+    warmup: int = 10,
+    clock: str = "wall",
+    **trainer_kwargs: object,
+) -> float:
+    """Median seconds per training step over one epoch of ``loader`` (after ``warmup`` steps),
+    on the ``clock`` named in :data:`CLOCKS`."""
+    times = step_times(make_model, loader, callbacks, clock, **trainer_kwargs)
+    return statistics.median(times[warmup:])
+
+
+class PlainEveryOtherStep(MultiTaskMLP):
+    """The demo MLP whose even training steps are a plain LightningModule's (the sum of the
+    tasks' ``F.mse_loss``: no mixin, no weighting) and odd steps its own. Both sides of a ratio
+    then run in one fit, on the same memory: a fit that runs fast or slow as a whole (on a shared
+    machine they do, by up to ±20 %) moves both alike."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        if batch_idx % 2:
+            return super().training_step(batch, batch_idx)
+        inputs, targets = batch
+        predictions = self(inputs)
+        return sum(F.mse_loss(predictions[k], targets[k]) for k in targets)  # type: ignore[return-value]
+
+
+def paired_ratio(
+    num_tasks: int,
+    loader: DataLoader,
+    callbacks: Sequence[L.Callback] = (),
+    warmup: int = 10,
+    clock: str = "thread",
+) -> float:
+    """Median step time of the mixin's steps over that of the plain steps in one fit of
+    :class:`PlainEveryOtherStep` (``callbacks`` act on the mixin's steps; their batch hooks, if
+    any, run on both)."""
+    times = step_times(lambda: PlainEveryOtherStep(num_tasks), loader, callbacks, clock)
+    # Batch b is step b of the epoch: odd ones are the mixin's.
+    plain, mixin = times[warmup::2], times[warmup + 1 :: 2]
+    if warmup % 2:
+        plain, mixin = mixin, plain
+    return statistics.median(mixin) / statistics.median(plain)
 
 
 class Summary(NamedTuple):

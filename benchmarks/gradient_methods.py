@@ -14,8 +14,10 @@ processes as much as this one, and OpenMP workers waiting for a busy core make i
 
 Variants run interleaved, round after round (rotated); each ratio is the median over rounds of the
 ratio within a round, ``best`` the ratio of each side's fastest fit
-(:func:`benchmarks._timing.summarize`), and the times shown are medians over rounds of each fit's
-median step time.
+(:func:`benchmarks._timing.summarize`), ``paired`` the median over rounds of the ratio within one
+fit whose every other step is the plain module's (:func:`benchmarks._timing.paired_ratio`: a fit
+running fast or slow as a whole moves both sides alike), and the times shown are medians over
+rounds of each fit's median step time.
 
     python -m benchmarks.gradient_methods [--rounds 5] [--tasks 2 4 8] [--methods mgda ...]
         [--kinds rep param]
@@ -24,6 +26,7 @@ median step time.
 from __future__ import annotations
 
 import argparse
+import statistics
 from collections.abc import Callable
 
 import lightning as L
@@ -36,6 +39,7 @@ from torchjd.autojac import jac_to_grad, mtl_backward
 from benchmarks._timing import (
     interleaved_times,
     median_step_time,
+    paired_ratio,
     quiet,
     summarize,
     synthetic_loader,
@@ -99,6 +103,10 @@ def _variants(num_tasks: int, names: list[str], kinds: list[str]) -> dict[str, C
                     clock="thread",
                 )
             )
+        if "rep" in kinds:
+            variants[f"{name}/paired"] = lambda method=method: paired_ratio(
+                num_tasks, loader, [method(rep_grad=True)]
+            )
         if "param" in kinds:
             variants[f"{name}/torchjd"] = lambda aggregator=aggregator: median_step_time(
                 lambda: TorchJDMLP(num_tasks, aggregator(num_tasks)), loader, clock="thread"
@@ -127,9 +135,13 @@ def main() -> None:
     torch.set_num_threads(1)
     header = (
         f"{'K':>2} {'method':<12} {'plain ms':>8} {'rep ms':>7} {'rep/plain':>9} {'best':>5} "
+        f"{'paired':>6} "
         f"{'param ms':>8} {'torchjd ms':>10} {'param/torchjd':>13} {'best':>5}"
     )
-    print(f"{args.rounds} rounds; best: the ratio of each side's fastest fit")
+    print(
+        f"{args.rounds} rounds; best: the ratio of each side's fastest fit; paired: within one fit "
+        "whose every other step is plain"
+    )
     print(header)
     for num_tasks in args.tasks:
         times = interleaved_times(_variants(num_tasks, args.methods, args.kinds), args.rounds)
@@ -138,12 +150,13 @@ def main() -> None:
             if "rep" in args.kinds:
                 against_plain = summarize({k: times[k] for k in ("plain", f"{name}/rep")}, "plain")
                 rep = against_plain[f"{name}/rep"]
+                paired = statistics.median(times[f"{name}/paired"])
                 row += (
                     f"{1e3 * against_plain['plain'].median:>8.2f} {1e3 * rep.median:>7.2f} "
-                    f"{rep.ratio:>9.2f} {rep.best_ratio:>5.2f} "
+                    f"{rep.ratio:>9.2f} {rep.best_ratio:>5.2f} {paired:>6.2f} "
                 )
             else:
-                row += f"{'':>8} {'':>7} {'':>9} {'':>5} "
+                row += f"{'':>8} {'':>7} {'':>9} {'':>5} {'':>6} "
             if "param" in args.kinds:
                 torchjd = f"{name}/torchjd"
                 against = summarize({k: times[k] for k in (torchjd, f"{name}/param")}, torchjd)

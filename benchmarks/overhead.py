@@ -3,9 +3,11 @@
 Both train the same demo MLP (shared trunk 64→256→256, one head per task, MSE each, batch 256) on
 the same data; the plain module sums ``F.mse_loss`` of each task. Ratios are medians over
 interleaved rounds, measured in this run, and (``best``) of each side's fastest fit
-(:func:`benchmarks._timing.summarize`). Target: at most 1.05. ``--methods`` then times every
-loss-based weighting method against static weights (:mod:`benchmarks.loss_methods`; the
-gradient-based ones are in :mod:`benchmarks.gradient_methods`).
+(:func:`benchmarks._timing.summarize`); ``paired``: the median over rounds of the ratio within one
+fit whose every other step is the plain module's (:func:`benchmarks._timing.paired_ratio`), which
+a fit's running fast or slow as a whole does not move. Target: at most 1.05. ``--methods`` then
+times every loss-based weighting method against static weights (:mod:`benchmarks.loss_methods`;
+the gradient-based ones are in :mod:`benchmarks.gradient_methods`).
 
     python -m benchmarks.overhead [--rounds 5] [--tasks 2 4 8] [--clock cpu] [--threads 1]
         [--methods]
@@ -14,6 +16,7 @@ gradient-based ones are in :mod:`benchmarks.gradient_methods`).
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import lightning as L
 import torch
@@ -23,6 +26,7 @@ from torch import Tensor
 from benchmarks._timing import (
     interleaved_times,
     median_step_time,
+    paired_ratio,
     quiet,
     summarize,
     synthetic_loader,
@@ -68,23 +72,25 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     quiet()
     print(f"clock: {args.clock}, torch threads: {torch.get_num_threads()}, {args.rounds} rounds")
-    print(f"{'K':>3} {'plain ms':>9} {'mixin ms':>9} {'ratio':>6} {'best':>6}")
+    print(f"{'K':>3} {'plain ms':>9} {'mixin ms':>9} {'ratio':>6} {'best':>6} {'paired':>7}")
     for num_tasks in args.tasks:
         loader = synthetic_loader(num_tasks)
         models = {"plain": PlainMLP, "mixin": MultiTaskMLP}
-        times = interleaved_times(
-            {
-                name: lambda make=make, k=num_tasks, loader=loader: median_step_time(
-                    lambda: make(k), loader, clock=args.clock
-                )
-                for name, make in models.items()
-            },
-            args.rounds,
+        variants = {
+            name: lambda make=make, k=num_tasks, loader=loader: median_step_time(
+                lambda: make(k), loader, clock=args.clock
+            )
+            for name, make in models.items()
+        }
+        variants["paired"] = lambda k=num_tasks, loader=loader: paired_ratio(
+            k, loader, clock=args.clock
         )
+        times = interleaved_times(variants, args.rounds)
+        paired = statistics.median(times.pop("paired"))
         plain, mixin = (summarize(times, "plain")[name] for name in models)
         print(
             f"{num_tasks:>3} {1e3 * plain.median:>9.3f} {1e3 * mixin.median:>9.3f} "
-            f"{mixin.ratio:>6.3f} {mixin.best_ratio:>6.3f}"
+            f"{mixin.ratio:>6.3f} {mixin.best_ratio:>6.3f} {paired:>7.3f}"
         )
     if args.methods:
         print_method_table(args.rounds, args.clock)
