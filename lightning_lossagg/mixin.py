@@ -415,7 +415,9 @@ class MultiTaskMixin:
         if self._weighting is not None and self._weighting.splits_forward and _default_losses(self):
             self._task_heads = find_task_heads(self)
         if self._task_heads is not None and not all(
-            type(head) is torch.nn.Linear for head in self._task_heads.modules
+            # An nn.Linear, not a subclass or an instance with a forward of its own.
+            type(head) is torch.nn.Linear and "forward" not in vars(head)
+            for head in self._task_heads.modules
         ):
             self._linear_heads = False
 

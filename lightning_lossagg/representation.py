@@ -81,7 +81,8 @@ class GradientsAtHeads:
         self._factor: Tensor | None = None
         # Set by a receiver that can use linear heads' factors (see linear_factors).
         self.wants_linear_factors = False
-        self.linear_outputs: list[Tensor | None] = [None] * num_tasks
+        # Per head: the autograd node that made its output and which of the node's outputs it is.
+        self.linear_outputs: list[tuple[Any, int] | None] = [None] * num_tasks
         self._linear_weights: list[Tensor | None] = [None] * num_tasks
         self._output_grads: list[Tensor | None] = [None] * num_tasks
 
@@ -98,19 +99,21 @@ class GradientsAtHeads:
 
     def watch_linear_head(self, index: int, head: nn.Linear, output: Tensor) -> None:
         """Head ``index`` is an ``nn.Linear`` that read its view: keep its weight and, in
-        backward, the gradient at its output, whose product is the view's gradient."""
-        if output.grad_fn is None:
+        backward, the gradient at its output (at the node that made it, whatever is done to
+        the output in place later), whose product is the view's gradient."""
+        node = output.grad_fn
+        if node is None:
             return
-        self.linear_outputs[index] = output
+        self.linear_outputs[index] = (node, output.output_nr)
         self._linear_weights[index] = head.weight
-        output.grad_fn.register_prehook(functools.partial(self._keep_output_grad, index))
+        node.register_prehook(functools.partial(self._keep_output_grad, index))
 
     def _keep_output_grad(self, index: int, grad_outputs: tuple[Tensor, ...]) -> None:
         self._output_grads[index] = grad_outputs[0]
 
-    def take_linear_outputs(self) -> list[Tensor | None]:
-        """The watched heads' outputs (for :func:`linear_heads_factor`), no longer kept: they
-        hold the step's graph, which holds this object."""
+    def take_linear_outputs(self) -> list[tuple[Any, int] | None]:
+        """The watched heads' output nodes (for :func:`linear_heads_factor`), no longer kept:
+        they hold the step's graph, which holds this object."""
         outputs, self.linear_outputs = self.linear_outputs, [None] * self.num_tasks
         return outputs
 
@@ -124,16 +127,15 @@ class GradientsAtHeads:
         :func:`linear_heads_factor`): ``(D, W, sizes)`` with view ``k``'s gradient
         :math:`D_k W_k`, the heads' output gradients :math:`D = [D_1 \dots D_K]` (N × O) and
         weights :math:`W = [W_1; \dots; W_K]` (O × H) in blocks of ``sizes`` (each head's
-        outputs). ``None`` when a factor is missing (a head's output took no part in the
-        objective) or the dtypes differ (autocast)."""
+        outputs; under autocast the weights in the gradients' dtype, as the heads used them).
+        ``None`` when a factor is missing (a head's output took no part in the objective)."""
         grads, weights = self._output_grads, self._linear_weights
         self._output_grads = [None] * self.num_tasks
-        if not self.wants_linear_factors or any(g is None for g in grads):
+        if not self.wants_linear_factors or any(g is None for g in grads + weights):
             return None
-        if any(w is None or w.dtype != g.dtype for g, w in zip(grads, weights, strict=True)):  # type: ignore[union-attr]
-            return None
+        dtype = grads[0].dtype  # type: ignore[union-attr]
         sizes = [w.shape[0] for w in weights]  # type: ignore[union-attr]
-        return torch.cat(grads, dim=1), torch.cat(weights), sizes  # type: ignore[arg-type]
+        return torch.cat(grads, dim=1), torch.cat(weights).to(dtype), sizes  # type: ignore[arg-type]
 
 
 class _IncomingFactor(torch.autograd.Function):
@@ -292,23 +294,23 @@ def linear_heads_factor(
     predictions: Mapping[str, Any],
     task_names: Sequence[str],
     views: Sequence[Tensor],
-    outputs: Sequence[Tensor | None],
+    outputs: Sequence[tuple[Any, int] | None],
 ) -> bool:
-    """Whether view ``k``'s gradient is the gradient at ``outputs[k]`` times head ``k``'s weight:
-    the node of ``outputs[k]`` (an ``nn.Linear`` on a 2-D view) reads view ``k`` itself, and task
-    ``k``'s prediction reaches view ``k`` only through it. A walk of each prediction's graph
-    that stops at that node and at the views."""
+    """Whether view ``k``'s gradient is the gradient at head ``k``'s output times its weight:
+    the node that made the output (``outputs[k]``: node and output number, of an ``nn.Linear``
+    on a 2-D view) reads view ``k`` itself, and task ``k``'s prediction reaches view ``k`` only
+    through it. A walk of each prediction's graph that stops at that node and at the views."""
     for index, name in enumerate(task_names):
         output, view = outputs[index], _position(views[index])
-        if output is None or output.grad_fn is None or views[index].dim() != 2:
+        if output is None or views[index].dim() != 2:
             return False
-        node = output.grad_fn
+        node = output[0]
         if view not in {_edge(n, number) for n, number in node.next_functions if n is not None}:
             return False
         prediction = predictions[name]
         if not prediction.requires_grad:
             return False
-        stops = {_position(other) for other in views} | {(node, output.output_nr)}
+        stops = {_position(other) for other in views} | {output}
         if view in _reachable(_position(prediction), stops.__contains__):
             return False
     return True

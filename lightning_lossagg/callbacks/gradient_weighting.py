@@ -635,13 +635,14 @@ def _on_host_in_one_transfer(
 
 
 def _dot_gramian(rows: list[Tensor]) -> Tensor:
-    """``G[i, j] = <rows[i], rows[j]>`` (float64, on the host) from K(K+1)/2 dot products."""
+    """``G[i, j] = <rows[i], rows[j]>`` from K(K+1)/2 dot products, on the host, in the dtype
+    :func:`_gramian` gives (ranks that take different ways all-reduce alike)."""
     size = len(rows)
     gramian = np.empty((size, size))
     for i in range(size):
         for j in range(i, size):
             gramian[i, j] = gramian[j, i] = rows[i].dot(rows[j]).item()
-    return torch.from_numpy(gramian)
+    return torch.from_numpy(gramian).to(torch.promote_types(rows[0].dtype, torch.float32))
 
 
 def _factored_gramian(outputs: Tensor, weights: Tensor, sizes: list[int]) -> Tensor:
@@ -650,9 +651,9 @@ def _factored_gramian(outputs: Tensor, weights: Tensor, sizes: list[int]) -> Ten
     dtype = torch.promote_types(outputs.dtype, torch.float32)
     outputs, weights = outputs.to(dtype), weights.to(dtype)
     products = (outputs.T @ outputs) * (weights @ weights.T)
-    if len(sizes) == len(products):  # one output per head
+    if all(size == 1 for size in sizes):
         return products
-    blocks = _blocks(sizes, products)
+    blocks = _blocks(tuple(sizes), dtype, products.device)
     return blocks.T @ products @ blocks
 
 
@@ -661,15 +662,16 @@ def _factored_combination(
 ) -> Tensor:
     """``sum_k adaptive[k] D_k W_k``: one product of the factors."""
     adaptive = adaptive.to(outputs.device, outputs.dtype)
-    if len(sizes) != len(weights):
-        adaptive = _blocks(sizes, outputs) @ adaptive
+    if not all(size == 1 for size in sizes):
+        adaptive = _blocks(tuple(sizes), outputs.dtype, outputs.device) @ adaptive
     return (outputs * adaptive) @ weights
 
 
-def _blocks(sizes: list[int], like: Tensor) -> Tensor:
-    """The O × K indicator of which head each of the O outputs belongs to."""
-    eye = torch.eye(len(sizes), dtype=like.dtype, device=like.device)
-    return eye.repeat_interleave(torch.tensor(sizes, device=like.device), dim=0)
+@functools.lru_cache(maxsize=16)
+def _blocks(sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The O × K indicator of which head each of the O outputs belongs to (made once per
+    layout: no copy to a device per step)."""
+    return torch.block_diag(*[torch.ones(size, 1, dtype=dtype) for size in sizes]).to(device)
 
 
 def _combination(grads: tuple[Tensor, ...], weights: list[float]) -> Tensor:

@@ -4,6 +4,7 @@
 weights depend on the global Gramian, so any error in the gradients or their sync shows."""
 
 import copy
+import types
 from pathlib import Path
 
 import lightning as L
@@ -54,6 +55,7 @@ class RecordingNet(ThreeTaskNet):
             {
                 "weights": self.loss_record.weights,
                 "grads": {n: p.grad.clone() for n, p in self.named_parameters()},
+                "linear_heads": self._linear_heads,
             },
             Path(self.out_dir) / f"rank{self.global_rank}.pt",
         )
@@ -68,6 +70,35 @@ class LinearFactorsNet(RecordingNet):
     prefers the views' gradients)."""
 
     _linear_factors_pay = staticmethod(lambda heads, representation: True)
+
+
+class RankZeroFactorsNet(LinearFactorsNet):
+    """Rank 0 takes the factors, rank 1 the views' gradients (the rule decides per rank)."""
+
+    def _linear_factors_pay(self, heads, representation):
+        return self.global_rank == 0
+
+
+class InPlaceOutputNet(LinearFactorsNet):
+    """kind's head output is changed in place: the factors are taken at the node that made it."""
+
+    def forward_heads(self, shared):
+        price, sold = self.heads["price"](shared), self.heads["sold"](shared)
+        kind = self.heads["kind"](shared).mul_(2.0)
+        return {"price": price.squeeze(-1), "kind": kind, "sold": sold.squeeze(-1)}
+
+
+class OwnForwardNet(LinearFactorsNet):
+    """kind's head has a forward of its own (a doubled weight): not a plain nn.Linear."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        head = self.heads["kind"]
+        head.forward = types.MethodType(_doubled_weight, head)
+
+
+def _doubled_weight(head, inputs):
+    return torch.nn.functional.linear(inputs, 2.0 * head.weight, head.bias)
 
 
 class ScaledHeadOutputNet(LinearFactorsNet):
@@ -177,13 +208,13 @@ def _gramian_sync_reference(model, rank_batches: list) -> dict:
     return {"weights": weights, "grads": grads}
 
 
-def _fit(model, devices: int, method) -> None:
+def _fit(model, devices: int, method, precision: str = "64-true") -> None:
     L.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy="ddp_spawn" if devices > 1 else "auto",
         max_steps=1,
-        precision="64-true",
+        precision=precision,
         use_distributed_sampler=False,
         logger=False,
         enable_checkpointing=False,
@@ -228,20 +259,49 @@ def test_two_rank_weights_and_update_equal_one_process_on_the_concatenated_batch
 
 
 @pytest.mark.ddp
-def test_two_rank_linear_head_factors_equal_one_process_on_the_concatenated_batch(tmp_path):
+@pytest.mark.parametrize(
+    ("net", "precision", "factored"),
+    [
+        (LinearFactorsNet, "64-true", (True, True)),
+        # float32: the ranks' Gramians from the factors and from dot products have one dtype.
+        (RankZeroFactorsNet, "32-true", (True, False)),
+    ],
+)
+def test_two_rank_linear_head_factors_equal_one_process_on_the_concatenated_batch(
+    tmp_path, net, precision, factored
+):
+    dtype = torch.float64 if precision == "64-true" else torch.float32
     rank0, rank1 = make_batch(5, seed=1), make_batch(8, seed=2)
     rank1[1]["kind"][:] = -100
-    model = LinearFactorsNet(str(tmp_path), [rank0, rank1])
+    model = net(str(tmp_path), [_cast(rank0, dtype), _cast(rank1, dtype)])
     reference = _reference(model, concat_batches(rank0, rank1), rep_grad=True)
-    _fit(model, 2, FactoredGradients(rep_grad=True))
-    for rank in (0, 1):
-        _assert_close(torch.load(tmp_path / f"rank{rank}.pt"), reference)
+    method = FactoredGradients(rep_grad=True)
+    method.linear_factors_from = 3  # with 3 tasks the others take dot products
+    _fit(model, 2, method, precision)
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert tuple(result["linear_heads"] for result in results) == factored
+    torch.testing.assert_close(results[0]["weights"], results[1]["weights"], rtol=0, atol=0)
+    for result in results:
+        if dtype == torch.float64:
+            _assert_close(result, reference)
+        else:
+            torch.testing.assert_close(
+                result["weights"], reference["weights"].float(), rtol=1e-4, atol=1e-6
+            )
+
+
+def _cast(batch, dtype):
+    inputs, targets = batch
+    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in targets.items()}
+    return inputs.to(dtype), cast
 
 
 @pytest.mark.parametrize(
     ("net", "method", "factored"),
     [
         (LinearFactorsNet, FactoredGradients, True),
+        (InPlaceOutputNet, FactoredGradients, True),
+        (OwnForwardNet, FactoredGradients, False),
         (ScaledHeadOutputNet, FactoredGradients, False),
         (LinearFactorsNet, NormalisedGradients, False),  # 3 tasks: below linear_factors_from
         (RecordingNet, FactoredGradients, False),  # the sizes favour the views' gradients
