@@ -196,7 +196,8 @@ class HeadInputs:
     """While entered, head ``k`` reads ``views[k]`` or, without views, a new leaf of its own, in
     place of the representation. ``one_call_each`` says whether every head was called exactly
     once, on the representation (a head called again, or on anything else, keeps what it was
-    given)."""
+    given). With ``watch``, each head's output on its view is handed to
+    :meth:`GradientsAtHeads.watch_linear_head`."""
 
     def __init__(
         self,
