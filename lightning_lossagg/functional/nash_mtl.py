@@ -1,5 +1,7 @@
 """Nash-MTL: the Nash bargaining solution between the tasks, clipped to a maximum norm."""
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -12,6 +14,9 @@ _DECREMENT_TOL = 1e-10
 _RESIDUAL_TOL = 1e-6
 # Newton steps allowed: about 10 are needed, more only for nearly degenerate input.
 MAX_ITER = 100
+# Two gradients with 1 + cos at most this are taken as opposite (no solution): below it the
+# cosine itself is rounding (float64 products of norms).
+_OPPOSITE_TOL = 1e-12
 
 
 def _scaled_like_a_solution(matrix: np.ndarray, alpha: np.ndarray, eps: float) -> np.ndarray:
@@ -51,6 +56,21 @@ def _solve_bargaining(matrix: np.ndarray, start: np.ndarray, max_iter: int) -> n
     return None
 
 
+def _two_task_solution(g11: float, g12: float, _: float, g22: float) -> np.ndarray | None:
+    """Two tasks' bargaining solution in closed form (Python floats), ``None`` where Newton finds
+    none either. ``alpha_1 (G alpha)_1 = alpha_2 (G alpha)_2`` gives ``g11 alpha_1^2 =
+    g22 alpha_2^2``, so ``alpha_k = 1 / (||g_k|| sqrt(1 + cos))`` with ``cos`` the cosine of the
+    two gradients: a solution exactly when neither is zero and they are not opposite."""
+    if not (g11 > TINY and g22 > TINY):
+        return None
+    norm1, norm2 = math.sqrt(g11), math.sqrt(g22)
+    agreement = 1.0 + g12 / (norm1 * norm2)  # 1 + cos, in [0, 2]
+    if not agreement > _OPPOSITE_TOL:
+        return None
+    root = math.sqrt(agreement)
+    return np.array([1.0 / (norm1 * root), 1.0 / (norm2 * root)])
+
+
 def nash_mtl(
     gramian: Tensor,
     previous: Tensor | None = None,
@@ -62,7 +82,8 @@ def nash_mtl(
     The update :math:`d = \sum_i \alpha_i g_i` maximises :math:`\sum_i \log \langle g_i, d\rangle`
     in a ball; its weights solve :math:`\alpha_i (G\alpha)_i = 1` with :math:`\alpha \succ 0`,
     which is the stationarity condition of a strictly convex problem solved by damped Newton in
-    float64 (instead of LibMTL's and torchjd's sequence of cvxpy problems):
+    float64 (instead of LibMTL's and torchjd's sequence of cvxpy problems; two tasks in closed
+    form, :math:`\alpha_i = 1 / (\lVert g_i\rVert \sqrt{1 + \cos(g_1, g_2)})`):
 
     .. math::
 
@@ -132,9 +153,10 @@ def nash_mtl_weights(
 ) -> np.ndarray:
     """:func:`nash_mtl` on a symmetric float64 NumPy Gramian from positive weights ``start``,
     unchecked (for the callback's step); ``eps``: the rounding unit of the gradients' dtype."""
-    weights = _scaled_like_a_solution(matrix, start, eps)
+    solution = _two_task_solution(*matrix.ravel().tolist()) if len(matrix) == 2 else None
+    weights = solution if solution is not None else _scaled_like_a_solution(matrix, start, eps)
     trace = np.trace(matrix)
-    if trace > TINY:
+    if solution is None and trace > TINY:
         # Newton on G / tr(G) is better conditioned; its solution is sqrt(tr(G)) times ours.
         normalized = _solve_bargaining(matrix / trace, weights * np.sqrt(trace), max_iter)
         if normalized is not None:

@@ -2,17 +2,24 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
 from torchjd.aggregation import NashMTL
 
-from lightning_lossagg.functional.nash_mtl import nash_mtl
+from lightning_lossagg.functional.nash_mtl import (
+    MAX_ITER,
+    _solve_bargaining,
+    _two_task_solution,
+    nash_mtl,
+)
 from tests.functional._jacobians import (
     as_params,
     assert_same_update,
     degenerate_jacobians,
     random_jacobians,
+    two_task_jacobians,
 )
 
 # cvxpy's chatter, and its divisions by zero on degenerate Gramians inside torchjd.
@@ -131,3 +138,29 @@ def test_dtype_and_device_follow_the_gramian() -> None:
 def test_invalid_input_is_rejected(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         nash_mtl(torch.eye(2), **kwargs)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_two_task_closed_form_equals_newton(seed: int) -> None:
+    # Two tasks skip Newton. Both find a solution exactly when neither gradient is zero and they
+    # are not opposite; nearly opposite pairs (1 + cos below 1e-6) have huge weights, which the
+    # rounding of 1 + cos sets, and where Newton may stop short and fall back.
+    for jacobian in two_task_jacobians(seed):
+        matrix = jacobian @ jacobian.T
+        closed = _two_task_solution(*matrix.ravel().tolist())
+        trace = matrix.trace()
+        newton = None
+        if trace > 0:
+            newton = _solve_bargaining(matrix / trace, np.ones(2), MAX_ITER)
+            newton = None if newton is None else newton / math.sqrt(trace)
+        norms = np.sqrt(matrix.diagonal())
+        agreement = 1 + matrix[0, 1] / norms.prod() if norms.min() > 0 else 1.0  # 1 + cos
+        opposed = agreement < 1e-6
+        if newton is not None:  # both: to the rounding that 1 + cos amplifies
+            np.testing.assert_allclose(closed, newton, rtol=1e-10 + 1e-14 / agreement)
+        elif not opposed:
+            assert closed is None
+        if closed is not None and not opposed:
+            np.testing.assert_allclose(closed * (matrix @ closed), 1.0, rtol=1e-9)
+        if closed is not None:
+            assert np.isfinite(closed).all() and (closed > 0).all()
