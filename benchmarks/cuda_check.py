@@ -1,0 +1,165 @@
+"""The gradient-based callbacks on a CUDA GPU: a check against the CPU-tested path, then step times.
+
+Not part of the tests (CI has no GPU); run it where one is lent, as one short command.
+
+* ``check``: with ``rep_grad=True``, the linear heads' factors against the views' gradients (the
+  same fit with the factors refused), in float32 and bf16-mixed; parameter gradients run and give
+  finite parameters. Prints the largest differences after a few steps.
+* ``time``: wall time per training step (a synchronize at each step's end), median over the epoch
+  and over interleaved rounds, of a plain LightningModule, the mixin with static weights, and
+  MGDA / UPGrad with ``rep_grad=True`` and MGDA with parameter gradients, for K = 2 and 8, on the
+  demo MLP and on a wide one (hidden 4096, batch 2048) where the GPU does the work.
+
+    python -m benchmarks.cuda_check [--rounds 3] [--parts check time]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from benchmarks._timing import StepTimer, quiet, synthetic_loader
+from lightning_lossagg import callbacks
+from lightning_lossagg.demos import MultiTaskMLP
+
+
+class ViewsGradientsMLP(MultiTaskMLP):
+    """The demo MLP that never takes its linear heads' factors (the reference path)."""
+
+    @staticmethod
+    def _linear_factors_pay(heads: list[torch.nn.Module], representation: Tensor) -> bool:
+        return False
+
+
+class PlainWideMLP(L.LightningModule):
+    """A plain LightningModule over the demo MLP: the sum of the tasks' ``F.mse_loss``."""
+
+    def __init__(self, num_tasks: int, hidden: int) -> None:
+        super().__init__()
+        self.net = MultiTaskMLP(num_tasks, hidden=hidden)
+
+    def training_step(self, batch: tuple[Tensor, dict[str, Tensor]], batch_idx: int) -> Tensor:
+        inputs, targets = batch
+        predictions = self.net(inputs)
+        return sum(F.mse_loss(predictions[k], targets[k]) for k in targets)  # type: ignore[return-value]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.net.configure_optimizers()
+
+
+class Synchronize(L.Callback):
+    def on_train_batch_end(self, *args: object) -> None:
+        torch.cuda.synchronize()
+
+
+def _trainer(max_steps: int, precision: str, callbacks: list[L.Callback]) -> L.Trainer:
+    return L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        max_steps=max_steps,
+        precision=precision,  # type: ignore[arg-type]
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+
+
+def _parameters_after(model: MultiTaskMLP, method: L.Callback, precision: str) -> Tensor:
+    torch.manual_seed(0)
+    loader = synthetic_loader(model.hparams.num_tasks, steps=4)
+    _trainer(4, precision, [method]).fit(model, train_dataloaders=loader)
+    return torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()])
+
+
+def check() -> None:
+    for num_tasks, name, precision in [
+        (6, "MGDA", "32-true"),
+        (6, "UPGrad", "32-true"),
+        (8, "IMTLG", "bf16-mixed"),
+    ]:
+        method = getattr(callbacks, name)
+        torch.manual_seed(0)
+        factored = MultiTaskMLP(num_tasks)
+        torch.manual_seed(0)
+        reference = ViewsGradientsMLP(num_tasks)
+        first = _parameters_after(factored, method(rep_grad=True), precision)
+        second = _parameters_after(reference, method(rep_grad=True), precision)
+        print(
+            f"check K={num_tasks} {name} {precision}: factors used {factored._linear_heads}, "
+            f"largest parameter difference {(first - second).abs().max():.2e}",
+            flush=True,
+        )
+    for num_tasks, name in [(2, "MGDA"), (4, "UPGrad"), (3, "PCGrad")]:
+        torch.manual_seed(0)
+        parameters = _parameters_after(
+            MultiTaskMLP(num_tasks), getattr(callbacks, name)(), "32-true"
+        )
+        finite = bool(parameters.isfinite().all())
+        print(f"check K={num_tasks} {name} parameter gradients: finite {finite}", flush=True)
+
+
+def _median_step(make: Callable[[], L.LightningModule], methods: list[L.Callback], loader) -> float:
+    timer = StepTimer(time.perf_counter)
+    torch.manual_seed(0)
+    _trainer(len(loader), "32-true", [*methods, Synchronize(), timer]).fit(
+        make(), train_dataloaders=loader
+    )
+    return statistics.median(timer.times[10:])
+
+
+def time_steps(rounds: int) -> None:
+    for label, hidden, batch_size in [("demo", 256, 256), ("wide", 4096, 2048)]:
+        for num_tasks in (2, 8):
+            loader = synthetic_loader(num_tasks, batch_size=batch_size, steps=40)
+
+            def mixin(
+                *methods: L.Callback, k: int = num_tasks, h: int = hidden, data=loader
+            ) -> float:
+                return _median_step(lambda: MultiTaskMLP(k, hidden=h), list(methods), data)
+
+            variants: dict[str, Callable[[], float]] = {
+                "plain": lambda k=num_tasks, h=hidden, data=loader: _median_step(
+                    lambda: PlainWideMLP(k, h), [], data
+                ),
+                "static mixin": mixin,
+                "MGDA rep": lambda: mixin(callbacks.MGDA(rep_grad=True)),
+                "UPGrad rep": lambda: mixin(callbacks.UPGrad(rep_grad=True)),
+                "MGDA param": lambda: mixin(callbacks.MGDA()),
+            }
+            times: dict[str, list[float]] = {name: [] for name in variants}
+            for _ in range(rounds):
+                for name, run in variants.items():
+                    times[name].append(run())
+            base = statistics.median(times["plain"])
+            for name, values in times.items():
+                value = statistics.median(values)
+                print(
+                    f"{label} K={num_tasks} {name:<13} {1e3 * value:7.3f} ms  x{value / base:5.2f}",
+                    flush=True,
+                )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--parts", nargs="+", default=["check", "time"], choices=["check", "time"])
+    args = parser.parse_args()
+    quiet()
+    print(torch.__version__, L.__version__, torch.cuda.get_device_name(), flush=True)
+    if "check" in args.parts:
+        check()
+    if "time" in args.parts:
+        time_steps(args.rounds)
+
+
+if __name__ == "__main__":
+    main()
