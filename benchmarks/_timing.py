@@ -53,11 +53,32 @@ def synthetic_loader(num_tasks: int, batch_size: int = 256, steps: int = 60) -> 
     return DataLoader(TaskDataset(inputs, targets), batch_size=batch_size)
 
 
+def summed_mse(predictions: dict[str, Tensor], targets: dict[str, Tensor]) -> Tensor:
+    """A plain step's objective: the sum of the tasks' ``F.mse_loss``."""
+    return sum(F.mse_loss(predictions[k], targets[k]) for k in targets)  # type: ignore[return-value]
+
+
+class PlainMLP(L.LightningModule):
+    """The demo MLP without the mixin: :func:`summed_mse`, nothing else (the baseline)."""
+
+    def __init__(self, num_tasks: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.net = MultiTaskMLP(num_tasks, hidden=hidden)
+
+    def training_step(self, batch: tuple[Tensor, dict[str, Tensor]], batch_idx: int) -> Tensor:
+        inputs, targets = batch
+        return summed_mse(self.net(inputs), targets)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.net.configure_optimizers()
+
+
 def step_times(
     make_model: Callable[[], L.LightningModule],
     loader: DataLoader,
     callbacks: Sequence[L.Callback] = (),
     clock: str = "wall",
+    accelerator: str = "cpu",
     **trainer_kwargs: object,
 ) -> list[float]:
     """Seconds of every training step of one epoch of ``loader``, on the ``clock`` named in
@@ -65,7 +86,7 @@ def step_times(
     torch.manual_seed(0)
     timer = StepTimer(CLOCKS[clock])
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         max_epochs=1,
         logger=False,
@@ -103,8 +124,7 @@ class PlainEveryOtherStep(MultiTaskMLP):
         if batch_idx % 2:
             return super().training_step(batch, batch_idx)
         inputs, targets = batch
-        predictions = self(inputs)
-        return sum(F.mse_loss(predictions[k], targets[k]) for k in targets)  # type: ignore[return-value]
+        return summed_mse(self(inputs), targets)
 
 
 def paired_ratio(

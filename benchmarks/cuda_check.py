@@ -6,9 +6,9 @@ Not part of the tests (CI has no GPU); run it where one is lent, as one short co
   same fit with the factors refused), in float32 and bf16-mixed; parameter gradients run and give
   finite parameters. Prints the largest differences after a few steps.
 * ``time``: wall time per training step (a synchronize at each step's end), median over the epoch
-  and over interleaved rounds, of a plain LightningModule, the mixin with static weights, and
-  MGDA / UPGrad with ``rep_grad=True`` and MGDA with parameter gradients, for K = 2 and 8, on the
-  demo MLP and on a wide one (hidden 4096, batch 2048) where the GPU does the work.
+  and over interleaved (rotated) rounds, of a plain LightningModule, the mixin with static
+  weights, and MGDA / UPGrad with ``rep_grad=True`` and MGDA with parameter gradients, for K = 2
+  and 8, on the demo MLP and on a wide one (hidden 4096, batch 2048) where the GPU does the work.
 
     python -m benchmarks.cuda_check [--rounds 3] [--parts check time]
 """
@@ -17,15 +17,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks._timing import StepTimer, quiet, synthetic_loader
+from benchmarks._timing import (
+    PlainMLP,
+    interleaved_times,
+    median_step_time,
+    quiet,
+    step_times,
+    synthetic_loader,
+)
 from lightning_lossagg import callbacks
 from lightning_lossagg.demos import MultiTaskMLP
 
@@ -38,45 +43,14 @@ class ViewsGradientsMLP(MultiTaskMLP):
         return False
 
 
-class PlainWideMLP(L.LightningModule):
-    """A plain LightningModule over the demo MLP: the sum of the tasks' ``F.mse_loss``."""
-
-    def __init__(self, num_tasks: int, hidden: int) -> None:
-        super().__init__()
-        self.net = MultiTaskMLP(num_tasks, hidden=hidden)
-
-    def training_step(self, batch: tuple[Tensor, dict[str, Tensor]], batch_idx: int) -> Tensor:
-        inputs, targets = batch
-        predictions = self.net(inputs)
-        return sum(F.mse_loss(predictions[k], targets[k]) for k in targets)  # type: ignore[return-value]
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.net.configure_optimizers()
-
-
 class Synchronize(L.Callback):
     def on_train_batch_end(self, *args: object) -> None:
         torch.cuda.synchronize()
 
 
-def _trainer(max_steps: int, precision: str, callbacks: list[L.Callback]) -> L.Trainer:
-    return L.Trainer(
-        accelerator="gpu",
-        devices=1,
-        max_steps=max_steps,
-        precision=precision,  # type: ignore[arg-type]
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
-
-
 def _parameters_after(model: MultiTaskMLP, method: L.Callback, precision: str) -> Tensor:
-    torch.manual_seed(0)
     loader = synthetic_loader(model.hparams.num_tasks, steps=4)
-    _trainer(4, precision, [method]).fit(model, train_dataloaders=loader)
+    step_times(lambda: model, loader, [method], accelerator="gpu", precision=precision)
     return torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()])
 
 
@@ -108,12 +82,8 @@ def check() -> None:
 
 
 def _median_step(make: Callable[[], L.LightningModule], methods: list[L.Callback], loader) -> float:
-    timer = StepTimer(time.perf_counter)
-    torch.manual_seed(0)
-    _trainer(len(loader), "32-true", [*methods, Synchronize(), timer]).fit(
-        make(), train_dataloaders=loader
-    )
-    return statistics.median(timer.times[10:])
+    """Median wall time per step, each step's work finished on the GPU before the clock reads."""
+    return median_step_time(make, loader, [*methods, Synchronize()], accelerator="gpu")
 
 
 def time_steps(rounds: int) -> None:
@@ -128,17 +98,14 @@ def time_steps(rounds: int) -> None:
 
             variants: dict[str, Callable[[], float]] = {
                 "plain": lambda k=num_tasks, h=hidden, data=loader: _median_step(
-                    lambda: PlainWideMLP(k, h), [], data
+                    lambda: PlainMLP(k, h), [], data
                 ),
                 "static mixin": mixin,
                 "MGDA rep": lambda: mixin(callbacks.MGDA(rep_grad=True)),
                 "UPGrad rep": lambda: mixin(callbacks.UPGrad(rep_grad=True)),
                 "MGDA param": lambda: mixin(callbacks.MGDA()),
             }
-            times: dict[str, list[float]] = {name: [] for name in variants}
-            for _ in range(rounds):
-                for name, run in variants.items():
-                    times[name].append(run())
+            times = interleaved_times(variants, rounds)
             base = statistics.median(times["plain"])
             for name, values in times.items():
                 value = statistics.median(values)

@@ -37,6 +37,7 @@ from torchjd import aggregation
 from torchjd.autojac import jac_to_grad, mtl_backward
 
 from benchmarks._timing import (
+    PlainMLP,
     interleaved_times,
     median_step_time,
     paired_ratio,
@@ -44,7 +45,6 @@ from benchmarks._timing import (
     summarize,
     synthetic_loader,
 )
-from benchmarks.overhead import PlainMLP
 from lightning_lossagg import callbacks
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting
 from lightning_lossagg.demos import MultiTaskMLP

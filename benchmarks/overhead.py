@@ -18,12 +18,10 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import lightning as L
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from benchmarks._timing import (
+    PlainMLP,
     interleaved_times,
     median_step_time,
     paired_ratio,
@@ -33,22 +31,6 @@ from benchmarks._timing import (
 )
 from benchmarks.loss_methods import print_method_table
 from lightning_lossagg.demos import MultiTaskMLP
-
-
-class PlainMLP(L.LightningModule):
-    """The same network without the mixin: the sum of the task losses, nothing else."""
-
-    def __init__(self, num_tasks: int) -> None:
-        super().__init__()
-        self.net = MultiTaskMLP(num_tasks)
-
-    def training_step(self, batch: tuple[Tensor, dict[str, Tensor]], batch_idx: int) -> Tensor:
-        inputs, targets = batch
-        predictions = self.net(inputs)
-        return sum(F.mse_loss(predictions[k], targets[k]) for k in targets)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.net.configure_optimizers()
 
 
 def main() -> None:
