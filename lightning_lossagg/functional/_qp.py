@@ -7,6 +7,8 @@ The loops themselves run in NumPy, whose operations on K×K arrays cost a fracti
 they run at every training step.
 """
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -177,3 +179,25 @@ def _solve_on_free_sets(
     fixed = np.where(free, 0.0, lowers)
     rhs = np.where(free, -(linear + fixed @ hessian), lowers)
     return np.linalg.solve(matrices, rhs[:, :, None])[:, :, 0]
+
+
+def exactly_scaled(
+    g11: float, g12: float, g22: float, even: bool = False
+) -> tuple[float, float, float]:
+    """A 2×2 Gramian's entries divided by the power of two (of four with ``even``, so that square
+    roots scale exactly too) that brings the largest near 1: exact, and no product of two of them
+    over- or underflows."""
+    exponent = math.frexp(max(abs(g11), abs(g12), abs(g22)))[1]
+    if even:
+        exponent &= ~1
+    return math.ldexp(g11, -exponent), math.ldexp(g12, -exponent), math.ldexp(g22, -exponent)
+
+
+def symmetric_eigen(a: float, b: float, c: float) -> tuple[float, float, float, float]:
+    """Of ``[[a, b], [b, c]]``: the mean ``m = (a + c) / 2`` of its eigenvalues ``m ± r``, the half
+    gap ``r = hypot((a - c) / 2, b)``, and an eigenvector ``(x, y)`` of ``m + r`` computed without
+    cancellation: ``(h + r, b)`` for ``h = (a - c) / 2 >= 0``, else ``(b, r - h)``."""
+    mean, half_gap = (a + c) / 2, (a - c) / 2
+    radius = math.hypot(half_gap, b)
+    x, y = (half_gap + radius, b) if half_gap >= 0 else (b, radius - half_gap)
+    return mean, radius, x, y

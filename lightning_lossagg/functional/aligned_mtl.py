@@ -7,7 +7,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_lossagg.functional._qp import validated_gramian, validated_preferences
+from lightning_lossagg.functional._qp import (
+    exactly_scaled,
+    symmetric_eigen,
+    validated_gramian,
+    validated_preferences,
+)
 
 ScaleMode = Literal["min", "median", "rmse"]
 
@@ -119,14 +124,11 @@ def _two_task_aligned_mtl(
     kept, ``w = √(λ/λ₊) u (u·p) + √(λ/λ₋) u⊥ (u⊥·p)``, ``λ = λ₋`` for ``"min"`` and ``"median"``
     and ``m`` (their mean) for ``"rmse"``; with ``λ₊`` alone, ``w = u (u·p)``; with neither, ``p``.
     """
-    exponent = math.frexp(max(abs(g11), abs(g12), abs(g22)))[1]
-    a, b, c = math.ldexp(g11, -exponent), math.ldexp(g12, -exponent), math.ldexp(g22, -exponent)
-    mean, half_gap = (a + c) / 2, (a - c) / 2
-    radius = math.hypot(half_gap, b)
+    a, b, c = exactly_scaled(g11, g12, g22)
+    mean, radius, x, y = symmetric_eigen(a, b, c)
     large = mean + radius
     if large <= 0.0:
         return np.array([p1, p2])
-    x, y = (half_gap + radius, b) if half_gap >= 0 else (b, radius - half_gap)
     length = math.hypot(x, y)
     u1, u2 = (x / length, y / length) if length > 0 else (1.0, 0.0)
     along = u1 * p1 + u2 * p2

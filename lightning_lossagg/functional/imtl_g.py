@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_lossagg.functional._qp import validated_gramian
+from lightning_lossagg.functional._qp import exactly_scaled, symmetric_eigen, validated_gramian
 
 
 def imtl_g(gramian: Tensor) -> Tensor:
@@ -93,12 +93,10 @@ def _two_task_imtl_g(g11: float, g12: float, _: float, g22: float, eps: float) -
     with ``λ <= 0`` gets the uniform weights: it is zero, or has a negative diagonal entry, and
     then ``|1ᵀv| max n <= 2√2 eps / (1 - √(2 eps))``, far below the fallback's ``√(2 eps)``.
     """
-    exponent = math.frexp(max(abs(g11), abs(g12), abs(g22)))[1] & ~1
-    a, b, c = math.ldexp(g11, -exponent), math.ldexp(g12, -exponent), math.ldexp(g22, -exponent)
+    a, b, c = exactly_scaled(g11, g12, g22, even=True)
     precision = 2 * eps
     norm1, norm2 = math.sqrt(max(a, 0.0)), math.sqrt(max(c, 0.0))
-    mean, half_gap = (a + c) / 2, (a - c) / 2
-    radius = math.hypot(half_gap, b)
+    mean, radius, x, y = symmetric_eigen(a, b, c)
     largest = mean + radius if mean >= 0 else mean - radius
     determinant = a * c - b * b
     if abs(determinant) > precision * largest * largest:
@@ -107,7 +105,6 @@ def _two_task_imtl_g(g11: float, g12: float, _: float, g22: float, eps: float) -
     elif largest <= 0.0:
         return np.full(2, 0.5)
     else:
-        x, y = (half_gap + radius, b) if half_gap >= 0 else (b, radius - half_gap)
         along = (x * norm1 + y * norm2) / (largest * (x * x + y * y))
         first, second = x * along, y * along
     total = first + second
