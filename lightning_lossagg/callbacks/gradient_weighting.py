@@ -227,7 +227,7 @@ class GradientWeighting(WeightingCallback):
         ``s``) and the trunk gets ``factor * sum_k w_k s_k g_k``, as the surrogate gives it.
         ``linear``: the linear heads' factors of the same gradients
         (:meth:`GradientsAtHeads.linear_factors`), which give both in far fewer operations."""
-        jacobian = rows = None
+        jacobian = None
         if linear is not None:
             local = _factored_gramian(*linear)
         else:
