@@ -8,10 +8,14 @@ they run at every training step.
 """
 
 import math
+import operator
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from lightning_lossagg.functional._small import PYTHON_WORK_UP_TO, Matrix, cholesky, cholesky_solve
 
 SYMMETRY_RTOL = 1e-5
 # The smallest positive normal float64 (a Gramian whose trace is at most this counts as zero).
@@ -121,9 +125,37 @@ def active_set_qps(
     guesses: np.ndarray | None = None,
 ) -> np.ndarray:
     r"""Row ``i``: the minimiser of :math:`\tfrac12 x^\top H x + c^\top x` subject to
-    :math:`x \succeq` ``lowers[i]``, for QPs that share their Hessian (UPGrad's projections),
-    solved together: every iteration of the active-set method runs on all the rows still
-    working, with one batched solve (see :func:`active_set_qp` for ``guesses[i]``)."""
+    :math:`x \succeq` ``lowers[i]``, for QPs that share their Hessian (UPGrad's projections).
+    Small problems (rows × variables² up to ``PYTHON_WORK_UP_TO``) are solved in Python floats,
+    row by row (:func:`_active_set_in_floats`), unless a free set's Hessian is near-singular;
+    others in NumPy, all the rows together (:func:`_active_sets_in_numpy`). See
+    :func:`active_set_qp` for ``guesses[i]``."""
+    if lowers.shape[0] * lowers.shape[1] ** 2 <= PYTHON_WORK_UP_TO:
+        factors: dict[tuple[bool, ...], list[list[float]] | None] = {}
+        hessian_rows, linear_values = hessian.tolist(), linear.tolist()
+        rows = [
+            _active_set_in_floats(hessian_rows, linear_values, lower, guess, max_iter, tol, factors)
+            for lower, guess in zip(
+                lowers.tolist(),
+                [None] * len(lowers) if guesses is None else guesses.tolist(),
+                strict=True,
+            )
+        ]
+        if all(row is not None for row in rows):
+            return np.array(rows)
+    return _active_sets_in_numpy(hessian, linear, lowers, max_iter, tol, guesses)
+
+
+def _active_sets_in_numpy(
+    hessian: np.ndarray,
+    linear: np.ndarray,
+    lowers: np.ndarray,
+    max_iter: int,
+    tol: float,
+    guesses: np.ndarray | None = None,
+) -> np.ndarray:
+    """:func:`active_set_qps` in NumPy: every iteration of the active-set method runs on all
+    the rows still working, with one batched solve."""
     num_rows, size = lowers.shape
     solution = lowers.copy()
     free = np.zeros((num_rows, size), dtype=bool)
@@ -166,6 +198,95 @@ def active_set_qps(
         # A row whose freed bound was blocked at once is optimal to rounding.
         done |= working & np.all(free == previous_free, axis=1)
     return solution
+
+
+def _active_set_in_floats(
+    hessian: Matrix,
+    linear: Sequence[float],
+    lower: Sequence[float],
+    guess: Sequence[bool] | None,
+    max_iter: int,
+    tol: float,
+    factors: dict[tuple[bool, ...], list[list[float]] | None],
+) -> list[float] | None:
+    """One row of :func:`_active_sets_in_numpy`, step for step, in Python floats (``factors``:
+    the free sets' Cholesky factors, shared by the rows of one call). ``None`` when a free set's
+    Hessian is near-singular (:func:`cholesky`): NumPy's LU then solves the problem."""
+    size = len(lower)
+    solution, free = list(lower), [False] * size
+    if guess is not None and any(guess):
+        trial = _solve_on_free_set(hessian, linear, lower, guess, factors)
+        if trial is None:
+            return None
+        if all(trial[i] > lower[i] for i in range(size) if guess[i]):
+            solution, free = trial, list(guess)
+    for _ in range(max_iter):
+        releasable = [
+            (multiplier, i)
+            for i in range(size)
+            if not free[i] and (multiplier := _dot(hessian[i], solution) + linear[i]) < -tol
+        ]
+        if not releasable:
+            break
+        previous_free = list(free)
+        free[min(releasable)[1]] = True
+        while True:
+            # Every pass accepts a feasible point or fixes one more bound.
+            trial = _solve_on_free_set(hessian, linear, lower, free, factors)
+            if trial is None:
+                return None
+            if all(trial[i] > lower[i] for i in range(size) if free[i]):
+                solution = trial
+                break
+            # For blocked bounds solution >= lower >= trial; the floor turns 0 / 0 into 0.
+            ratios = [
+                (solution[i] - lower[i]) / max(solution[i] - trial[i], TINY)
+                if free[i] and trial[i] <= lower[i]
+                else math.inf
+                for i in range(size)
+            ]
+            step = min(max(min(ratios), 0.0), 1.0)
+            solution = [s + step * (t - s) for s, t in zip(solution, trial, strict=True)]
+            nearest = ratios.index(min(ratios))
+            for i in range(size):
+                if free[i] and (solution[i] <= lower[i] or i == nearest):
+                    solution[i], free[i] = lower[i], False
+            if not any(free):
+                break
+        if free == previous_free:  # the freed bound was blocked at once: optimal to rounding
+            break
+    return solution
+
+
+def _solve_on_free_set(
+    hessian: Matrix,
+    linear: Sequence[float],
+    lower: Sequence[float],
+    free: Sequence[bool],
+    factors: dict[tuple[bool, ...], list[list[float]] | None],
+) -> list[float] | None:
+    """The minimiser with the variables outside ``free`` at ``lower`` (the others unbounded):
+    :math:`H_{FF} x_F = -(c_F + H_{FB} l_B)`, by a Cholesky factor of :math:`H_{FF}` kept in
+    ``factors``; ``None`` when it is near-singular."""
+    inside = [i for i, is_free in enumerate(free) if is_free]
+    key = tuple(free)
+    if key not in factors:
+        factors[key] = cholesky([[hessian[i][j] for j in inside] for i in inside])
+    factor = factors[key]
+    if factor is None:
+        return None
+    rhs = [
+        -linear[i] - sum(hessian[i][j] * lower[j] for j, f in enumerate(free) if not f)
+        for i in inside
+    ]
+    solution = list(lower)
+    for i, value in zip(inside, cholesky_solve(factor, rhs), strict=True):
+        solution[i] = value
+    return solution
+
+
+def _dot(left: Sequence[float], right: Sequence[float]) -> float:
+    return sum(map(operator.mul, left, right))
 
 
 def _solve_on_free_sets(

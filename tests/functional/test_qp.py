@@ -1,19 +1,32 @@
-"""The batched active-set solver against one solve per QP, from right, wrong and empty guesses."""
+"""The active-set solver: batched against one solve per QP, in Python floats against NumPy, from
+right, wrong and empty guesses."""
 
 import numpy as np
 import pytest
 
-from lightning_lossagg.functional._qp import active_set_qp, active_set_qps
+from lightning_lossagg.functional._qp import (
+    _active_set_in_floats,
+    _active_sets_in_numpy,
+    active_set_qp,
+    active_set_qps,
+)
+from lightning_lossagg.functional._small import cholesky, cholesky_solve
+
+SMALL = range(1, 9)  # a training step's problems: up to 8 tasks
 
 
-@pytest.mark.parametrize("size", [1, 2, 5, 8])
-@pytest.mark.parametrize("seed", range(4))
-def test_batched_solves_equal_one_solve_per_qp(size: int, seed: int) -> None:
+def _problem(size: int, seed: int, rows: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     factor = rng.normal(size=(size, size + 2))
     hessian = factor @ factor.T / size + 1e-3 * np.eye(size)
-    linear = rng.normal(size=size)
-    lowers = rng.normal(size=(3, size))
+    return hessian, rng.normal(size=size), rng.normal(size=(rows, size))
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 8, 12])
+@pytest.mark.parametrize("seed", range(4))
+def test_batched_solves_equal_one_solve_per_qp(size: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    hessian, linear, lowers = _problem(size, seed)
     exact = np.stack([active_set_qp(hessian, linear, lower, 250, 1e-12) for lower in lowers])
     right = exact > lowers
     for guesses in (right, ~right, np.zeros_like(right), rng.random((3, size)) < 0.5):
@@ -25,3 +38,62 @@ def test_batched_solves_equal_one_solve_per_qp(size: int, seed: int) -> None:
         at_bound = solutions <= lowers + 1e-12
         assert (multipliers[at_bound] >= -1e-9).all()
         np.testing.assert_allclose(multipliers[~at_bound], 0.0, atol=1e-9)
+
+
+@pytest.mark.parametrize("size", SMALL)
+@pytest.mark.parametrize("seed", range(6))
+def test_python_floats_take_numpys_steps(size: int, seed: int) -> None:
+    # Small problems are solved in Python floats: the same method as
+    # the batched NumPy loop, so the same minimiser (to rounding), from any guess, including
+    # the step back to a bound when a free set's solution is infeasible.
+    rng = np.random.default_rng(100 + seed)
+    hessian, linear, lowers = _problem(size, seed, rows=4)
+    reference = _active_sets_in_numpy(hessian, linear, lowers, 250, 1e-12)
+    right = reference > lowers
+    for guesses in (None, right, ~right, rng.random(lowers.shape) < 0.5):
+        factors: dict = {}
+        for row, lower in enumerate(lowers):
+            guess = None if guesses is None else guesses[row].tolist()
+            solution = _active_set_in_floats(
+                hessian.tolist(), linear.tolist(), lower.tolist(), guess, 250, 1e-12, factors
+            )
+            assert solution is not None  # well conditioned: no fallback to NumPy
+            np.testing.assert_allclose(solution, reference[row], rtol=1e-9, atol=1e-12)
+
+
+def test_a_near_singular_free_set_is_left_to_numpy() -> None:
+    # MGDA's Hessian for three identical gradients: the tie-breaking term 1e-10 decides the
+    # result, which rounding in a Python elimination would blur; LAPACK solves it.
+    hessian = np.full((3, 3), 1 / 3) + 1e-10 * np.eye(3)
+    linear, lower = -np.ones(3), np.zeros(3)
+    assert (
+        _active_set_in_floats(
+            hessian.tolist(), linear.tolist(), lower.tolist(), [True] * 3, 250, 1e-12, {}
+        )
+        is None
+    )
+    solution = active_set_qp(hessian, linear, lower, 250, 1e-12, np.ones(3, bool))
+    np.testing.assert_array_equal(
+        solution, _active_sets_in_numpy(hessian, linear, lower[None], 250, 1e-12)[0]
+    )
+    np.testing.assert_allclose(solution / solution.sum(), np.full(3, 1 / 3), atol=1e-15)
+
+
+@pytest.mark.parametrize("size", SMALL)
+def test_cholesky_solves_like_numpy(size: int) -> None:
+    hessian, linear, _ = _problem(size, seed=size)
+    factor = cholesky(hessian.tolist())
+    assert factor is not None
+    np.testing.assert_allclose(np.array(factor), np.linalg.cholesky(hessian), rtol=1e-12)
+    np.testing.assert_allclose(
+        cholesky_solve(factor, linear.tolist()), np.linalg.solve(hessian, linear), rtol=1e-10
+    )
+
+
+@pytest.mark.parametrize(
+    "matrix",
+    [[[1.0, 1.0], [1.0, 1.0]], [[1.0, 2.0], [2.0, 1.0]], [[0.0]], [[-1.0]], [[float("nan")]]],
+    ids=["singular", "indefinite", "zero", "negative", "nan"],
+)
+def test_cholesky_refuses_what_is_not_positive_definite(matrix: list[list[float]]) -> None:
+    assert cholesky(matrix) is None
