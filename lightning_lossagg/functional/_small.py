@@ -16,6 +16,8 @@ from collections.abc import Sequence
 # overhead does not grow with it). Measured at training steps: one row (MGDA) gains up to 8
 # variables, UPGrad's K rows up to K = 4.
 PYTHON_WORK_UP_TO = 64
+# Most tasks whose Gramian a method factorizes in Python floats (a K³ / 6 loop).
+PYTHON_TASKS_UP_TO = 8
 # Smallest pivot of a factorization, relative to its diagonal entry: below it the matrix is left
 # to LAPACK (near-singular: identical or nearly collinear gradients, where the tie-breaking
 # regularization decides and rounding in the elimination would show).
@@ -63,3 +65,18 @@ def cholesky_solve(factor: Matrix, rhs: Sequence[float]) -> list[float]:
             total -= factor[k][i] * x[k]
         x[i] = total / factor[i][i]
     return x
+
+
+def inverse_trace(factor: Matrix) -> float:
+    """``trace(A⁻¹)`` for ``A = L Lᵀ``, ``L = factor`` from :func:`cholesky`: the squared
+    Frobenius norm of ``L⁻¹``. ``1 / trace(A⁻¹)`` bounds ``A``'s smallest eigenvalue from below."""
+    size = len(factor)
+    total = 0.0
+    for column in range(size):
+        inverse = [0.0] * size  # column `column` of L⁻¹, zero above the diagonal
+        inverse[column] = 1.0 / factor[column][column]
+        for i in range(column + 1, size):
+            row = factor[i]
+            inverse[i] = -sum(row[k] * inverse[k] for k in range(column, i)) / row[i]
+        total += sum(value * value for value in inverse)
+    return total

@@ -7,6 +7,12 @@ import torch
 from torch import Tensor
 
 from lightning_lossagg.functional._qp import exactly_scaled, symmetric_eigen, validated_gramian
+from lightning_lossagg.functional._small import (
+    PYTHON_TASKS_UP_TO,
+    cholesky,
+    cholesky_solve,
+    inverse_trace,
+)
 
 
 def imtl_g(gramian: Tensor) -> Tensor:
@@ -66,17 +72,38 @@ def imtl_g_weights(matrix: np.ndarray, eps: float) -> np.ndarray:
 
 
 def _general_imtl_g(matrix: np.ndarray, eps: float) -> np.ndarray:
-    """:func:`imtl_g_weights` for any number of tasks, by the pseudo-inverse."""
+    """:func:`imtl_g_weights` for any number of tasks, by the pseudo-inverse (for up to
+    ``PYTHON_TASKS_UP_TO`` tasks with a well-conditioned Gramian, by :func:`_inverse_in_floats`)."""
     num_tasks = matrix.shape[0]
     precision = num_tasks * eps
     norms = np.sqrt(np.maximum(matrix.diagonal(), 0.0))
-    solution = np.linalg.pinv(matrix, rcond=precision, hermitian=True) @ norms
-    total = solution.sum()
+    solution = None
+    if num_tasks <= PYTHON_TASKS_UP_TO:
+        solution = _inverse_in_floats(matrix.tolist(), norms.tolist(), precision)
+    if solution is None:
+        solution = np.linalg.pinv(matrix, rcond=precision, hermitian=True) @ norms
+    total = sum(solution)
     # 1ᵀv is measured in units of 1 / ||g||; below this cut-off the weights, ~1 / |1ᵀv|, would be
     # set by rounding in the cancellation, not by the gradients.
     if abs(total) * norms.max() <= precision**0.5:
         return np.full(num_tasks, 1.0 / num_tasks)
-    return solution / total
+    return np.array([value / total for value in solution])
+
+
+def _inverse_in_floats(
+    rows: list[list[float]], norms: list[float], precision: float
+) -> list[float] | None:
+    """``G⁻¹ n`` (``n``: the gradients' norms) in Python floats (``functional._small``) when the
+    pseudo-inverse keeps every eigenvalue, i.e. when ``λ_min > precision · λ_max``, as
+    ``trace(G) · trace(G⁻¹) < 1 / precision`` guarantees (``λ_min >= 1 / trace(G⁻¹)``, ``λ_max
+    <= trace(G)``); else ``None``."""
+    factor = cholesky(rows)
+    if factor is None:
+        return None
+    trace = sum(row[i] for i, row in enumerate(rows))
+    if not trace * inverse_trace(factor) * precision < 1.0:
+        return None
+    return cholesky_solve(factor, norms)
 
 
 def _two_task_imtl_g(g11: float, g12: float, _: float, g22: float, eps: float) -> np.ndarray:

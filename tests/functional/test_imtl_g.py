@@ -6,7 +6,12 @@ import torch
 from torch import Tensor
 from torchjd.aggregation import IMTLGWeighting
 
-from lightning_lossagg.functional.imtl_g import _general_imtl_g, imtl_g, imtl_g_weights
+from lightning_lossagg.functional.imtl_g import (
+    _general_imtl_g,
+    _inverse_in_floats,
+    imtl_g,
+    imtl_g_weights,
+)
 from tests.functional._jacobians import (
     as_params,
     assert_same_update,
@@ -122,3 +127,33 @@ def test_two_task_closed_form_equals_the_general_solver(seed: int) -> None:
         at_cutoff = [np.diag([1.0, 2 * eps * factor]) for factor in (0.7, 1.4)]
         for matrix in [np.array(case, float) for case in by_hand] + at_cutoff:
             np.testing.assert_allclose(imtl_g_weights(matrix, eps), _general_imtl_g(matrix, eps))
+
+
+def _by_pseudo_inverse(matrix: np.ndarray, eps: float) -> np.ndarray:
+    norms = np.sqrt(np.maximum(matrix.diagonal(), 0.0))
+    solution = np.linalg.pinv(matrix, rcond=len(matrix) * eps, hermitian=True) @ norms
+    return solution / solution.sum()
+
+
+@pytest.mark.parametrize("size", range(3, 9))
+@pytest.mark.parametrize("seed", range(3))
+def test_python_floats_solve_only_what_the_pseudo_inverse_inverts(size: int, seed: int) -> None:
+    # Up to 8 tasks a Gramian is solved in Python floats, by its Cholesky factor, only where the
+    # pseudo-inverse keeps every eigenvalue (certified: trace(G) trace(G⁻¹) < 1 / (K eps)); the
+    # result is the pseudo-inverse's. Rank-deficient Gramians, and those with an eigenvalue near
+    # the cut-off, are left to the pseudo-inverse itself.
+    rng = np.random.default_rng(seed)
+    jacobian = rng.normal(size=(size, size + 3))
+    for eps in (float(np.finfo(np.float64).eps), float(np.finfo(np.float32).eps)):
+        matrix = jacobian @ jacobian.T
+        norms = np.sqrt(matrix.diagonal()).tolist()
+        assert _inverse_in_floats(matrix.tolist(), norms, size * eps) is not None
+        np.testing.assert_allclose(_general_imtl_g(matrix, eps), _by_pseudo_inverse(matrix, eps))
+        dependent = np.concatenate([jacobian[:-1], jacobian[:1] + jacobian[1:2]])
+        near_cutoff = np.diag([1.0] * (size - 1) + [2.0 * size * eps])
+        for matrix in (dependent @ dependent.T, near_cutoff):
+            norms = np.sqrt(np.maximum(matrix.diagonal(), 0.0)).tolist()
+            assert _inverse_in_floats(matrix.tolist(), norms, size * eps) is None
+            np.testing.assert_allclose(
+                _general_imtl_g(matrix, eps), _by_pseudo_inverse(matrix, eps), atol=1e-9
+            )

@@ -10,7 +10,6 @@ from lightning_lossagg.functional._qp import (
     active_set_qp,
     active_set_qps,
 )
-from lightning_lossagg.functional._small import cholesky, cholesky_solve
 
 SMALL = range(1, 9)  # a training step's problems: up to 8 tasks
 
@@ -77,23 +76,3 @@ def test_a_near_singular_free_set_is_left_to_numpy() -> None:
         solution, _active_sets_in_numpy(hessian, linear, lower[None], 250, 1e-12)[0]
     )
     np.testing.assert_allclose(solution / solution.sum(), np.full(3, 1 / 3), atol=1e-15)
-
-
-@pytest.mark.parametrize("size", SMALL)
-def test_cholesky_solves_like_numpy(size: int) -> None:
-    hessian, linear, _ = _problem(size, seed=size)
-    factor = cholesky(hessian.tolist())
-    assert factor is not None
-    np.testing.assert_allclose(np.array(factor), np.linalg.cholesky(hessian), rtol=1e-12)
-    np.testing.assert_allclose(
-        cholesky_solve(factor, linear.tolist()), np.linalg.solve(hessian, linear), rtol=1e-10
-    )
-
-
-@pytest.mark.parametrize(
-    "matrix",
-    [[[1.0, 1.0], [1.0, 1.0]], [[1.0, 2.0], [2.0, 1.0]], [[0.0]], [[-1.0]], [[float("nan")]]],
-    ids=["singular", "indefinite", "zero", "negative", "nan"],
-)
-def test_cholesky_refuses_what_is_not_positive_definite(matrix: list[list[float]]) -> None:
-    assert cholesky(matrix) is None
