@@ -1,6 +1,7 @@
 """CAGrad: the update that maximises the worst task improvement near the mean gradient."""
 
 import math
+import operator
 
 import numpy as np
 import torch
@@ -8,6 +9,7 @@ from scipy.optimize import minimize
 from torch import Tensor
 
 from lightning_lossagg.functional._qp import TINY, active_set_qp, validated_gramian
+from lightning_lossagg.functional._small import PYTHON_TASKS_UP_TO, cholesky, cholesky_solve
 
 # Below this norm (relative to the root of the Gramian's trace) the inner solution g_w is taken as
 # zero: the gradients are Pareto stationary and g_w / ||g_w|| is undefined.
@@ -70,6 +72,10 @@ def _on_support(
     when none is found (singular :math:`G_{SS}`, Pareto-stationary gradients): SLSQP decides.
     """
     num_tasks = len(lin)
+    if start is not None and num_tasks <= PYTHON_TASKS_UP_TO:
+        found = _on_support_in_floats(gram.tolist(), lin.tolist(), float(radius), start.tolist())
+        if found is not None:
+            return np.array(found)
     if start is not None:
         support = start.copy()
     else:  # the best vertex: f(e_i) = l_i + r sqrt(G_ii)
@@ -103,6 +109,50 @@ def _on_support(
         if not outside.any():
             return v / v.sum()
         support[np.where(outside, gradient, np.inf).argmin()] = True
+    return None
+
+
+def _on_support_in_floats(
+    gram: list[list[float]], lin: list[float], radius: float, start: list[bool]
+) -> list[float] | None:
+    """:func:`_on_support` from ``start``, step for step, in Python floats
+    (``functional._small``); ``None`` when it finds no minimiser or a support's Gramian is
+    near-singular (:func:`_on_support` then decides)."""
+    num_tasks = len(lin)
+    support = list(start)
+    tol = 1e-12 * (max(map(abs, lin)) + radius)
+    for _ in range(2 * num_tasks):
+        inside = [i for i in range(num_tasks) if support[i]]
+        factor = cholesky([[gram[i][j] for j in inside] for i in inside])
+        if factor is None:
+            return None
+        a = cholesky_solve(factor, [1.0] * len(inside))
+        b = cholesky_solve(factor, [lin[i] for i in inside])
+        sum_a, sum_b = sum(a), sum(b)
+        discriminant = sum_b**2 - sum_a * (
+            sum(lin[i] * b_i for i, b_i in zip(inside, b, strict=True)) - radius**2
+        )
+        if not (sum_a > 0 and discriminant > 0):
+            return None
+        mu = (sum_b + math.sqrt(discriminant)) / sum_a
+        v = [0.0] * num_tasks
+        for i, a_i, b_i in zip(inside, a, b, strict=True):
+            v[i] = (mu * a_i - b_i) / radius
+        if any(v[i] < 0 for i in inside):
+            support[min(inside, key=v.__getitem__)] = False
+            if not any(support):
+                return None
+            continue
+        outside = [
+            (gradient, i)
+            for i in range(num_tasks)
+            if not support[i]
+            and (gradient := lin[i] + radius * sum(map(operator.mul, gram[i], v))) < mu - tol
+        ]
+        if not outside:
+            total = sum(v)
+            return [value / total for value in v]
+        support[min(outside)[1]] = True
     return None
 
 

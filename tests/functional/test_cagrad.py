@@ -7,7 +7,13 @@ import torch
 from torch import Tensor
 from torchjd.aggregation import CAGradWeighting
 
-from lightning_lossagg.functional.cagrad import _general_cagrad_weights, cagrad, cagrad_weights
+from lightning_lossagg.functional.cagrad import (
+    _general_cagrad_weights,
+    _on_support,
+    _on_support_in_floats,
+    cagrad,
+    cagrad_weights,
+)
 from tests.functional._jacobians import (
     as_params,
     assert_same_update,
@@ -126,6 +132,28 @@ def test_a_guessed_support_changes_nothing_but_the_start(jacobian: Tensor) -> No
     for guess in (right, ~right, np.ones(num_tasks, bool), np.zeros(num_tasks, bool)):
         weights, _ = cagrad_weights(gramian, c=0.5, support=guess)
         np.testing.assert_allclose(weights, cold, rtol=1e-7, atol=1e-9 * np.abs(cold).max())
+
+
+@pytest.mark.parametrize("size", range(3, 9))
+@pytest.mark.parametrize("seed", range(3))
+def test_python_floats_search_the_supports_like_numpy(size: int, seed: int) -> None:
+    # A training step searches from the previous support in Python floats, with NumPy's steps:
+    # from the right support it finds NumPy's inner minimiser at once; from any other start,
+    # that minimiser or nothing (the search from the best vertex then decides).
+    rng = np.random.default_rng(seed)
+    jacobian = rng.normal(size=(size, size + 3)) + rng.normal(size=size + 3)
+    gram = jacobian @ jacobian.T
+    gram /= np.trace(gram)
+    lin = gram.mean(axis=1)
+    radius = 0.5 * float(np.sqrt(lin.mean()))
+    reference = _on_support(gram, lin, radius)
+    assert reference is not None
+    starts = [reference > 0, np.ones(size, bool), *(rng.random((4, size)) < 0.5)]
+    for index, start in enumerate(starts):
+        found = _on_support_in_floats(gram.tolist(), lin.tolist(), radius, start.tolist())
+        assert found is not None or index > 0
+        if found is not None:
+            np.testing.assert_allclose(found, reference, rtol=1e-9, atol=1e-12)
 
 
 def cagrad_pairs(generator: np.random.Generator) -> list[tuple[str, np.ndarray, float]]:
