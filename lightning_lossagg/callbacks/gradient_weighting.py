@@ -404,15 +404,21 @@ class GradientWeighting(WeightingCallback):
 
     def _weights_of_valid_tasks(self, gramian: Tensor, valid: Tensor) -> Tensor:
         """The method's weights on the valid tasks' sub-Gramian; 0 for the others."""
-        gramian, valid = detached(gramian).to("cpu", torch.float64), valid.cpu()
+        # Every step passes here: each operation skipped when it would change nothing is a few
+        # microseconds, and in the middle of a step's tensor work, several times that.
+        if gramian.requires_grad or gramian.device.type != "cpu" or gramian.dtype != torch.float64:
+            gramian = gramian.detach().to("cpu", torch.float64)
+        if valid.device.type != "cpu":
+            valid = valid.cpu()
         self.valid_tasks = valid  # which tasks weights_from_gramian sees, for per-task settings
-        valid_flags = valid.numpy()  # NumPy checks: a fraction of a torch operation's cost
-        if not valid_flags.any() or not np.isfinite(gramian.numpy()).all():
+        flags = valid.tolist()
+        if not any(flags) or not np.isfinite(gramian.numpy()).all():
             # Nothing to weigh, or a non-finite gradient: the mixin's non-finite policy decides
             # the step; equal weights keep the method's state untouched.
-            return torch.from_numpy(valid_flags.astype(np.float64))
-        if valid_flags.all():
-            return self.weights_from_gramian(gramian).double()
+            return torch.tensor(flags, dtype=torch.float64)
+        if all(flags):
+            weights = self.weights_from_gramian(gramian)
+            return weights if weights.dtype == torch.float64 else weights.double()
         index = valid.nonzero().flatten()
         weights = torch.zeros(len(valid), dtype=torch.float64)
         weights[index] = self.weights_from_gramian(gramian[index][:, index]).double()

@@ -10,6 +10,7 @@ they run at every training step.
 import math
 import operator
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,12 +84,12 @@ def validated_preferences(pref_vector: Tensor | None, num_tasks: int, default: f
 
 
 def active_set_qp(
-    hessian: np.ndarray,
-    linear: np.ndarray,
-    lower: np.ndarray,
+    hessian: Matrix | np.ndarray,
+    linear: Sequence[float] | np.ndarray,
+    lower: Sequence[float] | np.ndarray,
     max_iter: int,
     tol: float,
-    guess: np.ndarray | None = None,
+    guess: Sequence[bool] | np.ndarray | None = None,
 ) -> np.ndarray:
     r"""Solve :math:`\min_x \tfrac12 x^\top H x + c^\top x` subject to :math:`x \succeq l`.
 
@@ -96,10 +97,11 @@ def active_set_qp(
     objective): start with every bound active, free the bound with the most negative multiplier,
     solve the equality-constrained problem on the free set, and step back to the nearest bound when
     that solution is infeasible. It terminates exactly in finitely many steps (usually ≤ 2K).
-    The loop runs in NumPy: on K×K matrices a NumPy operation costs a fraction of a torch one.
+    Small problems run in Python floats, others in NumPy (:func:`active_set_qps`).
 
     Args:
-        hessian: symmetric positive definite :math:`H` of shape [K, K], float64.
+        hessian: symmetric positive definite :math:`H` of shape [K, K], float64 (arrays or
+            nested lists: a training step's small problems never need NumPy).
         linear: :math:`c` of shape [K].
         lower: :math:`l` of shape [K].
         max_iter: most bounds freed; the feasible iterate reached is returned when it is spent.
@@ -112,17 +114,17 @@ def active_set_qp(
     Returns:
         The minimiser :math:`x` of shape [K], feasible even if ``max_iter`` ran out.
     """
-    guesses = None if guess is None else guess[None]
-    return active_set_qps(hessian, linear, lower[None], max_iter, tol, guesses)[0]
+    guesses = None if guess is None else [guess]
+    return active_set_qps(hessian, linear, [lower], max_iter, tol, guesses)[0]
 
 
 def active_set_qps(
-    hessian: np.ndarray,
-    linear: np.ndarray,
-    lowers: np.ndarray,
+    hessian: Matrix | np.ndarray,
+    linear: Sequence[float] | np.ndarray,
+    lowers: Sequence[Sequence[float]] | np.ndarray,
     max_iter: int,
     tol: float,
-    guesses: np.ndarray | None = None,
+    guesses: Sequence[Sequence[bool]] | np.ndarray | None = None,
 ) -> np.ndarray:
     r"""Row ``i``: the minimiser of :math:`\tfrac12 x^\top H x + c^\top x` subject to
     :math:`x \succeq` ``lowers[i]``, for QPs that share their Hessian (UPGrad's projections).
@@ -130,20 +132,34 @@ def active_set_qps(
     row by row (:func:`_active_set_in_floats`), unless a free set's Hessian is near-singular;
     others in NumPy, all the rows together (:func:`_active_sets_in_numpy`). See
     :func:`active_set_qp` for ``guesses[i]``."""
-    if lowers.shape[0] * lowers.shape[1] ** 2 <= PYTHON_WORK_UP_TO:
+    if len(lowers) * len(linear) ** 2 <= PYTHON_WORK_UP_TO:
         factors: dict[tuple[bool, ...], list[list[float]] | None] = {}
-        hessian_rows, linear_values = hessian.tolist(), linear.tolist()
+        hessian_rows, linear_values = _listed(hessian), _listed(linear)
         rows = [
             _active_set_in_floats(hessian_rows, linear_values, lower, guess, max_iter, tol, factors)
             for lower, guess in zip(
-                lowers.tolist(),
-                [None] * len(lowers) if guesses is None else guesses.tolist(),
+                _listed(lowers),
+                [None] * len(lowers) if guesses is None else _listed(guesses),
                 strict=True,
             )
         ]
         if all(row is not None for row in rows):
             return np.array(rows)
-    return _active_sets_in_numpy(hessian, linear, lowers, max_iter, tol, guesses)
+    return _active_sets_in_numpy(
+        np.asarray(hessian, dtype=float),
+        np.asarray(linear, dtype=float),
+        np.asarray(lowers, dtype=float),
+        max_iter,
+        tol,
+        None if guesses is None else np.asarray(guesses, dtype=bool),
+    )
+
+
+def _listed(values: Any) -> list[Any]:
+    """``values`` (an array, or a list of arrays or of Python numbers) as Python lists."""
+    if isinstance(values, np.ndarray):
+        return values.tolist()
+    return [value.tolist() if isinstance(value, np.ndarray) else value for value in values]
 
 
 def _active_sets_in_numpy(

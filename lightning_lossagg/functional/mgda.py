@@ -70,12 +70,16 @@ def min_norm_weights(
     num_tasks = matrix.shape[0]
     if num_tasks == 2:
         return _two_task_weights(*matrix.ravel().tolist())
-    trace = matrix.trace()
+    # In Python floats: the solver takes lists, and a training step's problems are small.
+    rows = matrix.tolist()
+    trace = sum(row[i] for i, row in enumerate(rows))
     if trace <= TINY:
         return np.full(num_tasks, 1.0 / num_tasks)
-    hessian = matrix / trace + TIE_BREAK * np.eye(num_tasks)
+    hessian = [[value / trace for value in row] for row in rows]
+    for i, row in enumerate(hessian):
+        row[i] += TIE_BREAK
     unnormalized = active_set_qp(
-        hessian, -np.ones(num_tasks), np.zeros(num_tasks), max_iter, tol, guess
+        hessian, [-1.0] * num_tasks, [0.0] * num_tasks, max_iter, tol, guess
     )
     return unnormalized / unnormalized.sum()
 
