@@ -8,7 +8,6 @@ they run at every training step.
 """
 
 import math
-import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_lossagg.functional._small import PYTHON_WORK_UP_TO, Matrix, cholesky, cholesky_solve
+from lightning_lossagg.functional._small import PYTHON_TASKS_UP_TO, Matrix, cholesky, cholesky_solve
 
 SYMMETRY_RTOL = 1e-5
 # The smallest positive normal float64 (a Gramian whose trace is at most this counts as zero).
@@ -128,11 +127,11 @@ def active_set_qps(
 ) -> np.ndarray:
     r"""Row ``i``: the minimiser of :math:`\tfrac12 x^\top H x + c^\top x` subject to
     :math:`x \succeq` ``lowers[i]``, for QPs that share their Hessian (UPGrad's projections).
-    Small problems (rows × variables² up to ``PYTHON_WORK_UP_TO``) are solved in Python floats,
-    row by row (:func:`_active_set_in_floats`), unless a free set's Hessian is near-singular;
-    others in NumPy, all the rows together (:func:`_active_sets_in_numpy`). See
+    Up to ``PYTHON_TASKS_UP_TO`` variables the QPs are solved in Python floats, row by row
+    (:func:`_active_set_in_floats`), unless a free set's Hessian is near-singular; others in
+    NumPy, all the rows together (:func:`_active_sets_in_numpy`). See
     :func:`active_set_qp` for ``guesses[i]``."""
-    if len(lowers) * len(linear) ** 2 <= PYTHON_WORK_UP_TO:
+    if len(linear) <= PYTHON_TASKS_UP_TO:
         factors: dict[tuple[bool, ...], list[list[float]] | None] = {}
         hessian_rows, linear_values = _listed(hessian), _listed(linear)
         rows = [
@@ -237,10 +236,11 @@ def _active_set_in_floats(
         if all(trial[i] > lower[i] for i in range(size) if guess[i]):
             solution, free = trial, list(guess)
     for _ in range(max_iter):
+        nonzero = [(j, value) for j, value in enumerate(solution) if value != 0.0]
         releasable = [
             (multiplier, i)
             for i in range(size)
-            if not free[i] and (multiplier := _dot(hessian[i], solution) + linear[i]) < -tol
+            if not free[i] and (multiplier := _sparse_dot(hessian[i], nonzero) + linear[i]) < -tol
         ]
         if not releasable:
             break
@@ -291,18 +291,17 @@ def _solve_on_free_set(
     factor = factors[key]
     if factor is None:
         return None
-    rhs = [
-        -linear[i] - sum(hessian[i][j] * lower[j] for j, f in enumerate(free) if not f)
-        for i in inside
-    ]
+    bounds = [(j, value) for j, value in enumerate(lower) if value != 0.0 and not free[j]]
+    rhs = [-linear[i] - _sparse_dot(hessian[i], bounds) for i in inside]
     solution = list(lower)
     for i, value in zip(inside, cholesky_solve(factor, rhs), strict=True):
         solution[i] = value
     return solution
 
 
-def _dot(left: Sequence[float], right: Sequence[float]) -> float:
-    return sum(map(operator.mul, left, right))
+def _sparse_dot(row: Sequence[float], entries: list[tuple[int, float]]) -> float:
+    """``<row, x>`` for the ``(index, value)`` entries where ``x`` is not zero."""
+    return sum(row[j] * value for j, value in entries)
 
 
 def _solve_on_free_sets(
