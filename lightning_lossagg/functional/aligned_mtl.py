@@ -1,6 +1,7 @@
 """Aligned-MTL: align the task gradients' principal components to remove conflict and dominance."""
 
 import math
+import operator
 from typing import Literal
 
 import numpy as np
@@ -85,22 +86,31 @@ def aligned_mtl_weights(
 def _general_aligned_mtl(
     matrix: np.ndarray, preferences: np.ndarray, scale_mode: ScaleMode, eps: float
 ) -> np.ndarray:
-    """:func:`aligned_mtl_weights` for any number of tasks, by the eigendecomposition."""
+    """:func:`aligned_mtl_weights` for any number of tasks, by the eigendecomposition (what
+    follows it in Python floats: a few dozen operations on K values, cheaper than NumPy calls)."""
     num_tasks = matrix.shape[0]
     eigenvalues, eigenvectors = np.linalg.eigh(matrix)
-    cutoff = num_tasks * eps * max(eigenvalues.max(), 0.0)
-    kept = eigenvalues > cutoff
-    if not kept.any():
+    values = eigenvalues.tolist()
+    cutoff = num_tasks * eps * max(max(values), 0.0)
+    kept = [k for k, value in enumerate(values) if value > cutoff]
+    if not kept:
         return preferences.copy()
-    eigenvalues, eigenvectors = eigenvalues[kept], eigenvectors[:, kept]
+    kept_values = sorted(values[k] for k in kept)
     if scale_mode == "min":
-        common = eigenvalues.min()
+        common = kept_values[0]
     elif scale_mode == "median":
-        common = np.sort(eigenvalues)[(len(eigenvalues) - 1) // 2]  # the lower one, as torch's
+        common = kept_values[(len(kept_values) - 1) // 2]  # the lower one, as torch's
     else:
-        common = eigenvalues.mean()
-    balance = (np.sqrt(common) * eigenvectors / np.sqrt(eigenvalues)) @ eigenvectors.T
-    return balance @ preferences
+        common = sum(kept_values) / len(kept_values)
+    # balance @ p = sum_k sqrt(common / λ_k) v_k <v_k, p> over the kept eigenpairs (v_k, λ_k).
+    columns = eigenvectors.T.tolist()
+    choices = preferences.tolist()
+    weights = [0.0] * num_tasks
+    for k in kept:
+        column = columns[k]
+        along = math.sqrt(common / values[k]) * sum(map(operator.mul, column, choices))
+        weights = [w + along * v for w, v in zip(weights, column, strict=True)]
+    return np.array(weights)
 
 
 def _two_task_aligned_mtl(
