@@ -417,8 +417,7 @@ class GradientWeighting(WeightingCallback):
             # the step; equal weights keep the method's state untouched.
             return torch.tensor(flags, dtype=torch.float64)
         if all(flags):
-            weights = self.weights_from_gramian(gramian)
-            return weights if weights.dtype == torch.float64 else weights.double()
+            return self.weights_from_gramian(gramian).double()
         index = valid.nonzero().flatten()
         weights = torch.zeros(len(valid), dtype=torch.float64)
         weights[index] = self.weights_from_gramian(gramian[index][:, index]).double()

@@ -3,8 +3,9 @@
 Gramians are K×K with K the number of tasks (rarely more than a few dozen), so the methods move
 them to the CPU in float64 once: solver loops on tiny tensors are faster there than on an
 accelerator, and float64 keeps rank decisions and active sets stable. MPS has no float64 at all.
-The loops themselves run in NumPy, whose operations on K×K arrays cost a fraction of torch's:
-they run at every training step.
+The loops run at every training step: in Python floats up to ``PYTHON_TASKS_UP_TO`` tasks (see
+:mod:`lightning_lossagg.functional._small`), else in NumPy, whose operations on K×K arrays cost a
+fraction of torch's.
 """
 
 import math
@@ -143,7 +144,7 @@ def active_set_qps(
             )
         ]
         if all(row is not None for row in rows):
-            return np.array(rows)
+            return np.array(rows, dtype=float)
     return _active_sets_in_numpy(
         np.asarray(hessian, dtype=float),
         np.asarray(linear, dtype=float),

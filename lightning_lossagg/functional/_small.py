@@ -16,9 +16,10 @@ from collections.abc import Sequence
 # grows as K³ / 6, NumPy's overhead does not. Measured inside training steps, up to 8 tasks gain,
 # UPGrad's K projections included (K = 6 and 8: -2 to -4 % of the step).
 PYTHON_TASKS_UP_TO = 8
-# Smallest pivot of a factorization, relative to its diagonal entry: below it the matrix is left
-# to LAPACK (near-singular: identical or nearly collinear gradients, where the tie-breaking
-# regularization decides and rounding in the elimination would show).
+# Smallest squared pivot (the Schur complement L_ii²) of a factorization, relative to its diagonal
+# entry A_ii: below it the matrix is left to LAPACK (near-singular: identical or nearly collinear
+# gradients, where the tie-breaking regularization decides and rounding in the elimination would
+# show).
 PIVOT_RATIO = 1e-6
 
 Matrix = Sequence[Sequence[float]]
@@ -26,8 +27,8 @@ Matrix = Sequence[Sequence[float]]
 
 def cholesky(matrix: Matrix) -> list[list[float]] | None:
     """The lower-triangular ``L`` with ``L Lᵀ = matrix`` (symmetric; only its lower triangle is
-    read), or ``None`` when a pivot is at most ``PIVOT_RATIO`` times its diagonal entry (the
-    matrix is near-singular or not positive definite, or has a NaN)."""
+    read), or ``None`` when a squared pivot ``L_ii²`` is at most ``PIVOT_RATIO`` times ``A_ii``
+    (the matrix is near-singular or not positive definite, or has a NaN)."""
     size = len(matrix)
     factor = [[0.0] * size for _ in range(size)]
     for i in range(size):
@@ -39,7 +40,7 @@ def cholesky(matrix: Matrix) -> list[list[float]] | None:
                 total -= row[k] * other[k]
             if j < i:
                 row[j] = total / other[j]
-            elif total > 0.0 and total > PIVOT_RATIO * matrix[i][i]:
+            elif total > PIVOT_RATIO * matrix[i][i]:  # total <= A_ii: False for A_ii <= 0
                 row[i] = math.sqrt(total)
             else:
                 return None

@@ -14,6 +14,7 @@ from lightning_lossagg.functional._qp import (
     validated_gramian,
     validated_preferences,
 )
+from lightning_lossagg.functional._small import PYTHON_TASKS_UP_TO
 
 ScaleMode = Literal["min", "median", "rmse"]
 
@@ -86,29 +87,36 @@ def aligned_mtl_weights(
 def _general_aligned_mtl(
     matrix: np.ndarray, preferences: np.ndarray, scale_mode: ScaleMode, eps: float
 ) -> np.ndarray:
-    """:func:`aligned_mtl_weights` for any number of tasks, by the eigendecomposition (what
-    follows it in Python floats: a few dozen operations on K values, cheaper than NumPy calls)."""
+    """:func:`aligned_mtl_weights` for any number of tasks, by the eigendecomposition."""
     num_tasks = matrix.shape[0]
     eigenvalues, eigenvectors = np.linalg.eigh(matrix)
-    values = eigenvalues.tolist()
-    cutoff = num_tasks * eps * max(max(values), 0.0)
-    kept = [k for k, value in enumerate(values) if value > cutoff]
-    if not kept:
+    cutoff = num_tasks * eps * max(eigenvalues.max(), 0.0)
+    kept = eigenvalues > cutoff
+    if not kept.any():
         return preferences.copy()
-    kept_values = sorted(values[k] for k in kept)
+    eigenvalues, eigenvectors = eigenvalues[kept], eigenvectors[:, kept]
     if scale_mode == "min":
-        common = kept_values[0]
+        common = eigenvalues.min()
     elif scale_mode == "median":
-        common = kept_values[(len(kept_values) - 1) // 2]  # the lower one, as torch's
+        common = np.sort(eigenvalues)[(len(eigenvalues) - 1) // 2]  # the lower one, as torch's
     else:
-        common = sum(kept_values) / len(kept_values)
-    # balance @ p = sum_k sqrt(common / λ_k) v_k <v_k, p> over the kept eigenpairs (v_k, λ_k).
-    columns = eigenvectors.T.tolist()
+        common = eigenvalues.mean()
+    if num_tasks <= PYTHON_TASKS_UP_TO:
+        return _balanced_in_floats(float(common), eigenvalues, eigenvectors, preferences)
+    balance = (np.sqrt(common) * eigenvectors / np.sqrt(eigenvalues)) @ eigenvectors.T
+    return balance @ preferences
+
+
+def _balanced_in_floats(
+    common: float, eigenvalues: np.ndarray, eigenvectors: np.ndarray, preferences: np.ndarray
+) -> np.ndarray:
+    """``balance @ p = sum_k sqrt(common / λ_k) v_k <v_k, p>`` over the kept eigenpairs, in
+    Python floats (a few dozen operations on K values cost less than NumPy calls in a step: see
+    ``functional._small``)."""
     choices = preferences.tolist()
-    weights = [0.0] * num_tasks
-    for k in kept:
-        column = columns[k]
-        along = math.sqrt(common / values[k]) * sum(map(operator.mul, column, choices))
+    weights = [0.0] * len(choices)
+    for value, column in zip(eigenvalues.tolist(), eigenvectors.T.tolist(), strict=True):
+        along = math.sqrt(common / value) * sum(map(operator.mul, column, choices))
         weights = [w + along * v for w, v in zip(weights, column, strict=True)]
     return np.array(weights)
 

@@ -70,12 +70,25 @@ def _on_support(
     :math:`(\nabla f)_i < \mu` joins :math:`S` and a task with a negative weight leaves it.
     The objective is convex, so a point meeting every KKT condition is the minimiser; ``None``
     when none is found (singular :math:`G_{SS}`, Pareto-stationary gradients): SLSQP decides.
+    From a guessed support with up to ``PYTHON_TASKS_UP_TO`` tasks (a training step's), the
+    search runs in Python floats (:func:`_on_support_in_floats`).
     """
+    if start is not None and len(lin) <= PYTHON_TASKS_UP_TO:
+        try:
+            found = _on_support_in_floats(
+                gram.tolist(), lin.tolist(), float(radius), start.tolist()
+            )
+        except np.linalg.LinAlgError:  # a near-singular support: LAPACK decides
+            return _on_support_in_numpy(gram, lin, radius, start)
+        return None if found is None else np.array(found)
+    return _on_support_in_numpy(gram, lin, radius, start)
+
+
+def _on_support_in_numpy(
+    gram: np.ndarray, lin: np.ndarray, radius: float, start: np.ndarray | None = None
+) -> np.ndarray | None:
+    """:func:`_on_support` in NumPy."""
     num_tasks = len(lin)
-    if start is not None and num_tasks <= PYTHON_TASKS_UP_TO:
-        found = _on_support_in_floats(gram.tolist(), lin.tolist(), float(radius), start.tolist())
-        if found is not None:
-            return np.array(found)
     if start is not None:
         support = start.copy()
     else:  # the best vertex: f(e_i) = l_i + r sqrt(G_ii)
@@ -115,9 +128,12 @@ def _on_support(
 def _on_support_in_floats(
     gram: list[list[float]], lin: list[float], radius: float, start: list[bool]
 ) -> list[float] | None:
-    """:func:`_on_support` from ``start``, step for step, in Python floats
-    (``functional._small``); ``None`` when it finds no minimiser or a support's Gramian is
-    near-singular (:func:`_on_support` then decides)."""
+    """:func:`_on_support_in_numpy` from ``start``, step for step, in Python floats
+    (``functional._small``).
+
+    Raises:
+        numpy.linalg.LinAlgError: a support's Gramian is near-singular (:func:`cholesky`).
+    """
     num_tasks = len(lin)
     support = list(start)
     tol = 1e-12 * (max(map(abs, lin)) + radius)
@@ -125,7 +141,7 @@ def _on_support_in_floats(
         inside = [i for i in range(num_tasks) if support[i]]
         factor = cholesky([[gram[i][j] for j in inside] for i in inside])
         if factor is None:
-            return None
+            raise np.linalg.LinAlgError("near-singular support")
         a = cholesky_solve(factor, [1.0] * len(inside))
         b = cholesky_solve(factor, [lin[i] for i in inside])
         sum_a, sum_b = sum(a), sum(b)

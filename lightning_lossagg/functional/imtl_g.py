@@ -30,7 +30,9 @@ def imtl_g(gramian: Tensor) -> Tensor:
     since :math:`G v = (\lVert g_i \rVert)_i` means :math:`\langle J^\top v, u_i \rangle = 1` for
     every task. With independent gradients this is the paper's closed form
     :math:`\alpha_{2:K} = g_1 U^\top (D U^\top)^{-1}`. The pseudo-inverse drops eigenvalues below
-    ``K * eps * max eigenvalue``, with ``eps`` of the Gramian's dtype (its accuracy).
+    ``K * eps * max eigenvalue``, with ``eps`` of the Gramian's dtype (its accuracy). Up to 8
+    tasks, a Gramian of which it provably keeps every eigenvalue is solved by its Cholesky factor
+    instead: the same result, to rounding.
 
     Scale: :math:`\alpha` sums to 1, as in LibMTL and torchjd; it does not change when all
     gradients are scaled by the same factor. Weights can be negative, and when
@@ -77,17 +79,19 @@ def _general_imtl_g(matrix: np.ndarray, eps: float) -> np.ndarray:
     num_tasks = matrix.shape[0]
     precision = num_tasks * eps
     norms = np.sqrt(np.maximum(matrix.diagonal(), 0.0))
-    solution = None
+    in_floats = None
     if num_tasks <= PYTHON_TASKS_UP_TO:
-        solution = _inverse_in_floats(matrix.tolist(), norms.tolist(), precision)
-    if solution is None:
+        in_floats = _inverse_in_floats(matrix.tolist(), norms.tolist(), precision)
+    if in_floats is None:
         solution = np.linalg.pinv(matrix, rcond=precision, hermitian=True) @ norms
-    total = sum(solution)
+    else:
+        solution = np.array(in_floats)
+    total = solution.sum()
     # 1ᵀv is measured in units of 1 / ||g||; below this cut-off the weights, ~1 / |1ᵀv|, would be
     # set by rounding in the cancellation, not by the gradients.
     if abs(total) * norms.max() <= precision**0.5:
         return np.full(num_tasks, 1.0 / num_tasks)
-    return np.array([value / total for value in solution])
+    return solution / total
 
 
 def _inverse_in_floats(

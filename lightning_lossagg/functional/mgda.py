@@ -1,10 +1,13 @@
 """MGDA / MGDA-UB: the min-norm point in the convex hull of the task gradients."""
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from lightning_lossagg.functional._qp import TINY, active_set_qp, validated_gramian
+from lightning_lossagg.functional._small import PYTHON_TASKS_UP_TO
 
 # Relative Tikhonov term: among weights giving the same min-norm update (identical or linearly
 # dependent gradients) it picks the one of least norm, so the result is unique and symmetric.
@@ -70,14 +73,16 @@ def min_norm_weights(
     num_tasks = matrix.shape[0]
     if num_tasks == 2:
         return _two_task_weights(*matrix.ravel().tolist())
-    # In Python floats: the solver takes lists, and a training step's problems are small.
-    rows = matrix.tolist()
-    trace = sum(row[i] for i, row in enumerate(rows))
+    trace = float(matrix.trace())
     if trace <= TINY:
         return np.full(num_tasks, 1.0 / num_tasks)
-    hessian = [[value / trace for value in row] for row in rows]
-    for i, row in enumerate(hessian):
-        row[i] += TIE_BREAK
+    hessian: Any
+    if num_tasks <= PYTHON_TASKS_UP_TO:  # the solver's Python floats take lists
+        hessian = [[value / trace for value in row] for row in matrix.tolist()]
+        for i, row in enumerate(hessian):
+            row[i] += TIE_BREAK
+    else:
+        hessian = matrix / trace + TIE_BREAK * np.eye(num_tasks)
     unnormalized = active_set_qp(
         hessian, [-1.0] * num_tasks, [0.0] * num_tasks, max_iter, tol, guess
     )

@@ -1,12 +1,15 @@
 """PCGrad: project each task gradient away from the gradients it conflicts with."""
 
 import operator
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from lightning_lossagg.functional._qp import validated_gramian
+from lightning_lossagg.functional._small import PYTHON_TASKS_UP_TO
 
 _EPS = float(np.finfo(np.float64).eps)
 
@@ -69,25 +72,48 @@ def pcgrad_weights(matrix: np.ndarray, generator: torch.Generator | None = None)
 def _general_pcgrad_weights(
     matrix: np.ndarray, generator: torch.Generator | None = None
 ) -> np.ndarray:
-    """:func:`pcgrad_weights` for any number of tasks (two skip it: :func:`_two_task_pcgrad`),
-    in Python floats: its steps are K-element dot products, each far cheaper so than as a NumPy
-    call (see ``functional._small``)."""
+    """:func:`pcgrad_weights` for any number of tasks (two skip it: :func:`_two_task_pcgrad`):
+    in Python floats up to ``PYTHON_TASKS_UP_TO`` tasks (its steps are K-element dot products,
+    far cheaper there than NumPy calls: see ``functional._small``), else in NumPy."""
     num_tasks = matrix.shape[0]
-    rows = matrix.tolist()
-    squared_norms = [rows[i][i] for i in range(num_tasks)]
+    squared_norms = matrix.diagonal().tolist()
     negligible = num_tasks * _EPS * max(squared_norms)
+    if num_tasks > PYTHON_TASKS_UP_TO:
+        coefficients = np.eye(num_tasks)
+        for task in range(num_tasks):
+            _project(coefficients[task], task, matrix, np.dot, squared_norms, negligible, generator)
+        return coefficients.sum(axis=0)
+    rows = matrix.tolist()
     weights = [0.0] * num_tasks
     for task in range(num_tasks):
         row = [0.0] * num_tasks
         row[task] = 1.0
-        for other in torch.randperm(num_tasks, generator=generator).tolist():
-            if other == task or squared_norms[other] <= negligible:
-                continue
-            inner_product = sum(map(operator.mul, rows[other], row))
-            if inner_product < 0:
-                row[other] -= inner_product / squared_norms[other]
+        _project(row, task, rows, _dot, squared_norms, negligible, generator)
         weights = [total + value for total, value in zip(weights, row, strict=True)]
     return np.array(weights)
+
+
+def _project(
+    row: Any,
+    task: int,
+    matrix: Any,
+    dot: Callable[[Any, Any], float],
+    squared_norms: list[float],
+    negligible: float,
+    generator: torch.Generator | None,
+) -> None:
+    """Task ``task``'s coefficients ``row`` projected in place away from each other task it
+    conflicts with, in a random order (lists with ``dot`` in Python floats, or NumPy rows)."""
+    for other in torch.randperm(len(squared_norms), generator=generator).tolist():
+        if other == task or squared_norms[other] <= negligible:
+            continue
+        inner_product = dot(matrix[other], row)
+        if inner_product < 0:
+            row[other] -= inner_product / squared_norms[other]
+
+
+def _dot(left: list[float], right: list[float]) -> float:
+    return sum(map(operator.mul, left, right))
 
 
 def _two_task_pcgrad(

@@ -9,8 +9,8 @@ from torchjd.aggregation import CAGradWeighting
 
 from lightning_lossagg.functional.cagrad import (
     _general_cagrad_weights,
-    _on_support,
     _on_support_in_floats,
+    _on_support_in_numpy,
     cagrad,
     cagrad_weights,
 )
@@ -137,23 +137,29 @@ def test_a_guessed_support_changes_nothing_but_the_start(jacobian: Tensor) -> No
 @pytest.mark.parametrize("size", range(3, 9))
 @pytest.mark.parametrize("seed", range(3))
 def test_python_floats_search_the_supports_like_numpy(size: int, seed: int) -> None:
-    # A training step searches from the previous support in Python floats, with NumPy's steps:
-    # from the right support it finds NumPy's inner minimiser at once; from any other start,
-    # that minimiser or nothing (the search from the best vertex then decides).
+    # A training step searches from the previous support in Python floats, step for step as
+    # NumPy: from any start, the same inner minimiser, or nothing where NumPy finds nothing
+    # (the search from the best vertex then decides).
     rng = np.random.default_rng(seed)
     jacobian = rng.normal(size=(size, size + 3)) + rng.normal(size=size + 3)
     gram = jacobian @ jacobian.T
     gram /= np.trace(gram)
     lin = gram.mean(axis=1)
     radius = 0.5 * float(np.sqrt(lin.mean()))
-    reference = _on_support(gram, lin, radius)
+    reference = _on_support_in_numpy(gram, lin, radius)
     assert reference is not None
-    starts = [reference > 0, np.ones(size, bool), *(rng.random((4, size)) < 0.5)]
-    for index, start in enumerate(starts):
+    right = reference > 0
+    one_off = [right ^ (np.arange(size) == task) for task in range(size)]  # a task in or out
+    starts = [right, np.ones(size, bool), *one_off, *(rng.random((4, size)) < 0.5)]
+    for start in starts:
+        if not start.any():
+            continue
+        expected = _on_support_in_numpy(gram, lin, radius, start)
         found = _on_support_in_floats(gram.tolist(), lin.tolist(), radius, start.tolist())
-        assert found is not None or index > 0
+        assert (found is None) == (expected is None)
         if found is not None:
-            np.testing.assert_allclose(found, reference, rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(found, expected, rtol=1e-9, atol=1e-12)
+    assert _on_support_in_floats(gram.tolist(), lin.tolist(), radius, right.tolist())
 
 
 def cagrad_pairs(generator: np.random.Generator) -> list[tuple[str, np.ndarray, float]]:

@@ -139,9 +139,9 @@ def _by_pseudo_inverse(matrix: np.ndarray, eps: float) -> np.ndarray:
 @pytest.mark.parametrize("seed", range(3))
 def test_python_floats_solve_only_what_the_pseudo_inverse_inverts(size: int, seed: int) -> None:
     # Up to 8 tasks a Gramian is solved in Python floats, by its Cholesky factor, only where the
-    # pseudo-inverse keeps every eigenvalue (certified: trace(G) trace(G⁻¹) < 1 / (K eps)); the
-    # result is the pseudo-inverse's. Rank-deficient Gramians, and those with an eigenvalue near
-    # the cut-off, are left to the pseudo-inverse itself.
+    # pseudo-inverse keeps every eigenvalue (certified: trace(G) trace(G⁻¹) < 1 / (K eps)); on
+    # these well-conditioned Gramians the result is the pseudo-inverse's. Rank-deficient
+    # Gramians, and those with an eigenvalue near the cut-off, are left to the pseudo-inverse.
     rng = np.random.default_rng(seed)
     jacobian = rng.normal(size=(size, size + 3))
     for eps in (float(np.finfo(np.float64).eps), float(np.finfo(np.float32).eps)):
@@ -157,3 +157,23 @@ def test_python_floats_solve_only_what_the_pseudo_inverse_inverts(size: int, see
             np.testing.assert_allclose(
                 _general_imtl_g(matrix, eps), _by_pseudo_inverse(matrix, eps), atol=1e-9
             )
+
+
+@pytest.mark.parametrize(("size", "smallest"), [(3, 3e-7), (5, 1e-6), (8, 1e-6)])
+@pytest.mark.parametrize("seed", range(5))
+def test_gradients_of_very_different_norms_are_solved_exactly(
+    size: int, smallest: float, seed: int
+) -> None:
+    # G = S A S: correlated gradients (A) whose norms span six orders of magnitude (S), so G's
+    # condition number is ~1e13, yet the certificate holds and the Cholesky solve meets the exact
+    # v = G⁻¹ n = S⁻¹ A⁻¹ S⁻¹ n to rounding.
+    rng = np.random.default_rng(seed)
+    jacobian = rng.normal(size=(size, size + 3)) + 2.0
+    well = jacobian @ jacobian.T
+    scales = np.logspace(0, np.log10(smallest), size)
+    matrix = scales[:, None] * well * scales
+    norms = np.sqrt(matrix.diagonal())
+    eps = float(np.finfo(np.float64).eps)
+    assert _inverse_in_floats(matrix.tolist(), norms.tolist(), size * eps) is not None
+    exact = np.linalg.solve(well, norms / scales) / scales
+    np.testing.assert_allclose(_general_imtl_g(matrix, eps), exact / exact.sum(), rtol=1e-9)

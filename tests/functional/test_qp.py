@@ -29,8 +29,12 @@ def test_batched_solves_equal_one_solve_per_qp(size: int, seed: int) -> None:
     exact = np.stack([active_set_qp(hessian, linear, lower, 250, 1e-12) for lower in lowers])
     right = exact > lowers
     for guesses in (right, ~right, np.zeros_like(right), rng.random((3, size)) < 0.5):
-        solutions = active_set_qps(hessian, linear, lowers, 250, 1e-12, guesses)
+        # The NumPy loop solves all the rows together (Python floats take small ones row by row).
+        solutions = _active_sets_in_numpy(hessian, linear, lowers, 250, 1e-12, guesses)
         np.testing.assert_allclose(solutions, exact, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(
+            active_set_qps(hessian, linear, lowers, 250, 1e-12, guesses), exact, rtol=1e-9
+        )
         # Each is the minimiser: feasible, and no bound it holds has a negative multiplier.
         multipliers = solutions @ hessian + linear
         assert (solutions >= lowers - 1e-12).all()
@@ -42,22 +46,30 @@ def test_batched_solves_equal_one_solve_per_qp(size: int, seed: int) -> None:
 @pytest.mark.parametrize("size", SMALL)
 @pytest.mark.parametrize("seed", range(6))
 def test_python_floats_take_numpys_steps(size: int, seed: int) -> None:
-    # Small problems are solved in Python floats: the same method as
-    # the batched NumPy loop, so the same minimiser (to rounding), from any guess, including
-    # the step back to a bound when a free set's solution is infeasible.
+    # Small problems are solved in Python floats, step for step as the NumPy loop: from the
+    # same guess and within the same number of iterations (cut short or not), the same free set
+    # and the same point, including after steps back to a bound.
     rng = np.random.default_rng(100 + seed)
     hessian, linear, lowers = _problem(size, seed, rows=4)
-    reference = _active_sets_in_numpy(hessian, linear, lowers, 250, 1e-12)
-    right = reference > lowers
+    right = _active_sets_in_numpy(hessian, linear, lowers, 250, 1e-12) > lowers
     for guesses in (None, right, ~right, rng.random(lowers.shape) < 0.5):
-        factors: dict = {}
-        for row, lower in enumerate(lowers):
-            guess = None if guesses is None else guesses[row].tolist()
-            solution = _active_set_in_floats(
-                hessian.tolist(), linear.tolist(), lower.tolist(), guess, 250, 1e-12, factors
-            )
-            assert solution is not None  # well conditioned: no fallback to NumPy
-            np.testing.assert_allclose(solution, reference[row], rtol=1e-9, atol=1e-12)
+        for max_iter in (1, 2, 3, 250):
+            reference = _active_sets_in_numpy(hessian, linear, lowers, max_iter, 1e-12, guesses)
+            factors: dict = {}
+            for row, lower in enumerate(lowers):
+                guess = None if guesses is None else guesses[row].tolist()
+                solution = _active_set_in_floats(
+                    hessian.tolist(),
+                    linear.tolist(),
+                    lower.tolist(),
+                    guess,
+                    max_iter,
+                    1e-12,
+                    factors,
+                )
+                assert solution is not None  # well conditioned: no fallback to NumPy
+                np.testing.assert_array_equal(np.array(solution) > lower, reference[row] > lower)
+                np.testing.assert_allclose(solution, reference[row], rtol=1e-9, atol=1e-12)
 
 
 def test_a_near_singular_free_set_is_left_to_numpy() -> None:
@@ -71,8 +83,9 @@ def test_a_near_singular_free_set_is_left_to_numpy() -> None:
         )
         is None
     )
-    solution = active_set_qp(hessian, linear, lower, 250, 1e-12, np.ones(3, bool))
+    guess = np.ones(3, bool)
+    solution = active_set_qp(hessian, linear, lower, 250, 1e-12, guess)
     np.testing.assert_array_equal(
-        solution, _active_sets_in_numpy(hessian, linear, lower[None], 250, 1e-12)[0]
+        solution, _active_sets_in_numpy(hessian, linear, lower[None], 250, 1e-12, guess[None])[0]
     )
     np.testing.assert_allclose(solution / solution.sum(), np.full(3, 1 / 3), atol=1e-15)
