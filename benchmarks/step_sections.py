@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from lightning.pytorch.core.module import LightningModule
 
-from benchmarks._timing import PlainEveryOtherStep, quiet, synthetic_loader
+from benchmarks._timing import PlainEveryOtherStep, quiet, step_times, synthetic_loader
 from benchmarks.gradient_methods import METHODS
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting
 
@@ -92,22 +92,11 @@ def main() -> None:
         setattr(owner, name, recorder.timed(label, function))
     try:
         loader = synthetic_loader(args.tasks, steps=80)
-        for fit in range(args.fits):
-            torch.manual_seed(fit)
+        for _ in range(args.fits):
             callbacks: list[L.Callback] = [recorder]
             if args.method != "static":
                 callbacks.insert(0, METHODS[args.method][0](rep_grad=not args.param))
-            trainer = L.Trainer(
-                accelerator="cpu",
-                devices=1,
-                max_epochs=1,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                callbacks=callbacks,
-            )
-            trainer.fit(PlainEveryOtherStep(args.tasks), train_dataloaders=loader)
+            step_times(lambda: PlainEveryOtherStep(args.tasks), loader, callbacks, clock="thread")
     finally:
         for owner, name, function in originals:
             setattr(owner, name, function)

@@ -10,6 +10,7 @@ calls with a few dozen float operations; the solvers take NumPy for larger probl
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 # Most tasks whose problems (factorizations, active-set solves) run in Python floats: the work
@@ -23,6 +24,11 @@ PYTHON_TASKS_UP_TO = 8
 PIVOT_RATIO = 1e-6
 
 Matrix = Sequence[Sequence[float]]
+
+
+def dot(left: Sequence[float], right: Sequence[float]) -> float:
+    """``<left, right>`` of two vectors of the same length."""
+    return sum(map(operator.mul, left, right))
 
 
 def cholesky(matrix: Matrix) -> list[list[float]] | None:

@@ -1,7 +1,6 @@
 """Aligned-MTL: align the task gradients' principal components to remove conflict and dominance."""
 
 import math
-import operator
 from typing import Literal
 
 import numpy as np
@@ -14,7 +13,7 @@ from lightning_lossagg.functional._qp import (
     validated_gramian,
     validated_preferences,
 )
-from lightning_lossagg.functional._small import PYTHON_TASKS_UP_TO
+from lightning_lossagg.functional._small import PYTHON_TASKS_UP_TO, dot
 
 ScaleMode = Literal["min", "median", "rmse"]
 
@@ -116,7 +115,7 @@ def _balanced_in_floats(
     choices = preferences.tolist()
     weights = [0.0] * len(choices)
     for value, column in zip(eigenvalues.tolist(), eigenvectors.T.tolist(), strict=True):
-        along = math.sqrt(common / value) * sum(map(operator.mul, column, choices))
+        along = math.sqrt(common / value) * dot(column, choices)
         weights = [w + along * v for w, v in zip(weights, column, strict=True)]
     return np.array(weights)
 

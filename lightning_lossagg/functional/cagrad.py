@@ -1,7 +1,6 @@
 """CAGrad: the update that maximises the worst task improvement near the mean gradient."""
 
 import math
-import operator
 
 import numpy as np
 import torch
@@ -9,7 +8,7 @@ from scipy.optimize import minimize
 from torch import Tensor
 
 from lightning_lossagg.functional._qp import TINY, active_set_qp, validated_gramian
-from lightning_lossagg.functional._small import PYTHON_TASKS_UP_TO, cholesky, cholesky_solve
+from lightning_lossagg.functional._small import PYTHON_TASKS_UP_TO, cholesky, cholesky_solve, dot
 
 # Below this norm (relative to the root of the Gramian's trace) the inner solution g_w is taken as
 # zero: the gradients are Pareto stationary and g_w / ||g_w|| is undefined.
@@ -162,8 +161,7 @@ def _on_support_in_floats(
         outside = [
             (gradient, i)
             for i in range(num_tasks)
-            if not support[i]
-            and (gradient := lin[i] + radius * sum(map(operator.mul, gram[i], v))) < mu - tol
+            if not support[i] and (gradient := lin[i] + radius * dot(gram[i], v)) < mu - tol
         ]
         if not outside:
             total = sum(v)

@@ -1,6 +1,5 @@
 """PCGrad: project each task gradient away from the gradients it conflicts with."""
 
-import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -9,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lightning_lossagg.functional._qp import validated_gramian
-from lightning_lossagg.functional._small import PYTHON_TASKS_UP_TO
+from lightning_lossagg.functional._small import PYTHON_TASKS_UP_TO, dot
 
 _EPS = float(np.finfo(np.float64).eps)
 
@@ -88,7 +87,7 @@ def _general_pcgrad_weights(
     for task in range(num_tasks):
         row = [0.0] * num_tasks
         row[task] = 1.0
-        _project(row, task, rows, _dot, squared_norms, negligible, generator)
+        _project(row, task, rows, dot, squared_norms, negligible, generator)
         weights = [total + value for total, value in zip(weights, row, strict=True)]
     return np.array(weights)
 
@@ -97,23 +96,19 @@ def _project(
     row: Any,
     task: int,
     matrix: Any,
-    dot: Callable[[Any, Any], float],
+    inner: Callable[[Any, Any], float],
     squared_norms: list[float],
     negligible: float,
     generator: torch.Generator | None,
 ) -> None:
     """Task ``task``'s coefficients ``row`` projected in place away from each other task it
-    conflicts with, in a random order (lists with ``dot`` in Python floats, or NumPy rows)."""
+    conflicts with, in a random order (lists with ``inner`` in Python floats, or NumPy rows)."""
     for other in torch.randperm(len(squared_norms), generator=generator).tolist():
         if other == task or squared_norms[other] <= negligible:
             continue
-        inner_product = dot(matrix[other], row)
+        inner_product = inner(matrix[other], row)
         if inner_product < 0:
             row[other] -= inner_product / squared_norms[other]
-
-
-def _dot(left: list[float], right: list[float]) -> float:
-    return sum(map(operator.mul, left, right))
 
 
 def _two_task_pcgrad(
