@@ -79,11 +79,14 @@ class HostCopy:
         return self._host
 
 
-def to_device(values: list[float], like: Tensor) -> Tensor:
-    """Host ``values`` as a new tensor on ``like``'s device, in ``like``'s dtype (at least
-    float32). On CUDA the copy is queued from pinned memory: the host does not wait for the work
-    queued before it."""
-    tensor = torch.tensor(values, dtype=torch.promote_types(like.dtype, torch.float32))
+def to_device(
+    values: list[float] | Tensor, like: Tensor, dtype: torch.dtype | None = None
+) -> Tensor:
+    """Host ``values`` as a tensor on ``like``'s device, in ``dtype`` (default: ``like``'s, at
+    least float32). On CUDA the copy is queued from pinned memory: the host does not wait for the
+    work queued before it (a copy from pageable memory would)."""
+    dtype = dtype or torch.promote_types(like.dtype, torch.float32)
     if like.device.type == "cuda":
+        tensor = torch.as_tensor(values, dtype=dtype)
         return tensor.pin_memory().to(like.device, non_blocking=True)
-    return tensor.to(like.device)
+    return torch.as_tensor(values, dtype=dtype, device=like.device)

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_lossagg import distributed
+
 _STATE = ("values", "exp_avg", "exp_avg_sq", "steps")
 _HOST = torch.float64  # Python floats
 
@@ -63,7 +65,7 @@ class TaskParameters:
         state = self._state
         if state is None or state["values"].device != like.device or state["values"].dtype != dtype:
             state = state or self._fresh_state()
-            self._state = {name: state[name].to(like.device, dtype) for name in _STATE}
+            self._state = {name: distributed.to_device(state[name], like, dtype) for name in _STATE}
         return self._state["values"]
 
     def step(self, gradient: Tensor, mask: Tensor) -> None:

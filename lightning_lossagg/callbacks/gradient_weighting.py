@@ -69,6 +69,16 @@ BackwardGradients = tuple[Tensor | None, tuple[Tensor | None, ...]]
 TaskGradients = list[tuple[int, Tensor | None]]
 
 
+class _HostFigures(NamedTuple):
+    """A step's figures on the host, in float64: the global Gramian, ``Task.weight``, the factor
+    of the loss before backward, and which tasks have a valid sample."""
+
+    gramian: np.ndarray
+    static: np.ndarray
+    factor: float
+    valid: Tensor
+
+
 class _PendingStep(NamedTuple):
     """What a step whose weights come in backward keeps for its receiver: the tasks with a valid
     sample, ``Task.weight`` and the weights to write (times ``Task.weight``)."""
@@ -177,10 +187,13 @@ class GradientWeighting(WeightingCallback):
             gramian = self._representation_gramian(pl_module, step)
         else:
             gramian = self._parameter_gramian(pl_module, step)
-        self._gramian, self._gramian_valid = detached(gramian), step.valid
-        return self._weights_of_valid_tasks(gramian, step.valid).to(
-            step.local_terms.device, step.local_terms.dtype
-        )
+        gramian, valid = detached(gramian), step.valid
+        self._gramian, self._gramian_valid = gramian, valid
+        if gramian.device.type != "cpu":
+            host_gramian, host_valid = _in_one_transfer(gramian, valid)
+            gramian, valid = torch.from_numpy(host_gramian), torch.from_numpy(host_valid > 0)
+        weights = self._weights_of_valid_tasks(gramian, valid)
+        return distributed.to_device(weights, step.local_terms, step.local_terms.dtype)
 
     @override
     def views_at_heads(
@@ -237,17 +250,16 @@ class GradientWeighting(WeightingCallback):
             few = len(rows) <= _DOT_PRODUCTS_UP_TO and rows[0].dtype in _DOT_DTYPES
             jacobian = None if few and rows[0].device.type == "cpu" else torch.stack(rows)
             local = _dot_gramian(rows) if jacobian is None else _gramian(jacobian)
-        gramian, static_values, factor_value = _on_host(
-            distributed.all_reduce_sum(local), pending.static, factor
-        )
+        host = _on_host(distributed.all_reduce_sum(local), factor, pending)
         # Each rank's row k is W * factor * s_k times its share of the global gradient g_k.
-        scale = factor_value * distributed.world_size()
-        adaptive = self._weights_of_scaled_gramian(gramian, static_values, scale, pending)
+        scale = host.factor * distributed.world_size()
+        adaptive = self._weights_of_scaled_gramian(host, scale, pending)
         if linear is not None:
             return _factored_combination(*linear, adaptive).view_as(grads[0])
         if jacobian is None:
             return _combination(grads, adaptive.tolist())
-        return (adaptive.to(jacobian.device, jacobian.dtype) @ jacobian).view_as(grads[0])
+        adaptive = distributed.to_device(adaptive, jacobian, jacobian.dtype)
+        return (adaptive @ jacobian).view_as(grads[0])
 
     def _weigh_at_parameters(
         self,
@@ -263,20 +275,22 @@ class GradientWeighting(WeightingCallback):
         none = (None,) * len(shared)
         rows = [_trunk_gradients(output, shared, grad, none) for grad in grads]
         jacobian, gramian = self._synced_gramian(_jacobian(rows, shared))
-        gramian, static_values, factor_value = _on_host(gramian, pending.static, factor)
-        adaptive = self._weights_of_scaled_gramian(gramian, static_values, factor_value, pending)
-        return _shaped_like(adaptive.to(jacobian.device, jacobian.dtype) @ jacobian, shared)
+        host = _on_host(gramian, factor, pending)
+        adaptive = self._weights_of_scaled_gramian(host, host.factor, pending)
+        adaptive = distributed.to_device(adaptive, jacobian, jacobian.dtype)
+        return _shaped_like(adaptive @ jacobian, shared)
 
     def _weights_of_scaled_gramian(
-        self, gramian: np.ndarray, static_values: np.ndarray, scale: float, pending: _PendingStep
+        self, host: _HostFigures, scale: float, pending: _PendingStep
     ) -> Tensor:
         """The method's weights from the global Gramian of rows scaled by ``scale * s_k``; the
         weights times ``s`` are written to ``pending.weights``."""
-        scales = static_values * scale
-        global_gramian = torch.from_numpy(gramian / np.outer(scales, scales))
-        adaptive = self._weights_of_valid_tasks(global_gramian, pending.valid)
+        scales = host.static * scale
+        global_gramian = torch.from_numpy(host.gramian / np.outer(scales, scales))
+        adaptive = self._weights_of_valid_tasks(global_gramian, host.valid)
         self._gramian, self._gramian_valid = global_gramian, self.valid_tasks
-        pending.weights.copy_(torch.from_numpy(adaptive.numpy() * static_values))
+        weights = pending.weights
+        weights.copy_(distributed.to_device(adaptive.numpy() * host.static, weights, weights.dtype))
         return adaptive
 
     def _representation_gramian(
@@ -619,24 +633,34 @@ def _shaped_like(direction: Tensor, parameters: list[torch.nn.Parameter]) -> tup
     )
 
 
-def _on_host(
-    gramian: Tensor, static: Tensor, factor: Tensor
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """The Gramian, the static weights and the incoming factor as float64 host figures (from an
-    accelerator in one transfer)."""
+def _on_host(gramian: Tensor, factor: Tensor, pending: _PendingStep) -> _HostFigures:
+    """The Gramian, the static weights, the incoming factor and the valid tasks on the host (from
+    an accelerator in one transfer: one wait for the device, not four)."""
     if gramian.device.type == "cpu":
-        return gramian.double().numpy(), np.asarray(static.tolist()), factor.item()
-    return _on_host_in_one_transfer(gramian, static, factor)
+        static, valid = pending.static, pending.valid
+        return _HostFigures(
+            gramian.double().numpy(), np.asarray(static.tolist()), factor.item(), valid
+        )
+    return _on_host_in_one_transfer(gramian, factor, pending)
 
 
 def _on_host_in_one_transfer(
-    gramian: Tensor, static: Tensor, factor: Tensor
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """:func:`_on_host` for an accelerator: one copy to the host, not three."""
-    size = len(gramian)
-    host = torch.cat([gramian.flatten(), static.to(gramian.dtype), factor.to(gramian).view(1)])
-    host = host.to("cpu", torch.float64).numpy()
-    return host[: size * size].reshape(size, size), host[size * size : -1], float(host[-1])
+    gramian: Tensor, factor: Tensor, pending: _PendingStep
+) -> _HostFigures:
+    """:func:`_on_host` for an accelerator."""
+    host = _in_one_transfer(gramian, pending.static, factor, pending.valid)
+    return _HostFigures(host[0], host[1], float(host[2]), torch.from_numpy(host[3] > 0))
+
+
+def _in_one_transfer(*tensors: Tensor) -> list[np.ndarray]:
+    """float64 host copies of ``tensors`` (their shapes kept), from an accelerator in ONE
+    transfer: one wait for the device, not one per tensor. Sent in the first one's dtype (an
+    accelerator may have no float64), which must hold the others exactly."""
+    dtype = tensors[0].dtype
+    flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
+    host = flat.to("cpu", torch.float64).numpy()
+    ends = np.cumsum([t.numel() for t in tensors])[:-1]
+    return [part.reshape(t.shape) for part, t in zip(np.split(host, ends), tensors, strict=True)]
 
 
 def _dot_gramian(rows: list[Tensor]) -> Tensor:
@@ -666,7 +690,7 @@ def _factored_combination(
     outputs: Tensor, weights: Tensor, sizes: list[int], adaptive: Tensor
 ) -> Tensor:
     """``sum_k adaptive[k] D_k W_k``: one product of the factors."""
-    adaptive = adaptive.to(outputs.device, outputs.dtype)
+    adaptive = distributed.to_device(adaptive, outputs, outputs.dtype)
     if not all(size == 1 for size in sizes):
         adaptive = _blocks(tuple(sizes), outputs.dtype, outputs.device) @ adaptive
     return (outputs * adaptive) @ weights

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks._checks import check_non_negative_int, require_multitask
 from lightning_lossagg.functional.rlw import rlw
@@ -82,7 +83,7 @@ class RLW(WeightingCallback):
         if self._drawn is None or self._drawn[0] != key:
             self._generator.manual_seed(step_seed(self.seed, block))
             drawn = rlw(self._num_tasks, self._generator, dtype=dtype, draws=DRAW_BLOCK)
-            self._drawn = (key, drawn.to(terms.device))
+            self._drawn = (key, distributed.to_device(drawn, terms, dtype))
         return self._drawn[1][row]
 
     @override

@@ -22,6 +22,7 @@ from lightning_lossagg.callbacks.gradient_weighting import (
     _factored_gramian,
     _on_host,
     _on_host_in_one_transfer,
+    _PendingStep,
     _scaled,
     _scaled_on_device,
 )
@@ -474,13 +475,15 @@ def test_dot_product_gramian_and_combination_equal_the_matrix_products(num_tasks
 
 def test_host_figures_are_the_same_in_one_transfer():
     # The branch an accelerator takes (one copy to the host) run on CPU tensors.
-    gramian = torch.tensor([[4.0, -1.0], [-1.0, 2.0]])
-    static, factor = torch.tensor([2.0, 0.5]), torch.tensor(0.25)
+    gramian = torch.tensor([[4.0, -1.0, 0.0], [-1.0, 2.0, 0.0], [0.0, 0.0, 0.0]])
+    static, factor = torch.tensor([2.0, 0.5, 3.0]), torch.tensor(0.25)
+    pending = _PendingStep(torch.tensor([True, True, False]), static, torch.zeros(3))
     for figures in (_on_host, _on_host_in_one_transfer):
-        result = figures(gramian, static, factor)
-        np.testing.assert_array_equal(result[0], gramian.double().numpy())
-        np.testing.assert_array_equal(result[1], [2.0, 0.5])
-        assert result[2] == 0.25
+        host = figures(gramian, factor, pending)
+        np.testing.assert_array_equal(host.gramian, gramian.double().numpy())
+        np.testing.assert_array_equal(host.static, [2.0, 0.5, 3.0])
+        assert host.factor == 0.25
+        assert host.valid.dtype == torch.bool and host.valid.tolist() == [True, True, False]
 
 
 @pytest.mark.parametrize("rep_grad", [False, True])
