@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import lightning as L
 from torch import Tensor
 
+from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses, finite
 from lightning_lossagg.mixin import MultiTaskMixin
 
@@ -54,3 +55,31 @@ def usable_tasks(step: GlobalTaskLosses) -> Tensor:
     A non-finite loss is the mixin's to report (``nonfinite``); it must not poison the state.
     """
     return finite(step.losses)  # NaN (not finite) for a task without a valid sample
+
+
+class LossesReadLater:
+    """Each step's global task losses, copied to the host without stalling the device and read
+    at the optimizer step: a check of their values raises before a bad step updates the model,
+    and costs no wait for the device in the hot path."""
+
+    def __init__(self) -> None:
+        self._unread: list[tuple[int, distributed.HostCopy]] = []
+
+    def add(self, global_step: int, losses: Tensor) -> None:
+        self._unread.append((global_step, distributed.HostCopy(losses)))
+
+    def clear(self) -> None:
+        self._unread = []
+
+    def first_offending(
+        self, task_names: tuple[str, ...], offends: Callable[[float], bool]
+    ) -> tuple[int, str] | None:
+        """The first unread step with a loss that ``offends``, and its tasks as ``'name'
+        (value)``, comma-separated; ``None`` if there is none. Reads (and forgets) every step."""
+        unread, self._unread = self._unread, []
+        for global_step, copy in unread:
+            values = copy.get().tolist()
+            bad = [f"{n!r} ({v:g})" for n, v in zip(task_names, values, strict=True) if offends(v)]
+            if bad:
+                return global_step, ", ".join(bad)
+        return None

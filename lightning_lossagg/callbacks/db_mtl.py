@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses
-from lightning_lossagg.callbacks._checks import require_multitask, usable_tasks
+from lightning_lossagg.callbacks._checks import LossesReadLater, require_multitask, usable_tasks
 from lightning_lossagg.callbacks.gradient_weighting import (
     GradientWeighting,
     Sync,
@@ -102,6 +102,8 @@ class DBMTL(GradientWeighting):
         self._buffer_shape: tuple[int, int] | None = None
         self._present_buffer: Tensor | None = None
         self._balance: Tensor | None = None
+        self._task_names: tuple[str, ...] = ()
+        self._unchecked = LossesReadLater()
 
     @property
     @override
@@ -111,10 +113,11 @@ class DBMTL(GradientWeighting):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        num_tasks = len(require_multitask(self, pl_module))
+        self._task_names = require_multitask(self, pl_module)
         size = sum(p.numel() for p in pl_module.shared_parameters())  # type: ignore[operator]
-        self._buffer_shape = (num_tasks, size)
+        self._buffer_shape = (len(self._task_names), size)
         self._check_buffer(self._buffer)
+        self._unchecked.clear()
 
     @override
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
@@ -124,14 +127,32 @@ class DBMTL(GradientWeighting):
         self._gramian, self._gramian_valid = _gramian(jacobian).detach(), step.valid
         usable = usable_tasks(step)
         losses = torch.where(usable, step.losses, 1.0).to(jacobian.dtype)
+        # The losses < 0 are refused at the optimizer step, read without stalling the device.
+        self._unchecked.add(pl_module.trainer.global_step, losses)
         self._step += 1
-        _, updated = db_mtl(jacobian, self._buffer, self._step, self.beta, self.beta_sigma, losses)
+        beta, sigma = self.beta, self.beta_sigma
+        _, updated = db_mtl(
+            jacobian, self._buffer, self._step, beta, sigma, losses, validate_args=False
+        )
         previous = torch.zeros_like(updated) if self._buffer is None else self._buffer
         self._buffer = torch.where(usable.unsqueeze(1), updated, previous.to(updated))
         present = torch.where(usable.unsqueeze(1), self._buffer, 0.0)
         self._present_buffer = present
-        self._balance = db_mtl_weights(present @ present.T)
+        self._balance = db_mtl_weights(present @ present.T, validate_args=False)
         return torch.where(usable, 1.0 / (step.losses + LOG_EPS), 0.0)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        offending = self._unchecked.first_offending(self._task_names, lambda loss: loss < 0)
+        if offending is not None:
+            global_step, tasks = offending
+            raise ValueError(
+                f"DBMTL trains on the logarithm of every task loss, but the global loss of task(s) "
+                f"{tasks} was < 0 at global step {global_step}. Shift that task's loss to be >= 0, "
+                "or use another weighting method."
+            )
 
     @override
     def backward_objective(

@@ -7,9 +7,8 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses
-from lightning_lossagg.callbacks._checks import require_multitask
+from lightning_lossagg.callbacks._checks import LossesReadLater, require_multitask
 from lightning_lossagg.functional.gls import gls_weights
 from lightning_lossagg.weighting import WeightingCallback
 
@@ -43,19 +42,19 @@ class GLS(WeightingCallback):
 
     def __init__(self) -> None:
         self._task_names: tuple[str, ...] = ()
-        self._unchecked: list[tuple[int, distributed.HostCopy]] = []
+        self._unchecked = LossesReadLater()
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._task_names = require_multitask(self, pl_module)
-        self._unchecked = []
+        self._unchecked.clear()
 
     @override
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
         losses, valid = step.losses, step.valid
         # The losses <= 0, read on the host at the optimizer step (a task without a valid sample
         # has a NaN loss: never <= 0). NaN and +inf are the mixin's to report (nonfinite=...).
-        self._unchecked.append((pl_module.trainer.global_step, distributed.HostCopy(losses)))
+        self._unchecked.add(pl_module.trainer.global_step, losses)
         # The weights of G over the valid tasks (the mixin zeroes the other tasks' weights).
         return gls_weights(losses, validate_args=False, valid=valid)
 
@@ -63,17 +62,11 @@ class GLS(WeightingCallback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        unchecked, self._unchecked = self._unchecked, []
-        for global_step, offending in unchecked:
-            values = offending.get().tolist()
-            bad = [
-                f"{name!r} ({value:g})"
-                for name, value in zip(self._task_names, values, strict=True)
-                if value <= 0
-            ]
-            if bad:
-                raise NonPositiveLossError(
-                    f"GLS takes the logarithm of every task loss, but the global loss of task(s) "
-                    f"{', '.join(bad)} was <= 0 at global step {global_step}. Add a small positive "
-                    "offset to that task's loss, or use another weighting method."
-                )
+        offending = self._unchecked.first_offending(self._task_names, lambda loss: loss <= 0)
+        if offending is not None:
+            global_step, tasks = offending
+            raise NonPositiveLossError(
+                f"GLS takes the logarithm of every task loss, but the global loss of task(s) "
+                f"{tasks} was <= 0 at global step {global_step}. Add a small positive offset to "
+                "that task's loss, or use another weighting method."
+            )

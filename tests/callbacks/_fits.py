@@ -1,5 +1,6 @@
 """What the callback tests share: fixed batches, a quiet float64 trainer, the model in float64
-from a given state, the 2-rank DDP batches, and a nested equality check for method state."""
+from a given state, the 2-rank DDP batches, a nested equality check for method state, and a model
+whose loss turns negative at a chosen step."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from lightning.pytorch.cli import LightningCLI
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lightning_lossagg import MaskedLoss
 from lightning_lossagg.cli import build_cli
 from tests.models import ThreeTaskNet, concat_batches, make_batch
 
@@ -100,3 +102,31 @@ def fit_config(method: str, *extra_args: str) -> LightningCLI:
             *extra_args,
         ]
     )
+
+
+class SignedPriceNet(ThreeTaskNet):
+    """The "price" loss of a sample is its target, so that a test sets each step's loss."""
+
+    def per_sample_losses(self, predictions, targets):
+        losses = super().per_sample_losses(predictions, targets)
+        price = targets["price"] + 0 * predictions["price"]
+        losses["price"] = MaskedLoss(price, losses["price"].mask)
+        return losses
+
+
+class ParametersAfterEachStep(L.Callback):
+    def __init__(self) -> None:
+        self.parameters: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.parameters.append({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+
+def signed_price_batches(num_batches: int, negative_at: int) -> list:
+    """Batches for :class:`SignedPriceNet` whose "price" loss is > 0, except at step
+    ``negative_at``, where it is < 0."""
+    batches = [make_batch(6, seed=seed) for seed in range(num_batches)]
+    for index, batch in enumerate(batches):
+        sign = -1.0 if index == negative_at else 1.0
+        batch[1]["price"] = sign * (batch[1]["price"].abs() + 0.5)
+    return batches

@@ -4,9 +4,16 @@ exact resume, the YAML config, argument errors."""
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from lightning_lossagg.callbacks import DBMTL
-from tests.callbacks._fits import fit_config
+from tests.callbacks._fits import (
+    ParametersAfterEachStep,
+    SignedPriceNet,
+    fit_config,
+    signed_price_batches,
+    trainer,
+)
 from tests.callbacks._stateful_gradient import (
     STATIC,
     assert_grads_close,
@@ -125,3 +132,14 @@ def test_a_buffer_of_another_model_is_refused():
     fit(method, [make_batch(4, seed=0)])
     with pytest.raises(ValueError, match="belongs to another model"):
         method.load_state_dict({"buffer": torch.zeros(3, 7, dtype=torch.float64), "step": 1})
+
+
+def test_a_negative_loss_is_refused_before_the_optimizer_step():
+    # Read on the host at the optimizer step (no wait for the device inside the step).
+    model, after_step = SignedPriceNet().double(), ParametersAfterEachStep()
+    batches = signed_price_batches(3, negative_at=1)
+    with pytest.raises(ValueError, match=r"'price' \(-[0-9.]+\) was < 0 at global step 1"):
+        trainer([DBMTL(), after_step], max_epochs=1).fit(model, DataLoader(batches, None))
+    assert len(after_step.parameters) == 1
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, after_step.parameters[-1][name]), name  # step 1 never applied

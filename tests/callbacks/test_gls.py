@@ -1,15 +1,14 @@
 """GLS: the weighted objective is the geometric mean, and a loss <= 0 stops training before the
 optimizer step, naming the task and the step."""
 
-import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_lossagg import MaskedLoss
 from lightning_lossagg.callbacks import GLS, NonPositiveLossError
+from tests.callbacks._fits import ParametersAfterEachStep, SignedPriceNet, signed_price_batches
 from tests.callbacks._loss_based import at_step, global_losses, trainer
-from tests.models import ThreeTaskNet, make_batch
+from tests.models import ThreeTaskNet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -35,29 +34,8 @@ def test_a_task_without_labels_leaves_the_mean_of_the_others():
     torch.testing.assert_close(weights[[0, 2]], torch.tensor([1.0, 0.25], dtype=torch.float64))
 
 
-class SignedPriceNet(ThreeTaskNet):
-    """The "price" loss of a sample is its target, so that a test sets each step's loss."""
-
-    def per_sample_losses(self, predictions, targets):
-        losses = super().per_sample_losses(predictions, targets)
-        price = targets["price"] + 0 * predictions["price"]
-        losses["price"] = MaskedLoss(price, losses["price"].mask)
-        return losses
-
-
-class ParametersAfterEachStep(L.Callback):
-    def __init__(self) -> None:
-        self.parameters: list[dict] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.parameters.append({k: v.clone() for k, v in pl_module.state_dict().items()})
-
-
 def test_a_non_positive_loss_is_refused_before_the_optimizer_step():
-    batches = [make_batch(6, seed=seed) for seed in range(3)]
-    for index, batch in enumerate(batches):
-        sign = -1.0 if index == 2 else 1.0
-        batch[1]["price"] = sign * (batch[1]["price"].abs() + 0.5)  # step 2: a negative loss
+    batches = signed_price_batches(3, negative_at=2)
     model, after_step = SignedPriceNet().double(), ParametersAfterEachStep()
     with pytest.raises(NonPositiveLossError, match=r"'price' \(-[0-9.]+\).*global step 2"):
         trainer([GLS(), after_step], max_epochs=1).fit(model, DataLoader(batches, batch_size=None))

@@ -111,3 +111,17 @@ def test_invalid_input_is_rejected(kwargs: dict, message: str) -> None:
     arguments = {"grads": torch.ones(2, 3), "buffer": None, "step": 1, **kwargs}
     with pytest.raises(ValueError, match=message):
         db_mtl(**arguments)
+
+
+def test_validate_args_false_skips_only_the_checks() -> None:
+    grads, losses = torch.randn(3, 5, generator=torch.Generator().manual_seed(0)), torch.ones(3)
+    checked = db_mtl(grads, None, 1, losses=losses)
+    unchecked = db_mtl(grads, None, 1, losses=losses, validate_args=False)
+    torch.testing.assert_close(unchecked, checked)
+    db_mtl(grads, None, 1, losses=-losses, validate_args=False)  # the caller checks later
+    gramian = grads @ grads.T
+    torch.testing.assert_close(
+        db_mtl_weights(gramian, validate_args=False), db_mtl_weights(gramian)
+    )
+    with pytest.raises(ValueError, match="symmetric"):
+        db_mtl_weights(torch.tensor([[1.0, 2.0], [0.0, 1.0]]))
