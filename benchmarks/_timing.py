@@ -82,20 +82,19 @@ def step_times(
     **trainer_kwargs: object,
 ) -> list[float]:
     """Seconds of every training step of one epoch of ``loader``, on the ``clock`` named in
-    :data:`CLOCKS`."""
+    :data:`CLOCKS` (``trainer_kwargs`` override the Trainer's settings, e.g. ``logger``)."""
     torch.manual_seed(0)
     timer = StepTimer(CLOCKS[clock])
-    trainer = L.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[*callbacks, timer],
-        **trainer_kwargs,
-    )
+    settings: dict[str, Any] = {
+        "accelerator": accelerator,
+        "devices": 1,
+        "max_epochs": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    trainer = L.Trainer(callbacks=[*callbacks, timer], **(settings | trainer_kwargs))
     trainer.fit(make_model(), train_dataloaders=loader)
     return timer.times
 
