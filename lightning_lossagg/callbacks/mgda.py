@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sync
 from lightning_lossagg.functional._qp import symmetric_matrix
@@ -70,8 +71,8 @@ class MGDA(GradientWeighting):
                 f"got {normalization!r}."
             )
         self.normalization = normalization
-        self._losses: np.ndarray | None = None
-        self._names: list[str] = []
+        self._losses: distributed.HostCopy | None = None  # the step's losses and valid flags
+        self._names: tuple[str, ...] = ()
         self._global_step = 0
         # The tasks with a positive weight at the latest step: where the next solve starts (the
         # support rarely changes from one step to the next; the result does not depend on it).
@@ -85,9 +86,10 @@ class MGDA(GradientWeighting):
     @override
     def prepare_step(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> None:
         if self.normalization in ("loss", "loss+"):
-            valid = step.valid.cpu()
-            self._losses = step.losses.detach().to("cpu", torch.float64)[valid].numpy()
-            self._names = [name for name, ok in zip(step.names, valid.tolist(), strict=True) if ok]
+            # Read once the Gramian is on the host: that wait covers this copy too.
+            losses = step.losses.detach()
+            self._losses = distributed.HostCopy(torch.stack([losses, step.valid.to(losses.dtype)]))
+            self._names = step.names
             self._global_step = pl_module.trainer.global_step
 
     @override
@@ -121,12 +123,15 @@ class MGDA(GradientWeighting):
         if self.normalization == "l2":
             return norms
         assert self._losses is not None
-        losses = self._losses.tolist()
-        negative = [name for name, loss in zip(self._names, losses, strict=True) if loss < 0]
+        all_losses, valid = self._losses.get().double().numpy()
+        # weights_from_gramian sees the valid tasks only.
+        losses = all_losses[valid > 0]
+        names = [name for name, ok in zip(self._names, valid, strict=True) if ok]
+        negative = [name for name, loss in zip(names, losses.tolist(), strict=True) if loss < 0]
         if negative:
             raise ValueError(
                 f"MGDA(normalization={self.normalization!r}) divides each task's gradient by its "
                 f"loss, but the loss of task(s) {', '.join(negative)} was negative at global step "
                 f"{self._global_step}. Use normalization='l2' or 'none' for such losses."
             )
-        return self._losses if self.normalization == "loss" else self._losses * norms
+        return losses if self.normalization == "loss" else losses * norms
