@@ -239,9 +239,12 @@ class LossLogger(L.Callback):
             metrics[f"{prefix}/weight/{name}"] = weight
             metrics[f"{prefix}/weighted/{name}"] = part
             metrics[f"{prefix}/share/{name}"] = part / objective if objective else 0.0
-        pl_module.log_dict(metrics, batch_size=1)
+        # As host tensors: Lightning keeps a logged tensor where it is, but would copy a float
+        # to the model's device, one wait for it per figure.
+        on_host = {key: torch.tensor(value) for key, value in metrics.items()}
+        pl_module.log_dict(on_host, batch_size=1)
         prog_bar = self.prog_bar and stage == "val"
-        pl_module.log(f"{prefix}/loss", objective, prog_bar=prog_bar, batch_size=1)
+        pl_module.log(f"{prefix}/loss", torch.tensor(objective), prog_bar=prog_bar, batch_size=1)
 
     # --------------------------------------------------------------------- end of fit
     @override
