@@ -12,6 +12,7 @@ from torch import Tensor
 from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses, RankWeighting, TaskLossReducer
 from lightning_lossagg.representation import (
+    FusedLinearHeads,
     GradientsAtHeads,
     HeadInputs,
     SharedRepresentation,
@@ -135,7 +136,9 @@ class MultiTaskMixin:
             return False
         # Heads reading a leaf each give every task's gradient apart from one joint graph.
         representation = self.shared_representation
-        return representation is None or representation.per_task is None
+        return representation is None or (
+            representation.per_task is None and representation.split is None
+        )
 
     # ----------------------------------------------------------------------------- the batch
     def task_losses(self, batch: Any) -> TaskLossOutput:
@@ -172,8 +175,12 @@ class MultiTaskMixin:
         split = views = watch = None
         if weighting.weighs_in_backward and self._static_weights_are_positive:
             split = GradientsAtHeads(len(heads.modules))
+            if self._linear_heads and weighting.takes_linear_factors:
+                predictions = self._predict_with_linear_heads(heads, shared, detached, split)
+                if predictions is not None:
+                    return predictions
             views = weighting.views_at_heads(self, split, shared, detached)  # type: ignore[arg-type]
-            if split.wants_linear_factors and self._linear_heads is not False:
+            if weighting.takes_linear_factors and self._linear_heads is not False:
                 watch = split
         with HeadInputs(heads.modules, detached, views, watch) as head_inputs:
             predictions = self.forward_heads(detached)  # type: ignore[attr-defined]
@@ -190,11 +197,31 @@ class MultiTaskMixin:
                 self._linear_heads = self._linear_factors_pay(heads.modules, detached) and (
                     linear_heads_factor(predictions, self.task_names, copies, outputs)
                 )
-            if not self._linear_heads:
+            if not self._linear_heads or not split.wants_linear_factors:  # type: ignore[union-attr]
                 watch.forget_linear_heads()
         self.shared_representation = SharedRepresentation(
             shared, (detached, *copies), per_task, split if per_task is not None else None
         )
+        return predictions
+
+    def _predict_with_linear_heads(
+        self, heads: TaskHeads, shared: Tensor, detached: Tensor, split: GradientsAtHeads
+    ) -> Mapping[str, Tensor] | None:
+        """``forward_heads`` with the linear heads' outputs from one autograd node
+        (:meth:`GradientsAtHeads.linear_heads`), whose backward hands the method only the heads'
+        output gradients and weights; ``None`` if a head was not called exactly once on the
+        representation (then this step, and the fit, take the views). Not under autocast, whose
+        casts the node would have to repeat."""
+        if torch.is_autocast_enabled(shared.device.type):
+            return None
+        linear: list[torch.nn.Linear] = heads.modules  # type: ignore[assignment]
+        with FusedLinearHeads(linear, detached, shared, split) as fused:
+            predictions = self.forward_heads(detached)  # type: ignore[attr-defined]
+        if not fused.one_call_each:
+            self._linear_heads = False
+            split.forget_linear_heads()
+            return None
+        self.shared_representation = SharedRepresentation(shared, (detached,), None, split)
         return predictions
 
     def _check_heads_apart(

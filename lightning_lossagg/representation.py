@@ -20,7 +20,11 @@ When every head is an ``nn.Linear`` on a 2-D representation, view ``k``'s gradie
 (:meth:`GradientsAtHeads.linear_factors`) gets these factors from a hook on each head's output
 node, and builds the Gramian and the update from them (``N × O`` and ``O × H`` for ``O`` head
 outputs) instead of from K gradients of ``N × H`` each; the first step checks, once, that each
-view reaches its prediction only through its head's linear map.
+view reaches its prediction only through its head's linear map. From the next step on (outside
+autocast), the heads are not called on views at all: :class:`FusedLinearHeads` hands them their
+outputs from ONE autograd node (:meth:`GradientsAtHeads.linear_heads`) whose backward gets every
+head's output gradient, gives the heads their parameters' gradients and the method the factors,
+and sends on the update: no per-task gradient at the representation is ever made.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from types import TracebackType
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -92,6 +97,19 @@ class GradientsAtHeads:
         """One view of ``representation`` per task, joined in backward."""
         return _Views.apply(self, representation, *parameters)
 
+    def linear_heads(
+        self, representation: Tensor, heads: Sequence[nn.Linear]
+    ) -> tuple[Tensor, ...]:
+        """Every head's output on ``representation`` from ONE autograd node, for a receiver that
+        takes :meth:`linear_factors`: its backward gives the heads' parameters their gradients
+        (as ``nn.Linear`` would), hands the heads' output gradients to the armed receiver and
+        sends on the representation gradient it returns. No view and no per-task gradient at
+        the representation is ever made."""
+        self.wants_linear_factors = True
+        self._linear_weights = [head.weight for head in heads]
+        parameters = [p for head in heads for p in (head.weight, head.bias)]
+        return _LinearHeads.apply(self, representation, *parameters)
+
     def objective(self, objective: Tensor, receiver: Receiver) -> Tensor:
         """``objective`` itself, whose backward records the incoming factor; arms ``receiver``."""
         self._receiver = receiver
@@ -148,6 +166,35 @@ class _IncomingFactor(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple[None, Tensor]:
         ctx.split._factor = grad_output
         return None, grad_output
+
+
+class _LinearHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, split: GradientsAtHeads, representation: Tensor, *parameters: Tensor | None
+    ) -> tuple[Tensor, ...]:
+        weights, biases = parameters[0::2], parameters[1::2]
+        ctx.split, ctx.has_bias = split, [bias is not None for bias in biases]
+        ctx.save_for_backward(representation, *weights)
+        return tuple(F.linear(representation, w, b) for w, b in zip(weights, biases, strict=True))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        representation, *_ = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        parameter_grads: list[Tensor | None] = []
+        for index, (grad, has_bias) in enumerate(zip(grads, ctx.has_bias, strict=True)):
+            weight_needed, bias_needed = needs[2 + 2 * index], needs[3 + 2 * index]
+            parameter_grads.append(grad.t() @ representation if weight_needed else None)
+            parameter_grads.append(grad.sum(0) if has_bias and bias_needed else None)
+        split = ctx.split
+        receiver, factor = split._receiver, split._factor
+        split._receiver = split._factor = None
+        representation_grad = None
+        if receiver is not None and factor is not None:
+            split._output_grads = list(grads)
+            representation_grad, _ = receiver((), factor)
+        return (None, representation_grad, *parameter_grads)
 
 
 class _Views(torch.autograd.Function):
@@ -257,6 +304,53 @@ class HeadInputs:
     def created(self) -> tuple[Tensor, ...]:
         """The copies handed out."""
         return tuple(leaf for leaf in self.leaves if leaf is not None)
+
+
+class FusedLinearHeads:
+    """While entered, linear head ``k`` called on ``leaf`` returns output ``k`` of
+    :meth:`GradientsAtHeads.linear_heads` on ``representation`` (made at the first call), instead
+    of computing its own. ``one_call_each`` says whether every head was called exactly once, on
+    ``leaf`` (a head called again, or on anything else, computes as usual)."""
+
+    def __init__(
+        self,
+        heads: Sequence[nn.Linear],
+        leaf: Tensor,
+        representation: Tensor,
+        split: GradientsAtHeads,
+    ) -> None:
+        self._heads = heads
+        self._leaf = leaf
+        self._representation = representation
+        self._split = split
+        self._outputs: tuple[Tensor, ...] | None = None
+        self._called = [False] * len(heads)
+        self.one_call_each = True
+
+    def __enter__(self) -> FusedLinearHeads:
+        for index, head in enumerate(self._heads):
+            head.forward = functools.partial(self._output, index)  # type: ignore[method-assign]
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        for head in self._heads:
+            del head.forward
+        self.one_call_each = self.one_call_each and all(self._called)
+
+    def _output(self, index: int, input: Tensor) -> Tensor:
+        head = self._heads[index]
+        if self._called[index] or input is not self._leaf:
+            self.one_call_each = False
+            return nn.Linear.forward(head, input)
+        self._called[index] = True
+        if self._outputs is None:
+            self._outputs = self._split.linear_heads(self._representation, self._heads)
+        return self._outputs[index]
 
 
 def reach_only_own_heads(

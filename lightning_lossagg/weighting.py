@@ -42,11 +42,16 @@ class WeightingCallback(L.Callback):
             of the representation (:meth:`views_at_heads`) and the weights come from the
             gradients that reach them in the backward Lightning runs
             (:meth:`weights_in_backward`).
+        takes_linear_factors: with :attr:`weighs_in_backward`, the receiver builds everything
+            from linear heads' factors (:meth:`~lightning_lossagg.representation.
+            GradientsAtHeads.linear_factors`) when they are given: the mixin may then compute
+            ``nn.Linear`` heads in one autograd node that hands over only those.
     """
 
     separate_task_terms: bool = False
     splits_forward: bool = False
     weighs_in_backward: bool = False
+    takes_linear_factors: bool = False
 
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
         """The weights ``w`` (shape ``[K]``, detached) for this training step."""

@@ -89,3 +89,28 @@ def reference_task_losses(model: nn.Module, batch: tuple[Tensor, dict[str, Tenso
 def one_batch_loader(batch: tuple[Tensor, dict[str, Tensor]]) -> DataLoader:
     """A loader that yields exactly ``batch`` once."""
     return DataLoader([batch], batch_size=None)
+
+
+def quiet_trainer(
+    devices: int,
+    steps: int = 1,
+    precision: str = "64-true",
+    callbacks: list[L.Callback] | None = None,
+) -> L.Trainer:
+    """A CPU trainer for ``steps`` steps without logger, checkpoints or progress bar: one
+    process, or ``devices`` processes of a real gloo group (``ddp_spawn``) that each read their
+    own batches (no distributed sampler)."""
+    return L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        max_steps=steps,
+        precision=precision,
+        use_distributed_sampler=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )

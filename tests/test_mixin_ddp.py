@@ -4,7 +4,6 @@ concatenated batch, with exactly one library collective per step (none on one pr
 import copy
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
@@ -13,6 +12,7 @@ from tests.models import (
     concat_batches,
     make_batch,
     one_batch_loader,
+    quiet_trainer,
     reference_task_losses,
 )
 from tests.process_group import CollectiveCounter
@@ -49,22 +49,6 @@ class RecordingNet(ThreeTaskNet):
         )
 
 
-def _trainer(devices: int) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
-        max_steps=1,
-        precision="64-true",
-        use_distributed_sampler=False,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-
-
 def _reference(model: torch.nn.Module, batch) -> dict:
     model = copy.deepcopy(model).double()
     losses = reference_task_losses(model, batch)
@@ -96,7 +80,7 @@ def test_two_rank_ddp_equals_one_process_on_the_concatenated_batch(tmp_path):
     model = RecordingNet(str(tmp_path), [rank0, rank1])
     reference = _reference(model, concat_batches(rank0, rank1))
 
-    _trainer(devices=2).fit(model)
+    quiet_trainer(devices=2).fit(model)
 
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     for result in results:
@@ -108,7 +92,7 @@ def test_one_process_matches_the_reference_and_issues_no_collective(tmp_path):
     batch = make_batch(9, seed=3)
     model = RecordingNet(str(tmp_path), [batch])
     reference = _reference(model, batch)
-    _trainer(devices=1).fit(model)
+    quiet_trainer(devices=1).fit(model)
     result = torch.load(tmp_path / "rank0.pt")
     _assert_matches_reference(result, reference)
     assert result["collectives"] == []

@@ -25,9 +25,12 @@ Where the gradients are taken:
 * ``rep_grad=True``: at the shared representation (MGDA-UB), far cheaper. The model defines
   ``forward_shared(inputs)`` and ``forward_heads(representation)``; the trunk runs once, with
   ``d``. Each rank's representation rows belong to its own samples, so the global Gramian is
-  exactly the sum of the ranks' Gramians: one K×K all-reduce. With linear heads and at least
-  ``linear_factors_from`` tasks, the Gramian and ``d`` come from the heads' output gradients and
-  weights (:meth:`GradientsAtHeads.linear_factors`), not from the K gradients at the views.
+  exactly the sum of the ranks' Gramians: one K×K all-reduce. With ``nn.Linear`` heads (where
+  their factors take fewer operations), the Gramian and ``d`` come from the heads' output
+  gradients and weights (:meth:`GradientsAtHeads.linear_factors`): from the second step on the
+  heads are one autograd node that makes no per-task gradient at the representation at all
+  (:meth:`GradientsAtHeads.linear_heads`); at the first step, which checks the layout on the
+  views, and under autocast, the views' K gradients serve below ``linear_factors_from`` tasks.
 * ``rep_grad=False``: at the shared parameters (``pl_module.shared_parameters()``). A model with
   ``forward_shared``/``forward_heads`` gets its trunk's K×P Jacobian from the representation
   gradients, one backward through the trunk per task (torchjd's ``mtl_backward`` algorithm,
@@ -115,10 +118,11 @@ class GradientWeighting(WeightingCallback):
     # their own tasks' gradients times Task.weight, as backward_objective gives them).
     # Subclasses that weigh the heads otherwise set it False.
     may_weigh_in_backward: ClassVar[bool] = True
-    # With rep_grad=True and at least this many tasks, linear heads hand the gradient at their
-    # outputs and their weights (GradientsAtHeads.linear_factors): the Gramian and the update
-    # then cost O(N O^2) instead of copying K gradients into a matrix; with fewer tasks the dot
-    # products are as cheap as the factors' hooks.
+    # On the views (the first step, autocast), with rep_grad=True and at least this many tasks,
+    # linear heads hand the gradient at their outputs and their weights
+    # (GradientsAtHeads.linear_factors): the Gramian and the update then cost O(N O^2) instead
+    # of copying K gradients into a matrix; with fewer tasks the dot products on the views'
+    # gradients, made anyway, are as cheap. Heads in one node always take the factors.
     linear_factors_from: ClassVar[int] = _DOT_PRODUCTS_UP_TO + 1
 
     def __init__(self, rep_grad: bool = False, sync: Sync = "gradients") -> None:
@@ -127,6 +131,7 @@ class GradientWeighting(WeightingCallback):
         self.rep_grad = bool(rep_grad)
         self.sync = sync
         self.splits_forward = self.rep_grad
+        self.takes_linear_factors = self.rep_grad
         self._jacobian: Tensor | None = None
         self._shared_parameters: list[torch.nn.Parameter] = []
         # The heads' parameters, each with its (task, gradient) pairs (None: the task does not
@@ -254,8 +259,8 @@ class GradientWeighting(WeightingCallback):
         # Each rank's row k is W * factor * s_k times its share of the global gradient g_k.
         scale = host.factor * distributed.world_size()
         adaptive = self._weights_of_scaled_gramian(host, scale, pending)
-        if linear is not None:
-            return _factored_combination(*linear, adaptive).view_as(grads[0])
+        if linear is not None:  # a 2-D representation, as the factors' product
+            return _factored_combination(*linear, adaptive)
         if jacobian is None:
             return _combination(grads, adaptive.tolist())
         adaptive = distributed.to_device(adaptive, jacobian, jacobian.dtype)

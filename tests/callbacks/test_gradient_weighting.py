@@ -1,30 +1,32 @@
-"""The gradient machinery shared by every gradient-based method, on a real 2-rank DDP group.
-
-``NormalisedGradients`` (w_k = 1/||g_k||, the MGDA "l2" normalisation) is a real subclass whose
-weights depend on the global Gramian, so any error in the gradients or their sync shows."""
+"""The gradient machinery shared by every gradient-based method, on a real 2-rank DDP group,
+against the hand-made references of :mod:`tests.callbacks._recording_nets`."""
 
 import copy
-import types
-from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from torch import Tensor
 
 from lightning_lossagg.callbacks import gradient_weighting
 from lightning_lossagg.callbacks.gradient_weighting import (
     GradientWeighting,
     _combination,
     _dot_gramian,
-    _factored_combination,
-    _factored_gramian,
     _on_host,
     _on_host_in_one_transfer,
     _PendingStep,
     _scaled,
     _scaled_on_device,
+)
+from tests.callbacks._recording_nets import (
+    STATIC,
+    NormalisedGradients,
+    RecordingNet,
+    WholeForwardNet,
+    assert_matches,
+    fit_model,
+    reference_update,
 )
 from tests.models import (
     ThreeTaskNet,
@@ -34,139 +36,8 @@ from tests.models import (
     reference_task_losses,
 )
 
-STATIC = torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)
 
-
-class NormalisedGradients(GradientWeighting):
-    def weights_from_gramian(self, gramian):
-        return gramian.diagonal().rsqrt()
-
-
-class RecordingNet(ThreeTaskNet):
-    def __init__(self, out_dir: str, rank_batches: list, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.out_dir, self.rank_batches = out_dir, rank_batches
-
-    def train_dataloader(self):
-        return one_batch_loader(self.rank_batches[self.trainer.global_rank])
-
-    def on_before_optimizer_step(self, optimizer):
-        super().on_before_optimizer_step(optimizer)
-        torch.save(
-            {
-                "weights": self.loss_record.weights,
-                "grads": {n: p.grad.clone() for n, p in self.named_parameters()},
-                "linear_heads": self._linear_heads,
-            },
-            Path(self.out_dir) / f"rank{self.global_rank}.pt",
-        )
-
-
-class FactoredGradients(NormalisedGradients):
-    linear_factors_from = 1  # the linear heads' factors from one task on (default: 5)
-
-
-class LinearFactorsNet(RecordingNet):
-    """Takes its linear heads' factors whatever the sizes (for batches this small the rule
-    prefers the views' gradients)."""
-
-    _linear_factors_pay = staticmethod(lambda heads, representation: True)
-
-
-class RankZeroFactorsNet(LinearFactorsNet):
-    """Rank 0 takes the factors, rank 1 the views' gradients (the rule decides per rank)."""
-
-    def _linear_factors_pay(self, heads, representation):
-        return self.global_rank == 0
-
-
-class InPlaceOutputNet(LinearFactorsNet):
-    """kind's head output is changed in place: the factors are taken at the node that made it."""
-
-    def forward_heads(self, shared):
-        price, sold = self.heads["price"](shared), self.heads["sold"](shared)
-        kind = self.heads["kind"](shared).mul_(2.0)
-        return {"price": price.squeeze(-1), "kind": kind, "sold": sold.squeeze(-1)}
-
-
-class OwnForwardNet(LinearFactorsNet):
-    """kind's head has a forward of its own (a doubled weight): not a plain nn.Linear."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        head = self.heads["kind"]
-        head.forward = types.MethodType(_doubled_weight, head)
-
-
-def _doubled_weight(head, inputs):
-    return torch.nn.functional.linear(inputs, 2.0 * head.weight, head.bias)
-
-
-class ScaledHeadOutputNet(LinearFactorsNet):
-    """A forward hook doubles kind's head output: the view's gradient is no longer the output's
-    gradient times the weight, so the factors are refused."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.heads["kind"].register_forward_hook(_doubled)
-
-
-def _doubled(module, args, output):
-    return 2.0 * output
-
-
-class WholeForwardNet(RecordingNet):
-    """No forward_shared / forward_heads: per-task gradients go through the whole network."""
-
-    forward_shared = forward_heads = None
-
-    def forward(self, inputs):
-        return ThreeTaskNet.forward_heads(self, ThreeTaskNet.forward_shared(self, inputs))
-
-
-def _reference(
-    model, batch, rep_grad: bool, valid: tuple[int, ...] = (0, 1, 2), static: Tensor = STATIC
-) -> dict:
-    """LibMTL semantics by hand: heads get s_k ∇L_k; the trunk gets sum_k w_k s_k g_k with
-    w_k = 1/||g_k||, g_k the global gradient of L_k at the parameters or the representation.
-    Only the tasks in ``valid`` take part (the others: weight 0, no gradient)."""
-    model = copy.deepcopy(model).double()
-    inputs, targets = batch
-    shared = ThreeTaskNet.forward_shared(model, inputs)
-    predictions = (type(model).forward_heads or ThreeTaskNet.forward_heads)(model, shared)
-    model.forward = lambda _: predictions
-    all_losses = list(reference_task_losses(model, (inputs, targets)).values())
-    losses = [all_losses[k] for k in valid]
-    static = static[list(valid)]
-    trunk = list(model.trunk.parameters())
-    at = [shared] if rep_grad else trunk
-
-    def gradient(loss):
-        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, at, retain_graph=True)])
-
-    per_task = [gradient(loss) for loss in losses]
-    weights = torch.stack([1 / g.norm() for g in per_task]) * static
-    combined = sum(w * g for w, g in zip(weights, per_task, strict=True))
-    if rep_grad:
-        trunk_grads = torch.autograd.grad(
-            shared, trunk, combined.view_as(shared), retain_graph=True
-        )
-    else:
-        trunk_grads = torch.split(combined, [p.numel() for p in trunk])
-    head_objective = sum(s * loss for s, loss in zip(static, losses, strict=True))
-    heads = list(model.heads.parameters())
-    head_grads = torch.autograd.grad(head_objective, heads, materialize_grads=True)
-    grads = {}
-    for (name, parameter), grad in zip(model.trunk.named_parameters(), trunk_grads, strict=True):
-        grads[f"trunk.{name}"] = grad.reshape(parameter.shape)
-    for (name, _), grad in zip(model.heads.named_parameters(), head_grads, strict=True):
-        grads[f"heads.{name}"] = grad
-    all_weights = torch.zeros(len(all_losses), dtype=torch.float64)
-    all_weights[list(valid)] = weights
-    return {"weights": all_weights, "grads": grads}
-
-
-def _gramian_sync_reference(model, rank_batches: list) -> dict:
+def gramian_sync_reference(model, rank_batches: list) -> dict:
     """``sync="gramian"`` by hand: rank r's Jacobian J_r is W times its share of the global
     gradient (the gradient of its valid per-sample losses summed, over the global count); the
     weights come from the mean of the ranks' Gramians J_r J_r^T (which misses the cross-rank
@@ -209,38 +80,15 @@ def _gramian_sync_reference(model, rank_batches: list) -> dict:
     return {"weights": weights, "grads": grads}
 
 
-def _fit(model, devices: int, method, precision: str = "64-true") -> None:
-    L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
-        max_steps=1,
-        precision=precision,
-        use_distributed_sampler=False,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[method],
-    ).fit(model)
-
-
-def _assert_close(result, reference):
-    torch.testing.assert_close(result["weights"], reference["weights"], atol=1e-8, rtol=1e-6)
-    for name, grad in reference["grads"].items():
-        torch.testing.assert_close(result["grads"][name], grad, atol=1e-8, rtol=1e-6, msg=name)
-
-
 @pytest.mark.parametrize(
     ("net", "rep_grad"), [(RecordingNet, False), (WholeForwardNet, False), (RecordingNet, True)]
 )
 def test_one_process_weights_and_update_follow_the_gradients(tmp_path, net, rep_grad):
     batch = make_batch(9, seed=5)
     model = net(str(tmp_path), [batch])
-    reference = _reference(model, batch, rep_grad)
-    _fit(model, 1, NormalisedGradients(rep_grad=rep_grad))
-    _assert_close(torch.load(tmp_path / "rank0.pt"), reference)
+    reference = reference_update(model, batch, rep_grad)
+    fit_model(model, 1, NormalisedGradients(rep_grad=rep_grad))
+    assert_matches(torch.load(tmp_path / "rank0.pt"), reference)
 
 
 @pytest.mark.ddp
@@ -253,109 +101,10 @@ def test_two_rank_weights_and_update_equal_one_process_on_the_concatenated_batch
     rank0, rank1 = make_batch(5, seed=1), make_batch(8, seed=2)
     rank1[1]["kind"][:] = -100
     model = net(str(tmp_path), [rank0, rank1])
-    reference = _reference(model, concat_batches(rank0, rank1), rep_grad)
-    _fit(model, 2, NormalisedGradients(rep_grad=rep_grad, sync="gradients"))
+    reference = reference_update(model, concat_batches(rank0, rank1), rep_grad)
+    fit_model(model, 2, NormalisedGradients(rep_grad=rep_grad, sync="gradients"))
     for rank in (0, 1):
-        _assert_close(torch.load(tmp_path / f"rank{rank}.pt"), reference)
-
-
-@pytest.mark.ddp
-@pytest.mark.parametrize(
-    ("net", "precision", "factored"),
-    [
-        (LinearFactorsNet, "64-true", (True, True)),
-        # float32: the ranks' Gramians from the factors and from dot products have one dtype.
-        (RankZeroFactorsNet, "32-true", (True, False)),
-    ],
-)
-def test_two_rank_linear_head_factors_equal_one_process_on_the_concatenated_batch(
-    tmp_path, net, precision, factored
-):
-    dtype = torch.float64 if precision == "64-true" else torch.float32
-    rank0, rank1 = make_batch(5, seed=1), make_batch(8, seed=2)
-    rank1[1]["kind"][:] = -100
-    model = net(str(tmp_path), [_cast(rank0, dtype), _cast(rank1, dtype)])
-    reference = _reference(model, concat_batches(rank0, rank1), rep_grad=True)
-    method = FactoredGradients(rep_grad=True)
-    method.linear_factors_from = 3  # with 3 tasks the others take dot products
-    _fit(model, 2, method, precision)
-    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
-    assert tuple(result["linear_heads"] for result in results) == factored
-    torch.testing.assert_close(results[0]["weights"], results[1]["weights"], rtol=0, atol=0)
-    for result in results:
-        if dtype == torch.float64:
-            _assert_close(result, reference)
-        else:
-            torch.testing.assert_close(
-                result["weights"], reference["weights"].float(), rtol=1e-4, atol=1e-6
-            )
-
-
-def _cast(batch, dtype):
-    inputs, targets = batch
-    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in targets.items()}
-    return inputs.to(dtype), cast
-
-
-@pytest.mark.parametrize(
-    ("net", "method", "factored"),
-    [
-        (LinearFactorsNet, FactoredGradients, True),
-        (InPlaceOutputNet, FactoredGradients, True),
-        (OwnForwardNet, FactoredGradients, False),
-        (ScaledHeadOutputNet, FactoredGradients, False),
-        (LinearFactorsNet, NormalisedGradients, False),  # 3 tasks: below linear_factors_from
-        (RecordingNet, FactoredGradients, False),  # the sizes favour the views' gradients
-    ],
-)
-def test_linear_heads_give_the_gramian_and_update_from_their_factors(
-    tmp_path, monkeypatch, net, method, factored
-):
-    calls = []
-    original = gradient_weighting._factored_gramian
-    monkeypatch.setattr(
-        gradient_weighting, "_factored_gramian", lambda *a: calls.append(1) or original(*a)
-    )
-    batch = make_batch(9, seed=5)
-    model = net(str(tmp_path), [batch])
-    reference = _reference(model, batch, rep_grad=True)
-    _fit(model, 1, method(rep_grad=True))
-    _assert_close(torch.load(tmp_path / "rank0.pt"), reference)
-    assert len(calls) == int(factored)
-    assert bool(model._linear_heads) is factored
-
-
-def test_factored_gramian_and_combination_equal_those_of_the_products():
-    generator = torch.Generator().manual_seed(0)
-    sizes = [1, 3, 2]
-    outputs = torch.randn(7, sum(sizes), generator=generator, dtype=torch.float64)
-    weights = torch.randn(sum(sizes), 4, generator=generator, dtype=torch.float64)
-    blocks = torch.arange(len(sizes)).repeat_interleave(torch.tensor(sizes))
-    gradients = torch.stack(
-        [(outputs[:, blocks == k] @ weights[blocks == k]).flatten() for k in range(len(sizes))]
-    )
-    factors = (outputs, weights, sizes)
-    torch.testing.assert_close(_factored_gramian(*factors), gradients @ gradients.T)
-    adaptive = torch.tensor([0.5, -2.0, 0.0], dtype=torch.float64)
-    torch.testing.assert_close(
-        _factored_combination(*factors, adaptive), (adaptive @ gradients).view(7, 4)
-    )
-    ones = (outputs[:, :3], weights[:3], [1, 1, 1])  # one output per head: no block sums
-    torch.testing.assert_close(
-        _factored_gramian(*ones),
-        (outputs[:, :3].T @ outputs[:, :3]) * (weights[:3] @ weights[:3].T),
-    )
-
-
-def test_the_factors_are_used_where_they_take_fewer_operations():
-    pays = ThreeTaskNet._linear_factors_pay
-    two_heads = [torch.nn.Linear(256, 1), torch.nn.Linear(256, 1)]
-    assert pays(two_heads, torch.zeros(256, 256))
-    three = [torch.nn.Linear(8, 1), torch.nn.Linear(8, 3), torch.nn.Linear(8, 1)]
-    assert not pays(three, torch.zeros(4, 8))  # 5 outputs, 4 × 8: the products are cheaper
-    assert pays(three, torch.zeros(64, 8))
-    assert not pays([torch.nn.Linear(256, 256)] * 2, torch.zeros(256, 256))  # wide heads
-    assert not pays(two_heads, torch.zeros(4, 8, 256))  # not a matrix: the views' gradients
+        assert_matches(torch.load(tmp_path / f"rank{rank}.pt"), reference)
 
 
 @pytest.mark.ddp
@@ -364,10 +113,10 @@ def test_two_ranks_with_gramian_sync_weigh_the_mean_of_the_ranks_gramians(tmp_pa
     rank0, rank1 = make_batch(5, seed=1), make_batch(8, seed=2)
     rank1[1]["kind"][:] = -100
     model = net(str(tmp_path), [rank0, rank1])
-    reference = _gramian_sync_reference(model, [rank0, rank1])
-    _fit(model, 2, NormalisedGradients(sync="gramian"))
+    reference = gramian_sync_reference(model, [rank0, rank1])
+    fit_model(model, 2, NormalisedGradients(sync="gramian"))
     for rank in (0, 1):
-        _assert_close(torch.load(tmp_path / f"rank{rank}.pt"), reference)
+        assert_matches(torch.load(tmp_path / f"rank{rank}.pt"), reference)
 
 
 class CoupledHeadsNet(RecordingNet):
@@ -426,9 +175,9 @@ def test_a_head_per_task_gives_every_task_gradient_from_one_backward_pass(
         monkeypatch.setattr(GradientWeighting, method, counting(name, original))
     batch = make_batch(9, seed=5)
     model = RecordingNet(str(tmp_path), [batch])
-    reference = _reference(model, batch, rep_grad)
-    _fit(model, 1, NormalisedGradients(rep_grad=rep_grad))
-    _assert_close(torch.load(tmp_path / "rank0.pt"), reference)
+    reference = reference_update(model, batch, rep_grad)
+    fit_model(model, 1, NormalisedGradients(rep_grad=rep_grad))
+    assert_matches(torch.load(tmp_path / "rank0.pt"), reference)
     where = "at heads" if rep_grad else "at parameters"
     assert passes == {"one pass": 0, "per task": 0, "at heads": 0, "at parameters": 0, where: 1}
 
@@ -449,9 +198,9 @@ def test_a_task_weighted_zero_takes_the_pass_before_backward(tmp_path, monkeypat
     batch = make_batch(9, seed=5)
     model = RecordingNet(str(tmp_path), [batch], sold_weight=0.0)
     static = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
-    reference = _reference(model, batch, rep_grad, static=static)
-    _fit(model, 1, NormalisedGradients(rep_grad=rep_grad))
-    _assert_close(torch.load(tmp_path / "rank0.pt"), reference)
+    reference = reference_update(model, batch, rep_grad, static=static)
+    fit_model(model, 1, NormalisedGradients(rep_grad=rep_grad))
+    assert_matches(torch.load(tmp_path / "rank0.pt"), reference)
     assert not in_backward
 
 
@@ -498,13 +247,13 @@ def test_host_figures_are_the_same_in_one_transfer():
 def test_heads_that_share_a_task_take_a_backward_pass_per_task(tmp_path, net, warning, rep_grad):
     batch = make_batch(9, seed=5)
     model = net(str(tmp_path), [batch])
-    reference = _reference(model, batch, rep_grad)
+    reference = reference_update(model, batch, rep_grad)
     if warning is None:
-        _fit(model, 1, NormalisedGradients(rep_grad=rep_grad))
+        fit_model(model, 1, NormalisedGradients(rep_grad=rep_grad))
     else:
         with pytest.warns(UserWarning, match=warning):
-            _fit(model, 1, NormalisedGradients(rep_grad=rep_grad))
-    _assert_close(torch.load(tmp_path / "rank0.pt"), reference)
+            fit_model(model, 1, NormalisedGradients(rep_grad=rep_grad))
+    assert_matches(torch.load(tmp_path / "rank0.pt"), reference)
 
 
 def test_bad_arguments_and_a_model_without_a_split_forward_are_refused():
@@ -531,10 +280,10 @@ def test_drop_task_leaves_a_non_finite_task_out_of_the_gradients(tmp_path, rep_g
     model.nonfinite = "drop_task"
     clean = copy.deepcopy(batch)
     clean[1]["price"][:] = torch.nan  # what dropping price must equal: no price label at all
-    reference = _reference(model, clean, rep_grad, valid=(1, 2))
+    reference = reference_update(model, clean, rep_grad, valid=(1, 2))
     with pytest.warns(UserWarning, match="left the task"):
-        _fit(model, 1, NormalisedGradients(rep_grad=rep_grad))
-    _assert_close(torch.load(tmp_path / "rank0.pt"), reference)
+        fit_model(model, 1, NormalisedGradients(rep_grad=rep_grad))
+    assert_matches(torch.load(tmp_path / "rank0.pt"), reference)
 
 
 @pytest.mark.parametrize("incoming", [1.0, 0.25])

@@ -1,0 +1,199 @@
+"""Linear heads: the Gramian and the update from the heads' factors (the gradient at their
+outputs and their weights), at the first step on the heads' views, and from the second step on
+with every head computed in one autograd node that makes no per-task gradient at all (checked
+against the views' path, which the first step checks against the hand-made reference)."""
+
+import copy
+
+import pytest
+import torch
+
+from lightning_lossagg.callbacks import gradient_weighting
+from lightning_lossagg.callbacks.gradient_weighting import (
+    _factored_combination,
+    _factored_gramian,
+)
+from tests.callbacks._recording_nets import (
+    FactoredGradients,
+    InPlaceOutputNet,
+    LinearFactorsNet,
+    NormalisedGradients,
+    OwnForwardNet,
+    RankZeroFactorsNet,
+    RecordingNet,
+    ScaledHeadOutputNet,
+    assert_matches,
+    fit_model,
+    reference_update,
+)
+from tests.models import ThreeTaskNet, concat_batches, make_batch
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize(
+    ("net", "precision", "factored"),
+    [
+        (LinearFactorsNet, "64-true", (True, True)),
+        # float32: the ranks' Gramians from the factors and from dot products have one dtype.
+        (RankZeroFactorsNet, "32-true", (True, False)),
+    ],
+)
+def test_two_rank_linear_head_factors_equal_one_process_on_the_concatenated_batch(
+    tmp_path, net, precision, factored
+):
+    dtype = torch.float64 if precision == "64-true" else torch.float32
+    rank0, rank1 = make_batch(5, seed=1), make_batch(8, seed=2)
+    rank1[1]["kind"][:] = -100
+    model = net(str(tmp_path), [_cast(rank0, dtype), _cast(rank1, dtype)])
+    reference = reference_update(model, concat_batches(rank0, rank1), rep_grad=True)
+    method = FactoredGradients(rep_grad=True)
+    method.linear_factors_from = 3  # with 3 tasks the others take dot products
+    fit_model(model, 2, method, precision)
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert tuple(result["linear_heads"] for result in results) == factored
+    torch.testing.assert_close(results[0]["weights"], results[1]["weights"], rtol=0, atol=0)
+    for result in results:
+        if dtype == torch.float64:
+            assert_matches(result, reference)
+        else:
+            torch.testing.assert_close(
+                result["weights"], reference["weights"].float(), rtol=1e-4, atol=1e-6
+            )
+
+
+def _cast(batch, dtype):
+    inputs, targets = batch
+    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in targets.items()}
+    return inputs.to(dtype), cast
+
+
+@pytest.mark.parametrize(
+    ("net", "method", "linear", "factored"),
+    [
+        (LinearFactorsNet, FactoredGradients, True, True),
+        (InPlaceOutputNet, FactoredGradients, True, True),
+        (OwnForwardNet, FactoredGradients, False, False),
+        (ScaledHeadOutputNet, FactoredGradients, False, False),
+        # 3 tasks, below linear_factors_from: the views' own gradients at the first step, one
+        # node from the second on.
+        (LinearFactorsNet, NormalisedGradients, True, False),
+        (RecordingNet, FactoredGradients, False, False),  # the sizes favour the views' gradients
+    ],
+)
+def test_linear_heads_give_the_gramian_and_update_from_their_factors(
+    tmp_path, monkeypatch, net, method, linear, factored
+):
+    calls = []
+    original = gradient_weighting._factored_gramian
+    monkeypatch.setattr(
+        gradient_weighting, "_factored_gramian", lambda *a: calls.append(1) or original(*a)
+    )
+    batch = make_batch(9, seed=5)
+    model = net(str(tmp_path), [batch])
+    reference = reference_update(model, batch, rep_grad=True)
+    fit_model(model, 1, method(rep_grad=True))
+    assert_matches(torch.load(tmp_path / "rank0.pt"), reference)
+    assert len(calls) == int(factored)
+    assert bool(model._linear_heads) is linear
+
+
+def test_factored_gramian_and_combination_equal_those_of_the_products():
+    generator = torch.Generator().manual_seed(0)
+    sizes = [1, 3, 2]
+    outputs = torch.randn(7, sum(sizes), generator=generator, dtype=torch.float64)
+    weights = torch.randn(sum(sizes), 4, generator=generator, dtype=torch.float64)
+    blocks = torch.arange(len(sizes)).repeat_interleave(torch.tensor(sizes))
+    gradients = torch.stack(
+        [(outputs[:, blocks == k] @ weights[blocks == k]).flatten() for k in range(len(sizes))]
+    )
+    factors = (outputs, weights, sizes)
+    torch.testing.assert_close(_factored_gramian(*factors), gradients @ gradients.T)
+    adaptive = torch.tensor([0.5, -2.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(
+        _factored_combination(*factors, adaptive), (adaptive @ gradients).view(7, 4)
+    )
+    ones = (outputs[:, :3], weights[:3], [1, 1, 1])  # one output per head: no block sums
+    torch.testing.assert_close(
+        _factored_gramian(*ones),
+        (outputs[:, :3].T @ outputs[:, :3]) * (weights[:3] @ weights[:3].T),
+    )
+
+
+def test_the_factors_are_used_where_they_take_fewer_operations():
+    pays = ThreeTaskNet._linear_factors_pay
+    two_heads = [torch.nn.Linear(256, 1), torch.nn.Linear(256, 1)]
+    assert pays(two_heads, torch.zeros(256, 256))
+    three = [torch.nn.Linear(8, 1), torch.nn.Linear(8, 3), torch.nn.Linear(8, 1)]
+    assert not pays(three, torch.zeros(4, 8))  # 5 outputs, 4 × 8: the products are cheaper
+    assert pays(three, torch.zeros(64, 8))
+    assert not pays([torch.nn.Linear(256, 256)] * 2, torch.zeros(256, 256))  # wide heads
+    assert not pays(two_heads, torch.zeros(4, 8, 256))  # not a matrix: the views' gradients
+
+
+class SecondKindCallNet(LinearFactorsNet):
+    """From the second step on, kind's head is called a second time (the output unused)."""
+
+    def forward_heads(self, shared):
+        predictions = ThreeTaskNet.forward_heads(self, shared)
+        if self.global_step >= 1:
+            self.heads["kind"](shared)
+        return predictions
+
+
+def _with_views_throughout(model):
+    views = copy.deepcopy(model)
+    views._predict_with_linear_heads = lambda *args: None
+    return views
+
+
+@pytest.mark.parametrize(
+    ("net", "method", "one_node"),
+    [
+        (LinearFactorsNet, FactoredGradients, [True, True]),
+        (LinearFactorsNet, NormalisedGradients, [True, True]),
+        (InPlaceOutputNet, NormalisedGradients, [True, True]),
+        (SecondKindCallNet, NormalisedGradients, [False]),  # refused once, then the views
+    ],
+)
+def test_heads_in_one_node_give_the_weights_and_update_of_the_views(
+    tmp_path, net, method, one_node
+):
+    batch = make_batch(9, seed=5)
+    batch[1]["sold"][:4] = float("nan")  # a task with fewer valid samples
+    model = net(str(tmp_path), [batch])
+    views = _with_views_throughout(model)
+    fit_model(model, 1, method(rep_grad=True), steps=3)
+    fit_model(views, 1, method(rep_grad=True), steps=3)
+    assert model.one_node_steps == one_node
+    assert bool(model._linear_heads) is all(one_node)
+    assert len(model.records) == len(views.records) == 3
+    assert not torch.equal(model.records[0]["weights"], model.records[2]["weights"])
+    for index, (record, expected) in enumerate(zip(model.records, views.records, strict=True)):
+        assert_matches(record, expected)
+        assert all(grad.abs().sum() > 0 for grad in record["grads"].values()), index
+
+
+def test_heads_under_autocast_keep_their_views(tmp_path):
+    batch = _cast(make_batch(9, seed=5), torch.float32)
+    model = LinearFactorsNet(str(tmp_path), [batch])
+    fit_model(model, 1, NormalisedGradients(rep_grad=True), precision="bf16-mixed", steps=2)
+    assert model._linear_heads and model.one_node_steps == [False]
+    assert all(grad.isfinite().all() for grad in model.records[-1]["grads"].values())
+
+
+@pytest.mark.ddp
+def test_two_ranks_with_heads_in_one_node_equal_one_process_on_the_concatenated_batch(tmp_path):
+    rank0, rank1 = make_batch(5, seed=1), make_batch(8, seed=2)
+    rank1[1]["kind"][:] = -100
+    (tmp_path / "ranks").mkdir()
+    model = LinearFactorsNet(str(tmp_path / "ranks"), [rank0, rank1])
+    one_process = copy.deepcopy(model)
+    one_process.out_dir, one_process.rank_batches = str(tmp_path), [concat_batches(rank0, rank1)]
+    fit_model(model, 2, FactoredGradients(rep_grad=True), steps=2)
+    fit_model(one_process, 1, FactoredGradients(rep_grad=True), steps=2)
+    results = [torch.load(tmp_path / "ranks" / f"rank{rank}.pt") for rank in (0, 1)]
+    assert [result["one_node"] for result in results] == [[True], [True]]
+    assert one_process.one_node_steps == [True]
+    torch.testing.assert_close(results[0]["weights"], results[1]["weights"], rtol=0, atol=0)
+    for result in results:
+        assert_matches(result, one_process.records[-1])
