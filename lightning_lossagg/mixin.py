@@ -179,9 +179,14 @@ class MultiTaskMixin:
                 predictions = self._predict_with_linear_heads(heads, shared, detached, split)
                 if predictions is not None:
                     return predictions
-            views = weighting.views_at_heads(self, split, shared, detached)  # type: ignore[arg-type]
             if weighting.takes_linear_factors and self._linear_heads is not False:
                 watch = split
+            if weighting.weighs_heads:
+                # The views' heads have their gradients before the weights: the pass before
+                # backward (the layout is still checked for heads in one node).
+                split = None
+            else:
+                views = weighting.views_at_heads(self, split, shared, detached)  # type: ignore[arg-type]
         with HeadInputs(heads.modules, detached, views, watch) as head_inputs:
             predictions = self.forward_heads(detached)  # type: ignore[attr-defined]
         copies = head_inputs.created()
@@ -197,7 +202,7 @@ class MultiTaskMixin:
                 self._linear_heads = self._linear_factors_pay(heads.modules, detached) and (
                     linear_heads_factor(predictions, self.task_names, copies, outputs)
                 )
-            if not self._linear_heads or not split.wants_linear_factors:  # type: ignore[union-attr]
+            if not self._linear_heads or not watch.wants_linear_factors:
                 watch.forget_linear_heads()
         self.shared_representation = SharedRepresentation(
             shared, (detached, *copies), per_task, split if per_task is not None else None

@@ -90,6 +90,9 @@ class GradientsAtHeads:
         self.linear_outputs: list[tuple[Any, int] | None] = [None] * num_tasks
         self._linear_weights: list[Tensor | None] = [None] * num_tasks
         self._output_grads: list[Tensor | None] = [None] * num_tasks
+        # Set by a receiver whose method weighs the heads too (Nash-MTL): head k's gradients
+        # times head_scales[k] (on the device), applied by linear_heads' node.
+        self.head_scales: Tensor | None = None
 
     def views(
         self, representation: Tensor, parameters: Sequence[Tensor] = ()
@@ -181,12 +184,6 @@ class _LinearHeads(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         representation, *_ = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        parameter_grads: list[Tensor | None] = []
-        for index, (grad, has_bias) in enumerate(zip(grads, ctx.has_bias, strict=True)):
-            weight_needed, bias_needed = needs[2 + 2 * index], needs[3 + 2 * index]
-            parameter_grads.append(grad.t() @ representation if weight_needed else None)
-            parameter_grads.append(grad.sum(0) if has_bias and bias_needed else None)
         split = ctx.split
         receiver, factor = split._receiver, split._factor
         split._receiver = split._factor = None
@@ -194,6 +191,15 @@ class _LinearHeads(torch.autograd.Function):
         if receiver is not None and factor is not None:
             split._output_grads = list(grads)
             representation_grad, _ = receiver((), factor)
+        scales, split.head_scales = split.head_scales, None
+        if scales is not None:
+            grads = tuple(grad * scale for grad, scale in zip(grads, scales.unbind(), strict=True))
+        needs = ctx.needs_input_grad
+        parameter_grads: list[Tensor | None] = []
+        for index, (grad, has_bias) in enumerate(zip(grads, ctx.has_bias, strict=True)):
+            weight_needed, bias_needed = needs[2 + 2 * index], needs[3 + 2 * index]
+            parameter_grads.append(grad.t() @ representation if weight_needed else None)
+            parameter_grads.append(grad.sum(0) if has_bias and bias_needed else None)
         return (None, representation_grad, *parameter_grads)
 
 

@@ -46,12 +46,16 @@ class WeightingCallback(L.Callback):
             from linear heads' factors (:meth:`~lightning_lossagg.representation.
             GradientsAtHeads.linear_factors`) when they are given: the mixin may then compute
             ``nn.Linear`` heads in one autograd node that hands over only those.
+        weighs_heads: the heads take the method's weights too (Nash-MTL's update): weighing in
+            backward is then left to heads in one node, which scale the heads' gradients once
+            the weights are known (the views' heads have their gradients before that).
     """
 
     separate_task_terms: bool = False
     splits_forward: bool = False
     weighs_in_backward: bool = False
     takes_linear_factors: bool = False
+    weighs_heads: bool = False
 
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
         """The weights ``w`` (shape ``[K]``, detached) for this training step."""

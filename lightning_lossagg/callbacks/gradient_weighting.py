@@ -221,7 +221,12 @@ class GradientWeighting(WeightingCallback):
             split = pl_module.shared_representation.split  # type: ignore[attr-defined]
 
             def receive(grads: tuple[Tensor, ...], factor: Tensor) -> BackwardGradients:
-                return self._weigh_at_heads(grads, factor, pending, split.linear_factors()), ()
+                linear = split.linear_factors()
+                direction = self._weigh_at_heads(grads, factor, pending, linear)
+                if self.weighs_heads:  # heads in one node: they take the weights too
+                    assert linear is not None
+                    split.head_scales = pending.weights / pending.static
+                return direction, ()
 
         else:
             output = pl_module.shared_representation.output  # type: ignore[attr-defined]

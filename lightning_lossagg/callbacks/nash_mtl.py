@@ -37,7 +37,9 @@ class NashMTL(GradientWeighting):
     Update: LibMTL's, which differs from the other gradient methods' on the heads. The gradient
     is that of the weighted sum :math:`\sum_k \alpha_k L_k` (times ``Task.weight``), so the heads
     get :math:`\alpha_k`-weighted gradients too (on a solving step through the base's surrogate,
-    with no second backward; in between, the plain weighted sum); then, before every optimizer
+    with no second backward, or, solving at every step with ``nn.Linear`` heads and
+    ``rep_grad=True``, inside the one backward, where the heads' node scales their gradients; in
+    between, the plain weighted sum); then, before every optimizer
     step, the global (DDP-averaged, accumulated) gradient of the shared parameters is clipped to
     norm ``max_norm`` with ``torch.nn.utils.clip_grad_norm_``, exactly LibMTL's call (the heads
     are not clipped).
@@ -66,8 +68,9 @@ class NashMTL(GradientWeighting):
         >>> callback = NashMTL(update_weights_every=1, max_norm=1.0)
     """
 
-    # The heads take the weights too (LibMTL's update): they must be known before backward.
-    may_weigh_in_backward = False
+    # The heads take the weights too (LibMTL's update): they are known before backward, or
+    # (solving at every step, with linear heads in one node) scale the heads' gradients there.
+    weighs_heads = True
 
     def __init__(
         self,
@@ -93,6 +96,8 @@ class NashMTL(GradientWeighting):
                 f"{max_norm!r}."
             )
         self.update_weights_every = update_weights_every
+        # Weighing in backward solves at every step.
+        self.may_weigh_in_backward = update_weights_every == 1  # type: ignore[misc]
         self.max_norm = float(max_norm)
         self._num_tasks = 0
         self._previous: Tensor | None = None

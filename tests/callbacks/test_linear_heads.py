@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from lightning_lossagg.callbacks import gradient_weighting
+from lightning_lossagg.callbacks import NashMTL, gradient_weighting
 from lightning_lossagg.callbacks.gradient_weighting import (
     _factored_combination,
     _factored_gramian,
@@ -153,6 +153,8 @@ def _with_views_throughout(model):
         (LinearFactorsNet, NormalisedGradients, [True, True]),
         (InPlaceOutputNet, NormalisedGradients, [True, True]),
         (SecondKindCallNet, NormalisedGradients, [False]),  # refused once, then the views
+        # Its heads take its weights too: one node, or the pass before backward (not the views).
+        (LinearFactorsNet, NashMTL, [True, True]),
     ],
 )
 def test_heads_in_one_node_give_the_weights_and_update_of_the_views(
