@@ -184,15 +184,18 @@ def test_heads_under_autocast_keep_their_views(tmp_path):
 
 
 @pytest.mark.ddp
-def test_two_ranks_with_heads_in_one_node_equal_one_process_on_the_concatenated_batch(tmp_path):
+@pytest.mark.parametrize("method", [FactoredGradients, NashMTL])
+def test_two_ranks_with_heads_in_one_node_equal_one_process_on_the_concatenated_batch(
+    tmp_path, method
+):
     rank0, rank1 = make_batch(5, seed=1), make_batch(8, seed=2)
     rank1[1]["kind"][:] = -100
     (tmp_path / "ranks").mkdir()
     model = LinearFactorsNet(str(tmp_path / "ranks"), [rank0, rank1])
     one_process = copy.deepcopy(model)
     one_process.out_dir, one_process.rank_batches = str(tmp_path), [concat_batches(rank0, rank1)]
-    fit_model(model, 2, FactoredGradients(rep_grad=True), steps=2)
-    fit_model(one_process, 1, FactoredGradients(rep_grad=True), steps=2)
+    fit_model(model, 2, method(rep_grad=True), steps=2)
+    fit_model(one_process, 1, method(rep_grad=True), steps=2)
     results = [torch.load(tmp_path / "ranks" / f"rank{rank}.pt") for rank in (0, 1)]
     assert [result["one_node"] for result in results] == [[True], [True]]
     assert one_process.one_node_steps == [True]
