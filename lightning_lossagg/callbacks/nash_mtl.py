@@ -17,6 +17,8 @@ from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sy
 from lightning_lossagg.functional._qp import symmetric_matrix
 from lightning_lossagg.functional.nash_mtl import MAX_ITER, nash_mtl_weights
 
+_EPS = float(np.finfo(np.float64).eps)
+
 
 class NashMTL(GradientWeighting):
     r"""Nash-MTL (Navon et al., 2022), with LibMTL's update and gradient clipping.
@@ -129,17 +131,15 @@ class NashMTL(GradientWeighting):
     @override
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
         assert self.valid_tasks is not None
-        previous = self._previous
-        if previous is None:
-            previous = torch.ones(self._num_tasks, dtype=torch.float64)
-        start = previous[self.valid_tasks].numpy()
-        eps = float(np.finfo(np.float64).eps)
-        matrix = symmetric_matrix(gramian)
-        weights = torch.from_numpy(nash_mtl_weights(matrix, start, 0.0, MAX_ITER, eps))
-        previous = previous.clone()
-        previous[self.valid_tasks] = weights.to(previous)
-        self._previous = previous
-        return weights
+        # In NumPy: torch's boolean indexing costs several times the solve's own steps here.
+        previous = np.ones(self._num_tasks) if self._previous is None else self._previous.numpy()
+        valid = self.valid_tasks.numpy()
+        start = previous[valid]
+        weights = nash_mtl_weights(symmetric_matrix(gramian), start, 0.0, MAX_ITER, _EPS)
+        updated = previous.copy()
+        updated[valid] = weights
+        self._previous = torch.from_numpy(updated)
+        return torch.from_numpy(weights)
 
     @override
     def backward_objective(
