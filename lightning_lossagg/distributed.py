@@ -7,6 +7,7 @@ a single process, so counting its calls counts the library's collectives. :class
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -80,11 +81,12 @@ class HostCopy:
 
 
 def to_device(
-    values: list[float] | Tensor, like: Tensor, dtype: torch.dtype | None = None
+    values: list[float] | np.ndarray | Tensor, like: Tensor, dtype: torch.dtype | None = None
 ) -> Tensor:
-    """Host ``values`` as a tensor on ``like``'s device, in ``dtype`` (default: ``like``'s, at
-    least float32). On CUDA the copy is queued from pinned memory: the host does not wait for the
-    work queued before it (a copy from pageable memory would)."""
+    """Host ``values`` (floats, a NumPy array or a CPU tensor) as a tensor on ``like``'s device,
+    in ``dtype`` (default: ``like``'s, at least float32). On CUDA the copy is queued from pinned
+    memory: the host does not wait for the work queued before it (a copy from pageable memory
+    would)."""
     dtype = dtype or torch.promote_types(like.dtype, torch.float32)
     if like.device.type == "cuda":
         tensor = torch.as_tensor(values, dtype=dtype)

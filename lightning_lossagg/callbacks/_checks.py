@@ -71,6 +71,11 @@ class LossesReadLater:
     def clear(self) -> None:
         self._unread = []
 
+    @property
+    def pending(self) -> bool:
+        """Whether some step's losses are still unread."""
+        return bool(self._unread)
+
     def first_offending(
         self, task_names: tuple[str, ...], offends: Callable[[float], bool]
     ) -> tuple[int, str] | None:

@@ -48,6 +48,10 @@ class DBMTL(GradientWeighting):
     the state, updated at every training step (micro-batch), in ``state_dict``. Under DDP the
     per-task gradients are all-reduced first (``sync="gradients"``, the only choice): the buffer
     is global and identical on every rank, so one rank's checkpoint resumes every rank exactly.
+    A global task loss < 0, whose logarithm does not exist, stops training with a ValueError
+    naming the task and the step; read from a host copy at the optimizer step (no wait for the
+    device in the step), it raises before that step updates the model, and the buffer and
+    counter are put back as they were before it.
     A task without a valid sample in a step keeps its buffered gradient and is left out of that
     step's :math:`d`; LibMTL has no such case.
 
@@ -104,6 +108,7 @@ class DBMTL(GradientWeighting):
         self._balance: Tensor | None = None
         self._task_names: tuple[str, ...] = ()
         self._unchecked = LossesReadLater()
+        self._state_before_check: tuple[Tensor | None, int] = (None, 0)
 
     @property
     @override
@@ -127,7 +132,10 @@ class DBMTL(GradientWeighting):
         self._gramian, self._gramian_valid = _gramian(jacobian).detach(), step.valid
         usable = usable_tasks(step)
         losses = torch.where(usable, step.losses, 1.0).to(jacobian.dtype)
-        # The losses < 0 are refused at the optimizer step, read without stalling the device.
+        # The losses < 0 are refused at the optimizer step, read without stalling the device;
+        # the state from before the first unread step is then put back.
+        if not self._unchecked.pending:
+            self._state_before_check = (self._buffer, self._step)
         self._unchecked.add(pl_module.trainer.global_step, losses)
         self._step += 1
         beta, sigma = self.beta, self.beta_sigma
@@ -148,6 +156,7 @@ class DBMTL(GradientWeighting):
         offending = self._unchecked.first_offending(self._task_names, lambda loss: loss < 0)
         if offending is not None:
             global_step, tasks = offending
+            self._buffer, self._step = self._state_before_check
             raise ValueError(
                 f"DBMTL trains on the logarithm of every task loss, but the global loss of task(s) "
                 f"{tasks} was < 0 at global step {global_step}. Shift that task's loss to be >= 0, "

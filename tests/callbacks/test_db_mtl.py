@@ -134,12 +134,21 @@ def test_a_buffer_of_another_model_is_refused():
         method.load_state_dict({"buffer": torch.zeros(3, 7, dtype=torch.float64), "step": 1})
 
 
-def test_a_negative_loss_is_refused_before_the_optimizer_step():
+def test_a_negative_loss_is_refused_before_the_optimizer_step_and_loses_nothing():
     # Read on the host at the optimizer step (no wait for the device inside the step).
-    model, after_step = SignedPriceNet().double(), ParametersAfterEachStep()
     batches = signed_price_batches(3, negative_at=1)
+    torch.manual_seed(0)
+    model, after_step, method = SignedPriceNet().double(), ParametersAfterEachStep(), DBMTL()
     with pytest.raises(ValueError, match=r"'price' \(-[0-9.]+\) was < 0 at global step 1"):
-        trainer([DBMTL(), after_step], max_epochs=1).fit(model, DataLoader(batches, None))
+        trainer([method, after_step], max_epochs=1).fit(model, DataLoader(batches, None))
     assert len(after_step.parameters) == 1
     for name, value in model.state_dict().items():
         assert torch.equal(value, after_step.parameters[-1][name]), name  # step 1 never applied
+    torch.manual_seed(0)
+    first_step_only = DBMTL()
+    trainer([first_step_only], max_epochs=1).fit(
+        SignedPriceNet().double(), DataLoader(batches[:1], None)
+    )
+    expected = first_step_only.state_dict()
+    assert method.state_dict()["step"] == expected["step"] == 1
+    torch.testing.assert_close(method.state_dict()["buffer"], expected["buffer"], rtol=0, atol=0)
