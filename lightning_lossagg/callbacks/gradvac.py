@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 from typing_extensions import override
@@ -14,7 +15,8 @@ from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks._checks import check_non_negative_int, require_multitask
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sync
 from lightning_lossagg.callbacks.rlw import step_seed
-from lightning_lossagg.functional.gradvac import gradvac
+from lightning_lossagg.functional._qp import symmetric_matrix
+from lightning_lossagg.functional.gradvac import gradvac_weights, task_orders
 
 
 class GradVac(GradientWeighting):
@@ -94,16 +96,20 @@ class GradVac(GradientWeighting):
     @override
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
         assert self.valid_tasks is not None
-        targets = self._targets
-        if targets is None:
-            targets = torch.zeros(self._num_tasks, self._num_tasks, dtype=torch.float64)
-        index = self.valid_tasks.nonzero().flatten()
-        pairs = (index.unsqueeze(1), index)
-        weights, new_targets = gradvac(gramian, targets[pairs], self.beta, self._generator)
-        targets = targets.clone()
-        targets[pairs] = new_targets.to(targets)
-        self._targets = targets
-        return weights
+        # In NumPy and Python floats: torch's indexing and scalar operations cost microseconds
+        # each, the whole method a few more.
+        size = self._num_tasks
+        targets = np.zeros((size, size)) if self._targets is None else self._targets.numpy()
+        index = np.flatnonzero(self.valid_tasks.numpy())
+        pairs = np.ix_(index, index)
+        orders = task_orders(len(index), self._generator)
+        current = np.clip(targets[pairs], -1.0, 1.0)
+        matrix = symmetric_matrix(gramian)
+        weights, new_targets = gradvac_weights(matrix, current, self.beta, orders)
+        updated = targets.copy()
+        updated[pairs] = new_targets
+        self._targets = torch.from_numpy(updated)
+        return torch.tensor(weights, dtype=torch.float64)
 
     @override
     def pairwise_state_to_log(self) -> dict[str, Tensor]:

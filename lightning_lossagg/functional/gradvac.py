@@ -1,5 +1,8 @@
 """GradVac: pull the cosine similarity of every pair of task gradients up to an adaptive target."""
 
+import math
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -7,6 +10,7 @@ from lightning_lossagg.functional._qp import validated_gramian
 
 # Floor of sqrt(1 - target^2): a target of +-1 asks for an infinite correction.
 _MIN_SINE = 1e-8
+_EPS = float(np.finfo(np.float64).eps)
 
 
 def gradvac(
@@ -83,25 +87,70 @@ def gradvac(
                 "returned by the previous call of gradvac; pass None at the first step."
             )
         ema = ema.clamp(-1.0, 1.0)
-    squared_norms = matrix.diagonal()
-    nonzero = squared_norms > num_tasks * torch.finfo(torch.float64).eps * squared_norms.max()
-    norms = squared_norms.clamp(min=0.0).sqrt()
-    coefficients = torch.eye(num_tasks, dtype=torch.float64)
+    orders = task_orders(num_tasks, generator)
+    weights, new_ema = gradvac_weights(matrix.numpy(), ema.numpy(), beta, orders)
+    options = {"dtype": gramian.dtype, "device": gramian.device}
+    float64 = torch.float64
+    return torch.tensor(weights, dtype=float64).to(**options), torch.tensor(
+        new_ema, dtype=float64
+    ).to(**options)
+
+
+def task_orders(num_tasks: int, generator: torch.Generator | None) -> list[list[int]]:
+    """Per task ``i``, the order in which the other tasks are visited: ``torch.randperm(K - 1)``
+    drawn from ``generator`` for ``i = 0 … K-1`` in turn (torchjd's draws)."""
+    return [torch.randperm(num_tasks - 1, generator=generator).tolist() for _ in range(num_tasks)]
+
+
+def gradvac_weights(
+    matrix: np.ndarray, targets: np.ndarray, beta: float, orders: list[list[int]]
+) -> tuple[list[float], list[list[float]]]:
+    """:func:`gradvac` on a symmetric float64 Gramian and targets in [-1, 1] (unchecked), with
+    the visiting orders drawn (:func:`task_orders`), in Python floats: ``K (K - 1)`` visits of
+    O(K) each (``<g_i^{PC}, g_k>`` is updated with each correction, not recomputed), where
+    torch's scalar operations cost microseconds each."""
+    gramian, ema = matrix.tolist(), targets.tolist()
+    num_tasks = len(gramian)
+    squared = [gramian[i][i] for i in range(num_tasks)]
+    nonzero = [value > num_tasks * _EPS * max(squared) for value in squared]
+    norms = [math.sqrt(max(value, 0.0)) for value in squared]
+    weights = [0.0] * num_tasks
     for i in range(num_tasks):
         others = [j for j in range(num_tasks) if j != i]
-        for index in torch.randperm(num_tasks - 1, generator=generator).tolist():
+        coefficients = [0.0] * num_tasks
+        coefficients[i] = 1.0
+        dots = list(gramian[i])  # <g_i^PC, g_k> for every task k
+        squared_norm = squared[i]  # ||g_i^PC||^2
+        for index in orders[i]:
             j = others[index]
-            dots = coefficients[i] @ matrix  # <g_i^PC, g_k> for every task k
-            norm_i = (dots @ coefficients[i]).clamp(min=0.0).sqrt()
-            cosine = torch.zeros((), dtype=torch.float64)
-            if nonzero[i] and nonzero[j]:
-                cosine = (dots[j] / (norm_i * norms[j])).clamp(-1.0, 1.0)
-            target = ema[i, j]
-            if nonzero[i] and nonzero[j] and cosine < target:
-                target_sine = (1 - target**2).sqrt().clamp(min=_MIN_SINE)
-                numerator = target * (1 - cosine**2).sqrt() - cosine * target_sine
-                coefficients[i, j] += norm_i * numerator / (norms[j] * target_sine)
-            ema[i, j] = (1 - beta) * target + beta * cosine
-    weights = coefficients.sum(dim=0)
-    options = {"dtype": gramian.dtype, "device": gramian.device}
-    return weights.to(**options), ema.to(**options)
+            norm_i = math.sqrt(max(squared_norm, 0.0))
+            both = nonzero[i] and nonzero[j]
+            cosine = _clamped_ratio(dots[j], norm_i * norms[j]) if both else 0.0
+            target = ema[i][j]
+            if both and cosine < target:
+                target_sine = max(math.sqrt(1 - target * target), _MIN_SINE)
+                numerator = target * math.sqrt(1 - cosine * cosine) - cosine * target_sine
+                step = norm_i * numerator / (norms[j] * target_sine)
+                coefficients[j] += step
+                dots = _row_times(coefficients, gramian)
+                squared_norm = sum(c * dot for c, dot in zip(coefficients, dots, strict=True))
+            ema[i][j] = (1 - beta) * target + beta * cosine
+        weights = [w + c for w, c in zip(weights, coefficients, strict=True)]
+    return weights, ema
+
+
+def _row_times(row: list[float], matrix: list[list[float]]) -> list[float]:
+    """``row @ matrix`` in Python floats, skipping the zeros of ``row`` (most of it)."""
+    result = [0.0] * len(matrix)
+    for value, line in zip(row, matrix, strict=True):
+        if value:
+            result = [r + value * m for r, m in zip(result, line, strict=True)]
+    return result
+
+
+def _clamped_ratio(numerator: float, denominator: float) -> float:
+    """``numerator / denominator`` clamped to [-1, 1], as torch computes it (±1 for a zero
+    denominator, NaN for 0 / 0)."""
+    if denominator == 0.0:
+        return math.copysign(1.0, numerator) if numerator != 0.0 else math.nan
+    return min(max(numerator / denominator, -1.0), 1.0)
