@@ -58,6 +58,7 @@ METHODS: dict[str, tuple[Callable[..., GradientWeighting], Callable[[int], objec
     "upgrad": (callbacks.UPGrad, lambda k: aggregation.UPGrad()),
     "aligned_mtl": (callbacks.AlignedMTL, lambda k: aggregation.AlignedMTL()),
     "nash_mtl": (callbacks.NashMTL, lambda k: aggregation.NashMTL(n_tasks=k)),
+    "gradvac": (callbacks.GradVac, lambda k: aggregation.GradVac()),
 }
 
 
