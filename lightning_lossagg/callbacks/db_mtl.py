@@ -20,7 +20,7 @@ from lightning_lossagg.callbacks.gradient_weighting import (
     _scaled_sum_over_ranks,
     task_jacobian,
 )
-from lightning_lossagg.functional.db_mtl import LOG_EPS, db_mtl, db_mtl_weights
+from lightning_lossagg.functional.db_mtl import LOG_EPS, db_mtl, db_mtl_buffer_weights
 
 
 class DBMTL(GradientWeighting):
@@ -109,6 +109,7 @@ class DBMTL(GradientWeighting):
         self._task_names: tuple[str, ...] = ()
         self._unchecked = LossesReadLater()
         self._state_before_check: tuple[Tensor | None, int] = (None, 0)
+        self._logged_jacobian: Tensor | None = None  # the step's, for grad_cos when logged
 
     @property
     @override
@@ -129,7 +130,9 @@ class DBMTL(GradientWeighting):
         self._shared_parameters = pl_module.shared_parameters()  # type: ignore[operator]
         jacobian = task_jacobian(step, self._shared_parameters)
         jacobian = _scaled_sum_over_ranks(jacobian, 1 / distributed.world_size())
-        self._gramian, self._gramian_valid = _gramian(jacobian).detach(), step.valid
+        # The Gramian (K²·P operations) only for the steps whose grad_cos is logged.
+        self._gramian, self._gramian_valid = None, step.valid
+        self._logged_jacobian = jacobian
         usable = usable_tasks(step)
         losses = torch.where(usable, step.losses, 1.0).to(jacobian.dtype)
         # The losses < 0 are refused at the optimizer step, read without stalling the device;
@@ -146,7 +149,7 @@ class DBMTL(GradientWeighting):
         self._buffer = torch.where(usable.unsqueeze(1), updated, previous.to(updated))
         present = torch.where(usable.unsqueeze(1), self._buffer, 0.0)
         self._present_buffer = present
-        self._balance = db_mtl_weights(present @ present.T, validate_args=False)
+        self._balance = db_mtl_buffer_weights(present)
         return torch.where(usable, 1.0 / (step.losses + LOG_EPS), 0.0)
 
     @override
@@ -186,6 +189,12 @@ class DBMTL(GradientWeighting):
             surrogate = surrogate + (parameter * grad).sum()
             offset += size
         return surrogate
+
+    @override
+    def pairwise_state_to_log(self) -> dict[str, Tensor]:
+        if self._logged_jacobian is not None:
+            self._gramian, self._logged_jacobian = _gramian(self._logged_jacobian), None
+        return super().pairwise_state_to_log()
 
     @override
     def state_to_log(self) -> dict[str, Tensor]:

@@ -45,6 +45,19 @@ def db_mtl_weights(buffer_gramian: Tensor, *, validate_args: bool = True) -> Ten
     return weights.to(dtype=buffer_gramian.dtype, device=buffer_gramian.device)
 
 
+def db_mtl_buffer_weights(buffer: Tensor) -> Tensor:
+    """:func:`db_mtl_weights` from the [K, P] buffer itself, by the norms of its rows (K·P
+    operations, where the Gramian takes K²·P), unchecked, on the buffer's device and in its dtype.
+
+    Example:
+        >>> import torch
+        >>> from lightning_lossagg.functional.db_mtl import db_mtl_buffer_weights
+        >>> db_mtl_buffer_weights(torch.tensor([[2.0, 0.0], [0.0, 1.0]]))
+        tensor([1., 2.])
+    """
+    return _balancing_weights(torch.linalg.vector_norm(buffer.detach(), dim=1))
+
+
 def db_mtl(
     grads: Tensor,
     buffer: Tensor | None,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from lightning_lossagg.functional.db_mtl import db_mtl, db_mtl_weights
+from lightning_lossagg.functional.db_mtl import db_mtl, db_mtl_buffer_weights, db_mtl_weights
 from tests.functional._jacobians import as_params, degenerate_jacobians, random_jacobians
 
 
@@ -125,3 +125,12 @@ def test_validate_args_false_skips_only_the_checks() -> None:
     )
     with pytest.raises(ValueError, match="symmetric"):
         db_mtl_weights(torch.tensor([[1.0, 2.0], [0.0, 1.0]]))
+
+
+@pytest.mark.parametrize("jacobian", as_params(random_jacobians(num_tasks=[2, 5])))
+def test_buffer_weights_equal_those_of_the_buffer_gramian(jacobian: Tensor) -> None:
+    torch.testing.assert_close(
+        db_mtl_buffer_weights(jacobian), db_mtl_weights(jacobian @ jacobian.T)
+    )
+    zero_row = torch.cat([jacobian, torch.zeros(1, jacobian.shape[1], dtype=jacobian.dtype)])
+    assert db_mtl_buffer_weights(zero_row)[-1] == 0.0
