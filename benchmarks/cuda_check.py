@@ -109,7 +109,7 @@ def _sync_sites(make: Callable[[], L.LightningModule], methods: list[L.Callback]
         ours = [f for f in stack if f.filename.startswith(package)]
         # Else the innermost caller of torch, outside the warnings machinery.
         theirs = [f for f in stack if not f.filename.endswith(("warnings.py", "cuda_check.py"))]
-        theirs = [f for f in theirs if "/torch/" not in f.filename]
+        theirs = [f for f in theirs if "site-packages/torch/" not in f.filename]
         where = (ours or theirs)[-1]
         owner = "" if ours else "elsewhere: "
         sites[f"{owner}{Path(where.filename).name}:{where.lineno} {where.name}"] += 1
