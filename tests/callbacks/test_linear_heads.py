@@ -5,8 +5,10 @@ against the views' path, which the first step checks against the hand-made refer
 
 import copy
 
+import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from lightning_lossagg.callbacks import NashMTL, gradient_weighting
 from lightning_lossagg.callbacks.gradient_weighting import (
@@ -202,3 +204,32 @@ def test_two_ranks_with_heads_in_one_node_equal_one_process_on_the_concatenated_
     torch.testing.assert_close(results[0]["weights"], results[1]["weights"], rtol=0, atol=0)
     for result in results:
         assert_matches(result, one_process.records[-1])
+
+
+class SeveralBatchesNet(LinearFactorsNet):
+    def train_dataloader(self):
+        return DataLoader(self.rank_batches, batch_size=None)
+
+
+@pytest.mark.parametrize("method", [FactoredGradients, NashMTL])
+def test_heads_in_one_node_under_gradient_accumulation_give_what_the_views_give(tmp_path, method):
+    # Each micro-batch's loss is scaled by 1/2 before backward: the node's gradients carry it.
+    model = SeveralBatchesNet(str(tmp_path), [make_batch(7, seed=seed) for seed in range(4)])
+    views = _with_views_throughout(model)
+    for fitted in (model, views):
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_epochs=1,
+            precision="64-true",
+            accumulate_grad_batches=2,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[method(rep_grad=True)],
+        )
+        trainer.fit(fitted)
+    assert model.one_node_steps == [True, True, True]
+    assert len(model.records) == len(views.records) == 2
+    for record, expected in zip(model.records, views.records, strict=True):
+        assert_matches(record, expected)
