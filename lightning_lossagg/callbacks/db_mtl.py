@@ -20,7 +20,7 @@ from lightning_lossagg.callbacks.gradient_weighting import (
     _scaled_sum_over_ranks,
     task_jacobian,
 )
-from lightning_lossagg.functional.db_mtl import LOG_EPS, db_mtl, db_mtl_buffer_weights
+from lightning_lossagg.functional.db_mtl import LOG_EPS, db_mtl_buffer, db_mtl_buffer_weights
 
 
 class DBMTL(GradientWeighting):
@@ -141,9 +141,8 @@ class DBMTL(GradientWeighting):
             self._state_before_check = (self._buffer, self._step)
         self._unchecked.add(pl_module.trainer.global_step, losses)
         self._step += 1
-        beta, sigma = self.beta, self.beta_sigma
-        _, updated = db_mtl(
-            jacobian, self._buffer, self._step, beta, sigma, losses, validate_args=False
+        updated = db_mtl_buffer(
+            jacobian, self._buffer, self._step, self.beta, self.beta_sigma, losses
         )
         previous = torch.zeros_like(updated) if self._buffer is None else self._buffer
         self._buffer = torch.where(usable.unsqueeze(1), updated, previous.to(updated))

@@ -7,7 +7,7 @@ is ``d = sum_i w_i g_i`` at the scale of LibMTL's default implementation (UPGrad
 
 from lightning_lossagg.functional.aligned_mtl import aligned_mtl
 from lightning_lossagg.functional.cagrad import cagrad
-from lightning_lossagg.functional.db_mtl import db_mtl, db_mtl_buffer_weights, db_mtl_weights
+from lightning_lossagg.functional.db_mtl import db_mtl, db_mtl_weights
 from lightning_lossagg.functional.dwa import dwa
 from lightning_lossagg.functional.famo import famo_logit_gradient, famo_weights
 from lightning_lossagg.functional.gls import gls, gls_weights
@@ -26,7 +26,6 @@ __all__ = [
     "aligned_mtl",
     "cagrad",
     "db_mtl",
-    "db_mtl_buffer_weights",
     "db_mtl_weights",
     "dwa",
     "famo_logit_gradient",

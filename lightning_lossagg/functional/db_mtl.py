@@ -16,7 +16,7 @@ def _balancing_weights(norms: Tensor) -> Tensor:
     return torch.where(nonzero, largest / torch.where(nonzero, norms, 1.0), 0.0)
 
 
-def db_mtl_weights(buffer_gramian: Tensor, *, validate_args: bool = True) -> Tensor:
+def db_mtl_weights(buffer_gramian: Tensor) -> Tensor:
     r"""Weights of DB-MTL on the *buffered* gradients, from their Gramian.
 
     .. math:: \alpha_k = \frac{\max_j \lVert b_j \rVert}{\lVert b_k \rVert}, \qquad
@@ -28,8 +28,6 @@ def db_mtl_weights(buffer_gramian: Tensor, *, validate_args: bool = True) -> Ten
 
     Args:
         buffer_gramian: the [K, K] Gramian :math:`B_{ij} = \langle b_i, b_j \rangle` of the buffer.
-        validate_args: check the Gramian (square, finite, symmetric: one device-to-host sync);
-            ``False`` computes on its device without waiting for it.
 
     Returns:
         Weights of shape [K] (detached) with the Gramian's dtype and device.
@@ -40,8 +38,8 @@ def db_mtl_weights(buffer_gramian: Tensor, *, validate_args: bool = True) -> Ten
         >>> db_mtl_weights(torch.tensor([[4.0, 0.0], [0.0, 1.0]]))
         tensor([1., 2.])
     """
-    checked = validated_gramian(buffer_gramian) if validate_args else buffer_gramian.detach()
-    weights = _balancing_weights(checked.diagonal().clamp(min=0.0).sqrt())
+    norms = validated_gramian(buffer_gramian).diagonal().clamp(min=0.0).sqrt()
+    weights = _balancing_weights(norms)
     return weights.to(dtype=buffer_gramian.dtype, device=buffer_gramian.device)
 
 
@@ -65,8 +63,6 @@ def db_mtl(
     beta: float = 0.9,
     beta_sigma: float = 0.0,
     losses: Tensor | None = None,
-    *,
-    validate_args: bool = True,
 ) -> tuple[Tensor, Tensor]:
     r"""The DB-MTL update and the new gradient buffer.
 
@@ -86,8 +82,7 @@ def db_mtl(
     Scale: LibMTL's (``DB_beta=0.9``, ``DB_beta_sigma=0``; the buffer starts at zero, without bias
     correction, so :math:`b = (1 - \beta)\hat g` after the first step): every buffered gradient is
     scaled to the largest norm. Computed in the dtype and on the device of ``grads``; only the
-    check of ``losses`` synchronises with the host (``grads`` are not checked; ``validate_args=
-    False`` skips it). A zero buffered
+    check of ``losses`` synchronises with the host (``grads`` are not checked). A zero buffered
     gradient contributes nothing (see :func:`db_mtl_weights`); all-zero gradients give a zero
     update.
 
@@ -104,7 +99,6 @@ def db_mtl(
         beta_sigma: decay exponent of the EMA rate, >= 0.
         losses: [K] non-negative task losses; when given, ``grads`` are divided by
             ``losses + 1e-8``, the gradient of LibMTL's :math:`\log(L_k + 10^{-8})`.
-        validate_args: check that ``losses`` are >= 0 (one device-to-host sync).
 
     Returns:
         The update ``d`` of shape [P] and the new buffer of shape [K, P], detached.
@@ -129,12 +123,24 @@ def db_mtl(
         raise ValueError(f"beta must be in [0, 1) (LibMTL's default is 0.9), got {beta}.")
     if not beta_sigma >= 0.0:
         raise ValueError(f"beta_sigma must be >= 0 (LibMTL's default is 0), got {beta_sigma}.")
+    if losses is not None and (losses.shape != (grads.shape[0],) or not bool((losses >= 0).all())):
+        raise ValueError(f"losses must hold {grads.shape[0]} values >= 0, got {losses}.")
+    new_buffer = db_mtl_buffer(grads, buffer, step, beta, beta_sigma, losses)
+    return db_mtl_buffer_weights(new_buffer) @ new_buffer, new_buffer
+
+
+def db_mtl_buffer(
+    grads: Tensor,
+    buffer: Tensor | None,
+    step: int,
+    beta: float,
+    beta_sigma: float,
+    losses: Tensor | None = None,
+) -> Tensor:
+    """The new buffer of :func:`db_mtl`, unchecked (for the callback, which checks ``losses`` on
+    the host later and balances the buffer itself), on the device of ``grads``, detached."""
     grads = grads.detach()
     if losses is not None:
-        if losses.shape != (grads.shape[0],) or (validate_args and not bool((losses >= 0).all())):
-            raise ValueError(f"losses must hold {grads.shape[0]} values >= 0, got {losses}.")
         grads = grads / (losses.detach().to(grads) + LOG_EPS).unsqueeze(1)
     previous = torch.zeros_like(grads) if buffer is None else buffer.detach().to(grads)
-    new_buffer = grads + (beta / step**beta_sigma) * (previous - grads)
-    weights = _balancing_weights(torch.linalg.vector_norm(new_buffer, dim=1))
-    return weights @ new_buffer, new_buffer
+    return grads + (beta / step**beta_sigma) * (previous - grads)

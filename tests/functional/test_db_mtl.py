@@ -6,7 +6,12 @@ import pytest
 import torch
 from torch import Tensor
 
-from lightning_lossagg.functional.db_mtl import db_mtl, db_mtl_buffer_weights, db_mtl_weights
+from lightning_lossagg.functional.db_mtl import (
+    db_mtl,
+    db_mtl_buffer,
+    db_mtl_buffer_weights,
+    db_mtl_weights,
+)
 from tests.functional._jacobians import as_params, degenerate_jacobians, random_jacobians
 
 
@@ -113,16 +118,16 @@ def test_invalid_input_is_rejected(kwargs: dict, message: str) -> None:
         db_mtl(**arguments)
 
 
-def test_validate_args_false_skips_only_the_checks() -> None:
+def test_the_unchecked_buffer_is_the_one_db_mtl_returns_and_balances() -> None:
     grads, losses = torch.randn(3, 5, generator=torch.Generator().manual_seed(0)), torch.ones(3)
-    checked = db_mtl(grads, None, 1, losses=losses)
-    unchecked = db_mtl(grads, None, 1, losses=losses, validate_args=False)
-    torch.testing.assert_close(unchecked, checked)
-    db_mtl(grads, None, 1, losses=-losses, validate_args=False)  # the caller checks later
-    gramian = grads @ grads.T
-    torch.testing.assert_close(
-        db_mtl_weights(gramian, validate_args=False), db_mtl_weights(gramian)
-    )
+    buffer = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+    update, new_buffer = db_mtl(grads, buffer, 2, 0.9, 0.5, losses=losses)
+    unchecked = db_mtl_buffer(grads, buffer, 2, 0.9, 0.5, losses)
+    torch.testing.assert_close(unchecked, new_buffer, rtol=0, atol=0)
+    torch.testing.assert_close(update, db_mtl_buffer_weights(unchecked) @ unchecked)
+    db_mtl_buffer(grads, None, 1, 0.9, 0.0, -losses)  # the caller checks the losses later
+    with pytest.raises(ValueError, match="losses must hold 3"):
+        db_mtl(grads, None, 1, losses=-losses)
     with pytest.raises(ValueError, match="symmetric"):
         db_mtl_weights(torch.tensor([[1.0, 2.0], [0.0, 1.0]]))
 
