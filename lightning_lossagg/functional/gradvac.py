@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from lightning_lossagg.functional._qp import validated_gramian
+from lightning_lossagg.functional._small import dot
 
 # Floor of sqrt(1 - target^2): a target of +-1 asks for an infinite correction.
 _MIN_SINE = 1e-8
@@ -90,10 +91,7 @@ def gradvac(
     orders = task_orders(num_tasks, generator)
     weights, new_ema = gradvac_weights(matrix.numpy(), ema.numpy(), beta, orders)
     options = {"dtype": gramian.dtype, "device": gramian.device}
-    float64 = torch.float64
-    return torch.tensor(weights, dtype=float64).to(**options), torch.tensor(
-        new_ema, dtype=float64
-    ).to(**options)
+    return torch.tensor(weights, **options), torch.tensor(new_ema, **options)
 
 
 def task_orders(num_tasks: int, generator: torch.Generator | None) -> list[list[int]]:
@@ -106,9 +104,9 @@ def gradvac_weights(
     matrix: np.ndarray, targets: np.ndarray, beta: float, orders: list[list[int]]
 ) -> tuple[list[float], list[list[float]]]:
     """:func:`gradvac` on a symmetric float64 Gramian and targets in [-1, 1] (unchecked), with
-    the visiting orders drawn (:func:`task_orders`), in Python floats: ``K (K - 1)`` visits of
-    O(K) each (``<g_i^{PC}, g_k>`` is updated with each correction, not recomputed), where
-    torch's scalar operations cost microseconds each."""
+    the visiting orders drawn (:func:`task_orders`), in Python floats, where torch's scalar
+    operations cost microseconds each: ``K (K - 1)`` visits, ``<g_i^{PC}, g_k>`` recomputed
+    from the coefficients only after a correction."""
     gramian, ema = matrix.tolist(), targets.tolist()
     num_tasks = len(gramian)
     squared = [gramian[i][i] for i in range(num_tasks)]
@@ -133,7 +131,7 @@ def gradvac_weights(
                 step = norm_i * numerator / (norms[j] * target_sine)
                 coefficients[j] += step
                 dots = _row_times(coefficients, gramian)
-                squared_norm = sum(c * dot for c, dot in zip(coefficients, dots, strict=True))
+                squared_norm = dot(coefficients, dots)
             ema[i][j] = (1 - beta) * target + beta * cosine
         weights = [w + c for w, c in zip(weights, coefficients, strict=True)]
     return weights, ema
