@@ -96,10 +96,11 @@ def quiet_trainer(
     steps: int = 1,
     precision: str = "64-true",
     callbacks: list[L.Callback] | None = None,
+    **settings: object,
 ) -> L.Trainer:
-    """A CPU trainer for ``steps`` steps without logger, checkpoints or progress bar: one
-    process, or ``devices`` processes of a real gloo group (``ddp_spawn``) that each read their
-    own batches (no distributed sampler)."""
+    """A CPU trainer for ``steps`` optimizer steps without logger, checkpoints or progress bar:
+    one process, or ``devices`` processes of a real gloo group (``ddp_spawn``) that each read
+    their own batches (no distributed sampler); ``settings``: more Trainer arguments."""
     return L.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -113,4 +114,5 @@ def quiet_trainer(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         callbacks=callbacks,
+        **settings,  # type: ignore[arg-type]
     )

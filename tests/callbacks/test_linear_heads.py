@@ -5,7 +5,6 @@ against the views' path, which the first step checks against the hand-made refer
 
 import copy
 
-import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -28,7 +27,7 @@ from tests.callbacks._recording_nets import (
     fit_model,
     reference_update,
 )
-from tests.models import ThreeTaskNet, concat_batches, make_batch
+from tests.models import ThreeTaskNet, concat_batches, make_batch, quiet_trainer
 
 
 @pytest.mark.ddp
@@ -217,17 +216,7 @@ def test_heads_in_one_node_under_gradient_accumulation_give_what_the_views_give(
     model = SeveralBatchesNet(str(tmp_path), [make_batch(7, seed=seed) for seed in range(4)])
     views = _with_views_throughout(model)
     for fitted in (model, views):
-        trainer = L.Trainer(
-            accelerator="cpu",
-            max_epochs=1,
-            precision="64-true",
-            accumulate_grad_batches=2,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[method(rep_grad=True)],
-        )
+        trainer = quiet_trainer(1, 2, callbacks=[method(rep_grad=True)], accumulate_grad_batches=2)
         trainer.fit(fitted)
     assert model.one_node_steps == [True, True, True]
     assert len(model.records) == len(views.records) == 2
