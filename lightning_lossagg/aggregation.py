@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from functools import cached_property
-from typing import Any, Literal, NamedTuple
+from functools import cached_property, partial
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 from lightning_lossagg import distributed
 from lightning_lossagg.tasks import MaskedLoss, StackedLosses, Task
+from lightning_lossagg.weighting import LossRecord
+
+if TYPE_CHECKING:
+    from lightning_lossagg.weighting import WeightingCallback
 
 RankWeighting = Literal["samples", "uniform"]
 
@@ -86,14 +90,15 @@ class GlobalTaskLosses:
         # One process: rank 0 (bit value 1) is the only rank.
         return (~finite(self._numerators)).to(self.counts.dtype)
 
-    def losses_later(self) -> Callable[[], Tensor]:
-        """A function computing :attr:`losses` from detached figures only: keeping it does not
-        keep the step's autograd graph (and activations) alive."""
-        if "losses" in self.__dict__:
-            losses = self.__dict__["losses"]
-            return lambda: losses
-        numerators, counts, dtype = self._numerators, self.counts, self.local_terms.dtype
-        return lambda: _global_losses(numerators, counts, dtype)
+    def record(
+        self, stage: str, weights: Tensor, weighting: WeightingCallback | None = None
+    ) -> LossRecord:
+        """The step's :class:`LossRecord`, of detached figures only: keeping it does not keep the
+        step's autograd graph (and activations) alive."""
+        losses = self.__dict__.get("losses")
+        if losses is None:
+            losses = partial(_global_losses, self._numerators, self.counts, self.local_terms.dtype)
+        return LossRecord(stage, self.names, losses, weights, self.counts, weighting)
 
     def nonfinite_ranks_on_host_later(self) -> Callable[[], list[float]]:
         """A function returning :attr:`nonfinite_ranks` as a host list, from detached figures only.
@@ -102,7 +107,7 @@ class GlobalTaskLosses:
         """
         figures = self._numerators if self._nonfinite_ranks is None else self._nonfinite_ranks
         read: Callable[[], list[float]] = figures.tolist
-        if figures.device.type == "cuda":
+        if figures.is_cuda:
             read = _host_list_later(figures)
         if self._nonfinite_ranks is not None:
             return read
@@ -127,7 +132,8 @@ class TaskLossReducer:
         self.names = tuple(tasks)
         self.rank_weighting = rank_weighting
         self._is_mean = [task.reduction == "mean" for task in tasks.values()]
-        self._all_mean = all(self._is_mean)
+        # Every task a mean over samples: the numerators and denominators are the sums and counts.
+        self._plain_means = rank_weighting == "samples" and all(self._is_mean)
         self._cache: dict[tuple, Any] = {}
 
     def __call__(
@@ -136,7 +142,10 @@ class TaskLossReducer:
         """The step's global figures. ``separate_tasks``: also build ``task_terms``, one scalar per
         task with a graph of its own (the values of different tasks must not share a graph)."""
         task_sums = self._task_sums(masked_losses) if separate_tasks else None
-        numerators, denominators = self._local_statistics(masked_losses, task_sums)
+        if task_sums is None and _stacked_in_order(masked_losses, self.names):
+            numerators, denominators = self._stacked_sums(masked_losses)
+        else:
+            numerators, denominators = self._local_statistics(masked_losses, task_sums)
         if not distributed.is_distributed():
             divisors = denominators.clamp(min=1)
             task_terms = None
@@ -199,9 +208,8 @@ class TaskLossReducer:
         """This rank's numerators ``a_kr`` (with their graph) and denominators ``b_kr``."""
         if task_sums is not None:
             return self._numerators_and_denominators(torch.stack(task_sums.sums), task_sums.counts)
-        if isinstance(masked_losses, StackedLosses) and masked_losses.names == self.names:
-            local_sums, local_counts = self._stacked_sums(masked_losses)
-            return self._numerators_and_denominators(local_sums, local_counts)
+        if _stacked_in_order(masked_losses, self.names):
+            return self._stacked_sums(masked_losses)
         values = [masked_losses[name].values for name in self.names]
         flat_values = torch.cat([v if v.ndim == 1 else v.reshape(-1) for v in values])
         flat_masks = torch.cat(
@@ -241,7 +249,8 @@ class TaskLossReducer:
         )
 
     def _stacked_sums(self, stacked: StackedLosses) -> tuple[Tensor, Tensor]:
-        """Per-task sums and counts of valid values, a group at a time, in task order."""
+        """This rank's numerators and denominators from per-task sums and counts of valid values,
+        a group at a time, in task order."""
         sums, counts = [], []
         for rows, (values, mask) in stacked.groups:
             masked_values = torch.where(mask, values, 0.0)
@@ -249,11 +258,13 @@ class TaskLossReducer:
             counts.append(mask.reshape(len(rows), -1).sum(1, dtype=values.dtype))
         if len(sums) == 1:
             local_sums, local_counts = sums[0], counts[0]
-        else:
+        else:  # cat promotes both to the dtype of the widest group
             order = self._task_order(stacked, sums[0].device)
             local_sums = torch.cat(sums).index_select(0, order)
             local_counts = torch.cat(counts).index_select(0, order)
-        return local_sums, local_counts.to(local_sums.dtype)
+        if self._plain_means:
+            return local_sums, local_counts
+        return self._numerators_and_denominators(local_sums, local_counts)
 
     def _task_order(self, stacked: StackedLosses, device: torch.device) -> Tensor:
         """Positions, in the groups' concatenation, of tasks 0 … K-1."""
@@ -268,7 +279,7 @@ class TaskLossReducer:
     def _numerators_and_denominators(
         self, local_sums: Tensor, local_counts: Tensor
     ) -> tuple[Tensor, Tensor]:
-        if self.rank_weighting == "samples" and self._all_mean:
+        if self._plain_means:
             return local_sums, local_counts
         is_mean, sum_denominators = self._reduction_constants(local_sums)
         if self.rank_weighting == "uniform":
@@ -298,6 +309,10 @@ class TaskLossReducer:
             sum_denominators = torch.full_like(is_mean, this_rank == 0, dtype=reference.dtype)
             self._cache[key] = (is_mean, sum_denominators)
         return self._cache[key]
+
+
+def _stacked_in_order(masked_losses: Mapping[str, MaskedLoss], names: tuple[str, ...]) -> bool:
+    return type(masked_losses) is StackedLosses and masked_losses.names == names
 
 
 def _global_losses(numerators: Tensor, counts: Tensor, dtype: torch.dtype) -> Tensor:

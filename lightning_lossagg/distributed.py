@@ -14,11 +14,12 @@ from torch import Tensor
 
 # Ranks are encoded as bits of a float64; 2**52 is the last power of two it holds exactly.
 _MAX_RANK_BIT = 52
+_AVAILABLE = dist.is_available()  # whether this build of torch has torch.distributed
 
 
 def is_distributed() -> bool:
     """Whether a process group with more than one rank is running."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return _AVAILABLE and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def world_size() -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -26,6 +26,12 @@ from lightning_lossagg.weighting import LossRecord, WeightingCallback
 
 TaskLossOutput = Mapping[str, MaskedLoss | tuple[Tensor, Tensor] | Tensor]
 NonFinitePolicy = Literal["raise", "skip", "drop_task"]
+
+# What the steps assign on every call: plain values, never a parameter, buffer or module, so they
+# skip nn.Module.__setattr__'s registration checks on the hot path.
+_STEP_ATTRIBUTES = frozenset(
+    {"loss_record", "shared_representation", "_latest_weights", "_skip_optimizer_step"}
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -105,7 +111,8 @@ class MultiTaskMixin:
         self.loss_record: LossRecord | None = None
         self._weighting: WeightingCallback | None = None
         self._latest_weights: Tensor | None = None
-        self._unchecked_nonfinite: list[tuple[int, Callable[[], list[float]]]] = []
+        # The host reads of the non-finite flags of the steps since the last optimizer step.
+        self._unchecked_nonfinite: list[Callable[[], list[float]]] = []
         self.shared_representation: SharedRepresentation | None = None
         # Heads that read a leaf each (see lightning_lossagg.representation), found at setup;
         # whether each task's prediction reaches the representation only through its own head
@@ -115,7 +122,13 @@ class MultiTaskMixin:
         # Whether the heads are linear layers whose factors give the Gramian cheaper (checked
         # once per fit, on the first step that asks; see GradientsAtHeads.linear_factors).
         self._linear_heads: bool | None = None
-        self._stacking_plans: dict[tuple, list[list[int]] | None] = {}
+        self._stacking_plans: dict[tuple, list[_StackedGroup] | None] = {}
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _STEP_ATTRIBUTES:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -282,7 +295,7 @@ class MultiTaskMixin:
         of a few per task. Not for a weighting method that takes per-task gradients: stacking
         would join the tasks' graphs.
         """
-        if self._keeps_task_terms_apart:
+        if self._weighting is not None and self._keeps_task_terms_apart:
             _check_names_of_batch(predictions, targets, self.task_names)
             groups = None
         else:
@@ -291,18 +304,31 @@ class MultiTaskMixin:
             return {
                 n: t.per_sample_loss(n, predictions[n], targets[n]) for n, t in self.tasks.items()
             }
-        stacked = [(rows, self._stacked_loss(rows, predictions, targets)) for rows in groups]
+        stacked = [(group.rows, group.loss(predictions, targets)) for group in groups]
         return StackedLosses(self.task_names, stacked)
 
     def _stacking_groups(
         self, predictions: Mapping[str, Tensor], targets: Mapping[str, Tensor]
-    ) -> list[list[int]] | None:
-        """The tasks' indices grouped by :meth:`Task.stacking_key` (``None``: every task alone),
-        once the batch passed the checks. Kept per layout of the batch (names, shapes, dtypes,
-        devices): a new layout is checked and grouped once."""
-        signature = _layout(predictions, targets, self.task_names)
-        if signature is not None and signature in self._stacking_plans:
-            return self._stacking_plans[signature]
+    ) -> list[_StackedGroup] | None:
+        """The tasks grouped by :meth:`Task.stacking_key` (``None``: every task alone), once the
+        batch passed the checks. Kept per layout of the batch (names, shapes and dtypes): a new
+        layout is checked and grouped once."""
+        signature = None
+        if type(predictions) is dict and type(targets) is dict:
+            # The batch's layout: numbers of predictions and targets, the tasks' shapes and
+            # dtypes. Not the devices: the model does not move its heads during a fit, and a
+            # target on another device fails the loss, which names the task.
+            signature = [len(predictions), len(targets)]
+            try:
+                for name in self.task_names:
+                    prediction, target = predictions[name], targets[name]
+                    signature += prediction.shape, prediction.dtype, target.shape, target.dtype
+            except (KeyError, AttributeError):  # checked below
+                signature = None
+            else:
+                signature = tuple(signature)
+                if signature in self._stacking_plans:
+                    return self._stacking_plans[signature]
         _check_names_of_batch(predictions, targets, self.task_names)
         groups: dict[object, list[int]] = {}
         for index, (name, task) in enumerate(self.tasks.items()):
@@ -312,26 +338,14 @@ class MultiTaskMixin:
                 task.check_target(name, prediction, target)
                 key = task.stacking_key(prediction, target)
             groups.setdefault(key if key is not None else ("alone", index), []).append(index)
-        plan = None if len(groups) == len(self.tasks) else list(groups.values())
+        plan = None
+        if len(groups) < len(self.tasks):
+            plan = [_StackedGroup.of(rows, self.task_names, self.tasks) for rows in groups.values()]
         if signature is not None:
             if len(self._stacking_plans) > 64:  # layouts vary (a last short batch): bounded
                 self._stacking_plans.clear()
             self._stacking_plans[signature] = plan
         return plan
-
-    def _stacked_loss(
-        self, rows: list[int], predictions: Mapping[str, Tensor], targets: Mapping[str, Tensor]
-    ) -> MaskedLoss:
-        """The per-sample losses of the tasks ``rows`` as one ``[G, ...]`` MaskedLoss."""
-        names = [self.task_names[row] for row in rows]
-        task = self.tasks[names[0]]
-        if len(names) == 1:
-            values, mask = task.per_sample_loss(names[0], predictions[names[0]], targets[names[0]])
-            return MaskedLoss(values.unsqueeze(0), mask.unsqueeze(0))
-        stacked_predictions = torch.stack([predictions[name] for name in names])
-        stacked_targets = torch.stack([targets[name] for name in names])
-        # Stacked tasks passed check_target in _stacking_groups, for this layout of the batch.
-        return task.checked_per_sample_loss(", ".join(names), stacked_predictions, stacked_targets)
 
     # ----------------------------------------------------------------------------- the steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -339,8 +353,7 @@ class MultiTaskMixin:
         step = self._reducer(masked, separate_tasks=self._keeps_task_terms_apart)
         dropped = False
         if self.nonfinite == "raise":
-            flags = step.nonfinite_ranks_on_host_later()
-            self._unchecked_nonfinite.append((self.global_step, flags))  # type: ignore[attr-defined]
+            self._unchecked_nonfinite.append(step.nonfinite_ranks_on_host_later())
         else:
             bitsets = step.nonfinite_ranks.cpu()
             if bitsets.any():
@@ -355,7 +368,10 @@ class MultiTaskMixin:
                 self._consecutive_skips = 0
         weights = self._static_weights
         if self._weighting is None:
-            objective = weights.to(step.local_terms.dtype) @ step.local_terms
+            if self._static_weights_are_ones:
+                objective = step.local_terms.sum()
+            else:
+                objective = weights.to(step.local_terms.dtype) @ step.local_terms
         elif (representation := self.shared_representation) and representation.split:
             # The weights come from the task gradients that reach the heads' views in backward.
             static = weights.to(step.local_terms.dtype)
@@ -428,9 +444,7 @@ class MultiTaskMixin:
         return {name: _as_masked_loss(name, output[name]) for name in self.task_names}
 
     def _record(self, stage: str, step: GlobalTaskLosses, weights: Tensor) -> None:
-        self.loss_record = LossRecord(
-            stage, step.names, step.losses_later(), weights, step.counts, self._weighting
-        )
+        self.loss_record = step.record(stage, weights, self._weighting)
 
     # ----------------------------------------------------------------------------- hooks
     def setup(self, stage: str) -> None:
@@ -467,13 +481,43 @@ class MultiTaskMixin:
             return
         pending = unchecked.copy()
         unchecked.clear()  # in place: no nn.Module attribute assignment on the hot path
-        for step_index, flags in pending:
+        for flags in pending:
             bitsets = flags()
             bad = [
                 (name, bits) for name, bits in zip(self.task_names, bitsets, strict=True) if bits
             ]
             if bad:
-                raise NonFiniteLossError(_nonfinite_message(bad, step_index))
+                # The steps since the last optimizer step are all this global step's batches.
+                raise NonFiniteLossError(_nonfinite_message(bad, self.global_step))  # type: ignore[attr-defined]
+
+
+class _StackedGroup(NamedTuple):
+    """Tasks whose per-sample losses one call computes on stacked tensors (equal
+    :meth:`Task.stacking_key`), or a task alone."""
+
+    rows: list[int]  # the tasks' indices
+    names: tuple[str, ...]
+    label: str  # the names, for errors
+    task: Task  # the first task (the group shares its loss)
+
+    @classmethod
+    def of(
+        cls, rows: list[int], names: tuple[str, ...], tasks: Mapping[str, Task]
+    ) -> _StackedGroup:
+        group_names = tuple(names[row] for row in rows)
+        return cls(rows, group_names, ", ".join(group_names), tasks[group_names[0]])
+
+    def loss(self, predictions: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> MaskedLoss:
+        """The group's per-sample losses as one ``[G, ...]`` MaskedLoss."""
+        names = self.names
+        if len(names) == 1:
+            name = names[0]
+            values, mask = self.task.per_sample_loss(name, predictions[name], targets[name])
+            return MaskedLoss(values.unsqueeze(0), mask.unsqueeze(0))
+        stacked_predictions = torch.stack([predictions[name] for name in names])
+        stacked_targets = torch.stack([targets[name] for name in names])
+        # Stacked tasks passed check_target in _stacking_groups, for this layout of the batch.
+        return self.task.checked_per_sample_loss(self.label, stacked_predictions, stacked_targets)
 
 
 def _default_losses(model: MultiTaskMixin) -> bool:
@@ -524,25 +568,6 @@ def _check_names_of_batch(
         )
     _check_names("targets", targets, task_names)
     _check_names("predictions", predictions, task_names)
-
-
-def _layout(
-    predictions: Mapping[str, Any], targets: Mapping[str, Any], task_names: tuple[str, ...]
-) -> tuple | None:
-    """Names, shapes, dtypes and devices of a batch of tensors (``None`` if it has others)."""
-    if not (isinstance(predictions, dict) and isinstance(targets, dict)):
-        return None
-    if len(predictions) != len(task_names) or len(targets) != len(task_names):
-        return None
-    layout = []
-    for name in task_names:
-        prediction, target = predictions.get(name), targets.get(name)
-        if not (isinstance(prediction, Tensor) and isinstance(target, Tensor)):
-            return None
-        layout.append(
-            (prediction.shape, prediction.dtype, prediction.device, target.shape, target.dtype)
-        )
-    return tuple(layout)
 
 
 def _check_names(what: str, mapping: Mapping[str, Any], task_names: tuple[str, ...]) -> None:

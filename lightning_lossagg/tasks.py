@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Literal, NamedTuple
 
 import torch
@@ -31,10 +31,7 @@ class MaskedLoss(NamedTuple):
 
 
 def _class_loss(fn: Callable[..., Tensor]) -> PerSampleLossFn:
-    def loss(prediction: Tensor, target: Tensor) -> Tensor:
-        return fn(prediction, target, reduction="none")
-
-    return loss
+    return partial(fn, reduction="none")  # no Python frame of its own on the hot path
 
 
 # Losses whose targets are class indices (missing labels marked with ``ignore_index``).
@@ -120,6 +117,16 @@ class Task:
         if self.reduction not in ("mean", "sum"):
             raise ValueError(f"Task.reduction must be 'mean' or 'sum', got {self.reduction!r}.")
 
+    @cached_property
+    def loss_fn(self) -> PerSampleLossFn:
+        """The per-sample loss function: the registry's, or :attr:`loss` itself."""
+        return LOSSES[self.loss] if isinstance(self.loss, str) else self.loss
+
+    @cached_property
+    def takes_float_targets(self) -> bool:
+        """A registry loss whose targets are floats (missing labels marked with NaN)."""
+        return isinstance(self.loss, str) and self.loss in FLOAT_LOSSES
+
     @property
     def loss_name(self) -> str:
         """The registry name, or the callable's qualified name."""
@@ -140,7 +147,7 @@ class Task:
     def checked_per_sample_loss(self, name: str, prediction: Tensor, target: Tensor) -> MaskedLoss:
         """:meth:`per_sample_loss` of tensors that passed :meth:`check_target` (the mixin checks
         a layout of the batch once, not at every step)."""
-        if isinstance(self.loss, str) and self.loss in FLOAT_LOSSES:
+        if self.takes_float_targets:
             if target.shape != prediction.shape:
                 target = target.reshape(prediction.shape)
             if target.dtype != prediction.dtype:
@@ -153,21 +160,22 @@ class Task:
         else:
             mask = target != self.ignore_index
             clean_target = target.masked_fill(~mask, 0)
-        loss_fn = LOSSES[self.loss] if isinstance(self.loss, str) else self.loss
         try:
-            values = loss_fn(prediction, clean_target)
+            values = self.loss_fn(prediction, clean_target)
         except (RuntimeError, ValueError, IndexError) as error:
             raise ValueError(
                 f"Task {name!r}: loss {self.loss_name!r} failed on prediction of shape "
                 f"{tuple(prediction.shape)} ({prediction.dtype}) and target of shape "
                 f"{tuple(target.shape)} ({target.dtype}): {error}"
             ) from error
-        return MaskedLoss(values, _mask_like(name, self, values, mask))
+        if values.shape != mask.shape or values.ndim == 0:
+            mask = _mask_like(name, self, values, mask)
+        return MaskedLoss(values, mask)
 
     def stacking_key(self, prediction: Tensor, target: Tensor) -> tuple | None:
         """Tasks with equal keys can compute their per-sample losses in one stacked call (an
         element-wise registry loss on predictions and targets of one shape); ``None``: alone."""
-        if not (isinstance(self.loss, str) and self.loss in FLOAT_LOSSES):
+        if not self.takes_float_targets:
             return None
         if target.shape != prediction.shape:
             return None
