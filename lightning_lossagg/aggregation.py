@@ -111,8 +111,7 @@ class GlobalTaskLosses:
             read = _host_list_later(figures)
         if self._nonfinite_ranks is not None:
             return read
-        # One process: rank 0 (bit value 1) is the only rank.
-        return lambda: [0.0 if math.isfinite(value) else 1.0 for value in read()]
+        return partial(_rank_zero_bits, read)
 
 
 class TaskLossReducer:
@@ -252,10 +251,10 @@ class TaskLossReducer:
         """This rank's numerators and denominators from per-task sums and counts of valid values,
         a group at a time, in task order."""
         sums, counts = [], []
-        for rows, (values, mask) in stacked.groups:
-            masked_values = torch.where(mask, values, 0.0)
-            sums.append(masked_values.reshape(len(rows), -1).sum(1))
-            counts.append(mask.reshape(len(rows), -1).sum(1, dtype=values.dtype))
+        for _, (values, mask) in stacked.groups:
+            per_task = tuple(range(1, values.ndim))  # all but the group's task dimension
+            sums.append(torch.where(mask, values, 0.0).sum(per_task))
+            counts.append(mask.sum(per_task, dtype=values.dtype))
         if len(sums) == 1:
             local_sums, local_counts = sums[0], counts[0]
         else:  # cat promotes both to the dtype of the widest group
@@ -319,6 +318,14 @@ def _global_losses(numerators: Tensor, counts: Tensor, dtype: torch.dtype) -> Te
     """``numerators / counts``: NaN exactly for a task without a valid sample, whose numerator is
     a sum of nothing, 0, over a count of 0 (a dropped task's numerator is NaN)."""
     return (numerators / counts).to(dtype)
+
+
+def _rank_zero_bits(read: Callable[[], list[float]]) -> list[float]:
+    """One process's bit-sets from its task losses: rank 0 (bit value 1) is the only rank."""
+    losses = read()
+    if all(map(math.isfinite, losses)):  # no Python frame per task in the usual case
+        return [0.0] * len(losses)
+    return [0.0 if math.isfinite(value) else 1.0 for value in losses]
 
 
 def _host_list_later(tensor: Tensor) -> Callable[[], list[float]]:

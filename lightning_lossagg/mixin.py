@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from operator import itemgetter
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -161,7 +162,8 @@ class MultiTaskMixin:
         must return ``{task: prediction}``. Override it to return, per task, per-sample losses (a
         tensor, every sample valid) or ``(values, mask)``.
         """
-        if not (isinstance(batch, list | tuple) and len(batch) == 2 and isinstance(batch[1], dict)):
+        is_pair = isinstance(batch, (list, tuple)) and len(batch) == 2
+        if not (is_pair and isinstance(batch[1], dict)):
             raise TypeError(
                 "The default task_losses expects batches (inputs, {task: target}), got "
                 f"{type(batch).__name__}. Yield such batches, or override task_losses(batch)."
@@ -350,7 +352,8 @@ class MultiTaskMixin:
     # ----------------------------------------------------------------------------- the steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         masked = self._masked_losses(batch)
-        step = self._reducer(masked, separate_tasks=self._keeps_task_terms_apart)
+        separate = self._weighting is not None and self._keeps_task_terms_apart
+        step = self._reducer(masked, separate_tasks=separate)
         dropped = False
         if self.nonfinite == "raise":
             self._unchecked_nonfinite.append(step.nonfinite_ranks_on_host_later())
@@ -391,7 +394,7 @@ class MultiTaskMixin:
             self._latest_weights = weights
         if dropped:  # the dropped heads still take part in DDP's gradient reduction, with 0
             objective = objective + self._zero_objective()
-        self._record("train", step, weights)
+        self.loss_record = step.record("train", weights, self._weighting)
         return objective
 
     def _zero_objective(self) -> Tensor:
@@ -426,7 +429,7 @@ class MultiTaskMixin:
         weights = self._static_weights
         if self._weighting is not None and self._latest_weights is not None:
             weights = self._latest_weights
-        self._record(stage, step, weights)
+        self.loss_record = step.record(stage, weights, self._weighting)
         return weights.to(step.local_terms.dtype) @ step.local_terms
 
     def compute_global_losses(self, batch: Any) -> GlobalTaskLosses:
@@ -442,9 +445,6 @@ class MultiTaskMixin:
             return output
         _check_names("task_losses output", output, self.task_names)
         return {name: _as_masked_loss(name, output[name]) for name in self.task_names}
-
-    def _record(self, stage: str, step: GlobalTaskLosses, weights: Tensor) -> None:
-        self.loss_record = step.record(stage, weights, self._weighting)
 
     # ----------------------------------------------------------------------------- hooks
     def setup(self, stage: str) -> None:
@@ -483,10 +483,9 @@ class MultiTaskMixin:
         unchecked.clear()  # in place: no nn.Module attribute assignment on the hot path
         for flags in pending:
             bitsets = flags()
-            bad = [
-                (name, bits) for name, bits in zip(self.task_names, bitsets, strict=True) if bits
-            ]
-            if bad:
+            if any(bitsets):
+                named = zip(self.task_names, bitsets, strict=True)
+                bad = [(name, bits) for name, bits in named if bits]
                 # The steps since the last optimizer step are all this global step's batches.
                 raise NonFiniteLossError(_nonfinite_message(bad, self.global_step))  # type: ignore[attr-defined]
 
@@ -499,23 +498,23 @@ class _StackedGroup(NamedTuple):
     names: tuple[str, ...]
     label: str  # the names, for errors
     task: Task  # the first task (the group shares its loss)
+    pick: Callable[[Mapping[str, Tensor]], Any]  # the group's values (a tuple) of a task dict
 
     @classmethod
     def of(
         cls, rows: list[int], names: tuple[str, ...], tasks: Mapping[str, Task]
     ) -> _StackedGroup:
-        group_names = tuple(names[row] for row in rows)
-        return cls(rows, group_names, ", ".join(group_names), tasks[group_names[0]])
+        group = tuple(names[row] for row in rows)
+        return cls(rows, group, ", ".join(group), tasks[group[0]], itemgetter(*group))
 
     def loss(self, predictions: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> MaskedLoss:
         """The group's per-sample losses as one ``[G, ...]`` MaskedLoss."""
-        names = self.names
-        if len(names) == 1:
-            name = names[0]
-            values, mask = self.task.per_sample_loss(name, predictions[name], targets[name])
+        if len(self.names) == 1:  # pick returns the task's value itself
+            prediction, target = self.pick(predictions), self.pick(targets)
+            values, mask = self.task.per_sample_loss(self.label, prediction, target)
             return MaskedLoss(values.unsqueeze(0), mask.unsqueeze(0))
-        stacked_predictions = torch.stack([predictions[name] for name in names])
-        stacked_targets = torch.stack([targets[name] for name in names])
+        stacked_predictions = torch.stack(self.pick(predictions))
+        stacked_targets = torch.stack(self.pick(targets))
         # Stacked tasks passed check_target in _stacking_groups, for this layout of the batch.
         return self.task.checked_per_sample_loss(self.label, stacked_predictions, stacked_targets)
 
