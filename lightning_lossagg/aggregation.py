@@ -134,6 +134,9 @@ class TaskLossReducer:
         # Every task a mean over samples: the numerators and denominators are the sums and counts.
         self._plain_means = rank_weighting == "samples" and all(self._is_mean)
         self._cache: dict[tuple, Any] = {}
+        # Whether the ranks' figures are reduced, fixed for a fit by its owner (the mixin sets it
+        # at setup); None: ask torch.distributed at every call.
+        self.across_ranks: bool | None = None
 
     def __call__(
         self, masked_losses: Mapping[str, MaskedLoss], separate_tasks: bool = False
@@ -145,7 +148,10 @@ class TaskLossReducer:
             numerators, denominators = self._stacked_sums(masked_losses)
         else:
             numerators, denominators = self._local_statistics(masked_losses, task_sums)
-        if not distributed.is_distributed():
+        across_ranks = self.across_ranks
+        if across_ranks is None:
+            across_ranks = distributed.is_distributed()
+        if not across_ranks:
             divisors = denominators.clamp(min=1)
             task_terms = None
             if task_sums is not None:

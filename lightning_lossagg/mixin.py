@@ -28,12 +28,6 @@ from lightning_lossagg.weighting import LossRecord, WeightingCallback
 TaskLossOutput = Mapping[str, MaskedLoss | tuple[Tensor, Tensor] | Tensor]
 NonFinitePolicy = Literal["raise", "skip", "drop_task"]
 
-# What the steps assign on every call: plain values, never a parameter, buffer or module, so they
-# skip nn.Module.__setattr__'s registration checks on the hot path.
-_STEP_ATTRIBUTES = frozenset(
-    {"loss_record", "shared_representation", "_latest_weights", "_skip_optimizer_step"}
-)
-
 
 class NonFiniteLossError(FloatingPointError):
     """A task loss was NaN or infinite (raised on every rank together)."""
@@ -124,12 +118,6 @@ class MultiTaskMixin:
         # once per fit, on the first step that asks; see GradientsAtHeads.linear_factors).
         self._linear_heads: bool | None = None
         self._stacking_plans: dict[tuple, list[_StackedGroup] | None] = {}
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _STEP_ATTRIBUTES:
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -307,7 +295,7 @@ class MultiTaskMixin:
                 n: t.per_sample_loss(n, predictions[n], targets[n]) for n, t in self.tasks.items()
             }
         stacked = [(group.rows, group.loss(predictions, targets)) for group in groups]
-        return StackedLosses(self.task_names, stacked)
+        return StackedLosses(self._reducer.names, stacked)
 
     def _stacking_groups(
         self, predictions: Mapping[str, Tensor], targets: Mapping[str, Tensor]
@@ -322,7 +310,7 @@ class MultiTaskMixin:
             # target on another device fails the loss, which names the task.
             signature = [len(predictions), len(targets)]
             try:
-                for name in self.task_names:
+                for name in self._reducer.names:  # the task names
                     prediction, target = predictions[name], targets[name]
                     signature += prediction.shape, prediction.dtype, target.shape, target.dtype
             except (KeyError, AttributeError):  # checked below
@@ -351,7 +339,8 @@ class MultiTaskMixin:
 
     # ----------------------------------------------------------------------------- the steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        masked = self._masked_losses(batch)
+        output = self.task_losses(batch)
+        masked = output if isinstance(output, StackedLosses) else self._checked_losses(output)
         separate = self._weighting is not None and self._keeps_task_terms_apart
         step = self._reducer(masked, separate_tasks=separate)
         dropped = False
@@ -394,7 +383,8 @@ class MultiTaskMixin:
             self._latest_weights = weights
         if dropped:  # the dropped heads still take part in DDP's gradient reduction, with 0
             objective = objective + self._zero_objective()
-        self.loss_record = step.record("train", weights, self._weighting)
+        # A plain value: nn.Module.__setattr__'s registration checks are skipped on the hot path.
+        object.__setattr__(self, "loss_record", step.record("train", weights, self._weighting))
         return objective
 
     def _zero_objective(self) -> Tensor:
@@ -437,12 +427,14 @@ class MultiTaskMixin:
 
         Call it on every rank together (it is a collective under DDP).
         """
-        return self._reducer(self._masked_losses(batch))
-
-    def _masked_losses(self, batch: Any) -> Mapping[str, MaskedLoss]:
         output = self.task_losses(batch)
-        if isinstance(output, StackedLosses):
-            return output
+        if not isinstance(output, StackedLosses):
+            output = self._checked_losses(output)
+        return self._reducer(output)
+
+    def _checked_losses(self, output: TaskLossOutput) -> dict[str, MaskedLoss]:
+        """``task_losses``' output other than the default's stacked losses, checked, as
+        :class:`MaskedLoss` values."""
         _check_names("task_losses output", output, self.task_names)
         return {name: _as_masked_loss(name, output[name]) for name in self.task_names}
 
@@ -457,6 +449,8 @@ class MultiTaskMixin:
                 "weighting method. Keep one of them in the trainer's callbacks."
             )
         self._weighting = methods[0] if methods else None
+        # The strategy has set up its processes: whether they are several is fixed for the fit.
+        self._reducer.across_ranks = distributed.is_distributed()
         self._task_heads, self._heads_apart, self._linear_heads = None, None, None
         if self._weighting is not None and self._weighting.splits_forward and _default_losses(self):
             self._task_heads = find_task_heads(self)
@@ -466,6 +460,10 @@ class MultiTaskMixin:
             for head in self._task_heads.modules
         ):
             self._linear_heads = False
+
+    def teardown(self, stage: str) -> None:
+        super().teardown(stage)  # type: ignore[misc]
+        self._reducer.across_ranks = None  # outside a fit, asked at every call again
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         super().on_before_optimizer_step(optimizer)  # type: ignore[misc]

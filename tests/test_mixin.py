@@ -257,3 +257,17 @@ def test_the_record_and_the_pending_flags_do_not_keep_the_steps_graph_alive():
     gc.collect()
     assert model.watched() is None, "something still holds the step's autograd graph"
     assert torch.isfinite(model.loss_record.objective)  # the record still reads its figures
+
+
+def test_a_fit_fixes_whether_figures_cross_ranks_and_asks_again_after_it():
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, *args):
+            seen.append(pl_module._reducer.across_ranks)
+
+    model = ThreeTaskNet()
+    _fit(model, callbacks=[Spy()])
+    assert seen == [False]  # one process: set at setup, no torch.distributed query per step
+    assert model._reducer.across_ranks is None  # outside the fit: asked at every call again
+    model.compute_global_losses(make_batch(6, seed=0, dtype=torch.float32))
