@@ -9,8 +9,11 @@ phases of a shared machine cancel, and ``best`` the ratio of each one's fastest 
 (:func:`benchmarks._timing.summarize`). By default the clock is the main thread's CPU time (with one
 torch thread all the work is on it): on a machine shared with other jobs, wall time mostly
 measures waiting for a core. "(weights of 1)" is a weighting callback that returns ones: what the
-interface itself costs (hooks, the weights' way through the mixin). Target: at most 1.05, FAMO
-excepted (an extra forward pass by design).
+interface itself costs (hooks, the weights' way through the mixin). ``paired``: the median over
+rounds of the ratio within one fit whose odd steps weigh with the method and even steps are static
+(:class:`OnOddSteps`), which a fit running fast or slow as a whole does not move; Lightning's own
+cost of calling a callback's hooks then falls on both sides (the "(weights of 1)" row's ``ratio``
+shows it). Target: at most 1.05, FAMO excepted (an extra forward pass by design).
 
     python -m benchmarks.loss_methods [--rounds 9] [--threads 1] [--clock cpu|wall]
 """
@@ -18,7 +21,9 @@ excepted (an extra forward pass by design).
 from __future__ import annotations
 
 import argparse
+import statistics
 from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -28,6 +33,7 @@ from benchmarks._timing import (
     interleaved_times,
     median_step_time,
     quiet,
+    step_times,
     summarize,
     synthetic_loader,
 )
@@ -52,6 +58,66 @@ class OnesWeighting(WeightingCallback):
 
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
         return torch.ones_like(step.losses)
+
+
+class OnOddSteps(L.Callback):
+    """Hands a weighting method its training-step hooks on odd steps only (its other hooks always):
+    with :class:`StaticOnEvenSteps` the even steps of a fit are static weights, the odd ones the
+    method's."""
+
+    STEP_HOOKS = (
+        "on_train_batch_start",
+        "on_before_backward",
+        "on_after_backward",
+        "on_before_optimizer_step",
+        "on_before_zero_grad",
+        "on_train_batch_end",
+    )
+    OTHER_HOOKS = ("setup", "teardown", "on_fit_start", "on_train_start", "on_train_epoch_start")
+
+    def __init__(self, method: WeightingCallback) -> None:
+        self.method = method
+        self.odd_step = False
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        self.odd_step = args[-1] % 2 == 1  # the batch index
+        if self.odd_step:
+            self.method.on_train_batch_start(trainer, pl_module, *args)
+
+
+def _forward_hook(name: str, odd_steps_only: bool) -> Callable[..., Any]:
+    def hook(self: OnOddSteps, *args: Any, **kwargs: Any) -> Any:
+        if self.odd_step or not odd_steps_only:
+            return getattr(self.method, name)(*args, **kwargs)
+        return None
+
+    return hook
+
+
+for _name in OnOddSteps.STEP_HOOKS[1:]:
+    setattr(OnOddSteps, _name, _forward_hook(_name, odd_steps_only=True))
+for _name in OnOddSteps.OTHER_HOOKS:
+    setattr(OnOddSteps, _name, _forward_hook(_name, odd_steps_only=False))
+
+
+class StaticOnEvenSteps(MultiTaskMLP):
+    """The demo MLP weighing with the method of the trainer's :class:`OnOddSteps` on odd training
+    steps, with static weights on even ones."""
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self._method = next(c for c in self.trainer.callbacks if isinstance(c, OnOddSteps)).method
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        self._weighting = self._method if batch_idx % 2 else None
+        return super().training_step(batch, batch_idx)
+
+
+def paired_method_ratio(method: WeightingCallback, loader: Any, warmup: int = 10) -> float:
+    """Median step time of the method's steps over that of the static steps in one fit."""
+    times = step_times(lambda: StaticOnEvenSteps(NUM_TASKS), loader, [OnOddSteps(method)], "thread")
+    static, weighted = times[warmup::2], times[warmup + 1 :: 2]  # batch b is step b; warmup even
+    return statistics.median(weighted) / statistics.median(static)
 
 
 METHODS: dict[str, Callable[[], L.Callback | None]] = {
@@ -96,16 +162,26 @@ def print_method_table(rounds: int, clock_name: str) -> None:
 
         return run
 
-    times = interleaved_times({name: timed(make) for name, make in METHODS.items()}, rounds)
+    def paired(make: Callable[[], L.Callback | None]) -> Callable[[], float]:
+        return lambda: paired_method_ratio(make(), loader)  # type: ignore[arg-type]
+
+    variants = {name: timed(make) for name, make in METHODS.items()}
+    variants |= {
+        f"paired {name}": paired(make) for name, make in METHODS.items() if name != "static"
+    }
+    times = interleaved_times(variants, rounds)
     print(
         f"K={NUM_TASKS}, batch 256, {rounds} rounds, {torch.get_num_threads()} thread(s), "
         f"{clock_name} time"
     )
-    print(f"{'method':<22} {'ms/step':>8} {'ratio':>6} {'best':>6}")
+    print(f"{'method':<22} {'ms/step':>8} {'ratio':>6} {'best':>6} {'paired':>7}")
+    paired_ratios = {name: times.pop(f"paired {name}", None) for name in METHODS}
     for name, summary in summarize(times, "static").items():
+        ratios = paired_ratios[name]
+        paired_text = f"{statistics.median(ratios):>7.3f}" if ratios else f"{'':>7}"
         print(
             f"{name:<22} {1e3 * summary.median:>8.3f} {summary.ratio:>6.3f} "
-            f"{summary.best_ratio:>6.3f}"
+            f"{summary.best_ratio:>6.3f} {paired_text}"
         )
 
 

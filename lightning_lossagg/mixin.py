@@ -366,25 +366,24 @@ class MultiTaskMixin:
                 objective = weights.to(step.local_terms.dtype) @ step.local_terms
         elif (representation := self.shared_representation) and representation.split:
             # The weights come from the task gradients that reach the heads' views in backward.
-            static = weights.to(step.local_terms.dtype)
+            static = _in_dtype(weights, step.local_terms.dtype)
             weights, receiver = self._weighting.weights_in_backward(self, step, static)  # type: ignore[arg-type]
-            self.shared_representation = None
+            _set_plain(self, "shared_representation", None)
             objective = representation.split.objective(static @ step.local_terms, receiver)
-            self._latest_weights = weights
+            _set_plain(self, "_latest_weights", weights)
         else:
-            static = weights.to(step.local_terms.dtype)
-            adaptive = self._weighting.task_weights(self, step).to(static.dtype)  # type: ignore[arg-type]
+            static = _in_dtype(weights, step.local_terms.dtype)
+            adaptive = _in_dtype(self._weighting.task_weights(self, step), static.dtype)  # type: ignore[arg-type]
             if adaptive.requires_grad:
                 adaptive = adaptive.detach()
             if not self._static_weights_are_ones:
                 adaptive = adaptive * static
             weights = torch.where(step.valid, adaptive, 0.0)
             objective = self._weighting.backward_objective(self, step, weights, static)  # type: ignore[arg-type]
-            self._latest_weights = weights
+            _set_plain(self, "_latest_weights", weights)
         if dropped:  # the dropped heads still take part in DDP's gradient reduction, with 0
             objective = objective + self._zero_objective()
-        # A plain value: nn.Module.__setattr__'s registration checks are skipped on the hot path.
-        object.__setattr__(self, "loss_record", step.record("train", weights, self._weighting))
+        _set_plain(self, "loss_record", step.record("train", weights, self._weighting))
         return objective
 
     def _zero_objective(self) -> Tensor:
@@ -515,6 +514,16 @@ class _StackedGroup(NamedTuple):
         stacked_targets = torch.stack(self.pick(targets))
         # Stacked tasks passed check_target in _stacking_groups, for this layout of the batch.
         return self.task.checked_per_sample_loss(self.label, stacked_predictions, stacked_targets)
+
+
+# The steps write their per-step values (never a parameter, buffer or module) past
+# nn.Module.__setattr__, whose registration checks cost a few Python calls at every step.
+_set_plain = object.__setattr__
+
+
+def _in_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor.to(dtype)`` without a dispatch when it is in ``dtype`` already."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _default_losses(model: MultiTaskMixin) -> bool:
