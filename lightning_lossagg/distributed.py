@@ -66,13 +66,13 @@ class HostCopy:
         if tensor.requires_grad:
             tensor = tensor.detach()
         self._event: torch.cuda.Event | None = None
-        if tensor.device.type == "cuda":
+        if tensor.is_cuda:
             self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             self._host.copy_(tensor, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
         else:
-            self._host = tensor.cpu()
+            self._host = tensor if tensor.is_cpu else tensor.cpu()
 
     def get(self) -> Tensor:
         """The host tensor, once its copy is complete."""

@@ -60,13 +60,14 @@ def usable_tasks(step: GlobalTaskLosses) -> Tensor:
 class LossesReadLater:
     """Each step's global task losses, copied to the host without stalling the device and read
     at the optimizer step: a check of their values raises before a bad step updates the model,
-    and costs no wait for the device in the hot path."""
+    and costs no wait for the device in the hot path. The steps read at an optimizer step are
+    that global step's batches (several under gradient accumulation)."""
 
     def __init__(self) -> None:
-        self._unread: list[tuple[int, distributed.HostCopy]] = []
+        self._unread: list[distributed.HostCopy] = []
 
-    def add(self, global_step: int, losses: Tensor) -> None:
-        self._unread.append((global_step, distributed.HostCopy(losses)))
+    def add(self, losses: Tensor) -> None:
+        self._unread.append(distributed.HostCopy(losses))
 
     def clear(self) -> None:
         self._unread = []
@@ -78,13 +79,13 @@ class LossesReadLater:
 
     def first_offending(
         self, task_names: tuple[str, ...], offends: Callable[[float], bool]
-    ) -> tuple[int, str] | None:
-        """The first unread step with a loss that ``offends``, and its tasks as ``'name'
+    ) -> str | None:
+        """The tasks of the first unread step with a loss that ``offends``, as ``'name'
         (value)``, comma-separated; ``None`` if there is none. Reads (and forgets) every step."""
         unread, self._unread = self._unread, []
-        for global_step, copy in unread:
+        for copy in unread:
             values = copy.get().tolist()
             bad = [f"{n!r} ({v:g})" for n, v in zip(task_names, values, strict=True) if offends(v)]
             if bad:
-                return global_step, ", ".join(bad)
+                return ", ".join(bad)
         return None

@@ -139,7 +139,7 @@ class DBMTL(GradientWeighting):
         # the state from before the first unread step is then put back.
         if not self._unchecked.pending:
             self._state_before_check = (self._buffer, self._step)
-        self._unchecked.add(pl_module.trainer.global_step, losses)
+        self._unchecked.add(losses)
         self._step += 1
         updated = db_mtl_buffer(
             jacobian, self._buffer, self._step, self.beta, self.beta_sigma, losses
@@ -155,9 +155,9 @@ class DBMTL(GradientWeighting):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        offending = self._unchecked.first_offending(self._task_names, lambda loss: loss < 0)
-        if offending is not None:
-            global_step, tasks = offending
+        tasks = self._unchecked.first_offending(self._task_names, lambda loss: loss < 0)
+        if tasks is not None:
+            global_step = trainer.global_step  # the step whose batches were read
             self._buffer, self._step = self._state_before_check
             raise ValueError(
                 f"DBMTL trains on the logarithm of every task loss, but the global loss of task(s) "

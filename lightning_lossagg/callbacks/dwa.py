@@ -9,12 +9,15 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_lossagg.aggregation import GlobalTaskLosses
-from lightning_lossagg.callbacks._checks import check_positive, require_multitask, usable_tasks
+from lightning_lossagg.aggregation import GlobalTaskLosses, finite
+from lightning_lossagg.callbacks._checks import check_positive, require_multitask
 from lightning_lossagg.functional.dwa import dwa
 from lightning_lossagg.weighting import WeightingCallback
 
 _TENSOR_STATE = ("_loss_sum", "_loss_count", "_previous", "_before_previous")
+# Steps whose losses are added to the period's sums at once: a few tensor operations per block
+# instead of per step.
+_BLOCK = 32
 
 
 class DWA(WeightingCallback):
@@ -33,11 +36,11 @@ class DWA(WeightingCallback):
     task without a valid sample in one of the two periods (or with :math:`\bar L_k(t-2) = 0`) has
     no rate and takes :math:`r_k = 1`, an unchanged loss.
 
-    The period means are accumulated on the device, step by step (every micro-batch counts), and
-    the previous period is closed at the first step of the next one: a checkpoint taken anywhere
-    in between holds it, and resuming is exact. Every input is global, so the weights are
-    identical on every rank. Logged as ``train/loss_rate/<task>`` (:math:`r_k`) from the third
-    period on.
+    The period means are accumulated on the device (every micro-batch counts), the steps' losses
+    kept and added in blocks of 32 steps, and the previous period is closed at the first step of
+    the next one: a checkpoint taken anywhere in between holds it, and resuming is exact. Every
+    input is global, so the weights are identical on every rank. Logged as
+    ``train/loss_rate/<task>`` (:math:`r_k`) from the third period on.
 
     Args:
         temperature: the softmax temperature :math:`T > 0`; larger is more uniform.
@@ -63,6 +66,10 @@ class DWA(WeightingCallback):
         self._completed_periods = 0
         self._loss_sum: Tensor | None = None
         self._loss_count: Tensor | None = None
+        # This period's steps not yet in its sums: (losses, counts) each; restored from a
+        # checkpoint, they are moved to the device at the next step.
+        self._pending: list[tuple[Tensor, Tensor]] = []
+        self._pending_restored = False
         self._previous: Tensor | None = None
         self._before_previous: Tensor | None = None
         self._rates: Tensor | None = None
@@ -96,9 +103,26 @@ class DWA(WeightingCallback):
         return self._weights
 
     def _accumulate(self, step: GlobalTaskLosses) -> None:
-        usable = usable_tasks(step)
-        counts = torch.where(usable, step.counts, 0.0)
-        weighted_losses = torch.where(usable, step.losses.to(counts.dtype) * counts, 0.0)
+        if self._pending_restored:
+            device = step.counts.device
+            self._pending = [(loss.to(device), count.to(device)) for loss, count in self._pending]
+            self._pending_restored = False
+        self._pending.append((step.losses, step.counts))
+        if len(self._pending) == _BLOCK:
+            self._add_pending()
+
+    def _add_pending(self) -> None:
+        """Adds the pending steps' losses, times their valid samples, to the period's sums (a
+        task's non-finite or missing loss counts for nothing)."""
+        if not self._pending:
+            return
+        losses = torch.stack([loss for loss, _ in self._pending])
+        counts = torch.stack([count for _, count in self._pending])
+        self._pending = []
+        usable = finite(losses)  # NaN (not finite) for a task without a valid sample
+        counts = torch.where(usable, counts, 0.0)
+        weighted_losses = torch.where(usable, losses.to(counts.dtype) * counts, 0.0).sum(0)
+        counts = counts.sum(0)
         if self._loss_sum is None or self._loss_count is None:
             self._loss_sum, self._loss_count = weighted_losses, counts
         else:
@@ -106,6 +130,7 @@ class DWA(WeightingCallback):
             self._loss_count = self._loss_count.to(counts.device) + counts
 
     def _close_period(self) -> None:
+        self._add_pending()
         if self._loss_sum is None or self._loss_count is None:
             return
         seen = self._loss_count > 0
@@ -132,6 +157,9 @@ class DWA(WeightingCallback):
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {name: getattr(self, name) for name in _TENSOR_STATE}
         state["period"], state["completed_periods"] = self._period, self._completed_periods
+        pending = list(zip(*self._pending, strict=True))  # ([losses, ...], [counts, ...])
+        state["pending_losses"] = torch.stack(pending[0]) if pending else None
+        state["pending_counts"] = torch.stack(pending[1]) if pending else None
         return state
 
     @override
@@ -142,4 +170,7 @@ class DWA(WeightingCallback):
             state_dict["period"],
             state_dict["completed_periods"],
         )
+        losses, counts = state_dict.get("pending_losses"), state_dict.get("pending_counts")
+        self._pending = [] if losses is None else list(zip(losses, counts, strict=True))
+        self._pending_restored = bool(self._pending)
         self._rates = self._weights = None

@@ -54,7 +54,7 @@ class GLS(WeightingCallback):
         losses, valid = step.losses, step.valid
         # The losses <= 0, read on the host at the optimizer step (a task without a valid sample
         # has a NaN loss: never <= 0). NaN and +inf are the mixin's to report (nonfinite=...).
-        self._unchecked.add(pl_module.trainer.global_step, losses)
+        self._unchecked.add(losses)
         # The weights of G over the valid tasks (the mixin zeroes the other tasks' weights).
         return gls_weights(losses, validate_args=False, valid=valid)
 
@@ -62,9 +62,9 @@ class GLS(WeightingCallback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        offending = self._unchecked.first_offending(self._task_names, lambda loss: loss <= 0)
-        if offending is not None:
-            global_step, tasks = offending
+        tasks = self._unchecked.first_offending(self._task_names, lambda loss: loss <= 0)
+        if tasks is not None:
+            global_step = trainer.global_step  # the step whose batches were read
             raise NonPositiveLossError(
                 f"GLS takes the logarithm of every task loss, but the global loss of task(s) "
                 f"{tasks} was <= 0 at global step {global_step}. Add a small positive offset to "
