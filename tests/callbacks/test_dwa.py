@@ -6,6 +6,7 @@ import torch
 from lightning_lossagg.callbacks import DWA
 from lightning_lossagg.functional.dwa import dwa
 from tests.callbacks._loss_based import (
+    assert_nested_equal,
     at_step,
     expected_record_weights,
     fit_method,
@@ -74,3 +75,41 @@ def test_the_rates_are_logged_from_the_third_period():
     torch.testing.assert_close(
         callback.state_to_log()["loss_rate"], torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)
     )
+
+
+def _long_window_history(steps):
+    """Losses of 3 tasks over ``steps`` steps, each task missing from some steps."""
+    generator = torch.Generator().manual_seed(1)
+    values = (torch.rand(steps, 3, generator=generator, dtype=torch.float64) + 0.5).tolist()
+    return [global_losses(row, valid=[index % 5 != 0, True, index % 7 != 3]) for index, row in
+            enumerate(values)]  # fmt: skip
+
+
+def test_periods_longer_than_a_block_average_every_step():
+    # Windows of 45 steps: each is summed in blocks of 32 steps and a rest of 13.
+    window, history = 45, _long_window_history(3 * 45 + 1)
+    callback = DWA(temperature=2.0, window_steps=window)
+    callback.setup(None, ThreeTaskNet(), "fit")
+    weights = [callback.task_weights(at_step(index), step) for index, step in enumerate(history)]
+    losses = torch.stack([step.losses for step in history[: 2 * window]]).view(2, window, 3)
+    valid = ~losses.isnan()
+    means = torch.where(valid, losses, 0.0).sum(1) / valid.sum(1)  # one sample per valid task
+    expected = dwa(means[1], means[0], temperature=2.0)
+    for step in range(2 * window, 3 * window):
+        torch.testing.assert_close(weights[step], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_checkpoint_amid_a_block_resumes_the_same_sums():
+    history = _long_window_history(3 * 45 + 1)
+    uninterrupted, first = DWA(window_steps=45), DWA(window_steps=45)
+    for callback in (uninterrupted, first):
+        callback.setup(None, ThreeTaskNet(), "fit")
+    expected = [uninterrupted.task_weights(at_step(i), s) for i, s in enumerate(history)]
+    for index, step in enumerate(history[:100]):  # 100 = 2 windows and 10 steps of a block
+        first.task_weights(at_step(index), step)
+    resumed = DWA(window_steps=45)
+    resumed.setup(None, ThreeTaskNet(), "fit")
+    resumed.load_state_dict(first.state_dict())
+    for index, step in enumerate(history[100:], start=100):
+        assert torch.equal(resumed.task_weights(at_step(index), step), expected[index])
+    assert_nested_equal(resumed.state_dict(), uninterrupted.state_dict())
