@@ -117,10 +117,16 @@ class GlobalTaskLosses:
 class TaskLossReducer:
     """Reduces every task's per-sample losses over all ranks with ONE all-reduce per call.
 
-    The work per step is a fixed number of tensor operations whatever the number of tasks: the
-    tasks' values are concatenated and summed per task with one ``index_add``. The small per-task
+    The work per step is a fixed number of tensor operations whatever the number of tasks: stacked
+    losses (:class:`~lightning_lossagg.tasks.StackedLosses`) are summed a group at a time, other
+    tasks' values concatenated and summed per task with one ``index_add``. The small per-task
     constants are built once per device and shape and reused. On one process nothing is packed
     or reduced at all.
+
+    Attributes:
+        across_ranks: whether the figures are reduced over ranks, set for a fit by its owner
+            (the mixin, at ``setup``); ``None`` (default): asked of ``torch.distributed`` at every
+            call.
     """
 
     def __init__(self, tasks: Mapping[str, Task], rank_weighting: RankWeighting = "samples"):
@@ -134,8 +140,6 @@ class TaskLossReducer:
         # Every task a mean over samples: the numerators and denominators are the sums and counts.
         self._plain_means = rank_weighting == "samples" and all(self._is_mean)
         self._cache: dict[tuple, Any] = {}
-        # Whether the ranks' figures are reduced, fixed for a fit by its owner (the mixin sets it
-        # at setup); None: ask torch.distributed at every call.
         self.across_ranks: bool | None = None
 
     def __call__(
