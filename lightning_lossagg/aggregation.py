@@ -148,8 +148,9 @@ class TaskLossReducer:
         """The step's global figures. ``separate_tasks``: also build ``task_terms``, one scalar per
         task with a graph of its own (the values of different tasks must not share a graph)."""
         task_sums = self._task_sums(masked_losses) if separate_tasks else None
-        if task_sums is None and _stacked_in_order(masked_losses, self.names):
-            numerators, denominators = self._stacked_sums(masked_losses)
+        stacked = type(masked_losses) is StackedLosses and masked_losses.names == self.names
+        if task_sums is None and stacked:
+            numerators, denominators = self._stacked_sums(masked_losses)  # type: ignore[arg-type]
         else:
             numerators, denominators = self._local_statistics(masked_losses, task_sums)
         across_ranks = self.across_ranks
@@ -214,11 +215,11 @@ class TaskLossReducer:
     def _local_statistics(
         self, masked_losses: Mapping[str, MaskedLoss], task_sums: TaskSums | None = None
     ) -> tuple[Tensor, Tensor]:
-        """This rank's numerators ``a_kr`` (with their graph) and denominators ``b_kr``."""
+        """This rank's numerators ``a_kr`` (with their graph) and denominators ``b_kr``, from the
+        per-task sums or any mapping of per-task losses (``__call__`` sums stacked losses a group
+        at a time itself)."""
         if task_sums is not None:
             return self._numerators_and_denominators(torch.stack(task_sums.sums), task_sums.counts)
-        if _stacked_in_order(masked_losses, self.names):
-            return self._stacked_sums(masked_losses)
         values = [masked_losses[name].values for name in self.names]
         flat_values = torch.cat([v if v.ndim == 1 else v.reshape(-1) for v in values])
         flat_masks = torch.cat(
@@ -318,10 +319,6 @@ class TaskLossReducer:
             sum_denominators = torch.full_like(is_mean, this_rank == 0, dtype=reference.dtype)
             self._cache[key] = (is_mean, sum_denominators)
         return self._cache[key]
-
-
-def _stacked_in_order(masked_losses: Mapping[str, MaskedLoss], names: tuple[str, ...]) -> bool:
-    return type(masked_losses) is StackedLosses and masked_losses.names == names
 
 
 def _global_losses(numerators: Tensor, counts: Tensor, dtype: torch.dtype) -> Tensor:
