@@ -48,3 +48,15 @@ def test_lossagg_evaluates_the_demo(subcommand, tmp_path):
     prefix = "val" if subcommand == "validate" else "test"
     for task in TASKS:
         assert f"{prefix}/loss/{task}" in metrics
+
+
+def test_a_second_run_with_the_same_config_overwrites_its_saved_config(tmp_path):
+    # Every run saves its config beside the logger's runs; a second `lossagg` command with the
+    # same config (a longer fit, then a test of its checkpoint) must not stop at that file.
+    args = [f"--config={CONFIGS / 'penguins.yaml'}", "--trainer.logger=false"]
+    build_cli(["validate", *args, "--trainer.limit_val_batches=1"])
+    saved = list(tmp_path.rglob("config.yaml"))
+    assert saved
+    cli = build_cli(["validate", *args, "--trainer.limit_val_batches=2"])
+    assert "val/loss" in cli.trainer.callback_metrics
+    assert "limit_val_batches: 2" in saved[0].read_text()
