@@ -3,7 +3,7 @@
 Per task ``k`` every rank ``r`` holds a numerator ``a_kr`` and a denominator ``b_kr``:
 
 * ``rank_weighting="samples"``: ``a_kr`` = the sum of the valid per-sample losses, ``b_kr`` = their
-  count (``reduction="sum"``: ``b_kr`` = 1 on rank 0 and 0 elsewhere);
+  count (``reduction="sum"``: the global denominator is 1 once any rank has a valid sample);
 * ``rank_weighting="uniform"``: ``a_kr`` = the rank's own mean (or sum), ``b_kr`` = 1 when the rank
   has a valid sample of the task, so every such rank has an equal say.
 
@@ -11,6 +11,9 @@ The global loss is :math:`L_k = \\sum_r a_{kr} / \\sum_r b_{kr}`. Each rank hand
 local term :math:`t_{kr} = W a_{kr} / \\sum_r b_{kr}`; DDP averages gradients over the ``W`` ranks,
 so the gradient it applies is :math:`\\frac1W\\sum_r \\nabla t_{kr} = \\nabla L_k`, exactly, for
 uneven batches, partly labelled batches and ranks without a valid sample.
+
+Sums and counts accumulate in at least float32 (:func:`accumulation_dtype`): in bfloat16, adding
+ones stops at 256.
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ class GlobalTaskLosses:
 
     Attributes:
         names: the task names, in the model's order.
-        counts: global denominators ``sum_r b_kr``: valid samples (``"samples"``), or ranks with
-            a valid sample (``"uniform"``); the weight of this step in an epoch mean.
+        counts: global denominators ``sum_r b_kr``: valid samples (``"samples"``; for a
+            ``reduction="sum"`` task 1, or 0 without a valid sample), or ranks with a valid
+            sample (``"uniform"``); the weight of this step in an epoch mean.
         valid: whether task ``k`` had a valid sample anywhere in the global batch.
         losses: global task losses ``L_k`` (detached; NaN where no rank had a valid sample).
         local_terms: this rank's terms ``t_k`` with their graph: DDP's averaged gradient of
@@ -157,6 +161,7 @@ class TaskLossReducer:
         if across_ranks is None:
             across_ranks = distributed.is_distributed()
         if not across_ranks:
+            denominators = self._global_denominators(denominators)
             divisors = denominators.clamp(min=1)
             task_terms = None
             if task_sums is not None:
@@ -176,7 +181,7 @@ class TaskLossReducer:
             ]
         )
         stats = distributed.all_reduce_sum(stats)
-        counts = stats[num_tasks : 2 * num_tasks]
+        counts = self._global_denominators(stats[num_tasks : 2 * num_tasks])
         scale = (distributed.world_size() / counts.clamp(min=1)).to(numerators.dtype)
         return GlobalTaskLosses(
             self.names,
@@ -227,12 +232,12 @@ class TaskLossReducer:
             if all(v.ndim == 1 for v in values)
             else [masked_losses[name].mask.reshape(-1) for name in self.names]
         )
-        dtype = flat_values.dtype
+        dtype = accumulation_dtype(flat_values.dtype)
         segments = self._segments(values, flat_values.device)
-        masked_values = torch.where(flat_masks, flat_values, 0.0)
-        num_tasks = len(self.names)
-        local_sums = flat_values.new_zeros(num_tasks).index_add(0, segments, masked_values)
-        local_counts = flat_values.new_zeros(num_tasks).index_add(0, segments, flat_masks.to(dtype))
+        masked_values = in_dtype(torch.where(flat_masks, flat_values, 0.0), dtype)
+        zeros = flat_values.new_zeros(len(self.names), dtype=dtype)
+        local_sums = zeros.index_add(0, segments, masked_values)
+        local_counts = zeros.index_add(0, segments, flat_masks.to(dtype))
         return self._numerators_and_denominators(local_sums, local_counts)
 
     def _task_sums(self, masked_losses: Mapping[str, MaskedLoss]) -> TaskSums:
@@ -240,7 +245,7 @@ class TaskLossReducer:
         sums, counts = [], []
         for name in self.names:
             values, mask = masked_losses[name]
-            sums.append(torch.where(mask, values, 0.0).sum())
+            sums.append(torch.where(mask, values, 0.0).sum(dtype=accumulation_dtype(values.dtype)))
             counts.append(mask.sum())
         return TaskSums(sums, torch.stack(counts).to(sums[0].dtype))
 
@@ -251,7 +256,7 @@ class TaskLossReducer:
             return None
         factors = scale
         if self.rank_weighting == "uniform":
-            is_mean, _ = self._reduction_constants(scale)
+            is_mean = self._is_mean_on(scale)
             counts = task_sums.counts.to(scale.dtype)
             factors = torch.where(is_mean, 1 / counts.clamp(min=1), 1.0) * scale
         return tuple(
@@ -264,8 +269,9 @@ class TaskLossReducer:
         sums, counts = [], []
         for _, (values, mask) in stacked.groups:
             per_task = tuple(range(1, values.ndim))  # all but the group's task dimension
-            sums.append(torch.where(mask, values, 0.0).sum(per_task))
-            counts.append(mask.sum(per_task, dtype=values.dtype))
+            dtype = accumulation_dtype(values.dtype)
+            sums.append(torch.where(mask, values, 0.0).sum(per_task, dtype=dtype))
+            counts.append(mask.sum(per_task, dtype=dtype))
         if len(sums) == 1:
             local_sums, local_counts = sums[0], counts[0]
         else:  # cat promotes both to the dtype of the widest group
@@ -291,13 +297,19 @@ class TaskLossReducer:
     ) -> tuple[Tensor, Tensor]:
         if self._plain_means:
             return local_sums, local_counts
-        is_mean, sum_denominators = self._reduction_constants(local_sums)
-        if self.rank_weighting == "uniform":
-            local_means = local_sums / local_counts.clamp(min=1)
-            numerators = torch.where(is_mean, local_means, local_sums)
-            return numerators, (local_counts > 0).to(local_sums.dtype)
-        # A global sum: rank 0 alone contributes the denominator 1, exactly.
-        return local_sums, torch.where(is_mean, local_counts, sum_denominators)
+        if self.rank_weighting == "samples":  # sum tasks: see _global_denominators
+            return local_sums, local_counts
+        local_means = local_sums / local_counts.clamp(min=1)
+        numerators = torch.where(self._is_mean_on(local_sums), local_means, local_sums)
+        return numerators, (local_counts > 0).to(local_sums.dtype)
+
+    def _global_denominators(self, counts: Tensor) -> Tensor:
+        """The global denominators from the global counts: with ``rank_weighting="samples"`` a
+        ``reduction="sum"`` task's is 1 once the global batch has a valid sample, else 0 (its loss
+        is then NaN and the task invalid, as a mean's)."""
+        if self._plain_means or self.rank_weighting == "uniform":
+            return counts
+        return torch.where(self._is_mean_on(counts), counts, (counts > 0).to(counts.dtype))
 
     def _segments(self, values: list[Tensor], device: torch.device) -> Tensor:
         """The task index of every element of the concatenated values."""
@@ -310,15 +322,22 @@ class TaskLossReducer:
             self._cache[key] = segments.to(device)
         return self._cache[key]
 
-    def _reduction_constants(self, reference: Tensor) -> tuple[Tensor, Tensor]:
-        """Which tasks average, and the sum-reduction denominators (1 on rank 0, else 0)."""
-        this_rank = distributed.rank()
-        key = ("reduction", reference.device, reference.dtype, this_rank)
+    def _is_mean_on(self, reference: Tensor) -> Tensor:
+        """Which tasks average, as a bool tensor on ``reference``'s device."""
+        key = ("is_mean", reference.device)
         if key not in self._cache:
-            is_mean = torch.tensor(self._is_mean, device=reference.device)
-            sum_denominators = torch.full_like(is_mean, this_rank == 0, dtype=reference.dtype)
-            self._cache[key] = (is_mean, sum_denominators)
+            self._cache[key] = torch.tensor(self._is_mean, device=reference.device)
         return self._cache[key]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums and counts of per-sample losses accumulate in: ``dtype``, at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def in_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor.to(dtype)`` without a dispatch when it is in ``dtype`` already."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _global_losses(numerators: Tensor, counts: Tensor, dtype: torch.dtype) -> Tensor:

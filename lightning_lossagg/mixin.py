@@ -11,7 +11,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_lossagg import distributed
-from lightning_lossagg.aggregation import GlobalTaskLosses, RankWeighting, TaskLossReducer
+from lightning_lossagg.aggregation import (
+    GlobalTaskLosses,
+    RankWeighting,
+    TaskLossReducer,
+    in_dtype,
+)
 from lightning_lossagg.representation import (
     FusedLinearHeads,
     GradientsAtHeads,
@@ -366,14 +371,14 @@ class MultiTaskMixin:
                 objective = weights.to(step.local_terms.dtype) @ step.local_terms
         elif (representation := self.shared_representation) and representation.split:
             # The weights come from the task gradients that reach the heads' views in backward.
-            static = _in_dtype(weights, step.local_terms.dtype)
+            static = in_dtype(weights, step.local_terms.dtype)
             weights, receiver = self._weighting.weights_in_backward(self, step, static)  # type: ignore[arg-type]
             _set_plain(self, "shared_representation", None)
             objective = representation.split.objective(static @ step.local_terms, receiver)
             _set_plain(self, "_latest_weights", weights)
         else:
-            static = _in_dtype(weights, step.local_terms.dtype)
-            adaptive = _in_dtype(self._weighting.task_weights(self, step), static.dtype)  # type: ignore[arg-type]
+            static = in_dtype(weights, step.local_terms.dtype)
+            adaptive = in_dtype(self._weighting.task_weights(self, step), static.dtype)  # type: ignore[arg-type]
             if adaptive.requires_grad:
                 adaptive = adaptive.detach()
             if not self._static_weights_are_ones:
@@ -519,11 +524,6 @@ class _StackedGroup(NamedTuple):
 # The steps write their per-step values (never a parameter, buffer or module) past
 # nn.Module.__setattr__, whose registration checks cost a few Python calls at every step.
 _set_plain = object.__setattr__
-
-
-def _in_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
-    """``tensor.to(dtype)`` without a dispatch when it is in ``dtype`` already."""
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _default_losses(model: MultiTaskMixin) -> bool:

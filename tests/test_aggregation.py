@@ -6,12 +6,28 @@ import torch
 from lightning_lossagg import MaskedLoss, Task, global_task_losses
 from tests.process_group import CollectiveCounter, run_on_ranks
 
-TASKS = {"a": Task("mse"), "b": Task("mse", reduction="sum"), "c": Task("mse")}
+TASKS = {
+    "a": Task("mse"),
+    "b": Task("mse", reduction="sum"),
+    "c": Task("mse"),
+    "d": Task("mse", reduction="sum"),
+}
 
-# Per-rank per-sample losses and masks: uneven sizes, rank 1 has no valid sample of task "c".
+# Per-rank per-sample losses and masks: uneven sizes, rank 1 has no valid sample of task "c",
+# no rank has one of task "d" (a sum of nothing: no loss, not a loss of 0).
 RANK_DATA = {
-    0: {"a": ([1.0, 2.0, 3.0], [1, 1, 0]), "b": ([1.0, 1.0], [1, 1]), "c": ([4.0, 6.0], [1, 1])},
-    1: {"a": ([5.0], [1]), "b": ([2.0, 3.0, 4.0], [1, 0, 1]), "c": ([9.0, 9.0], [0, 0])},
+    0: {
+        "a": ([1.0, 2.0, 3.0], [1, 1, 0]),
+        "b": ([1.0, 1.0], [1, 1]),
+        "c": ([4.0, 6.0], [1, 1]),
+        "d": ([7.0], [0]),
+    },
+    1: {
+        "a": ([5.0], [1]),
+        "b": ([2.0, 3.0, 4.0], [1, 0, 1]),
+        "c": ([9.0, 9.0], [0, 0]),
+        "d": ([2.0, 3.0], [0, 0]),
+    },
 }
 
 
@@ -27,9 +43,9 @@ def _masked(rank: int, requires_grad: bool = False) -> dict[str, MaskedLoss]:
 
 def _expected(rank_weighting: str) -> list[float]:
     if rank_weighting == "samples":  # one process on the concatenated batch
-        return [(1 + 2 + 5) / 3, 1 + 1 + 2 + 4, (4 + 6) / 2]
+        return [(1 + 2 + 5) / 3, 1 + 1 + 2 + 4, (4 + 6) / 2, float("nan")]
     # every rank with a valid sample has an equal say
-    return [((1 + 2) / 2 + 5) / 2, (1 + 1 + 2 + 4) / 2, 5.0]
+    return [((1 + 2) / 2 + 5) / 2, (1 + 1 + 2 + 4) / 2, 5.0, float("nan")]
 
 
 def _rank_step(rank: int, rank_weighting: str, separate_tasks: bool) -> dict:
@@ -46,6 +62,7 @@ def _rank_step(rank: int, rank_weighting: str, separate_tasks: bool) -> dict:
     return {
         "losses": step.losses,
         "counts": step.counts,
+        "valid": step.valid,
         "calls": counter.calls,
         "grads": grads,
         "reached": reached,
@@ -61,10 +78,12 @@ def test_two_ranks_give_the_global_losses_and_gradients_with_one_all_reduce(
     results = run_on_ranks(_rank_step, rank_weighting, separate_tasks)
     if separate_tasks:  # each task's term reaches its own values only
         for result in results:
-            assert result["reached"] == [[j == k for j in range(3)] for k in range(3)]
+            assert result["reached"] == [[j == k for j in range(4)] for k in range(4)]
     expected = torch.tensor(_expected(rank_weighting), dtype=torch.float64)
     for result in results:
-        torch.testing.assert_close(result["losses"], expected)
+        torch.testing.assert_close(result["losses"], expected, equal_nan=True)
+        assert result["valid"].tolist() == [True, True, True, False]
+        assert result["counts"][3] == 0
         assert result["calls"] == ["all_reduce"]
     # DDP averages the ranks' gradients of the local terms: that average must be the gradient of
     # the global loss with respect to each rank's per-sample values.
@@ -91,6 +110,8 @@ def _global_loss_by_hand(name: str, values: dict, rank_weighting: str) -> torch.
         total = sums[0] + sums[1]
         return total if TASKS[name].reduction == "sum" else total / (counts[0] + counts[1])
     present = [r for r in (0, 1) if counts[r]]
+    if not present:  # no loss: no gradient either
+        return (sums[0] + sums[1]) * 0.0
     per_rank = [sums[r] / (counts[r] if TASKS[name].reduction == "mean" else 1) for r in present]
     return sum(per_rank) / len(present)
 
@@ -100,8 +121,11 @@ def test_one_process_issues_no_collective_and_matches_the_masked_mean():
     with CollectiveCounter() as counter:
         step = global_task_losses(masked, TASKS)
     assert counter.calls == []
-    torch.testing.assert_close(step.losses, torch.tensor([1.5, 2.0, 5.0], dtype=torch.float64))
-    torch.testing.assert_close(step.local_terms.detach(), step.losses)
+    expected = torch.tensor([1.5, 2.0, 5.0, torch.nan], dtype=torch.float64)
+    torch.testing.assert_close(step.losses, expected, equal_nan=True)
+    assert step.valid.tolist() == [True, True, True, False]
+    torch.testing.assert_close(step.local_terms.detach()[:3], step.losses[:3])
+    assert step.local_terms[3] == 0
 
 
 @pytest.mark.parametrize("rank_weighting", ["samples", "uniform"])
@@ -119,14 +143,15 @@ def test_one_process_task_terms_equal_the_local_terms_each_in_its_own_graph(rank
     assert global_task_losses(masked, TASKS, rank_weighting).task_terms is None
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("rank_weighting", ["samples", "uniform"])
 def test_a_task_without_a_valid_sample_has_no_loss_and_a_zero_term_still_in_the_graph(
-    rank_weighting,
+    rank_weighting, reduction
 ):
     # Its loss is its sum of nothing over a count of 0: NaN, whatever the masked values hold.
     values = torch.tensor([torch.inf, 4.0], requires_grad=True)
     masked = {"a": MaskedLoss(values, torch.tensor([False, False]))}
-    step = global_task_losses(masked, {"a": Task("mse")}, rank_weighting)
+    step = global_task_losses(masked, {"a": Task("mse", reduction=reduction)}, rank_weighting)
     assert not step.valid[0] and torch.isnan(step.losses[0]) and step.counts[0] == 0
     assert step.local_terms[0].item() == 0.0
     (grad,) = torch.autograd.grad(step.local_terms.sum(), values)
@@ -157,3 +182,30 @@ def test_a_dropped_task_has_no_loss_even_when_its_sum_was_infinite():
     dropped = reducer.drop_tasks(step, masked, torch.tensor([False, True]))
     assert dropped.losses[0] == 2.0 and torch.isnan(dropped.losses[1])
     assert dropped.valid.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("path", ["stacked", "per task", "separate tasks"])
+def test_bfloat16_losses_are_summed_and_counted_in_float32(path):
+    # In bfloat16, 256 + 1 == 256: a count or sum kept in it stops growing. 1000 valid samples.
+    from lightning_lossagg.aggregation import TaskLossReducer
+    from lightning_lossagg.tasks import StackedLosses
+
+    tasks = {"a": Task("mse"), "b": Task("mse", reduction="sum")}
+    reference = torch.rand(2, 1200, generator=torch.Generator().manual_seed(0)) + 0.5
+    values = reference.to(torch.bfloat16).requires_grad_()
+    mask = torch.ones(2, 1200, dtype=torch.bool)
+    mask[:, 1000:] = False
+    if path == "stacked":
+        losses = StackedLosses(("a", "b"), [([0, 1], MaskedLoss(values, mask))])
+    else:
+        losses = {name: MaskedLoss(values[k], mask[k]) for k, name in enumerate(tasks)}
+    step = TaskLossReducer(tasks)(losses, separate_tasks=path == "separate tasks")
+    exact = values.detach().double()[:, :1000].sum(1)
+    assert step.counts.tolist() == [1000.0, 1.0]
+    assert step.losses.dtype == torch.float32
+    torch.testing.assert_close(step.losses.double(), exact / torch.tensor([1000.0, 1.0]))
+    (grad,) = torch.autograd.grad(step.local_terms.sum(), values)
+    assert grad.dtype == torch.bfloat16
+    assert torch.equal(grad[0, :1000], torch.full((1000,), 1e-3, dtype=torch.bfloat16))
+    assert torch.equal(grad[1, :1000], torch.ones(1000, dtype=torch.bfloat16))
+    assert not grad[:, 1000:].any()
