@@ -55,7 +55,9 @@ class MultiTaskMixin:
     weights the global task losses (static ``Task.weight`` times the weighting callback's weights,
     if one is on the trainer) and returns the local share of ``sum_k w_k L_k`` that makes DDP's
     averaged gradient exactly the gradient of the global objective. The step's figures are kept,
-    detached, in :attr:`loss_record` for loggers and monitors.
+    detached, in :attr:`loss_record` for loggers and monitors. Validation and test weigh each task
+    with its weight at the latest training step that had a valid sample of it (kept in
+    checkpoints: an override of ``on_save_checkpoint``/``on_load_checkpoint`` calls ``super()``).
 
     Args:
         tasks: task name to :class:`Task` (or a loss name, for a task with default settings).
@@ -110,7 +112,11 @@ class MultiTaskMixin:
         self._static_weights_are_positive = bool((static_weights > 0).all())
         self.loss_record: LossRecord | None = None
         self._weighting: WeightingCallback | None = None
+        # Per task, its weight at the latest training step in which it had a valid sample (what
+        # evaluation weighs with, saved in checkpoints), and the latest step's weights and valid
+        # tasks, folded in at the next step (a gradient method fills its weights in backward).
         self._latest_weights: Tensor | None = None
+        self._step_weights: tuple[Tensor, Tensor] | None = None
         # The host reads of the non-finite flags of the steps since the last optimizer step.
         self._unchecked_nonfinite: list[Callable[[], list[float]]] = []
         self.shared_representation: SharedRepresentation | None = None
@@ -375,7 +381,7 @@ class MultiTaskMixin:
             weights, receiver = self._weighting.weights_in_backward(self, step, static)  # type: ignore[arg-type]
             _set_plain(self, "shared_representation", None)
             objective = representation.split.objective(static @ step.local_terms, receiver)
-            _set_plain(self, "_latest_weights", weights)
+            self._keep_step_weights(weights, step.valid)
         else:
             static = in_dtype(weights, step.local_terms.dtype)
             adaptive = in_dtype(self._weighting.task_weights(self, step), static.dtype)  # type: ignore[arg-type]
@@ -385,7 +391,7 @@ class MultiTaskMixin:
                 adaptive = adaptive * static
             weights = torch.where(step.valid, adaptive, 0.0)
             objective = self._weighting.backward_objective(self, step, weights, static)  # type: ignore[arg-type]
-            _set_plain(self, "_latest_weights", weights)
+            self._keep_step_weights(weights, step.valid)
         if dropped:  # the dropped heads still take part in DDP's gradient reduction, with 0
             objective = objective + self._zero_objective()
         _set_plain(self, "loss_record", step.record("train", weights, self._weighting))
@@ -419,12 +425,30 @@ class MultiTaskMixin:
 
     def _evaluation_step(self, stage: str, batch: Any) -> Tensor:
         step = self.compute_global_losses(batch)
-        # Evaluation uses the weights of the latest training step (static before the first one).
-        weights = self._static_weights
-        if self._weighting is not None and self._latest_weights is not None:
-            weights = self._latest_weights
+        # Each task's weight of the latest training step that had it (static before that).
+        weights = self._fold_step_weights()
+        weights = self._static_weights if weights is None else weights.to(step.local_terms)
         self.loss_record = step.record(stage, weights, self._weighting)
         return weights.to(step.local_terms.dtype) @ step.local_terms
+
+    def _keep_step_weights(self, weights: Tensor, valid: Tensor) -> None:
+        """Keep a training step's effective weights for evaluation (after folding in the step
+        before, whose weights are final by now)."""
+        if self._step_weights is not None:
+            self._fold_step_weights()
+        _set_plain(self, "_step_weights", (weights, valid))
+
+    def _fold_step_weights(self) -> Tensor | None:
+        """:attr:`_latest_weights` with the latest step's weights of its valid tasks."""
+        if self._step_weights is None:
+            return self._latest_weights
+        weights, valid = self._step_weights
+        latest = self._latest_weights
+        latest = self._static_weights if latest is None else latest
+        latest = torch.where(valid, weights, latest.to(weights))
+        _set_plain(self, "_latest_weights", latest)
+        _set_plain(self, "_step_weights", None)
+        return latest
 
     def compute_global_losses(self, batch: Any) -> GlobalTaskLosses:
         """The batch's global task losses: :meth:`task_losses`, then the step's one all-reduce.
@@ -453,6 +477,8 @@ class MultiTaskMixin:
                 "weighting method. Keep one of them in the trainer's callbacks."
             )
         self._weighting = methods[0] if methods else None
+        if stage == "fit":  # a checkpoint the fit resumes from restores them after setup
+            self._latest_weights = self._step_weights = None
         # The strategy has set up its processes: whether they are several is fixed for the fit.
         self._reducer.across_ranks = distributed.is_distributed()
         self._task_heads, self._heads_apart, self._linear_heads = None, None, None
@@ -464,6 +490,19 @@ class MultiTaskMixin:
             for head in self._task_heads.modules
         ):
             self._linear_heads = False
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the weights evaluation uses (``trainer.validate(ckpt_path=...)`` weighs as the
+        fit did), beside the model's state_dict, which they never change."""
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        latest = self._fold_step_weights()
+        if latest is not None:
+            checkpoint[LATEST_WEIGHTS_KEY] = latest.detach().cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        self._latest_weights = checkpoint.get(LATEST_WEIGHTS_KEY)
+        self._step_weights = None
 
     def teardown(self, stage: str) -> None:
         super().teardown(stage)  # type: ignore[misc]
@@ -520,6 +559,9 @@ class _StackedGroup(NamedTuple):
         # Stacked tasks passed check_target in _stacking_groups, for this layout of the batch.
         return self.task.checked_per_sample_loss(self.label, stacked_predictions, stacked_targets)
 
+
+# The checkpoint entry of the weights evaluation uses.
+LATEST_WEIGHTS_KEY = "lossagg_latest_weights"
 
 # The steps write their per-step values (never a parameter, buffer or module) past
 # nn.Module.__setattr__, whose registration checks cost a few Python calls at every step.

@@ -1,0 +1,90 @@
+"""What validation and test weigh the tasks with: each task's weight of the latest training step
+that had a valid sample of it, kept in checkpoints."""
+
+import lightning as L
+import pytest
+import torch
+from torch import Tensor
+
+from lightning_lossagg import WeightingCallback
+from lightning_lossagg.aggregation import GlobalTaskLosses
+from lightning_lossagg.callbacks import MGDA, UPGrad
+from tests.models import ThreeTaskNet, make_batch, quiet_trainer
+
+
+class CountingWeights(WeightingCallback):
+    """Weights (n, 2n, 3n) at the n-th training step: each step's are told apart."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+        self.calls += 1
+        return torch.tensor([1.0, 2.0, 3.0], dtype=step.losses.dtype) * self.calls
+
+
+class RecordedWeights(L.Callback):
+    """Every training step's effective weights and valid tasks, once the step is done."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[list[float], list[bool]]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        record = pl_module.loss_record
+        self.steps.append((record.weights.tolist(), (record.counts > 0).tolist()))
+
+
+def _fit(
+    steps: int = 3, callbacks: list[L.Callback] | None = None
+) -> tuple[ThreeTaskNet, L.Trainer]:
+    batches = [make_batch(6, seed=seed) for seed in range(steps)]
+    batches[-1][1]["price"][:] = torch.nan  # the last training step has no price label
+    model = ThreeTaskNet()
+    trainer = quiet_trainer(1, steps=steps, callbacks=callbacks or [CountingWeights()])
+    trainer.fit(model, torch.utils.data.DataLoader(batches, batch_size=None))
+    return model, trainer
+
+
+def _validation_weights(trainer: L.Trainer, model: ThreeTaskNet, **kwargs) -> list[float]:
+    loader = torch.utils.data.DataLoader([make_batch(6, seed=100)], batch_size=None)
+    trainer.validate(model, loader, verbose=False, **kwargs)
+    assert model.loss_record is not None and model.loss_record.stage == "val"
+    return model.loss_record.weights.tolist()
+
+
+def test_evaluation_weighs_each_task_as_the_latest_training_step_that_had_it():
+    model, trainer = _fit()
+    # Static weights (2, 1, 1) times the method's: price last had labels at step 2 (2 * 2),
+    # kind and sold at step 3 (2 * 3, 3 * 3). Not 0 for price: its validation loss counts.
+    assert _validation_weights(trainer, model) == [4.0, 6.0, 9.0]
+
+
+@pytest.mark.parametrize(
+    "method", [lambda: MGDA(rep_grad=True), lambda: UPGrad()], ids=["MGDA rep", "UPGrad param"]
+)
+def test_gradient_methods_weights_are_kept_once_their_backward_wrote_them(method):
+    # MGDA with rep_grad writes its weights during backward, after the training step returned.
+    recorded = RecordedWeights()
+    model, trainer = _fit(callbacks=[method(), recorded])
+    assert recorded.steps[-1][1] == [False, True, True]
+    expected = [recorded.steps[-2][0][0], *recorded.steps[-1][0][1:]]
+    assert recorded.steps[-2][1][0] and expected[0] > 0
+    assert _validation_weights(trainer, model) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_checkpoint_keeps_the_evaluation_weights_beside_an_unchanged_state_dict(tmp_path):
+    _, trainer = _fit()
+    path = tmp_path / "fit.ckpt"
+    trainer.save_checkpoint(path)
+    # Another model and trainer, without the weighting callback, weigh as the fit did.
+    fresh = ThreeTaskNet()
+    assert _validation_weights(quiet_trainer(1), fresh, ckpt_path=path) == [4.0, 6.0, 9.0]
+    assert set(torch.load(path, weights_only=False)["state_dict"]) == set(fresh.state_dict())
+    assert ThreeTaskNet.load_from_checkpoint(path)._latest_weights.tolist() == [4.0, 6.0, 9.0]
+
+
+def test_a_new_fit_without_a_method_evaluates_with_the_static_weights_again():
+    model, _ = _fit()
+    trainer = quiet_trainer(1, steps=1)
+    trainer.fit(model, torch.utils.data.DataLoader([make_batch(6, seed=7)], batch_size=None))
+    assert _validation_weights(trainer, model) == [2.0, 1.0, 1.0]
