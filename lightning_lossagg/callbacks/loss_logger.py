@@ -35,13 +35,11 @@ class _EpochAccumulator:
 
     def __init__(self) -> None:
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
-        # Rows: loss * count, weighted loss * count, weight, count.
+        # Rows: loss * count, weighted loss * count, weight, count, steps with a valid sample.
         self._sums: Tensor | None = None
-        self.steps = 0
 
     def add(self, record: LossRecord) -> None:
         self._pending.append((record.losses, record.weights, record.counts.clone()))
-        self.steps += 1
         if len(self._pending) == self.CHUNK:
             self._reduce()
 
@@ -51,24 +49,29 @@ class _EpochAccumulator:
         columns = zip(*self._pending, strict=True)
         losses, weights, counts = (torch.stack(column) for column in columns)
         counts = counts.to(losses.dtype)
-        # A task without a valid sample has a NaN loss and a zero count: it adds nothing.
-        scaled = losses.nan_to_num() * counts
-        sums = torch.stack([scaled, scaled * weights, weights, counts]).sum(1)
+        # A task without a valid sample has a NaN loss and a zero count: it adds nothing. A NaN
+        # loss of valid samples (an evaluation that diverged) makes the epoch's NaN.
+        valid = counts > 0
+        scaled = torch.where(valid, losses, 0.0) * counts
+        # Record weights are 0 where a task had no valid sample: their mean is over the others.
+        sums = torch.stack([scaled, scaled * weights, weights, counts, valid.to(counts.dtype)])
+        sums = sums.sum(1)
         self._sums = sums if self._sums is None else self._sums + sums
         self._pending = []
 
     def means(self) -> tuple[list[float], list[float], list[float]] | None:
-        """Sample-weighted epoch means of losses and weighted losses, and the mean weights."""
+        """Sample-weighted epoch means of losses and weighted losses, and each task's mean weight
+        over the steps in which it had a valid sample (NaN for a task with none)."""
         self._reduce()
         if self._sums is None:
             return None
-        loss_sum, weighted_sum, weight_sum, count = self._sums
+        loss_sum, weighted_sum, weight_sum, count, valid_steps = self._sums
         safe_count = count.clamp(min=torch.finfo(count.dtype).tiny)
         packed = torch.stack(
             [
                 torch.where(count > 0, loss_sum / safe_count, torch.nan),
                 weighted_sum / safe_count,
-                weight_sum / self.steps,
+                weight_sum / valid_steps,
             ]
         )
         losses, weighted, weights = packed.tolist()  # one host transfer per epoch
@@ -84,7 +87,8 @@ class LossLogger(L.Callback):
     (``train/<state>/<task>``, e.g. ``train/log_var/<task>`` or, for gradient-based methods,
     ``train/grad_norm/<task>``) and its pairwise state (``train/<state>/<task_a>~<task_b>``, e.g.
     ``train/grad_cos/<task_a>~<task_b>``). Per epoch, as global sample-weighted means: the same
-    per-task keys under ``train_epoch/``, ``val/`` and ``test/``.
+    per-task keys under ``train_epoch/``, ``val/`` and ``test/`` (a task's weight: its mean over
+    the steps with a valid sample of it; a NaN loss of valid samples makes the epoch's NaN).
 
     At the end of fit, with any logger, a PNG of every task's loss and weight over the logged
     steps (``loss_trajectories.png`` in the logger's run folder; needs matplotlib, the ``plot``

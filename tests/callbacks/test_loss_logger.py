@@ -82,6 +82,33 @@ def test_epoch_values_are_sample_weighted_global_means(tmp_path):
     assert float(epoch_row["train_epoch/loss/price"]) == pytest.approx(expected.item(), rel=1e-5)
 
 
+def _validation_metrics(batches) -> dict[str, float]:
+    trainer = L.Trainer(logger=False, callbacks=[LossLogger(plot=False)], enable_progress_bar=False)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer.validate(ThreeTaskNet(), loader, verbose=False)
+    return {key: float(value) for key, value in trainer.callback_metrics.items()}
+
+
+def test_an_epoch_weight_is_the_mean_over_the_steps_that_had_the_task():
+    # The second batch has no price label: its record weighs price 0, which is no weight of the
+    # method's; the epoch figures stay consistent (weighted = weight * loss, static weights).
+    first, second = (make_batch(6, seed=s, dtype=torch.float32) for s in (1, 2))
+    second[1]["price"][:] = torch.nan
+    metrics = _validation_metrics([first, second])
+    assert metrics["val/weight/price"] == 2.0 and metrics["val/weight/kind"] == 1.0
+    assert metrics["val/weighted/price"] == pytest.approx(2 * metrics["val/loss/price"])
+
+
+def test_a_nan_loss_of_valid_samples_makes_the_epoch_figures_nan():
+    # A diverged evaluation must show (EarlyStopping's check_finite reads val/loss), not vanish.
+    first, second = (make_batch(6, seed=s, dtype=torch.float32) for s in (1, 2))
+    first[0][1, :] = torch.nan  # sample 1: its kind label is missing, price and sold valid
+    metrics = _validation_metrics([first, second])
+    nan = torch.isnan(torch.tensor([metrics[f"val/loss/{t}"] for t in ("price", "kind", "sold")]))
+    assert nan.tolist() == [True, False, True]
+    assert torch.isnan(torch.tensor(metrics["val/loss"]))
+
+
 def test_loss_logger_refuses_a_model_without_the_mixin():
     class Plain(L.LightningModule):
         def training_step(self, batch, batch_idx):
