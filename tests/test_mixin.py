@@ -97,6 +97,11 @@ def test_a_task_with_no_label_in_the_batch_gets_no_weight_and_no_nan():
         ),
         (lambda t: t.pop("sold"), KeyError, r"targets lack\(s\) task\(s\) \['sold'\]"),
         (lambda t: t.update(price=torch.zeros(5)), ValueError, "Task 'price'.*does not match"),
+        (
+            lambda t: t.update(price=t["price"].reshape(2, 2)),  # 4 elements, not [4] or [4, 1]
+            ValueError,
+            "Task 'price'.*does not match",
+        ),
         (lambda t: t.update(kind=t["kind"].float()), TypeError, "Task 'kind'.*integer class"),
     ],
 )
@@ -238,6 +243,33 @@ def test_tasks_stacked_by_loss_and_shape_give_each_task_its_own_masked_loss_and_
         torch.testing.assert_close(
             grad, torch.zeros_like(grad) if expected_grad is None else expected_grad
         )
+
+
+def _stacking_batch():
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(7, 4, generator=generator)
+    targets = {name: torch.randn(7, generator=generator) for name in ("a", "b", "e")}
+    targets["c"] = torch.randint(0, 3, (7,), generator=generator)
+    targets["d"] = torch.randn(7, 2, generator=generator)
+    return inputs, targets
+
+
+def test_a_target_with_a_trailing_dimension_of_one_trains_like_the_prediction_shaped_one():
+    model = StackingNet()
+    inputs, targets = _stacking_batch()
+    model.training_step((inputs, targets), 0)  # a and b stacked
+    expected = model.loss_record.losses
+    model.training_step((inputs, {**targets, "a": targets["a"][:, None]}), 0)  # a new layout
+    torch.testing.assert_close(model.loss_record.losses, expected)
+
+
+def test_a_transposed_target_is_refused_in_a_new_layout_of_the_batch():
+    model = StackingNet()
+    inputs, targets = _stacking_batch()
+    model.training_step((inputs, targets), 0)  # a good layout first: its plan is kept
+    transposed = {**targets, "d": targets["d"].T.contiguous()}  # [2, 7] for a [7, 2] prediction
+    with pytest.raises(ValueError, match=r"Task 'd'.*\(2, 7\) does not match.*\(7, 2\)"):
+        model.training_step((inputs, transposed), 0)
 
 
 def test_the_record_and_the_pending_flags_do_not_keep_the_steps_graph_alive():

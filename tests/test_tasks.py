@@ -90,6 +90,33 @@ def test_targets_of_the_wrong_dtype_or_shape_name_the_task(
 
 
 @pytest.mark.parametrize(
+    ("prediction_shape", "target_shape"), [((4,), (4, 1)), ((4, 1), (4,)), ((4, 2), (4, 2))]
+)
+def test_a_float_target_may_differ_from_its_prediction_by_a_trailing_dimension_of_one(
+    prediction_shape, target_shape
+):
+    prediction, target = torch.randn(prediction_shape), torch.randn(target_shape)
+    values, mask = Task("mse").per_sample_loss("price", prediction, target)
+    assert values.shape == prediction.shape and mask.all()
+    torch.testing.assert_close(
+        values.flatten(), (prediction - target.view_as(prediction)).square().flatten()
+    )
+
+
+@pytest.mark.parametrize(
+    ("prediction_shape", "target_shape"),
+    [((6,), (3, 2)), ((3, 2), (2, 3)), ((4,), (1, 4)), ((4, 1), (1, 4)), ((4,), (4, 1, 1))],
+)
+def test_a_float_target_of_the_right_size_but_another_shape_is_refused(
+    prediction_shape, target_shape
+):
+    # Reshaping it would pair predictions with other samples' targets (a transposed [T, B]).
+    task = Task("mse")
+    with pytest.raises(ValueError, match=r"Task 'price'.*does not match.*trailing dimension"):
+        task.per_sample_loss("price", torch.randn(prediction_shape), torch.randn(target_shape))
+
+
+@pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"loss": "msee"}, "Unknown loss 'msee'"),
