@@ -148,7 +148,7 @@ class MultiTaskMixin:
 
         The default reads ``(inputs, {task: target})`` batches and calls ``self(inputs)``, which
         must return ``{task: prediction}``. Override it to return, per task, per-sample losses (a
-        tensor, every sample valid) or ``(values, mask)``.
+        tensor, every sample valid), a :class:`MaskedLoss` or a ``(values, mask)`` pair.
         """
         is_pair = isinstance(batch, (list, tuple)) and len(batch) == 2
         if not (is_pair and isinstance(batch[1], dict)):
@@ -596,8 +596,17 @@ def _check_names(what: str, mapping: Mapping[str, Any], task_names: tuple[str, .
 
 
 def _as_masked_loss(name: str, value: MaskedLoss | tuple[Tensor, Tensor] | Tensor) -> MaskedLoss:
+    """One task's entry of an overridden ``task_losses``: per-sample losses (a tensor), a
+    :class:`MaskedLoss` or a ``(values, mask)`` pair, checked."""
     if isinstance(value, Tensor):
         value = MaskedLoss(value, torch.ones_like(value, dtype=torch.bool))
+    is_pair = isinstance(value, tuple | list) and len(value) == 2
+    if not (is_pair and all(isinstance(part, Tensor) for part in value)):
+        raise TypeError(
+            f"Task {name!r}: task_losses returned {_describe(value)}. Return per-sample losses as "
+            "a tensor (every sample valid), a MaskedLoss(values, mask) or a pair (values, mask) "
+            "of tensors, the mask a bool tensor of the values' shape."
+        )
     values, mask = value
     if values.ndim == 0:
         raise ValueError(
@@ -609,3 +618,13 @@ def _as_masked_loss(name: str, value: MaskedLoss | tuple[Tensor, Tensor] | Tenso
             f"{tuple(values.shape)}, got {mask.dtype} of shape {tuple(mask.shape)}."
         )
     return MaskedLoss(values, mask)
+
+
+def _describe(value: Any) -> str:
+    """What was given, for an error: the type, and a sequence's length and item types."""
+    if value is None:
+        return "None"
+    if isinstance(value, tuple | list):
+        items = ", ".join(type(item).__name__ for item in value)
+        return f"a {type(value).__name__} of {len(value)} item(s) ({items})"
+    return f"a {type(value).__name__}"

@@ -145,6 +145,36 @@ def test_task_losses_can_be_overridden_with_per_sample_values_and_masks():
 
 
 @pytest.mark.parametrize(
+    ("output", "error", "message"),
+    [
+        (lambda v: 1.0, TypeError, r"returned a float\."),
+        (lambda v: None, TypeError, r"returned None\."),
+        (lambda v: (v, None), TypeError, r"a tuple of 2 item\(s\) \(Tensor, NoneType\)"),
+        (lambda v: [v, v, v], TypeError, r"a list of 3 item\(s\) \(Tensor, Tensor, Tensor\)"),
+        (lambda v: (v, v), ValueError, r"mask must be a bool tensor of the values' shape"),
+        (lambda v: (v, v[:2] > 0), ValueError, r"mask must be a bool tensor of the values' shape"),
+    ],
+)
+def test_a_bad_task_losses_output_names_the_task_what_it_got_and_the_accepted_forms(
+    output, error, message
+):
+    class Custom(MultiTaskMixin, L.LightningModule):
+        def __init__(self):
+            super().__init__(tasks={"a": "mse", "b": "mse"})
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def task_losses(self, batch):
+            return {"a": output(self.scale * batch), "b": self.scale * batch}
+
+    with pytest.raises(error, match=rf"Task 'a': .*{message}") as info:
+        Custom().training_step(torch.tensor([1.0, 2.0, 3.0]), 0)
+    if error is TypeError:
+        assert "a tensor (every sample valid), a MaskedLoss(values, mask) or a pair" in str(
+            info.value
+        )
+
+
+@pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
         ({"tasks": {}}, ValueError, "at least one task"),
