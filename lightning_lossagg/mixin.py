@@ -568,12 +568,28 @@ def _as_tasks(tasks: Mapping[str, Task | str]) -> dict[str, Task]:
 def _check_names_of_batch(
     predictions: Mapping[str, Any], targets: Mapping[str, Any], task_names: tuple[str, ...]
 ) -> None:
+    _check_names("targets", targets, task_names)
+    _check_prediction_names(predictions, task_names)
+
+
+def _check_prediction_names(predictions: Mapping[str, Any], task_names: tuple[str, ...]) -> None:
     if not isinstance(predictions, Mapping):
         raise TypeError(
             f"forward must return {{task: prediction}}, got {type(predictions).__name__}."
         )
-    _check_names("targets", targets, task_names)
-    _check_names("predictions", predictions, task_names)
+    unknown = sorted(set(predictions) - set(task_names))
+    missing = [name for name in task_names if name not in predictions]
+    if unknown:
+        raise KeyError(
+            f"forward returned predictions named {unknown}, which are not among the model's "
+            f"tasks {list(task_names)}. Return {{task: prediction}} with the task names, or add "
+            "the tasks to the model."
+        )
+    if missing:
+        raise KeyError(
+            f"forward returned no prediction for task(s) {missing}. forward must return a "
+            f"prediction for every task of the model: {list(task_names)}."
+        )
 
 
 def _check_names(what: str, mapping: Mapping[str, Any], task_names: tuple[str, ...]) -> None:

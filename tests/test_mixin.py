@@ -114,15 +114,33 @@ def test_bad_targets_name_the_task_and_the_fix(mutate, error, message):
         model.training_step((inputs, targets), 0)
 
 
-def test_a_forward_missing_a_task_prediction_is_named():
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda p: p.pop("kind"),
+            r"forward returned no prediction for task\(s\) \['kind'\]\. forward must return a "
+            r"prediction for every task",
+        ),
+        (
+            lambda p: p.update(colour=p["price"]),
+            r"forward returned predictions named \['colour'\], which are not among the model's "
+            r"tasks \['price', 'kind', 'sold'\]",
+        ),
+    ],
+)
+def test_a_forward_missing_a_task_or_naming_another_is_told_what_forward_must_return(
+    change, message
+):
     class Forgetful(ThreeTaskNet):
         def forward(self, inputs):
             predictions = super().forward(inputs)
-            del predictions["kind"]
+            change(predictions)
             return predictions
 
-    with pytest.raises(KeyError, match=r"predictions lack\(s\) task\(s\) \['kind'\]"):
+    with pytest.raises(KeyError, match=message) as info:
         Forgetful().training_step(make_batch(4, seed=0, dtype=torch.float32), 0)
+    assert "label" not in str(info.value)  # the targets' advice does not apply to predictions
 
 
 def test_a_batch_of_another_layout_asks_to_override_task_losses():
