@@ -549,7 +549,12 @@ def _nonfinite_message(bad: list[tuple[str, float]], step_index: int) -> str:
 
 
 def _as_tasks(tasks: Mapping[str, Task | str]) -> dict[str, Task]:
-    if not isinstance(tasks, Mapping) or not tasks:
+    if not isinstance(tasks, Mapping):
+        raise TypeError(
+            f"tasks must be a dict {{name: Task or loss name}}, got {type(tasks).__name__}: "
+            "e.g. tasks={'price': Task('mse', weight=2.0), 'kind': 'cross_entropy'}."
+        )
+    if not tasks:
         raise ValueError(
             "MultiTaskMixin needs at least one task: tasks={'name': Task(loss='mse'), ...}."
         )

@@ -196,6 +196,11 @@ def test_a_bad_task_losses_output_names_the_task_what_it_got_and_the_accepted_fo
     ("kwargs", "error", "message"),
     [
         ({"tasks": {}}, ValueError, "at least one task"),
+        (
+            {"tasks": ["a", "b"]},
+            TypeError,
+            r"tasks must be a dict \{name: Task or loss name\}.*got list",
+        ),
         ({"tasks": {"a": Task("mse", weight=0.0)}}, ValueError, "All task weights are zero"),
         ({"tasks": {"a": 3}}, TypeError, "Task 'a' must be a Task"),
         ({"tasks": {"a": "mse"}, "rank_weighting": "ranks"}, ValueError, "'samples' or 'uniform'"),
