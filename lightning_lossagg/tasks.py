@@ -116,6 +116,11 @@ class Task:
             raise ValueError(f"Task.weight must be >= 0, got {self.weight}.")
         if self.reduction not in ("mean", "sum"):
             raise ValueError(f"Task.reduction must be 'mean' or 'sum', got {self.reduction!r}.")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(
+                "Task.ignore_index must be an int, the class target that marks a missing label "
+                f"(default -100), got {self.ignore_index!r}."
+            )
 
     @cached_property
     def loss_fn(self) -> PerSampleLossFn:

@@ -124,6 +124,8 @@ def test_a_float_target_of_the_right_size_but_another_shape_is_refused(
         ({"loss": "mse", "weight": float("nan")}, "finite"),
         ({"loss": "mse", "reduction": "max"}, "'mean' or 'sum'"),
         ({"loss": 3}, "a loss name or a callable"),
+        ({"loss": "cross_entropy", "ignore_index": -1.5}, "ignore_index must be an int.*-1.5"),
+        ({"loss": "cross_entropy", "ignore_index": True}, "ignore_index must be an int.*True"),
     ],
 )
 def test_bad_task_arguments_fail_at_construction(kwargs, message):
