@@ -81,9 +81,12 @@ class MultiTaskMixin:
             raise ValueError(
                 f"nonfinite must be 'raise', 'skip' or 'drop_task', got {nonfinite!r}."
             )
-        if max_consecutive_skips is not None and max_consecutive_skips < 1:
+        limit = max_consecutive_skips
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
             raise ValueError(
-                f"max_consecutive_skips must be >= 1 or None, got {max_consecutive_skips}."
+                f"max_consecutive_skips must be an int >= 1 or None (never raise), got {limit!r}."
             )
         self.nonfinite = nonfinite
         self.max_consecutive_skips = max_consecutive_skips
