@@ -88,9 +88,12 @@ class MultiTaskMixin:
             raise ValueError(
                 f"nonfinite must be 'raise', 'skip' or 'drop_task', got {nonfinite!r}."
             )
-        if max_consecutive_skips is not None and max_consecutive_skips < 1:
+        limit = max_consecutive_skips
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
             raise ValueError(
-                f"max_consecutive_skips must be >= 1 or None, got {max_consecutive_skips}."
+                f"max_consecutive_skips must be an int >= 1 or None (never raise), got {limit!r}."
             )
         self.nonfinite = nonfinite
         self.max_consecutive_skips = max_consecutive_skips
@@ -159,7 +162,7 @@ class MultiTaskMixin:
 
         The default reads ``(inputs, {task: target})`` batches and calls ``self(inputs)``, which
         must return ``{task: prediction}``. Override it to return, per task, per-sample losses (a
-        tensor, every sample valid) or ``(values, mask)``.
+        tensor, every sample valid), a :class:`MaskedLoss` or a ``(values, mask)`` pair.
         """
         is_pair = isinstance(batch, (list, tuple)) and len(batch) == 2
         if not (is_pair and isinstance(batch[1], dict)):
@@ -591,7 +594,12 @@ def _nonfinite_message(bad: list[tuple[str, float]], step_index: int) -> str:
 
 
 def _as_tasks(tasks: Mapping[str, Task | str]) -> dict[str, Task]:
-    if not isinstance(tasks, Mapping) or not tasks:
+    if not isinstance(tasks, Mapping):
+        raise TypeError(
+            f"tasks must be a dict {{name: Task or loss name}}, got {type(tasks).__name__}: "
+            "e.g. tasks={'price': Task('mse', weight=2.0), 'kind': 'cross_entropy'}."
+        )
+    if not tasks:
         raise ValueError(
             "MultiTaskMixin needs at least one task: tasks={'name': Task(loss='mse'), ...}."
         )
@@ -610,12 +618,28 @@ def _as_tasks(tasks: Mapping[str, Task | str]) -> dict[str, Task]:
 def _check_names_of_batch(
     predictions: Mapping[str, Any], targets: Mapping[str, Any], task_names: tuple[str, ...]
 ) -> None:
+    _check_names("targets", targets, task_names)
+    _check_prediction_names(predictions, task_names)
+
+
+def _check_prediction_names(predictions: Mapping[str, Any], task_names: tuple[str, ...]) -> None:
     if not isinstance(predictions, Mapping):
         raise TypeError(
             f"forward must return {{task: prediction}}, got {type(predictions).__name__}."
         )
-    _check_names("targets", targets, task_names)
-    _check_names("predictions", predictions, task_names)
+    unknown = sorted(set(predictions) - set(task_names))
+    missing = [name for name in task_names if name not in predictions]
+    if unknown:
+        raise KeyError(
+            f"forward returned predictions named {unknown}, which are not among the model's "
+            f"tasks {list(task_names)}. Return {{task: prediction}} with the task names, or add "
+            "the tasks to the model."
+        )
+    if missing:
+        raise KeyError(
+            f"forward returned no prediction for task(s) {missing}. forward must return a "
+            f"prediction for every task of the model: {list(task_names)}."
+        )
 
 
 def _check_names(what: str, mapping: Mapping[str, Any], task_names: tuple[str, ...]) -> None:
@@ -638,8 +662,17 @@ def _check_names(what: str, mapping: Mapping[str, Any], task_names: tuple[str, .
 
 
 def _as_masked_loss(name: str, value: MaskedLoss | tuple[Tensor, Tensor] | Tensor) -> MaskedLoss:
+    """One task's entry of an overridden ``task_losses``: per-sample losses (a tensor), a
+    :class:`MaskedLoss` or a ``(values, mask)`` pair, checked."""
     if isinstance(value, Tensor):
         value = MaskedLoss(value, torch.ones_like(value, dtype=torch.bool))
+    is_pair = isinstance(value, tuple | list) and len(value) == 2
+    if not (is_pair and all(isinstance(part, Tensor) for part in value)):
+        raise TypeError(
+            f"Task {name!r}: task_losses returned {_describe(value)}. Return per-sample losses as "
+            "a tensor (every sample valid), a MaskedLoss(values, mask) or a pair (values, mask) "
+            "of tensors, the mask a bool tensor of the values' shape."
+        )
     values, mask = value
     if values.ndim == 0:
         raise ValueError(
@@ -651,3 +684,13 @@ def _as_masked_loss(name: str, value: MaskedLoss | tuple[Tensor, Tensor] | Tenso
             f"{tuple(values.shape)}, got {mask.dtype} of shape {tuple(mask.shape)}."
         )
     return MaskedLoss(values, mask)
+
+
+def _describe(value: Any) -> str:
+    """What was given, for an error: the type, and a sequence's length and item types."""
+    if value is None:
+        return "None"
+    if isinstance(value, tuple | list):
+        items = ", ".join(type(item).__name__ for item in value)
+        return f"a {type(value).__name__} of {len(value)} item(s) ({items})"
+    return f"a {type(value).__name__}"

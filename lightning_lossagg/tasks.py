@@ -116,6 +116,11 @@ class Task:
             raise ValueError(f"Task.weight must be >= 0, got {self.weight}.")
         if self.reduction not in ("mean", "sum"):
             raise ValueError(f"Task.reduction must be 'mean' or 'sum', got {self.reduction!r}.")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(
+                "Task.ignore_index must be an int, the class target that marks a missing label "
+                f"(default -100), got {self.ignore_index!r}."
+            )
 
     @cached_property
     def loss_fn(self) -> PerSampleLossFn:
@@ -148,7 +153,7 @@ class Task:
         """:meth:`per_sample_loss` of tensors that passed :meth:`check_target` (the mixin checks
         a layout of the batch once, not at every step)."""
         if self.takes_float_targets:
-            if target.shape != prediction.shape:
+            if target.shape != prediction.shape:  # a trailing dimension of size 1 added or dropped
                 target = target.reshape(prediction.shape)
             if target.dtype != prediction.dtype:
                 target = target.to(prediction.dtype)
@@ -174,7 +179,8 @@ class Task:
 
     def stacking_key(self, prediction: Tensor, target: Tensor) -> tuple | None:
         """Tasks with equal keys can compute their per-sample losses in one stacked call (an
-        element-wise registry loss on predictions and targets of one shape); ``None``: alone."""
+        element-wise registry loss on predictions and targets of one shape); ``None``: alone
+        (a target with a trailing dimension of size 1 more or less than its prediction, too)."""
         if not self.takes_float_targets:
             return None
         if target.shape != prediction.shape:
@@ -197,11 +203,20 @@ class Task:
                     f"Task {name!r}: loss {self.loss!r} needs float targets, got {target.dtype}. "
                     "Convert them with `.float()` and mark missing labels with NaN."
                 )
-            if target.numel() != prediction.numel():
+            if not _shapes_pair(prediction.shape, target.shape):
                 raise ValueError(
                     f"Task {name!r}: target of shape {tuple(target.shape)} does not match the "
-                    f"prediction of shape {tuple(prediction.shape)} for loss {self.loss!r}."
+                    f"prediction of shape {tuple(prediction.shape)} for loss {self.loss!r}. Give "
+                    "a target of the prediction's shape; only a trailing dimension of size 1 may "
+                    "differ ([B] against [B, 1] or [B, 1] against [B])."
                 )
+
+
+def _shapes_pair(prediction: torch.Size, target: torch.Size) -> bool:
+    """Equal shapes, or shapes that differ only by one trailing dimension of size 1: pairing the
+    elements in order then pairs the same samples (any other reshape would scramble them)."""
+    prediction, target = tuple(prediction), tuple(target)
+    return prediction == target or prediction == (*target, 1) or target == (*prediction, 1)
 
 
 def _mask_like(name: str, task: Task, values: Tensor, mask: Tensor) -> Tensor:

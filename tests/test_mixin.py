@@ -97,6 +97,11 @@ def test_a_task_with_no_label_in_the_batch_gets_no_weight_and_no_nan():
         ),
         (lambda t: t.pop("sold"), KeyError, r"targets lack\(s\) task\(s\) \['sold'\]"),
         (lambda t: t.update(price=torch.zeros(5)), ValueError, "Task 'price'.*does not match"),
+        (
+            lambda t: t.update(price=t["price"].reshape(2, 2)),  # 4 elements, not [4] or [4, 1]
+            ValueError,
+            "Task 'price'.*does not match",
+        ),
         (lambda t: t.update(kind=t["kind"].float()), TypeError, "Task 'kind'.*integer class"),
     ],
 )
@@ -109,15 +114,33 @@ def test_bad_targets_name_the_task_and_the_fix(mutate, error, message):
         model.training_step((inputs, targets), 0)
 
 
-def test_a_forward_missing_a_task_prediction_is_named():
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda p: p.pop("kind"),
+            r"forward returned no prediction for task\(s\) \['kind'\]\. forward must return a "
+            r"prediction for every task",
+        ),
+        (
+            lambda p: p.update(colour=p["price"]),
+            r"forward returned predictions named \['colour'\], which are not among the model's "
+            r"tasks \['price', 'kind', 'sold'\]",
+        ),
+    ],
+)
+def test_a_forward_missing_a_task_or_naming_another_is_told_what_forward_must_return(
+    change, message
+):
     class Forgetful(ThreeTaskNet):
         def forward(self, inputs):
             predictions = super().forward(inputs)
-            del predictions["kind"]
+            change(predictions)
             return predictions
 
-    with pytest.raises(KeyError, match=r"predictions lack\(s\) task\(s\) \['kind'\]"):
+    with pytest.raises(KeyError, match=message) as info:
         Forgetful().training_step(make_batch(4, seed=0, dtype=torch.float32), 0)
+    assert "label" not in str(info.value)  # the targets' advice does not apply to predictions
 
 
 def test_a_batch_of_another_layout_asks_to_override_task_losses():
@@ -140,9 +163,44 @@ def test_task_losses_can_be_overridden_with_per_sample_values_and_masks():
 
 
 @pytest.mark.parametrize(
+    ("output", "error", "message"),
+    [
+        (lambda v: 1.0, TypeError, r"returned a float\."),
+        (lambda v: None, TypeError, r"returned None\."),
+        (lambda v: (v, None), TypeError, r"a tuple of 2 item\(s\) \(Tensor, NoneType\)"),
+        (lambda v: [v, v, v], TypeError, r"a list of 3 item\(s\) \(Tensor, Tensor, Tensor\)"),
+        (lambda v: (v, v), ValueError, r"mask must be a bool tensor of the values' shape"),
+        (lambda v: (v, v[:2] > 0), ValueError, r"mask must be a bool tensor of the values' shape"),
+    ],
+)
+def test_a_bad_task_losses_output_names_the_task_what_it_got_and_the_accepted_forms(
+    output, error, message
+):
+    class Custom(MultiTaskMixin, L.LightningModule):
+        def __init__(self):
+            super().__init__(tasks={"a": "mse", "b": "mse"})
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def task_losses(self, batch):
+            return {"a": output(self.scale * batch), "b": self.scale * batch}
+
+    with pytest.raises(error, match=rf"Task 'a': .*{message}") as info:
+        Custom().training_step(torch.tensor([1.0, 2.0, 3.0]), 0)
+    if error is TypeError:
+        assert "a tensor (every sample valid), a MaskedLoss(values, mask) or a pair" in str(
+            info.value
+        )
+
+
+@pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
         ({"tasks": {}}, ValueError, "at least one task"),
+        (
+            {"tasks": ["a", "b"]},
+            TypeError,
+            r"tasks must be a dict \{name: Task or loss name\}.*got list",
+        ),
         ({"tasks": {"a": Task("mse", weight=0.0)}}, ValueError, "All task weights are zero"),
         ({"tasks": {"a": 3}}, TypeError, "Task 'a' must be a Task"),
         ({"tasks": {"a": "mse"}, "rank_weighting": "ranks"}, ValueError, "'samples' or 'uniform'"),
@@ -238,6 +296,33 @@ def test_tasks_stacked_by_loss_and_shape_give_each_task_its_own_masked_loss_and_
         torch.testing.assert_close(
             grad, torch.zeros_like(grad) if expected_grad is None else expected_grad
         )
+
+
+def _stacking_batch():
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(7, 4, generator=generator)
+    targets = {name: torch.randn(7, generator=generator) for name in ("a", "b", "e")}
+    targets["c"] = torch.randint(0, 3, (7,), generator=generator)
+    targets["d"] = torch.randn(7, 2, generator=generator)
+    return inputs, targets
+
+
+def test_a_target_with_a_trailing_dimension_of_one_trains_like_the_prediction_shaped_one():
+    model = StackingNet()
+    inputs, targets = _stacking_batch()
+    model.training_step((inputs, targets), 0)  # a and b stacked
+    expected = model.loss_record.losses
+    model.training_step((inputs, {**targets, "a": targets["a"][:, None]}), 0)  # a new layout
+    torch.testing.assert_close(model.loss_record.losses, expected)
+
+
+def test_a_transposed_target_is_refused_in_a_new_layout_of_the_batch():
+    model = StackingNet()
+    inputs, targets = _stacking_batch()
+    model.training_step((inputs, targets), 0)  # a good layout first: its plan is kept
+    transposed = {**targets, "d": targets["d"].T.contiguous()}  # [2, 7] for a [7, 2] prediction
+    with pytest.raises(ValueError, match=r"Task 'd'.*\(2, 7\) does not match.*\(7, 2\)"):
+        model.training_step((inputs, transposed), 0)
 
 
 def test_the_record_and_the_pending_flags_do_not_keep_the_steps_graph_alive():

@@ -149,7 +149,9 @@ def test_a_run_of_skips_becomes_an_error():
     ("kwargs", "message"),
     [
         ({"nonfinite": "ignore"}, "'raise', 'skip' or 'drop_task'"),
-        ({"max_consecutive_skips": 0}, ">= 1 or None"),
+        ({"max_consecutive_skips": 0}, "an int >= 1 or None"),
+        ({"max_consecutive_skips": 2.5}, r"an int >= 1 or None \(never raise\), got 2\.5"),
+        ({"max_consecutive_skips": True}, r"an int >= 1 or None \(never raise\), got True"),
     ],
 )
 def test_bad_policy_arguments_are_refused(kwargs, message):

@@ -90,6 +90,33 @@ def test_targets_of_the_wrong_dtype_or_shape_name_the_task(
 
 
 @pytest.mark.parametrize(
+    ("prediction_shape", "target_shape"), [((4,), (4, 1)), ((4, 1), (4,)), ((4, 2), (4, 2))]
+)
+def test_a_float_target_may_differ_from_its_prediction_by_a_trailing_dimension_of_one(
+    prediction_shape, target_shape
+):
+    prediction, target = torch.randn(prediction_shape), torch.randn(target_shape)
+    values, mask = Task("mse").per_sample_loss("price", prediction, target)
+    assert values.shape == prediction.shape and mask.all()
+    torch.testing.assert_close(
+        values.flatten(), (prediction - target.view_as(prediction)).square().flatten()
+    )
+
+
+@pytest.mark.parametrize(
+    ("prediction_shape", "target_shape"),
+    [((6,), (3, 2)), ((3, 2), (2, 3)), ((4,), (1, 4)), ((4, 1), (1, 4)), ((4,), (4, 1, 1))],
+)
+def test_a_float_target_of_the_right_size_but_another_shape_is_refused(
+    prediction_shape, target_shape
+):
+    # Reshaping it would pair predictions with other samples' targets (a transposed [T, B]).
+    task = Task("mse")
+    with pytest.raises(ValueError, match=r"Task 'price'.*does not match.*trailing dimension"):
+        task.per_sample_loss("price", torch.randn(prediction_shape), torch.randn(target_shape))
+
+
+@pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"loss": "msee"}, "Unknown loss 'msee'"),
@@ -97,6 +124,8 @@ def test_targets_of_the_wrong_dtype_or_shape_name_the_task(
         ({"loss": "mse", "weight": float("nan")}, "finite"),
         ({"loss": "mse", "reduction": "max"}, "'mean' or 'sum'"),
         ({"loss": 3}, "a loss name or a callable"),
+        ({"loss": "cross_entropy", "ignore_index": -1.5}, "ignore_index must be an int.*-1.5"),
+        ({"loss": "cross_entropy", "ignore_index": True}, "ignore_index must be an int.*True"),
     ],
 )
 def test_bad_task_arguments_fail_at_construction(kwargs, message):

@@ -10,7 +10,8 @@ from torch import Tensor
 
 
 def check_pref_vector(method: str, pref_vector: Sequence[float] | None) -> list[float] | None:
-    """``pref_vector`` as a list of finite floats (or ``None``), else a ValueError."""
+    """``pref_vector`` as a list of finite floats >= 0 with a positive sum (or ``None``), else a
+    ValueError."""
     if pref_vector is None:
         return None
     if isinstance(pref_vector, str | bytes) or not isinstance(pref_vector, Sequence | Tensor):
@@ -22,6 +23,11 @@ def check_pref_vector(method: str, pref_vector: Sequence[float] | None) -> list[
     if not values or not all(math.isfinite(v) for v in values):
         raise ValueError(
             f"{method}: `pref_vector` must hold one finite number per task; got {pref_vector!r}."
+        )
+    if min(values) < 0 or sum(values) <= 0:
+        raise ValueError(
+            f"{method}: `pref_vector` holds a preference per task: every entry must be >= 0 and "
+            f"at least one > 0; got {pref_vector!r}."
         )
     return values
 

@@ -45,8 +45,8 @@ class AlignedMTL(GradientWeighting):
     to save.
 
     Args:
-        pref_vector: one preference :math:`p_k` per task, in the model's task order; ``None``:
-            ones.
+        pref_vector: one preference :math:`p_k \geq 0` per task, in the model's task order, at
+            least one > 0; ``None``: ones.
         scale_mode: ``"min"`` (the paper's and LibMTL's), ``"median"`` or ``"rmse"``.
         rep_grad: take gradients at the shared representation.
         sync: with parameter gradients under DDP, ``"gradients"`` (exact) or ``"gramian"``.

@@ -128,7 +128,12 @@ class GradientWeighting(WeightingCallback):
     def __init__(self, rep_grad: bool = False, sync: Sync = "gradients") -> None:
         if sync not in ("gradients", "gramian"):
             raise ValueError(f"sync must be 'gradients' or 'gramian', got {sync!r}.")
-        self.rep_grad = bool(rep_grad)
+        if not isinstance(rep_grad, bool):
+            raise ValueError(
+                f"{type(self).__name__}: `rep_grad` must be True (gradients at the shared "
+                f"representation) or False (at the shared parameters); got {rep_grad!r}."
+            )
+        self.rep_grad = rep_grad
         self.sync = sync
         self.splits_forward = self.rep_grad
         self.takes_linear_factors = self.rep_grad

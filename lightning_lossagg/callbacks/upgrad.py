@@ -46,8 +46,8 @@ class UPGrad(GradientWeighting):
     Stateless: nothing to save.
 
     Args:
-        pref_vector: one preference :math:`p_k` per task, in the model's task order; ``None``:
-            :math:`1/K`.
+        pref_vector: one preference :math:`p_k \geq 0` per task, in the model's task order, at
+            least one > 0; ``None``: :math:`1/K`.
         reg_eps: :math:`\epsilon > 0` (torchjd: 1e-4).
         norm_eps: a Gramian whose trace is at most this gives the weights :math:`p`.
         rep_grad: take gradients at the shared representation.

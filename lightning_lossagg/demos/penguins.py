@@ -1,9 +1,9 @@
 """The Palmer penguins (344 real birds) as a three-task problem, and a small multi-task MLP.
 
-Tasks: ``species`` (3 classes, cross-entropy), ``sex`` (binary, BCE with logits; 11 birds have no
-recorded sex: their target is NaN and they are masked) and ``body_mass`` (MSE on standardised
-grams). Features: bill length and depth, flipper length, island (one-hot). Features and body mass
-are standardised with the training split's statistics only.
+Tasks: ``species`` (3 classes, cross-entropy), ``sex`` (binary, BCE with logits; 9 of the 342
+birds kept have no recorded sex: their target is NaN and they are masked) and ``body_mass`` (MSE on
+standardised grams). Features: bill length and depth, flipper length, island (one-hot). Features
+and body mass are standardised with the training split's statistics only.
 """
 
 from __future__ import annotations

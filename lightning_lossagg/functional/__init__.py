@@ -1,8 +1,10 @@
-"""Pure-torch weighting methods: no Lightning, one file per method.
+"""Weighting methods without Lightning, one file per method.
 
-Loss-based methods are functions of the task losses (and the method's state). Gradient-based
-methods are functions ``gramian -> weights`` with ``gramian[i, j] = <g_i, g_j>``; the shared update
-is ``d = sum_i w_i g_i`` at the scale of LibMTL's default implementation (UPGrad: torchjd's).
+Loss-based methods are torch functions of the task losses (and the method's state). Gradient-based
+methods are functions ``gramian -> weights`` with ``gramian[i, j] = <g_i, g_j>``, solved on the
+host in float64 with NumPy (SciPy for CAGrad) or in Python floats (DB-MTL's in torch); the shared
+update is ``d = sum_i w_i g_i`` at the scale of LibMTL's default implementation (UPGrad:
+torchjd's).
 """
 
 from lightning_lossagg.functional.aligned_mtl import aligned_mtl

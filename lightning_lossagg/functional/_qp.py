@@ -71,7 +71,8 @@ def validated_preferences(pref_vector: Tensor | None, num_tasks: int, default: f
     """``pref_vector`` as a float64 CPU copy, or ``default`` for every task when it is ``None``.
 
     Raises:
-        ValueError: if ``pref_vector`` is not a finite vector with one weight per task.
+        ValueError: if ``pref_vector`` is not a finite vector with one weight >= 0 per task, at
+            least one > 0.
     """
     if pref_vector is None:
         return torch.full((num_tasks,), default, dtype=torch.float64)
@@ -79,6 +80,11 @@ def validated_preferences(pref_vector: Tensor | None, num_tasks: int, default: f
         raise ValueError(
             f"pref_vector must be a finite vector of shape ({num_tasks},), one weight per task, "
             f"got shape {tuple(pref_vector.shape)}."
+        )
+    if (pref_vector < 0).any() or pref_vector.sum() <= 0:
+        raise ValueError(
+            "pref_vector holds a preference per task: every entry must be >= 0 and at least one "
+            f"> 0, got {pref_vector.tolist()}."
         )
     return pref_vector.detach().to(device="cpu", dtype=torch.float64)
 

@@ -50,7 +50,8 @@ def aligned_mtl(
 
     Args:
         gramian: the [K, K] Gramian :math:`G_{ij} = \langle g_i, g_j \rangle` of the task gradients.
-        pref_vector: weights :math:`p` of shape [K] of the aligned gradients; ``None``: ones.
+        pref_vector: weights :math:`p` of shape [K] of the aligned gradients, one preference per
+            task: each >= 0, at least one > 0; ``None``: ones.
         scale_mode: which kept eigenvalue sets the common norm: ``"min"``, ``"median"``, ``"rmse"``.
 
     Returns:

@@ -53,7 +53,8 @@ def upgrad(
 
     Args:
         gramian: the [K, K] Gramian :math:`G_{ij} = \langle g_i, g_j \rangle` of the task gradients.
-        pref_vector: weights :math:`p` of shape [K] combining the projections; ``None``: ``1/K``.
+        pref_vector: weights :math:`p` of shape [K] combining the projections, one preference
+            per task: each >= 0, at least one > 0; ``None``: ``1/K``.
         reg_eps: :math:`\epsilon > 0` added to the diagonal of the trace-normalised Gramian.
         norm_eps: Gramians whose trace is at most this are treated as zero.
         max_iter: most active-set changes per projection (the exact solution needs about ``K``).

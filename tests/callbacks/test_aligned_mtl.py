@@ -57,6 +57,8 @@ def test_a_preference_vector_of_the_wrong_length_is_refused_at_setup():
     [
         ({"scale_mode": "max"}, "'min', 'median' or 'rmse'"),
         ({"pref_vector": [1.0, float("nan"), 1.0]}, "one finite number per task"),
+        ({"pref_vector": [0.0, 0.0]}, "a preference per task: every entry must be >= 0 and at"),
+        ({"pref_vector": [2.0, -1.0]}, "a preference per task: every entry must be >= 0"),
         ({"sync": "params"}, "'gradients' or 'gramian'"),
     ],
 )

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from lightning_lossagg import callbacks
 from lightning_lossagg.callbacks import gradient_weighting
 from lightning_lossagg.callbacks.gradient_weighting import (
     GradientWeighting,
@@ -254,6 +255,30 @@ def test_heads_that_share_a_task_take_a_backward_pass_per_task(tmp_path, net, wa
         with pytest.warns(UserWarning, match=warning):
             fit_model(model, 1, NormalisedGradients(rep_grad=rep_grad))
     assert_matches(torch.load(tmp_path / "rank0.pt"), reference)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        callbacks.AlignedMTL,
+        callbacks.CAGrad,
+        callbacks.DBMTL,
+        callbacks.GradNorm,
+        callbacks.GradVac,
+        callbacks.IMTLG,
+        callbacks.MGDA,
+        callbacks.NashMTL,
+        callbacks.PCGrad,
+        callbacks.UPGrad,
+    ],
+)
+@pytest.mark.parametrize("rep_grad", ["yes", 1, None])
+def test_every_gradient_method_takes_rep_grad_as_a_bool_only(method, rep_grad):
+    assert issubclass(method, GradientWeighting)
+    with pytest.raises(
+        ValueError, match=rf"{method.__name__}: `rep_grad` must be True .* or False"
+    ):
+        method(rep_grad=rep_grad)
 
 
 def test_bad_arguments_and_a_model_without_a_split_forward_are_refused():

@@ -53,6 +53,8 @@ def test_a_preference_vector_of_the_wrong_length_is_refused_at_setup():
         ({"pref_vector": [1.0, float("inf"), 1.0]}, "one finite number per task"),
         ({"pref_vector": []}, "one finite number per task"),
         ({"pref_vector": "1,1,1"}, "a list of numbers"),
+        ({"pref_vector": [0, 0, 0]}, "a preference per task: every entry must be >= 0 and at"),
+        ({"pref_vector": [1.0, -0.5, 1.0]}, "a preference per task: every entry must be >= 0"),
         ({"reg_eps": 0.0}, "`reg_eps` must be > 0"),
         ({"norm_eps": -1.0}, "`norm_eps` must be a finite number >= 0"),
         ({"sync": "params"}, "'gradients' or 'gramian'"),

@@ -95,7 +95,13 @@ def test_degenerate_results_are_the_preferences(case_id: str) -> None:
 
 @pytest.mark.parametrize(
     ("keyword", "value"),
-    [("scale_mode", "max"), ("pref_vector", torch.ones(3)), ("pref_vector", torch.ones(2, 1))],
+    [
+        ("scale_mode", "max"),
+        ("pref_vector", torch.ones(3)),
+        ("pref_vector", torch.ones(2, 1)),
+        ("pref_vector", torch.zeros(2)),
+        ("pref_vector", torch.tensor([1.0, -0.5])),
+    ],
 )
 def test_rejects_bad_arguments(keyword: str, value: object) -> None:
     with pytest.raises(ValueError, match=keyword):

@@ -82,6 +82,8 @@ def test_two_tasks_by_hand(jacobian: list[list[float]]) -> None:
         ("max_iter", 0),
         ("pref_vector", torch.ones(3)),
         ("pref_vector", torch.tensor([1.0, float("nan")])),
+        ("pref_vector", torch.zeros(2)),
+        ("pref_vector", torch.tensor([1.0, -0.5])),
     ],
 )
 def test_rejects_bad_arguments(keyword: str, value: object) -> None:
