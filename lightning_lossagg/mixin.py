@@ -66,8 +66,10 @@ class MultiTaskMixin:
             the same, federated style).
         nonfinite: what a NaN or infinite task loss does, decided the same on every rank:
             ``"raise"`` (default) a :class:`NonFiniteLossError` naming the task, the step and the
-            rank(s), before the optimizer step changes anything; ``"skip"`` the step (no update,
-            no weighting-method state change); ``"drop_task"`` leaves that task out of the step.
+            rank(s), before the optimizer step changes anything; ``"skip"`` the optimizer step (no
+            update of the model, nor of the weighting method's learned state; with gradient
+            accumulation, its running statistics keep the finite micro-batches' losses);
+            ``"drop_task"`` leaves that task out of the step.
             ``"raise"`` costs nothing per step (the flags are read when the optimizer steps);
             the other two read the step's flags on the host right after its all-reduce.
         max_consecutive_skips: with ``"skip"``/``"drop_task"``, this many non-finite steps in a
@@ -399,6 +401,13 @@ class MultiTaskMixin:
             objective = objective + self._zero_objective()
         _set_plain(self, "loss_record", step.record("train", weights, self._weighting))
         return objective
+
+    @property
+    def skipping_optimizer_step(self) -> bool:
+        """Whether the coming optimizer step is skipped (``nonfinite="skip"``: a batch since the
+        last one had a non-finite loss). Weighting methods read it in ``on_before_optimizer_step``
+        (which Lightning calls before the module's) and leave their update out."""
+        return self._skip_optimizer_step
 
     def _zero_objective(self) -> Tensor:
         """A loss whose gradient is 0 for every parameter, so that DDP's backward runs as usual on

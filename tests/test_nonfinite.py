@@ -5,6 +5,7 @@ Rank 1 alone gets an infinite price target at step 1; each policy must act on bo
 
 import multiprocessing
 import traceback
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -12,8 +13,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_lossagg import NonFiniteLossError
-from tests.models import ThreeTaskNet, concat_batches, make_batch, reference_task_losses
+from lightning_lossagg import NonFiniteLossError, callbacks
+from tests.models import (
+    ThreeTaskNet,
+    concat_batches,
+    make_batch,
+    quiet_trainer,
+    reference_task_losses,
+)
 
 STEPS, BAD_STEP = 3, 1
 
@@ -192,3 +199,55 @@ def test_skipped_steps_are_counted_in_the_logs(tmp_path):
             if r["train/skipped_steps"]
         ]
     assert skipped == [0.0, 1.0, 1.0]  # steps 0, 2 and 3 were logged; step 1 was skipped
+
+
+@pytest.mark.parametrize("bad", [0, 1], ids=["first micro-batch bad", "second micro-batch bad"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        callbacks.UncertaintyWeighting,
+        callbacks.IMTLL,
+        lambda: callbacks.GradNorm(lr=0.1),
+        lambda: callbacks.FAMO(lr=0.5),
+    ],
+    ids=["UncertaintyWeighting", "IMTLL", "GradNorm", "FAMO"],
+)
+def test_a_skipped_optimizer_step_moves_neither_the_model_nor_the_methods_learned_state(
+    method, bad
+):
+    # Two micro-batches per optimizer step; one has a non-finite loss: the whole step is skipped,
+    # and the method's once-per-step update from the finite one must be left out too.
+    def fit(poisoned: bool) -> tuple[bool, dict]:
+        batches = [make_batch(6, seed=seed, dtype=torch.float32) for seed in range(2)]
+        if poisoned:
+            batches[bad][1]["price"][1] = torch.inf
+        model = ThreeTaskNet()
+        model.nonfinite = "skip"
+        before = [p.detach().clone() for p in model.parameters()]
+        callback = method()
+        trainer = quiet_trainer(1, precision="32-true", callbacks=[callback])
+        trainer.accumulate_grad_batches = 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "The step was skipped"
+            trainer.fit(model, DataLoader(batches, batch_size=None))
+        unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+        state = callback.state_dict()
+        state.pop("initial_losses", None)  # GradNorm's L(0): losses it saw, kept (documented)
+        return unchanged, _plain(state)
+
+    unchanged, skipped_state = fit(poisoned=True)
+    moved, trained_state = fit(poisoned=False)
+    never_stepped = method()
+    never_stepped.setup(None, ThreeTaskNet(), "fit")
+    assert unchanged and not moved
+    initial = never_stepped.state_dict()
+    initial.pop("initial_losses", None)
+    assert skipped_state == _plain(initial)  # Adam's step counts too
+    assert skipped_state != trained_state  # a step that is taken moves the method's state
+
+
+def _plain(state: object) -> object:
+    """A state_dict with tensors as lists, for ==."""
+    if isinstance(state, dict):
+        return {key: _plain(value) for key, value in state.items()}
+    return state.tolist() if isinstance(state, torch.Tensor) else state

@@ -84,6 +84,9 @@ class LearnedScalesWeighting(WeightingCallback):
     ) -> None:
         if not self._pending and self._loss_sum is None:
             return
+        if pl_module.skipping_optimizer_step:  # type: ignore[attr-defined]
+            self._pending, self._loss_sum, self._loss_count = [], None, None
+            return  # the model does not move: neither does s
         totals, counts = self._accumulated_losses()
         self._pending, self._loss_sum, self._loss_count = [], None, None
         gradient = [

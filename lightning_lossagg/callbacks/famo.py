@@ -100,7 +100,8 @@ class FAMO(WeightingCallback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self._stepped = True
+        # A skipped optimizer step (nonfinite="skip") decreases no loss: nothing to learn from.
+        self._stepped = not pl_module.skipping_optimizer_step  # type: ignore[attr-defined]
 
     @override
     def on_train_batch_end(

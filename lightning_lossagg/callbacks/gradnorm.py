@@ -163,6 +163,9 @@ class GradNorm(GradientWeighting):
     ) -> None:
         if self._gradient_sum is None or self._gradient_count is None:
             return
+        if pl_module.skipping_optimizer_step:  # type: ignore[attr-defined]
+            self._gradient_sum = self._gradient_count = None  # the model does not move: nor w
+            return
         taking_part = self._gradient_count > 0
         gradient = self._gradient_sum / self._gradient_count.clamp(min=1)
         self._weights.step(gradient, taking_part)
