@@ -100,6 +100,9 @@ class MultiTaskMixin:
         self.nonfinite = nonfinite
         self.max_consecutive_skips = max_consecutive_skips
         self.skipped_steps = 0
+        # The tasks whose loss was not finite at the latest step that was skipped or left them
+        # out (monitors compare skipped_steps to see a new one).
+        self.last_nonfinite_tasks: tuple[str, ...] = ()
         self._consecutive_skips = 0
         self._skip_optimizer_step = False
         self.tasks = _as_tasks(tasks)
@@ -418,6 +421,7 @@ class MultiTaskMixin:
     def _count_nonfinite_step(self, bitsets: Tensor) -> None:
         bad = [(n, b) for n, b in zip(self.task_names, bitsets.tolist(), strict=True) if b]
         message = _nonfinite_message(bad, self.global_step)  # type: ignore[attr-defined]
+        self.last_nonfinite_tasks = tuple(name for name, _ in bad)
         self.skipped_steps += 1
         self._consecutive_skips += 1
         limit = self.max_consecutive_skips

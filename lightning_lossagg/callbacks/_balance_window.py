@@ -42,6 +42,13 @@ class LossWindow:
         self.reference_weights: Tensor | None = None
         self._buffer: Tensor | None = None  # [size, 3, K]: losses, weights, counts
         self._nonfinite: Tensor | None = None
+        # Tasks whose non-finite loss never reached a record (a step the mixin skipped, or a
+        # task it left out), told by the monitor.
+        self._marked_nonfinite: set[int] = set()
+
+    def mark_nonfinite(self, tasks: list[int]) -> None:
+        """Report these tasks at the next :meth:`evaluate` as ``nonfinite_loss``."""
+        self._marked_nonfinite.update(tasks)
 
     def add(self, record: LossRecord) -> None:
         """Write ``record`` over the oldest step of the window."""
@@ -64,6 +71,9 @@ class LossWindow:
         weight ratio, weight ratio, 0/1)."""
         assert self._buffer is not None and self._nonfinite is not None, "evaluate() before add()"
         nonfinite, self._nonfinite = self._nonfinite, torch.zeros_like(self._nonfinite)
+        if self._marked_nonfinite:
+            nonfinite[sorted(self._marked_nonfinite)] = True
+            self._marked_nonfinite = set()
         dtype = self._buffer.dtype
         flags = torch.zeros(
             len(CONDITIONS), len(nonfinite), dtype=torch.bool, device=nonfinite.device

@@ -105,6 +105,7 @@ class LossBalanceMonitor(L.Callback):
         # The records are global, so every rank reaches the same verdict: ranks other than zero
         # evaluate only to raise together with it.
         self._evaluates = trainer.is_global_zero or bool(self.raise_on)
+        self._skipped_steps = getattr(pl_module, "skipped_steps", 0)
         names = pl_module.task_names  # type: ignore[attr-defined]
         self._flags = {f"train/monitor/{c}/{n}": 0.0 for c in CONDITIONS for n in names}
 
@@ -112,14 +113,26 @@ class LossBalanceMonitor(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
     ) -> None:
+        if not self._evaluates:
+            return
+        if getattr(pl_module, "skipped_steps", 0) != self._skipped_steps:
+            self._mark_nonfinite(pl_module)
         record: LossRecord | None = pl_module.loss_record  # type: ignore[assignment]
-        if not self._evaluates or record is None or record.stage != "train":
+        if record is None or record.stage != "train":
             return
         self._history.add(record)
         if self._history.seen % self._every == 0:
             self._check(trainer, record.names)
         if trainer._logger_connector.should_update_logs and trainer.loggers:
             write_metrics(trainer, self._flags)
+
+    def _mark_nonfinite(self, pl_module: L.LightningModule) -> None:
+        """A step was skipped or left tasks out (``nonfinite="skip"``/``"drop_task"``): its
+        non-finite losses never reach a record, so the mixin names the tasks."""
+        self._skipped_steps = getattr(pl_module, "skipped_steps", 0)
+        names: tuple[str, ...] = pl_module.task_names  # type: ignore[attr-defined]
+        bad = pl_module.last_nonfinite_tasks  # type: ignore[attr-defined]
+        self._history.mark_nonfinite([names.index(name) for name in bad])
 
     def _check(self, trainer: L.Trainer, names: tuple[str, ...]) -> None:
         flags, values = self._history.evaluate(self.thresholds)

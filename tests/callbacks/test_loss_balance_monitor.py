@@ -9,6 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import Logger
 from torch import nn
+from torch.utils.data import DataLoader
 
 from lightning_lossagg import LossRecord, WeightingCallback
 from lightning_lossagg.callbacks import LossBalanceError, LossBalanceMonitor, _balance_window
@@ -183,6 +184,20 @@ def test_a_nonfinite_loss_is_reported_and_can_raise():
     assert len(messages) == 1 and "the loss of task 'sold' was NaN or infinite" in messages[0]
     with pytest.raises(LossBalanceError, match="step 7: the loss of task 'sold' was NaN"):
         _fit(ScriptedNet(losses), LossBalanceMonitor(window=4, raise_on=["nonfinite_loss"]))
+
+
+@pytest.mark.parametrize("policy", ["skip", "drop_task"])
+def test_a_nonfinite_loss_the_mixin_skipped_or_left_out_is_reported(policy):
+    # The real mixin: the bad loss never reaches a record (a skipped step has none, a dropped
+    # task has no count), yet the monitor must see it.
+    batches = [make_batch(6, seed=seed, dtype=torch.float32) for seed in range(6)]
+    batches[2][1]["price"][1] = torch.inf
+    model = ThreeTaskNet()
+    model.nonfinite = policy
+    model.train_dataloader = lambda: DataLoader(batches, batch_size=None)
+    monitor = LossBalanceMonitor(window=2, check_every_n_steps=1, raise_on=["nonfinite_loss"])
+    with pytest.raises(LossBalanceError, match="the loss of task 'price' was NaN or infinite"):
+        _fit(model, monitor)
 
 
 def test_steps_without_labels_are_neither_nonfinite_nor_a_collapse():
