@@ -508,17 +508,22 @@ class MultiTaskMixin:
             self._linear_heads = False
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the weights evaluation uses (``trainer.validate(ckpt_path=...)`` weighs as the
-        fit did), beside the model's state_dict, which they never change."""
+        """Keep, beside the model's state_dict (which they never change), the weights evaluation
+        uses (``trainer.validate(ckpt_path=...)`` weighs as the fit did) and the skip counts."""
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
         latest = self._fold_step_weights()
-        if latest is not None:
-            checkpoint[LATEST_WEIGHTS_KEY] = latest.detach().cpu()
+        checkpoint[CHECKPOINT_KEY] = {
+            "latest_weights": None if latest is None else latest.detach().cpu(),
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self._consecutive_skips,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
-        self._latest_weights = checkpoint.get(LATEST_WEIGHTS_KEY)
-        self._step_weights = None
+        state = checkpoint.get(CHECKPOINT_KEY, {})
+        self._latest_weights, self._step_weights = state.get("latest_weights"), None
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self._consecutive_skips = state.get("consecutive_skips", 0)
 
     def teardown(self, stage: str) -> None:
         super().teardown(stage)  # type: ignore[misc]
@@ -576,8 +581,8 @@ class _StackedGroup(NamedTuple):
         return self.task.checked_per_sample_loss(self.label, stacked_predictions, stacked_targets)
 
 
-# The checkpoint entry of the weights evaluation uses.
-LATEST_WEIGHTS_KEY = "lossagg_latest_weights"
+# The mixin's entry in a checkpoint (beside the state_dict): see on_save_checkpoint.
+CHECKPOINT_KEY = "lossagg"
 
 # The steps write their per-step values (never a parameter, buffer or module) past
 # nn.Module.__setattr__, whose registration checks cost a few Python calls at every step.

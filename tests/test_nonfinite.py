@@ -251,3 +251,18 @@ def _plain(state: object) -> object:
     if isinstance(state, dict):
         return {key: _plain(value) for key, value in state.items()}
     return state.tolist() if isinstance(state, torch.Tensor) else state
+
+
+def test_the_skip_counts_are_kept_in_the_checkpoint(tmp_path):
+    batches = [make_batch(6, seed=seed, dtype=torch.float32) for seed in range(3)]
+    batches[2][1]["price"][1] = torch.inf  # the last step: one skip, and in a row
+    model = ThreeTaskNet()
+    model.nonfinite = "skip"
+    trainer = quiet_trainer(1, steps=3, precision="32-true")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The step was skipped"
+        trainer.fit(model, DataLoader(batches, batch_size=None))
+    trainer.save_checkpoint(tmp_path / "fit.ckpt")
+    restored = ThreeTaskNet.load_from_checkpoint(tmp_path / "fit.ckpt")
+    assert model.skipped_steps == restored.skipped_steps == 1
+    assert restored._consecutive_skips == model._consecutive_skips == 1

@@ -108,8 +108,10 @@ def global_losses(losses: list[float], valid: list[bool] | None = None) -> Globa
 
 
 def at_step(global_step: int, epoch: int = 0) -> Any:
-    """A stand-in for the module as ``task_weights`` sees it: only ``trainer``'s step counters."""
-    return SimpleNamespace(trainer=SimpleNamespace(global_step=global_step, current_epoch=epoch))
+    """A stand-in for the module as the methods' hooks see it: ``trainer``'s step counters, and
+    an optimizer step that is taken."""
+    trainer = SimpleNamespace(global_step=global_step, current_epoch=epoch)
+    return SimpleNamespace(trainer=trainer, skipping_optimizer_step=False)
 
 
 def fit_method(

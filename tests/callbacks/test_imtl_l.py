@@ -26,7 +26,7 @@ def test_on_fixed_losses_every_scaled_loss_reaches_1():
     step = global_losses(losses)
     for _ in range(400):
         weights = callback.task_weights(at_step(0), step)
-        callback.on_before_optimizer_step(None, None, None)
+        callback.on_before_optimizer_step(None, at_step(0), None)
     scaled = weights * torch.tensor(losses, dtype=torch.float64)
     torch.testing.assert_close(scaled, torch.ones(3, dtype=torch.float64), rtol=0.02, atol=0)
     torch.testing.assert_close(

@@ -45,7 +45,7 @@ def test_on_fixed_losses_the_variances_reach_the_optimum_of_each_form():
     step = global_losses([0.2, 1.5, 8.0])
     for _ in range(400):
         weights = callback.task_weights(at_step(0), step)
-        callback.on_before_optimizer_step(None, None, None)
+        callback.on_before_optimizer_step(None, at_step(0), None)
     variances = callback.state_to_log()["log_var"].exp()
     expected = torch.tensor([0.2, 3.0, 8.0], dtype=torch.float64)
     torch.testing.assert_close(variances, expected, rtol=0.02, atol=0)
@@ -58,7 +58,7 @@ def test_a_task_without_labels_keeps_its_log_variance():
     for valid in ([True, True, True], [True, False, True], [True, False, True]):
         callback.task_weights(at_step(0), global_losses([3.0, 3.0, 3.0], valid))
         before = callback.state_to_log()["log_var"]
-        callback.on_before_optimizer_step(None, None, None)
+        callback.on_before_optimizer_step(None, at_step(0), None)
     after = callback.state_to_log()["log_var"]
     assert after[1] == before[1] and after[0] != before[0]
 
