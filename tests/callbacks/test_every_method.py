@@ -1,4 +1,7 @@
-"""Every weighting method under bf16 mixed precision and gradient accumulation (issue 6)."""
+"""Every weighting method under bf16 mixed precision and gradient accumulation (issue 6), and
+with a task the mixin drops."""
+
+import warnings
 
 import lightning as L
 import pytest
@@ -6,6 +9,7 @@ import torch
 
 from lightning_lossagg import callbacks
 from lightning_lossagg.demos import PenguinsDataModule, PenguinsNet
+from tests.models import ThreeTaskNet, make_batch, quiet_trainer
 
 METHODS = {
     "UncertaintyWeighting": lambda: callbacks.UncertaintyWeighting(),
@@ -61,3 +65,25 @@ def test_method_trains_with_bf16_mixed_and_four_accumulated_batches(name):
         assert torch.isfinite(weights).all() and (weights >= 0).all()
     changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
     assert changed, "the optimizer steps changed no parameter"
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_trains_on_when_the_mixin_drops_a_non_finite_task(name):
+    # nonfinite="drop_task": at step 1 the price loss is infinite; the method weighs the other
+    # tasks, gives price 0 there, and nothing non-finite reaches the parameters or its state.
+    batches = [make_batch(6, seed=seed, dtype=torch.float32) for seed in range(3)]
+    batches[1][1]["price"][0] = torch.inf
+    model = ThreeTaskNet()
+    model.nonfinite = "drop_task"
+    seen = WeightsSeen()
+    trainer = quiet_trainer(1, steps=3, precision="32-true", callbacks=[METHODS[name](), seen])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "left the task(s) out"
+        trainer.fit(model, torch.utils.data.DataLoader(batches, batch_size=None))
+    assert model.skipped_steps == 1 and len(seen.weights) == 3
+    assert seen.weights[1][0] == 0 and seen.weights[1][1:].sum() > 0
+    for weights in seen.weights:
+        assert torch.isfinite(weights).all() and (weights >= 0).all()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    for state in trainer.callbacks[0].state_to_log().values():
+        assert torch.isfinite(state).all()
