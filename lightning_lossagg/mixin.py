@@ -443,7 +443,10 @@ class MultiTaskMixin:
         step = self.compute_global_losses(batch)
         # Each task's weight of the latest training step that had it (static before that).
         weights = self._fold_step_weights()
-        weights = self._static_weights if weights is None else weights.to(step.local_terms)
+        if weights is None:
+            weights = self._static_weights
+        elif weights.device != step.local_terms.device:  # restored from a checkpoint: move once
+            weights = self._latest_weights = weights.to(step.local_terms.device)
         self.loss_record = step.record(stage, weights, self._weighting)
         return weights.to(step.local_terms.dtype) @ step.local_terms
 
