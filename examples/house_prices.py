@@ -78,7 +78,7 @@ def main(max_epochs: int = 5, **trainer_kwargs: object) -> dict[str, float]:
     L.seed_everything(0)
     train, val = generate_houses(4000, seed=0), generate_houses(1000, seed=1)
     trainer = L.Trainer(
-        max_epochs=5,
+        max_epochs=max_epochs,
         callbacks=[LossLogger()],
         logger=False,
         enable_checkpointing=False,
