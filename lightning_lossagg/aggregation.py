@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 RankWeighting = Literal["samples", "uniform"]
 
+# Per-task values of a step that index_add adds in float32; more are added in float64.
+_FLOAT32_ADDS = 2**22
+
 
 class TaskSums(NamedTuple):
     """Per task, the sum of its valid values, each a scalar with a graph of its own, and the
@@ -233,11 +236,17 @@ class TaskLossReducer:
             else [masked_losses[name].mask.reshape(-1) for name in self.names]
         )
         dtype = accumulation_dtype(flat_values.dtype)
+        # index_add adds one value after another: in float32 a count stops at 2**24 and a sum
+        # drifts (1e-4 at 2e7 values). Many values add in float64 (where the device has it).
+        wide = flat_values.numel() > _FLOAT32_ADDS
+        add_dtype = distributed.stats_dtype(flat_values.device) if wide else dtype
         segments = self._segments(values, flat_values.device)
-        masked_values = in_dtype(torch.where(flat_masks, flat_values, 0.0), dtype)
-        zeros = flat_values.new_zeros(len(self.names), dtype=dtype)
+        masked_values = in_dtype(torch.where(flat_masks, flat_values, 0.0), add_dtype)
+        zeros = flat_values.new_zeros(len(self.names), dtype=add_dtype)
         local_sums = zeros.index_add(0, segments, masked_values)
-        local_counts = zeros.index_add(0, segments, flat_masks.to(dtype))
+        local_counts = zeros.index_add(0, segments, flat_masks.to(add_dtype))
+        if wide:
+            local_sums, local_counts = in_dtype(local_sums, dtype), in_dtype(local_counts, dtype)
         return self._numerators_and_denominators(local_sums, local_counts)
 
     def _task_sums(self, masked_losses: Mapping[str, MaskedLoss]) -> TaskSums:

@@ -209,3 +209,20 @@ def test_bfloat16_losses_are_summed_and_counted_in_float32(path):
     assert torch.equal(grad[0, :1000], torch.full((1000,), 1e-3, dtype=torch.bfloat16))
     assert torch.equal(grad[1, :1000], torch.ones(1000, dtype=torch.bfloat16))
     assert not grad[:, 1000:].any()
+
+
+def test_many_values_of_one_task_are_counted_and_summed_exactly():
+    # Per-task losses as a dict (a custom task_losses) go through index_add, which adds one value
+    # after another: in float32 a count stops at 2**24. A dense task: 2**24 + 2**22 values.
+    tasks = {"pixels": Task("mse"), "label": Task("mse")}
+    values = torch.rand(2**24 + 2**22, generator=torch.Generator().manual_seed(0)) + 0.5
+    masked = {
+        "pixels": MaskedLoss(values, torch.ones_like(values, dtype=torch.bool)),
+        "label": MaskedLoss(torch.tensor([2.0, 4.0]), torch.tensor([True, True])),
+    }
+    step = global_task_losses(masked, tasks)
+    assert step.counts.tolist() == [2**24 + 2**22, 2]
+    assert step.losses.dtype == torch.float32
+    torch.testing.assert_close(
+        step.losses.double(), torch.stack([values.double().mean(), torch.tensor(3.0).double()])
+    )
