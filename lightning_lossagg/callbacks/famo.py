@@ -11,7 +11,12 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_lossagg.aggregation import GlobalTaskLosses
-from lightning_lossagg.callbacks._checks import check_positive, require_multitask, usable_tasks
+from lightning_lossagg.callbacks._checks import (
+    LossesReadLater,
+    check_positive,
+    require_multitask,
+    usable_tasks,
+)
 from lightning_lossagg.callbacks._task_parameters import TaskParameters
 from lightning_lossagg.functional.famo import famo_logit_gradient, famo_weights
 from lightning_lossagg.weighting import WeightingCallback
@@ -45,6 +50,10 @@ class FAMO(WeightingCallback):
     The logits and their Adam live in this callback (the model's ``state_dict`` does not change)
     and are saved in its ``state_dict``; they are logged as ``train/logit/<task>``.
 
+    The logarithms need :math:`L_k + \epsilon > 0`: a global loss at or below :math:`-\epsilon`
+    (a custom loss that can be negative, or 0 with ``eps=0``) raises before the optimizer step
+    that met it updates the model or the logits (read from a host copy made without a stall).
+
     Args:
         lr: Adam's learning rate for the logits.
         weight_decay: Adam's weight decay on the logits.
@@ -65,6 +74,8 @@ class FAMO(WeightingCallback):
         self._logits = TaskParameters(self.lr, self.weight_decay)
         self._losses_before: tuple[Tensor, Tensor] | None = None
         self._stepped = False
+        self._task_names: tuple[str, ...] = ()
+        self._unchecked = LossesReadLater()
 
     @property
     @override
@@ -73,13 +84,15 @@ class FAMO(WeightingCallback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        task_names = require_multitask(self, pl_module)
-        self._logits.set_num_tasks(len(task_names), type(self).__name__)
+        self._task_names = require_multitask(self, pl_module)
+        self._logits.set_num_tasks(len(self._task_names), type(self).__name__)
         self._losses_before, self._stepped = None, False
+        self._unchecked.clear()
 
     @override
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
         logits = self._logits.values(step.losses)
+        self._unchecked.add(step.losses)  # checked at the optimizer step
         usable = usable_tasks(step)
         losses = torch.where(usable, step.losses, 1.0).to(logits.dtype)
         self._losses_before = (losses, usable)
@@ -100,6 +113,15 @@ class FAMO(WeightingCallback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        eps = self.eps
+        tasks = self._unchecked.first_offending(self._task_names, lambda loss: loss + eps <= 0)
+        if tasks is not None:
+            raise ValueError(
+                f"FAMO takes the logarithm of every task loss plus eps={eps:g}, but the global "
+                f"loss of task(s) {tasks} was <= -eps at global step {trainer.global_step}. Shift "
+                "that task's loss to be >= 0 (and > 0 with eps=0), or use another weighting "
+                "method."
+            )
         # A skipped optimizer step (nonfinite="skip") decreases no loss: nothing to learn from.
         self._stepped = not pl_module.skipping_optimizer_step  # type: ignore[attr-defined]
 
@@ -117,7 +139,9 @@ class FAMO(WeightingCallback):
         losses_before, usable_before = self._losses_before
         with torch.no_grad(), trainer.precision_plugin.train_step_context():
             after = pl_module.compute_global_losses(batch)  # type: ignore[operator]
-        usable = usable_before & usable_tasks(after)
+        # A loss that fell to -eps or below has no logarithm: that task is left out of this
+        # update (its loss is refused at the next optimizer step, before it moves anything).
+        usable = usable_before & usable_tasks(after) & (after.losses + self.eps > 0)
         logits = self._logits.values(losses_before)
         losses_after = torch.where(usable, after.losses, 1.0).to(logits.dtype)
         # Tasks left out get the logit -inf: z_k = 0, so neither they nor their decrease count.

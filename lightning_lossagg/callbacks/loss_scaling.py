@@ -11,6 +11,7 @@ from typing_extensions import override
 
 from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks._checks import (
+    LossesReadLater,
     check_non_negative_int,
     check_positive,
     require_multitask,
@@ -41,7 +42,9 @@ class LossScaling(WeightingCallback):
     The weights are 1 during the first ``warmup_steps`` optimizer steps, and 1 for a task
     that has not yet had a valid sample. A task without a valid sample in a step keeps its level.
     Levels are kept on the device, saved in ``state_dict``, identical on every rank (global losses
-    only), and logged as ``train/loss_level/<task>``.
+    only), and logged as ``train/loss_level/<task>``. A negative global loss (a level below 0
+    would turn its task's weight around) raises before the optimizer step that met it updates the
+    model (read from a host copy made without a stall).
 
     Args:
         mode: ``"ema"`` or ``"initial"``.
@@ -78,6 +81,8 @@ class LossScaling(WeightingCallback):
         self.eps = check_positive("eps", eps, "The default is 1e-8.")
         self._levels: Tensor | None = None
         self._has_level: Tensor | None = None
+        self._task_names: tuple[str, ...] = ()
+        self._unchecked = LossesReadLater()
 
     @property
     @override
@@ -91,10 +96,12 @@ class LossScaling(WeightingCallback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        require_multitask(self, pl_module)
+        self._task_names = require_multitask(self, pl_module)
+        self._unchecked.clear()
 
     @override
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+        self._unchecked.add(step.losses)  # checked at the optimizer step
         in_warmup = pl_module.trainer.global_step < self.warmup_steps
         if self.mode == "ema" or not in_warmup:
             self._update_levels(step)
@@ -102,6 +109,18 @@ class LossScaling(WeightingCallback):
             return torch.ones_like(step.losses)
         weights = loss_scaling_weights(self._levels, self.eps, validate_args=False)
         return torch.where(self._has_level, weights, 1.0)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        tasks = self._unchecked.first_offending(self._task_names, lambda loss: loss < 0)
+        if tasks is not None:
+            raise ValueError(
+                f"LossScaling divides each task's loss by its level, but the global loss of "
+                f"task(s) {tasks} was < 0 at global step {trainer.global_step}. Shift that "
+                "task's loss to be >= 0, or use another weighting method."
+            )
 
     def _update_levels(self, step: GlobalTaskLosses) -> None:
         usable = usable_tasks(step)

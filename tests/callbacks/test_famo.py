@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_lossagg.callbacks import FAMO
+from tests.callbacks._fits import ParametersAfterEachStep, SignedPriceNet, signed_price_batches
 from tests.callbacks._loss_based import trainer, training_batches
 from tests.models import ThreeTaskNet
 
@@ -45,3 +46,15 @@ def test_one_extra_forward_per_optimizer_step(accumulate, expected_forwards):
     assert run.global_step == 4 // accumulate
     assert model.forward_calls == expected_forwards
     assert not torch.equal(callback.state_to_log()["logit"], torch.zeros(3, dtype=torch.float64))
+
+
+def test_a_loss_at_or_below_minus_eps_is_refused_before_the_optimizer_step():
+    # log(L + eps) has no value there: the weights would turn around and the logits become NaN.
+    batches = signed_price_batches(3, negative_at=2)
+    model, after_step, famo = SignedPriceNet().double(), ParametersAfterEachStep(), FAMO()
+    with pytest.raises(ValueError, match=r"FAMO .* 'price' \(-[0-9.]+\).*global step 2"):
+        trainer([famo, after_step], max_epochs=1).fit(model, DataLoader(batches, batch_size=None))
+    assert len(after_step.parameters) == 2
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, after_step.parameters[-1][name]), name  # step 2 never applied
+    assert torch.isfinite(famo.state_to_log()["logit"]).all()

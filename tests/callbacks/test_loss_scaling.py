@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from lightning_lossagg.callbacks import LossScaling
-from tests.callbacks._loss_based import at_step, global_losses
+from tests.callbacks._fits import ParametersAfterEachStep, SignedPriceNet, signed_price_batches
+from tests.callbacks._loss_based import at_step, global_losses, trainer
 from tests.models import ThreeTaskNet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -64,3 +66,16 @@ def test_a_task_without_labels_keeps_its_level_and_has_weight_1_until_its_first(
     torch.testing.assert_close(
         callback.state_to_log()["loss_level"], torch.tensor([3.0, 5.0, 4.0], dtype=torch.float64)
     )
+
+
+def test_a_negative_loss_is_refused_before_the_optimizer_step():
+    # A negative level would turn the task's weight around (1 / level < 0, or 1 / eps).
+    batches = signed_price_batches(3, negative_at=2)
+    model, after_step = SignedPriceNet().double(), ParametersAfterEachStep()
+    with pytest.raises(ValueError, match=r"LossScaling .* 'price' \(-[0-9.]+\).*global step 2"):
+        trainer([LossScaling(), after_step], max_epochs=1).fit(
+            model, DataLoader(batches, batch_size=None)
+        )
+    assert len(after_step.parameters) == 2
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, after_step.parameters[-1][name]), name  # step 2 never applied
