@@ -267,14 +267,17 @@ class MultiTaskMixin:
     @staticmethod
     def _linear_factors_pay(heads: list[torch.nn.Module], representation: Tensor) -> bool:
         """Whether linear heads' factors give the Gramian and the update in fewer operations than
-        the views' gradients: ``O^2 (N + H) + N O H`` against ``K (K + 1) / 2 N H + K N H`` for K
-        heads of O outputs in all on an N × H representation."""
+        the views' gradients, per row of the representation: ``O^2 + O H`` against
+        ``(K (K + 1) / 2 + K) H`` for K heads of O outputs in all on an N × H representation (the
+        exact counts, ``O^2 (N + H) + N O H`` and ``N`` times the views', tend to these as N
+        grows). Never the batch: every rank of a DDP run must take the same path, since the two
+        issue the Gramian's all-reduce at different points of the backward, among DDP's own."""
         if representation.dim() != 2:
             return False
-        rows, width = representation.shape
+        width = representation.shape[1]
         tasks, outputs = len(heads), sum(head.out_features for head in heads)  # type: ignore[misc]
-        factored = outputs * outputs * (rows + width) + rows * outputs * width
-        return factored < (tasks * (tasks + 1) // 2 + tasks) * rows * width
+        factored = outputs * outputs + outputs * width
+        return factored < (tasks * (tasks + 1) // 2 + tasks) * width
 
     def shared_parameters(self) -> list[torch.nn.Parameter]:
         """The trainable parameters every task shares (gradient-based methods weigh their
