@@ -48,9 +48,10 @@ def gradvac(
 
     Degenerate input: a gradient whose squared norm is below ``K * 2.2e-16`` times the largest one
     counts as zero: it is neither corrected nor added, and its cosines count as 0 in the EMA (as
-    with LibMTL's and torchjd's ``1e-8``). A zero Gramian and ``K = 1`` give weights of 1. A target
-    of :math:`\pm 1` asks for an infinite correction; :math:`\sqrt{1 - \hat\phi^2}` is floored
-    at ``1e-8``.
+    with LibMTL's and torchjd's ``1e-8``); so does a corrected :math:`g_i^{PC}` that vanished
+    (corrected against an exactly opposite gradient). A zero Gramian and ``K = 1`` give weights
+    of 1. A target of :math:`\pm 1` asks for an infinite correction;
+    :math:`\sqrt{1 - \hat\phi^2}` is floored at ``1e-8``.
 
     Paper: Wang et al., "Gradient Vaccine: Investigating and Improving Multi-task Optimization in
     Massively Multilingual Models", ICLR 2021, https://arxiv.org/abs/2010.05874.
@@ -110,7 +111,8 @@ def gradvac_weights(
     gramian, ema = matrix.tolist(), targets.tolist()
     num_tasks = len(gramian)
     squared = [gramian[i][i] for i in range(num_tasks)]
-    nonzero = [value > num_tasks * _EPS * max(squared) for value in squared]
+    zero_level = num_tasks * _EPS * max(squared)
+    nonzero = [value > zero_level for value in squared]
     norms = [math.sqrt(max(value, 0.0)) for value in squared]
     weights = [0.0] * num_tasks
     for i in range(num_tasks):
@@ -122,7 +124,8 @@ def gradvac_weights(
         for index in orders[i]:
             j = others[index]
             norm_i = math.sqrt(max(squared_norm, 0.0))
-            both = nonzero[i] and nonzero[j]
+            # A corrected g_i^PC can vanish (against an opposite g_j): then it counts as zero.
+            both = nonzero[j] and squared_norm > zero_level
             cosine = _clamped_ratio(dots[j], norm_i * norms[j]) if both else 0.0
             target = ema[i][j]
             if both and cosine < target:

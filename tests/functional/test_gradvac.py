@@ -90,6 +90,28 @@ def test_degenerate_input_gives_finite_weights(jacobian: Tensor) -> None:
         torch.testing.assert_close(rescaled, weights)
 
 
+@pytest.mark.parametrize(
+    "jacobian",
+    [
+        torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64),
+        # rank 1 at K = 9: gradients along one direction, of either sign
+        torch.tensor([1.0, -2.0, 1.0, -1.0, 3.0, -1.0, 1.0, 2.0, -3.0], dtype=torch.float64)[
+            :, None
+        ]
+        * torch.tensor([[1.0, 2.0, -1.0]], dtype=torch.float64),
+    ],
+    ids=["opposite", "rank 1"],
+)
+def test_a_correction_that_cancels_a_gradient_leaves_finite_targets(jacobian: Tensor) -> None:
+    # Corrected against an exactly opposite gradient, g_i^PC is 0: its next cosine is 0 / 0.
+    gramian = jacobian @ jacobian.T
+    for seed in range(4):  # every visiting order
+        generator, targets = torch.Generator().manual_seed(seed), None
+        for _ in range(3):  # the targets are the state the next call starts from
+            weights, targets = gradvac(gramian, targets, generator=generator)
+            assert torch.isfinite(weights).all() and torch.isfinite(targets).all(), seed
+
+
 def test_generator_fixes_the_task_order() -> None:
     jacobian = random_jacobians(num_tasks=[6], seeds=[0])[0][1]
     gramian = jacobian @ jacobian.T
