@@ -183,7 +183,9 @@ class GradientWeighting(WeightingCallback):
                 "Gradient-based weighting needs a shared part; check shared_parameters()."
             )
         self.splits_forward = self.rep_grad or (
-            len(split) == 2 and self.parameter_gradients_through_representation
+            len(split) == 2
+            and self.parameter_gradients_through_representation
+            and _shared_are_the_trunk(pl_module)
         )
         self.weighs_in_backward = (
             self.splits_forward and self.injects_head_gradients and self.may_weigh_in_backward
@@ -743,6 +745,18 @@ def _summed(grads: tuple[Tensor | None, ...] | list[Tensor | None]) -> Tensor | 
     if not present:
         return None
     return functools.reduce(torch.add, present)
+
+
+def _shared_are_the_trunk(pl_module: L.LightningModule) -> bool:
+    """Whether ``shared_parameters()`` are every trainable parameter outside ``self.heads``: only
+    then may parameter gradients go back from the representation, one task at a time (a trunk
+    parameter left out of them would get no gradient); else one backward per task takes them."""
+    heads = getattr(pl_module, "heads", None)
+    if not isinstance(heads, torch.nn.Module):
+        return False
+    in_heads = {id(parameter) for parameter in heads.parameters()}
+    outside = {id(p) for p in pl_module.parameters() if p.requires_grad and id(p) not in in_heads}
+    return outside == {id(parameter) for parameter in pl_module.shared_parameters()}  # type: ignore[operator]
 
 
 def _representation(pl_module: L.LightningModule, method: str) -> SharedRepresentation:

@@ -34,6 +34,7 @@ from tests.models import (
     concat_batches,
     make_batch,
     one_batch_loader,
+    quiet_trainer,
     reference_task_losses,
 )
 
@@ -335,3 +336,38 @@ def test_injected_gradients_are_scaled_alike_on_the_host_and_on_a_device(incomin
     host = _scaled(grads, tasks, scales, grad_output)
     unit = [incoming == 1.0 and (task is None or static[task] == 1.0) for task in tasks]
     assert [result is grad for result, grad in zip(host, grads, strict=True)] == unit
+
+
+class LastLayerSharedNet(ThreeTaskNet):
+    """A two-layer trunk whose first layer is left out of shared_parameters(): the methods weigh
+    the last layer's task gradients; the first gets the static-weight objective's gradient, as a
+    head's parameters would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = torch.nn.Sequential(
+            torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 8), torch.nn.Tanh()
+        )
+
+    def shared_parameters(self):
+        return list(self.trunk[2].parameters())
+
+
+class FirstLayerGradient(L.Callback):
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.grad = pl_module.trunk[0].weight.grad.clone()
+
+
+@pytest.mark.parametrize("method", [callbacks.MGDA, callbacks.UPGrad])
+def test_a_trunk_parameter_left_out_of_the_shared_ones_still_gets_its_gradient(method):
+    torch.manual_seed(0)
+    model = LastLayerSharedNet().double()
+    before = copy.deepcopy(model)
+    batch = make_batch(7, seed=0)
+    recorder = FirstLayerGradient()
+    quiet_trainer(1, callbacks=[method(), recorder]).fit(model, one_batch_loader(batch))
+    losses = reference_task_losses(before, batch)
+    objective = 2 * losses["price"] + losses["kind"] + losses["sold"]  # Task.weight: 2, 1, 1
+    (expected,) = torch.autograd.grad(objective, before.trunk[0].weight)
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(recorder.grad, expected)
