@@ -189,6 +189,16 @@ class MultiTaskMixin:
         ):
             return self(inputs)  # type: ignore[operator]
         shared = self.forward_shared(inputs)  # type: ignore[attr-defined]
+        if not isinstance(shared, Tensor):  # several tensors: no one leaf to take gradients at
+            if getattr(weighting, "rep_grad", False):
+                raise TypeError(
+                    f"{type(weighting).__name__}(rep_grad=True) takes the task gradients at the "
+                    f"shared representation, but forward_shared returned a "
+                    f"{type(shared).__name__}, not one tensor. Return one tensor (concatenate "
+                    "the parts and split them in forward_heads), or use rep_grad=False."
+                )
+            self.shared_representation = None  # parameter gradients come from the whole graph
+            return self.forward_heads(shared)  # type: ignore[attr-defined]
         detached = shared.detach().requires_grad_()
         heads = self._task_heads if self._heads_apart is not False else None
         if heads is None:

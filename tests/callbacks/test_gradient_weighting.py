@@ -371,3 +371,29 @@ def test_a_trunk_parameter_left_out_of_the_shared_ones_still_gets_its_gradient(m
     (expected,) = torch.autograd.grad(objective, before.trunk[0].weight)
     assert expected.abs().sum() > 0
     torch.testing.assert_close(recorder.grad, expected)
+
+
+class PairRepresentationNet(ThreeTaskNet):
+    """forward_shared returns two tensors; the heads read the first."""
+
+    def forward_shared(self, inputs):
+        representation = self.trunk(inputs)
+        return representation, representation.sum(-1)
+
+    def forward_heads(self, shared):
+        return super().forward_heads(shared[0])
+
+
+def test_a_representation_of_several_tensors_takes_parameter_gradients_from_the_whole_graph():
+    batch = make_batch(7, seed=0)
+    weights = []
+    for net in (ThreeTaskNet, PairRepresentationNet):
+        torch.manual_seed(0)
+        model = net().double()
+        quiet_trainer(1, callbacks=[callbacks.MGDA()]).fit(model, one_batch_loader(batch))
+        weights.append(model.loss_record.weights)
+    torch.testing.assert_close(weights[1], weights[0])
+    with pytest.raises(TypeError, match=r"MGDA\(rep_grad=True\) .* returned a tuple"):
+        model = PairRepresentationNet().double()
+        trainer = quiet_trainer(1, callbacks=[callbacks.MGDA(rep_grad=True)])
+        trainer.fit(model, one_batch_loader(batch))
