@@ -199,6 +199,9 @@ class MultiTaskMixin:
                 )
             self.shared_representation = None  # parameter gradients come from the whole graph
             return self.forward_heads(shared)  # type: ignore[attr-defined]
+        if not shared.requires_grad:  # a frozen trunk: no gradient to take at its output
+            self.shared_representation = SharedRepresentation(shared, (shared,))
+            return self.forward_heads(shared)  # type: ignore[attr-defined]
         detached = shared.detach().requires_grad_()
         heads = self._task_heads if self._heads_apart is not False else None
         if heads is None:

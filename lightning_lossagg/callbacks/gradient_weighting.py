@@ -194,6 +194,11 @@ class GradientWeighting(WeightingCallback):
     # ------------------------------------------------------------------------ the step
     @override
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+        if _nothing_shared(pl_module, self.rep_grad):
+            # A frozen trunk (BackboneFinetuning, say): no shared gradient to weigh. The heads
+            # follow their tasks' gradients times Task.weight (backward_objective sees no Jacobian).
+            self._jacobian = self._gramian = pl_module.shared_representation = None
+            return torch.ones_like(step.losses)
         self.prepare_step(pl_module, step)
         if self.rep_grad:
             gramian = self._representation_gramian(pl_module, step)
@@ -458,6 +463,8 @@ class GradientWeighting(WeightingCallback):
     def backward_objective(
         self, pl_module: L.LightningModule, step: GlobalTaskLosses, weights: Tensor, static: Tensor
     ) -> Tensor:
+        if self._jacobian is None:  # nothing shared this step: see task_weights
+            return self.weighted_sum_objective(pl_module, step, weights)
         jacobian, self._jacobian = self._jacobian, None
         representation, pl_module.shared_representation = pl_module.shared_representation, None  # type: ignore[attr-defined]
         direction = weights.to(jacobian.dtype) @ jacobian  # d = sum_k w_k g_k
@@ -745,6 +752,15 @@ def _summed(grads: tuple[Tensor | None, ...] | list[Tensor | None]) -> Tensor | 
     if not present:
         return None
     return functools.reduce(torch.add, present)
+
+
+def _nothing_shared(pl_module: L.LightningModule, rep_grad: bool) -> bool:
+    """Whether no shared gradient exists this step: the representation takes no gradient
+    (``rep_grad``), or no shared parameter is trainable (a frozen trunk)."""
+    if rep_grad:
+        representation = pl_module.shared_representation  # type: ignore[attr-defined]
+        return representation is not None and not representation.output.requires_grad
+    return not pl_module.shared_parameters()  # type: ignore[operator]
 
 
 def _shared_are_the_trunk(pl_module: L.LightningModule) -> bool:

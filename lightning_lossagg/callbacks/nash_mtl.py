@@ -126,6 +126,7 @@ class NashMTL(GradientWeighting):
         due = pl_module.trainer.global_step % self.update_weights_every == 0
         if due or self._previous is None:
             return super().task_weights(pl_module, step)
+        self._gramian = None  # no Gramian this step: nothing to log of it
         return self._previous.to(step.local_terms.device, step.local_terms.dtype)
 
     @override

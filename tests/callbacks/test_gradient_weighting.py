@@ -397,3 +397,47 @@ def test_a_representation_of_several_tensors_takes_parameter_gradients_from_the_
         model = PairRepresentationNet().double()
         trainer = quiet_trainer(1, callbacks=[callbacks.MGDA(rep_grad=True)])
         trainer.fit(model, one_batch_loader(batch))
+
+
+class FreezeTrunk(L.Callback):
+    """Freezes the trunk once the fit has started (as BackboneFinetuning does), after setup."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        pl_module.trunk.requires_grad_(False)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        lambda: callbacks.MGDA(),
+        lambda: callbacks.MGDA(rep_grad=True),
+        lambda: callbacks.UPGrad(rep_grad=True),
+        lambda: callbacks.NashMTL(update_weights_every=2),
+    ],
+    ids=["MGDA", "MGDA rep", "UPGrad rep", "NashMTL"],
+)
+def test_a_frozen_trunk_leaves_nothing_to_weigh_and_the_heads_train_with_task_weights(method):
+    batches = [make_batch(7, seed=seed) for seed in range(2)]
+    model = ThreeTaskNet().double()
+    trunk_before = copy.deepcopy(model.trunk.state_dict())
+    heads_before = copy.deepcopy(model.heads.state_dict())
+    callback = method()
+    trainer = quiet_trainer(1, steps=2, callbacks=[callback, FreezeTrunk()])
+    trainer.fit(model, torch.utils.data.DataLoader(batches, batch_size=None))
+    assert model.loss_record.weights.tolist() == [2.0, 1.0, 1.0]  # Task.weight alone
+    assert callback.state_to_log() == {}  # no Gramian to log
+    for name, value in model.trunk.state_dict().items():
+        assert torch.equal(value, trunk_before[name]), name
+    assert any(not torch.equal(v, heads_before[n]) for n, v in model.heads.state_dict().items())
+
+
+def test_nash_mtl_logs_no_gramian_on_a_step_that_does_not_solve():
+    # update_weights_every=2: step 1 reuses step 0's weights; its Gramian was never taken.
+    batches = [make_batch(7, seed=seed) for seed in range(2)]
+    callback = callbacks.NashMTL(update_weights_every=2)
+    trainer = quiet_trainer(1, steps=1, callbacks=[callback])
+    trainer.fit(ThreeTaskNet().double(), torch.utils.data.DataLoader(batches, batch_size=None))
+    assert set(callback.state_to_log()) == {"grad_norm"}
+    trainer = quiet_trainer(1, steps=2, callbacks=[callback])
+    trainer.fit(ThreeTaskNet().double(), torch.utils.data.DataLoader(batches, batch_size=None))
+    assert callback.state_to_log() == {}
