@@ -89,7 +89,8 @@ class WeightingCallback(L.Callback):
         return weights @ step.local_terms
 
     def state_to_log(self) -> dict[str, Tensor]:
-        """Method state worth seeing, per task: ``{"log_var": tensor[K]}`` for example."""
+        """Method state worth seeing, per task: ``{"log_var": tensor[K]}`` for example; the state
+        the latest step's weights came from (loggers read it after the optimizer step)."""
         return {}
 
     def pairwise_state_to_log(self) -> dict[str, Tensor]:

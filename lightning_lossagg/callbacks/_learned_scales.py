@@ -49,6 +49,7 @@ class LearnedScalesWeighting(WeightingCallback):
         self._loss_sum: list[float] | None = None
         self._loss_count: list[float] | None = None
         self._device_weights: Tensor | None = None  # the weights on the device, until s moves
+        self._logged: Tensor | None = None  # the s behind those weights, for the logs
 
     def _weight(self, task: int, scale: float) -> float:
         """Task ``task``'s weight ``w_k`` at the value ``s_k``."""
@@ -75,7 +76,7 @@ class LearnedScalesWeighting(WeightingCallback):
         weights = self._device_weights
         if weights is None or weights.device != losses.device:
             weights = distributed.to_device(self._host_weights(), like=losses)
-            self._device_weights = weights
+            self._device_weights, self._logged = weights, self._scales.snapshot()
         return weights
 
     @override
@@ -114,7 +115,8 @@ class LearnedScalesWeighting(WeightingCallback):
 
     @override
     def state_to_log(self) -> dict[str, Tensor]:
-        scales = self._scales.snapshot()
+        """``s`` as the latest step's weights came from (not as its optimizer step left it)."""
+        scales = self._logged if self._logged is not None else self._scales.snapshot()
         return {} if scales is None else {self.state_name: scales}
 
     @override
@@ -134,4 +136,4 @@ class LearnedScalesWeighting(WeightingCallback):
         totals, counts = state_dict["loss_sum"], state_dict["loss_count"]
         self._loss_sum = None if totals is None else totals.double().tolist()
         self._loss_count = None if counts is None else counts.double().tolist()
-        self._pending, self._device_weights = [], None
+        self._pending, self._device_weights, self._logged = [], None, None

@@ -74,6 +74,7 @@ class FAMO(WeightingCallback):
         self._logits = TaskParameters(self.lr, self.weight_decay)
         self._losses_before: tuple[Tensor, Tensor] | None = None
         self._stepped = False
+        self._logits_used: Tensor | None = None  # behind the latest weights (Adam makes new ones)
         self._task_names: tuple[str, ...] = ()
         self._unchecked = LossesReadLater()
 
@@ -91,7 +92,7 @@ class FAMO(WeightingCallback):
 
     @override
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
-        logits = self._logits.values(step.losses)
+        logits = self._logits_used = self._logits.values(step.losses)
         self._unchecked.add(step.losses)  # checked at the optimizer step
         usable = usable_tasks(step)
         losses = torch.where(usable, step.losses, 1.0).to(logits.dtype)
@@ -157,7 +158,8 @@ class FAMO(WeightingCallback):
 
     @override
     def state_to_log(self) -> dict[str, Tensor]:
-        logits = self._logits.snapshot()
+        """The logits as the latest step's weights came from (not as its update left them)."""
+        logits = self._logits_used if self._logits_used is not None else self._logits.snapshot()
         return {} if logits is None else {"logit": logits}
 
     @override
@@ -167,3 +169,4 @@ class FAMO(WeightingCallback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._logits.load_state_dict(state_dict["logits"])
+        self._logits_used = None

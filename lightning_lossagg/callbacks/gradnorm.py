@@ -112,6 +112,7 @@ class GradNorm(GradientWeighting):
         self.lr = check_positive("lr", lr, "Use e.g. lr=0.025 for the weights' own Adam.")
         self.layer = layer
         self._weights = _UnitWeights(self.lr)
+        self._weights_used: Tensor | None = None  # behind the latest step's weights, for the logs
         self._layer_module = ""
         self._initial_losses: Tensor | None = None
         self._gradient_sum: Tensor | None = None
@@ -140,7 +141,8 @@ class GradNorm(GradientWeighting):
             _, gramian = self._synced_gramian(jacobian)
         self._gramian, self._gramian_valid = gramian.detach(), step.valid
         self._accumulate_gradient(weights.detach(), gramian.detach().diagonal(), step)
-        return weights.detach().clone()
+        self._weights_used = weights.detach().clone()  # the optimizer step rescales them in place
+        return self._weights_used
 
     @override
     def backward_objective(
@@ -215,7 +217,7 @@ class GradNorm(GradientWeighting):
     @override
     def state_to_log(self) -> dict[str, Tensor]:
         state = super().state_to_log()
-        weights = self._weights.snapshot()
+        weights = self._weights_used if self._weights_used is not None else self._weights.snapshot()
         if weights is not None:
             state["learned_weight"] = weights
         return state
@@ -232,6 +234,7 @@ class GradNorm(GradientWeighting):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._weights.load_state_dict(state_dict["weights"])
+        self._weights_used = None
         self._initial_losses = state_dict["initial_losses"]
         self._gradient_sum = state_dict["gradient_sum"]
         self._gradient_count = state_dict["gradient_count"]

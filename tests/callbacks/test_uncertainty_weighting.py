@@ -57,9 +57,9 @@ def test_a_task_without_labels_keeps_its_log_variance():
     callback.setup(None, ThreeTaskNet(), "fit")
     for valid in ([True, True, True], [True, False, True], [True, False, True]):
         callback.task_weights(at_step(0), global_losses([3.0, 3.0, 3.0], valid))
-        before = callback.state_to_log()["log_var"]
+        before = callback.state_dict()["scales"]["values"]
         callback.on_before_optimizer_step(None, at_step(0), None)
-    after = callback.state_to_log()["log_var"]
+    after = callback.state_dict()["scales"]["values"]
     assert after[1] == before[1] and after[0] != before[0]
 
 
