@@ -59,9 +59,10 @@ class _EpochAccumulator:
         self._sums = sums if self._sums is None else self._sums + sums
         self._pending = []
 
-    def means(self) -> tuple[list[float], list[float], list[float]] | None:
-        """Sample-weighted epoch means of losses and weighted losses, and each task's mean weight
-        over the steps in which it had a valid sample (NaN for a task with none)."""
+    def means(self) -> tuple[list[float], list[float], list[float], list[float]] | None:
+        """Sample-weighted epoch means of losses and weighted losses, each task's mean weight
+        over the steps in which it had a valid sample (NaN for a task with none), and the number
+        of those steps."""
         self._reduce()
         if self._sums is None:
             return None
@@ -72,10 +73,11 @@ class _EpochAccumulator:
                 torch.where(count > 0, loss_sum / safe_count, torch.nan),
                 weighted_sum / safe_count,
                 weight_sum / valid_steps,
+                valid_steps,
             ]
         )
-        losses, weighted, weights = packed.tolist()  # one host transfer per epoch
-        return losses, weighted, weights
+        losses, weighted, weights, steps = packed.tolist()  # one host transfer per epoch
+        return losses, weighted, weights, steps
 
 
 class LossLogger(L.Callback):
@@ -88,7 +90,9 @@ class LossLogger(L.Callback):
     ``train/grad_norm/<task>``) and its pairwise state (``train/<state>/<task_a>~<task_b>``, e.g.
     ``train/grad_cos/<task_a>~<task_b>``). Per epoch, as global sample-weighted means: the same
     per-task keys under ``train_epoch/``, ``val/`` and ``test/`` (a task's weight: its mean over
-    the steps with a valid sample of it; a NaN loss of valid samples makes the epoch's NaN).
+    the steps with a valid sample of it; a NaN loss of valid samples makes the epoch's NaN), and
+    ``<stage>/static_loss``, the objective at ``Task.weight`` alone: it does not move with the
+    method's weights, so checkpoints and early stopping should monitor ``val/static_loss``.
 
     At the end of fit, with any logger, a PNG of every task's loss and weight over the logged
     steps (``loss_trajectories.png`` in the logger's run folder; needs matplotlib, the ``plot``
@@ -106,8 +110,8 @@ class LossLogger(L.Callback):
     logger, as Lightning's LearningRateMonitor does, not through ``LightningModule.log``, whose
     per-key bookkeeping would cost more than the step); ``train/loss`` also goes to the progress
     bar and ``trainer.callback_metrics``. Epoch figures go through ``LightningModule.log``, so
-    ``ModelCheckpoint`` and ``EarlyStopping`` can monitor them (``val/loss`` for example). The
-    values for the end of fit reach the host once per epoch.
+    ``ModelCheckpoint`` and ``EarlyStopping`` can monitor them (``val/static_loss`` for
+    example). The values for the end of fit reach the host once per epoch.
 
     Args:
         prog_bar: show ``train/loss`` and ``val/loss`` on the progress bar (Lightning then reads
@@ -234,9 +238,14 @@ class LossLogger(L.Callback):
         means = accumulator.means() if accumulator is not None else None
         if means is None:
             return
-        losses, weighted, weights = means
+        losses, weighted, weights, steps = means
         names = pl_module.task_names  # type: ignore[attr-defined]
         objective = sum(weighted)
+        # The objective at Task.weight alone: comparable across epochs whatever the method's
+        # weights (the figure for checkpoints and early stopping to monitor).
+        static = [task.weight for task in pl_module.tasks.values()]  # type: ignore[attr-defined]
+        present = zip(static, losses, steps, strict=True)
+        static_objective = sum(weight * loss for weight, loss, n in present if n > 0)
         metrics = {}
         for name, loss, weight, part in zip(names, losses, weights, weighted, strict=True):
             metrics[f"{prefix}/loss/{name}"] = loss
@@ -249,6 +258,7 @@ class LossLogger(L.Callback):
         pl_module.log_dict(on_host, batch_size=1)
         prog_bar = self.prog_bar and stage == "val"
         pl_module.log(f"{prefix}/loss", torch.tensor(objective), prog_bar=prog_bar, batch_size=1)
+        pl_module.log(f"{prefix}/static_loss", torch.tensor(static_objective), batch_size=1)
 
     # --------------------------------------------------------------------- end of fit
     @override

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from lightning_lossagg import WeightingCallback
-from lightning_lossagg.callbacks import LossBalanceMonitor, LossLogger
+from lightning_lossagg.callbacks import RLW, LossBalanceMonitor, LossLogger
 from lightning_lossagg.demos import PenguinsDataModule, PenguinsNet
 from tests.models import ThreeTaskNet, make_batch, one_batch_loader
 from tests.process_group import CollectiveCounter
@@ -107,6 +107,28 @@ def test_a_nan_loss_of_valid_samples_makes_the_epoch_figures_nan():
     nan = torch.isnan(torch.tensor([metrics[f"val/loss/{t}"] for t in ("price", "kind", "sold")]))
     assert nan.tolist() == [True, False, True]
     assert torch.isnan(torch.tensor(metrics["val/loss"]))
+
+
+def test_the_static_loss_weighs_the_epoch_losses_with_task_weights_alone():
+    # RLW's weights are a fresh draw every step: val/loss moves with them, val/static_loss not.
+    train = [make_batch(6, seed=seed, dtype=torch.float32) for seed in range(3)]
+    val = [make_batch(6, seed=10 + seed, dtype=torch.float32) for seed in range(2)]
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        callbacks=[RLW(seed=0), LossLogger(plot=False)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    loaders = (torch.utils.data.DataLoader(b, batch_size=None) for b in (train, val))
+    trainer.fit(ThreeTaskNet(), *loaders)
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    by_hand = 2 * metrics["val/loss/price"] + metrics["val/loss/kind"] + metrics["val/loss/sold"]
+    assert metrics["val/static_loss"] == pytest.approx(by_hand)
+    assert metrics["val/loss"] != pytest.approx(by_hand)
+    assert "train_epoch/static_loss" in metrics
 
 
 def test_loss_logger_refuses_a_model_without_the_mixin():
