@@ -189,14 +189,19 @@ class DBMTL(GradientWeighting):
             offset += size
         return surrogate
 
-    @override
-    def pairwise_state_to_log(self) -> dict[str, Tensor]:
+    def _take_logged_gramian(self) -> None:
+        """The step's Gramian, made only when its figures are logged."""
         if self._logged_jacobian is not None:
             self._gramian, self._logged_jacobian = _gramian(self._logged_jacobian), None
+
+    @override
+    def pairwise_state_to_log(self) -> dict[str, Tensor]:
+        self._take_logged_gramian()
         return super().pairwise_state_to_log()
 
     @override
     def state_to_log(self) -> dict[str, Tensor]:
+        self._take_logged_gramian()  # grad_norm too (read before grad_cos)
         state = super().state_to_log()
         if self._balance is not None:
             state["buffer_weight"] = self._balance

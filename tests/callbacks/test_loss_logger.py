@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from lightning_lossagg import WeightingCallback
+from lightning_lossagg import WeightingCallback, callbacks
 from lightning_lossagg.callbacks import RLW, LossBalanceMonitor, LossLogger
 from lightning_lossagg.demos import PenguinsDataModule, PenguinsNet
 from tests.models import ThreeTaskNet, make_batch, one_batch_loader
@@ -181,6 +181,30 @@ def test_method_state_is_logged_per_task_and_gradients_only_for_gradient_methods
         for index, task in enumerate(("price", "kind", "sold")):
             assert float(row[f"train/log_var/{task}"]) == pytest.approx(0.1 * index)
     assert not [column for column in rows[0] if "grad_" in column]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "GradNorm",
+        "MGDA",
+        "PCGrad",
+        "CAGrad",
+        "IMTLG",
+        "NashMTL",
+        "AlignedMTL",
+        "UPGrad",
+        "GradVac",
+        "DBMTL",
+    ],
+)
+def test_every_gradient_method_logs_each_tasks_gradient_norm_and_cosines(tmp_path, name):
+    trainer = _fit_three_tasks(tmp_path, [LossLogger(), getattr(callbacks, name)()])
+    rows = _read_csv(trainer.logger.log_dir + "/metrics.csv")
+    step_rows = [row for row in rows if row["train/loss/price"]]
+    for task in ("price", "kind", "sold"):
+        assert all(row[f"train/grad_norm/{task}"] for row in step_rows), task
+    assert all(row["train/grad_cos/price~kind"] for row in step_rows)
 
 
 def test_no_logger_no_trajectory(tmp_path):
