@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -130,6 +131,8 @@ class DBMTL(GradientWeighting):
         self._shared_parameters = pl_module.shared_parameters()  # type: ignore[operator]
         jacobian = task_jacobian(step, self._shared_parameters)
         jacobian = _scaled_sum_over_ranks(jacobian, 1 / distributed.world_size())
+        if self._buffer is not None and self._buffer.shape[1] != jacobian.shape[1]:
+            self._restart_buffer(jacobian.shape[1])
         # The Gramian (K²·P operations) only for the steps whose grad_cos is logged.
         self._gramian, self._gramian_valid = None, step.valid
         self._logged_jacobian = jacobian
@@ -216,6 +219,17 @@ class DBMTL(GradientWeighting):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_buffer(state_dict["buffer"])
         self._buffer, self._step = state_dict["buffer"], int(state_dict["step"])
+
+    def _restart_buffer(self, size: int) -> None:
+        """The trainable shared parameters changed (a backbone unfrozen, say): the buffer of the
+        old ones' gradients no longer applies; it starts afresh, as at the first step."""
+        assert self._buffer is not None
+        rank_zero_warn(
+            f"DBMTL: the shared parameters that train changed from {self._buffer.shape[1]} to "
+            f"{size} values; their gradient buffer starts afresh."
+        )
+        self._buffer, self._step = None, 0
+        self._buffer_shape = (len(self._task_names), size)
 
     def _check_buffer(self, buffer: Tensor | None) -> None:
         expected = self._buffer_shape

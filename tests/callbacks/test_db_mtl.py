@@ -2,8 +2,10 @@
 update written out with plain torch (log-loss gradients by autograd), a real 2-process run,
 exact resume, the YAML config, argument errors."""
 
+import lightning as L
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_lossagg.callbacks import DBMTL
@@ -25,7 +27,7 @@ from tests.callbacks._stateful_gradient import (
     initial_model,
     sgd_step,
 )
-from tests.models import make_batch
+from tests.models import ThreeTaskNet, make_batch, quiet_trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -152,3 +154,29 @@ def test_a_negative_loss_is_refused_before_the_optimizer_step_and_loses_nothing(
     expected = first_step_only.state_dict()
     assert method.state_dict()["step"] == expected["step"] == 1
     torch.testing.assert_close(method.state_dict()["buffer"], expected["buffer"], rtol=0, atol=0)
+
+
+class TwoLayerTrunkNet(ThreeTaskNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 8), nn.Tanh())
+
+
+class UnfreezeTrunkStart(L.Callback):
+    """The trunk's first layer is frozen for step 0 and trains from step 1 on."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        pl_module.trunk[0].requires_grad_(False)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 1:
+            pl_module.trunk[0].requires_grad_(True)
+
+
+def test_the_buffer_starts_afresh_when_the_trainable_shared_parameters_change():
+    batches = [make_batch(7, seed=seed) for seed in range(3)]
+    callback = DBMTL()
+    trainer = quiet_trainer(1, steps=3, callbacks=[callback, UnfreezeTrunkStart()])
+    with pytest.warns(UserWarning, match="from 56 to 92 values; their gradient buffer starts"):
+        trainer.fit(TwoLayerTrunkNet().double(), DataLoader(batches, batch_size=None))
+    assert callback.state_dict()["buffer"].shape == (3, 92)
