@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from typing_extensions import override
 
@@ -21,6 +23,13 @@ from lightning_lossagg.weighting import LossRecord
 PLOT_FILE = "loss_trajectories.png"
 
 STAGES = ("train", "val", "test")
+
+# Lightning advises sync_dist=True for every epoch-level figure logged under DDP; this logger's
+# are global already (the mixin's all-reduce made them so): the advice is silenced for them alone.
+_SYNC_DIST_ADVICE = (
+    r"It is recommended to use `self\.log\('(train_epoch|val|test)/"
+    r"(loss|static_loss|(loss|weight|weighted|share)/[^']*)', \.\.\., sync_dist=True\)`"
+)
 
 
 class _EpochAccumulator:
@@ -134,6 +143,7 @@ class LossLogger(L.Callback):
                 f"LossLogger needs a MultiTaskMixin model; {type(pl_module).__name__} is not one. "
                 "Add MultiTaskMixin to the model's bases."
             )
+        warnings.filterwarnings("ignore", _SYNC_DIST_ADVICE, PossibleUserWarning)
         self._wandb = _wandb_extras.find_wandb_logger(trainer) if trainer.is_global_zero else None
         if self._wandb is not None and self._wandb.experiment.id not in self._described_runs:
             names = pl_module.task_names  # type: ignore[attr-defined]

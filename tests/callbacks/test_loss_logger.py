@@ -2,6 +2,7 @@
 tests/test_cli.py; under 2-rank DDP with a spy W&B run."""
 
 import csv
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -341,3 +342,18 @@ def test_under_ddp_only_rank_zero_writes_and_logging_adds_no_collective(tmp_path
     assert "config.update lossagg" in calls
     assert any("lossagg/weights" in call and "lossagg/task_summary" in call for call in calls)
     assert [p.name for p in tmp_path.rglob("*.png")] == ["loss_trajectories.png"]
+
+
+def test_lightnings_sync_dist_advice_is_silenced_for_the_global_epoch_figures_alone():
+    # Under DDP Lightning advises sync_dist=True for every epoch-level figure; LossLogger's are
+    # global already (advice that a newcomer running examples/ddp.py would follow for nothing).
+    from lightning.pytorch.utilities import rank_zero_warn
+    from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+    trainer = L.Trainer(logger=False, enable_progress_bar=False)
+    LossLogger().setup(trainer, ThreeTaskNet(), "fit")
+    advice = "It is recommended to use `self.log({!r}, ..., sync_dist=True)` when logging on epoch"
+    with warnings.catch_warnings(record=True) as caught:
+        for key in ("val/loss/price", "train_epoch/weight/kind", "val/static_loss", "val/acc"):
+            rank_zero_warn(advice.format(key), category=PossibleUserWarning)
+    assert [str(w.message) for w in caught] == [advice.format("val/acc")]
