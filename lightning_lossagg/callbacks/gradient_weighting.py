@@ -95,7 +95,8 @@ class GradientWeighting(WeightingCallback):
     """Base class of gradient-based methods; subclasses implement :meth:`weights_from_gramian`.
 
     A model with ``forward_shared``/``forward_heads`` trains with its heads on a detached copy of
-    the representation (see the module's docstring). A subclass that overrides
+    the representation (see the module's docstring). With gradient accumulation the weights and
+    ``d`` come from each micro-batch's gradients; the update is the mean of their directions. A subclass that overrides
     :meth:`backward_objective` must set ``may_weigh_in_backward = False`` (the weights computed
     in backward bypass it) and send the trunk its gradient (:meth:`weighted_sum_objective`
     does), or set ``parameter_gradients_through_representation = False`` to keep the forward
