@@ -89,3 +89,12 @@ class LossesReadLater:
             if bad:
                 return ", ".join(bad)
         return None
+
+
+def offending_losses(method_takes: str, tasks: str, bound: str, global_step: int, fix: str) -> str:
+    """The error for losses a method cannot take: ``"<method_takes>, but the global loss of
+    task(s) <tasks> was <bound> at global step <n>. <fix>, or use another weighting method."``"""
+    return (
+        f"{method_takes}, but the global loss of task(s) {tasks} was {bound} at global step "
+        f"{global_step}. {fix}, or use another weighting method."
+    )

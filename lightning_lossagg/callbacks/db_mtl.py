@@ -13,7 +13,12 @@ from typing_extensions import override
 
 from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses
-from lightning_lossagg.callbacks._checks import LossesReadLater, require_multitask, usable_tasks
+from lightning_lossagg.callbacks._checks import (
+    LossesReadLater,
+    offending_losses,
+    require_multitask,
+    usable_tasks,
+)
 from lightning_lossagg.callbacks.gradient_weighting import (
     GradientWeighting,
     Sync,
@@ -160,12 +165,15 @@ class DBMTL(GradientWeighting):
     ) -> None:
         tasks = self._unchecked.first_offending(self._task_names, lambda loss: loss < 0)
         if tasks is not None:
-            global_step = trainer.global_step  # the step whose batches were read
             self._buffer, self._step = self._state_before_check
             raise ValueError(
-                f"DBMTL trains on the logarithm of every task loss, but the global loss of task(s) "
-                f"{tasks} was < 0 at global step {global_step}. Shift that task's loss to be >= 0, "
-                "or use another weighting method."
+                offending_losses(
+                    "DBMTL trains on the logarithm of every task loss",
+                    tasks,
+                    "< 0",
+                    trainer.global_step,  # the step whose batches were read
+                    "Shift that task's loss to be >= 0",
+                )
             )
 
     @override

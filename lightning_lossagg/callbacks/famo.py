@@ -14,6 +14,7 @@ from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks._checks import (
     LossesReadLater,
     check_positive,
+    offending_losses,
     require_multitask,
     usable_tasks,
 )
@@ -118,10 +119,13 @@ class FAMO(WeightingCallback):
         tasks = self._unchecked.first_offending(self._task_names, lambda loss: loss + eps <= 0)
         if tasks is not None:
             raise ValueError(
-                f"FAMO takes the logarithm of every task loss plus eps={eps:g}, but the global "
-                f"loss of task(s) {tasks} was <= -eps at global step {trainer.global_step}. Shift "
-                "that task's loss to be >= 0 (and > 0 with eps=0), or use another weighting "
-                "method."
+                offending_losses(
+                    f"FAMO takes the logarithm of every task loss plus eps={eps:g}",
+                    tasks,
+                    "<= -eps",
+                    trainer.global_step,
+                    "Shift that task's loss to be >= 0 (and > 0 with eps=0)",
+                )
             )
         # A skipped optimizer step (nonfinite="skip") decreases no loss: nothing to learn from.
         self._stepped = not pl_module.skipping_optimizer_step  # type: ignore[attr-defined]

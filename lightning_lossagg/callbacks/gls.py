@@ -8,7 +8,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_lossagg.aggregation import GlobalTaskLosses
-from lightning_lossagg.callbacks._checks import LossesReadLater, require_multitask
+from lightning_lossagg.callbacks._checks import LossesReadLater, offending_losses, require_multitask
 from lightning_lossagg.functional.gls import gls_weights
 from lightning_lossagg.weighting import WeightingCallback
 
@@ -64,9 +64,12 @@ class GLS(WeightingCallback):
     ) -> None:
         tasks = self._unchecked.first_offending(self._task_names, lambda loss: loss <= 0)
         if tasks is not None:
-            global_step = trainer.global_step  # the step whose batches were read
             raise NonPositiveLossError(
-                f"GLS takes the logarithm of every task loss, but the global loss of task(s) "
-                f"{tasks} was <= 0 at global step {global_step}. Add a small positive offset to "
-                "that task's loss, or use another weighting method."
+                offending_losses(
+                    "GLS takes the logarithm of every task loss",
+                    tasks,
+                    "<= 0",
+                    trainer.global_step,  # the step whose batches were read
+                    "Add a small positive offset to that task's loss",
+                )
             )

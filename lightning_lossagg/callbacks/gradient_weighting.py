@@ -96,11 +96,12 @@ class GradientWeighting(WeightingCallback):
 
     A model with ``forward_shared``/``forward_heads`` trains with its heads on a detached copy of
     the representation (see the module's docstring). With gradient accumulation the weights and
-    ``d`` come from each micro-batch's gradients; the update is the mean of their directions. A subclass that overrides
-    :meth:`backward_objective` must set ``may_weigh_in_backward = False`` (the weights computed
-    in backward bypass it) and send the trunk its gradient (:meth:`weighted_sum_objective`
-    does), or set ``parameter_gradients_through_representation = False`` to keep the forward
-    whole with parameter gradients.
+    ``d`` come from each micro-batch's gradients; the update is the mean of their directions.
+    A subclass that overrides :meth:`backward_objective` must set
+    ``may_weigh_in_backward = False`` (the weights computed in backward bypass it) and send the
+    trunk its gradient (:meth:`weighted_sum_objective` does), or set
+    ``parameter_gradients_through_representation = False`` to keep the forward whole with
+    parameter gradients.
 
     Args:
         rep_grad: take gradients at the shared representation instead of the shared parameters.

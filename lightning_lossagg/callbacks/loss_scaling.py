@@ -14,6 +14,7 @@ from lightning_lossagg.callbacks._checks import (
     LossesReadLater,
     check_non_negative_int,
     check_positive,
+    offending_losses,
     require_multitask,
     usable_tasks,
 )
@@ -117,9 +118,13 @@ class LossScaling(WeightingCallback):
         tasks = self._unchecked.first_offending(self._task_names, lambda loss: loss < 0)
         if tasks is not None:
             raise ValueError(
-                f"LossScaling divides each task's loss by its level, but the global loss of "
-                f"task(s) {tasks} was < 0 at global step {trainer.global_step}. Shift that "
-                "task's loss to be >= 0, or use another weighting method."
+                offending_losses(
+                    "LossScaling divides each task's loss by its level",
+                    tasks,
+                    "< 0",
+                    trainer.global_step,
+                    "Shift that task's loss to be >= 0",
+                )
             )
 
     def _update_levels(self, step: GlobalTaskLosses) -> None:
