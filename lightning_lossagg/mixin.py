@@ -199,16 +199,18 @@ class MultiTaskMixin:
                 )
             self.shared_representation = None  # parameter gradients come from the whole graph
             return self.forward_heads(shared)  # type: ignore[attr-defined]
-        if not shared.requires_grad:  # a frozen trunk: no gradient to take at its output
-            self.shared_representation = SharedRepresentation(shared, (shared,))
-            return self.forward_heads(shared)  # type: ignore[attr-defined]
         detached = shared.detach().requires_grad_()
         heads = self._task_heads if self._heads_apart is not False else None
         if heads is None:
             self.shared_representation = SharedRepresentation(shared, (detached,))
             return self.forward_heads(detached)  # type: ignore[attr-defined]
         split = views = watch = None
-        if weighting.weighs_in_backward and self._static_weights_are_positive:
+        # A frozen trunk: nothing flows back from the views; the method sees it before backward.
+        if (
+            weighting.weighs_in_backward
+            and self._static_weights_are_positive
+            and shared.requires_grad
+        ):
             split = GradientsAtHeads(len(heads.modules))
             if self._linear_heads and weighting.takes_linear_factors:
                 predictions = self._predict_with_linear_heads(heads, shared, detached, split)

@@ -441,3 +441,13 @@ def test_nash_mtl_logs_no_gramian_on_a_step_that_does_not_solve():
     trainer = quiet_trainer(1, steps=2, callbacks=[callback])
     trainer.fit(ThreeTaskNet().double(), torch.utils.data.DataLoader(batches, batch_size=None))
     assert callback.state_to_log() == {}
+
+
+def test_gradnorm_still_learns_its_weights_at_the_representation_of_a_frozen_trunk():
+    # GradNorm's weights scale the task losses for the heads too: the representation's task
+    # gradients (the heads' side) still exist when the trunk is frozen.
+    batches = [make_batch(7, seed=seed) for seed in range(3)]
+    callback = callbacks.GradNorm(rep_grad=True, lr=0.1)
+    trainer = quiet_trainer(1, steps=3, callbacks=[callback, FreezeTrunk()])
+    trainer.fit(ThreeTaskNet().double(), torch.utils.data.DataLoader(batches, batch_size=None))
+    assert not torch.equal(callback.state_to_log()["learned_weight"], torch.ones(3))
