@@ -20,6 +20,7 @@ from lightning_lossagg.callbacks.gradient_weighting import (
     _scaled,
     _scaled_on_device,
 )
+from tests.callbacks import _recording_nets
 from tests.callbacks._recording_nets import (
     STATIC,
     NormalisedGradients,
@@ -104,6 +105,52 @@ def test_two_rank_weights_and_update_equal_one_process_on_the_concatenated_batch
     rank1[1]["kind"][:] = -100
     model = net(str(tmp_path), [rank0, rank1])
     reference = reference_update(model, concat_batches(rank0, rank1), rep_grad)
+    fit_model(model, 2, NormalisedGradients(rep_grad=rep_grad, sync="gradients"))
+    for rank in (0, 1):
+        assert_matches(torch.load(tmp_path / f"rank{rank}.pt"), reference)
+
+
+def _uniform_task_losses(rows: int):
+    """reference_task_losses for rank_weighting="uniform": each task's loss is the mean of the
+    ranks' own means (over the ranks with a valid sample), the first ``rows`` rows rank 0's."""
+
+    def losses(model, batch):
+        inputs, targets = batch
+        predictions = model(inputs)
+        per_rank = []
+        for part in (slice(0, rows), slice(rows, None)):
+            sliced = {task: prediction[part] for task, prediction in predictions.items()}
+            batch_part = (inputs[part], {task: target[part] for task, target in targets.items()})
+            per_rank.append(reference_task_losses(_Fixed(sliced), batch_part))
+        return {
+            task: torch.stack([r[task] for r in per_rank if not r[task].isnan()]).mean()
+            for task in per_rank[0]
+        }
+
+    return losses
+
+
+class _Fixed:
+    """A stand-in model whose call returns fixed predictions."""
+
+    def __init__(self, predictions) -> None:
+        self.predictions = predictions
+
+    def __call__(self, inputs):
+        return self.predictions
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("rep_grad", [False, True], ids=["parameters", "representation"])
+def test_two_ranks_with_uniform_rank_weighting_equal_the_mean_of_the_ranks_means(
+    tmp_path, monkeypatch, rep_grad
+):
+    rank0, rank1 = make_batch(5, seed=1), make_batch(8, seed=2)
+    rank1[1]["kind"][:] = -100  # kind: rank 0's mean alone
+    model = RecordingNet(str(tmp_path), [rank0, rank1], rank_weighting="uniform")
+    monkeypatch.setattr(_recording_nets, "reference_task_losses", _uniform_task_losses(5))
+    reference = reference_update(model, concat_batches(rank0, rank1), rep_grad)
+    monkeypatch.undo()
     fit_model(model, 2, NormalisedGradients(rep_grad=rep_grad, sync="gradients"))
     for rank in (0, 1):
         assert_matches(torch.load(tmp_path / f"rank{rank}.pt"), reference)
