@@ -658,46 +658,46 @@ def _check_names_of_batch(
     predictions: Mapping[str, Any], targets: Mapping[str, Any], task_names: tuple[str, ...]
 ) -> None:
     _check_names("targets", targets, task_names)
-    _check_prediction_names(predictions, task_names)
+    _check_names("predictions", predictions, task_names)
 
 
-def _check_prediction_names(predictions: Mapping[str, Any], task_names: tuple[str, ...]) -> None:
-    if not isinstance(predictions, Mapping):
-        raise TypeError(
-            f"forward must return {{task: prediction}}, got {type(predictions).__name__}."
-        )
-    unknown = sorted(set(predictions) - set(task_names))
-    missing = [name for name in task_names if name not in predictions]
-    if unknown:
-        raise KeyError(
-            f"forward returned predictions named {unknown}, which are not among the model's "
-            f"tasks {list(task_names)}. Return {{task: prediction}} with the task names, or add "
-            "the tasks to the model."
-        )
-    if missing:
-        raise KeyError(
-            f"forward returned no prediction for task(s) {missing}. forward must return a "
-            f"prediction for every task of the model: {list(task_names)}."
-        )
+# Per mapping of task names: the errors for not a dict, unknown names and missing tasks.
+_NAME_ERRORS = {
+    "targets": (
+        "The targets must be a dict {{task: tensor}}, got {got}.",
+        "Unknown task name(s) {unknown} in the targets; the model's tasks are {tasks}. Rename "
+        "them or add the tasks to the model.",
+        "The targets lack(s) task(s) {missing}. Give every task a value; mark missing labels "
+        "with NaN (float targets) or ignore_index (class targets).",
+    ),
+    "predictions": (
+        "forward must return {{task: prediction}}, got {got}.",
+        "forward returned predictions named {unknown}, which are not among the model's tasks "
+        "{tasks}. Return {{task: prediction}} with the task names, or add the tasks to the model.",
+        "forward returned no prediction for task(s) {missing}. forward must return a prediction "
+        "for every task of the model: {tasks}.",
+    ),
+    "task_losses output": (
+        "task_losses must return a dict {{task: per-sample losses}}, got {got}.",
+        "task_losses returned losses named {unknown}, which are not among the model's tasks "
+        "{tasks}. Return {{task: losses}} with the task names, or add the tasks to the model.",
+        "task_losses returned no losses for task(s) {missing}. Return every task's per-sample "
+        "losses; a task without a label in the batch takes values with an all-False mask.",
+    ),
+}
 
 
 def _check_names(what: str, mapping: Mapping[str, Any], task_names: tuple[str, ...]) -> None:
+    """A clear error unless ``mapping`` is a dict with exactly the model's task names."""
+    not_a_dict, unknown_names, missing_tasks = _NAME_ERRORS[what]
     if not isinstance(mapping, Mapping):
-        raise TypeError(
-            f"The {what} must be a dict {{task: tensor}}, got {type(mapping).__name__}."
-        )
+        raise TypeError(not_a_dict.format(got=type(mapping).__name__))
     unknown = sorted(set(mapping) - set(task_names))
-    missing = [name for name in task_names if name not in mapping]
     if unknown:
-        raise KeyError(
-            f"Unknown task name(s) {unknown} in the {what}; the model's tasks are "
-            f"{list(task_names)}. Rename them or add the tasks to the model."
-        )
+        raise KeyError(unknown_names.format(unknown=unknown, tasks=list(task_names)))
+    missing = [name for name in task_names if name not in mapping]
     if missing:
-        raise KeyError(
-            f"The {what} lack(s) task(s) {missing}. Give every task a value; mark missing labels "
-            "with NaN (float targets) or ignore_index (class targets)."
-        )
+        raise KeyError(missing_tasks.format(missing=missing, tasks=list(task_names)))
 
 
 def _as_masked_loss(name: str, value: MaskedLoss | tuple[Tensor, Tensor] | Tensor) -> MaskedLoss:

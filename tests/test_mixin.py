@@ -193,6 +193,33 @@ def test_a_bad_task_losses_output_names_the_task_what_it_got_and_the_accepted_fo
 
 
 @pytest.mark.parametrize(
+    ("output", "error", "message"),
+    [
+        (lambda v: {"a": v}, KeyError, r"task_losses returned no losses for task\(s\) \['b'\]"),
+        (
+            lambda v: {"a": v, "b": v, "c": v},
+            KeyError,
+            r"task_losses returned losses named \['c'\], which are not among the model's tasks",
+        ),
+        (lambda v: [v, v], TypeError, r"task_losses must return a dict \{task: per-sample"),
+    ],
+)
+def test_a_task_losses_output_missing_or_naming_other_tasks_is_told_what_to_return(
+    output, error, message
+):
+    class Custom(MultiTaskMixin, L.LightningModule):
+        def __init__(self):
+            super().__init__(tasks={"a": "mse", "b": "mse"})
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def task_losses(self, batch):
+            return output(self.scale * batch)
+
+    with pytest.raises(error, match=message):
+        Custom().training_step(torch.tensor([1.0, 2.0, 3.0]), 0)
+
+
+@pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
         ({"tasks": {}}, ValueError, "at least one task"),
