@@ -176,16 +176,9 @@ def test_task_losses_can_be_overridden_with_per_sample_values_and_masks():
 def test_a_bad_task_losses_output_names_the_task_what_it_got_and_the_accepted_forms(
     output, error, message
 ):
-    class Custom(MultiTaskMixin, L.LightningModule):
-        def __init__(self):
-            super().__init__(tasks={"a": "mse", "b": "mse"})
-            self.scale = torch.nn.Parameter(torch.ones(()))
-
-        def task_losses(self, batch):
-            return {"a": output(self.scale * batch), "b": self.scale * batch}
-
+    model = _LossesOf(lambda values: {"a": output(values), "b": values})
     with pytest.raises(error, match=rf"Task 'a': .*{message}") as info:
-        Custom().training_step(torch.tensor([1.0, 2.0, 3.0]), 0)
+        model.training_step(torch.tensor([1.0, 2.0, 3.0]), 0)
     if error is TypeError:
         assert "a tensor (every sample valid), a MaskedLoss(values, mask) or a pair" in str(
             info.value
@@ -207,16 +200,20 @@ def test_a_bad_task_losses_output_names_the_task_what_it_got_and_the_accepted_fo
 def test_a_task_losses_output_missing_or_naming_other_tasks_is_told_what_to_return(
     output, error, message
 ):
-    class Custom(MultiTaskMixin, L.LightningModule):
-        def __init__(self):
-            super().__init__(tasks={"a": "mse", "b": "mse"})
-            self.scale = torch.nn.Parameter(torch.ones(()))
-
-        def task_losses(self, batch):
-            return output(self.scale * batch)
-
     with pytest.raises(error, match=message):
-        Custom().training_step(torch.tensor([1.0, 2.0, 3.0]), 0)
+        _LossesOf(output).training_step(torch.tensor([1.0, 2.0, 3.0]), 0)
+
+
+class _LossesOf(MultiTaskMixin, L.LightningModule):
+    """Tasks "a" and "b"; task_losses returns ``output(scale * batch)``."""
+
+    def __init__(self, output) -> None:
+        super().__init__(tasks={"a": "mse", "b": "mse"})
+        self.output = output
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def task_losses(self, batch):
+        return self.output(self.scale * batch)
 
 
 @pytest.mark.parametrize(
