@@ -277,11 +277,7 @@ class StackingNet(MultiTaskMixin, L.LightningModule):
 
 
 def test_tasks_stacked_by_loss_and_shape_give_each_task_its_own_masked_loss_and_gradient():
-    generator = torch.Generator().manual_seed(0)
-    inputs = torch.randn(7, 4, generator=generator)
-    targets = {name: torch.randn(7, generator=generator) for name in ("a", "b", "e")}
-    targets["c"] = torch.randint(0, 3, (7,), generator=generator)
-    targets["d"] = torch.randn(7, 2, generator=generator)
+    inputs, targets = _stacking_batch()
     targets["a"][[0, 3]] = torch.nan
     targets["b"][:] = torch.nan  # a stacked task with no label at all
     targets["d"][1, 0] = torch.nan
