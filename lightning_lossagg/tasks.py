@@ -153,7 +153,7 @@ class Task:
         """:meth:`per_sample_loss` of tensors that passed :meth:`check_target` (the mixin checks
         a layout of the batch once, not at every step)."""
         if self.takes_float_targets:
-            if target.shape != prediction.shape:  # a trailing dimension of size 1 added or dropped
+            if target.shape != prediction.shape:  # dimensions of size 1 added or dropped
                 target = target.reshape(prediction.shape)
             if target.dtype != prediction.dtype:
                 target = target.to(prediction.dtype)
@@ -180,7 +180,7 @@ class Task:
     def stacking_key(self, prediction: Tensor, target: Tensor) -> tuple | None:
         """Tasks with equal keys can compute their per-sample losses in one stacked call (an
         element-wise registry loss on predictions and targets of one shape); ``None``: alone
-        (a target with a trailing dimension of size 1 more or less than its prediction, too)."""
+        (a target whose dimensions of size 1 differ from its prediction's, too)."""
         if not self.takes_float_targets:
             return None
         if target.shape != prediction.shape:
@@ -207,16 +207,16 @@ class Task:
                 raise ValueError(
                     f"Task {name!r}: target of shape {tuple(target.shape)} does not match the "
                     f"prediction of shape {tuple(prediction.shape)} for loss {self.loss!r}. Give "
-                    "a target of the prediction's shape; only a trailing dimension of size 1 may "
-                    "differ ([B] against [B, 1] or [B, 1] against [B])."
+                    "a target of the prediction's shape; only dimensions of size 1 may differ "
+                    "([B] against [B, 1], [B, H, W] against [B, 1, H, W])."
                 )
 
 
 def _shapes_pair(prediction: torch.Size, target: torch.Size) -> bool:
-    """Equal shapes, or shapes that differ only by one trailing dimension of size 1: pairing the
-    elements in order then pairs the same samples (any other reshape would scramble them)."""
-    prediction, target = tuple(prediction), tuple(target)
-    return prediction == target or prediction == (*target, 1) or target == (*prediction, 1)
+    """Shapes equal but for dimensions of size 1 ([B] and [B, 1], [B, H, W] and [B, 1, H, W]):
+    pairing the elements in order then pairs the same samples (any other reshape, a transposed
+    [T, B] for a [B, T] say, would scramble them)."""
+    return [size for size in prediction if size != 1] == [size for size in target if size != 1]
 
 
 def _mask_like(name: str, task: Task, values: Tensor, mask: Tensor) -> Tensor:

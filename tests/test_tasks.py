@@ -90,9 +90,18 @@ def test_targets_of_the_wrong_dtype_or_shape_name_the_task(
 
 
 @pytest.mark.parametrize(
-    ("prediction_shape", "target_shape"), [((4,), (4, 1)), ((4, 1), (4,)), ((4, 2), (4, 2))]
+    ("prediction_shape", "target_shape"),
+    [
+        ((4,), (4, 1)),
+        ((4, 1), (4,)),
+        ((4, 2), (4, 2)),
+        ((2, 1, 3, 3), (2, 3, 3)),  # a dense regression's channel of 1
+        ((2, 3, 3), (2, 1, 3, 3)),
+        ((4,), (1, 4)),
+        ((4,), (4, 1, 1)),
+    ],
 )
-def test_a_float_target_may_differ_from_its_prediction_by_a_trailing_dimension_of_one(
+def test_a_float_target_may_differ_from_its_prediction_by_dimensions_of_one(
     prediction_shape, target_shape
 ):
     prediction, target = torch.randn(prediction_shape), torch.randn(target_shape)
@@ -105,14 +114,16 @@ def test_a_float_target_may_differ_from_its_prediction_by_a_trailing_dimension_o
 
 @pytest.mark.parametrize(
     ("prediction_shape", "target_shape"),
-    [((6,), (3, 2)), ((3, 2), (2, 3)), ((4,), (1, 4)), ((4, 1), (1, 4)), ((4,), (4, 1, 1))],
+    [((6,), (3, 2)), ((3, 2), (2, 3)), ((2, 3), (3, 2, 1)), ((2, 1, 3), (3, 2))],
 )
 def test_a_float_target_of_the_right_size_but_another_shape_is_refused(
     prediction_shape, target_shape
 ):
     # Reshaping it would pair predictions with other samples' targets (a transposed [T, B]).
     task = Task("mse")
-    with pytest.raises(ValueError, match=r"Task 'price'.*does not match.*trailing dimension"):
+    with pytest.raises(
+        ValueError, match=r"Task 'price'.*does not match.*only dimensions of size 1"
+    ):
         task.per_sample_loss("price", torch.randn(prediction_shape), torch.randn(target_shape))
 
 
