@@ -7,6 +7,7 @@ class maps), so that missing labels can be masked and ranks can be aggregated ex
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property, partial
@@ -116,11 +117,15 @@ class Task:
             raise ValueError(f"Task.weight must be >= 0, got {self.weight}.")
         if self.reduction not in ("mean", "sum"):
             raise ValueError(f"Task.reduction must be 'mean' or 'sum', got {self.reduction!r}.")
-        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+        try:  # an int, or any integer (a NumPy or 0-d torch integer from a config or dataset)
+            if isinstance(self.ignore_index, bool):
+                raise TypeError
+            object.__setattr__(self, "ignore_index", operator.index(self.ignore_index))
+        except TypeError:
             raise TypeError(
                 "Task.ignore_index must be an int, the class target that marks a missing label "
                 f"(default -100), got {self.ignore_index!r}."
-            )
+            ) from None
 
     @cached_property
     def loss_fn(self) -> PerSampleLossFn:

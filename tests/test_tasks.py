@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,3 +143,13 @@ def test_a_float_target_of_the_right_size_but_another_shape_is_refused(
 def test_bad_task_arguments_fail_at_construction(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
         Task(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "index", [-1, np.int64(-1), torch.tensor(-1)], ids=["int", "numpy", "torch"]
+)
+def test_an_integer_ignore_index_of_any_kind_is_kept_as_an_int(index):
+    task = Task("cross_entropy", ignore_index=index)
+    assert task.ignore_index == -1 and type(task.ignore_index) is int
+    _, mask = task.per_sample_loss("kind", torch.zeros(2, 3), torch.tensor([0, -1]))
+    assert mask.tolist() == [True, False]
