@@ -58,6 +58,7 @@ from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks._checks import require_multitask
 from lightning_lossagg.functional._tensors import detached
+from lightning_lossagg.mixin import MultiTaskMixin
 from lightning_lossagg.representation import GradientsAtHeads, Receiver, SharedRepresentation
 from lightning_lossagg.weighting import WeightingCallback
 
@@ -179,7 +180,10 @@ class GradientWeighting(WeightingCallback):
                 f"{' and '.join(missing)} (forward_shared(inputs) -> representation, "
                 "forward_heads(representation) -> {task: prediction}), or use rep_grad=False."
             )
-        if not self.rep_grad and not pl_module.shared_parameters():
+        frozen = any(not parameter.requires_grad for parameter in pl_module.parameters())
+        if not self.rep_grad and not pl_module.shared_parameters() and not frozen:
+            # (A frozen trunk, by BackboneFinetuning's setup say, has nothing to weigh until it
+            # trains: see task_weights.)
             raise ValueError(
                 f"{name} found no shared parameters: every trainable parameter is in a head. "
                 "Gradient-based weighting needs a shared part; check shared_parameters()."
@@ -772,6 +776,8 @@ def _shared_are_the_trunk(pl_module: L.LightningModule) -> bool:
     heads = getattr(pl_module, "heads", None)
     if not isinstance(heads, torch.nn.Module):
         return False
+    if type(pl_module).shared_parameters is MultiTaskMixin.shared_parameters:
+        return True  # by definition, at every step (a trunk frozen now may train later)
     in_heads = {id(parameter) for parameter in heads.parameters()}
     outside = {id(p) for p in pl_module.parameters() if p.requires_grad and id(p) not in in_heads}
     return outside == {id(parameter) for parameter in pl_module.shared_parameters()}  # type: ignore[operator]

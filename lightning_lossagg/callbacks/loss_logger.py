@@ -255,7 +255,7 @@ class LossLogger(L.Callback):
         # weights (the figure for checkpoints and early stopping to monitor).
         static = [task.weight for task in pl_module.tasks.values()]  # type: ignore[attr-defined]
         present = zip(static, losses, steps, strict=True)
-        static_objective = sum(weight * loss for weight, loss, n in present if n > 0)
+        static_objective = sum((weight * loss for weight, loss, n in present if n > 0), 0.0)
         metrics = {}
         for name, loss, weight, part in zip(names, losses, weights, weighted, strict=True):
             metrics[f"{prefix}/loss/{name}"] = loss

@@ -447,9 +447,9 @@ def test_a_representation_of_several_tensors_takes_parameter_gradients_from_the_
 
 
 class FreezeTrunk(L.Callback):
-    """Freezes the trunk once the fit has started (as BackboneFinetuning does), after setup."""
+    """Freezes the trunk at setup, before the method's (as BackboneFinetuning does)."""
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def setup(self, trainer, pl_module, stage) -> None:
         pl_module.trunk.requires_grad_(False)
 
 
@@ -469,7 +469,7 @@ def test_a_frozen_trunk_leaves_nothing_to_weigh_and_the_heads_train_with_task_we
     trunk_before = copy.deepcopy(model.trunk.state_dict())
     heads_before = copy.deepcopy(model.heads.state_dict())
     callback = method()
-    trainer = quiet_trainer(1, steps=2, callbacks=[callback, FreezeTrunk()])
+    trainer = quiet_trainer(1, steps=2, callbacks=[FreezeTrunk(), callback])
     trainer.fit(model, torch.utils.data.DataLoader(batches, batch_size=None))
     assert model.loss_record.weights.tolist() == [2.0, 1.0, 1.0]  # Task.weight alone
     assert callback.state_to_log() == {}  # no Gramian to log
@@ -495,6 +495,6 @@ def test_gradnorm_still_learns_its_weights_at_the_representation_of_a_frozen_tru
     # gradients (the heads' side) still exist when the trunk is frozen.
     batches = [make_batch(7, seed=seed) for seed in range(3)]
     callback = callbacks.GradNorm(rep_grad=True, lr=0.1)
-    trainer = quiet_trainer(1, steps=3, callbacks=[callback, FreezeTrunk()])
+    trainer = quiet_trainer(1, steps=3, callbacks=[FreezeTrunk(), callback])
     trainer.fit(ThreeTaskNet().double(), torch.utils.data.DataLoader(batches, batch_size=None))
     assert not torch.equal(callback.state_to_log()["learned_weight"], torch.ones(3))
