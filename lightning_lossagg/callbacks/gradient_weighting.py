@@ -200,7 +200,9 @@ class GradientWeighting(WeightingCallback):
     # ------------------------------------------------------------------------ the step
     @override
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
-        if _nothing_shared(pl_module, self.rep_grad):
+        if not self.rep_grad:
+            self._shared_parameters = pl_module.shared_parameters()  # type: ignore[operator]
+        if _nothing_shared(pl_module, self.rep_grad, self._shared_parameters):
             # A frozen trunk (BackboneFinetuning, say): no shared gradient to weigh. The heads
             # follow their tasks' gradients times Task.weight (backward_objective sees no Jacobian).
             self._jacobian = self._gramian = pl_module.shared_representation = None
@@ -339,7 +341,7 @@ class GradientWeighting(WeightingCallback):
     def _parameter_gramian(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
         """The Jacobian at the shared parameters (global with ``sync="gradients"``), and its
         global Gramian."""
-        shared = self._shared_parameters = pl_module.shared_parameters()  # type: ignore[operator]
+        shared = self._shared_parameters  # this step's, taken by task_weights
         representation = pl_module.shared_representation  # type: ignore[attr-defined]
         if representation is not None and representation.per_task is not None:
             rows = self._gradients_in_one_pass(pl_module, step, representation.per_task)
@@ -760,13 +762,15 @@ def _summed(grads: tuple[Tensor | None, ...] | list[Tensor | None]) -> Tensor | 
     return functools.reduce(torch.add, present)
 
 
-def _nothing_shared(pl_module: L.LightningModule, rep_grad: bool) -> bool:
+def _nothing_shared(
+    pl_module: L.LightningModule, rep_grad: bool, shared: list[torch.nn.Parameter]
+) -> bool:
     """Whether no shared gradient exists this step: the representation takes no gradient
     (``rep_grad``), or no shared parameter is trainable (a frozen trunk)."""
     if rep_grad:
         representation = pl_module.shared_representation  # type: ignore[attr-defined]
         return representation is not None and not representation.output.requires_grad
-    return not pl_module.shared_parameters()  # type: ignore[operator]
+    return not shared
 
 
 def _shared_are_the_trunk(pl_module: L.LightningModule) -> bool:
