@@ -322,9 +322,9 @@ class CollectivesPerStep(L.Callback):
         self.counts.append(self._counter.calls.count("all_reduce"))
 
 
-def ddp_rank(rank: int, names: list[str]) -> dict[str, dict[str, Any]]:
+def ddp_rank(rank: int, names: list[str], accumulate: int = 1) -> dict[str, dict[str, Any]]:
     """One rank of a 2-process run (:func:`tests.process_group.run_on_lightning_ranks`): each
-    method fits with Lightning's DDP strategy in turn."""
+    method fits with Lightning's DDP strategy in turn (``accumulate`` micro-batches a step)."""
     results = {}
     for name in names:
         callback, recorder = METHODS[name](), Recorder(evaluate_after=name == "famo")
@@ -336,6 +336,7 @@ def ddp_rank(rank: int, names: list[str]) -> dict[str, dict[str, Any]]:
             strategy="ddp",
             devices=2,
             use_distributed_sampler=False,
+            accumulate_grad_batches=accumulate,
         )
         run.fit(model, loader(ddp_batches()[rank]))
         results[name] = {

@@ -100,6 +100,24 @@ def test_two_processes_equal_one_process_on_the_concatenated_batches():
         _assert_nested_close(on_rank1["state"], callback.state_dict(), name)
 
 
+@pytest.mark.ddp
+def test_two_processes_accumulating_two_micro_batches_equal_one_process():
+    # The learned methods step once per optimizer step from the micro-batches' global losses
+    # (FAMO re-evaluates the last one): the same on 2 ranks as on the concatenated batches.
+    names = ["uncertainty_weighting", "imtl_l", "famo"]
+    ranks = run_on_lightning_ranks(ddp_rank, names, 2)
+    for name in names:
+        callback, recorder, model = fit_method(
+            name, concatenated_ddp_batches(), DDP_EPOCHS, accumulate_grad_batches=2
+        )
+        single = torch.stack([step["weights"] for step in recorder.steps])
+        assert torch.equal(ranks[0][name]["weights"], ranks[1][name]["weights"]), name
+        torch.testing.assert_close(ranks[0][name]["weights"], single, rtol=0, atol=1e-12)
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(ranks[0][name]["parameters"][key], value, rtol=0, atol=1e-12)
+        _assert_nested_close(ranks[1][name]["state"], callback.state_dict(), name)
+
+
 def _assert_nested_close(actual, expected, path: str) -> None:
     if isinstance(expected, dict):
         for key in expected:
