@@ -59,11 +59,27 @@ def usable_tasks(step: GlobalTaskLosses) -> Tensor:
 
 class LossesReadLater:
     """Each step's global task losses, copied to the host without stalling the device and read
-    at the optimizer step: a check of their values raises before a bad step updates the model,
-    and costs no wait for the device in the hot path. The steps read at an optimizer step are
-    that global step's batches (several under gradient accumulation)."""
+    at the optimizer step: :meth:`check` raises before a bad step updates the model, and costs no
+    wait for the device in the hot path. The steps read at an optimizer step are that global
+    step's batches (several under gradient accumulation).
 
-    def __init__(self) -> None:
+    Args:
+        method_takes: what the method does with the losses, the start of the error message.
+        offends: whether a loss is one the method cannot take.
+        bound: the offending values, for the message (e.g. ``"<= 0"``).
+        fix: what to do, for the message.
+        error: the exception raised.
+    """
+
+    def __init__(
+        self,
+        method_takes: str,
+        offends: Callable[[float], bool],
+        bound: str,
+        fix: str,
+        error: type[Exception] = ValueError,
+    ) -> None:
+        self._rule = (method_takes, offends, bound, fix, error)
         self._unread: list[distributed.HostCopy] = []
 
     def add(self, losses: Tensor) -> None:
@@ -77,24 +93,17 @@ class LossesReadLater:
         """Whether some step's losses are still unread."""
         return bool(self._unread)
 
-    def first_offending(
-        self, task_names: tuple[str, ...], offends: Callable[[float], bool]
-    ) -> str | None:
-        """The tasks of the first unread step with a loss that ``offends``, as ``'name'
-        (value)``, comma-separated; ``None`` if there is none. Reads (and forgets) every step."""
+    def check(self, task_names: tuple[str, ...], global_step: int) -> None:
+        """Read (and forget) every unread step; raise, naming the tasks of the first with a loss
+        that offends, their values and ``global_step`` (the step whose batches were read)."""
+        method_takes, offends, bound, fix, error = self._rule
         unread, self._unread = self._unread, []
         for copy in unread:
             values = copy.get().tolist()
             bad = [f"{n!r} ({v:g})" for n, v in zip(task_names, values, strict=True) if offends(v)]
             if bad:
-                return ", ".join(bad)
-        return None
-
-
-def offending_losses(method_takes: str, tasks: str, bound: str, global_step: int, fix: str) -> str:
-    """The error for losses a method cannot take: ``"<method_takes>, but the global loss of
-    task(s) <tasks> was <bound> at global step <n>. <fix>, or use another weighting method."``"""
-    return (
-        f"{method_takes}, but the global loss of task(s) {tasks} was {bound} at global step "
-        f"{global_step}. {fix}, or use another weighting method."
-    )
+                raise error(
+                    f"{method_takes}, but the global loss of task(s) {', '.join(bad)} was "
+                    f"{bound} at global step {global_step}. {fix}, or use another weighting "
+                    "method."
+                )

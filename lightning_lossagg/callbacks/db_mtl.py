@@ -15,7 +15,6 @@ from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks._checks import (
     LossesReadLater,
-    offending_losses,
     require_multitask,
     usable_tasks,
 )
@@ -113,7 +112,12 @@ class DBMTL(GradientWeighting):
         self._present_buffer: Tensor | None = None
         self._balance: Tensor | None = None
         self._task_names: tuple[str, ...] = ()
-        self._unchecked = LossesReadLater()
+        self._unchecked = LossesReadLater(
+            "DBMTL trains on the logarithm of every task loss",
+            lambda loss: loss < 0,
+            "< 0",
+            "Shift that task's loss to be >= 0",
+        )
         self._state_before_check: tuple[Tensor | None, int] = (None, 0)
         self._logged_jacobian: Tensor | None = None  # the step's, for grad_cos when logged
 
@@ -163,18 +167,11 @@ class DBMTL(GradientWeighting):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        tasks = self._unchecked.first_offending(self._task_names, lambda loss: loss < 0)
-        if tasks is not None:
-            self._buffer, self._step = self._state_before_check
-            raise ValueError(
-                offending_losses(
-                    "DBMTL trains on the logarithm of every task loss",
-                    tasks,
-                    "< 0",
-                    trainer.global_step,  # the step whose batches were read
-                    "Shift that task's loss to be >= 0",
-                )
-            )
+        try:
+            self._unchecked.check(self._task_names, trainer.global_step)
+        except ValueError:
+            self._buffer, self._step = self._state_before_check  # nothing of the step kept
+            raise
 
     @override
     def backward_objective(

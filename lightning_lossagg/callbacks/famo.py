@@ -14,7 +14,6 @@ from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks._checks import (
     LossesReadLater,
     check_positive,
-    offending_losses,
     require_multitask,
     usable_tasks,
 )
@@ -77,7 +76,13 @@ class FAMO(WeightingCallback):
         self._stepped = False
         self._logits_used: Tensor | None = None  # behind the latest weights (Adam makes new ones)
         self._task_names: tuple[str, ...] = ()
-        self._unchecked = LossesReadLater()
+        eps = self.eps
+        self._unchecked = LossesReadLater(
+            f"FAMO takes the logarithm of every task loss plus eps={eps:g}",
+            lambda loss: loss + eps <= 0,
+            "<= -eps",
+            "Shift that task's loss to be >= 0 (and > 0 with eps=0)",
+        )
 
     @property
     @override
@@ -115,18 +120,7 @@ class FAMO(WeightingCallback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        eps = self.eps
-        tasks = self._unchecked.first_offending(self._task_names, lambda loss: loss + eps <= 0)
-        if tasks is not None:
-            raise ValueError(
-                offending_losses(
-                    f"FAMO takes the logarithm of every task loss plus eps={eps:g}",
-                    tasks,
-                    "<= -eps",
-                    trainer.global_step,
-                    "Shift that task's loss to be >= 0 (and > 0 with eps=0)",
-                )
-            )
+        self._unchecked.check(self._task_names, trainer.global_step)
         # A skipped optimizer step (nonfinite="skip") decreases no loss: nothing to learn from.
         self._stepped = not pl_module.skipping_optimizer_step  # type: ignore[attr-defined]
 

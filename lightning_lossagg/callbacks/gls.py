@@ -8,7 +8,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_lossagg.aggregation import GlobalTaskLosses
-from lightning_lossagg.callbacks._checks import LossesReadLater, offending_losses, require_multitask
+from lightning_lossagg.callbacks._checks import LossesReadLater, require_multitask
 from lightning_lossagg.functional.gls import gls_weights
 from lightning_lossagg.weighting import WeightingCallback
 
@@ -42,7 +42,13 @@ class GLS(WeightingCallback):
 
     def __init__(self) -> None:
         self._task_names: tuple[str, ...] = ()
-        self._unchecked = LossesReadLater()
+        self._unchecked = LossesReadLater(
+            "GLS takes the logarithm of every task loss",
+            lambda loss: loss <= 0,
+            "<= 0",
+            "Add a small positive offset to that task's loss",
+            NonPositiveLossError,
+        )
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -62,14 +68,4 @@ class GLS(WeightingCallback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        tasks = self._unchecked.first_offending(self._task_names, lambda loss: loss <= 0)
-        if tasks is not None:
-            raise NonPositiveLossError(
-                offending_losses(
-                    "GLS takes the logarithm of every task loss",
-                    tasks,
-                    "<= 0",
-                    trainer.global_step,  # the step whose batches were read
-                    "Add a small positive offset to that task's loss",
-                )
-            )
+        self._unchecked.check(self._task_names, trainer.global_step)

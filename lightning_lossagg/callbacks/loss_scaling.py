@@ -14,7 +14,6 @@ from lightning_lossagg.callbacks._checks import (
     LossesReadLater,
     check_non_negative_int,
     check_positive,
-    offending_losses,
     require_multitask,
     usable_tasks,
 )
@@ -83,7 +82,12 @@ class LossScaling(WeightingCallback):
         self._levels: Tensor | None = None
         self._has_level: Tensor | None = None
         self._task_names: tuple[str, ...] = ()
-        self._unchecked = LossesReadLater()
+        self._unchecked = LossesReadLater(
+            "LossScaling divides each task's loss by its level",
+            lambda loss: loss < 0,
+            "< 0",
+            "Shift that task's loss to be >= 0",
+        )
 
     @property
     @override
@@ -115,17 +119,7 @@ class LossScaling(WeightingCallback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        tasks = self._unchecked.first_offending(self._task_names, lambda loss: loss < 0)
-        if tasks is not None:
-            raise ValueError(
-                offending_losses(
-                    "LossScaling divides each task's loss by its level",
-                    tasks,
-                    "< 0",
-                    trainer.global_step,
-                    "Shift that task's loss to be >= 0",
-                )
-            )
+        self._unchecked.check(self._task_names, trainer.global_step)
 
     def _update_levels(self, step: GlobalTaskLosses) -> None:
         usable = usable_tasks(step)
