@@ -37,7 +37,8 @@ class _EpochAccumulator:
 
     A step only keeps its record's losses and weights (new tensors, computed when the record is
     read) and a copy of its counts; they are summed ``CHUNK`` steps at a time, so that most steps
-    cost no arithmetic of their own.
+    cost no arithmetic of their own. Its state (for a checkpoint taken mid-epoch) holds the same
+    figures unsummed, so that a resumed epoch sums them exactly as an uninterrupted one.
     """
 
     CHUNK = 32
@@ -46,11 +47,33 @@ class _EpochAccumulator:
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
         # Rows: loss * count, weighted loss * count, weight, count, steps with a valid sample.
         self._sums: Tensor | None = None
+        self._restored = False  # restored from a checkpoint: on the host until the next step
 
     def add(self, record: LossRecord) -> None:
+        if self._restored:
+            self._move_to(record.losses.device)
         self._pending.append((record.losses, record.weights, record.counts.clone()))
         if len(self._pending) == self.CHUNK:
             self._reduce()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sums so far and the steps not yet summed, on the host."""
+        columns = [torch.stack(column).cpu() for column in zip(*self._pending, strict=True)]
+        sums = None if self._sums is None else self._sums.cpu()
+        return {"sums": sums, "pending": columns}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> _EpochAccumulator:
+        accumulator = cls()
+        accumulator._sums = state["sums"]
+        accumulator._pending = list(zip(*(c.unbind() for c in state["pending"]), strict=True))
+        accumulator._restored = True
+        return accumulator
+
+    def _move_to(self, device: torch.device) -> None:
+        self._restored = False
+        self._pending = [tuple(t.to(device) for t in step) for step in self._pending]  # type: ignore[misc]
+        self._sums = None if self._sums is None else self._sums.to(device)
 
     def _reduce(self) -> None:
         if not self._pending:
@@ -135,6 +158,9 @@ class LossLogger(L.Callback):
         self._trajectory: Trajectory | None = None
         self._wandb: WandbLogger | None = None
         self._described_runs: set[str] = set()
+        self._train_epoch = 0
+        # A checkpoint's training epoch figures, until the fit it resumes starts: (epoch, sums).
+        self._restored_epoch: tuple[int, _EpochAccumulator] | None = None
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -215,10 +241,37 @@ class LossLogger(L.Callback):
         accumulator.add(record)
         return record
 
+    # --------------------------------------------------------------------- checkpoint
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The training epoch's figures so far: a run resumed from a checkpoint taken mid-epoch
+        (where Lightning does not start the epoch again) logs the same epoch figures as an
+        uninterrupted one. Evaluation epochs end before any checkpoint is taken."""
+        train = self._epochs.get("train")
+        if train is None:
+            return {}
+        return {"epoch": self._train_epoch, "train_epoch": train.state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "train_epoch" in state_dict:
+            accumulator = _EpochAccumulator.from_state(state_dict["train_epoch"])
+            self._restored_epoch = (state_dict["epoch"], accumulator)
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        restored, self._restored_epoch = self._restored_epoch, None
+        # Resumed at an epoch's last batch, Lightning goes on with the next epoch (without
+        # on_train_epoch_start): the restored figures are then another epoch's.
+        if restored is not None and restored[0] == trainer.current_epoch:
+            self._epochs["train"] = restored[1]
+        self._train_epoch = trainer.current_epoch
+
     # --------------------------------------------------------------------- per epoch
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epochs["train"] = _EpochAccumulator()
+        self._train_epoch = trainer.current_epoch
 
     @override
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

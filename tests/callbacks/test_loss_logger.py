@@ -9,10 +9,12 @@ import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from lightning_lossagg import WeightingCallback, callbacks
 from lightning_lossagg.callbacks import RLW, LossBalanceMonitor, LossLogger
+from lightning_lossagg.callbacks.loss_logger import _EpochAccumulator
 from lightning_lossagg.demos import PenguinsDataModule, PenguinsNet
 from tests.models import ThreeTaskNet, make_batch, one_batch_loader
 from tests.process_group import CollectiveCounter
@@ -130,6 +132,56 @@ def test_the_static_loss_weighs_the_epoch_losses_with_task_weights_alone():
     assert metrics["val/static_loss"] == pytest.approx(by_hand)
     assert metrics["val/loss"] != pytest.approx(by_hand)
     assert "train_epoch/static_loss" in metrics
+
+
+def _epoch_figures(root, ckpt_path=None, checkpoint_every=None) -> dict[tuple[str, str], float]:
+    """Each ``train_epoch/`` figure of a 2-epoch fit on one batch seen 5 times per epoch (a
+    resumed loader replays the same data), by (epoch, key)."""
+    torch.manual_seed(0)
+    model = ThreeTaskNet()
+    checkpoints = []
+    if checkpoint_every:
+        checkpoints = [
+            ModelCheckpoint(root / "ckpt", every_n_train_steps=checkpoint_every, save_top_k=-1)
+        ]
+    trainer = L.Trainer(
+        max_epochs=2,
+        logger=CSVLogger(root),
+        callbacks=[RLW(seed=0), LossLogger(plot=False), *checkpoints],
+        log_every_n_steps=1,
+        enable_checkpointing=bool(checkpoints),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    batch = make_batch(9, seed=0, dtype=torch.float32)
+    trainer.fit(
+        model, torch.utils.data.DataLoader([batch] * 5, batch_size=None), ckpt_path=ckpt_path
+    )
+    rows = _read_csv(trainer.logger.log_dir + "/metrics.csv")
+    return {
+        (row["epoch"], key): float(value)
+        for row in rows
+        for key, value in row.items()
+        if key.startswith("train_epoch/") and value
+    }
+
+
+# Resumed at its last batch, epoch 0 does not end again (Lightning resumes at epoch 1): its
+# restored figures must not leak into epoch 1's.
+@pytest.mark.parametrize(
+    ("step", "epochs"), [(3, {"0", "1"}), (5, {"1"})], ids=["mid-epoch", "last-batch"]
+)
+def test_a_resumed_epoch_logs_the_figures_of_an_uninterrupted_one(
+    tmp_path, monkeypatch, step, epochs
+):
+    # Sums of two steps at a time: the checkpoint at step 3 holds a sum and a step not summed.
+    monkeypatch.setattr(_EpochAccumulator, "CHUNK", 2)
+    uninterrupted = _epoch_figures(tmp_path / "full", checkpoint_every=step)
+    checkpoint = tmp_path / "full" / "ckpt" / f"epoch=0-step={step}.ckpt"
+    resumed = _epoch_figures(tmp_path / "resumed", ckpt_path=checkpoint)
+    assert {epoch for epoch, _ in resumed} == epochs
+    assert len(resumed) == 3 * 4 * len(epochs) + 2 * len(epochs)  # 3 tasks, 4 figures, 2 totals
+    assert resumed == {key: uninterrupted[key] for key in resumed}
 
 
 def test_loss_logger_refuses_a_model_without_the_mixin():
