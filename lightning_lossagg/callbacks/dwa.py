@@ -10,7 +10,11 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_lossagg.aggregation import GlobalTaskLosses, finite
-from lightning_lossagg.callbacks._checks import check_positive, require_multitask
+from lightning_lossagg.callbacks._checks import (
+    LossesReadLater,
+    check_positive,
+    require_multitask,
+)
 from lightning_lossagg.functional.dwa import dwa
 from lightning_lossagg.weighting import WeightingCallback
 
@@ -34,7 +38,10 @@ class DWA(WeightingCallback):
 
     and :math:`w_k = 1` during the first two periods. The weights are fixed within a period. A
     task without a valid sample in one of the two periods (or with :math:`\bar L_k(t-2) = 0`) has
-    no rate and takes :math:`r_k = 1`, an unchanged loss.
+    no rate and takes :math:`r_k = 1`, an unchanged loss. A rate of losses that change sign means
+    nothing: a negative global loss is refused with a ``ValueError`` naming the task and the step,
+    before the optimizer step that met it (from a copy read on the host without stalling the
+    device), as LossScaling does.
 
     The period means are accumulated on the device (every micro-batch counts), the steps' losses
     kept and added in blocks of 32 steps, and the previous period is closed at the first step of
@@ -74,6 +81,13 @@ class DWA(WeightingCallback):
         self._before_previous: Tensor | None = None
         self._rates: Tensor | None = None
         self._weights: Tensor | None = None
+        self._task_names: tuple[str, ...] = ()
+        self._unchecked = LossesReadLater(
+            "DWA weighs each task by the ratio of its mean losses over two periods",
+            lambda loss: loss < 0,
+            "< 0",
+            "Shift that task's loss to be >= 0",
+        )
 
     @property
     @override
@@ -82,7 +96,8 @@ class DWA(WeightingCallback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        require_multitask(self, pl_module)
+        self._task_names = require_multitask(self, pl_module)
+        self._unchecked.clear()
 
     @override
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
@@ -95,12 +110,19 @@ class DWA(WeightingCallback):
         if self._period is not None and period != self._period:
             self._close_period()
         self._period = period
+        self._unchecked.add(step.losses)  # read at the optimizer step (NaN: no valid sample)
         self._accumulate(step)
         if self._completed_periods < 2:
             return torch.ones_like(step.losses)
         if self._weights is None:
             self._rates, self._weights = self._rates_and_weights(step.losses.device)
         return self._weights
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self._unchecked.check(self._task_names, trainer.global_step)
 
     def _accumulate(self, step: GlobalTaskLosses) -> None:
         if self._pending_restored:

@@ -2,15 +2,18 @@
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from lightning_lossagg.callbacks import DWA
 from lightning_lossagg.functional.dwa import dwa
+from tests.callbacks._fits import ParametersAfterEachStep, SignedPriceNet, signed_price_batches
 from tests.callbacks._loss_based import (
     assert_nested_equal,
     at_step,
     expected_record_weights,
     fit_method,
     global_losses,
+    trainer,
     training_batches,
 )
 from tests.models import ThreeTaskNet
@@ -113,3 +116,16 @@ def test_a_checkpoint_amid_a_block_resumes_the_same_sums():
     for index, step in enumerate(history[100:], start=100):
         assert torch.equal(resumed.task_weights(at_step(index), step), expected[index])
     assert_nested_equal(resumed.state_dict(), uninterrupted.state_dict())
+
+
+def test_a_negative_loss_is_refused_before_the_optimizer_step():
+    # A ratio of mean losses that change sign means nothing (and a negative L(t-2) took rate 1).
+    batches = signed_price_batches(3, negative_at=2)
+    model, after_step = SignedPriceNet().double(), ParametersAfterEachStep()
+    with pytest.raises(ValueError, match=r"DWA .* 'price' \(-[0-9.]+\).*global step 2"):
+        trainer([DWA(window_steps=1), after_step], max_epochs=1).fit(
+            model, DataLoader(batches, batch_size=None)
+        )
+    assert len(after_step.parameters) == 2
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, after_step.parameters[-1][name]), name  # step 2 never applied
