@@ -108,7 +108,6 @@ class DBMTL(GradientWeighting):
         self.beta, self.beta_sigma = float(beta), float(beta_sigma)
         self._buffer: Tensor | None = None
         self._step = 0
-        self._buffer_shape: tuple[int, int] | None = None
         self._present_buffer: Tensor | None = None
         self._balance: Tensor | None = None
         self._task_names: tuple[str, ...] = ()
@@ -130,38 +129,43 @@ class DBMTL(GradientWeighting):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._task_names = require_multitask(self, pl_module)
-        size = sum(p.numel() for p in pl_module.shared_parameters())  # type: ignore[operator]
-        self._buffer_shape = (len(self._task_names), size)
         self._check_buffer(self._buffer)
         self._unchecked.clear()
 
     @override
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
         self._shared_parameters = pl_module.shared_parameters()  # type: ignore[operator]
-        jacobian = task_jacobian(step, self._shared_parameters)
-        jacobian = _scaled_sum_over_ranks(jacobian, 1 / distributed.world_size())
-        if self._buffer is not None and self._buffer.shape[1] != jacobian.shape[1]:
-            self._restart_buffer(jacobian.shape[1])
-        # The Gramian (K²·P operations) only for the steps whose grad_cos is logged.
-        self._gramian, self._gramian_valid = None, step.valid
-        self._logged_jacobian = jacobian
         usable = usable_tasks(step)
-        losses = torch.where(usable, step.losses, 1.0).to(jacobian.dtype)
+        losses = torch.where(usable, step.losses, 1.0)
         # The losses < 0 are refused at the optimizer step, read without stalling the device;
         # the state from before the first unread step is then put back.
         if not self._unchecked.pending:
             self._state_before_check = (self._buffer, self._step)
         self._unchecked.add(losses)
+        self._gramian, self._gramian_valid, self._logged_jacobian = None, step.valid, None
+        if self._shared_parameters:
+            self._update_buffer(step, usable, losses)
+        else:  # a frozen trunk (BackboneFinetuning, say): only the heads train, on log-losses
+            self._present_buffer = self._balance = None
+        return torch.where(usable, 1.0 / (step.losses + LOG_EPS), 0.0)
+
+    def _update_buffer(self, step: GlobalTaskLosses, usable: Tensor, losses: Tensor) -> None:
+        """Adds this step's global log-loss gradients to the buffer (tasks with a usable loss),
+        and balances the buffered gradients of the present tasks."""
+        jacobian = task_jacobian(step, self._shared_parameters)
+        jacobian = _scaled_sum_over_ranks(jacobian, 1 / distributed.world_size())
+        if self._buffer is not None and self._buffer.shape[1] != jacobian.shape[1]:
+            self._restart_buffer(jacobian.shape[1])
+        self._logged_jacobian = jacobian  # the Gramian (K²·P operations) only if logged
         self._step += 1
         updated = db_mtl_buffer(
-            jacobian, self._buffer, self._step, self.beta, self.beta_sigma, losses
+            jacobian, self._buffer, self._step, self.beta, self.beta_sigma, losses.to(jacobian)
         )
         previous = torch.zeros_like(updated) if self._buffer is None else self._buffer
         self._buffer = torch.where(usable.unsqueeze(1), updated, previous.to(updated))
         present = torch.where(usable.unsqueeze(1), self._buffer, 0.0)
         self._present_buffer = present
         self._balance = db_mtl_buffer_weights(present)
-        return torch.where(usable, 1.0 / (step.losses + LOG_EPS), 0.0)
 
     @override
     def on_before_optimizer_step(
@@ -177,9 +181,7 @@ class DBMTL(GradientWeighting):
     def backward_objective(
         self, pl_module: L.LightningModule, step: GlobalTaskLosses, weights: Tensor, static: Tensor
     ) -> Tensor:
-        assert self._present_buffer is not None and self._balance is not None
         buffer, self._present_buffer = self._present_buffer, None
-        direction = (static * self._balance).to(buffer.dtype) @ buffer
         # Heads: c_k / (L_k + eps) times their task's gradient, the gradient of c_k log(L_k + eps).
         heads_objective = (weights * step.local_terms).sum()
         head_parameters = pl_module.task_specific_parameters()  # type: ignore[operator]
@@ -188,7 +190,11 @@ class DBMTL(GradientWeighting):
         for parameter, grad in zip(head_parameters, head_grads, strict=True):
             if grad is not None:
                 surrogate = surrogate + (parameter * grad).sum()
+        if buffer is None:  # nothing shared trains
+            return surrogate
         # Shared part: d, identical on every rank, so DDP's averaging leaves it unchanged.
+        assert self._balance is not None
+        direction = (static * self._balance).to(buffer.dtype) @ buffer
         offset = 0
         for parameter in self._shared_parameters:
             size = parameter.numel()
@@ -234,13 +240,15 @@ class DBMTL(GradientWeighting):
             f"{size} values; their gradient buffer starts afresh."
         )
         self._buffer, self._step = None, 0
-        self._buffer_shape = (len(self._task_names), size)
 
     def _check_buffer(self, buffer: Tensor | None) -> None:
-        expected = self._buffer_shape
-        if buffer is not None and expected is not None and tuple(buffer.shape) != expected:
+        """A buffer must have a row per task of the model. Its width meets the shared parameters
+        at the next step, those that train then (BackboneFinetuning freezes a trunk at setup and
+        unfreezes it later): a buffer of another width starts afresh there, with a warning."""
+        num_tasks = len(self._task_names)
+        if buffer is not None and num_tasks and buffer.shape[0] != num_tasks:
             raise ValueError(
-                f"This DBMTL holds a gradient buffer of shape {tuple(buffer.shape)}, but the model "
-                f"has {expected[0]} tasks and {expected[1]} shared parameters: the buffer belongs "
-                "to another model. Resume the same model, or create a new DBMTL."
+                f"This DBMTL holds a gradient buffer of {buffer.shape[0]} tasks, but the model "
+                f"has {num_tasks}: the buffer belongs to another model. Resume the same model, "
+                "or create a new DBMTL."
             )

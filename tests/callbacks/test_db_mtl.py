@@ -17,6 +17,7 @@ from tests.callbacks._fits import (
     trainer,
 )
 from tests.callbacks._stateful_gradient import (
+    MODEL_LR,
     STATIC,
     assert_grads_close,
     assert_resume_equals_uninterrupted,
@@ -133,7 +134,7 @@ def test_a_buffer_of_another_model_is_refused():
     method = DBMTL()
     fit(method, [make_batch(4, seed=0)])
     with pytest.raises(ValueError, match="belongs to another model"):
-        method.load_state_dict({"buffer": torch.zeros(3, 7, dtype=torch.float64), "step": 1})
+        method.load_state_dict({"buffer": torch.zeros(2, 7, dtype=torch.float64), "step": 1})
 
 
 def test_a_negative_loss_is_refused_before_the_optimizer_step_and_loses_nothing():
@@ -180,3 +181,60 @@ def test_the_buffer_starts_afresh_when_the_trainable_shared_parameters_change():
     with pytest.warns(UserWarning, match="from 56 to 92 values; their gradient buffer starts"):
         trainer.fit(TwoLayerTrunkNet().double(), DataLoader(batches, batch_size=None))
     assert callback.state_dict()["buffer"].shape == (3, 92)
+
+
+class FreezeTrunkAtSetup(L.Callback):
+    """Freezes the trunk at setup, before DBMTL's (as BackboneFinetuning does); with
+    ``unfreeze_at_start`` it trains again from the first step on."""
+
+    def __init__(self, unfreeze_at_start: bool = False) -> None:
+        self.unfreeze_at_start = unfreeze_at_start
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        pl_module.trunk.requires_grad_(False)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.unfreeze_at_start:
+            pl_module.trunk.requires_grad_(True)
+
+
+def test_a_frozen_trunk_trains_the_heads_on_their_log_losses():
+    # Nothing shared trains: no buffer; each head follows c_k grad L_k / (L_k + eps).
+    batch = make_batch(7, seed=0)
+    model, method = initial_model(), DBMTL()
+    reference = initial_model()
+    trunk_before = {k: v.clone() for k, v in model.trunk.state_dict().items()}
+    quiet_trainer(1, callbacks=[FreezeTrunkAtSetup(), method]).fit(model, DataLoader([batch], None))
+    assert method.state_dict() == {"buffer": None, "step": 0}
+    for name, value in model.trunk.state_dict().items():
+        assert torch.equal(value, trunk_before[name]), name
+    losses, _ = forward_losses(reference, batch)
+    objective = (STATIC * torch.log(losses + EPS)).sum()
+    heads = list(reference.heads.parameters())
+    grads = torch.autograd.grad(objective, heads)
+    expected = [p - MODEL_LR * g for p, g in zip(heads, grads, strict=True)]
+    for actual, wanted in zip(model.heads.parameters(), expected, strict=True):
+        torch.testing.assert_close(actual, wanted)
+
+
+def test_a_checkpoint_resumes_into_a_trunk_frozen_at_setup(tmp_path):
+    # BackboneFinetuning freezes the trunk at setup again when a fit resumes after the unfreeze:
+    # the buffer (of the trainable trunk) must load, and go on as in an uninterrupted run.
+    batches = [make_batch(7, seed=seed) for seed in range(2)]  # the third step is epoch 1's
+    uninterrupted = DBMTL()
+    quiet_trainer(1, steps=3, callbacks=[uninterrupted]).fit(
+        initial_model(), DataLoader(batches, None)
+    )
+    first, checkpoint = DBMTL(), tmp_path / "two_steps.ckpt"
+    trainer = quiet_trainer(1, steps=2, callbacks=[first])
+    trainer.fit(initial_model(), DataLoader(batches, None))
+    trainer.save_checkpoint(checkpoint)
+    resumed = DBMTL()
+    freeze = FreezeTrunkAtSetup(unfreeze_at_start=True)
+    quiet_trainer(1, steps=3, callbacks=[freeze, resumed]).fit(
+        initial_model(), DataLoader(batches, None), ckpt_path=checkpoint
+    )
+    assert resumed.state_dict()["step"] == 3
+    torch.testing.assert_close(
+        resumed.state_dict()["buffer"], uninterrupted.state_dict()["buffer"], rtol=0, atol=0
+    )
