@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 MISSING_MATPLOTLIB = (
     "matplotlib is not installed, so the loss and weight trajectory plot is skipped. Install the "
-    "plot extra (`pip install lightning-lossagg[plot]`) to get it."
+    'plot extra (`pip install -e ".[plot]"` in a clone of the project) to get it.'
 )
 
 

@@ -92,7 +92,9 @@ def test_a_fit_writes_the_png_of_what_it_logged(tmp_path, monkeypatch):
 def test_without_matplotlib_a_fit_warns_and_finishes(tmp_path, monkeypatch):
     for name in [name for name in sys.modules if name.split(".")[0] == "matplotlib"]:
         monkeypatch.setitem(sys.modules, name, None)
-    with pytest.warns(UserWarning, match=r"matplotlib is not installed.*lightning-lossagg\[plot\]"):
+    with pytest.warns(
+        UserWarning, match=r"matplotlib is not installed.*pip install -e \"\.\[plot\]\""
+    ):
         trainer = _fit(tmp_path, [LossLogger()])
     assert trainer.state.finished
     assert not (Path(trainer.logger.log_dir) / "loss_trajectories.png").exists()

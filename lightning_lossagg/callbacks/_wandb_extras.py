@@ -57,7 +57,7 @@ def describe_run(
     """Define the summaries of every LossLogger key and put the task setup in the run config."""
     experiment = logger.experiment
     for prefix in PREFIXES:
-        summaries = {f"{prefix}/loss": "min"}
+        summaries = {f"{prefix}/loss": "min", f"{prefix}/static_loss": "min"}
         for name in names:
             summaries[f"{prefix}/loss/{name}"] = "min"
             summaries[f"{prefix}/weighted/{name}"] = "min"

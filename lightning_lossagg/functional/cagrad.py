@@ -285,8 +285,10 @@ def cagrad(gramian: Tensor, c: float = 0.5, rescale: int = 1) -> Tensor:
           = \sum_i \frac{1/K + \sqrt\phi\, w^\star_i / \lVert g_w \rVert}{s}\, g_i,
 
     where :math:`g_w = \sum_i w^\star_i g_i` and everything is a function of the Gramian. The
-    inner problem is solved by SciPy's SLSQP on :math:`G / \operatorname{tr} G`, so the weights do
-    not change when all gradients are scaled by the same factor.
+    inner problem is solved exactly on :math:`G / \operatorname{tr} G` from its KKT conditions (a
+    closed form for two tasks, an active-set search otherwise; SciPy's SLSQP only where that
+    search finds no certified answer), so the weights do not change when all gradients are scaled
+    by the same factor.
 
     Scale: LibMTL's, with :math:`s = 1 + c^2` (``rescale=1``, its default), :math:`s = 1 + c`
     (``rescale=2``) or :math:`s = 1` (``rescale=0``; the paper's update). torchjd's

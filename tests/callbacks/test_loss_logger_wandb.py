@@ -115,6 +115,7 @@ def test_summaries_are_defined_against_the_trainer_step(wandb_run):
     metrics = wandb_run.run.defined_metrics
     for prefix in ("train", "train_epoch", "val", "test"):
         assert metrics[f"{prefix}/loss"].summary.min
+        assert metrics[f"{prefix}/static_loss"].summary.min  # what checkpoints should monitor
         for task in TASKS:
             for figure, summary in (("loss", "min"), ("weighted", "min"), ("weight", "last")):
                 metric = metrics[f"{prefix}/{figure}/{task}"]
