@@ -212,6 +212,9 @@ class MultiTaskMixin:
             and shared.requires_grad
         ):
             split = GradientsAtHeads(len(heads.modules))
+            autocast = torch.is_autocast_enabled(shared.device.type)
+            if self._linear_heads is None and weighting.takes_linear_factors and not autocast:
+                self._probe_linear_heads(heads, detached)
             if self._linear_heads and weighting.takes_linear_factors:
                 predictions = self._predict_with_linear_heads(heads, shared, detached, split)
                 if predictions is not None:
@@ -226,6 +229,23 @@ class MultiTaskMixin:
                 views = weighting.views_at_heads(self, split, shared, detached)  # type: ignore[arg-type]
         with HeadInputs(heads.modules, detached, views, watch) as head_inputs:
             predictions = self.forward_heads(detached)  # type: ignore[attr-defined]
+        copies, per_task = self._check_layout(heads, head_inputs, predictions, detached, watch)
+        self.shared_representation = SharedRepresentation(
+            shared, (detached, *copies), per_task, split if per_task is not None else None
+        )
+        return predictions
+
+    def _check_layout(
+        self,
+        heads: TaskHeads,
+        head_inputs: HeadInputs,
+        predictions: Mapping[str, Tensor],
+        detached: Tensor,
+        watch: GradientsAtHeads | None,
+    ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...] | None]:
+        """After ``forward_heads`` on the heads' own copies of ``detached``: the copies, and
+        them again if each task reaches the representation only through its own (checked once
+        per fit; else ``None``). With ``watch``, whether linear heads' factors serve (once)."""
         copies = head_inputs.created()
         per_task = None
         if head_inputs.one_call_each:
@@ -241,10 +261,20 @@ class MultiTaskMixin:
                 )
             if not self._linear_heads or not watch.wants_linear_factors:
                 watch.forget_linear_heads()
-        self.shared_representation = SharedRepresentation(
-            shared, (detached, *copies), per_task, split if per_task is not None else None
-        )
-        return predictions
+        return copies, per_task
+
+    def _probe_linear_heads(self, heads: TaskHeads, detached: Tensor) -> None:
+        """At a fit's first step, whether its linear heads may run as one node: the layout is
+        checked on views of a copy of the representation, in one more forward of the heads
+        whose graph is dropped. Every step then takes the same way, the first included, so a
+        fit resumed from a checkpoint weighs its first step with the same arithmetic as the
+        uninterrupted fit did."""
+        leaf = detached.detach().requires_grad_()
+        probe = GradientsAtHeads(len(heads.modules))
+        with HeadInputs(heads.modules, leaf, probe.views(leaf), probe) as head_inputs:
+            predictions = self.forward_heads(leaf)  # type: ignore[attr-defined]
+        self._check_layout(heads, head_inputs, predictions, leaf, probe)
+        self._linear_heads = bool(self._linear_heads)  # decided: no probe at the next steps
 
     def _predict_with_linear_heads(
         self, heads: TaskHeads, shared: Tensor, detached: Tensor, split: GradientsAtHeads

@@ -27,10 +27,11 @@ Where the gradients are taken:
   ``d``. Each rank's representation rows belong to its own samples, so the global Gramian is
   exactly the sum of the ranks' Gramians: one K×K all-reduce. With ``nn.Linear`` heads (where
   their factors take fewer operations), the Gramian and ``d`` come from the heads' output
-  gradients and weights (:meth:`GradientsAtHeads.linear_factors`): from the second step on the
-  heads are one autograd node that makes no per-task gradient at the representation at all
-  (:meth:`GradientsAtHeads.linear_heads`); at the first step, which checks the layout on the
-  views, and under autocast, the views' K gradients serve below ``linear_factors_from`` tasks.
+  gradients and weights (:meth:`GradientsAtHeads.linear_factors`): the heads are one autograd
+  node that makes no per-task gradient at the representation at all
+  (:meth:`GradientsAtHeads.linear_heads`), at every step (the first checks the layout on a
+  probe), so a resumed fit weighs exactly as an uninterrupted one; under autocast the views'
+  K gradients serve below ``linear_factors_from`` tasks.
 * ``rep_grad=False``: at the shared parameters (``pl_module.shared_parameters()``). A model with
   ``forward_shared``/``forward_heads`` gets its trunk's K×P Jacobian from the representation
   gradients, one backward through the trunk per task (torchjd's ``mtl_backward`` algorithm,
@@ -121,8 +122,8 @@ class GradientWeighting(WeightingCallback):
     # their own tasks' gradients times Task.weight, as backward_objective gives them).
     # Subclasses that weigh the heads otherwise set it False.
     may_weigh_in_backward: ClassVar[bool] = True
-    # On the views (the first step, autocast), with rep_grad=True and at least this many tasks,
-    # linear heads hand the gradient at their outputs and their weights
+    # On the views (autocast, heads that cannot run as one node), with rep_grad=True and at
+    # least this many tasks, linear heads hand the gradient at their outputs and their weights
     # (GradientsAtHeads.linear_factors): the Gramian and the update then cost O(N O^2) instead
     # of copying K gradients into a matrix; with fewer tasks the dot products on the views'
     # gradients, made anyway, are as cheap. Heads in one node always take the factors.

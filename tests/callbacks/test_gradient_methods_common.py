@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_lossagg.callbacks import NashMTL
+from lightning_lossagg.callbacks import GradVac, NashMTL
 from tests.callbacks._fits import fit_config
 from tests.callbacks._gradient_based import (
     METHODS,
@@ -22,6 +22,7 @@ from tests.callbacks._gradient_based import (
     reference_weights,
     training_batches,
 )
+from tests.callbacks._stateful_gradient import assert_resume_equals_uninterrupted
 from tests.models import ThreeTaskNet, make_batch, one_batch_loader
 from tests.process_group import run_on_lightning_ranks
 
@@ -165,3 +166,15 @@ def test_the_state_key_and_the_run_config_come_from_the_arguments(name):
     assert same.state_key == callback.state_key
     assert callback.state_key.startswith(type(callback).__name__)
     assert type(callback)(**{**arguments, "rep_grad": False}).state_key != callback.state_key
+
+
+@pytest.mark.parametrize("name", [*NAMES, "gradvac"])
+def test_resuming_with_representation_gradients_is_bit_exact(name, tmp_path):
+    # The linear heads run as one node from a fit's second step on; the first step of a resumed
+    # fit must weigh with the same arithmetic as the uninterrupted run's step there.
+    def method():
+        if name == "gradvac":
+            return GradVac(beta=0.5, seed=7, rep_grad=True)
+        return METHODS[name](rep_grad=True)
+
+    assert_resume_equals_uninterrupted(method, training_batches(), tmp_path)

@@ -70,9 +70,9 @@ def _cast(batch, dtype):
         (InPlaceOutputNet, FactoredGradients, True, True),
         (OwnForwardNet, FactoredGradients, False, False),
         (ScaledHeadOutputNet, FactoredGradients, False, False),
-        # 3 tasks, below linear_factors_from: the views' own gradients at the first step, one
-        # node from the second on.
-        (LinearFactorsNet, NormalisedGradients, True, False),
+        # 3 tasks, below linear_factors_from (which serves the views, under autocast): the
+        # heads run as one node from the first step on, the layout checked on a probe.
+        (LinearFactorsNet, NormalisedGradients, True, True),
         (ManyClassesNet, FactoredGradients, False, False),  # the sizes favour the views
     ],
 )
@@ -148,12 +148,12 @@ def _with_views_throughout(model):
 @pytest.mark.parametrize(
     ("net", "method", "one_node"),
     [
-        (LinearFactorsNet, FactoredGradients, [True, True]),
-        (LinearFactorsNet, NormalisedGradients, [True, True]),
-        (InPlaceOutputNet, NormalisedGradients, [True, True]),
-        (SecondKindCallNet, NormalisedGradients, [False]),  # refused once, then the views
+        (LinearFactorsNet, FactoredGradients, [True, True, True]),
+        (LinearFactorsNet, NormalisedGradients, [True, True, True]),
+        (InPlaceOutputNet, NormalisedGradients, [True, True, True]),
+        (SecondKindCallNet, NormalisedGradients, [True, False]),  # refused once, then the views
         # Its heads take its weights too: one node, or the pass before backward (not the views).
-        (LinearFactorsNet, NashMTL, [True, True]),
+        (LinearFactorsNet, NashMTL, [True, True, True]),
     ],
 )
 def test_heads_in_one_node_give_the_weights_and_update_of_the_views(
@@ -196,8 +196,8 @@ def test_two_ranks_with_heads_in_one_node_equal_one_process_on_the_concatenated_
     fit_model(model, 2, method(rep_grad=True), steps=2)
     fit_model(one_process, 1, method(rep_grad=True), steps=2)
     results = [torch.load(tmp_path / "ranks" / f"rank{rank}.pt") for rank in (0, 1)]
-    assert [result["one_node"] for result in results] == [[True], [True]]
-    assert one_process.one_node_steps == [True]
+    assert [result["one_node"] for result in results] == [[True, True], [True, True]]
+    assert one_process.one_node_steps == [True, True]
     torch.testing.assert_close(results[0]["weights"], results[1]["weights"], rtol=0, atol=0)
     for result in results:
         assert_matches(result, one_process.records[-1])
@@ -216,7 +216,7 @@ def test_heads_in_one_node_under_gradient_accumulation_give_what_the_views_give(
     for fitted in (model, views):
         trainer = quiet_trainer(1, 2, callbacks=[method(rep_grad=True)], accumulate_grad_batches=2)
         trainer.fit(fitted)
-    assert model.one_node_steps == [True, True, True]
+    assert model.one_node_steps == [True, True, True, True]
     assert len(model.records) == len(views.records) == 2
     for record, expected in zip(model.records, views.records, strict=True):
         assert_matches(record, expected)
