@@ -76,6 +76,7 @@ def min_norm_weights(
     trace = float(matrix.trace())
     if trace <= TINY:
         return np.full(num_tasks, 1.0 / num_tasks)
+    matrix = _positive_semidefinite(matrix, trace)
     hessian: Any
     if num_tasks <= PYTHON_TASKS_UP_TO:  # the solver's Python floats take lists
         hessian = [[value / trace for value in row] for row in matrix.tolist()]
@@ -87,6 +88,21 @@ def min_norm_weights(
         hessian, [-1.0] * num_tasks, [0.0] * num_tasks, max_iter, tol, guess
     )
     return unnormalized / unnormalized.sum()
+
+
+def _positive_semidefinite(matrix: np.ndarray, trace: float) -> np.ndarray:
+    """``matrix`` itself if ``matrix / trace + TIE_BREAK I`` is positive definite (a Cholesky
+    factorisation, a few microseconds), else its nearest positive semidefinite matrix: its
+    eigenvalues below 0 set to 0. A Gramian of linearly dependent float32 gradients is
+    indefinite at float32 rounding (eigenvalues of -1e-8 of its trace), far beyond
+    ``TIE_BREAK``: the active-set method, which needs a convex problem, then stopped on a wrong
+    support (an update twice the min norm)."""
+    try:
+        np.linalg.cholesky(matrix / trace + TIE_BREAK * np.eye(len(matrix)))
+    except np.linalg.LinAlgError:
+        values, vectors = np.linalg.eigh(matrix)
+        return (vectors * np.maximum(values, 0.0)) @ vectors.T
+    return matrix
 
 
 def _two_task_weights(g11: float, g12: float, _: float, g22: float) -> np.ndarray:

@@ -134,3 +134,18 @@ def test_a_guessed_support_changes_nothing_but_the_start(jacobian: Tensor) -> No
     guesses = [cold > 0, ~(cold > 0), np.ones(num_tasks, bool), rng.random(num_tasks) < 0.5]
     for guess in guesses:
         np.testing.assert_allclose(min_norm_weights(matrix, guess=guess), cold, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_float32_gramian_of_dependent_gradients_gives_the_min_norm_point(seed: int) -> None:
+    # 5 float32 gradients in a 2-D span: their float32 Gramian is indefinite at rounding level.
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.randn(2, 2000, generator=generator, dtype=torch.float64)
+    jacobian = (torch.randn(5, 2, generator=generator, dtype=torch.float64) @ basis).float()
+    gramian = jacobian @ jacobian.T
+    exact = jacobian.double() @ jacobian.double().T  # the same rows' Gramian in float64
+    assert torch.linalg.eigvalsh(gramian.double()).min() < -1e-9 * gramian.trace()
+    weights = mgda(gramian).double()
+    reference = min_norm_weights_by_quadprog(exact)
+    trace = float(exact.trace())
+    assert float(weights @ exact @ weights) <= float(reference @ exact @ reference) + 1e-6 * trace
