@@ -152,6 +152,9 @@ class GradientWeighting(WeightingCallback):
         self._ones: Tensor | None = None
         # The step's tasks with a valid sample (CPU): the rows of the Gramian a method sees.
         self.valid_tasks: Tensor | None = None
+        # The rounding unit of the dtype the step's Gramian was computed in (float32 for float32,
+        # bfloat16 and float16 gradients), for methods that tell rounding from a cancellation.
+        self.gramian_eps = float(torch.finfo(torch.float64).eps)
 
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
         """Weights ``w`` from the global Gramian of the valid tasks (float64, on CPU): the tasks
@@ -215,6 +218,7 @@ class GradientWeighting(WeightingCallback):
             gramian = self._parameter_gramian(pl_module, step)
         gramian, valid = detached(gramian), step.valid
         self._gramian, self._gramian_valid = gramian, valid
+        self.gramian_eps = torch.finfo(gramian.dtype).eps
         if gramian.device.type != "cpu":
             host_gramian, host_valid = _in_one_transfer(gramian, valid)
             gramian, valid = torch.from_numpy(host_gramian), torch.from_numpy(host_valid > 0)
@@ -281,6 +285,7 @@ class GradientWeighting(WeightingCallback):
             few = len(rows) <= _DOT_PRODUCTS_UP_TO and rows[0].dtype in _DOT_DTYPES
             jacobian = None if few and rows[0].device.type == "cpu" else torch.stack(rows)
             local = _dot_gramian(rows) if jacobian is None else _gramian(jacobian)
+        self.gramian_eps = torch.finfo(local.dtype).eps
         host = _on_host(distributed.all_reduce_sum(local), factor, pending)
         # Each rank's row k is W * factor * s_k times its share of the global gradient g_k.
         scale = host.factor * distributed.world_size()
@@ -306,6 +311,7 @@ class GradientWeighting(WeightingCallback):
         none = (None,) * len(shared)
         rows = [_trunk_gradients(output, shared, grad, none) for grad in grads]
         jacobian, gramian = self._synced_gramian(_jacobian(rows, shared))
+        self.gramian_eps = torch.finfo(gramian.dtype).eps
         host = _on_host(gramian, factor, pending)
         adaptive = self._weights_of_scaled_gramian(host, host.factor, pending)
         adaptive = distributed.to_device(adaptive, jacobian, jacobian.dtype)

@@ -17,8 +17,6 @@ from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sy
 from lightning_lossagg.functional._qp import symmetric_matrix
 from lightning_lossagg.functional.nash_mtl import MAX_ITER, nash_mtl_weights
 
-_EPS = float(np.finfo(np.float64).eps)
-
 
 class NashMTL(GradientWeighting):
     r"""Nash-MTL (Navon et al., 2022), with LibMTL's update and gradient clipping.
@@ -136,7 +134,8 @@ class NashMTL(GradientWeighting):
         previous = np.ones(self._num_tasks) if self._previous is None else self._previous.numpy()
         valid = self.valid_tasks.numpy()
         start = previous[valid]
-        weights = nash_mtl_weights(symmetric_matrix(gramian), start, 0.0, MAX_ITER, _EPS)
+        matrix = symmetric_matrix(gramian)
+        weights = nash_mtl_weights(matrix, start, 0.0, MAX_ITER, self.gramian_eps)
         updated = previous.copy()
         updated[valid] = weights
         self._previous = torch.from_numpy(updated)

@@ -12,11 +12,28 @@ from lightning_lossagg.functional._qp import TINY, validated_gramian
 # the order of float64 rounding.
 _DECREMENT_TOL = 1e-10
 _RESIDUAL_TOL = 1e-6
-# Newton steps allowed: about 10 are needed, more only for nearly degenerate input.
-MAX_ITER = 100
-# Two gradients with 1 + cos at most this are taken as opposite (no solution): below it the
-# cosine itself is rounding (float64 products of norms).
-_OPPOSITE_TOL = 1e-12
+# Newton steps allowed: about 10 are needed, hundreds to a few thousand (a few ms each hundred)
+# for nearly degenerate input (weights of 1e3-1e4 times those of well-spread gradients), whose
+# damped steps decrease the objective by a bounded amount each. Input without a solution stops
+# at _DIVERGED instead, in some 50 steps.
+MAX_ITER = 5000
+# Where no solution exists, the weights along a vanishing combination of the gradients grow
+# geometrically (by half at least per damped step): past this (on G / tr G, where well-spread
+# gradients give weights of about 1) the objective is taken as unbounded, in some 50 steps.
+_DIVERGED = 1e8
+# Two gradients with 1 + cos at most this many rounding units of the Gramian's dtype are taken
+# as opposite (no solution): below it the cosine itself is rounding.
+_OPPOSITE_ROUNDING = 64
+_OPPOSITE_TOL = 1e-12  # at least (float64 products of norms)
+
+
+def _resolved(matrix: np.ndarray, alpha: np.ndarray, eps: float) -> float | None:
+    """``||d||^2 = alpha @ G @ alpha`` for ``d = sum_k alpha_k g_k``, or ``None`` where it is
+    below the rounding of a Gramian in a dtype of rounding unit ``eps`` (``K eps sum_k alpha_k^2
+    ||g_k||^2``): the gradients cancel to within what the Gramian can tell apart."""
+    quadratic = float(alpha @ matrix @ alpha)
+    rounding = len(alpha) * eps * float(alpha**2 @ matrix.diagonal())
+    return quadratic if quadratic > rounding else None
 
 
 def _scaled_like_a_solution(matrix: np.ndarray, alpha: np.ndarray, eps: float) -> np.ndarray:
@@ -25,9 +42,8 @@ def _scaled_like_a_solution(matrix: np.ndarray, alpha: np.ndarray, eps: float) -
     Unchanged when its update vanishes to the rounding ``eps`` of the Gramian's dtype (e.g. equal
     weights on opposite gradients).
     """
-    quadratic = alpha @ matrix @ alpha
-    rounding = len(alpha) * eps * (alpha**2 @ matrix.diagonal())
-    return alpha * np.sqrt(len(alpha) / quadratic) if quadratic > rounding else alpha
+    quadratic = _resolved(matrix, alpha, eps)
+    return alpha if quadratic is None else alpha * np.sqrt(len(alpha) / quadratic)
 
 
 def _solve_bargaining(matrix: np.ndarray, start: np.ndarray, max_iter: int) -> np.ndarray | None:
@@ -53,19 +69,25 @@ def _solve_bargaining(matrix: np.ndarray, start: np.ndarray, max_iter: int) -> n
             return alpha if residual < _RESIDUAL_TOL else None
         # Damped steps 1 / (1 + decrement) stay inside the domain alpha > 0 (self-concordance).
         alpha = alpha + (step if decrement < 0.25 else step / (1.0 + decrement))
+        if alpha.max() > _DIVERGED:
+            return None
     return None
 
 
-def _two_task_solution(g11: float, g12: float, _: float, g22: float) -> np.ndarray | None:
+def _two_task_solution(
+    g11: float, g12: float, _: float, g22: float, eps: float
+) -> np.ndarray | None:
     """Two tasks' bargaining solution in closed form (Python floats), ``None`` where Newton finds
     none either. ``alpha_1 (G alpha)_1 = alpha_2 (G alpha)_2`` gives ``g11 alpha_1^2 =
     g22 alpha_2^2``, so ``alpha_k = 1 / (||g_k|| sqrt(1 + cos))`` with ``cos`` the cosine of the
-    two gradients: a solution exactly when neither is zero and they are not opposite."""
+    two gradients: a solution exactly when neither is zero and they are not opposite (to the
+    rounding ``eps`` of the Gramian's dtype: in float32 the cosine of ``g`` and ``-3 g`` is
+    ``-1 + 1e-7``, which gave weights of 1e3 set by rounding)."""
     if not (g11 > TINY and g22 > TINY):
         return None
     norm1, norm2 = math.sqrt(g11), math.sqrt(g22)
     agreement = 1.0 + g12 / (norm1 * norm2)  # 1 + cos, in [0, 2]
-    if not agreement > _OPPOSITE_TOL:
+    if not agreement > max(_OPPOSITE_TOL, _OPPOSITE_ROUNDING * eps):
         return None
     root = math.sqrt(agreement)
     return np.array([1.0 / (norm1 * root), 1.0 / (norm2 * root)])
@@ -99,12 +121,13 @@ def nash_mtl(
     too.
 
     Degenerate input: no solution exists when some non-negative combination of the gradients is
-    zero (a zero Gramian or gradient, opposite gradients). Then the previous weights (ones at the
-    first step) are reused, scaled so that :math:`\lVert d\rVert^2 = K` as for every solution, and
-    clipped; LibMTL and torchjd reuse them unscaled when cvxpy fails, and otherwise may return an
-    approximate solution with huge weights. So the update never depends on the scale of the
-    gradients. ``K = 1`` gives :math:`1 / \lVert g \rVert`. Nearly degenerate input has a solution
-    with large weights.
+    zero (a zero Gramian or gradient, opposite gradients), to the rounding of the Gramian's dtype
+    (in float32 the cosine of ``g`` and ``-3 g`` is ``-1 + 1e-7``). Then the previous weights
+    (ones at the first step) are reused, scaled so that :math:`\lVert d\rVert^2 = K` as for every
+    solution, and clipped; LibMTL and torchjd reuse them unscaled when cvxpy fails, and otherwise
+    may return an approximate solution with huge weights. So the update never depends on the
+    scale of the gradients. ``K = 1`` gives :math:`1 / \lVert g \rVert`. Nearly degenerate input
+    has a solution with large weights.
 
     Paper: Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022,
     https://arxiv.org/abs/2202.01017.
@@ -115,7 +138,8 @@ def nash_mtl(
             ``None`` at the first step. Newton starts from them; they are the fallback. The
             solution, when there is one, does not depend on them.
         max_norm: the largest norm of the update :math:`\lVert d\rVert = \sqrt{w^\top G w}`.
-        max_iter: most Newton steps; about 10 are needed, more only for nearly degenerate input.
+        max_iter: most Newton steps; about 10 are needed, thousands for nearly degenerate input
+            (where no solution exists, the weights' growth stops Newton in some 50 steps).
 
     Returns:
         Positive weights of shape [K] (detached) with the Gramian's dtype and device.
@@ -153,13 +177,14 @@ def nash_mtl_weights(
 ) -> np.ndarray:
     """:func:`nash_mtl` on a symmetric float64 NumPy Gramian from positive weights ``start``,
     unchecked (for the callback's step); ``eps``: the rounding unit of the gradients' dtype."""
-    solution = _two_task_solution(*matrix.ravel().tolist()) if len(matrix) == 2 else None
+    solution = _two_task_solution(*matrix.ravel().tolist(), eps) if len(matrix) == 2 else None
     weights = solution if solution is not None else _scaled_like_a_solution(matrix, start, eps)
     trace = np.trace(matrix)
-    if solution is None and trace > TINY:
+    if len(matrix) > 2 and trace > TINY:  # (two tasks: the closed form is exact)
         # Newton on G / tr(G) is better conditioned; its solution is sqrt(tr(G)) times ours.
         normalized = _solve_bargaining(matrix / trace, weights * np.sqrt(trace), max_iter)
-        if normalized is not None:
+        # A solution whose update cancels below the Gramian's rounding is the rounding's.
+        if normalized is not None and _resolved(matrix, normalized / np.sqrt(trace), eps):
             weights = normalized / np.sqrt(trace)
     norm = np.sqrt(max(weights @ matrix @ weights, 0.0))
     if max_norm > 0 and norm > max_norm:

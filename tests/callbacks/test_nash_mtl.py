@@ -110,3 +110,26 @@ def test_the_previous_solution_is_the_state_and_must_fit_the_model():
 def test_bad_arguments_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         NashMTL(**kwargs)
+
+
+@pytest.mark.parametrize("rep_grad", [False, True])
+def test_the_method_knows_the_rounding_of_the_gramians_dtype(rep_grad):
+    # Whether two gradients are opposite is told to the Gramian's rounding: 1e-7 in float32.
+    for precision, dtype in (("32-true", torch.float32), ("64-true", torch.float64)):
+        callback = NashMTL(rep_grad=rep_grad)
+        trainer = L.Trainer(
+            callbacks=[callback],
+            max_steps=1,
+            precision=precision,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        batches = training_batches(1)
+        if dtype == torch.float32:
+            batches = [
+                (x.float(), {k: v.float() if v.is_floating_point() else v for k, v in t.items()})
+                for x, t in batches
+            ]
+        trainer.fit(ThreeTaskNet(), loader(batches))
+        assert callback.gramian_eps == torch.finfo(dtype).eps

@@ -147,7 +147,7 @@ def test_two_task_closed_form_equals_newton(seed: int) -> None:
     # rounding of 1 + cos sets, and where Newton may stop short and fall back.
     for jacobian in two_task_jacobians(seed):
         matrix = jacobian @ jacobian.T
-        closed = _two_task_solution(*matrix.ravel().tolist())
+        closed = _two_task_solution(*matrix.ravel().tolist(), np.finfo(np.float64).eps)
         trace = matrix.trace()
         newton = None
         if trace > 0:
@@ -164,3 +164,41 @@ def test_two_task_closed_form_equals_newton(seed: int) -> None:
             np.testing.assert_allclose(closed * (matrix @ closed), 1.0, rtol=1e-9)
         if closed is not None:
             assert np.isfinite(closed).all() and (closed > 0).all()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_opposite_float32_gradients_have_no_solution_as_in_float64(seed: int) -> None:
+    # In float32, 1 + cos of g and -3 g is rounding (1e-7): no solution, as in float64, not
+    # weights of 1e3 that the rounding sets.
+    gradient = torch.randn(12, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    jacobian = torch.stack([gradient, -3 * gradient])
+    expected = nash_mtl(jacobian @ jacobian.T)
+    single = jacobian.float()
+    torch.testing.assert_close(nash_mtl(single @ single.T).double(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("num_tasks", [3, 5, 10])
+def test_nearly_stationary_gradients_reach_their_solution(num_tasks: int) -> None:
+    # A positive combination of the gradients cancels to 1e-4 of its size: weights of ~3e3,
+    # hundreds of damped Newton steps (the cap of 100 fell back silently to unrelated weights).
+    rng = np.random.default_rng(num_tasks)
+    jacobian = rng.standard_normal((num_tasks, 20))
+    combination = rng.uniform(0.5, 2.0, num_tasks - 1) @ jacobian[:-1]
+    noise = 1e-4 * rng.standard_normal(20) * np.linalg.norm(combination) / math.sqrt(20)
+    jacobian[-1] = noise - combination
+    gramian = torch.from_numpy(jacobian @ jacobian.T)
+    weights = nash_mtl(gramian, max_norm=0.0).numpy()
+    assert weights.max() > 100
+    np.testing.assert_allclose(weights * (gramian.numpy() @ weights), 1.0, rtol=1e-5)
+
+
+def test_a_zero_gradient_falls_back_to_the_previous_weights():
+    # No solution (the zero task's weight grows without bound): detected within the step cap.
+    jacobian = torch.randn(5, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    jacobian[2] = 0.0
+    gramian = jacobian @ jacobian.T
+    previous = torch.linspace(0.5, 1.5, 5, dtype=torch.float64)
+    weights = nash_mtl(gramian, previous, max_norm=0.0)
+    scale = weights / previous
+    torch.testing.assert_close(scale, scale[:1].expand(5))  # the previous, rescaled
+    torch.testing.assert_close(weights @ gramian @ weights, torch.tensor(5.0, dtype=torch.float64))
