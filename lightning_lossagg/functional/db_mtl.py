@@ -9,10 +9,11 @@ from lightning_lossagg.functional._qp import validated_gramian
 LOG_EPS = 1e-8
 
 
-def _balancing_weights(norms: Tensor) -> Tensor:
-    """``max_j ||b_j|| / ||b_k||``, and 0 for a norm at the rounding noise of the largest."""
+def _balancing_weights(norms: Tensor, eps: float) -> Tensor:
+    """``max_j ||b_j|| / ||b_k||``, and 0 for a norm at the rounding noise ``eps`` (of the
+    buffer's dtype) of the largest."""
     largest = norms.max()
-    nonzero = norms > torch.finfo(norms.dtype).eps * largest
+    nonzero = norms > eps * largest
     return torch.where(nonzero, largest / torch.where(nonzero, norms, 1.0), 0.0)
 
 
@@ -39,7 +40,7 @@ def db_mtl_weights(buffer_gramian: Tensor) -> Tensor:
         tensor([1., 2.])
     """
     norms = validated_gramian(buffer_gramian).diagonal().clamp(min=0.0).sqrt()
-    weights = _balancing_weights(norms)
+    weights = _balancing_weights(norms, torch.finfo(buffer_gramian.dtype).eps)
     return weights.to(dtype=buffer_gramian.dtype, device=buffer_gramian.device)
 
 
@@ -53,7 +54,8 @@ def db_mtl_buffer_weights(buffer: Tensor) -> Tensor:
         >>> db_mtl_buffer_weights(torch.tensor([[2.0, 0.0], [0.0, 1.0]]))
         tensor([1., 2.])
     """
-    return _balancing_weights(torch.linalg.vector_norm(buffer.detach(), dim=1))
+    norms = torch.linalg.vector_norm(buffer.detach(), dim=1)
+    return _balancing_weights(norms, torch.finfo(buffer.dtype).eps)
 
 
 def db_mtl(

@@ -139,3 +139,12 @@ def test_buffer_weights_equal_those_of_the_buffer_gramian(jacobian: Tensor) -> N
     )
     zero_row = torch.cat([jacobian, torch.zeros(1, jacobian.shape[1], dtype=jacobian.dtype)])
     assert db_mtl_buffer_weights(zero_row)[-1] == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_norm_at_the_dtypes_rounding_gets_weight_0_from_either_form(dtype) -> None:
+    # Norms 1, 1e-9 and 0.5: in float32 the second is rounding noise of the largest.
+    buffer = torch.tensor([[1.0, 0.0], [1e-9, 0.0], [0.0, 0.5]], dtype=dtype)
+    expected = torch.tensor([1.0, 0.0, 2.0], dtype=dtype)
+    torch.testing.assert_close(db_mtl_buffer_weights(buffer), expected)
+    torch.testing.assert_close(db_mtl_weights(buffer @ buffer.T), expected)
