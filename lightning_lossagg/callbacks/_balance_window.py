@@ -32,8 +32,9 @@ class LossWindow:
     :meth:`add` writes the step's losses, weights and counts into one preallocated device tensor
     (and keeps a running non-finite flag); :meth:`evaluate` derives every condition for every
     task on the device and moves the result to the host in ONE transfer. The reference weights
-    (each task's mean weight over the first full window) are fixed when the first window fills,
-    or restored from a checkpoint.
+    (each task's mean weight over the first full window) are fixed when the first window fills.
+    Its state (:meth:`state_dict`) holds the window itself, so a resumed run judges the same
+    steps as an uninterrupted one.
     """
 
     def __init__(self, size: int) -> None:
@@ -45,6 +46,24 @@ class LossWindow:
         # Tasks whose non-finite loss never reached a record (a step the mixin skipped, or a
         # task it left out), told by the monitor.
         self._marked_nonfinite: set[int] = set()
+        self._on_host = False  # restored from a checkpoint: moved to the records' device
+
+    def state_dict(self) -> dict[str, object]:
+        """The window, on the host."""
+        return {
+            "seen": self.seen,
+            "buffer": None if self._buffer is None else self._buffer.cpu(),
+            "nonfinite": None if self._nonfinite is None else self._nonfinite.cpu(),
+            "marked_nonfinite": sorted(self._marked_nonfinite),
+            "reference_weights": self.reference_weights,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen = int(state["seen"])
+        self._buffer, self._nonfinite = state["buffer"], state["nonfinite"]
+        self._marked_nonfinite = set(state["marked_nonfinite"])
+        self.reference_weights = state["reference_weights"]
+        self._on_host = self._buffer is not None
 
     def mark_nonfinite(self, tasks: list[int]) -> None:
         """Report these tasks at the next :meth:`evaluate` as ``nonfinite_loss``."""
@@ -53,6 +72,10 @@ class LossWindow:
     def add(self, record: LossRecord) -> None:
         """Write ``record`` over the oldest step of the window."""
         losses = record.losses
+        if self._on_host:
+            assert self._buffer is not None and self._nonfinite is not None
+            self._buffer, self._on_host = self._buffer.to(losses.device), False
+            self._nonfinite = self._nonfinite.to(losses.device)
         if self._buffer is None:
             self._buffer = losses.new_zeros((self.size, 3, len(losses)))
             self._nonfinite = torch.zeros(len(losses), dtype=torch.bool, device=losses.device)

@@ -84,6 +84,7 @@ class LossBalanceMonitor(L.Callback):
         self._evaluates = True
         self._active: set[tuple[str, str]] = set()
         self._flags: dict[str, float] = {}
+        self._skipped_steps = 0
         self._state_key: str | None = None
 
     @property
@@ -91,7 +92,12 @@ class LossBalanceMonitor(L.Callback):
     def state_key(self) -> str:
         # Cached: Lightning reads it on every hook call, and the arguments never change.
         if self._state_key is None:
-            self._state_key = self._generate_state_key(window=self.window, **vars(self.thresholds))
+            self._state_key = self._generate_state_key(
+                window=self.window,
+                check_every_n_steps=self.check_every_n_steps,
+                raise_on=sorted(self.raise_on),
+                **vars(self.thresholds),
+            )
         return self._state_key
 
     @override
@@ -187,16 +193,24 @@ class LossBalanceMonitor(L.Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        reference = self._history.reference_weights
+        """The reported conditions, the flags last logged, the skipped steps counted and the
+        window itself: a resumed run judges, flags and reports as an uninterrupted one."""
+        window = self._history.state_dict()
+        reference = window["reference_weights"]
+        window["reference_weights"] = None if reference is None else reference.cpu()  # type: ignore[attr-defined]
         return {
             "active": sorted(self._active),
-            "reference_weights": None if reference is None else reference.cpu(),
+            "flags": dict(self._flags),
+            "skipped_steps": self._skipped_steps,
+            "window": window,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._active = {tuple(key) for key in state_dict["active"]}  # type: ignore[misc]
-        self._history.reference_weights = state_dict["reference_weights"]
+        self._flags.update(state_dict["flags"])
+        self._skipped_steps = state_dict["skipped_steps"]
+        self._history.load_state_dict(state_dict["window"])
 
 
 def _check_number(

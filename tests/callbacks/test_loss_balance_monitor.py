@@ -2,11 +2,13 @@
 a healthy run (the penguins demo) stays silent."""
 
 import math
+import re
 import warnings
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader
@@ -56,7 +58,7 @@ class MemoryLogger(Logger):
     name, version = "memory", 0
 
     def log_metrics(self, metrics, step=None) -> None:
-        self.rows.append(dict(metrics))
+        self.rows.append({**metrics, "step": step})
 
     def log_hyperparams(self, params, *args, **kwargs) -> None:
         pass
@@ -68,21 +70,23 @@ class MemoryLogger(Logger):
         return {name: row[f"train/monitor/{condition}/{name}"] for name in names}
 
 
-def _fit(model, monitor, log_every_n_steps=1, max_epochs=1, **trainer_kwargs):
+def _fit(
+    model, monitor, log_every_n_steps=1, max_epochs=1, callbacks=(), ckpt_path=None, **settings
+):
     logger = MemoryLogger()
     trainer = L.Trainer(
         max_epochs=max_epochs,
         log_every_n_steps=log_every_n_steps,
         logger=logger,
-        callbacks=[monitor],
-        enable_checkpointing=False,
+        callbacks=[monitor, *callbacks],
+        enable_checkpointing=bool(callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,
-        **trainer_kwargs,
+        **settings,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(model)
+        trainer.fit(model, ckpt_path=ckpt_path)
     messages = [str(w.message) for w in caught if str(w.message).startswith("LossBalanceMonitor")]
     return logger, messages
 
@@ -272,15 +276,47 @@ def test_state_survives_a_checkpoint_and_the_key_names_the_settings():
     _fit(ScriptedNet(torch.tensor(steps)), monitor)
     state = monitor.state_dict()
     assert state["active"] == [("dominance", "price")]
-    torch.testing.assert_close(state["reference_weights"], torch.ones(3))
+    torch.testing.assert_close(state["window"]["reference_weights"], torch.ones(3))
 
     resumed = LossBalanceMonitor(window=4)
     resumed.load_state_dict(state)
     # Still dominated after the resume: already reported, so no second warning.
     _, messages = _fit(ScriptedNet(torch.tensor(steps)), resumed)
     assert messages == []
-    assert monitor.state_key != LossBalanceMonitor(window=5).state_key
     assert monitor.state_key == LossBalanceMonitor(window=4).state_key
+    for other in (
+        LossBalanceMonitor(window=5),
+        LossBalanceMonitor(window=4, raise_on=["nonfinite_loss"]),
+        LossBalanceMonitor(window=4, check_every_n_steps=2),
+    ):
+        assert monitor.state_key != other.state_key  # two of them can watch one run
+
+
+def _flags_and_warnings(root, ckpt_path=None):
+    """A 2-epoch scripted run of 6 steps an epoch where price dominates, checkpointed at each
+    epoch's end (midway through the window's third fill): the flags logged in epoch 1, and
+    the warnings there."""
+    losses = torch.tensor([[99.0, 0.5, 0.5]] * 6)
+    monitor = LossBalanceMonitor(window=4, check_every_n_steps=2)
+    checkpoint = ModelCheckpoint(root, every_n_epochs=1, save_top_k=-1)
+    logger, messages = _fit(ScriptedNet(losses), monitor, 1, 2, [checkpoint], ckpt_path)
+    rows = [row for row in logger.rows if "train/monitor/dominance/price" in row]
+    # (A batch's step is the global step after it: epoch 1's are 7 to 12.)
+    flags = [row for row in rows if row["step"] > 6]
+    late = [m for m in messages if int(re.search(r"at step (\d+)", m).group(1)) > 6]
+    return flags, late
+
+
+def test_a_resumed_run_flags_and_reports_as_an_uninterrupted_one(tmp_path):
+    # The window is in the checkpoint: after a resume the monitor judges the same steps (it
+    # judged nothing for a whole window, logging 0 for the dominance it held active).
+    flags, messages = _flags_and_warnings(tmp_path / "full")
+    resumed_flags, resumed_messages = _flags_and_warnings(
+        tmp_path / "resumed", ckpt_path=tmp_path / "full" / "epoch=0-step=6.ckpt"
+    )
+    assert len(flags) >= 5 and all(row["train/monitor/dominance/price"] for row in flags)
+    assert resumed_flags == flags
+    assert resumed_messages == messages
 
 
 def test_a_model_without_the_mixin_is_refused():
