@@ -100,7 +100,9 @@ class LossesReadLater:
         unread, self._unread = self._unread, []
         for copy in unread:
             values = copy.get().tolist()
-            bad = [f"{n!r} ({v:g})" for n, v in zip(task_names, values, strict=True) if offends(v)]
+            # A non-finite loss is the mixin's to report (nonfinite=...), with its own advice.
+            pairs = zip(task_names, values, strict=True)
+            bad = [f"{n!r} ({v:g})" for n, v in pairs if math.isfinite(v) and offends(v)]
             if bad:
                 raise error(
                     f"{method_takes}, but the global loss of task(s) {', '.join(bad)} was "

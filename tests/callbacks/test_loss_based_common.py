@@ -9,8 +9,17 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_lossagg.callbacks import IMTLL, LossLogger, UncertaintyWeighting
-from tests.callbacks._fits import fit_config
+from lightning_lossagg import NonFiniteLossError
+from lightning_lossagg.callbacks import (
+    DWA,
+    FAMO,
+    GLS,
+    IMTLL,
+    LossLogger,
+    LossScaling,
+    UncertaintyWeighting,
+)
+from tests.callbacks._fits import SignedPriceNet, fit_config, signed_price_batches, trainer
 from tests.callbacks._loss_based import (
     DDP_EPOCHS,
     METHODS,
@@ -293,3 +302,18 @@ def test_a_checkpoint_amid_an_accumulation_keeps_the_earlier_micro_batches(metho
     alone.task_weights(model, micro_batches[1])
     alone.on_before_optimizer_step(None, model, None)
     assert not torch.equal(alone.state_dict()["scales"]["values"], scales["values"])
+
+
+@pytest.mark.parametrize(
+    "method",
+    [lambda: DWA(window_steps=1), LossScaling, GLS, FAMO],
+    ids=["DWA", "LS", "GLS", "FAMO"],
+)
+def test_a_minus_infinite_loss_is_the_mixins_non_finite_error_not_a_bound_error(method):
+    # -inf is below every method's bound on the losses; the mixin's error (and advice) is the one.
+    batches = signed_price_batches(3, negative_at=5)
+    batches[1][1]["price"][:] = -torch.inf
+    with pytest.raises(NonFiniteLossError, match=r"task 'price'"):
+        trainer([method()], max_epochs=1).fit(
+            SignedPriceNet().double(), torch.utils.data.DataLoader(batches, batch_size=None)
+        )
