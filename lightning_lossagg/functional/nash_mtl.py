@@ -18,9 +18,12 @@ _RESIDUAL_TOL = 1e-6
 # at _DIVERGED instead, in some 50 steps.
 MAX_ITER = 5000
 # Where no solution exists, the weights along a vanishing combination of the gradients grow
-# geometrically (by half at least per damped step): past this (on G / tr G, where well-spread
-# gradients give weights of about 1) the objective is taken as unbounded, in some 50 steps.
+# geometrically (by half at least per damped step): once a weight times its gradient's norm
+# (1 for orthogonal gradients, 1e3-1e4 nearly degenerate) passes this, the objective is taken
+# as unbounded, in some 50 steps (a zero gradient counts with a norm of 1e-8 of the trace's root:
+# some 90 steps).
 _DIVERGED = 1e8
+_NORM_FLOOR = 1e-16
 # Two gradients with 1 + cos at most this many rounding units of the Gramian's dtype are taken
 # as opposite (no solution): below it the cosine itself is rounding.
 _OPPOSITE_ROUNDING = 64
@@ -54,6 +57,8 @@ def _solve_bargaining(matrix: np.ndarray, start: np.ndarray, max_iter: int) -> n
     non-negative combination of the gradients vanishes) and no solution exists.
     """
     alpha = start
+    # On G / tr G: the norms, floored, that scale the weights in the divergence test.
+    norms = np.sqrt(np.maximum(matrix.diagonal(), _NORM_FLOOR))
     for _ in range(max_iter):
         gradient = matrix @ alpha - 1.0 / alpha
         hessian = matrix + np.diag(alpha**-2)
@@ -69,7 +74,7 @@ def _solve_bargaining(matrix: np.ndarray, start: np.ndarray, max_iter: int) -> n
             return alpha if residual < _RESIDUAL_TOL else None
         # Damped steps 1 / (1 + decrement) stay inside the domain alpha > 0 (self-concordance).
         alpha = alpha + (step if decrement < 0.25 else step / (1.0 + decrement))
-        if alpha.max() > _DIVERGED:
+        if (alpha * norms).max() > _DIVERGED:
             return None
     return None
 

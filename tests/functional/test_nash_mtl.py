@@ -202,3 +202,11 @@ def test_a_zero_gradient_falls_back_to_the_previous_weights():
     scale = weights / previous
     torch.testing.assert_close(scale, scale[:1].expand(5))  # the previous, rescaled
     torch.testing.assert_close(weights @ gramian @ weights, torch.tensor(5.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("small", [1e-6, 1e-8, 1e-10])
+def test_orthogonal_gradients_of_very_different_norms_have_their_solution(small: float) -> None:
+    # w_k = 1 / ||g_k||: a weight of 1e10 is a solution, not a divergence.
+    norms = torch.tensor([1.0, 2.0, small], dtype=torch.float64)
+    weights = nash_mtl(torch.diag(norms**2), max_norm=0.0)
+    torch.testing.assert_close(weights, 1 / norms, rtol=1e-6, atol=0)
