@@ -49,18 +49,22 @@ class LossWindow:
         self._on_host = False  # restored from a checkpoint: moved to the records' device
 
     def state_dict(self) -> dict[str, object]:
-        """The window, on the host."""
+        """The window, copied to the host (the live buffers change in place)."""
         return {
             "seen": self.seen,
-            "buffer": None if self._buffer is None else self._buffer.cpu(),
-            "nonfinite": None if self._nonfinite is None else self._nonfinite.cpu(),
+            "buffer": None if self._buffer is None else self._buffer.to("cpu", copy=True),
+            "nonfinite": None if self._nonfinite is None else self._nonfinite.to("cpu", copy=True),
             "marked_nonfinite": sorted(self._marked_nonfinite),
-            "reference_weights": self.reference_weights,
+            "reference_weights": (
+                None if self.reference_weights is None else self.reference_weights.cpu()
+            ),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.seen = int(state["seen"])
-        self._buffer, self._nonfinite = state["buffer"], state["nonfinite"]
+        buffer, nonfinite = state["buffer"], state["nonfinite"]
+        self._buffer = None if buffer is None else buffer.clone()  # written in place later
+        self._nonfinite = None if nonfinite is None else nonfinite.clone()
         self._marked_nonfinite = set(state["marked_nonfinite"])
         self.reference_weights = state["reference_weights"]
         self._on_host = self._buffer is not None

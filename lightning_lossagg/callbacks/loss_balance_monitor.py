@@ -92,12 +92,14 @@ class LossBalanceMonitor(L.Callback):
     def state_key(self) -> str:
         # Cached: Lightning reads it on every hook call, and the arguments never change.
         if self._state_key is None:
-            self._state_key = self._generate_state_key(
-                window=self.window,
-                check_every_n_steps=self.check_every_n_steps,
-                raise_on=sorted(self.raise_on),
-                **vars(self.thresholds),
-            )
+            # check_every_n_steps and raise_on only where set: a default monitor keeps the key
+            # of the checkpoints written before they were in it.
+            settings: dict[str, Any] = {"window": self.window, **vars(self.thresholds)}
+            if self.check_every_n_steps is not None:
+                settings["check_every_n_steps"] = self.check_every_n_steps
+            if self.raise_on:
+                settings["raise_on"] = sorted(self.raise_on)
+            self._state_key = self._generate_state_key(**settings)
         return self._state_key
 
     @override
@@ -195,19 +197,19 @@ class LossBalanceMonitor(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         """The reported conditions, the flags last logged, the skipped steps counted and the
         window itself: a resumed run judges, flags and reports as an uninterrupted one."""
-        window = self._history.state_dict()
-        reference = window["reference_weights"]
-        window["reference_weights"] = None if reference is None else reference.cpu()  # type: ignore[attr-defined]
         return {
             "active": sorted(self._active),
             "flags": dict(self._flags),
             "skipped_steps": self._skipped_steps,
-            "window": window,
+            "window": self._history.state_dict(),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._active = {tuple(key) for key in state_dict["active"]}  # type: ignore[misc]
+        if "window" not in state_dict:  # written before the window was kept: the reference only
+            self._history.reference_weights = state_dict["reference_weights"]
+            return
         self._flags.update(state_dict["flags"])
         self._skipped_steps = state_dict["skipped_steps"]
         self._history.load_state_dict(state_dict["window"])

@@ -284,6 +284,16 @@ def test_state_survives_a_checkpoint_and_the_key_names_the_settings():
     _, messages = _fit(ScriptedNet(torch.tensor(steps)), resumed)
     assert messages == []
     assert monitor.state_key == LossBalanceMonitor(window=4).state_key
+    # The key of a default monitor is the one checkpoints were written with before
+    # check_every_n_steps and raise_on were in it; their state (no window) still loads.
+    assert monitor.state_key == (
+        "LossBalanceMonitor{'window': 4, 'dominance': 0.9, 'rise_tolerance': 0.1, "
+        "'collapse_fraction': 0.01, 'explosion_factor': 100.0}"
+    )
+    earlier = LossBalanceMonitor(window=4)
+    earlier.load_state_dict({"active": state["active"], "reference_weights": torch.ones(3)})
+    _, messages = _fit(ScriptedNet(torch.tensor(steps)), earlier)
+    assert messages == []  # still the dominance reported before
     for other in (
         LossBalanceMonitor(window=5),
         LossBalanceMonitor(window=4, raise_on=["nonfinite_loss"]),
@@ -305,6 +315,15 @@ def _flags_and_warnings(root, ckpt_path=None):
     flags = [row for row in rows if row["step"] > 6]
     late = [m for m in messages if int(re.search(r"at step (\d+)", m).group(1)) > 6]
     return flags, late
+
+
+def test_the_state_is_a_copy_of_the_window():
+    monitor = LossBalanceMonitor(window=4)
+    _fit(ScriptedNet(torch.tensor([[99.0, 0.5, 0.5]] * 3)), monitor)
+    state = monitor.state_dict()
+    before = state["window"]["buffer"].clone()
+    _fit(ScriptedNet(torch.tensor([[1.0, 2.0, 3.0]] * 3)), monitor)
+    assert torch.equal(state["window"]["buffer"], before)
 
 
 def test_a_resumed_run_flags_and_reports_as_an_uninterrupted_one(tmp_path):
