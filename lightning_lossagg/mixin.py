@@ -265,15 +265,25 @@ class MultiTaskMixin:
 
     def _probe_linear_heads(self, heads: TaskHeads, detached: Tensor) -> None:
         """At a fit's first step, whether its linear heads may run as one node: the layout is
-        checked on views of a copy of the representation, in one more forward of the heads
-        whose graph is dropped. Every step then takes the same way, the first included, so a
-        fit resumed from a checkpoint weighs its first step with the same arithmetic as the
-        uninterrupted fit did."""
+        checked on views of a copy of the representation, in one more call of ``forward_heads``
+        whose graph is dropped, and whose draws of random numbers and changes to the model's
+        buffers (dropout, batch norm) are undone. Every step then takes the same way, the first
+        included, so a fit resumed from a checkpoint weighs its first step with the same
+        arithmetic as the uninterrupted fit did."""
         leaf = detached.detach().requires_grad_()
         probe = GradientsAtHeads(len(heads.modules))
-        with HeadInputs(heads.modules, leaf, probe.views(leaf), probe) as head_inputs:
+        buffers = [(buffer, buffer.clone()) for buffer in self.buffers()]  # type: ignore[attr-defined]
+        devices = [leaf.device] if leaf.device.type == "cuda" else []
+        views = probe.views(leaf)
+        with (
+            torch.random.fork_rng(devices),
+            HeadInputs(heads.modules, leaf, views, probe) as inputs,
+        ):
             predictions = self.forward_heads(leaf)  # type: ignore[attr-defined]
-        self._check_layout(heads, head_inputs, predictions, leaf, probe)
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        self._check_layout(heads, inputs, predictions, leaf, probe)
         self._linear_heads = bool(self._linear_heads)  # decided: no probe at the next steps
 
     def _predict_with_linear_heads(

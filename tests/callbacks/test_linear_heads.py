@@ -220,3 +220,27 @@ def test_heads_in_one_node_under_gradient_accumulation_give_what_the_views_give(
     assert len(model.records) == len(views.records) == 2
     for record, expected in zip(model.records, views.records, strict=True):
         assert_matches(record, expected)
+
+
+class NormalisedRepresentationNet(LinearFactorsNet):
+    """forward_heads normalises the representation (batch norm) and drops some of it first:
+    state and random numbers that the heads' layout probe must leave as they were."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.norm = torch.nn.BatchNorm1d(8)
+
+    def forward_heads(self, shared):
+        return super().forward_heads(torch.nn.functional.dropout(self.norm(shared), 0.5))
+
+
+def test_the_layout_probe_leaves_the_models_buffers_alone(tmp_path):
+    batch = make_batch(9, seed=5)
+    model = NormalisedRepresentationNet(str(tmp_path), [batch]).double()
+    with torch.no_grad():
+        representation = copy.deepcopy(model).forward_shared(batch[0])
+    fit_model(model, 1, FactoredGradients(rep_grad=True))
+    assert model._linear_heads is False  # the heads read the normalised representation
+    # One batch-norm update (momentum 0.1 from zeros): the probe's was undone.
+    assert model.norm.num_batches_tracked == 1
+    torch.testing.assert_close(model.norm.running_mean, 0.1 * representation.mean(0))
