@@ -21,10 +21,11 @@ When every head is an ``nn.Linear`` on a 2-D representation, view ``k``'s gradie
 node, and builds the Gramian and the update from them (``N × O`` and ``O × H`` for ``O`` head
 outputs) instead of from K gradients of ``N × H`` each; the first step checks, once, that each
 view reaches its prediction only through its head's linear map, on views of a copy of the
-representation whose graph is dropped (random draws and buffer updates undone). From then on, that first step included (outside
-autocast), the heads are not called on views at all: :class:`FusedLinearHeads` hands them their
-outputs from ONE autograd node (:meth:`GradientsAtHeads.linear_heads`) whose backward gets every
-head's output gradient, gives the heads their parameters' gradients and the method the factors,
+representation whose graph is dropped (random draws and buffer updates undone). From then on,
+that first step included (outside autocast), the heads are not called on views at all:
+:class:`FusedLinearHeads` hands them their outputs from ONE autograd node
+(:meth:`GradientsAtHeads.linear_heads`) whose backward gets every head's output gradient, gives
+the heads their parameters' gradients and the method the factors,
 and sends on the update: no per-task gradient at the representation is ever made.
 """
 
