@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as distributed_c10d
 import torch.multiprocessing as mp
 
 
@@ -72,27 +73,54 @@ def run_on_lightning_ranks(fn: Callable[..., Any], *args: Any, world_size: int =
 
 
 class CollectiveCounter:
-    """Counts the collectives issued through ``torch.distributed`` while active (a wrapper that
-    calls the real collective: the count is of real calls)."""
+    """Counts every collective issued through ``torch.distributed`` while active: each public
+    collective is wrapped where it can be looked up, on ``torch.distributed`` and on
+    ``torch.distributed.distributed_c10d`` (a wrapper that calls the real collective: the count
+    is of real calls; a collective built on another, such as ``broadcast_object_list``, counts
+    both)."""
 
-    NAMES = ("all_reduce", "all_gather", "broadcast", "reduce", "all_gather_into_tensor")
+    NAMES = (
+        "all_reduce",
+        "all_reduce_coalesced",
+        "all_gather",
+        "all_gather_coalesced",
+        "all_gather_into_tensor",
+        "all_gather_object",
+        "all_to_all",
+        "all_to_all_single",
+        "barrier",
+        "broadcast",
+        "broadcast_object_list",
+        "gather",
+        "gather_object",
+        "monitored_barrier",
+        "reduce",
+        "reduce_scatter",
+        "reduce_scatter_tensor",
+        "scatter",
+        "scatter_object_list",
+    )
+    MODULES = (dist, distributed_c10d)
 
     def __init__(self) -> None:
         self.calls: list[str] = []
-        self._originals: dict[str, Callable] = {}
+        self._originals: list[tuple[Any, str, Callable]] = []
 
     def __enter__(self) -> CollectiveCounter:
-        for name in self.NAMES:
-            original = getattr(dist, name)
-            self._originals[name] = original
+        for module in self.MODULES:
+            for name in self.NAMES:
+                original = getattr(module, name, None)
+                if original is None:
+                    continue
+                self._originals.append((module, name, original))
 
-            def counted(*args, _name=name, _original=original, **kwargs):
-                self.calls.append(_name)
-                return _original(*args, **kwargs)
+                def counted(*args, _name=name, _original=original, **kwargs):
+                    self.calls.append(_name)
+                    return _original(*args, **kwargs)
 
-            setattr(dist, name, counted)
+                setattr(module, name, counted)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for name, original in self._originals.items():
-            setattr(dist, name, original)
+        for module, name, original in reversed(self._originals):
+            setattr(module, name, original)
