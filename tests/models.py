@@ -13,16 +13,21 @@ IN_FEATURES = 5
 
 
 class ThreeTaskNet(MultiTaskMixin, L.LightningModule):
-    """price (MSE, weight 2), kind (3-class cross-entropy), sold (BCE with logits)."""
+    """price (MSE, weight 2), kind (3-class cross-entropy), sold (BCE with logits; with
+    ``sold_loss="mse"`` stacked with price)."""
 
     def __init__(
-        self, rank_weighting: str = "samples", lr: float = 0.1, sold_weight: float = 1.0
+        self,
+        rank_weighting: str = "samples",
+        lr: float = 0.1,
+        sold_weight: float = 1.0,
+        sold_loss: str = "bce_with_logits",
     ) -> None:
         super().__init__(
             tasks={
                 "price": Task("mse", weight=2.0),
                 "kind": Task("cross_entropy"),
-                "sold": Task("bce_with_logits", weight=sold_weight),
+                "sold": Task(sold_loss, weight=sold_weight),
             },
             rank_weighting=rank_weighting,
         )

@@ -21,8 +21,8 @@ from tests.process_group import CollectiveCounter
 class RecordingNet(ThreeTaskNet):
     """Trains on this rank's own batch and saves what the step produced."""
 
-    def __init__(self, out_dir: str, rank_batches: list) -> None:
-        super().__init__()
+    def __init__(self, out_dir: str, rank_batches: list, **kwargs) -> None:
+        super().__init__(**kwargs)
         self.out_dir, self.rank_batches = out_dir, rank_batches
 
     def train_dataloader(self):
@@ -96,3 +96,57 @@ def test_one_process_matches_the_reference_and_issues_no_collective(tmp_path):
     result = torch.load(tmp_path / "rank0.pt")
     _assert_matches_reference(result, reference)
     assert result["collectives"] == []
+
+
+class StackedRecordingNet(RecordingNet):
+    """price and sold both MSE on predictions of one shape: the mixin stacks them (one summed
+    group per step), the path exact aggregation must hold for as much as the per-task one."""
+
+    def __init__(self, out_dir: str, rank_batches: list) -> None:
+        super().__init__(out_dir, rank_batches, sold_loss="mse")
+
+    def on_before_optimizer_step(self, optimizer):
+        super().on_before_optimizer_step(optimizer)
+        path = Path(self.out_dir) / f"rank{self.global_rank}.pt"
+        result = torch.load(path)
+        result["counts"] = self.loss_record.counts
+        result["stacked"] = any(plan is not None for plan in self._stacking_plans.values())
+        torch.save(result, path)
+
+
+@pytest.mark.ddp
+def test_two_rank_ddp_with_stacked_tasks_equals_one_process_on_the_concatenated_batch(tmp_path):
+    rank0, rank1 = make_batch(5, seed=1), make_batch(8, seed=2)
+    rank0[1]["sold"][[0, 3]] = torch.nan  # sold's labels missing elsewhere than price's
+    rank1[1]["sold"][:] = torch.nan  # and none on rank 1
+    model = StackedRecordingNet(str(tmp_path), [rank0, rank1])
+    batch = concat_batches(rank0, rank1)
+    reference_model = copy.deepcopy(model).double()
+    inputs, targets = batch
+    predictions = reference_model(inputs)
+    losses = {}
+    for name in ("price", "sold"):
+        valid = ~torch.isnan(targets[name])
+        losses[name] = torch.nn.functional.mse_loss(predictions[name][valid], targets[name][valid])
+    valid_kind = targets["kind"] != -100
+    losses["kind"] = torch.nn.functional.cross_entropy(
+        predictions["kind"][valid_kind], targets["kind"][valid_kind]
+    )
+    objective = 2.0 * losses["price"] + losses["kind"] + losses["sold"]
+    objective.backward()
+    reference = {
+        "losses": torch.stack([losses[n] for n in ("price", "kind", "sold")]).detach(),
+        "objective": objective.detach(),
+        "grads": {n: p.grad for n, p in reference_model.named_parameters()},
+    }
+    counts = [(~torch.isnan(targets[n])).sum() for n in ("price", "sold")]
+    counts.insert(1, valid_kind.sum())
+
+    quiet_trainer(devices=2).fit(model)
+
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["stacked"]
+        _assert_matches_reference(result, reference)
+        assert result["counts"].tolist() == [int(c) for c in counts]
+        assert result["collectives"] == ["all_reduce"]

@@ -48,11 +48,24 @@ def test_csv_logger_gets_every_component_per_step_and_per_epoch(tmp_path):
     step_rows = [r for r in rows if r["train/weight/body_mass"]]
     assert len(step_rows) == trainer.global_step
     assert {float(r["train/weight/body_mass"]) for r in step_rows} == {2.0}
-    for row in step_rows:
-        shares = sum(float(row[f"train/share/{t}"]) for t in TASKS)
-        assert shares == pytest.approx(1.0)
-        weighted = sum(float(row[f"train/weighted/{t}"]) for t in TASKS)
-        assert weighted == pytest.approx(float(row["train/loss"]), rel=1e-5)
+    epoch_rows = [
+        (prefix, row) for prefix in ("train_epoch", "val") for row in rows if row[f"{prefix}/loss"]
+    ]
+    assert len(epoch_rows) == 4  # two epochs of each
+    for prefix, row in [("train", row) for row in step_rows] + epoch_rows:
+        # Each task's own figures, not only their sums: weighted = weight * loss, share =
+        # weighted / objective, objective = the sum of the weighted losses.
+        objective = float(row[f"{prefix}/loss"])
+        weighted = {t: float(row[f"{prefix}/weighted/{t}"]) for t in TASKS}
+        assert sum(weighted.values()) == pytest.approx(objective, rel=1e-5)
+        for task in TASKS:
+            loss, weight = (
+                float(row[f"{prefix}/loss/{task}"]),
+                float(row[f"{prefix}/weight/{task}"]),
+            )
+            assert weighted[task] == pytest.approx(weight * loss, rel=1e-5), (prefix, task)
+            share = float(row[f"{prefix}/share/{task}"])
+            assert share == pytest.approx(weighted[task] / objective, rel=1e-5), (prefix, task)
 
 
 def test_epoch_values_are_sample_weighted_global_means(tmp_path):
