@@ -185,12 +185,14 @@ def nash_mtl_weights(
     solution = _two_task_solution(*matrix.ravel().tolist(), eps) if len(matrix) == 2 else None
     weights = solution if solution is not None else _scaled_like_a_solution(matrix, start, eps)
     trace = np.trace(matrix)
-    if len(matrix) > 2 and trace > TINY:  # (two tasks: the closed form is exact)
+    # (One task: the scaled start is the solution; two: the closed form is exact.)
+    if len(matrix) > 2 and trace > TINY:
         # Newton on G / tr(G) is better conditioned; its solution is sqrt(tr(G)) times ours.
         normalized = _solve_bargaining(matrix / trace, weights * np.sqrt(trace), max_iter)
+        solved = None if normalized is None else normalized / np.sqrt(trace)
         # A solution whose update cancels below the Gramian's rounding is the rounding's.
-        if normalized is not None and _resolved(matrix, normalized / np.sqrt(trace), eps):
-            weights = normalized / np.sqrt(trace)
+        if solved is not None and _resolved(matrix, solved, eps):
+            weights = solved
     norm = np.sqrt(max(weights @ matrix @ weights, 0.0))
     if max_norm > 0 and norm > max_norm:
         weights = weights * (max_norm / norm)
