@@ -17,7 +17,7 @@ from tests.callbacks._gradient_based import (
     reference_weights,
     training_batches,
 )
-from tests.models import ThreeTaskNet
+from tests.models import ThreeTaskNet, make_batch, quiet_trainer
 
 
 @pytest.mark.parametrize("rep_grad", [False, True])
@@ -117,19 +117,6 @@ def test_the_method_knows_the_rounding_of_the_gramians_dtype(rep_grad):
     # Whether two gradients are opposite is told to the Gramian's rounding: 1e-7 in float32.
     for precision, dtype in (("32-true", torch.float32), ("64-true", torch.float64)):
         callback = NashMTL(rep_grad=rep_grad)
-        trainer = L.Trainer(
-            callbacks=[callback],
-            max_steps=1,
-            precision=precision,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        batches = training_batches(1)
-        if dtype == torch.float32:
-            batches = [
-                (x.float(), {k: v.float() if v.is_floating_point() else v for k, v in t.items()})
-                for x, t in batches
-            ]
-        trainer.fit(ThreeTaskNet(), loader(batches))
+        trainer = quiet_trainer(1, precision=precision, callbacks=[callback])
+        trainer.fit(ThreeTaskNet(), loader([make_batch(6, seed=1, dtype=dtype)]))
         assert callback.gramian_eps == torch.finfo(dtype).eps
