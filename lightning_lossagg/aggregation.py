@@ -349,6 +349,11 @@ def in_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
+def on_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """``tensor.to(device)`` without a dispatch when it is on ``device`` already."""
+    return tensor if tensor.device == device else tensor.to(device)
+
+
 def _global_losses(numerators: Tensor, counts: Tensor, dtype: torch.dtype) -> Tensor:
     """``numerators / counts``: NaN exactly for a task without a valid sample, whose numerator is
     a sum of nothing, 0, over a count of 0 (a dropped task's numerator is NaN)."""

@@ -522,7 +522,9 @@ class MultiTaskMixin:
         weights, valid = self._step_weights
         latest = self._latest_weights
         latest = self._static_weights if latest is None else latest
-        latest = torch.where(valid, weights, latest.to(weights))
+        if latest.dtype != weights.dtype or latest.device != weights.device:
+            latest = latest.to(weights)
+        latest = torch.where(valid, weights, latest)
         _set_plain(self, "_latest_weights", latest)
         _set_plain(self, "_step_weights", None)
         return latest

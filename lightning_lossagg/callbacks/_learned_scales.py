@@ -49,7 +49,7 @@ class LearnedScalesWeighting(WeightingCallback):
         self._loss_sum: list[float] | None = None
         self._loss_count: list[float] | None = None
         self._device_weights: Tensor | None = None  # the weights on the device, until s moves
-        self._logged: Tensor | None = None  # the s behind those weights, for the logs
+        self._logged: list[float] | None = None  # the s behind those weights, for the logs
 
     def _weight(self, task: int, scale: float) -> float:
         """Task ``task``'s weight ``w_k`` at the value ``s_k``."""
@@ -76,7 +76,7 @@ class LearnedScalesWeighting(WeightingCallback):
         weights = self._device_weights
         if weights is None or weights.device != losses.device:
             weights = distributed.to_device(self._host_weights(), like=losses)
-            self._device_weights, self._logged = weights, self._scales.snapshot()
+            self._device_weights, self._logged = weights, self._scales.values
         return weights
 
     @override
@@ -116,7 +116,9 @@ class LearnedScalesWeighting(WeightingCallback):
     @override
     def state_to_log(self) -> dict[str, Tensor]:
         """``s`` as the latest step's weights came from (not as its optimizer step left it)."""
-        scales = self._logged if self._logged is not None else self._scales.snapshot()
+        if self._logged is not None:  # a tensor only when a logger asks
+            return {self.state_name: torch.tensor(self._logged, dtype=torch.float64)}
+        scales = self._scales.snapshot()
         return {} if scales is None else {self.state_name: scales}
 
     @override

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_lossagg.aggregation import GlobalTaskLosses, finite
+from lightning_lossagg.aggregation import GlobalTaskLosses, finite, on_device
 from lightning_lossagg.callbacks._checks import (
     LossesReadLater,
     check_positive,
@@ -148,8 +148,8 @@ class DWA(WeightingCallback):
         if self._loss_sum is None or self._loss_count is None:
             self._loss_sum, self._loss_count = weighted_losses, counts
         else:
-            self._loss_sum = self._loss_sum.to(counts.device) + weighted_losses
-            self._loss_count = self._loss_count.to(counts.device) + counts
+            self._loss_sum = on_device(self._loss_sum, counts.device) + weighted_losses
+            self._loss_count = on_device(self._loss_count, counts.device) + counts
 
     def _close_period(self) -> None:
         self._add_pending()
@@ -165,8 +165,9 @@ class DWA(WeightingCallback):
 
     def _rates_and_weights(self, device: torch.device) -> tuple[Tensor, Tensor]:
         assert self._previous is not None and self._before_previous is not None
-        previous, before = self._previous.to(device), self._before_previous.to(device)
-        has_rate = torch.isfinite(previous) & torch.isfinite(before) & (before > 0)
+        previous = on_device(self._previous, device)
+        before = on_device(self._before_previous, device)
+        has_rate = finite(previous) & finite(before) & (before > 0)
         previous = torch.where(has_rate, previous, 1.0)
         before = torch.where(has_rate, before, 1.0)
         return previous / before, dwa(previous, before, self.temperature, validate_args=False)

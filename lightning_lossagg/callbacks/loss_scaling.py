@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_lossagg.aggregation import GlobalTaskLosses
+from lightning_lossagg.aggregation import GlobalTaskLosses, on_device
 from lightning_lossagg.callbacks._checks import (
     LossesReadLater,
     check_non_negative_int,
@@ -127,11 +127,11 @@ class LossScaling(WeightingCallback):
         if self._levels is None or self._has_level is None:
             levels, has_level = torch.zeros_like(losses), torch.zeros_like(usable)
         else:
-            levels = self._levels.to(losses.device)
-            has_level = self._has_level.to(losses.device)
+            levels = on_device(self._levels, losses.device)  # moved once, after a restore
+            has_level = on_device(self._has_level, losses.device)
         if self.mode == "ema":
-            observed = torch.where(usable, losses, levels)
-            moving_average = update_loss_levels(levels, observed, self.decay, validate_args=False)
+            # Non-finite where a task is not usable: left out by the last where below.
+            moving_average = update_loss_levels(levels, losses, self.decay, validate_args=False)
             # A task's first level is its first loss, as update_loss_levels(None, ...) starts.
             candidate, update = torch.where(has_level, moving_average, losses), usable
         else:

@@ -52,22 +52,26 @@ def dwa(
             f"task); found {tuple(prev.shape)} and {tuple(prev2.shape)}."
         )
     scaled_rates = prev.detach() / prev2.detach() / temperature
-    valid = torch.isfinite(prev) & torch.isfinite(prev2) & torch.isfinite(scaled_rates)
-    if validate_args and not valid.all():
-        for name, values in (("prev", prev), ("prev2", prev2)):
-            bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
-            if bad:
-                raise ValueError(
-                    f"`{name}` must be finite; found non-finite losses at indices {bad}."
-                )
-        zero = (prev2 == 0).nonzero().flatten().tolist()
-        if zero:
-            raise ValueError(
-                f"`prev2` is 0 at task indices {zero}, so the rate L(t-1)/L(t-2) is undefined. "
-                "Use weights of 1 until those tasks have a non-zero epoch-mean loss."
-            )
-        bad = (~torch.isfinite(scaled_rates)).nonzero().flatten().tolist()
-        raise ValueError(
-            f"The rate `prev / prev2` divided by the temperature overflows at task indices {bad}."
-        )
+    if validate_args:
+        _check_rates(prev, prev2, scaled_rates)
     return prev.numel() * torch.softmax(scaled_rates, dim=0)
+
+
+def _check_rates(prev: Tensor, prev2: Tensor, scaled_rates: Tensor) -> None:
+    """A ValueError naming the tasks whose losses or rate are not finite (one host sync)."""
+    if (torch.isfinite(prev) & torch.isfinite(prev2) & torch.isfinite(scaled_rates)).all():
+        return
+    for name, values in (("prev", prev), ("prev2", prev2)):
+        bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"`{name}` must be finite; found non-finite losses at indices {bad}.")
+    zero = (prev2 == 0).nonzero().flatten().tolist()
+    if zero:
+        raise ValueError(
+            f"`prev2` is 0 at task indices {zero}, so the rate L(t-1)/L(t-2) is undefined. "
+            "Use weights of 1 until those tasks have a non-zero epoch-mean loss."
+        )
+    bad = (~torch.isfinite(scaled_rates)).nonzero().flatten().tolist()
+    raise ValueError(
+        f"The rate `prev / prev2` divided by the temperature overflows at task indices {bad}."
+    )

@@ -83,5 +83,5 @@ def gls_weights(
     taking_part = torch.where(valid, detached(losses), 1.0)
     _check_losses(taking_part, validate_args)
     log_losses = taking_part.log()
-    num_valid = valid.sum().clamp(min=1)
+    num_valid = valid.sum(dtype=log_losses.dtype).clamp(min=1)  # no integer promotions below
     return torch.exp(log_losses.sum() / num_valid - log_losses) / num_valid
