@@ -10,12 +10,14 @@ phases of a shared machine cancel, and ``best`` the ratio of each one's fastest 
 torch thread all the work is on it): on a machine shared with other jobs, wall time mostly
 measures waiting for a core. "(weights of 1)" is a weighting callback that returns ones: what the
 interface itself costs (hooks, the weights' way through the mixin). ``paired``: the median over
-rounds of the ratio within one fit whose odd steps weigh with the method and even steps are static
-(:class:`OnOddSteps`), which a fit running fast or slow as a whole does not move; Lightning's own
+rounds of the ratio within one fit (``--paired-steps`` long) whose odd steps weigh with the method
+and even steps are static (:class:`OnOddSteps`), which a fit running fast or slow as a whole does
+not move; Lightning's own
 cost of calling a callback's hooks then falls on both sides (the "(weights of 1)" row's ``ratio``
 shows it). Target: at most 1.05, FAMO excepted (an extra forward pass by design).
 
-    python -m benchmarks.loss_methods [--rounds 9] [--threads 1] [--clock cpu|wall]
+    python -m benchmarks.loss_methods [--rounds 9] [--paired-steps 300] [--threads 1]
+        [--clock cpu|wall]
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from torch import Tensor
 
 from benchmarks._timing import (
+    PAIRED_STEPS_HELP,
     interleaved_times,
     median_step_time,
     quiet,
@@ -136,6 +139,7 @@ METHODS: dict[str, Callable[[], L.Callback | None]] = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--paired-steps", type=int, default=300, help=PAIRED_STEPS_HELP)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument(
         "--clock",
@@ -146,13 +150,14 @@ def main() -> None:
     args = parser.parse_args()
     quiet()
     torch.set_num_threads(args.threads)
-    print_method_table(args.rounds, args.clock)
+    print_method_table(args.rounds, args.clock, args.paired_steps)
 
 
-def print_method_table(rounds: int, clock_name: str) -> None:
+def print_method_table(rounds: int, clock_name: str, paired_steps: int = 300) -> None:
     """Each method's median step time and its ratio to static weights, measured in this run."""
     clock = "thread" if clock_name == "cpu" else "wall"
     loader = synthetic_loader(NUM_TASKS, batch_size=256)
+    paired_loader = synthetic_loader(NUM_TASKS, batch_size=256, steps=paired_steps)
 
     def timed(make: Callable[[], L.Callback | None]) -> Callable[[], float]:
         def run() -> float:
@@ -163,7 +168,7 @@ def print_method_table(rounds: int, clock_name: str) -> None:
         return run
 
     def paired(make: Callable[[], L.Callback | None]) -> Callable[[], float]:
-        return lambda: paired_method_ratio(make(), loader)  # type: ignore[arg-type]
+        return lambda: paired_method_ratio(make(), paired_loader)  # type: ignore[arg-type]
 
     variants = {name: timed(make) for name, make in METHODS.items()}
     variants |= {
@@ -172,7 +177,7 @@ def print_method_table(rounds: int, clock_name: str) -> None:
     times = interleaved_times(variants, rounds)
     print(
         f"K={NUM_TASKS}, batch 256, {rounds} rounds, {torch.get_num_threads()} thread(s), "
-        f"{clock_name} time"
+        f"{clock_name} time, paired fits of {paired_steps} steps"
     )
     print(f"{'method':<22} {'ms/step':>8} {'ratio':>6} {'best':>6} {'paired':>7}")
     paired_ratios = {name: times.pop(f"paired {name}", None) for name in METHODS}

@@ -9,8 +9,8 @@ a fit's running fast or slow as a whole does not move. Target: at most 1.05. ``-
 times every loss-based weighting method against static weights (:mod:`benchmarks.loss_methods`;
 the gradient-based ones are in :mod:`benchmarks.gradient_methods`).
 
-    python -m benchmarks.overhead [--rounds 5] [--tasks 2 4 8] [--clock cpu] [--threads 1]
-        [--methods]
+    python -m benchmarks.overhead [--rounds 5] [--tasks 2 4 8] [--paired-steps 300] [--clock cpu]
+        [--threads 1] [--methods]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import statistics
 import torch
 
 from benchmarks._timing import (
+    PAIRED_STEPS_HELP,
     PlainMLP,
     interleaved_times,
     median_step_time,
@@ -37,6 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--paired-steps", type=int, default=300, help=PAIRED_STEPS_HELP)
     parser.add_argument(
         "--clock",
         choices=["wall", "cpu"],
@@ -64,7 +66,8 @@ def main() -> None:
             )
             for name, make in models.items()
         }
-        variants["paired"] = lambda k=num_tasks, loader=loader: paired_ratio(
+        paired_loader = synthetic_loader(num_tasks, steps=args.paired_steps)
+        variants["paired"] = lambda k=num_tasks, loader=paired_loader: paired_ratio(
             k, loader, clock=args.clock
         )
         times = interleaved_times(variants, args.rounds)
@@ -75,7 +78,7 @@ def main() -> None:
             f"{mixin.ratio:>6.3f} {mixin.best_ratio:>6.3f} {paired:>7.3f}"
         )
     if args.methods:
-        print_method_table(args.rounds, args.clock)
+        print_method_table(args.rounds, args.clock, args.paired_steps)
 
 
 if __name__ == "__main__":
