@@ -47,6 +47,7 @@ def quiet() -> None:
 # wall time mostly measures waiting for a core.
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time, "thread": time.thread_time}
 
+PAIRED_STEPS = 300  # the default length of a paired fit
 PAIRED_STEPS_HELP = (
     "steps of each paired fit: its ratio compares medians of half as many steps each, so longer "
     "fits read steadier (at 60 steps one fit's ratio moves by ±5 %% on a shared machine)"

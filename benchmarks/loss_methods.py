@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from benchmarks._timing import (
+    PAIRED_STEPS,
     PAIRED_STEPS_HELP,
     interleaved_times,
     median_step_time,
@@ -139,7 +140,7 @@ METHODS: dict[str, Callable[[], L.Callback | None]] = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--paired-steps", type=int, default=300, help=PAIRED_STEPS_HELP)
+    parser.add_argument("--paired-steps", type=int, default=PAIRED_STEPS, help=PAIRED_STEPS_HELP)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument(
         "--clock",
@@ -153,7 +154,7 @@ def main() -> None:
     print_method_table(args.rounds, args.clock, args.paired_steps)
 
 
-def print_method_table(rounds: int, clock_name: str, paired_steps: int = 300) -> None:
+def print_method_table(rounds: int, clock_name: str, paired_steps: int = PAIRED_STEPS) -> None:
     """Each method's median step time and its ratio to static weights, measured in this run."""
     clock = "thread" if clock_name == "cpu" else "wall"
     loader = synthetic_loader(NUM_TASKS, batch_size=256)

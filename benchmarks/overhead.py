@@ -21,6 +21,7 @@ import statistics
 import torch
 
 from benchmarks._timing import (
+    PAIRED_STEPS,
     PAIRED_STEPS_HELP,
     PlainMLP,
     interleaved_times,
@@ -38,7 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8])
-    parser.add_argument("--paired-steps", type=int, default=300, help=PAIRED_STEPS_HELP)
+    parser.add_argument("--paired-steps", type=int, default=PAIRED_STEPS, help=PAIRED_STEPS_HELP)
     parser.add_argument(
         "--clock",
         choices=["wall", "cpu"],
