@@ -87,6 +87,35 @@ def test_a_task_with_no_label_in_the_batch_gets_no_weight_and_no_nan():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+class InverseLosses(WeightingCallback):
+    """w_k = 1 / L_k: NaN for a task without a valid label in the batch."""
+
+    def task_weights(self, pl_module, step):
+        return 1.0 / step.losses
+
+
+def test_a_methods_nan_weight_for_a_task_without_labels_does_not_reach_the_objective():
+    class TrainingLoss(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.loss = outputs["loss"]
+
+    model, seen = ThreeTaskNet(), TrainingLoss()
+    inputs, targets = make_batch(6, seed=0, dtype=torch.float32)
+    targets["price"][:] = torch.nan
+    _fit(model, callbacks=[InverseLosses(), seen], batch=(inputs, targets), limit_val_batches=0)
+    assert torch.isfinite(seen.loss)
+    assert model.loss_record.stage == "train" and model.loss_record.weights[0] == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_validation_step_returns_the_objective_at_the_weights_of_the_fit():
+    model = ThreeTaskNet()
+    _fit(model, callbacks=[HalvingWeights()])
+    objective = model.validation_step(make_batch(6, seed=1, dtype=torch.float32), 0)
+    assert model.loss_record.weights.tolist() == [1.0, 0.5, 0.5]  # not Task.weight's 2, 1, 1
+    torch.testing.assert_close(objective.detach(), model.loss_record.objective)
+
+
 @pytest.mark.parametrize(
     ("mutate", "error", "message"),
     [

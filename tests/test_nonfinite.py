@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_lossagg import NonFiniteLossError, callbacks
+from tests.callbacks._fits import ParametersAfterEachStep
 from tests.models import (
     ThreeTaskNet,
     concat_batches,
@@ -152,6 +153,36 @@ def test_a_run_of_skips_becomes_an_error():
     assert model.skipped_steps == 3
 
 
+def test_skips_apart_do_not_add_up_to_a_run():
+    batches = [make_batch(4, seed=s, dtype=torch.float32) for s in range(3)]
+    for bad in (0, 2):  # a good step between them
+        batches[bad][1]["price"][0] = torch.inf
+    model = ThreeTaskNet()
+    model.nonfinite, model.max_consecutive_skips = "skip", 2
+    trainer = quiet_trainer(1, steps=len(batches), precision="32-true")
+    with pytest.warns(UserWarning, match="The step was skipped"):
+        trainer.fit(model, DataLoader(batches, batch_size=None))
+    assert trainer.global_step == len(batches) and model.skipped_steps == 2
+
+
+def test_a_skipped_step_leaves_adams_parameters_alone_and_the_next_step_trains():
+    class AdamNet(ThreeTaskNet):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    batches = [make_batch(4, seed=s, dtype=torch.float32) for s in range(3)]
+    batches[1][1]["price"][0] = torch.inf
+    model, parameters = AdamNet(), ParametersAfterEachStep()
+    model.nonfinite = "skip"
+    trainer = quiet_trainer(1, steps=len(batches), precision="32-true", callbacks=[parameters])
+    with pytest.warns(UserWarning, match="The step was skipped"):
+        trainer.fit(model, DataLoader(batches, batch_size=None))
+    before, skipped, after = parameters.parameters
+    # A zero gradient would still move them: Adam's momentum of step 0.
+    assert all(torch.equal(before[name], skipped[name]) for name in before)
+    assert all(not torch.equal(skipped[name], after[name]) for name in skipped)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -171,7 +202,14 @@ def test_bad_policy_arguments_are_refused(kwargs, message):
         Net(tasks={"a": "mse"}, **kwargs)
 
 
-def test_skipped_steps_are_counted_in_the_logs(tmp_path):
+@pytest.mark.parametrize(
+    ("nonfinite", "logged"),
+    [
+        ("skip", [0.0, 1.0, 1.0]),  # steps 0, 2 and 3 were logged; step 1 was skipped
+        ("drop_task", [0.0, 1.0, 1.0, 1.0]),  # every step; step 1 without its price loss
+    ],
+)
+def test_skipped_steps_are_counted_in_the_logs(tmp_path, nonfinite, logged):
     import csv
 
     from lightning.pytorch.loggers import CSVLogger
@@ -181,7 +219,7 @@ def test_skipped_steps_are_counted_in_the_logs(tmp_path):
     batches = [make_batch(4, seed=s, dtype=torch.float32) for s in range(4)]
     batches[1][1]["price"][0] = torch.inf
     model = ThreeTaskNet()
-    model.nonfinite = "skip"
+    model.nonfinite = nonfinite
     trainer = L.Trainer(
         max_epochs=1,
         logger=CSVLogger(tmp_path),
@@ -190,7 +228,7 @@ def test_skipped_steps_are_counted_in_the_logs(tmp_path):
         enable_progress_bar=False,
         enable_checkpointing=False,
     )
-    with pytest.warns(UserWarning, match="The step was skipped"):
+    with pytest.warns(UserWarning, match=f"The step was .*nonfinite='{nonfinite}'"):
         trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
     with open(f"{trainer.logger.log_dir}/metrics.csv") as handle:
         skipped = [
@@ -198,7 +236,7 @@ def test_skipped_steps_are_counted_in_the_logs(tmp_path):
             for r in csv.DictReader(handle)
             if r["train/skipped_steps"]
         ]
-    assert skipped == [0.0, 1.0, 1.0]  # steps 0, 2 and 3 were logged; step 1 was skipped
+    assert skipped == logged
 
 
 @pytest.mark.parametrize("bad", [0, 1], ids=["first micro-batch bad", "second micro-batch bad"])

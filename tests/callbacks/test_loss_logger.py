@@ -2,6 +2,7 @@
 tests/test_cli.py; under 2-rank DDP with a spy W&B run."""
 
 import csv
+import math
 import warnings
 from pathlib import Path
 
@@ -12,11 +13,11 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from lightning_lossagg import WeightingCallback, callbacks
+from lightning_lossagg import NonFiniteLossError, WeightingCallback, callbacks
 from lightning_lossagg.callbacks import RLW, LossBalanceMonitor, LossLogger
 from lightning_lossagg.callbacks.loss_logger import _EpochAccumulator
 from lightning_lossagg.demos import PenguinsDataModule, PenguinsNet
-from tests.models import ThreeTaskNet, make_batch, one_batch_loader
+from tests.models import ThreeTaskNet, make_batch, one_batch_loader, quiet_trainer
 from tests.process_group import CollectiveCounter
 
 TASKS = ("species", "sex", "body_mass")
@@ -115,6 +116,17 @@ def test_an_epoch_weight_is_the_mean_over_the_steps_that_had_the_task():
     assert metrics["val/weighted/price"] == pytest.approx(2 * metrics["val/loss/price"])
 
 
+def test_a_task_without_a_label_all_epoch_logs_a_nan_loss_and_no_part_of_the_static_loss():
+    batches = [make_batch(6, seed=s, dtype=torch.float32) for s in (1, 2)]
+    for batch in batches:
+        batch[1]["price"][:] = torch.nan
+    metrics = _validation_metrics(batches)
+    assert math.isnan(metrics["val/loss/price"])
+    # kind and sold have Task.weight 1; price, without a loss, is left out.
+    by_hand = metrics["val/loss/kind"] + metrics["val/loss/sold"]
+    assert metrics["val/static_loss"] == pytest.approx(by_hand)
+
+
 def test_a_nan_loss_of_valid_samples_makes_the_epoch_figures_nan():
     # A diverged evaluation must show (EarlyStopping's check_finite reads val/loss), not vanish.
     first, second = (make_batch(6, seed=s, dtype=torch.float32) for s in (1, 2))
@@ -180,9 +192,12 @@ def _epoch_figures(root, ckpt_path=None, checkpoint_every=None) -> dict[tuple[st
 
 
 # Resumed at its last batch, epoch 0 does not end again (Lightning resumes at epoch 1): its
-# restored figures must not leak into epoch 1's.
+# restored figures must not leak into epoch 1's. Resumed mid-way through epoch 1, they are
+# epoch 1's: they must be kept.
 @pytest.mark.parametrize(
-    ("step", "epochs"), [(3, {"0", "1"}), (5, {"1"})], ids=["mid-epoch", "last-batch"]
+    ("step", "epochs"),
+    [(3, {"0", "1"}), (5, {"1"}), (7, {"1"})],
+    ids=["mid-epoch", "last-batch", "mid-epoch-1"],
 )
 def test_a_resumed_epoch_logs_the_figures_of_an_uninterrupted_one(
     tmp_path, monkeypatch, step, epochs
@@ -190,7 +205,7 @@ def test_a_resumed_epoch_logs_the_figures_of_an_uninterrupted_one(
     # Sums of two steps at a time: the checkpoint at step 3 holds a sum and a step not summed.
     monkeypatch.setattr(_EpochAccumulator, "CHUNK", 2)
     uninterrupted = _epoch_figures(tmp_path / "full", checkpoint_every=step)
-    checkpoint = tmp_path / "full" / "ckpt" / f"epoch=0-step={step}.ckpt"
+    (checkpoint,) = (tmp_path / "full" / "ckpt").glob(f"epoch=*-step={step}.ckpt")
     resumed = _epoch_figures(tmp_path / "resumed", ckpt_path=checkpoint)
     assert {epoch for epoch, _ in resumed} == epochs
     assert len(resumed) == 3 * 4 * len(epochs) + 2 * len(epochs)  # 3 tasks, 4 figures, 2 totals
@@ -210,6 +225,76 @@ def test_loss_logger_refuses_a_model_without_the_mixin():
     )
     with pytest.raises(TypeError, match="needs a MultiTaskMixin model"):
         trainer.fit(Plain(), train_dataloaders=one_batch_loader(make_batch(2, seed=0)))
+
+
+def test_a_logger_reused_after_an_aborted_fit_starts_its_next_epoch_clean():
+    aborted = [make_batch(6, seed=s, dtype=torch.float32) for s in (1, 2)]
+    aborted[1][1]["price"][0] = torch.inf  # step 0 reaches the logger, step 1 raises
+    logger = LossLogger(plot=False)
+    with pytest.raises(NonFiniteLossError):
+        quiet_trainer(1, steps=2, precision="32-true", callbacks=[logger]).fit(
+            ThreeTaskNet(), torch.utils.data.DataLoader(aborted, batch_size=None)
+        )
+    model = ThreeTaskNet()
+    trainer = quiet_trainer(1, precision="32-true", callbacks=[logger])
+    trainer.fit(model, one_batch_loader(make_batch(6, seed=3, dtype=torch.float32)))
+    # One step in the epoch: its figures are that step's, nothing of the aborted fit's.
+    epoch_loss = float(trainer.callback_metrics["train_epoch/loss/price"])
+    assert epoch_loss == pytest.approx(model.loss_record.losses[0].item())
+
+
+class ZeroWeights(WeightingCallback):
+    """Every weight 0: an objective of exactly 0."""
+
+    def task_weights(self, pl_module, step):
+        return torch.zeros_like(step.losses)
+
+
+def test_a_zero_objective_gives_each_task_a_share_of_zero_per_step_and_per_epoch(tmp_path):
+    trainer = _fit_three_tasks(tmp_path, [LossLogger(plot=False), ZeroWeights()])
+    rows = _read_csv(trainer.logger.log_dir + "/metrics.csv")
+    step_rows = [row for row in rows if row["train/loss"]]
+    (epoch_row,) = [row for row in rows if row["train_epoch/loss"]]
+    assert {float(row["train/loss"]) for row in step_rows} == {0.0}
+    assert float(epoch_row["train_epoch/loss"]) == 0.0
+    for task in ("price", "kind", "sold"):
+        assert {float(row[f"train/share/{task}"]) for row in step_rows} == {0.0}, task
+        assert float(epoch_row[f"train_epoch/share/{task}"]) == 0.0, task
+
+
+def _fit_with_validation(*callbacks: L.Callback, **trainer_kwargs) -> L.Trainer:
+    """One training and one validation batch, with the sanity check's validation batch first."""
+    batches = one_batch_loader(make_batch(6, seed=0, dtype=torch.float32))
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        callbacks=[LossLogger(plot=False), *callbacks],
+        num_sanity_val_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
+    trainer.fit(ThreeTaskNet(), batches, batches)
+    return trainer
+
+
+def test_the_sanity_check_logs_no_validation_figures():
+    class ValKeysAfterSanityCheck(L.Callback):
+        def on_sanity_check_end(self, trainer, pl_module):
+            self.keys = [key for key in trainer.callback_metrics if key.startswith("val/")]
+
+    peek = ValKeysAfterSanityCheck()
+    trainer = _fit_with_validation(peek)
+    assert peek.keys == []
+    assert "val/loss" in trainer.callback_metrics  # the real validation epoch logs them
+
+
+def test_only_val_loss_of_the_epoch_figures_goes_to_the_progress_bar():
+    trainer = _fit_with_validation()
+    epoch_keys = {key for key in trainer.progress_bar_metrics if not key.startswith("train/")}
+    assert epoch_keys == {"val/loss"}
+    assert "train_epoch/loss" in trainer.callback_metrics
 
 
 # ----------------------------------------------------------------------------- method state
