@@ -488,7 +488,7 @@ class MultiTaskMixin:
                 f"{self._consecutive_skips} consecutive steps with a non-finite loss "
                 f"(nonfinite={self.nonfinite!r}, max_consecutive_skips={limit}). Last: {message}"
             )
-        action = "skipped" if self.nonfinite == "skip" else "left the task(s) out"
+        action = "skipped" if self.nonfinite == "skip" else "taken without the task(s)"
         rank_zero_warn(f"{message} The step was {action} (nonfinite={self.nonfinite!r}).")
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:

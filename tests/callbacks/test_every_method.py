@@ -78,7 +78,7 @@ def test_method_trains_on_when_the_mixin_drops_a_non_finite_task(name):
     seen = WeightsSeen()
     trainer = quiet_trainer(1, steps=3, precision="32-true", callbacks=[METHODS[name](), seen])
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "left the task(s) out"
+        warnings.simplefilter("ignore", UserWarning)  # "The step was taken without the task(s)"
         trainer.fit(model, torch.utils.data.DataLoader(batches, batch_size=None))
     assert model.skipped_steps == 1 and len(seen.weights) == 3
     assert seen.weights[1][0] == 0 and seen.weights[1][1:].sum() > 0

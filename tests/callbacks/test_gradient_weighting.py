@@ -354,7 +354,7 @@ def test_drop_task_leaves_a_non_finite_task_out_of_the_gradients(tmp_path, rep_g
     clean = copy.deepcopy(batch)
     clean[1]["price"][:] = torch.nan  # what dropping price must equal: no price label at all
     reference = reference_update(model, clean, rep_grad, valid=(1, 2))
-    with pytest.warns(UserWarning, match="left the task"):
+    with pytest.warns(UserWarning, match="taken without the task"):
         fit_model(model, 1, NormalisedGradients(rep_grad=rep_grad))
     assert_matches(torch.load(tmp_path / "rank0.pt"), reference)
 
