@@ -129,3 +129,28 @@ def test_a_negative_loss_is_refused_before_the_optimizer_step():
     assert len(after_step.parameters) == 2
     for name, value in model.state_dict().items():
         assert torch.equal(value, after_step.parameters[-1][name]), name  # step 2 never applied
+
+
+def test_a_loss_of_exactly_zero_is_accepted():
+    callback = DWA(temperature=2.0, window_steps=1)
+    callback.setup(None, ThreeTaskNet(), "fit")
+    for index, losses in enumerate([[1.0, 1.0, 1.0], [0.0, 1.0, 1.0], [0.0, 1.0, 1.0]]):
+        module = at_step(index)
+        weights = callback.task_weights(module, global_losses(losses))
+        callback.on_before_optimizer_step(module.trainer, module, None)
+    expected = dwa(torch.tensor([0.0, 1.0, 1.0]), torch.tensor([1.0, 1.0, 1.0]))
+    torch.testing.assert_close(weights.float(), expected)
+
+
+def test_a_period_mean_of_zero_gives_no_rate():
+    # L(t-2) = 0 has no ratio: that task takes the rate 1, as a task without a valid sample.
+    callback = DWA(temperature=2.0, window_steps=1)
+    callback.setup(None, ThreeTaskNet(), "fit")
+    history = [[0.0, 2.0, 1.0], [0.5, 1.0, 1.0], [0.5, 1.0, 1.0]]
+    weights = [
+        callback.task_weights(at_step(index), global_losses(losses))
+        for index, losses in enumerate(history)
+    ]
+    expected = dwa(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([1.0, 2.0, 1.0]))
+    torch.testing.assert_close(weights[2].float(), expected)
+    assert callback.state_to_log()["loss_rate"][0] == 1.0

@@ -1,5 +1,9 @@
-"""FAMO: its arguments, and the price of its re-evaluation (one extra forward per optimizer
-step; its one extra all-reduce is counted in the 2-process test of test_loss_based_common)."""
+"""FAMO: its arguments, its re-evaluation (without gradients; one extra forward per optimizer
+step; its one extra all-reduce is counted in the 2-process test of test_loss_based_common), the
+tasks a logit update leaves out, and a restored state."""
+
+import contextlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -7,8 +11,8 @@ from torch.utils.data import DataLoader
 
 from lightning_lossagg.callbacks import FAMO
 from tests.callbacks._fits import ParametersAfterEachStep, SignedPriceNet, signed_price_batches
-from tests.callbacks._loss_based import trainer, training_batches
-from tests.models import ThreeTaskNet
+from tests.callbacks._loss_based import at_step, global_losses, trainer, training_batches
+from tests.models import ThreeTaskNet, make_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,13 +32,20 @@ def test_bad_arguments_are_refused(arguments, message):
         FAMO(**arguments)
 
 
+@pytest.mark.parametrize("name", ["weight_decay", "eps"])
+def test_an_argument_of_0_is_accepted_where_0_is_allowed(name):
+    assert FAMO(**{name: 0}).method_arguments[name] == 0.0
+
+
 class CountingNet(ThreeTaskNet):
     def __init__(self) -> None:
         super().__init__()
         self.forward_calls = 0
+        self.grad_enabled: list[bool] = []
 
     def forward(self, inputs):
         self.forward_calls += 1
+        self.grad_enabled.append(torch.is_grad_enabled())
         return super().forward(inputs)
 
 
@@ -58,3 +69,65 @@ def test_a_loss_at_or_below_minus_eps_is_refused_before_the_optimizer_step():
     for name, value in model.state_dict().items():
         assert torch.equal(value, after_step.parameters[-1][name]), name  # step 2 never applied
     assert torch.isfinite(famo.state_to_log()["logit"]).all()
+
+
+def _optimizer_step(callback, module, losses_before, batch=None):
+    """One optimizer step of the hooks as Lightning calls them, the model's own update aside."""
+    trainer = SimpleNamespace(
+        global_step=0, precision_plugin=SimpleNamespace(train_step_context=contextlib.nullcontext)
+    )
+    callback.on_train_batch_start(trainer, module, batch, 0)
+    callback.task_weights(module, losses_before)
+    callback.on_before_optimizer_step(trainer, module, None)
+    callback.on_train_batch_end(trainer, module, None, batch, 0)
+
+
+@pytest.mark.parametrize(
+    ("valid_before", "after"),
+    [([True, True, True], [-0.5, 0.8, 0.9]), ([False, True, True], [0.5, 0.8, 0.9])],
+    ids=["re-evaluated below -eps", "no valid sample before the step"],
+)
+def test_a_task_left_out_of_the_logit_update_keeps_its_logit_and_moments(valid_before, after):
+    callback = FAMO()
+    callback.setup(None, ThreeTaskNet(), "fit")
+    module = SimpleNamespace(
+        skipping_optimizer_step=False, compute_global_losses=lambda batch: global_losses(after)
+    )
+    _optimizer_step(callback, module, global_losses([1.0, 1.0, 1.0], valid_before))
+    state = callback.state_dict()["logits"]
+    assert state["steps"].tolist() == [0.0, 1.0, 1.0]
+    assert state["values"][0] == 0.0 and bool(state["values"][1:].ne(0.0).all())
+    assert state["exp_avg"][0] == 0.0 and state["exp_avg_sq"][0] == 0.0
+
+
+def test_with_eps_0_a_loss_of_exactly_0_is_refused_before_the_optimizer_step():
+    callback = FAMO(eps=0.0)
+    callback.setup(None, ThreeTaskNet(), "fit")
+    module = at_step(1)
+    callback.task_weights(module, global_losses([0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"FAMO .* 'price' \(0\).*global step 1"):
+        callback.on_before_optimizer_step(module.trainer, module, None)
+
+
+def test_the_re_evaluation_runs_without_gradients():
+    model, callback, batch = CountingNet().double(), FAMO(), make_batch(6, seed=0)
+    callback.setup(None, model, "fit")
+    _optimizer_step(callback, model, model.compute_global_losses(batch), batch)
+    assert model.grad_enabled == [True, False]
+
+
+def test_a_state_saved_in_float32_resumes_in_the_dtype_of_the_losses():
+    module = SimpleNamespace(
+        skipping_optimizer_step=False,
+        compute_global_losses=lambda batch: global_losses([0.5, 0.8, 0.9]),
+    )
+    saved = FAMO()
+    saved.setup(None, ThreeTaskNet(), "fit")
+    _optimizer_step(saved, module, global_losses([1.0, 1.0, 1.0]))
+    logits = {name: value.float() for name, value in saved.state_dict()["logits"].items()}
+    resumed = FAMO()
+    resumed.setup(None, ThreeTaskNet(), "fit")
+    resumed.load_state_dict({"logits": logits})
+    weights = resumed.task_weights(module, global_losses([1.0, 2.0, 3.0]))
+    assert weights.dtype == torch.float64
+    assert torch.equal(resumed.state_to_log()["logit"], logits["values"].double())

@@ -42,3 +42,12 @@ def test_a_non_positive_loss_is_refused_before_the_optimizer_step():
     assert len(after_step.parameters) == 2
     for name, value in model.state_dict().items():
         assert torch.equal(value, after_step.parameters[-1][name]), name  # step 2 never applied
+
+
+def test_a_loss_of_exactly_zero_is_refused():
+    callback = GLS()
+    callback.setup(None, ThreeTaskNet(), "fit")
+    module = at_step(1)
+    callback.task_weights(module, global_losses([0.0, 2.0, 3.0]))
+    with pytest.raises(NonPositiveLossError, match=r"'price' \(0\).*global step 1"):
+        callback.on_before_optimizer_step(module.trainer, module, None)

@@ -1,4 +1,5 @@
-"""IMTLL: its argument, and its optimum on fixed losses (every scaled loss at 1)."""
+"""IMTLL: its argument and its default, its optimum on fixed losses (every scaled loss at 1), and
+one model per instance and state."""
 
 import lightning as L
 import pytest
@@ -45,3 +46,25 @@ def test_one_instance_serves_one_model():
     callback.task_weights(at_step(0), global_losses([1.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match="create a new IMTLL for this model with 2 tasks"):
         callback.setup(None, TwoTaskNet(), "fit")
+
+
+def test_a_state_saved_for_a_model_with_other_tasks_is_refused():
+    saved = IMTLL()
+    saved.setup(None, TwoTaskNet(), "fit")
+    saved.task_weights(at_step(0), global_losses([1.0, 2.0]))
+    saved.on_before_optimizer_step(None, at_step(0), None)
+    callback = IMTLL()
+    callback.setup(None, ThreeTaskNet(), "fit")
+    with pytest.raises(ValueError, match=r"holds \(2,\) values for a model with 3 tasks"):
+        callback.load_state_dict(saved.state_dict())
+
+
+def test_by_default_the_first_step_moves_each_log_scale_by_0_01():
+    # Adam's first step is lr * sign(gradient); d/ds (e^s L - s) = L - 1 = 1 at s = 0, L = 2.
+    callback = IMTLL()
+    callback.setup(None, ThreeTaskNet(), "fit")
+    callback.task_weights(at_step(0), global_losses([2.0, 2.0, 2.0]))
+    callback.on_before_optimizer_step(None, at_step(0), None)
+    torch.testing.assert_close(
+        callback.state_dict()["scales"]["values"], torch.full((3,), -0.01, dtype=torch.float64)
+    )

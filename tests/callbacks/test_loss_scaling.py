@@ -79,3 +79,14 @@ def test_a_negative_loss_is_refused_before_the_optimizer_step():
     assert len(after_step.parameters) == 2
     for name, value in model.state_dict().items():
         assert torch.equal(value, after_step.parameters[-1][name]), name  # step 2 never applied
+
+
+def test_a_loss_of_exactly_zero_is_accepted():
+    # decay 0.5: the level of price goes 1 -> 0.5.
+    callback = LossScaling(mode="ema", decay=0.5)
+    callback.setup(None, ThreeTaskNet(), "fit")
+    for index, losses in enumerate([[1.0, 2.0, 4.0], [0.0, 2.0, 4.0]]):
+        module = at_step(index)
+        weights = callback.task_weights(module, global_losses(losses))
+        callback.on_before_optimizer_step(module.trainer, module, None)
+    torch.testing.assert_close(weights, torch.tensor([2.0, 0.5, 0.25], dtype=torch.float64))

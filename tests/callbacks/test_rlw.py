@@ -65,3 +65,8 @@ def test_the_global_random_generator_is_not_touched():
     for index in range(5):
         callback.task_weights(at_step(index), global_losses([1.0, 1.0, 1.0]))
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_each_block_of_draws_has_a_seed_of_its_own():
+    same_row_of_three_blocks = _draws(seed=5, steps=range(3, 3 * DRAW_BLOCK, DRAW_BLOCK))
+    assert len({tuple(row.tolist()) for row in same_row_of_three_blocks}) == 3

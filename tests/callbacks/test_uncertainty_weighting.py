@@ -109,3 +109,14 @@ def test_learns_each_tasks_noise_variance():
 
     learned_variances = callback.state_to_log()["log_var"].exp().float()  # kept in float64
     torch.testing.assert_close(learned_variances, achievable, rtol=0.10, atol=0)
+
+
+def test_by_default_the_first_step_moves_each_log_variance_by_0_01():
+    # Adam's first step is lr * sign(gradient); d/ds (e^-s L / 2 + s/2) = (1 - L) / 2 at s = 0.
+    callback = UncertaintyWeighting()
+    callback.setup(None, ThreeTaskNet(), "fit")
+    callback.task_weights(at_step(0), global_losses([2.0, 2.0, 2.0]))
+    callback.on_before_optimizer_step(None, at_step(0), None)
+    torch.testing.assert_close(
+        callback.state_dict()["scales"]["values"], torch.full((3,), 0.01, dtype=torch.float64)
+    )
