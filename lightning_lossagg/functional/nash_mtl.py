@@ -56,6 +56,8 @@ def _solve_bargaining(matrix: np.ndarray, start: np.ndarray, max_iter: int) -> n
     Returns ``None`` when it does not converge: then the function is unbounded below (some
     non-negative combination of the gradients vanishes) and no solution exists.
     """
+    if matrix.diagonal().min() <= 0.0:  # a zero gradient: no alpha_k (G alpha)_k = 1
+        return None
     alpha = start
     # On G / tr G: the norms, floored, that scale the weights in the divergence test.
     norms = np.sqrt(np.maximum(matrix.diagonal(), _NORM_FLOOR))
@@ -144,7 +146,8 @@ def nash_mtl(
             solution, when there is one, does not depend on them.
         max_norm: the largest norm of the update :math:`\lVert d\rVert = \sqrt{w^\top G w}`.
         max_iter: most Newton steps; about 10 are needed, thousands for nearly degenerate input
-            (where no solution exists, the weights' growth stops Newton in some 50 steps).
+            (where no solution exists, the weights' growth stops Newton in some 50 steps, and a
+            zero gradient before the first).
 
     Returns:
         Positive weights of shape [K] (detached) with the Gramian's dtype and device.

@@ -193,7 +193,7 @@ def test_nearly_stationary_gradients_reach_their_solution(num_tasks: int) -> Non
 
 
 def test_a_zero_gradient_falls_back_to_the_previous_weights():
-    # No solution (the zero task's weight grows without bound): detected within the step cap.
+    # No solution (no alpha_2 (G alpha)_2 = 1): seen on the diagonal, before any Newton step.
     jacobian = torch.randn(5, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     jacobian[2] = 0.0
     gramian = jacobian @ jacobian.T
