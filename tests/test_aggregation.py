@@ -143,19 +143,53 @@ def test_one_process_task_terms_equal_the_local_terms_each_in_its_own_graph(rank
     assert global_task_losses(masked, TASKS, rank_weighting).task_terms is None
 
 
+@pytest.mark.parametrize("separate_tasks", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("rank_weighting", ["samples", "uniform"])
 def test_a_task_without_a_valid_sample_has_no_loss_and_a_zero_term_still_in_the_graph(
-    rank_weighting, reduction
+    rank_weighting, reduction, separate_tasks
 ):
     # Its loss is its sum of nothing over a count of 0: NaN, whatever the masked values hold.
     values = torch.tensor([torch.inf, 4.0], requires_grad=True)
     masked = {"a": MaskedLoss(values, torch.tensor([False, False]))}
-    step = global_task_losses(masked, {"a": Task("mse", reduction=reduction)}, rank_weighting)
+    tasks = {"a": Task("mse", reduction=reduction)}
+    step = global_task_losses(masked, tasks, rank_weighting, separate_tasks)
     assert not step.valid[0] and torch.isnan(step.losses[0]) and step.counts[0] == 0
-    assert step.local_terms[0].item() == 0.0
-    (grad,) = torch.autograd.grad(step.local_terms.sum(), values)
+    terms = step.task_terms if separate_tasks else step.local_terms
+    assert terms[0].item() == 0.0
+    (grad,) = torch.autograd.grad(terms[0], values)
     assert torch.equal(grad, torch.zeros(2))
+
+
+def test_stacked_groups_out_of_task_order_give_each_task_its_own_loss():
+    # a, d share a loss and b, c another: groups [a, d] and [b, c], concatenated as a, d, b, c
+    # (an order that is not its own inverse).
+    from lightning_lossagg.aggregation import TaskLossReducer
+    from lightning_lossagg.tasks import StackedLosses
+
+    tasks = {"a": Task("mse"), "b": Task("l1"), "c": Task("l1"), "d": Task("mse")}
+    values = torch.tensor([1.0, 2.0, 3.0]) * torch.tensor([[1.0], [10.0], [100.0], [1000.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 1, 1]], dtype=torch.bool)
+    groups = [(rows, MaskedLoss(values[rows], mask[rows])) for rows in ([0, 3], [1, 2])]
+    step = TaskLossReducer(tasks)(StackedLosses(tuple(tasks), groups))
+    expected = torch.stack([values[k][mask[k]].mean() for k in range(4)])
+    torch.testing.assert_close(step.losses, expected)
+    assert step.counts.tolist() == [2.0, 2.0, 2.0, 3.0]
+
+
+def test_stacked_losses_weighted_uniformly_over_ranks_keep_a_sum_task_a_sum():
+    from lightning_lossagg.aggregation import TaskLossReducer
+    from lightning_lossagg.tasks import StackedLosses
+
+    tasks = {"a": Task("mse"), "b": Task("mse", reduction="sum")}
+    values = torch.tensor([[1.0, 2.0, 6.0], [1.0, 4.0, 8.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    stacked = StackedLosses(tuple(tasks), [([0, 1], MaskedLoss(values, mask))])
+    step = TaskLossReducer(tasks, "uniform")(stacked)
+    expected = torch.stack([values[0][mask[0]].mean(), values[1][mask[1]].sum()])
+    torch.testing.assert_close(step.losses, expected)
+    torch.testing.assert_close(step.local_terms, expected)
+    assert step.counts.tolist() == [1.0, 1.0]  # one rank with a valid sample of each
 
 
 def test_a_nan_in_a_masked_out_position_is_ignored_but_a_valid_nan_is_flagged():

@@ -304,3 +304,14 @@ def test_the_skip_counts_are_kept_in_the_checkpoint(tmp_path):
     restored = ThreeTaskNet.load_from_checkpoint(tmp_path / "fit.ckpt")
     assert model.skipped_steps == restored.skipped_steps == 1
     assert restored._consecutive_skips == model._consecutive_skips == 1
+
+
+@pytest.mark.parametrize("method", [callbacks.IMTLG, callbacks.AlignedMTL])
+def test_a_gradient_method_raises_the_nonfinite_error_before_its_solver_sees_the_gramian(method):
+    # An infinite loss gives a non-finite Gramian: the method is not asked for weights (these
+    # two decompose the Gramian, which fails on it); the mixin's policy decides the step.
+    batch = make_batch(9, seed=5)
+    batch[1]["price"][1] = torch.inf  # a labelled sample
+    trainer = quiet_trainer(1, callbacks=[method()])
+    with pytest.raises(NonFiniteLossError, match="global step 0: task 'price' on rank"):
+        trainer.fit(ThreeTaskNet().double(), DataLoader([batch], batch_size=None))

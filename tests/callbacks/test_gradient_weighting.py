@@ -271,6 +271,16 @@ def test_dot_product_gramian_and_combination_equal_the_matrix_products(num_tasks
     torch.testing.assert_close(_combination(grads, [0.0] * num_tasks), torch.zeros(6, 4))
 
 
+def test_dot_product_gramian_of_float64_gradients_is_float64():
+    # Heads that are not one nn.Linear give the views' gradients, whose Gramian comes from
+    # K(K+1)/2 dot products: in float64 for float64 gradients, as the matrix product's.
+    generator = torch.Generator().manual_seed(0)
+    jacobian = torch.randn(3, 24, generator=generator, dtype=torch.float64)
+    gramian = _dot_gramian(list(jacobian))
+    assert gramian.dtype == torch.float64
+    torch.testing.assert_close(gramian, jacobian @ jacobian.T, rtol=1e-14, atol=0)
+
+
 def test_host_figures_are_the_same_in_one_transfer():
     # The branch an accelerator takes (one copy to the host) run on CPU tensors.
     gramian = torch.tensor([[4.0, -1.0, 0.0], [-1.0, 2.0, 0.0], [0.0, 0.0, 0.0]])
@@ -302,6 +312,93 @@ def test_heads_that_share_a_task_take_a_backward_pass_per_task(tmp_path, net, wa
     else:
         with pytest.warns(UserWarning, match=warning):
             fit_model(model, 1, NormalisedGradients(rep_grad=rep_grad))
+    assert_matches(torch.load(tmp_path / "rank0.pt"), reference)
+
+
+def test_a_head_reached_by_several_tasks_gets_each_ones_gradient_times_its_static_weight(
+    tmp_path,
+):
+    # price's head serves sold too: its gradient is 2 * grad(price) + 3 * grad(sold).
+    batch = make_batch(9, seed=5)
+    model = CoupledHeadsNet(str(tmp_path), [batch], sold_weight=3.0)
+    static = torch.tensor([2.0, 1.0, 3.0], dtype=torch.float64)
+    reference = reference_update(model, batch, False, static=static)
+    with pytest.warns(UserWarning, match="task 'sold' depends on the head of task 'price'"):
+        fit_model(model, 1, NormalisedGradients())
+    assert_matches(torch.load(tmp_path / "rank0.pt"), reference)
+
+
+class NormalisedNonZeroGradients(GradientWeighting):
+    """w_k = 1/||g_k||, and 0 for a task whose gradient is zero."""
+
+    def weights_from_gramian(self, gramian):
+        norms = gramian.diagonal().sqrt()
+        return torch.where(norms > 0, 1 / norms, 0.0)
+
+
+class DetachedKindCoupledHeadsNet(RecordingNet):
+    """kind's prediction is detached (a task only watched); sold's reads price's head too."""
+
+    def forward_heads(self, shared):
+        predictions = CoupledHeadsNet.forward_heads(self, shared)
+        return {**predictions, "kind": predictions["kind"].detach()}
+
+    def on_before_optimizer_step(self, optimizer):
+        for parameter in self.heads["kind"].parameters():  # no gradient reaches them: zeros
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+        super().on_before_optimizer_step(optimizer)
+
+
+def test_a_detached_prediction_does_not_end_the_check_of_the_tasks_after_it(tmp_path):
+    # kind (task 1) reaches no head; sold (task 2) still depends on price's head: one backward
+    # pass per task, each task's gradient its own.
+    batch = make_batch(9, seed=5)
+    model = DetachedKindCoupledHeadsNet(str(tmp_path), [batch])
+    reference = reference_update(model, batch, False, valid=(0, 2))
+    with pytest.warns(UserWarning, match="task 'sold' depends on the head of task 'price'"):
+        fit_model(model, 1, NormalisedNonZeroGradients())
+    assert_matches(torch.load(tmp_path / "rank0.pt"), reference)
+
+
+class HeadCalledTwiceOnTheRepresentationNet(RecordingNet):
+    """kind's head reads the representation itself twice."""
+
+    def forward_heads(self, shared):
+        predictions = ThreeTaskNet.forward_heads(self, shared)
+        return {**predictions, "kind": predictions["kind"] + 0.5 * self.heads["kind"](shared)}
+
+
+def test_a_head_called_twice_on_the_representation_gives_its_task_both_calls_gradient(
+    tmp_path,
+):
+    # sold weighted 0: the weights are taken before backward (as for a weight of 0 above), where
+    # one pass serves every task only if each head read the representation once.
+    batch = make_batch(9, seed=5)
+    model = HeadCalledTwiceOnTheRepresentationNet(str(tmp_path), [batch], sold_weight=0.0)
+    static = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
+    reference = reference_update(model, batch, False, static=static)
+    fit_model(model, 1, NormalisedGradients())
+    assert_matches(torch.load(tmp_path / "rank0.pt"), reference)
+
+
+class TrunkBiasAfterTheRepresentationNet(RecordingNet):
+    """price's prediction adds the trunk's first bias: a shared parameter read again after the
+    representation (a tied weight, say)."""
+
+    def forward_heads(self, shared):
+        predictions = ThreeTaskNet.forward_heads(self, shared)
+        return {**predictions, "price": predictions["price"] + self.trunk[0].bias.sum()}
+
+
+def test_a_shared_parameter_read_after_the_representation_gets_its_gradient_from_both_uses(
+    tmp_path,
+):
+    batch = make_batch(9, seed=5)
+    model = TrunkBiasAfterTheRepresentationNet(str(tmp_path), [batch])
+    reference = reference_update(model, batch, rep_grad=False)
+    with pytest.warns(UserWarning, match="task 'price' depends on the representation or a shared"):
+        fit_model(model, 1, NormalisedGradients())
     assert_matches(torch.load(tmp_path / "rank0.pt"), reference)
 
 
@@ -343,6 +440,60 @@ def test_bad_arguments_and_a_model_without_a_split_forward_are_refused():
     )
     with pytest.raises(ValueError, match="no shared parameters"):
         trainer.fit(NoHeads(), train_dataloaders=one_batch_loader(batch))
+
+
+class NoSplitNet(ThreeTaskNet):
+    forward_shared = forward_heads = None
+
+    def forward(self, inputs):
+        return ThreeTaskNet.forward_heads(self, ThreeTaskNet.forward_shared(self, inputs))
+
+
+class SharedOnlyNet(NoSplitNet):
+    forward_shared = ThreeTaskNet.forward_shared
+
+
+@pytest.mark.parametrize(
+    ("net", "missing"),
+    [(NoSplitNet, "forward_shared and forward_heads"), (SharedOnlyNet, "forward_heads")],
+)
+def test_rep_grad_without_a_split_forward_is_refused_naming_what_is_missing(net, missing):
+    trainer = quiet_trainer(1, callbacks=[NormalisedGradients(rep_grad=True)])
+    with pytest.raises(TypeError, match=rf"\(rep_grad=True\) needs .* define {missing} \("):
+        trainer.fit(net(), one_batch_loader(make_batch(4, seed=0)))
+
+
+def test_the_logged_gradient_norms_are_the_tasks_and_nan_for_a_task_without_a_label():
+    batch = make_batch(9, seed=5)
+    batch[1]["kind"][:] = -100
+    model = ThreeTaskNet().double()
+    before = copy.deepcopy(model)
+    callback = NormalisedGradients()
+    quiet_trainer(1, callbacks=[callback]).fit(model, one_batch_loader(batch))
+    losses = reference_task_losses(before, batch)
+    trunk = list(before.trunk.parameters())
+    grads = {}
+    for task in ("price", "sold"):
+        task_grads = torch.autograd.grad(losses[task], trunk, retain_graph=True)
+        grads[task] = torch.cat([g.flatten() for g in task_grads])
+    norms = callback.state_to_log()["grad_norm"]
+    assert norms.isnan().tolist() == [False, True, False]
+    torch.testing.assert_close(norms[[0, 2]], torch.stack([g.norm() for g in grads.values()]))
+    cosine = callback.pairwise_state_to_log()["grad_cos"]
+    expected = grads["price"] @ grads["sold"] / (grads["price"].norm() * grads["sold"].norm())
+    torch.testing.assert_close(cosine[0, 2], expected)
+    assert cosine[1].isnan().all() and cosine[:, 1].isnan().all()
+
+
+def test_parallel_gradients_log_a_cosine_of_one_not_above():
+    # Two tasks with the gradient (1, 1, 1): 3 / (sqrt(3) * sqrt(3)) rounds to 1 + 2**-52.
+    jacobian = torch.ones(2, 3, dtype=torch.float64)
+    static = torch.ones(2, dtype=torch.float64)
+    pending = _PendingStep(torch.tensor([True, True]), static, torch.zeros(2, dtype=torch.float64))
+    callback = NormalisedGradients()
+    host = _on_host(jacobian @ jacobian.T, torch.tensor(1.0), pending)
+    callback._weights_of_scaled_gramian(host, 1.0, pending)
+    assert callback.pairwise_state_to_log()["grad_cos"].tolist() == [[1.0, 1.0], [1.0, 1.0]]
 
 
 @pytest.mark.parametrize("rep_grad", [False, True])

@@ -182,6 +182,23 @@ def test_heads_under_autocast_keep_their_views(tmp_path):
     assert all(grad.isfinite().all() for grad in model.records[-1]["grads"].values())
 
 
+def test_heads_under_autocast_give_their_factors_in_the_gradients_dtype(tmp_path, monkeypatch):
+    # Under autocast the heads keep their views; a method that takes the factors there (with
+    # linear_factors_from tasks or more) gets bfloat16 output gradients and float32 weights.
+    calls = []
+    original = gradient_weighting._factored_gramian
+    monkeypatch.setattr(
+        gradient_weighting, "_factored_gramian", lambda *a: calls.append(1) or original(*a)
+    )
+    batch = make_batch(9, seed=5)
+    model = LinearFactorsNet(str(tmp_path), [_cast(batch, torch.float32)])
+    reference = reference_update(model, batch, rep_grad=True)
+    fit_model(model, 1, FactoredGradients(rep_grad=True), precision="bf16-mixed")
+    assert calls == [1]
+    weights = torch.load(tmp_path / "rank0.pt")["weights"]
+    torch.testing.assert_close(weights.double(), reference["weights"], rtol=1e-2, atol=0)
+
+
 @pytest.mark.ddp
 @pytest.mark.parametrize("method", [FactoredGradients, NashMTL])
 def test_two_ranks_with_heads_in_one_node_equal_one_process_on_the_concatenated_batch(
