@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from lightning_lossagg import MaskedLoss, Task, global_task_losses
+from lightning_lossagg.aggregation import TaskLossReducer
+from lightning_lossagg.tasks import StackedLosses
 from tests.process_group import CollectiveCounter, run_on_ranks
 
 TASKS = {
@@ -164,9 +166,6 @@ def test_a_task_without_a_valid_sample_has_no_loss_and_a_zero_term_still_in_the_
 def test_stacked_groups_out_of_task_order_give_each_task_its_own_loss():
     # a, d share a loss and b, c another: groups [a, d] and [b, c], concatenated as a, d, b, c
     # (an order that is not its own inverse).
-    from lightning_lossagg.aggregation import TaskLossReducer
-    from lightning_lossagg.tasks import StackedLosses
-
     tasks = {"a": Task("mse"), "b": Task("l1"), "c": Task("l1"), "d": Task("mse")}
     values = torch.tensor([1.0, 2.0, 3.0]) * torch.tensor([[1.0], [10.0], [100.0], [1000.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 1, 1]], dtype=torch.bool)
@@ -178,9 +177,6 @@ def test_stacked_groups_out_of_task_order_give_each_task_its_own_loss():
 
 
 def test_stacked_losses_weighted_uniformly_over_ranks_keep_a_sum_task_a_sum():
-    from lightning_lossagg.aggregation import TaskLossReducer
-    from lightning_lossagg.tasks import StackedLosses
-
     tasks = {"a": Task("mse"), "b": Task("mse", reduction="sum")}
     values = torch.tensor([[1.0, 2.0, 6.0], [1.0, 4.0, 8.0]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
@@ -203,8 +199,6 @@ def test_a_nan_in_a_masked_out_position_is_ignored_but_a_valid_nan_is_flagged():
 
 
 def test_a_dropped_task_has_no_loss_even_when_its_sum_was_infinite():
-    from lightning_lossagg.aggregation import TaskLossReducer
-
     tasks = {"a": Task("mse"), "b": Task("mse")}
     masked = {
         "a": MaskedLoss(torch.tensor([1.0, 3.0]), torch.tensor([True, True])),
@@ -221,8 +215,6 @@ def test_a_dropped_task_has_no_loss_even_when_its_sum_was_infinite():
 @pytest.mark.parametrize("path", ["stacked", "per task", "separate tasks"])
 def test_bfloat16_losses_are_summed_and_counted_in_float32(path):
     # In bfloat16, 256 + 1 == 256: a count or sum kept in it stops growing. 1000 valid samples.
-    from lightning_lossagg.aggregation import TaskLossReducer
-    from lightning_lossagg.tasks import StackedLosses
 
     tasks = {"a": Task("mse"), "b": Task("mse", reduction="sum")}
     reference = torch.rand(2, 1200, generator=torch.Generator().manual_seed(0)) + 0.5
