@@ -382,6 +382,76 @@ def test_a_head_called_twice_on_the_representation_gives_its_task_both_calls_gra
     assert_matches(torch.load(tmp_path / "rank0.pt"), reference)
 
 
+class TiedPriceAndSoldWeightsNet(RecordingNet):
+    """price's and sold's heads share their weight (tied layers): a parameter in two heads."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.heads["sold"].weight = self.heads["price"].weight
+
+
+def test_a_weight_shared_by_two_heads_gets_each_tasks_gradient_times_its_static_weight(tmp_path):
+    # sold weighted 0: the weights are taken before backward, where one pass would give the tied
+    # weight both tasks' gradient together; it takes a pass per task instead: 2 * grad(price).
+    batch = make_batch(9, seed=5)
+    model = TiedPriceAndSoldWeightsNet(str(tmp_path), [batch], sold_weight=0.0)
+    static = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
+    reference = reference_update(model, batch, False, static=static)
+    fit_model(model, 1, NormalisedGradients())
+    assert_matches(torch.load(tmp_path / "rank0.pt"), reference)
+
+
+class OffsetOutsideTheHeadsNet(RecordingNet):
+    """price's prediction adds a learned offset kept outside ``self.heads``, and
+    shared_parameters() is the trunk's: a task-specific parameter that no head holds."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.offset = torch.nn.Parameter(torch.tensor(0.5))
+
+    def shared_parameters(self):
+        return list(self.trunk.parameters())
+
+    def forward_heads(self, shared):
+        predictions = ThreeTaskNet.forward_heads(self, shared)
+        return {**predictions, "price": predictions["price"] + self.offset}
+
+
+def test_a_task_specific_parameter_outside_the_heads_gets_its_tasks_gradient(tmp_path):
+    # sold weighted 0: the weights are taken before backward, where one pass serves the tasks
+    # only if the heads hold every task-specific parameter; the offset gets 2 * grad(price).
+    batch = make_batch(9, seed=5)
+    model = OffsetOutsideTheHeadsNet(str(tmp_path), [batch], sold_weight=0.0)
+    static = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
+    reference = reference_update(model, batch, True, static=static)
+    before = copy.deepcopy(model).double()
+    losses = reference_task_losses(before, batch)
+    (offset_grad,) = torch.autograd.grad(2 * losses["price"] + losses["kind"], before.offset)
+    fit_model(model, 1, NormalisedGradients(rep_grad=True))
+    result = torch.load(tmp_path / "rank0.pt")
+    assert_matches(result, reference)
+    torch.testing.assert_close(result["grads"]["offset"], offset_grad, atol=1e-8, rtol=1e-6)
+
+
+class SoldWithoutItsHeadNet(RecordingNet):
+    """sold's head is not called: its prediction is a constant."""
+
+    def forward_heads(self, shared):
+        price, kind = self.heads["price"](shared), self.heads["kind"](shared)
+        return {"price": price.squeeze(-1), "kind": kind, "sold": shared.new_zeros(len(shared))}
+
+
+def test_a_head_that_is_not_called_leaves_every_task_its_own_gradient(tmp_path):
+    # sold weighted 0: the weights are taken before backward; with a head not called the heads'
+    # copies are not one per task, and the tasks take a pass each.
+    batch = make_batch(9, seed=5)
+    model = SoldWithoutItsHeadNet(str(tmp_path), [batch], sold_weight=0.0)
+    static = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
+    reference = reference_update(model, batch, False, valid=(0, 1), static=static)
+    fit_model(model, 1, NormalisedNonZeroGradients())
+    assert_matches(torch.load(tmp_path / "rank0.pt"), reference)
+
+
 class TrunkBiasAfterTheRepresentationNet(RecordingNet):
     """price's prediction adds the trunk's first bias: a shared parameter read again after the
     representation (a tied weight, say)."""

@@ -21,6 +21,7 @@ from tests.callbacks._recording_nets import (
     ManyClassesNet,
     NormalisedGradients,
     OwnForwardNet,
+    PriceInputResidualNet,
     RecordingNet,
     ScaledHeadOutputNet,
     assert_matches,
@@ -70,6 +71,7 @@ def _cast(batch, dtype):
         (InPlaceOutputNet, FactoredGradients, True, True),
         (OwnForwardNet, FactoredGradients, False, False),
         (ScaledHeadOutputNet, FactoredGradients, False, False),
+        (PriceInputResidualNet, FactoredGradients, False, False),
         # 3 tasks, below linear_factors_from (which serves the views, under autocast): the
         # heads run as one node from the first step on, the layout checked on a probe.
         (LinearFactorsNet, NormalisedGradients, True, True),
@@ -139,6 +141,18 @@ class SecondKindCallNet(LinearFactorsNet):
         return predictions
 
 
+class KindReadsATransformFromTheSecondStepNet(LinearFactorsNet):
+    """From the second step on, kind's head is called once, on tanh of the representation."""
+
+    def forward_heads(self, shared):
+        kind_input = torch.tanh(shared) if self.global_step >= 1 else shared
+        return {
+            "price": self.heads["price"](shared).squeeze(-1),
+            "kind": self.heads["kind"](kind_input),
+            "sold": self.heads["sold"](shared).squeeze(-1),
+        }
+
+
 def _with_views_throughout(model):
     views = copy.deepcopy(model)
     views._predict_with_linear_heads = lambda *args: None
@@ -152,6 +166,7 @@ def _with_views_throughout(model):
         (LinearFactorsNet, NormalisedGradients, [True, True, True]),
         (InPlaceOutputNet, NormalisedGradients, [True, True, True]),
         (SecondKindCallNet, NormalisedGradients, [True, False]),  # refused once, then the views
+        (KindReadsATransformFromTheSecondStepNet, NormalisedGradients, [True, False]),
         # Its heads take its weights too: one node, or the pass before backward (not the views).
         (LinearFactorsNet, NashMTL, [True, True, True]),
     ],
@@ -172,6 +187,39 @@ def test_heads_in_one_node_give_the_weights_and_update_of_the_views(
     for index, (record, expected) in enumerate(zip(model.records, views.records, strict=True)):
         assert_matches(record, expected)
         assert all(grad.abs().sum() > 0 for grad in record["grads"].values()), index
+
+
+class SoldReadsPricesHeadFromTheSecondStepNet(LinearFactorsNet):
+    """From the second step on, sold's prediction is price's head output: sold's own head is
+    not called (its parameters then get a zero gradient)."""
+
+    def forward_heads(self, shared):
+        price = self.heads["price"](shared)
+        kind = self.heads["kind"](shared)
+        sold = price if self.global_step >= 1 else self.heads["sold"](shared)
+        return {"price": price.squeeze(-1), "kind": kind, "sold": sold.squeeze(-1)}
+
+    def on_before_optimizer_step(self, optimizer):
+        for parameter in self.heads["sold"].parameters():
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+        super().on_before_optimizer_step(optimizer)
+
+
+def test_a_head_left_uncalled_after_the_first_step_gives_the_weights_and_update_of_the_views(
+    tmp_path,
+):
+    # The heads in one node would hand sold's task nothing (its head's output is unused) and
+    # price's output the gradients of both tasks: the step is refused, and takes the views.
+    batch = make_batch(9, seed=5)
+    model = SoldReadsPricesHeadFromTheSecondStepNet(str(tmp_path), [batch])
+    views = _with_views_throughout(model)
+    fit_model(model, 1, NormalisedGradients(rep_grad=True), steps=2)
+    fit_model(views, 1, NormalisedGradients(rep_grad=True), steps=2)
+    assert model.one_node_steps == [True, False] and model._linear_heads is False
+    assert len(model.records) == len(views.records) == 2
+    for record, expected in zip(model.records, views.records, strict=True):
+        assert_matches(record, expected)
 
 
 def test_heads_under_autocast_keep_their_views(tmp_path):
