@@ -54,6 +54,15 @@ class ThreeTaskNet(MultiTaskMixin, L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+class TwoLayerTrunkNet(ThreeTaskNet):
+    """:class:`ThreeTaskNet` with a trunk of two layers (a parameter that can be left out of
+    ``shared_parameters()`` or frozen)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(IN_FEATURES, 6), nn.Tanh(), nn.Linear(6, 8), nn.Tanh())
+
+
 def make_batch(
     num_samples: int, seed: int, missing_every: int = 3, dtype: torch.dtype = torch.float64
 ) -> tuple[Tensor, dict[str, Tensor]]:

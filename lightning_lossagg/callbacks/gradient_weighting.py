@@ -787,7 +787,8 @@ def _shared_are_the_trunk(pl_module: L.LightningModule) -> bool:
     heads = getattr(pl_module, "heads", None)
     if not isinstance(heads, torch.nn.Module):
         return False
-    if type(pl_module).shared_parameters is MultiTaskMixin.shared_parameters:
+    # (An override set on the instance has no __func__: it is checked like a subclass's.)
+    if getattr(pl_module.shared_parameters, "__func__", None) is MultiTaskMixin.shared_parameters:
         return True  # by definition, at every step (a trunk frozen now may train later)
     in_heads = {id(parameter) for parameter in heads.parameters()}
     outside = {id(p) for p in pl_module.parameters() if p.requires_grad and id(p) not in in_heads}

@@ -5,7 +5,6 @@ exact resume, the YAML config, argument errors."""
 import lightning as L
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_lossagg.callbacks import DBMTL
@@ -28,7 +27,7 @@ from tests.callbacks._stateful_gradient import (
     initial_model,
     sgd_step,
 )
-from tests.models import ThreeTaskNet, make_batch, quiet_trainer
+from tests.models import TwoLayerTrunkNet, make_batch, quiet_trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -155,12 +154,6 @@ def test_a_negative_loss_is_refused_before_the_optimizer_step_and_loses_nothing(
     expected = first_step_only.state_dict()
     assert method.state_dict()["step"] == expected["step"] == 1
     torch.testing.assert_close(method.state_dict()["buffer"], expected["buffer"], rtol=0, atol=0)
-
-
-class TwoLayerTrunkNet(ThreeTaskNet):
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 8), nn.Tanh())
 
 
 class UnfreezeTrunkStart(L.Callback):

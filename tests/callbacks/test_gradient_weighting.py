@@ -32,6 +32,7 @@ from tests.callbacks._recording_nets import (
 )
 from tests.models import (
     ThreeTaskNet,
+    TwoLayerTrunkNet,
     concat_batches,
     make_batch,
     one_batch_loader,
@@ -606,16 +607,10 @@ def test_injected_gradients_are_scaled_alike_on_the_host_and_on_a_device(incomin
     assert [result is grad for result, grad in zip(host, grads, strict=True)] == unit
 
 
-class LastLayerSharedNet(ThreeTaskNet):
+class LastLayerSharedNet(TwoLayerTrunkNet):
     """A two-layer trunk whose first layer is left out of shared_parameters(): the methods weigh
     the last layer's task gradients; the first gets the static-weight objective's gradient, as a
     head's parameters would."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = torch.nn.Sequential(
-            torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 8), torch.nn.Tanh()
-        )
 
     def shared_parameters(self):
         return list(self.trunk[2].parameters())
@@ -626,10 +621,15 @@ class FirstLayerGradient(L.Callback):
         self.grad = pl_module.trunk[0].weight.grad.clone()
 
 
+@pytest.mark.parametrize("override", ["in a subclass", "on the instance"])
 @pytest.mark.parametrize("method", [callbacks.MGDA, callbacks.UPGrad])
-def test_a_trunk_parameter_left_out_of_the_shared_ones_still_gets_its_gradient(method):
+def test_a_trunk_parameter_left_out_of_the_shared_ones_still_gets_its_gradient(method, override):
     torch.manual_seed(0)
-    model = LastLayerSharedNet().double()
+    if override == "in a subclass":
+        model = LastLayerSharedNet().double()
+    else:
+        model = TwoLayerTrunkNet().double()
+        model.shared_parameters = lambda: list(model.trunk[2].parameters())
     before = copy.deepcopy(model)
     batch = make_batch(7, seed=0)
     recorder = FirstLayerGradient()
