@@ -654,11 +654,10 @@ _set_plain = object.__setattr__
 
 def _default_losses(model: MultiTaskMixin) -> bool:
     """Whether the model computes its losses the default way: task ``k``'s loss from its own
-    prediction and target only."""
-    cls = type(model)
-    return (
-        cls.task_losses is MultiTaskMixin.task_losses
-        and cls.per_sample_losses is MultiTaskMixin.per_sample_losses
+    prediction and target only (neither overridden, in a subclass or on the instance)."""
+    return all(
+        getattr(getattr(model, name), "__func__", None) is getattr(MultiTaskMixin, name)
+        for name in ("task_losses", "per_sample_losses")
     )
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_lossagg import callbacks
+from lightning_lossagg import MaskedLoss, callbacks
 from lightning_lossagg.callbacks import gradient_weighting
 from lightning_lossagg.callbacks.gradient_weighting import (
     GradientWeighting,
@@ -451,6 +451,36 @@ def test_a_head_that_is_not_called_leaves_every_task_its_own_gradient(tmp_path):
     reference = reference_update(model, batch, False, valid=(0, 1), static=static)
     fit_model(model, 1, NormalisedNonZeroGradients())
     assert_matches(torch.load(tmp_path / "rank0.pt"), reference)
+
+
+def _sold_loss_reads_price(per_sample_losses):
+    def coupled(predictions, targets):
+        losses = per_sample_losses(predictions, targets)
+        sold = losses["sold"]
+        return {**losses, "sold": MaskedLoss(sold.values + 0.5 * predictions["price"], sold.mask)}
+
+    return coupled
+
+
+class SoldLossReadsPriceNet(RecordingNet):
+    def per_sample_losses(self, predictions, targets):
+        return _sold_loss_reads_price(super().per_sample_losses)(predictions, targets)
+
+
+@pytest.mark.parametrize("rep_grad", [False, True])
+def test_a_loss_override_on_the_instance_weighs_as_the_same_override_in_a_subclass(
+    tmp_path, rep_grad
+):
+    # sold's loss reads price's prediction: one backward pass cannot tell their gradients apart.
+    batch = make_batch(9, seed=5)
+    torch.manual_seed(0)
+    subclass = SoldLossReadsPriceNet(str(tmp_path), [batch])
+    torch.manual_seed(0)
+    instance = RecordingNet(str(tmp_path), [batch])
+    instance.per_sample_losses = _sold_loss_reads_price(instance.per_sample_losses)
+    for model in (subclass, instance):
+        fit_model(model, 1, NormalisedGradients(rep_grad=rep_grad))
+    assert_matches(instance.records[0], subclass.records[0])
 
 
 class TrunkBiasAfterTheRepresentationNet(RecordingNet):
