@@ -156,6 +156,31 @@ def test_a_negative_loss_is_refused_before_the_optimizer_step_and_loses_nothing(
     torch.testing.assert_close(method.state_dict()["buffer"], expected["buffer"], rtol=0, atol=0)
 
 
+def test_the_defaults_are_libmtls():
+    method = DBMTL()
+    assert method.beta == 0.9 and method.beta_sigma == 0.0
+
+
+def test_a_negative_loss_in_an_accumulation_puts_back_the_state_from_before_its_first_batch():
+    # Micro-batches 2 and 3 make global step 1; the loss < 0 of micro-batch 3 is read at that
+    # step, and the state goes back to before micro-batch 2: that of the first step alone.
+    batches = signed_price_batches(4, negative_at=3)
+    torch.manual_seed(0)
+    method = DBMTL()
+    with pytest.raises(ValueError, match=r"'price' \(-[0-9.]+\) was < 0 at global step 1"):
+        trainer([method], max_epochs=1, accumulate_grad_batches=2).fit(
+            SignedPriceNet().double(), DataLoader(batches, None)
+        )
+    torch.manual_seed(0)
+    first_step_only = DBMTL()
+    trainer([first_step_only], max_epochs=1, accumulate_grad_batches=2).fit(
+        SignedPriceNet().double(), DataLoader(batches[:2], None)
+    )
+    expected = first_step_only.state_dict()
+    assert method.state_dict()["step"] == expected["step"] == 2
+    torch.testing.assert_close(method.state_dict()["buffer"], expected["buffer"], rtol=0, atol=0)
+
+
 class UnfreezeTrunkStart(L.Callback):
     """The trunk's first layer is frozen for step 0 and trains from step 1 on."""
 
@@ -174,6 +199,8 @@ def test_the_buffer_starts_afresh_when_the_trainable_shared_parameters_change():
     with pytest.warns(UserWarning, match="from 56 to 92 values; their gradient buffer starts"):
         trainer.fit(TwoLayerTrunkNet().double(), DataLoader(batches, batch_size=None))
     assert callback.state_dict()["buffer"].shape == (3, 92)
+    # The step counter (the t of beta / t^sigma) starts afresh too: steps 1 and 2 since then.
+    assert callback.state_dict()["step"] == 2
 
 
 class FreezeTrunkAtSetup(L.Callback):

@@ -1,12 +1,18 @@
 """GradNorm through real fits: two updates of w by hand (plain torch autograd on the paper's
 loss, torch's Adam), a real 2-process run, exact resume, the YAML config, argument errors."""
 
+import copy
+import warnings
+
+import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from lightning_lossagg.callbacks import GradNorm
-from tests.callbacks._fits import fit_config
+from tests.callbacks._fits import assert_nested_equal, fit_config
 from tests.callbacks._stateful_gradient import (
+    MODEL_LR,
     STATIC,
     assert_grads_close,
     assert_resume_equals_uninterrupted,
@@ -17,18 +23,18 @@ from tests.callbacks._stateful_gradient import (
     initial_model,
     sgd_step,
 )
-from tests.models import make_batch
+from tests.models import make_batch, quiet_trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LR = 0.1
 
 
-def _reference(batches: list, where: str, alpha: float) -> list[dict]:
+def _reference(batches: list, where: str, alpha: float, lr: float = LR) -> list[dict]:
     """The paper by hand: per step the weights used, the model's gradients, the new w."""
     model = initial_model(deep=True)
     weights = torch.ones(3, dtype=torch.float64, requires_grad=True)
-    adam = torch.optim.Adam([weights], lr=LR)
+    adam = torch.optim.Adam([weights], lr=lr)
     initial_losses, steps = None, []
     for batch in batches:
         losses, shared = forward_losses(model, batch)
@@ -54,7 +60,8 @@ def _reference(batches: list, where: str, alpha: float) -> list[dict]:
         gradnorm_loss.backward(inputs=[weights])
         adam.step()
         with torch.no_grad():
-            weights.copy_(3 * weights / weights.sum())
+            positive = weights.clamp(min=0)  # a negative weight would ascend its loss
+            weights.copy_(3 * positive / positive.sum())
         steps.append({"weights": used * STATIC, "grads": grads, "new": weights.detach().clone()})
     return steps
 
@@ -62,7 +69,8 @@ def _reference(batches: list, where: str, alpha: float) -> list[dict]:
 # The update follows sign(w_k n_k - target_k) n_k: a strong restoring force makes the signs, and
 # so the test, depend on the loss ratios too.
 @pytest.mark.parametrize(
-    ("where", "alpha"), [("last", 1.5), ("all", 1.5), ("representation", 1.5), ("last", 8.0)]
+    ("where", "alpha"),
+    [("last", 1.5), ("all", 1.5), ("representation", 1.5), ("last", 8.0), ("last", 0.0)],
 )
 def test_two_updates_of_the_weights_equal_the_paper_by_hand(where, alpha):
     batches = [make_batch(6, seed=1), make_batch(9, seed=2), make_batch(7, seed=3)]
@@ -119,6 +127,86 @@ def test_a_task_takes_part_from_its_first_labelled_step_and_only_when_labelled()
     assert recorder.steps[2]["weights"][2] == 0
 
 
+def test_the_target_is_the_mean_over_the_tasks_that_take_part():
+    # Step 1 has no "sold" label: the target of the two others is the mean of their two
+    # weighted norms (not a third of the sum), with loss ratios relative to their own mean.
+    alpha = 1.5
+    batches = [make_batch(6, seed=1), make_batch(9, seed=2)]
+    batches[1][1]["sold"][:] = torch.nan
+    recorder, _ = fit(GradNorm(alpha=alpha, lr=LR), batches, deep=True)
+    model = initial_model(deep=True)
+    with torch.no_grad():  # the model of step 1: one SGD step along the recorded gradients
+        for name, parameter in model.named_parameters():
+            parameter -= MODEL_LR * recorder.steps[0]["grads"][name]
+    losses, _ = forward_losses(model, batches[1])
+    losses = losses[:2]
+    norms = torch.stack(
+        [flat_grad(loss, list(model.trunk[2].parameters())).norm() for loss in losses]
+    )
+    weighted_norms = recorder.steps[1]["weights"][:2] / STATIC[:2] * norms
+    ratios = losses.detach() / recorder.steps[0]["losses"][:2]
+    targets = weighted_norms.mean() * (ratios / ratios.mean()) ** alpha
+    gradient = torch.sign(weighted_norms - targets) * norms
+    before, after = (step["state"]["weights"]["exp_avg"][:2] for step in recorder.steps)
+    torch.testing.assert_close(after, 0.9 * before + 0.1 * gradient)
+
+
+def test_the_defaults_are_the_papers():
+    method = GradNorm()
+    assert method.alpha == 1.5 and method.layer == "last" and not method.rep_grad
+
+
+def test_a_weight_pushed_below_zero_is_clipped_before_the_renormalisation():
+    # lr=2: Adam's first step moves every w_k by 2 * sign(grad_k), so the tasks above their
+    # target drop to -1; clipped at 0, the others share the sum K = 3.
+    batches = [make_batch(6, seed=1)]
+    recorder, _ = fit(GradNorm(lr=2.0), batches, deep=True)
+    expected = _reference(batches, "last", 1.5, lr=2.0)[0]["new"]
+    learned = recorder.steps[0]["state"]["weights"]["values"]
+    assert learned.min() == 0
+    torch.testing.assert_close(learned, expected)
+
+
+def test_the_pending_gradient_of_an_accumulation_survives_a_state_round_trip():
+    # A checkpoint taken between micro-batches must carry the first one's part of the update.
+    batches = [make_batch(6, seed=seed) for seed in range(2)]
+    recorder, _ = fit(GradNorm(lr=LR), batches, accumulate_grad_batches=2)
+    pending = recorder.steps[0]["state"]
+    assert pending["gradient_sum"] is not None and pending["gradient_count"] is not None
+    restored = GradNorm(lr=LR)
+    fit(restored, batches[:1])  # set up for the model, as at a resume
+    restored.load_state_dict(copy.deepcopy(pending))
+    assert_nested_equal(restored.state_dict(), pending)
+
+
+class StateAfterEachBatch(L.Callback):
+    def __init__(self, method: GradNorm) -> None:
+        self.method, self.states = method, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.states.append(copy.deepcopy(self.method.state_dict()))
+
+
+def test_a_skipped_optimizer_step_leaves_the_weights_and_their_adam_state_alone():
+    # Micro-batch 1 has an infinite loss: the whole first step (micro-batches 0 and 1) is
+    # skipped, so w must not take the step that micro-batch 0 had started to accumulate.
+    batches = [make_batch(6, seed=seed) for seed in range(4)]
+    batches[1][1]["price"][0] = torch.inf
+    model, method = initial_model(), GradNorm(lr=LR)
+    model.nonfinite = "skip"
+    seen = StateAfterEachBatch(method)
+    trainer = quiet_trainer(1, steps=2, callbacks=[method, seen], accumulate_grad_batches=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        trainer.fit(model, DataLoader(batches, batch_size=None))
+    assert model.skipped_steps == 1 and len(seen.states) == 4
+    after_skip = seen.states[1]
+    assert after_skip["gradient_sum"] is None
+    assert torch.equal(after_skip["weights"]["values"], torch.ones(3, dtype=torch.float64))
+    assert (after_skip["weights"]["exp_avg"] == 0).all()
+    assert not torch.equal(seen.states[3]["weights"]["values"], after_skip["weights"]["values"])
+
+
 @pytest.mark.ddp
 def test_two_processes_equal_one_process_on_the_concatenated_batches():
     assert_two_ranks_equal_one_process("gradnorm")
@@ -146,6 +234,7 @@ def test_the_penguins_config_runs_through_the_cli(monkeypatch):
     [
         ({"alpha": -0.5}, "`alpha` must be a finite number >= 0"),
         ({"alpha": float("nan")}, "`alpha` must be a finite number >= 0"),
+        ({"alpha": True}, "`alpha` must be a finite number >= 0"),
         ({"lr": 0.0}, "`lr` must be > 0"),
         ({"lr": -1.0}, "`lr` must be > 0"),
         ({"layer": ""}, "`layer` must be 'last'"),

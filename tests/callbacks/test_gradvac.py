@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BETA, SEED = 0.5, 7
 
 
-def _reference(batches: list, rep_grad: bool) -> list[dict]:
+def _reference(batches: list, rep_grad: bool, beta: float = BETA) -> list[dict]:
     """Per step: w from the functional on the Gramian of plain-torch gradients, with the task
     order drawn from step_seed(SEED, step); the trunk follows sum_k w_k c_k g_k, heads c_k g_k."""
     model = initial_model()
@@ -38,7 +38,7 @@ def _reference(batches: list, rep_grad: bool) -> list[dict]:
         at = [shared] if rep_grad else trunk
         jacobian = torch.stack([flat_grad(loss, at) for loss in losses])
         generator = torch.Generator().manual_seed(step_seed(SEED, index))
-        weights, targets = gradvac(jacobian @ jacobian.T, targets, BETA, generator)
+        weights, targets = gradvac(jacobian @ jacobian.T, targets, beta, generator)
         direction = (weights * STATIC) @ jacobian
         if rep_grad:
             trunk_grad = flat_grad((shared * direction.view_as(shared)).sum(), trunk)
@@ -79,6 +79,26 @@ def test_a_task_without_labels_keeps_its_targets():
     assert torch.equal(after[2], before[2]) and torch.equal(after[:, 2], before[:, 2])
     assert not torch.equal(after[:2, :2], before[:2, :2])
     assert recorder.steps[1]["weights"][2] == 0
+
+
+def test_the_default_rate_is_libmtls():
+    assert GradVac().beta == 0.5
+
+
+def test_beta_one_is_accepted_and_equals_the_functional_by_hand():
+    batches = [make_batch(6, seed=1)]
+    recorder, _ = fit(GradVac(beta=1.0, seed=SEED), batches)
+    expected = _reference(batches, rep_grad=False, beta=1.0)[0]
+    torch.testing.assert_close(recorder.steps[0]["state"]["targets"], expected["targets"])
+    torch.testing.assert_close(recorder.steps[0]["weights"], expected["weights"])
+
+
+def test_the_logged_target_of_a_pair_is_the_first_tasks_target_towards_the_second():
+    method = GradVac(beta=BETA, seed=SEED)
+    fit(method, [make_batch(6, seed=1), make_batch(9, seed=2)])
+    targets = method.state_dict()["targets"]
+    assert not torch.allclose(targets, targets.T)  # the targets of a pair differ in direction
+    torch.testing.assert_close(method.pairwise_state_to_log()["target_cos"], targets)
 
 
 @pytest.mark.ddp

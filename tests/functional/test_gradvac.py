@@ -90,6 +90,18 @@ def test_degenerate_input_gives_finite_weights(jacobian: Tensor) -> None:
         torch.testing.assert_close(rescaled, weights)
 
 
+def test_a_gradient_at_rounding_noise_of_the_largest_counts_as_zero() -> None:
+    # ||g_1|| = 1e-9 ||g_0||, squared 1e-18 < K * 2.2e-16: g_0 is not pulled towards the
+    # opposite g_1 (that would add 1e9 g_1), and the cosines enter the EMA as 0.
+    jacobian = torch.tensor([[1.0, 0.0], [-1e-9, 0.0]], dtype=torch.float64)
+    targets = torch.full((2, 2), 0.5, dtype=torch.float64)
+    weights, new_targets = gradvac(jacobian @ jacobian.T, targets, beta=0.5)
+    torch.testing.assert_close(weights, torch.ones(2, dtype=torch.float64), rtol=0, atol=0)
+    expected = 0.5 * targets
+    expected.fill_diagonal_(0.5)  # the diagonal (a task towards itself) is never visited
+    torch.testing.assert_close(new_targets, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "jacobian",
     [
