@@ -153,3 +153,36 @@ def test_an_integer_ignore_index_of_any_kind_is_kept_as_an_int(index):
     assert task.ignore_index == -1 and type(task.ignore_index) is int
     _, mask = task.per_sample_loss("kind", torch.zeros(2, 3), torch.tensor([0, -1]))
     assert mask.tolist() == [True, False]
+
+
+def test_a_float_target_of_another_dtype_is_cast_to_the_predictions():
+    prediction = torch.randn(5)
+    target = torch.randn(5, dtype=torch.float64)
+    values, mask = Task("mse").per_sample_loss("price", prediction, target)
+    assert values.dtype == prediction.dtype and mask.all()
+    torch.testing.assert_close(values, (prediction - target.float()).square())
+
+
+def test_a_zero_weight_is_allowed():
+    assert Task("mse", weight=0.0).weight == 0.0
+
+
+def test_an_infinite_weight_is_refused():
+    with pytest.raises(ValueError, match="finite"):
+        Task("mse", weight=float("inf"))
+
+
+def test_boolean_class_targets_are_refused_with_the_fix():
+    task = Task("cross_entropy")
+    target = torch.tensor([True, False, True, False])
+    with pytest.raises(TypeError, match=r"Task 'kind'.*integer class targets.*\.long\(\)"):
+        task.per_sample_loss("kind", torch.randn(4, 2), target)
+
+
+def test_a_callable_loss_of_another_shape_than_its_target_is_refused():
+    def one_value_too_few(prediction, target):
+        return (prediction - target).square().flatten()[:-1]
+
+    task = Task(one_value_too_few)
+    with pytest.raises(ValueError, match=r"Task 'xy'.*returned values of shape \(5,\)"):
+        task.per_sample_loss("xy", torch.randn(2, 3), torch.randn(2, 3))

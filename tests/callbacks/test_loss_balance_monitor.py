@@ -26,8 +26,9 @@ class ScriptedNet(L.LightningModule):
     """Plays back scripted task losses, weights and valid-sample counts as the mixin's loss
     records, one per step."""
 
-    def __init__(self, losses, weights=None, counts=None) -> None:
+    def __init__(self, losses, weights=None, counts=None, stage="train") -> None:
         super().__init__()
+        self.stage = stage
         self.losses = losses
         self.weights = torch.ones_like(losses) if weights is None else weights
         self.counts = torch.ones_like(losses) if counts is None else counts
@@ -37,7 +38,7 @@ class ScriptedNet(L.LightningModule):
 
     def training_step(self, index, batch_idx):
         self.loss_record = LossRecord(
-            "train", self.task_names, self.losses[index], self.weights[index], self.counts[index]
+            self.stage, self.task_names, self.losses[index], self.weights[index], self.counts[index]
         )
         return self.anchor * 0.0
 
@@ -131,6 +132,11 @@ def test_a_rising_loss_behind_a_falling_objective_is_reported():
     logger, messages = _fit(ScriptedNet(losses), LossBalanceMonitor(window=20))
     assert messages and all("the loss of task 'kind' rose by" in m for m in messages)
     assert len(messages) == 1
+    # The rise reported is the later half's mean over the earlier half's, in the window judged.
+    step = int(re.search(r"at step (\d+)", messages[0]).group(1))
+    window = rising[step - 20 : step]
+    rise = (window[10:].mean() / window[:10].mean()).item() - 1
+    assert f"rose by {rise:.1%} over the last 20 steps" in messages[0]
     assert logger.flags("rising_loss") == {"price": 0.0, "kind": 1.0, "sold": 0.0}
 
 
@@ -246,8 +252,17 @@ def test_conditions_are_evaluated_only_every_check_interval(monkeypatch):
         return evaluate(self, thresholds)
 
     monkeypatch.setattr(_balance_window.LossWindow, "evaluate", counted)
-    _fit(ScriptedNet(torch.ones(20, 3)), LossBalanceMonitor(window=4), log_every_n_steps=5)
+    logger, _ = _fit(
+        ScriptedNet(torch.ones(20, 3)), LossBalanceMonitor(window=4), log_every_n_steps=5
+    )
     assert evaluations == [5, 10, 15, 20]
+    # The flags are logged at the trainer's logging interval only, not at every step.
+    assert len([row for row in logger.rows if "train/monitor/dominance/price" in row]) == 20 // 5
+    # check_every_n_steps, where given, takes precedence over the logging interval.
+    evaluations.clear()
+    monitor = LossBalanceMonitor(window=4, check_every_n_steps=3)
+    _fit(ScriptedNet(torch.ones(20, 3)), monitor, log_every_n_steps=5)
+    assert evaluations == list(range(3, 21, 3))
 
 
 @pytest.mark.parametrize(
@@ -257,6 +272,7 @@ def test_conditions_are_evaluated_only_every_check_interval(monkeypatch):
         ({"window": 1}, "`window` must be an int >= 2"),
         ({"window": 10.0}, "`window` must be an int >= 2"),
         ({"check_every_n_steps": 0}, "`check_every_n_steps` must be an int >= 1"),
+        ({"check_every_n_steps": True}, "`check_every_n_steps` must be an int >= 1"),
         ({"rise_tolerance": -0.1}, r"`rise_tolerance` must be a number in \[0.0, inf\)"),
         ({"collapse_fraction": 0.0}, "`collapse_fraction` must be a number in"),
         ({"explosion_factor": 1.0}, "`explosion_factor` must be a number in"),
@@ -311,8 +327,9 @@ def _flags_and_warnings(root, ckpt_path=None):
     checkpoint = ModelCheckpoint(root, every_n_epochs=1, save_top_k=-1)
     logger, messages = _fit(ScriptedNet(losses), monitor, 1, 2, [checkpoint], ckpt_path)
     rows = [row for row in logger.rows if "train/monitor/dominance/price" in row]
-    # (A batch's step is the global step after it: epoch 1's are 7 to 12.)
-    flags = [row for row in rows if row["step"] > 6]
+    # (A batch's step is the global step after it: epoch 1's are 7 to 12; a logged row's step
+    # counts the batches before it: epoch 1's are 6 to 11.)
+    flags = [row for row in rows if row["step"] >= 6]
     late = [m for m in messages if int(re.search(r"at step (\d+)", m).group(1)) > 6]
     return flags, late
 
@@ -349,3 +366,38 @@ def test_a_model_without_the_mixin_is_refused():
     trainer = L.Trainer(callbacks=[LossBalanceMonitor()], logger=False, max_steps=1)
     with pytest.raises(TypeError, match="LossBalanceMonitor needs a MultiTaskMixin model"):
         trainer.fit(Plain(), train_dataloaders=torch.utils.data.DataLoader([0], batch_size=None))
+
+
+def test_steps_skipped_before_the_fit_are_not_reported_as_a_new_nonfinite_loss():
+    # The model skipped a step before this fit began: only a skip during the fit is news.
+    model = ScriptedNet(torch.ones(6, 3))
+    model.skipped_steps, model.last_nonfinite_tasks = 1, ("kind",)
+    logger, messages = _fit(model, LossBalanceMonitor(window=4, check_every_n_steps=1))
+    assert messages == []
+    assert logger.flags("nonfinite_loss") == {"price": 0.0, "kind": 0.0, "sold": 0.0}
+
+
+def test_a_flag_returns_to_zero_once_its_condition_clears():
+    steps = [[99.0, 0.5, 0.5]] * 6 + [[1.0, 1.0, 1.0]] * 6
+    logger, _ = _fit(ScriptedNet(torch.tensor(steps)), LossBalanceMonitor(window=4))
+    key = "train/monitor/dominance/price"
+    logged = [row[key] for row in logger.rows if key in row]
+    assert 1.0 in logged and logged[-1] == 0.0
+
+
+def test_the_collapse_message_gives_the_weight_as_a_share_of_its_first_mean():
+    weights = torch.ones(8, 3)
+    weights[4:, 0] = 0.002
+    monitor = LossBalanceMonitor(window=4, check_every_n_steps=8)
+    _, messages = _fit(ScriptedNet(torch.ones(8, 3), weights), monitor)
+    expected = (weights[4:, 0].mean() / weights[:4, 0].mean()).item()
+    assert len(messages) == 1
+    assert f"the weight of task 'price' fell to {expected:.2%} of its mean" in messages[0]
+
+
+def test_a_record_of_another_stage_is_not_judged_as_a_training_step():
+    # A training_step that made no record of its own leaves validation's latest on the model:
+    # it is no training step of the window.
+    steps = torch.tensor([[99.0, 0.5, 0.5]] * 8)
+    _, messages = _fit(ScriptedNet(steps, stage="val"), LossBalanceMonitor(window=4))
+    assert messages == []

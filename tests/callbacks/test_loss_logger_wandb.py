@@ -3,6 +3,7 @@ fit with CSVLogger, which must get the same scalars and none of the W&B extras."
 
 import csv
 import itertools
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +12,10 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
+from lightning_lossagg import LossRecord, Task
 from lightning_lossagg.callbacks import LossBalanceMonitor, LossLogger
+from lightning_lossagg.callbacks._trajectory import Trajectory
+from lightning_lossagg.callbacks._wandb_extras import log_end_of_fit, task_setup
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting
 from lightning_lossagg.demos import PenguinsDataModule, PenguinsNet
 from tests.wandb_records import read_offline_run
@@ -117,7 +121,8 @@ def test_summaries_are_defined_against_the_trainer_step(wandb_run):
         assert metrics[f"{prefix}/loss"].summary.min
         assert metrics[f"{prefix}/static_loss"].summary.min  # what checkpoints should monitor
         for task in TASKS:
-            for figure, summary in (("loss", "min"), ("weighted", "min"), ("weight", "last")):
+            figures = (("loss", "min"), ("weighted", "min"), ("weight", "last"), ("share", "last"))
+            for figure, summary in figures:
                 metric = metrics[f"{prefix}/{figure}/{task}"]
                 assert getattr(metric.summary, summary), (prefix, figure, task)
                 assert metric.step_metric == "trainer/global_step"
@@ -183,3 +188,33 @@ def test_csv_and_wandb_log_the_same_values(wandb_run, csv_run):
         for task in TASKS:
             key = f"train/loss/{task}"
             assert float(csv_row[key]) == pytest.approx(wandb_row[key], rel=1e-5)
+
+
+def test_a_nonfinite_weight_is_a_gap_in_the_weights_chart(monkeypatch):
+    import wandb
+
+    monkeypatch.setattr(wandb.plot, "line_series", lambda **chart: chart)
+    monkeypatch.setattr(wandb, "Table", lambda **table: table)
+    weights = torch.tensor([[1.0, 0.5], [math.nan, 2.0], [math.inf, 3.0]])
+    trajectory = Trajectory()
+    for step, row in enumerate(weights):
+        trajectory.add(step, LossRecord("train", ("a", "b"), torch.ones(2), row, torch.ones(2)))
+    trajectory.flush()
+    logged = []
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((metrics, step)))
+    log_end_of_fit(logger, 3, trajectory, ("a", "b"), image=None)
+    [(metrics, step)] = logged
+    chart = metrics["lossagg/weights"]
+    expected = [[w if math.isfinite(w) else None for w in task] for task in weights.T.tolist()]
+    assert step == 3 and chart["keys"] == ["a", "b"] and chart["ys"] == expected
+
+
+def test_the_task_setup_holds_each_tasks_loss_weight_and_reduction():
+    tasks = {"price": Task("mse", weight=0.5, reduction="sum"), "kind": Task("cross_entropy")}
+    model = SimpleNamespace(tasks=tasks, rank_weighting="samples")
+    setup = task_setup(SimpleNamespace(callbacks=[]), model)
+    assert setup["tasks"] == {
+        "price": {"loss": "mse", "weight": 0.5, "reduction": "sum"},
+        "kind": {"loss": "cross_entropy", "weight": 1.0, "reduction": "mean"},
+    }
+    assert setup["weighting"] == {"method": None, "arguments": {}}
