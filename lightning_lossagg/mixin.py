@@ -652,13 +652,16 @@ CHECKPOINT_KEY = "lossagg"
 _set_plain = object.__setattr__
 
 
+def not_overridden(model: MultiTaskMixin, method: str) -> bool:
+    """Whether ``model``'s ``method`` is the mixin's own: overridden neither in a subclass nor on
+    the instance (a function set there has no ``__func__``)."""
+    return getattr(getattr(model, method), "__func__", None) is getattr(MultiTaskMixin, method)
+
+
 def _default_losses(model: MultiTaskMixin) -> bool:
     """Whether the model computes its losses the default way: task ``k``'s loss from its own
-    prediction and target only (neither overridden, in a subclass or on the instance)."""
-    return all(
-        getattr(getattr(model, name), "__func__", None) is getattr(MultiTaskMixin, name)
-        for name in ("task_losses", "per_sample_losses")
-    )
+    prediction and target only."""
+    return not_overridden(model, "task_losses") and not_overridden(model, "per_sample_losses")
 
 
 def _nonfinite_message(bad: list[tuple[str, float]], step_index: int) -> str:

@@ -59,7 +59,7 @@ from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks._checks import require_multitask
 from lightning_lossagg.functional._tensors import detached
-from lightning_lossagg.mixin import MultiTaskMixin
+from lightning_lossagg.mixin import not_overridden
 from lightning_lossagg.representation import GradientsAtHeads, Receiver, SharedRepresentation
 from lightning_lossagg.weighting import WeightingCallback
 
@@ -787,8 +787,7 @@ def _shared_are_the_trunk(pl_module: L.LightningModule) -> bool:
     heads = getattr(pl_module, "heads", None)
     if not isinstance(heads, torch.nn.Module):
         return False
-    # (An override set on the instance has no __func__: it is checked like a subclass's.)
-    if getattr(pl_module.shared_parameters, "__func__", None) is MultiTaskMixin.shared_parameters:
+    if not_overridden(pl_module, "shared_parameters"):  # type: ignore[arg-type]
         return True  # by definition, at every step (a trunk frozen now may train later)
     in_heads = {id(parameter) for parameter in heads.parameters()}
     outside = {id(p) for p in pl_module.parameters() if p.requires_grad and id(p) not in in_heads}
