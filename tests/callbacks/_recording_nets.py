@@ -15,6 +15,7 @@ from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting
 from tests.models import ThreeTaskNet, one_batch_loader, quiet_trainer, reference_task_losses
 
 STATIC = torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)
+SOLD_WEIGHTED_ZERO = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)  # sold_weight=0.0
 
 
 class NormalisedGradients(GradientWeighting):

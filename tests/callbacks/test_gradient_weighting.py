@@ -22,6 +22,7 @@ from lightning_lossagg.callbacks.gradient_weighting import (
 )
 from tests.callbacks import _recording_nets
 from tests.callbacks._recording_nets import (
+    SOLD_WEIGHTED_ZERO,
     STATIC,
     NormalisedGradients,
     RecordingNet,
@@ -247,8 +248,7 @@ def test_a_task_weighted_zero_takes_the_pass_before_backward(tmp_path, monkeypat
         monkeypatch.setattr(GradientWeighting, method, counted)
     batch = make_batch(9, seed=5)
     model = RecordingNet(str(tmp_path), [batch], sold_weight=0.0)
-    static = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
-    reference = reference_update(model, batch, rep_grad, static=static)
+    reference = reference_update(model, batch, rep_grad, static=SOLD_WEIGHTED_ZERO)
     fit_model(model, 1, NormalisedGradients(rep_grad=rep_grad))
     assert_matches(torch.load(tmp_path / "rank0.pt"), reference)
     assert not in_backward
@@ -377,8 +377,7 @@ def test_a_head_called_twice_on_the_representation_gives_its_task_both_calls_gra
     # one pass serves every task only if each head read the representation once.
     batch = make_batch(9, seed=5)
     model = HeadCalledTwiceOnTheRepresentationNet(str(tmp_path), [batch], sold_weight=0.0)
-    static = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
-    reference = reference_update(model, batch, False, static=static)
+    reference = reference_update(model, batch, False, static=SOLD_WEIGHTED_ZERO)
     fit_model(model, 1, NormalisedGradients())
     assert_matches(torch.load(tmp_path / "rank0.pt"), reference)
 
@@ -396,8 +395,7 @@ def test_a_weight_shared_by_two_heads_gets_each_tasks_gradient_times_its_static_
     # weight both tasks' gradient together; it takes a pass per task instead: 2 * grad(price).
     batch = make_batch(9, seed=5)
     model = TiedPriceAndSoldWeightsNet(str(tmp_path), [batch], sold_weight=0.0)
-    static = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
-    reference = reference_update(model, batch, False, static=static)
+    reference = reference_update(model, batch, False, static=SOLD_WEIGHTED_ZERO)
     fit_model(model, 1, NormalisedGradients())
     assert_matches(torch.load(tmp_path / "rank0.pt"), reference)
 
@@ -423,8 +421,7 @@ def test_a_task_specific_parameter_outside_the_heads_gets_its_tasks_gradient(tmp
     # only if the heads hold every task-specific parameter; the offset gets 2 * grad(price).
     batch = make_batch(9, seed=5)
     model = OffsetOutsideTheHeadsNet(str(tmp_path), [batch], sold_weight=0.0)
-    static = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
-    reference = reference_update(model, batch, True, static=static)
+    reference = reference_update(model, batch, True, static=SOLD_WEIGHTED_ZERO)
     before = copy.deepcopy(model).double()
     losses = reference_task_losses(before, batch)
     (offset_grad,) = torch.autograd.grad(2 * losses["price"] + losses["kind"], before.offset)
@@ -447,8 +444,7 @@ def test_a_head_that_is_not_called_leaves_every_task_its_own_gradient(tmp_path):
     # copies are not one per task, and the tasks take a pass each.
     batch = make_batch(9, seed=5)
     model = SoldWithoutItsHeadNet(str(tmp_path), [batch], sold_weight=0.0)
-    static = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
-    reference = reference_update(model, batch, False, valid=(0, 1), static=static)
+    reference = reference_update(model, batch, False, valid=(0, 1), static=SOLD_WEIGHTED_ZERO)
     fit_model(model, 1, NormalisedNonZeroGradients())
     assert_matches(torch.load(tmp_path / "rank0.pt"), reference)
 
