@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from lightning_lossagg import distributed
-from lightning_lossagg.tasks import MaskedLoss, StackedLosses, Task
+from lightning_lossagg.tasks import MaskedLoss, StackedLosses, Task, ZeroMaskedLoss
 from lightning_lossagg.weighting import LossRecord
 
 if TYPE_CHECKING:
@@ -124,9 +124,11 @@ class GlobalTaskLosses:
 class TaskLossReducer:
     """Reduces every task's per-sample losses over all ranks with ONE all-reduce per call.
 
-    The work per step is a fixed number of tensor operations whatever the number of tasks: stacked
-    losses (:class:`~lightning_lossagg.tasks.StackedLosses`) are summed a group at a time, other
-    tasks' values concatenated and summed per task with one ``index_add``. The small per-task
+    The work per step is a few tensor operations per group of stacked losses
+    (:class:`~lightning_lossagg.tasks.StackedLosses`), and the other tasks' values concatenated and
+    summed per task with one ``index_add``. Values are masked first (a task at a time in the
+    concatenation), but for a :class:`~lightning_lossagg.tasks.ZeroMaskedLoss`, 0 at its missing
+    labels already: the registry's class losses and distances give one. The small per-task
     constants are built once per device and shape and reused. On one process nothing is packed
     or reduced at all.
 
@@ -228,12 +230,13 @@ class TaskLossReducer:
         at a time itself)."""
         if task_sums is not None:
             return self._numerators_and_denominators(torch.stack(task_sums.sums), task_sums.counts)
-        values = [masked_losses[name].values for name in self.names]
+        losses = [masked_losses[name] for name in self.names]
+        values = [_masked_values(loss) for loss in losses]
         flat_values = torch.cat([v if v.ndim == 1 else v.reshape(-1) for v in values])
         flat_masks = torch.cat(
-            [masked_losses[name].mask for name in self.names]
+            [loss.mask for loss in losses]
             if all(v.ndim == 1 for v in values)
-            else [masked_losses[name].mask.reshape(-1) for name in self.names]
+            else [loss.mask.reshape(-1) for loss in losses]
         )
         dtype = accumulation_dtype(flat_values.dtype)
         # index_add adds one value after another: in float32 a count stops at 2**24 and a sum
@@ -241,7 +244,7 @@ class TaskLossReducer:
         wide = flat_values.numel() > _FLOAT32_ADDS
         add_dtype = distributed.stats_dtype(flat_values.device) if wide else dtype
         segments = self._segments(values, flat_values.device)
-        masked_values = in_dtype(torch.where(flat_masks, flat_values, 0.0), add_dtype)
+        masked_values = in_dtype(flat_values, add_dtype)
         zeros = flat_values.new_zeros(len(self.names), dtype=add_dtype)
         local_sums = zeros.index_add(0, segments, masked_values)
         local_counts = zeros.index_add(0, segments, flat_masks.to(add_dtype))
@@ -253,9 +256,10 @@ class TaskLossReducer:
         """Per task, the sum of its valid values (its own graph), and their counts."""
         sums, counts = [], []
         for name in self.names:
-            values, mask = masked_losses[name]
-            sums.append(torch.where(mask, values, 0.0).sum(dtype=accumulation_dtype(values.dtype)))
-            counts.append(mask.sum())
+            loss = masked_losses[name]
+            values = _masked_values(loss)
+            sums.append(values.sum(dtype=accumulation_dtype(values.dtype)))
+            counts.append(loss.mask.sum())
         return TaskSums(sums, torch.stack(counts).to(sums[0].dtype))
 
     def _task_terms(self, task_sums: TaskSums | None, scale: Tensor) -> tuple[Tensor, ...] | None:
@@ -276,11 +280,12 @@ class TaskLossReducer:
         """This rank's numerators and denominators from per-task sums and counts of valid values,
         a group at a time, in task order."""
         sums, counts = [], []
-        for _, (values, mask) in stacked.groups:
+        for _, loss in stacked.groups:
+            values = _masked_values(loss)
             per_task = tuple(range(1, values.ndim))  # all but the group's task dimension
             dtype = accumulation_dtype(values.dtype)
-            sums.append(torch.where(mask, values, 0.0).sum(per_task, dtype=dtype))
-            counts.append(mask.sum(per_task, dtype=dtype))
+            sums.append(values.sum(per_task, dtype=dtype))
+            counts.append(loss.mask.sum(per_task, dtype=dtype))
         if len(sums) == 1:
             local_sums, local_counts = sums[0], counts[0]
         else:  # cat promotes both to the dtype of the widest group
@@ -352,6 +357,14 @@ def in_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
 def on_device(tensor: Tensor, device: torch.device) -> Tensor:
     """``tensor.to(device)`` without a dispatch when it is on ``device`` already."""
     return tensor if tensor.device == device else tensor.to(device)
+
+
+def _masked_values(loss: MaskedLoss) -> Tensor:
+    """The values with 0 wherever the mask is False (a :class:`ZeroMaskedLoss` has them already:
+    no operation)."""
+    if type(loss) is ZeroMaskedLoss:
+        return loss.values
+    return torch.where(loss.mask, loss.values, 0.0)
 
 
 def _global_losses(numerators: Tensor, counts: Tensor, dtype: torch.dtype) -> Tensor:

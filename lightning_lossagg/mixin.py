@@ -27,7 +27,7 @@ from lightning_lossagg.representation import (
     linear_heads_factor,
     reach_only_own_heads,
 )
-from lightning_lossagg.tasks import MaskedLoss, StackedLosses, Task
+from lightning_lossagg.tasks import MaskedLoss, StackedLosses, Task, ZeroMaskedLoss
 from lightning_lossagg.weighting import LossRecord, WeightingCallback
 
 TaskLossOutput = Mapping[str, MaskedLoss | tuple[Tensor, Tensor] | Tensor]
@@ -636,8 +636,8 @@ class _StackedGroup(NamedTuple):
         """The group's per-sample losses as one ``[G, ...]`` MaskedLoss."""
         if len(self.names) == 1:  # pick returns the task's value itself
             prediction, target = self.pick(predictions), self.pick(targets)
-            values, mask = self.task.per_sample_loss(self.label, prediction, target)
-            return MaskedLoss(values.unsqueeze(0), mask.unsqueeze(0))
+            loss = values, mask = self.task.per_sample_loss(self.label, prediction, target)
+            return type(loss)(values.unsqueeze(0), mask.unsqueeze(0))
         stacked_predictions = torch.stack(self.pick(predictions))
         stacked_targets = torch.stack(self.pick(targets))
         # Stacked tasks passed check_target in _stacking_groups, for this layout of the batch.
@@ -766,7 +766,7 @@ def _as_masked_loss(name: str, value: MaskedLoss | tuple[Tensor, Tensor] | Tenso
             f"Task {name!r}: the mask must be a bool tensor of the values' shape "
             f"{tuple(values.shape)}, got {mask.dtype} of shape {tuple(mask.shape)}."
         )
-    return MaskedLoss(values, mask)
+    return value if type(value) is ZeroMaskedLoss else MaskedLoss(values, mask)
 
 
 def _describe(value: Any) -> str:

@@ -19,6 +19,7 @@ from tests.models import (
     ThreeTaskNet,
     concat_batches,
     make_batch,
+    one_batch_loader,
     quiet_trainer,
     reference_task_losses,
 )
@@ -131,6 +132,32 @@ def test_drop_task_updates_the_other_tasks_as_if_the_bad_one_was_absent(tmp_path
         for name, parameter in model.named_parameters():
             expected = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
             torch.testing.assert_close(grads[name], expected, atol=1e-10, rtol=1e-8, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("sold_loss", "method"),
+    [("bce_with_logits", None), ("mse", None), ("bce_with_logits", "mgda")],
+    ids=["price-alone", "price-stacked", "terms-apart"],
+)
+def test_a_nan_prediction_at_a_missing_label_of_a_distance_is_a_nonfinite_loss(sold_loss, method):
+    """Masking could hide it from the loss but not from the gradient (0 · NaN is NaN): the step
+    reports it, however the tasks' sums are taken, before the optimizer trains on NaN."""
+
+    class NanPriceAtMissingLabel(ThreeTaskNet):
+        def forward_heads(self, shared):
+            predictions = super().forward_heads(shared)
+            price = predictions["price"]  # row 0's price label is missing (make_batch)
+            return {**predictions, "price": torch.cat([price[:1] * torch.nan, price[1:]])}
+
+    batch = make_batch(6, seed=3)
+    assert torch.isnan(batch[1]["price"][0])
+    model = NanPriceAtMissingLabel(sold_loss=sold_loss)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    weighting = [callbacks.MGDA()] if method else None
+    with pytest.raises(NonFiniteLossError, match=r"global step 0: task 'price' on rank\(s\) 0"):
+        quiet_trainer(1, callbacks=weighting).fit(model, one_batch_loader(batch))
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, before[name]), name
 
 
 def test_a_run_of_skips_becomes_an_error():

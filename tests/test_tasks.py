@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_lossagg import LOSSES, Task
+from lightning_lossagg.aggregation import global_task_losses
+from lightning_lossagg.tasks import MaskedLoss, ZeroMaskedLoss
 
 
 @pytest.mark.parametrize(
@@ -48,6 +50,43 @@ def test_missing_float_labels_leave_no_nan_in_the_gradient():
     torch.where(mask, values, 0.0).sum().backward()
     assert torch.isfinite(prediction.grad).all()
     assert (prediction.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_a_zero_masked_loss_is_exactly_zero_with_no_gradient_at_missing_labels(name):
+    """The reducer sums a ZeroMaskedLoss without masking it: the registry's class losses and
+    distances give one, and must keep its promise; bce(p, p) is not 0, so BCE is masked."""
+    generator = torch.Generator().manual_seed(1)
+    is_class = name in ("cross_entropy", "nll")
+    leaf = torch.randn((10, 4) if is_class else (10, 3), generator=generator, requires_grad=True)
+    prediction = {"nll": leaf.log_softmax(-1), "bce": leaf.sigmoid()}.get(name, leaf)
+    if is_class:
+        target = torch.randint(0, 4, (10,), generator=generator)
+        target[::3] = -7
+    else:
+        target = torch.rand(10, 3, generator=generator)
+        target[::3, 1:] = torch.nan
+    loss = Task(name, ignore_index=-7).per_sample_loss("t", prediction, target)
+    assert isinstance(loss, ZeroMaskedLoss) == (name not in ("bce", "bce_with_logits"))
+    if not isinstance(loss, ZeroMaskedLoss):
+        return
+    missing = ~loss.mask
+    assert missing.sum() == (4 if is_class else 8)
+    assert torch.equal(loss.values[missing], torch.zeros(int(missing.sum())))
+    loss.values.sum().backward()
+    assert torch.isfinite(leaf.grad).all()
+    assert (leaf.grad[missing] == 0).all()
+
+
+def test_a_zero_masked_loss_with_replaced_values_is_masked_again():
+    """An override of task_losses that transforms the values (``+ 1`` here) breaks the promise of
+    zeros at missing labels: the result is a plain MaskedLoss, which the reducer masks."""
+    target = torch.tensor([1.0, torch.nan, 2.0])
+    loss = Task("mse").per_sample_loss("price", torch.zeros(3), target)
+    shifted = loss._replace(values=loss.values + 1)
+    assert type(shifted) is MaskedLoss and torch.equal(shifted.mask, loss.mask)
+    step = global_task_losses({"price": shifted}, {"price": Task("mse")})
+    torch.testing.assert_close(step.losses, torch.tensor([(2.0 + 5.0) / 2]))
 
 
 def test_elementwise_targets_count_each_element():
