@@ -17,6 +17,7 @@ from lightning_lossagg import LossRecord, WeightingCallback
 from lightning_lossagg.callbacks import LossBalanceError, LossBalanceMonitor, _balance_window
 from lightning_lossagg.demos import PenguinsDataModule, PenguinsNet
 from tests.models import ThreeTaskNet, make_batch
+from tests.process_group import run_on_lightning_ranks
 
 NAMES = ("price", "kind", "sold")
 PENGUINS = ("species", "sex", "body_mass")
@@ -208,6 +209,49 @@ def test_a_nonfinite_loss_the_mixin_skipped_or_left_out_is_reported(policy):
     monitor = LossBalanceMonitor(window=2, check_every_n_steps=1, raise_on=["nonfinite_loss"])
     with pytest.raises(LossBalanceError, match="the loss of task 'price' was NaN or infinite"):
         _fit(model, monitor)
+
+
+def _rank_fit_until_the_monitor_raises(rank: int) -> tuple[str, int] | None:
+    """One rank of a 2-process run: rank 1 alone gets an infinite price label at step 2, which
+    the mixin skips (its flags are global); the monitor raises on it."""
+    batches = [make_batch(4 + rank, seed=10 * rank + s, dtype=torch.float32) for s in range(6)]
+    if rank == 1:
+        batches[2][1]["price"][1] = torch.inf
+    model = ThreeTaskNet()
+    model.nonfinite = "skip"
+    monitor = LossBalanceMonitor(window=2, check_every_n_steps=1, raise_on=["nonfinite_loss"])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=len(batches),
+        callbacks=[monitor],
+        use_distributed_sampler=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the mixin's warning of the skipped step
+            trainer.fit(model, DataLoader(batches, batch_size=None))
+    except LossBalanceError as error:
+        return str(error), trainer.global_step
+    return None
+
+
+@pytest.mark.ddp
+def test_raise_on_stops_every_rank_together():
+    """Ranks other than zero neither warn nor log, but with ``raise_on`` they judge the (global)
+    records too and raise with rank zero: alone, rank zero's error would leave rank 1 in the next
+    step's all-reduce."""
+    ranks = run_on_lightning_ranks(_rank_fit_until_the_monitor_raises)
+    assert ranks[0] is not None and ranks[0] == ranks[1]
+    message, global_step = ranks[0]
+    # The skipped step (batch 2) leaves no record: the check at the next one reports it.
+    assert message.startswith("LossBalanceMonitor at step 4: the loss of task 'price' was NaN")
+    assert global_step == 4
 
 
 def test_steps_without_labels_are_neither_nonfinite_nor_a_collapse():
