@@ -370,7 +370,7 @@ def _masked_values(loss: MaskedLoss) -> Tensor:
 def _global_losses(numerators: Tensor, counts: Tensor, dtype: torch.dtype) -> Tensor:
     """``numerators / counts``: NaN exactly for a task without a valid sample, whose numerator is
     a sum of nothing, 0, over a count of 0 (a dropped task's numerator is NaN)."""
-    return (numerators / counts).to(dtype)
+    return in_dtype(numerators / counts, dtype)
 
 
 def _rank_zero_bits(read: Callable[[], list[float]]) -> list[float]:
