@@ -199,18 +199,19 @@ class Task:
                 target = target.reshape(prediction.shape)
             if target.dtype != prediction.dtype:
                 target = target.to(prediction.dtype)
-        # Replace the missing targets before the loss: a NaN or an out-of-range class index there
-        # would poison the gradient or fail the loss (a registry class loss skips them itself).
-        if target.is_floating_point():
-            mask = target == target  # False exactly at NaN
-            if self.zero_where_missing:  # there the distance of the prediction to itself: 0
-                clean_target = torch.where(mask, target, prediction.detach())
-            else:
-                clean_target = target.nan_to_num(nan=0.0, posinf=math.inf, neginf=-math.inf)
-        else:
-            mask = target != self.ignore_index
-            clean_target = target if self.zero_where_missing else target.masked_fill(~mask, 0)
         try:
+            # Replace the missing targets before the loss: a NaN or an out-of-range class index
+            # there would poison the gradient or fail the loss (a registry class loss skips them
+            # itself). A target on another device than its prediction fails here.
+            if target.is_floating_point():
+                mask = target == target  # False exactly at NaN
+                if self.zero_where_missing:  # there the distance of the prediction to itself: 0
+                    clean_target = torch.where(mask, target, prediction.detach())
+                else:
+                    clean_target = target.nan_to_num(nan=0.0, posinf=math.inf, neginf=-math.inf)
+            else:
+                mask = target != self.ignore_index
+                clean_target = target if self.zero_where_missing else target.masked_fill(~mask, 0)
             values = self.loss_fn(prediction, clean_target)
         except (RuntimeError, ValueError, IndexError) as error:
             raise ValueError(

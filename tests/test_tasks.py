@@ -89,6 +89,16 @@ def test_a_zero_masked_loss_with_replaced_values_is_masked_again():
     torch.testing.assert_close(step.losses, torch.tensor([(2.0 + 5.0) / 2]))
 
 
+@pytest.mark.parametrize("name", ["mse", "bce_with_logits", "cross_entropy"])
+def test_a_target_on_another_device_than_its_prediction_names_the_task(name):
+    # The meta device stands in for a GPU (none here): any two devices fail alike.
+    is_class = name == "cross_entropy"
+    prediction = torch.empty((4, 3) if is_class else (4,), device="meta", requires_grad=True)
+    target = torch.tensor([1, -100, 2, 0]) if is_class else torch.tensor([1.0, torch.nan, 0, 1])
+    with pytest.raises(ValueError, match=rf"Task 'price': loss '{name}' failed .* device"):
+        Task(name).per_sample_loss("price", prediction, target)
+
+
 def test_elementwise_targets_count_each_element():
     prediction = torch.randn(3, 2)
     target = torch.tensor([[1.0, torch.nan], [0.0, 1.0], [torch.nan, torch.nan]])
