@@ -86,6 +86,32 @@ class TorchJDMLP(L.LightningModule):
         return self.net.configure_optimizers()
 
 
+class PerTaskBackwardsMLP(TorchJDMLP):
+    """The least an exact method with parameter gradients does on this network: the K per-task
+    backwards through the trunk (torchjd's and ours), each head's own gradient, the sum of the
+    tasks' trunk gradients with weights of one — no Gramian, no aggregator, no combination.
+    No implementation of a method can run faster than this step (``floor``), so ``floor/torchjd``
+    is the lowest ``param/torchjd`` the method can reach here."""
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__(num_tasks, aggregator=None)
+
+    def training_step(self, batch: tuple[Tensor, dict[str, Tensor]], batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        inputs, targets = batch
+        features = self.net.forward_shared(inputs)
+        views = [features.detach().requires_grad_() for _ in targets]
+        losses = [
+            F.mse_loss(head(view).squeeze(-1), targets[name])
+            for view, (name, head) in zip(views, self.net.heads.items(), strict=True)
+        ]
+        torch.autograd.backward(losses, inputs=[*views, *self.net.heads.parameters()])
+        for view in views:
+            features.backward(view.grad, retain_graph=True)
+        optimizer.step()
+
+
 def _variants(num_tasks: int, names: list[str], kinds: list[str]) -> dict[str, Callable[[], float]]:
     loader = synthetic_loader(num_tasks, steps=40)
     variants = {}
@@ -112,6 +138,10 @@ def _variants(num_tasks: int, names: list[str], kinds: list[str]) -> dict[str, C
             variants[f"{name}/torchjd"] = lambda aggregator=aggregator: median_step_time(
                 lambda: TorchJDMLP(num_tasks, aggregator(num_tasks)), loader, clock="thread"
             )
+    if "param" in kinds:
+        variants["floor"] = lambda: median_step_time(
+            lambda: PerTaskBackwardsMLP(num_tasks), loader, clock="thread"
+        )
     return variants
 
 
@@ -137,7 +167,8 @@ def main() -> None:
     header = (
         f"{'K':>2} {'method':<12} {'plain ms':>8} {'rep ms':>7} {'rep/plain':>9} {'best':>5} "
         f"{'paired':>6} "
-        f"{'param ms':>8} {'torchjd ms':>10} {'param/torchjd':>13} {'best':>5}"
+        f"{'param ms':>8} {'torchjd ms':>10} {'param/torchjd':>13} {'best':>5} "
+        f"{'floor/torchjd':>13}"
     )
     print(
         f"{args.rounds} rounds; best: the ratio of each side's fastest fit; paired: within one fit "
@@ -160,11 +191,13 @@ def main() -> None:
                 row += f"{'':>8} {'':>7} {'':>9} {'':>5} {'':>6} "
             if "param" in args.kinds:
                 torchjd = f"{name}/torchjd"
-                against = summarize({k: times[k] for k in (torchjd, f"{name}/param")}, torchjd)
+                against = summarize(
+                    {k: times[k] for k in (torchjd, f"{name}/param", "floor")}, torchjd
+                )
                 param = against[f"{name}/param"]
                 row += (
                     f"{1e3 * param.median:>8.2f} {1e3 * against[torchjd].median:>10.2f} "
-                    f"{param.ratio:>13.2f} {param.best_ratio:>5.2f}"
+                    f"{param.ratio:>13.2f} {param.best_ratio:>5.2f} {against['floor'].ratio:>13.2f}"
                 )
             print(row.rstrip(), flush=True)
 
