@@ -96,17 +96,6 @@ def test_one_process_weights_and_update_follow_the_gradients(tmp_path, net, rep_
     assert_matches(torch.load(tmp_path / "rank0.pt"), reference)
 
 
-def test_parameter_gradients_copied_into_a_jacobian_give_the_same_update(tmp_path, monkeypatch):
-    # One process on the CPU with three tasks takes the Gramian and d from the parameters'
-    # gradients where they lie; more tasks, or a device, copy them into a K×P Jacobian first.
-    monkeypatch.setattr(GradientWeighting, "_dot_products_pay", lambda self, rows: False)
-    batch = make_batch(9, seed=5)
-    model = RecordingNet(str(tmp_path), [batch])
-    reference = reference_update(model, batch, rep_grad=False)
-    fit_model(model, 1, NormalisedGradients(rep_grad=False))
-    assert_matches(torch.load(tmp_path / "rank0.pt"), reference)
-
-
 @pytest.mark.ddp
 @pytest.mark.parametrize(
     ("net", "rep_grad"), [(RecordingNet, False), (WholeForwardNet, False), (RecordingNet, True)]
