@@ -35,9 +35,7 @@ Where the gradients are taken:
 * ``rep_grad=False``: at the shared parameters (``pl_module.shared_parameters()``). A model with
   ``forward_shared``/``forward_heads`` gets its trunk's K×P Jacobian from the representation
   gradients, one backward through the trunk per task (torchjd's ``mtl_backward`` algorithm,
-  without vmap); any other model takes one backward per task through the whole network. (On
-  the CPU, with at most four tasks and no Jacobian to all-reduce, the Gramian and ``d`` come
-  from the gradients where they lie, without copying them into the K×P matrix.)
+  without vmap); any other model takes one backward per task through the whole network.
   ``sync="gradients"`` (default, exact) all-reduces the Jacobian; ``sync="gramian"`` all-reduces
   only the K×K Gramian, averaging the ranks' local Gramians (an approximation: it misses the
   cross-rank terms of ``<g_i, g_j>``).
@@ -49,7 +47,6 @@ small problem on the K×K Gramian on the host, which costs one device-to-host tr
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import lightning as L
@@ -287,10 +284,7 @@ class GradientWeighting(WeightingCallback):
             # matrix.
             few = len(rows) <= _DOT_PRODUCTS_UP_TO and rows[0].dtype in _DOT_DTYPES
             jacobian = None if few and rows[0].device.type == "cpu" else torch.stack(rows)
-            if jacobian is None:
-                local = _dot_gramian([(row,) for row in rows])
-            else:
-                local = _gramian(jacobian)
+            local = _dot_gramian(rows) if jacobian is None else _gramian(jacobian)
         self.gramian_eps = torch.finfo(local.dtype).eps
         host = _on_host(distributed.all_reduce_sum(local), factor, pending)
         # Each rank's row k is W * factor * s_k times its share of the global gradient g_k.
@@ -316,35 +310,12 @@ class GradientWeighting(WeightingCallback):
         :attr:`sync` says, and the shared parameters get ``factor * sum_k w_k s_k g_k``."""
         none = (None,) * len(shared)
         rows = [_trunk_gradients(output, shared, grad, none) for grad in grads]
-        if self._dot_products_pay(rows):
-            # No Jacobian to all-reduce: the Gramian and d where the gradients lie.
-            gramian = _scaled_sum_over_ranks(_dot_gramian(rows), 1 / distributed.world_size())
-            jacobian = None
-        else:
-            jacobian, gramian = self._synced_gramian(_jacobian(rows, shared))
+        jacobian, gramian = self._synced_gramian(_jacobian(rows, shared))
         self.gramian_eps = torch.finfo(gramian.dtype).eps
         host = _on_host(gramian, factor, pending)
         adaptive = self._weights_of_scaled_gramian(host, host.factor, pending)
-        if jacobian is None:
-            weights = adaptive.tolist()
-            return tuple(_combination(pieces, weights) for pieces in zip(*rows, strict=True))
         adaptive = distributed.to_device(adaptive, jacobian, jacobian.dtype)
         return _shaped_like(adaptive @ jacobian, shared)
-
-    def _dot_products_pay(self, rows: list[tuple[Tensor | None, ...]]) -> bool:
-        """Whether the Gramian of these parameter gradients comes from K(K+1)/2 dot products per
-        parameter and ``d`` from their combination, rather than from a K×P Jacobian copied
-        together: on the CPU, with few tasks, when the Jacobian need not be all-reduced (one
-        process, or ``sync="gramian"``), and every task reaches every shared parameter."""
-        first = rows[0][0] if rows and rows[0] else None
-        return (
-            first is not None
-            and len(rows) <= _DOT_PRODUCTS_UP_TO
-            and first.device.type == "cpu"
-            and first.dtype in _DOT_DTYPES
-            and (self.sync == "gramian" or not distributed.is_distributed())
-            and all(grad is not None and grad.dtype == first.dtype for row in rows for grad in row)
-        )
 
     def _weights_of_scaled_gramian(
         self, host: _HostFigures, scale: float, pending: _PendingStep
@@ -731,19 +702,15 @@ def _in_one_transfer(*tensors: Tensor) -> list[np.ndarray]:
     return [part.reshape(t.shape) for part, t in zip(np.split(host, ends), tensors, strict=True)]
 
 
-def _dot_gramian(rows: Sequence[Sequence[Tensor]]) -> Tensor:
-    """``G[i, j] = <rows[i], rows[j]>``, each row a gradient in pieces (the parameters', or one
-    flat tensor), from K(K+1)/2 dot products per piece, on the host, in the dtype
+def _dot_gramian(rows: list[Tensor]) -> Tensor:
+    """``G[i, j] = <rows[i], rows[j]>`` from K(K+1)/2 dot products, on the host, in the dtype
     :func:`_gramian` gives (ranks that take different ways all-reduce alike)."""
     size = len(rows)
-    flat = [[piece.reshape(-1) for piece in row] for row in rows]
     gramian = np.empty((size, size))
     for i in range(size):
         for j in range(i, size):
-            gramian[i, j] = gramian[j, i] = sum(
-                a.dot(b).item() for a, b in zip(flat[i], flat[j], strict=True)
-            )
-    return torch.from_numpy(gramian).to(torch.promote_types(rows[0][0].dtype, torch.float32))
+            gramian[i, j] = gramian[j, i] = rows[i].dot(rows[j]).item()
+    return torch.from_numpy(gramian).to(torch.promote_types(rows[0].dtype, torch.float32))
 
 
 def _factored_gramian(outputs: Tensor, weights: Tensor, sizes: list[int]) -> Tensor:

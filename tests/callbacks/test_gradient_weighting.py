@@ -260,7 +260,7 @@ def test_dot_product_gramian_and_combination_equal_the_matrix_products(num_tasks
     grads = tuple(torch.randn(6, 4, generator=generator) for _ in range(num_tasks))
     jacobian = torch.stack(grads).reshape(num_tasks, -1)
     torch.testing.assert_close(  # float32 products, summed in different orders
-        _dot_gramian([(g.reshape(-1),) for g in grads]).float(),
+        _dot_gramian([g.reshape(-1) for g in grads]).float(),
         jacobian @ jacobian.T,
         rtol=1e-5,
         atol=1e-5,
@@ -277,7 +277,7 @@ def test_dot_product_gramian_of_float64_gradients_is_float64():
     # K(K+1)/2 dot products: in float64 for float64 gradients, as the matrix product's.
     generator = torch.Generator().manual_seed(0)
     jacobian = torch.randn(3, 24, generator=generator, dtype=torch.float64)
-    gramian = _dot_gramian([(row,) for row in jacobian])
+    gramian = _dot_gramian(list(jacobian))
     assert gramian.dtype == torch.float64
     torch.testing.assert_close(gramian, jacobian @ jacobian.T, rtol=1e-14, atol=0)
 
