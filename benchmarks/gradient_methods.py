@@ -10,7 +10,8 @@ processes as much as this one, and OpenMP workers waiting for a busy core make i
   losses (target: at most 1.3 times the plain step);
 * ``param``: the callback with parameter gradients, against torchjd's ``mtl_backward`` and
   ``jac_to_grad`` with the same aggregator on the same network, in a manual-optimization
-  LightningModule (target: at most 0.8 times torchjd's step).
+  LightningModule (target: at most 0.8 times torchjd's step); ``floor/torchjd``: the bare step of
+  per-task backwards (:class:`PerTaskBackwardsMLP`) against torchjd's, the least either can cost.
 
 Variants run interleaved, round after round (rotated); each ratio is the median over rounds of the
 ratio within a round, ``best`` the ratio of each side's fastest fit
@@ -87,11 +88,11 @@ class TorchJDMLP(L.LightningModule):
 
 
 class PerTaskBackwardsMLP(TorchJDMLP):
-    """The least an exact method with parameter gradients does on this network: the K per-task
-    backwards through the trunk (torchjd's and ours), each head's own gradient, the sum of the
-    tasks' trunk gradients with weights of one — no Gramian, no aggregator, no combination.
-    No implementation of a method can run faster than this step (``floor``), so ``floor/torchjd``
-    is the lowest ``param/torchjd`` the method can reach here."""
+    """``floor``: what every method with exact per-task parameter gradients does at the least,
+    torchjd's way and ours: the forward, each head's own gradient, the K per-task backwards
+    through the trunk, the optimizer step; the trunk's gradients are summed (weights of one) —
+    no Gramian, no aggregator, no combination, and Lightning's lighter manual optimization.
+    ``floor/torchjd`` is the lowest ``param/torchjd`` the per-task backwards leave room for."""
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__(num_tasks, aggregator=None)
