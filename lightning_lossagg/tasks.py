@@ -33,12 +33,14 @@ class MaskedLoss(NamedTuple):
 
 class ZeroMaskedLoss(MaskedLoss):
     """A :class:`MaskedLoss` whose values are exactly 0, and pass no gradient, wherever the mask
-    is False: their sums need no masking (one operation and its backward less per step).
+    is False and the prediction is finite, and non-finite where the prediction is not: their sums
+    need no masking, and a non-finite prediction at a missing label is a non-finite loss (its
+    gradient would be NaN however it were masked), which the mixin's ``nonfinite`` policy takes.
 
-    The registry's losses give it: a class loss skips ``ignore_index`` itself, and a distance
-    (:data:`ZERO_AT_MATCH`) measures the prediction against itself at a missing label, so a
-    non-finite prediction there is a non-finite loss (its gradient would be NaN, masked or not).
-    Values changed with ``_replace`` make a plain :class:`MaskedLoss` again, masked as usual.
+    The registry's losses give it: a distance (:data:`ZERO_AT_MATCH`) measures the prediction
+    against itself at a missing label; the others are computed on a placeholder label there and
+    multiplied by the mask. Values changed with ``_replace`` make a plain :class:`MaskedLoss`
+    again, masked as usual.
     """
 
     __slots__ = ()
@@ -109,9 +111,11 @@ class StackedLosses(Mapping[str, MaskedLoss]):
 class Task:
     """One task of a multi-task model.
 
-    A missing label never counts in the task's loss. A non-finite prediction there counts as a
-    non-finite loss for the distances (``mse``, ``mae``/``l1``, ``huber``, ``smooth_l1``): its
-    gradient would be NaN however it were masked (see :class:`ZeroMaskedLoss`).
+    A missing label never counts in the task's loss. With a registry loss, a non-finite
+    prediction there counts as a non-finite loss, as at a present label: its gradient would be
+    NaN however it were masked (see :class:`ZeroMaskedLoss`). Float losses are computed in the
+    prediction's dtype, at least float32 (a half-precision prediction is compared with the exact
+    labels, as under autocast).
 
     Args:
         loss: a name from the registry (``mse``, ``mae``/``l1``, ``huber``, ``smooth_l1``,
@@ -153,12 +157,9 @@ class Task:
 
     @cached_property
     def loss_fn(self) -> PerSampleLossFn:
-        """The per-sample loss function: the registry's (a class loss skipping
-        :attr:`ignore_index`), or :attr:`loss` itself."""
+        """The per-sample loss function: the registry's, or :attr:`loss` itself."""
         if not isinstance(self.loss, str):
             return self.loss
-        if self.loss in CLASS_LOSSES:
-            return partial(CLASS_LOSSES[self.loss], ignore_index=self.ignore_index)
         return LOSSES[self.loss]
 
     @cached_property
@@ -168,11 +169,20 @@ class Task:
 
     @cached_property
     def zero_where_missing(self) -> bool:
-        """Its per-sample losses are a :class:`ZeroMaskedLoss`: a registry class loss or
-        distance."""
-        return isinstance(self.loss, str) and (
-            self.loss in CLASS_LOSSES or self.loss in ZERO_AT_MATCH
-        )
+        """Its per-sample losses are a :class:`ZeroMaskedLoss`: a registry loss."""
+        return isinstance(self.loss, str)
+
+    @cached_property
+    def _at_missing_labels(self) -> Literal["distance", "probability", "times_mask", "masked"]:
+        """How a missing label's value is made: a distance measures the prediction against
+        itself; ``bce`` and the other registry losses take a placeholder label and are multiplied
+        by the mask (``bce`` also guards its NaN probabilities); a callable takes a placeholder
+        label and the reducer masks its values."""
+        if not isinstance(self.loss, str):
+            return "masked"
+        if self.loss in ZERO_AT_MATCH:
+            return "distance"
+        return "probability" if self.loss == "bce" else "times_mask"
 
     @property
     def loss_name(self) -> str:
@@ -197,22 +207,35 @@ class Task:
         if self.takes_float_targets:
             if target.shape != prediction.shape:  # dimensions of size 1 added or dropped
                 target = target.reshape(prediction.shape)
-            if target.dtype != prediction.dtype:
-                target = target.to(prediction.dtype)
+            # In the prediction's dtype, at least float32: labels never rounded to half precision.
+            dtype = torch.promote_types(prediction.dtype, torch.float32)
+            if prediction.dtype != dtype:
+                prediction = prediction.to(dtype)
+            if target.dtype != dtype:
+                target = target.to(dtype)
         try:
             # Replace the missing targets before the loss: a NaN or an out-of-range class index
-            # there would poison the gradient or fail the loss (a registry class loss skips them
-            # itself). A target on another device than its prediction fails here.
+            # there would poison the gradient or fail the loss. A target on another device than
+            # its prediction fails here.
+            rule = self._at_missing_labels
             if target.is_floating_point():
                 mask = target == target  # False exactly at NaN
-                if self.zero_where_missing:  # there the distance of the prediction to itself: 0
-                    clean_target = torch.where(mask, target, prediction.detach())
+                if rule == "distance":  # the prediction's distance to itself there: 0
+                    clean = torch.where(mask, target, prediction.detach())
+                    values = self.loss_fn(prediction, clean)
+                elif rule == "probability":
+                    values = _probability_bce(prediction, target.nan_to_num(0.0)) * mask
                 else:
-                    clean_target = target.nan_to_num(nan=0.0, posinf=math.inf, neginf=-math.inf)
+                    clean = target.nan_to_num(nan=0.0, posinf=math.inf, neginf=-math.inf)
+                    values = self.loss_fn(prediction, clean)
+                    if rule == "times_mask":
+                        values = values * mask
             else:
-                mask = target != self.ignore_index
-                clean_target = target if self.zero_where_missing else target.masked_fill(~mask, 0)
-            values = self.loss_fn(prediction, clean_target)
+                mask = self.valid_classes(target)
+                if rule == "times_mask":  # class 0 at a missing label, its loss times 0
+                    values = self.loss_fn(prediction, torch.where(mask, target, 0)) * mask
+                else:
+                    values = self.loss_fn(prediction, target.masked_fill(~mask, 0))
         except (RuntimeError, ValueError, IndexError) as error:
             raise ValueError(
                 f"Task {name!r}: loss {self.loss_name!r} failed on prediction of shape "
@@ -222,6 +245,15 @@ class Task:
         if values.shape != mask.shape or values.ndim == 0:
             mask = _mask_like(name, self, values, mask)
         return ZeroMaskedLoss(values, mask) if self.zero_where_missing else MaskedLoss(values, mask)
+
+    def valid_classes(self, target: Tensor) -> Tensor:
+        """Where an integer ``target`` holds a label: not :attr:`ignore_index` (everywhere when
+        the target's dtype cannot hold it, such as -100 in ``uint8``, which would wrap around)."""
+        if target.dtype != torch.bool:
+            info = torch.iinfo(target.dtype)
+            if info.min <= self.ignore_index <= info.max:
+                return target != self.ignore_index
+        return torch.ones_like(target, dtype=torch.bool)
 
     def stacking_key(self, prediction: Tensor, target: Tensor) -> tuple | None:
         """Tasks with equal keys can compute their per-sample losses in one stacked call (an
@@ -263,6 +295,13 @@ def _shapes_pair(prediction: torch.Size, target: torch.Size) -> bool:
     pairing the elements in order then pairs the same samples (any other reshape, a transposed
     [T, B] for a [B, T] say, would scramble them)."""
     return [size for size in prediction if size != 1] == [size for size in target if size != 1]
+
+
+def _probability_bce(prediction: Tensor, target: Tensor) -> Tensor:
+    """Per-sample ``binary_cross_entropy``, non-finite where the probability is (PyTorch's fails
+    on a NaN probability: a device-side assert on CUDA), so the ``nonfinite`` policy takes it."""
+    placeholder = prediction.nan_to_num(nan=0.5, posinf=0.5, neginf=0.5)
+    return F.binary_cross_entropy(placeholder, target, reduction="none") + prediction.detach() * 0
 
 
 def _mask_like(name: str, task: Task, values: Tensor, mask: Tensor) -> Tensor:

@@ -160,6 +160,36 @@ def test_a_nan_prediction_at_a_missing_label_of_a_distance_is_a_nonfinite_loss(s
         assert torch.equal(parameter, before[name]), name
 
 
+@pytest.mark.parametrize(
+    ("task", "sold_loss"),
+    [("kind", "bce_with_logits"), ("sold", "bce_with_logits"), ("sold", "bce")],
+    ids=["cross_entropy", "bce_with_logits", "bce"],
+)
+def test_a_nan_prediction_at_a_missing_label_of_any_registry_loss_is_a_nonfinite_loss(
+    task, sold_loss
+):
+    """The class losses and the binary cross-entropies take a placeholder label there and are
+    multiplied by the mask, so the NaN stays (cross-entropy's gradient through log_softmax, and
+    any masked loss's, would be NaN); bce's NaN probability does not fail PyTorch's range check."""
+
+    class NanAtRowOne(ThreeTaskNet):
+        def forward_heads(self, shared):
+            predictions = super().forward_heads(shared)
+            if sold_loss == "bce":
+                predictions["sold"] = predictions["sold"].sigmoid()
+            bad = predictions[task]
+            return {**predictions, task: torch.cat([bad[:1], bad[1:2] * torch.nan, bad[2:]])}
+
+    inputs, targets = make_batch(6, seed=3)
+    targets["sold"][1] = torch.nan  # row 1's kind label is missing too (make_batch)
+    model = NanAtRowOne(sold_loss=sold_loss)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(NonFiniteLossError, match=rf"global step 0: task '{task}' on rank\(s\) 0"):
+        quiet_trainer(1).fit(model, one_batch_loader((inputs, targets)))
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, before[name]), name
+
+
 def test_a_run_of_skips_becomes_an_error():
     class AlwaysBad(ThreeTaskNet):
         def task_losses(self, batch):

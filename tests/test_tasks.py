@@ -54,8 +54,8 @@ def test_missing_float_labels_leave_no_nan_in_the_gradient():
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_a_zero_masked_loss_is_exactly_zero_with_no_gradient_at_missing_labels(name):
-    """The reducer sums a ZeroMaskedLoss without masking it: the registry's class losses and
-    distances give one, and must keep its promise; bce(p, p) is not 0, so BCE is masked."""
+    """The reducer sums a ZeroMaskedLoss without masking it: every registry loss gives one, and
+    must keep its promise."""
     generator = torch.Generator().manual_seed(1)
     is_class = name in ("cross_entropy", "nll")
     leaf = torch.randn((10, 4) if is_class else (10, 3), generator=generator, requires_grad=True)
@@ -67,15 +67,61 @@ def test_a_zero_masked_loss_is_exactly_zero_with_no_gradient_at_missing_labels(n
         target = torch.rand(10, 3, generator=generator)
         target[::3, 1:] = torch.nan
     loss = Task(name, ignore_index=-7).per_sample_loss("t", prediction, target)
-    assert isinstance(loss, ZeroMaskedLoss) == (name not in ("bce", "bce_with_logits"))
-    if not isinstance(loss, ZeroMaskedLoss):
-        return
+    assert isinstance(loss, ZeroMaskedLoss)
     missing = ~loss.mask
     assert missing.sum() == (4 if is_class else 8)
     assert torch.equal(loss.values[missing], torch.zeros(int(missing.sum())))
     loss.values.sum().backward()
     assert torch.isfinite(leaf.grad).all()
     assert (leaf.grad[missing] == 0).all()
+
+
+def test_bce_is_non_finite_where_its_probability_is_and_refuses_one_out_of_range():
+    prediction = torch.tensor([0.2, torch.nan, 0.7, torch.inf, torch.nan], requires_grad=True)
+    target = torch.tensor([1.0, 0.0, torch.nan, 1.0, torch.nan])
+    values, mask = Task("bce").per_sample_loss("sold", prediction, target)
+    assert mask.tolist() == [True, True, False, True, False]
+    assert torch.isfinite(values).tolist() == [True, False, True, False, False]
+    torch.testing.assert_close(values[0], -torch.log(torch.tensor(0.2)))
+    assert values[2] == 0
+    with pytest.raises(ValueError, match="Task 'sold': loss 'bce' failed"):
+        Task("bce").per_sample_loss("sold", torch.tensor([1.5, 0.5]), torch.tensor([1.0, 0.0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("name", "labels", "outputs"),
+    [
+        ("mse", [100.3, torch.nan, 70000.0, 0.7], [100.0, 3.0, 65000.0, 0.5]),
+        ("huber", [100.3, torch.nan, 70000.0, 0.7], [100.0, 3.0, 65000.0, 0.5]),
+        ("bce_with_logits", [0.3001, torch.nan, 1.0, 0.7], [-0.8, 3.0, 2.0, 0.9]),
+    ],
+)
+def test_a_half_precision_prediction_is_compared_with_the_exact_labels(
+    name, labels, outputs, dtype
+):
+    """In float32, as under autocast: the labels are not rounded to the prediction's dtype (a
+    label near 100 would move by up to 0.25 in bfloat16, one above 65504 be inf in float16)."""
+    target = torch.tensor(labels)
+    prediction = torch.tensor(outputs, dtype=dtype, requires_grad=True)
+    values, mask = Task(name).per_sample_loss("price", prediction, target)
+    assert values.dtype == torch.float32
+    expected = LOSSES[name](prediction.detach().float(), target)
+    torch.testing.assert_close(values[mask], expected[mask])
+    values.sum().backward()
+    assert prediction.grad.dtype == dtype and torch.isfinite(prediction.grad).all()
+
+
+def test_an_ignore_index_the_target_dtype_cannot_hold_marks_no_label_missing():
+    """-100 in uint8 would wrap around to 156 and drop every label 156."""
+
+    def per_pixel(logits, target):
+        return torch.nn.functional.cross_entropy(logits, target.long(), reduction="none")
+
+    target, logits = torch.tensor([156, 3, 156, 200], dtype=torch.uint8), torch.randn(4, 256)
+    assert Task(per_pixel).per_sample_loss("pixels", logits, target).mask.all()
+    loss = Task(per_pixel, ignore_index=156).per_sample_loss("pixels", logits, target)
+    assert loss.mask.tolist() == [False, True, False, True]
 
 
 def test_a_zero_masked_loss_with_replaced_values_is_masked_again():
