@@ -50,7 +50,9 @@ class Trajectory:
             task_losses = losses[:, index]
             finite = task_losses[torch.isfinite(task_losses)].tolist()
             first, best, last = (finite[0], min(finite), finite[-1]) if finite else (None,) * 3
-            final_weight = weights[-1, index].item() if len(weights) else None
+            # The weight of the last logged step that had the task (0 in the others).
+            had_it = torch.isfinite(task_losses).nonzero()
+            final_weight = weights[had_it[-1, 0], index].item() if len(had_it) else None
             rows.append([name, first, best, last, _finite_or_none(final_weight)])
         return rows
 

@@ -24,6 +24,9 @@ PLOT_FILE = "loss_trajectories.png"
 
 STAGES = ("train", "val", "test")
 
+# The per-step figures a task without a valid sample in the step does not log.
+_NO_POINT_WITHOUT_A_SAMPLE = ("loss", "weight", "weighted", "share")
+
 # Lightning advises sync_dist=True for every epoch-level figure logged under DDP; this logger's
 # are global already (the mixin's all-reduce made them so): the advice is silenced for them alone.
 _SYNC_DIST_ADVICE = (
@@ -117,10 +120,13 @@ class LossLogger(L.Callback):
 
     Per training step (at the trainer's ``log_every_n_steps``): ``train/loss/<task>``,
     ``train/weight/<task>``, ``train/weighted/<task>``, ``train/share/<task>`` (the task's share
-    of the objective), ``train/loss`` (also on the progress bar), the weighting method's state
+    of the objective; these four only for the tasks with a valid sample in the step),
+    ``train/loss`` (also on the progress bar, at every step), the weighting method's state
     (``train/<state>/<task>``, e.g. ``train/log_var/<task>`` or, for gradient-based methods,
     ``train/grad_norm/<task>``) and its pairwise state (``train/<state>/<task_a>~<task_b>``, e.g.
-    ``train/grad_cos/<task_a>~<task_b>``). Per epoch, as global sample-weighted means: the same
+    ``train/grad_cos/<task_a>~<task_b>``). With gradient accumulation a step is an optimizer step,
+    logged with its last micro-batch's figures, as Lightning logs its own step metrics (the epoch
+    figures count every micro-batch). Per epoch, as global sample-weighted means: the same
     per-task keys under ``train_epoch/``, ``val/`` and ``test/`` (a task's weight: its mean over
     the steps with a valid sample of it; a NaN loss of valid samples makes the epoch's NaN), and
     ``<stage>/static_loss``, the objective at ``Task.weight`` alone: it does not move with the
@@ -189,19 +195,21 @@ class LossLogger(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
     ) -> None:
         record = self._take(pl_module, "train")
-        if record is None:
+        if record is None or trainer.fit_loop._should_accumulate():
+            # Per optimizer step, as Lightning's own step metrics: its last micro-batch's figures.
             return
         should_log = trainer._logger_connector.should_update_logs
-        if should_log:
-            # For the progress bar and callbacks that monitor it; the loggers get it below.
+        if should_log or self.prog_bar:
+            # For the progress bar (fresh at every step) and callbacks that monitor it; the
+            # loggers get it below.
             pl_module.log(
                 "train/loss", record.objective, prog_bar=self.prog_bar, logger=False, batch_size=1
             )
-            if trainer.is_global_zero and trainer.loggers:
-                metrics = _step_metrics(record)
-                if getattr(pl_module, "nonfinite", "raise") != "raise":
-                    metrics["train/skipped_steps"] = float(pl_module.skipped_steps)
-                write_metrics(trainer, metrics)
+        if should_log and trainer.is_global_zero and trainer.loggers:
+            metrics = _step_metrics(record)
+            if getattr(pl_module, "nonfinite", "raise") != "raise":
+                metrics["train/skipped_steps"] = float(pl_module.skipped_steps)
+            write_metrics(trainer, metrics)
         trajectory = self._trajectory
         if trajectory is not None and (should_log or not trajectory.steps):
             # The first step too, so that the end-of-fit table has the starting loss.
@@ -379,7 +387,16 @@ def _step_metrics(record: LossRecord) -> dict[str, float]:
     for state, matrix in record.pairwise_state.items():
         keys += [f"{stage}/{state}/{names[i]}~{names[j]}" for i, j in pairs]
         parts.append(matrix[[i for i, _ in pairs], [j for _, j in pairs]])
+    parts.append(record.counts.reshape(-1))
     dtype = torch.promote_types(record.losses.dtype, torch.float32)
     device = record.losses.device
     values = torch.cat([part.detach().to(device, dtype) for part in parts]).tolist()
-    return dict(zip(keys, values, strict=True))
+    counts = values[-len(names) :]
+    metrics = dict(zip(keys, values[: -len(names)], strict=True))
+    # A task without a valid sample in the step had no part in it: no point for it (a NaN loss
+    # and weights of 0 would spoil the loggers' summaries, W&B's min and last).
+    for name, count in zip(names, counts, strict=True):
+        if count == 0:
+            for figure in _NO_POINT_WITHOUT_A_SAMPLE:
+                del metrics[f"{stage}/{figure}/{name}"]
+    return metrics

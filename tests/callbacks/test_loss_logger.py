@@ -15,9 +15,17 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from lightning_lossagg import NonFiniteLossError, WeightingCallback, callbacks
 from lightning_lossagg.callbacks import RLW, LossBalanceMonitor, LossLogger
+from lightning_lossagg.callbacks._trajectory import Trajectory
 from lightning_lossagg.callbacks.loss_logger import _EpochAccumulator
 from lightning_lossagg.demos import PenguinsDataModule, PenguinsNet
-from tests.models import ThreeTaskNet, make_batch, one_batch_loader, quiet_trainer
+from lightning_lossagg.weighting import LossRecord
+from tests.models import (
+    ThreeTaskNet,
+    make_batch,
+    one_batch_loader,
+    quiet_trainer,
+    reference_task_losses,
+)
 from tests.process_group import CollectiveCounter
 
 TASKS = ("species", "sex", "body_mass")
@@ -296,6 +304,91 @@ def test_only_val_loss_of_the_epoch_figures_goes_to_the_progress_bar():
     epoch_keys = {key for key in trainer.progress_bar_metrics if not key.startswith("train/")}
     assert epoch_keys == {"val/loss"}
     assert "train_epoch/loss" in trainer.callback_metrics
+
+
+def test_with_gradient_accumulation_each_optimizer_step_is_one_row_of_its_last_micro_batch(
+    tmp_path,
+):
+    batches = [make_batch(6, seed=seed, dtype=torch.float32) for seed in range(4)]
+    model = ThreeTaskNet()
+    with torch.no_grad():
+        second = reference_task_losses(model, batches[1])  # the model of the first step
+    trainer = L.Trainer(
+        max_epochs=1,
+        log_every_n_steps=1,
+        accumulate_grad_batches=2,
+        callbacks=[LossLogger(plot=False)],
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(batches, None))
+    rows = [r for r in _read_csv(trainer.logger.log_dir + "/metrics.csv") if r["train/loss"]]
+    assert [int(r["step"]) for r in rows] == [0, 1]
+    # The first optimizer step's row holds its second micro-batch's figures (the model has not
+    # moved yet); Lightning's own step metrics take the same.
+    for task, loss in second.items():
+        assert float(rows[0][f"train/loss/{task}"]) == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_train_loss_on_the_progress_bar_is_every_steps_own():
+    class ProgressBarAfterEachStep(L.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            shown = trainer.progress_bar_metrics.get("train/loss")
+            self.seen.append((shown, pl_module.loss_record.objective.item()))
+
+    seen = ProgressBarAfterEachStep()
+    # log_every_n_steps=50 and 4 steps: the loggers get nothing, the bar every step.
+    trainer = L.Trainer(
+        max_epochs=1,
+        log_every_n_steps=50,
+        callbacks=[LossLogger(plot=False), seen],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    batches = [make_batch(6, seed=seed, dtype=torch.float32) for seed in range(4)]
+    trainer.fit(ThreeTaskNet(), train_dataloaders=torch.utils.data.DataLoader(batches, None))
+    assert len(seen.seen) == 4
+    for shown, objective in seen.seen:
+        assert shown == pytest.approx(objective, rel=1e-6)
+
+
+def test_a_task_without_a_label_in_a_step_logs_no_point_there(tmp_path):
+    """A NaN loss and weights of 0 would spoil the loggers' summaries (W&B's min and last)."""
+    batches = [make_batch(6, seed=seed, dtype=torch.float32) for seed in range(3)]
+    batches[1][1]["price"][:] = torch.nan
+    trainer = L.Trainer(
+        max_epochs=1,
+        log_every_n_steps=1,
+        callbacks=[LossLogger(plot=False)],
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(ThreeTaskNet(), train_dataloaders=torch.utils.data.DataLoader(batches, None))
+    rows = [r for r in _read_csv(trainer.logger.log_dir + "/metrics.csv") if r["train/loss"]]
+    assert [int(r["step"]) for r in rows] == [0, 1, 2]
+    for figure in ("loss", "weight", "weighted", "share"):
+        assert [bool(r[f"train/{figure}/price"]) for r in rows] == [True, False, True], figure
+        assert all(r[f"train/{figure}/kind"] for r in rows), figure
+    assert math.isfinite(float(rows[1]["train/loss"]))
+
+
+def test_the_final_weight_is_the_last_logged_step_that_had_the_task():
+    trajectory = Trajectory()
+    for loss, weight in ((1.0, 0.5), (0.5, 0.7), (torch.nan, 0.0)):
+        record = LossRecord(
+            "train", ("a",), torch.tensor([loss]), torch.tensor([weight]), torch.tensor([1.0])
+        )
+        trajectory.add(len(trajectory.steps), record)
+    trajectory.flush()
+    assert trajectory.summary_rows(("a",)) == [["a", 1.0, 0.5, 0.5, pytest.approx(0.7)]]
 
 
 # ----------------------------------------------------------------------------- method state
