@@ -491,10 +491,13 @@ class MultiTaskMixin:
         action = "skipped" if self.nonfinite == "skip" else "taken without the task(s)"
         rank_zero_warn(f"{message} The step was {action} (nonfinite={self.nonfinite!r}).")
 
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """The global losses of a validation batch (with several loaders, the epoch figures of
+        :class:`~lightning_lossagg.callbacks.LossLogger` are over all of them together)."""
         return self._evaluation_step("val", batch)
 
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """The global losses of a test batch (several loaders: as :meth:`validation_step`)."""
         return self._evaluation_step("test", batch)
 
     def _evaluation_step(self, stage: str, batch: Any) -> Tensor:

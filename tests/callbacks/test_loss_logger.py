@@ -114,6 +114,19 @@ def _validation_metrics(batches) -> dict[str, float]:
     return {key: float(value) for key, value in trainer.callback_metrics.items()}
 
 
+def test_several_validation_loaders_give_figures_over_all_of_them():
+    first, second = (make_batch(6, seed=s, dtype=torch.float32) for s in (1, 2))
+    trainer = L.Trainer(logger=False, callbacks=[LossLogger(plot=False)], enable_progress_bar=False)
+    loaders = [torch.utils.data.DataLoader([batch], batch_size=None) for batch in (first, second)]
+    torch.manual_seed(0)
+    trainer.validate(ThreeTaskNet(), loaders, verbose=False)
+    apart = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    torch.manual_seed(0)
+    together = _validation_metrics([first, second])  # one loader of both batches
+    for task in ("price", "kind", "sold"):
+        assert apart[f"val/loss/{task}"] == pytest.approx(together[f"val/loss/{task}"])
+
+
 def test_an_epoch_weight_is_the_mean_over_the_steps_that_had_the_task():
     # The second batch has no price label: its record weighs price 0, which is no weight of the
     # method's; the epoch figures stay consistent (weighted = weight * loss, static weights).
