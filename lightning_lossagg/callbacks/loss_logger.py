@@ -199,7 +199,7 @@ class LossLogger(L.Callback):
             # Per optimizer step, as Lightning's own step metrics: its last micro-batch's figures.
             return
         should_log = trainer._logger_connector.should_update_logs
-        if should_log or self.prog_bar:
+        if should_log or (self.prog_bar and trainer.progress_bar_callback is not None):
             # For the progress bar (fresh at every step) and callbacks that monitor it; the
             # loggers get it below.
             pl_module.log(
