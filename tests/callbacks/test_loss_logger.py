@@ -326,17 +326,9 @@ def test_with_gradient_accumulation_each_optimizer_step_is_one_row_of_its_last_m
     model = ThreeTaskNet()
     with torch.no_grad():
         second = reference_task_losses(model, batches[1])  # the model of the first step
-    trainer = L.Trainer(
-        max_epochs=1,
-        log_every_n_steps=1,
-        accumulate_grad_batches=2,
-        callbacks=[LossLogger(plot=False)],
-        logger=CSVLogger(tmp_path),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    trainer = _fit_three_tasks(
+        tmp_path, [LossLogger(plot=False)], batches=batches, model=model, accumulate_grad_batches=2
     )
-    trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(batches, None))
     rows = [r for r in _read_csv(trainer.logger.log_dir + "/metrics.csv") if r["train/loss"]]
     assert [int(r["step"]) for r in rows] == [0, 1]
     # The first optimizer step's row holds its second micro-batch's figures (the model has not
@@ -375,16 +367,7 @@ def test_a_task_without_a_label_in_a_step_logs_no_point_there(tmp_path):
     """A NaN loss and weights of 0 would spoil the loggers' summaries (W&B's min and last)."""
     batches = [make_batch(6, seed=seed, dtype=torch.float32) for seed in range(3)]
     batches[1][1]["price"][:] = torch.nan
-    trainer = L.Trainer(
-        max_epochs=1,
-        log_every_n_steps=1,
-        callbacks=[LossLogger(plot=False)],
-        logger=CSVLogger(tmp_path),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(ThreeTaskNet(), train_dataloaders=torch.utils.data.DataLoader(batches, None))
+    trainer = _fit_three_tasks(tmp_path, [LossLogger(plot=False)], batches=batches)
     rows = [r for r in _read_csv(trainer.logger.log_dir + "/metrics.csv") if r["train/loss"]]
     assert [int(r["step"]) for r in rows] == [0, 1, 2]
     for figure in ("loss", "weight", "weighted", "share"):
@@ -415,8 +398,11 @@ class LearnedLogVar(WeightingCallback):
         return {"log_var": torch.tensor([0.0, 0.1, 0.2])}
 
 
-def _fit_three_tasks(root, callbacks, log_every_n_steps=1, **trainer_kwargs) -> L.Trainer:
-    batches = [make_batch(6, seed=seed, dtype=torch.float32) for seed in range(4)]
+def _fit_three_tasks(
+    root, callbacks, log_every_n_steps=1, batches=None, model=None, **trainer_kwargs
+) -> L.Trainer:
+    if batches is None:
+        batches = [make_batch(6, seed=seed, dtype=torch.float32) for seed in range(4)]
     trainer = L.Trainer(
         max_epochs=1,
         log_every_n_steps=log_every_n_steps,
@@ -426,7 +412,8 @@ def _fit_three_tasks(root, callbacks, log_every_n_steps=1, **trainer_kwargs) -> 
         enable_model_summary=False,
         **{"logger": CSVLogger(root), **trainer_kwargs},
     )
-    trainer.fit(ThreeTaskNet(), train_dataloaders=torch.utils.data.DataLoader(batches, None))
+    model = ThreeTaskNet() if model is None else model
+    trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(batches, None))
     return trainer
 
 
