@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from lightning_lossagg.cli import build_cli
+from lightning_lossagg.demos import PenguinsNet
 from tests.wandb_records import read_offline_run
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -60,3 +61,39 @@ def test_a_second_run_with_the_same_config_overwrites_its_saved_config(tmp_path)
     cli = build_cli(["validate", *args, "--trainer.limit_val_batches=2"])
     assert "val/loss" in cli.trainer.callback_metrics
     assert "limit_val_batches: 2" in saved[0].read_text()
+
+
+def test_ckpt_path_last_resumes_the_previous_run_of_a_config(tmp_path):
+    # The W&B logger gives each run a folder of its own: the configs keep the checkpoints in
+    # one folder, so that `--ckpt_path last` finds the previous run's.
+    args = [
+        f"--config={CONFIGS / 'penguins.yaml'}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs' / 'penguins'}",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+    ]
+    first = build_cli(["fit", *args, "--trainer.max_epochs=1"])
+    first.trainer.logger.experiment.finish()
+    second = build_cli(["fit", *args, "--trainer.max_epochs=2", "--ckpt_path=last"])
+    second.trainer.logger.experiment.finish()
+    assert second.trainer.ckpt_path is not None
+    assert Path(second.trainer.ckpt_path).name == "last.ckpt"
+    assert second.trainer.global_step == 4
+
+
+def test_lossagg_predicts_with_the_demo(tmp_path):
+    cli = build_cli(["predict", f"--config={CONFIGS / 'penguins.yaml'}", "--trainer.logger=false"])
+    predictions = cli.trainer.predict_loop.predictions
+    assert predictions and set(predictions[0]) == set(TASKS)
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ({"body_mass": -1.0}, r"weights\['body_mass'\]: Task.weight must be >= 0"),
+        ({"bodymass": 2.0}, r"Unknown task\(s\) \['bodymass'\] in weights"),
+    ],
+)
+def test_a_bad_demo_weight_names_its_task(weights, message):
+    with pytest.raises(ValueError, match=message):
+        PenguinsNet(weights=weights)

@@ -88,8 +88,11 @@ class PenguinsDataModule(L.LightningDataModule):
         }
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            self.splits[split], self.batch_size, shuffle=shuffle, num_workers=self.num_workers
+        return DataLoader(  # keywords: Lightning rebuilds the predict loader with them
+            self.splits[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -123,14 +126,16 @@ class PenguinsNet(MultiTaskMixin, L.LightningModule):
         rank_weighting: str = "samples",
     ) -> None:
         weights = weights or {}
-        tasks = {
-            "species": Task("cross_entropy", weight=weights.get("species", 1.0)),
-            "sex": Task("bce_with_logits", weight=weights.get("sex", 1.0)),
-            "body_mass": Task("mse", weight=weights.get("body_mass", 1.0)),
-        }
-        unknown = sorted(set(weights) - set(tasks))
+        losses = {"species": "cross_entropy", "sex": "bce_with_logits", "body_mass": "mse"}
+        unknown = sorted(set(weights) - set(losses))
         if unknown:
-            raise ValueError(f"Unknown task(s) {unknown} in weights; tasks are {list(tasks)}.")
+            raise ValueError(f"Unknown task(s) {unknown} in weights; tasks are {list(losses)}.")
+        tasks = {}
+        for name, loss in losses.items():
+            try:
+                tasks[name] = Task(loss, weight=weights.get(name, 1.0))
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"weights[{name!r}]: {error}") from None
         super().__init__(tasks=tasks, rank_weighting=rank_weighting)  # type: ignore[arg-type]
         self.save_hyperparameters()
         self.lr = lr
