@@ -53,6 +53,13 @@ def _class_loss(fn: Callable[..., Tensor]) -> PerSampleLossFn:
     return partial(fn, reduction="none")  # no Python frame of its own on the hot path
 
 
+def _probability_bce(prediction: Tensor, target: Tensor) -> Tensor:
+    """Per-sample ``binary_cross_entropy``, non-finite where the probability is (PyTorch's fails
+    on a NaN probability: a device-side assert on CUDA), so the ``nonfinite`` policy takes it."""
+    placeholder = prediction.nan_to_num(nan=0.5, posinf=0.5, neginf=0.5)
+    return F.binary_cross_entropy(placeholder, target, reduction="none") + prediction.detach() * 0
+
+
 # Losses whose targets are class indices (missing labels marked with ``ignore_index``).
 CLASS_LOSSES: dict[str, PerSampleLossFn] = {
     "cross_entropy": _class_loss(F.cross_entropy),
@@ -66,7 +73,7 @@ FLOAT_LOSSES: dict[str, PerSampleLossFn] = {
     "l1": _class_loss(F.l1_loss),
     "huber": _class_loss(F.huber_loss),
     "smooth_l1": _class_loss(F.smooth_l1_loss),
-    "bce": _class_loss(F.binary_cross_entropy),
+    "bce": _probability_bce,
     "bce_with_logits": _class_loss(F.binary_cross_entropy_with_logits),
 }
 
@@ -158,9 +165,7 @@ class Task:
     @cached_property
     def loss_fn(self) -> PerSampleLossFn:
         """The per-sample loss function: the registry's, or :attr:`loss` itself."""
-        if not isinstance(self.loss, str):
-            return self.loss
-        return LOSSES[self.loss]
+        return LOSSES[self.loss] if isinstance(self.loss, str) else self.loss
 
     @cached_property
     def takes_float_targets(self) -> bool:
@@ -168,21 +173,18 @@ class Task:
         return isinstance(self.loss, str) and self.loss in FLOAT_LOSSES
 
     @cached_property
-    def zero_where_missing(self) -> bool:
-        """Its per-sample losses are a :class:`ZeroMaskedLoss`: a registry loss."""
-        return isinstance(self.loss, str)
-
-    @cached_property
-    def _at_missing_labels(self) -> Literal["distance", "probability", "times_mask", "masked"]:
+    def _at_missing_labels(self) -> Literal["distance", "times_mask", "masked"]:
         """How a missing label's value is made: a distance measures the prediction against
-        itself; ``bce`` and the other registry losses take a placeholder label and are multiplied
-        by the mask (``bce`` also guards its NaN probabilities); a callable takes a placeholder
-        label and the reducer masks its values."""
+        itself; the other registry losses take a placeholder label and are multiplied by the
+        mask; a callable takes a placeholder label and the reducer masks its values."""
         if not isinstance(self.loss, str):
             return "masked"
-        if self.loss in ZERO_AT_MATCH:
-            return "distance"
-        return "probability" if self.loss == "bce" else "times_mask"
+        return "distance" if self.loss in ZERO_AT_MATCH else "times_mask"
+
+    @property
+    def zero_where_missing(self) -> bool:
+        """Its per-sample losses are a :class:`ZeroMaskedLoss`: a registry loss."""
+        return self._at_missing_labels != "masked"
 
     @property
     def loss_name(self) -> str:
@@ -223,8 +225,6 @@ class Task:
                 if rule == "distance":  # the prediction's distance to itself there: 0
                     clean = torch.where(mask, target, prediction.detach())
                     values = self.loss_fn(prediction, clean)
-                elif rule == "probability":
-                    values = _probability_bce(prediction, target.nan_to_num(0.0)) * mask
                 else:
                     clean = target.nan_to_num(nan=0.0, posinf=math.inf, neginf=-math.inf)
                     values = self.loss_fn(prediction, clean)
@@ -295,13 +295,6 @@ def _shapes_pair(prediction: torch.Size, target: torch.Size) -> bool:
     pairing the elements in order then pairs the same samples (any other reshape, a transposed
     [T, B] for a [B, T] say, would scramble them)."""
     return [size for size in prediction if size != 1] == [size for size in target if size != 1]
-
-
-def _probability_bce(prediction: Tensor, target: Tensor) -> Tensor:
-    """Per-sample ``binary_cross_entropy``, non-finite where the probability is (PyTorch's fails
-    on a NaN probability: a device-side assert on CUDA), so the ``nonfinite`` policy takes it."""
-    placeholder = prediction.nan_to_num(nan=0.5, posinf=0.5, neginf=0.5)
-    return F.binary_cross_entropy(placeholder, target, reduction="none") + prediction.detach() * 0
 
 
 def _mask_like(name: str, task: Task, values: Tensor, mask: Tensor) -> Tensor:

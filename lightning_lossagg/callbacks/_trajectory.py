@@ -48,11 +48,12 @@ class Trajectory:
         rows: list[list[object]] = []
         for index, name in enumerate(names):
             task_losses = losses[:, index]
-            finite = task_losses[torch.isfinite(task_losses)].tolist()
+            had_it = torch.isfinite(task_losses)
+            finite = task_losses[had_it].tolist()
             first, best, last = (finite[0], min(finite), finite[-1]) if finite else (None,) * 3
             # The weight of the last logged step that had the task (0 in the others).
-            had_it = torch.isfinite(task_losses).nonzero()
-            final_weight = weights[had_it[-1, 0], index].item() if len(had_it) else None
+            steps = had_it.nonzero()
+            final_weight = weights[steps[-1, 0], index].item() if len(steps) else None
             rows.append([name, first, best, last, _finite_or_none(final_weight)])
         return rows
 
