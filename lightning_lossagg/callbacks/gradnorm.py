@@ -63,9 +63,9 @@ class GradNorm(GradientWeighting):
     is learned directly from the first step.
 
     The weights, :math:`L(0)`, Adam's state and the gradients of a pending accumulation are in
-    this callback's ``state_dict``; the model's ``state_dict`` does not change. The current weights
-    are logged as ``train/learned_weight/<task>`` (read after the optimizer step, as
-    ``LossLogger`` reads them: the weights of the next step), with the base's ``grad_norm`` and
+    this callback's ``state_dict``; the model's ``state_dict`` does not change. The weights a step
+    used, before its update, are logged as ``train/learned_weight/<task>`` (``train/weight/<task>``
+    is the same times the static ``Task.weight``), with the base's ``grad_norm`` and
     ``grad_cos``.
 
     Args:

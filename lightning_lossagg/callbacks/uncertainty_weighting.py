@@ -18,7 +18,8 @@ class UncertaintyWeighting(LearnedScalesWeighting):
 
     `Multi-Task Learning Using Uncertainty to Weigh Losses for Scene Geometry and Semantics
     <https://arxiv.org/abs/1705.07115>`_ (CVPR 2018). Each task has a log-variance
-    :math:`s_k = \log \sigma_k^2`, zero at the start, and the objective
+    :math:`s_k = \log \sigma_k^2`, zero at the start (weights :math:`c_k`, as torchjd's ``UW``;
+    LibMTL starts from :math:`s_k = -0.5`), and the objective
 
     .. math::
         \mathcal{L} = \sum_k c_k e^{-s_k} L_k + \tfrac{1}{2} s_k, \qquad
