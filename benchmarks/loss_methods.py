@@ -60,6 +60,8 @@ NUM_TASKS = 3
 class OnesWeighting(WeightingCallback):
     """Weights of 1 through the weighting interface: the floor that any method pays."""
 
+    finite_weights = True
+
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
         return torch.ones_like(step.losses)
 

@@ -455,7 +455,9 @@ class MultiTaskMixin:
                 adaptive = adaptive.detach()
             if not self._static_weights_are_ones:
                 adaptive = adaptive * static
-            weights = torch.where(step.valid, adaptive, 0.0)
+            if not self._weighting.finite_weights:  # a task without a valid sample: weight 0
+                adaptive = torch.where(step.valid, adaptive, 0.0)
+            weights = adaptive
             objective = self._weighting.backward_objective(self, step, weights, static)  # type: ignore[arg-type]
             self._keep_step_weights(weights, step.valid)
         if dropped:  # the dropped heads still take part in DDP's gradient reduction, with 0

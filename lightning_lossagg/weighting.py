@@ -49,6 +49,10 @@ class WeightingCallback(L.Callback):
         weighs_heads: the heads take the method's weights too (Nash-MTL's update): weighing in
             backward is then left to heads in one node, which scale the heads' gradients once
             the weights are known (the views' heads have their gradients before that).
+        finite_weights: :meth:`task_weights` is finite for every task, those without a valid
+            sample included. The mixin then takes the weights as they are, where it would
+            otherwise zero those tasks' weights first: such a task's term is exactly 0, with no
+            gradient, and any finite weight times it adds nothing.
     """
 
     separate_task_terms: bool = False
@@ -56,6 +60,7 @@ class WeightingCallback(L.Callback):
     weighs_in_backward: bool = False
     takes_linear_factors: bool = False
     weighs_heads: bool = False
+    finite_weights: bool = False
 
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
         """The weights ``w`` (shape ``[K]``, detached) for this training step."""

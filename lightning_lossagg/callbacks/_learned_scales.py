@@ -39,6 +39,7 @@ class LearnedScalesWeighting(WeightingCallback):
     """
 
     state_name = "scale"
+    finite_weights = True  # formulas of s on the host, finite
 
     def __init__(self, lr: float) -> None:
         self.lr = check_positive("lr", lr, "Use e.g. lr=1e-2 for the log-scales' own Adam.")
@@ -48,7 +49,8 @@ class LearnedScalesWeighting(WeightingCallback):
         self._pending: list[distributed.HostCopy] = []
         self._loss_sum: list[float] | None = None
         self._loss_count: list[float] | None = None
-        self._device_weights: Tensor | None = None  # the weights on the device, until s moves
+        self._host_weights_of_s: list[float] | None = None  # the weights, until s moves
+        self._device_weights: Tensor | None = None  # the same on the device
         self._logged: list[float] | None = None  # the s behind those weights, for the logs
 
     def _weight(self, task: int, scale: float) -> float:
@@ -95,10 +97,14 @@ class LearnedScalesWeighting(WeightingCallback):
             for weight, total, count in zip(self._host_weights(), totals, counts, strict=True)
         ]
         self._scales.step(gradient, [count > 0 for count in counts])
-        self._device_weights = None
+        self._host_weights_of_s = self._device_weights = None
 
     def _host_weights(self) -> list[float]:
-        return [self._weight(task, scale) for task, scale in enumerate(self._scales.values)]
+        """The weights at the current ``s``, computed once per value of ``s``."""
+        if self._host_weights_of_s is None:
+            scales = enumerate(self._scales.values)
+            self._host_weights_of_s = [self._weight(task, scale) for task, scale in scales]
+        return self._host_weights_of_s
 
     def _accumulated_losses(self) -> tuple[list[float], list[float]]:
         """Per task, the sum of its finite global losses over this optimizer step's micro-batches,
@@ -138,4 +144,5 @@ class LearnedScalesWeighting(WeightingCallback):
         totals, counts = state_dict["loss_sum"], state_dict["loss_count"]
         self._loss_sum = None if totals is None else totals.double().tolist()
         self._loss_count = None if counts is None else counts.double().tolist()
-        self._pending, self._device_weights, self._logged = [], None, None
+        self._pending, self._logged = [], None
+        self._host_weights_of_s = self._device_weights = None

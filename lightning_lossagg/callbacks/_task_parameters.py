@@ -145,17 +145,16 @@ class HostTaskParameters:
     def step(self, gradient: list[float], mask: list[bool]) -> None:
         """One Adam step along ``gradient`` for the tasks where ``mask`` is True."""
         (beta1, beta2), state = self.betas, self._host_state()
-        new = {name: list(column) for name, column in state.items()}
+        values = state["values"] = list(state["values"])  # a new list: the old one may be logged
+        exp_avg, exp_avg_sq, steps = state["exp_avg"], state["exp_avg_sq"], state["steps"]
         for k, (g, stepped) in enumerate(zip(gradient, mask, strict=True)):
             if not stepped:
                 continue
-            steps = new["steps"][k] = state["steps"][k] + 1
-            m = new["exp_avg"][k] = beta1 * state["exp_avg"][k] + (1 - beta1) * g
-            v = new["exp_avg_sq"][k] = beta2 * state["exp_avg_sq"][k] + (1 - beta2) * g * g
-            corrected = m / (1 - beta1**steps)
-            denominator = math.sqrt(v / (1 - beta2**steps)) + self.eps
-            new["values"][k] = state["values"][k] - self.lr * corrected / denominator
-        self._state = new
+            t = steps[k] = steps[k] + 1
+            m = exp_avg[k] = beta1 * exp_avg[k] + (1 - beta1) * g
+            v = exp_avg_sq[k] = beta2 * exp_avg_sq[k] + (1 - beta2) * g * g
+            denominator = math.sqrt(v / (1 - beta2**t)) + self.eps
+            values[k] -= self.lr * (m / (1 - beta1**t)) / denominator
 
     def snapshot(self) -> Tensor | None:
         """The values as a tensor (None before the first step or a loaded state), for the logs."""

@@ -57,6 +57,8 @@ class DWA(WeightingCallback):
         >>> callback = DWA(temperature=2.0, window_steps=50)
     """
 
+    finite_weights = True  # K·softmax of rates set to 1 where a task has none
+
     def __init__(self, temperature: float = 2.0, window_steps: int | None = None) -> None:
         self.temperature = check_positive(
             "temperature", temperature, "The paper uses temperature=2.0; larger is more uniform."

@@ -63,6 +63,8 @@ class FAMO(WeightingCallback):
         >>> callback = FAMO(lr=0.025, weight_decay=1e-3)
     """
 
+    finite_weights = True  # 0 for a task without a valid sample
+
     def __init__(self, lr: float = 0.025, weight_decay: float = 1e-3, eps: float = 1e-8) -> None:
         self.lr = check_positive("lr", lr, "The paper uses lr=0.025.")
         for name, value in (("weight_decay", weight_decay), ("eps", eps)):

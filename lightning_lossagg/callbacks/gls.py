@@ -40,6 +40,8 @@ class GLS(WeightingCallback):
         >>> callback = GLS()
     """
 
+    finite_weights = True  # a task without a valid sample takes the loss 1 in gls_weights
+
     def __init__(self) -> None:
         self._task_names: tuple[str, ...] = ()
         self._unchecked = LossesReadLater(

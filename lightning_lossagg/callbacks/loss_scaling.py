@@ -56,6 +56,8 @@ class LossScaling(WeightingCallback):
         >>> callback = LossScaling(mode="ema", decay=0.9, warmup_steps=10)
     """
 
+    finite_weights = True  # 1 / max(level, eps), or 1 without a level
+
     def __init__(
         self,
         mode: LevelMode = "ema",

@@ -58,6 +58,8 @@ class RLW(WeightingCallback):
         >>> callback = RLW(seed=0)
     """
 
+    finite_weights = True  # a softmax
+
     def __init__(self, seed: int = 0) -> None:
         self.seed = check_non_negative_int("seed", seed, "Pass e.g. seed=0.")
         self._generator = torch.Generator()

@@ -86,6 +86,23 @@ def test_accumulating_two_micro_batches_per_optimizer_step(name):
     _assert_weights_match(steps, expected_record_weights(name, steps, callback))
 
 
+@pytest.mark.parametrize("name", list(METHODS))
+def test_the_weights_a_method_returns_are_finite_for_a_task_without_a_label(name):
+    """Each of these methods declares ``finite_weights``: the mixin leaves a task without a valid
+    sample the method's own weight (times a term of exactly 0), which must then be finite."""
+    callback = METHODS[name]()
+    assert callback.finite_weights
+    returned: list[torch.Tensor] = []
+    task_weights = callback.task_weights
+    callback.task_weights = lambda *args: returned.append(task_weights(*args)) or returned[-1]
+    _, recorder, model = fit_method(name, training_batches(), max_epochs=4, callback=callback)
+    without_label = [not bool(step["valid"].all()) for step in recorder.steps]
+    assert sum(without_label) == 4 and len(returned) == 8
+    for weights in returned:
+        assert torch.isfinite(weights).all()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 @pytest.mark.ddp
 def test_two_processes_equal_one_process_on_the_concatenated_batches():
     # One launch of two processes serves all seven methods (a launch costs seconds; a fit with
