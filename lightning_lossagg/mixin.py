@@ -7,6 +7,7 @@ from operator import itemgetter
 from typing import Any, Literal, NamedTuple
 
 import torch
+from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -76,6 +77,18 @@ class MultiTaskMixin:
             row raise :class:`NonFiniteLossError` instead of skipping forever (``None``: never).
     """
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse a class that puts ``LightningModule`` before the mixin in its bases: the
+        module's ``__init__`` would get ``tasks`` and fail with an error that names neither."""
+        super().__init_subclass__(**kwargs)
+        order = cls.__mro__
+        if LightningModule in order and order.index(LightningModule) < order.index(MultiTaskMixin):
+            raise TypeError(
+                f"{cls.__qualname__}: put MultiTaskMixin before LightningModule in its bases, "
+                f"class {cls.__name__}(MultiTaskMixin, L.LightningModule), so that the mixin "
+                "takes `tasks` and its steps override the module's."
+            )
+
     def __init__(
         self,
         *args: Any,
@@ -105,6 +118,7 @@ class MultiTaskMixin:
         self.last_nonfinite_tasks: tuple[str, ...] = ()
         self._consecutive_skips = 0
         self._skip_optimizer_step = False
+        self._skip_taken = False  # an optimizer step has skipped: the next batch clears the flag
         self.tasks = _as_tasks(tasks)
         self.rank_weighting = rank_weighting
         self._reducer = TaskLossReducer(self.tasks, rank_weighting)
@@ -416,6 +430,8 @@ class MultiTaskMixin:
 
     # ----------------------------------------------------------------------------- the steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        if self._skip_taken:  # the skipped step is over: this batch starts a new one
+            self._skip_optimizer_step = self._skip_taken = False
         output = self.task_losses(batch)
         masked = output if isinstance(output, StackedLosses) else self._checked_losses(output)
         separate = self._weighting is not None and self._keeps_task_terms_apart
@@ -582,6 +598,7 @@ class MultiTaskMixin:
         latest = self._fold_step_weights()
         checkpoint[CHECKPOINT_KEY] = {
             "latest_weights": None if latest is None else latest.detach().cpu(),
+            "task_names": list(self.task_names),
             "skipped_steps": self.skipped_steps,
             "consecutive_skips": self._consecutive_skips,
         }
@@ -589,9 +606,27 @@ class MultiTaskMixin:
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
         state = checkpoint.get(CHECKPOINT_KEY, {})
-        self._latest_weights, self._step_weights = state.get("latest_weights"), None
+        self._latest_weights = self._weights_by_name(state.get("latest_weights"), state)
+        self._step_weights = None
         self.skipped_steps = state.get("skipped_steps", 0)
         self._consecutive_skips = state.get("consecutive_skips", 0)
+
+    def _weights_by_name(self, weights: Tensor | None, state: dict[str, Any]) -> Tensor | None:
+        """A checkpoint's evaluation weights in this model's task order; None (evaluation then
+        weighs with the static weights), with a warning, when its tasks are not this model's."""
+        if weights is None:
+            return None
+        saved = state.get("task_names")  # absent in checkpoints from before names were kept
+        if saved is None and len(weights) == len(self.task_names):
+            return weights
+        if saved is not None and sorted(saved) == sorted(self.task_names):
+            return weights[[saved.index(name) for name in self.task_names]]
+        rank_zero_warn(
+            f"The checkpoint's evaluation weights are for the tasks {saved or len(weights)}, not "
+            f"this model's {list(self.task_names)}: validation and test weigh each task with its "
+            "static Task.weight until a training step gives weights again."
+        )
+        return None
 
     def teardown(self, stage: str) -> None:
         super().teardown(stage)  # type: ignore[misc]
@@ -601,8 +636,10 @@ class MultiTaskMixin:
         super().on_before_optimizer_step(optimizer)  # type: ignore[misc]
         if self._skip_optimizer_step:
             # Parameters without a gradient are left alone by torch's optimizers (no update, no
-            # momentum or Adam state change). With gradient accumulation the whole step is skipped.
-            self._skip_optimizer_step = False
+            # momentum or Adam state change). With gradient accumulation the whole step is skipped;
+            # under manual optimization every optimizer the batch steps is (the flag holds until
+            # the next batch's training_step).
+            self._skip_taken = True
             for group in optimizer.param_groups:
                 for parameter in group["params"]:
                     parameter.grad = None

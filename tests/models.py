@@ -14,7 +14,7 @@ IN_FEATURES = 5
 
 class ThreeTaskNet(MultiTaskMixin, L.LightningModule):
     """price (MSE, weight 2), kind (3-class cross-entropy), sold (BCE with logits; with
-    ``sold_loss="mse"`` stacked with price)."""
+    ``sold_loss="mse"`` stacked with price); ``task_order`` orders them (or leaves some out)."""
 
     def __init__(
         self,
@@ -22,14 +22,15 @@ class ThreeTaskNet(MultiTaskMixin, L.LightningModule):
         lr: float = 0.1,
         sold_weight: float = 1.0,
         sold_loss: str = "bce_with_logits",
+        task_order: tuple[str, ...] = ("price", "kind", "sold"),
     ) -> None:
+        tasks = {
+            "price": Task("mse", weight=2.0),
+            "kind": Task("cross_entropy"),
+            "sold": Task(sold_loss, weight=sold_weight),
+        }
         super().__init__(
-            tasks={
-                "price": Task("mse", weight=2.0),
-                "kind": Task("cross_entropy"),
-                "sold": Task(sold_loss, weight=sold_weight),
-            },
-            rank_weighting=rank_weighting,
+            tasks={name: tasks[name] for name in task_order}, rank_weighting=rank_weighting
         )
         self.lr = lr
         self.trunk = nn.Sequential(nn.Linear(IN_FEATURES, 8), nn.Tanh())

@@ -83,6 +83,17 @@ def test_a_checkpoint_keeps_the_evaluation_weights_beside_an_unchanged_state_dic
     assert ThreeTaskNet.load_from_checkpoint(path)._latest_weights.tolist() == [4.0, 6.0, 9.0]
 
 
+def test_a_checkpoints_evaluation_weights_follow_the_task_names_not_their_order(tmp_path):
+    _, trainer = _fit()
+    path = tmp_path / "fit.ckpt"
+    trainer.save_checkpoint(path)
+    reordered = ThreeTaskNet(task_order=("sold", "price", "kind"))
+    assert _validation_weights(quiet_trainer(1), reordered, ckpt_path=path) == [9.0, 4.0, 6.0]
+    with pytest.warns(UserWarning, match=r"for the tasks \['price', 'kind', 'sold'\], not this"):
+        other_tasks = ThreeTaskNet.load_from_checkpoint(path, task_order=("price", "kind"))
+    assert other_tasks._latest_weights is None  # evaluation weighs with the static weights
+
+
 def test_a_new_fit_without_a_method_evaluates_with_the_static_weights_again():
     model, _ = _fit()
     trainer = quiet_trainer(1, steps=1)

@@ -267,6 +267,21 @@ def test_bad_mixin_arguments_fail_at_construction(kwargs, error, message):
         Net(**kwargs)
 
 
+def test_a_class_with_the_mixin_after_lightning_module_is_told_the_order_of_the_bases():
+    with pytest.raises(TypeError, match=r"Net: put MultiTaskMixin before LightningModule"):
+
+        class Net(L.LightningModule, MultiTaskMixin):
+            pass
+
+    class Right(MultiTaskMixin, L.LightningModule):
+        pass
+
+    class Subclass(Right):  # a subclass of a right one inherits the right order
+        pass
+
+    assert Subclass(tasks={"a": "mse"}).task_names == ("a",)
+
+
 def test_a_nonfinite_loss_raises_naming_task_step_and_rank_before_the_weights_change():
     model = ThreeTaskNet()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

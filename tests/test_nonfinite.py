@@ -240,6 +240,38 @@ def test_a_skipped_step_leaves_adams_parameters_alone_and_the_next_step_trains()
     assert all(not torch.equal(skipped[name], after[name]) for name in skipped)
 
 
+def test_a_skipped_step_moves_none_of_the_optimizers_a_manual_step_calls():
+    class TwoOptimizers(ThreeTaskNet):
+        automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            trunk_optimizer, heads_optimizer = self.optimizers()
+            trunk_optimizer.zero_grad()
+            heads_optimizer.zero_grad()
+            self.manual_backward(loss)
+            trunk_optimizer.step()
+            heads_optimizer.step()
+
+        def configure_optimizers(self):
+            return [
+                torch.optim.Adam(self.trunk.parameters(), lr=0.01),
+                torch.optim.Adam(self.heads.parameters(), lr=0.01),
+            ]
+
+    batches = [make_batch(4, seed=s, dtype=torch.float32) for s in range(3)]
+    batches[1][1]["price"][0] = torch.inf
+    model, parameters = TwoOptimizers(), ParametersAfterEachStep()
+    model.nonfinite = "skip"
+    steps = 2 * len(batches)  # each optimizer's step counts
+    trainer = quiet_trainer(1, steps=steps, precision="32-true", callbacks=[parameters])
+    with pytest.warns(UserWarning, match="The step was skipped"):
+        trainer.fit(model, DataLoader(batches, batch_size=None))
+    before, skipped, after = parameters.parameters
+    assert all(torch.equal(before[name], skipped[name]) for name in before)  # heads too
+    assert all(not torch.equal(skipped[name], after[name]) for name in skipped)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
