@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property, partial
@@ -127,7 +128,14 @@ class Task:
     Args:
         loss: a name from the registry (``mse``, ``mae``/``l1``, ``huber``, ``smooth_l1``,
             ``cross_entropy``, ``bce``, ``bce_with_logits``, ``nll``) or a callable
-            ``(prediction, target) -> per-sample losses`` (one value per sample, never a scalar).
+            ``(prediction, target) -> per-sample losses``, never a scalar: one value per label
+            (the target's shape; it sees class 0 or 0.0 at a missing label, masked out after),
+            or one value per sample of several labels (the target's leading dimensions, ``[N]``
+            for ``[N, H, W]`` class maps). Such a callable gets class maps as they are and
+            handles ``ignore_index`` itself (its first call on a layout, on class 0, tells which
+            it is; it is called once more then); a map counts when one pixel is labelled. On
+            float targets it sees 0.0 at NaN, and a sample counts when all its elements are
+            labelled (a partly labelled one is left out, with a warning).
         weight: static weight; it multiplies any adaptive weight (a preference on top).
         reduction: ``"mean"`` over the valid samples of the global batch, or ``"sum"``.
         ignore_index: the class target that marks a missing label (float targets use NaN).
@@ -230,12 +238,17 @@ class Task:
                     values = self.loss_fn(prediction, clean)
                     if rule == "times_mask":
                         values = values * mask
+                    elif (layout := (prediction.ndim, target.ndim)) not in self._reduces_samples:
+                        reduces = _reduces_samples(values.ndim, target.shape)
+                        self._reduces_samples[layout] = reduces
+                        if reduces:
+                            _warn_if_partly_labelled(name, self, mask, values.ndim)
             else:
                 mask = self.valid_classes(target)
                 if rule == "times_mask":  # class 0 at a missing label, its loss times 0
                     values = self.loss_fn(prediction, torch.where(mask, target, 0)) * mask
                 else:
-                    values = self.loss_fn(prediction, target.masked_fill(~mask, 0))
+                    values = self._callable_on_classes(prediction, target, mask)
         except (RuntimeError, ValueError, IndexError) as error:
             raise ValueError(
                 f"Task {name!r}: loss {self.loss_name!r} failed on prediction of shape "
@@ -243,8 +256,30 @@ class Task:
                 f"{tuple(target.shape)} ({target.dtype}): {error}"
             ) from error
         if values.shape != mask.shape or values.ndim == 0:
-            mask = _mask_like(name, self, values, mask)
+            mask = _mask_like(name, self, values, mask, classes=not target.is_floating_point())
         return ZeroMaskedLoss(values, mask) if self.zero_where_missing else MaskedLoss(values, mask)
+
+    @cached_property
+    def _reduces_samples(self) -> dict[tuple[int, int], bool]:
+        """Per (prediction, target) dimensions, whether the callable returns one value per
+        sample of several target elements; learnt at its first call on such a layout."""
+        return {}
+
+    def _callable_on_classes(self, prediction: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        """A callable's values on class targets. One value per label: computed on class 0 at a
+        missing label (masked out after). One value per sample of several labels (a class map
+        reduced per image): on the targets as they are, ``ignore_index`` included, which the
+        callable handles itself (its first call on a layout, on class 0, tells; once more)."""
+        layout = (prediction.ndim, target.ndim)
+        reduces = self._reduces_samples.get(layout)
+        if reduces:
+            return self.loss_fn(prediction, target)
+        values = self.loss_fn(prediction, target.masked_fill(~mask, 0))
+        if reduces is None:
+            reduces = self._reduces_samples[layout] = _reduces_samples(values.ndim, target.shape)
+            if reduces:
+                return self.loss_fn(prediction, target)
+        return values
 
     def valid_classes(self, target: Tensor) -> Tensor:
         """Where an integer ``target`` holds a label: not :attr:`ignore_index` (everywhere when
@@ -297,8 +332,29 @@ def _shapes_pair(prediction: torch.Size, target: torch.Size) -> bool:
     return [size for size in prediction if size != 1] == [size for size in target if size != 1]
 
 
-def _mask_like(name: str, task: Task, values: Tensor, mask: Tensor) -> Tensor:
-    """The mask at the shape of the per-sample values."""
+def _reduces_samples(ndim: int, target_shape: torch.Size) -> bool:
+    """Values of ``ndim`` dimensions hold one value per sample of several target elements."""
+    return 0 < ndim < len(target_shape) and math.prod(target_shape[ndim:]) > 1
+
+
+def _warn_if_partly_labelled(name: str, task: Task, mask: Tensor, ndim: int) -> None:
+    """Warn when a callable that reduces float samples met one with only some elements labelled
+    (checked at the first batch of a layout only: it reads the mask on the host)."""
+    per_sample = mask.flatten(ndim)
+    if bool((per_sample.any(-1) & ~per_sample.all(-1)).any()):
+        warnings.warn(
+            f"Task {name!r}: loss {task.loss_name!r} returns one value per sample of targets of "
+            f"shape {tuple(mask.shape)}, and some samples have only some elements labelled (the "
+            "others NaN). Such a sample is left out whole (the callable sees its NaN as 0.0). To "
+            "count its labelled elements, return one value per element.",
+            stacklevel=2,
+        )
+
+
+def _mask_like(name: str, task: Task, values: Tensor, mask: Tensor, classes: bool) -> Tensor:
+    """The mask at the shape of the per-sample values. A sample of several class labels counts
+    when one of them is labelled (the callable saw ``ignore_index`` and handled it); a sample of
+    several float elements when all of them are (the callable saw 0.0 at a missing one)."""
     if values.ndim == 0:
         raise ValueError(
             f"Task {name!r}: loss {task.loss_name!r} returned a scalar. Losses must return one "
@@ -308,8 +364,8 @@ def _mask_like(name: str, task: Task, values: Tensor, mask: Tensor) -> Tensor:
     if mask.shape == values.shape:
         return mask
     if values.shape == mask.shape[: values.ndim]:
-        # One value per sample of a multi-element target: the sample counts when all of it does.
-        return mask.flatten(values.ndim).all(dim=-1)
+        per_sample = mask.flatten(values.ndim)
+        return per_sample.any(dim=-1) if classes else per_sample.all(dim=-1)
     raise ValueError(
         f"Task {name!r}: loss {task.loss_name!r} returned values of shape "
         f"{tuple(values.shape)}, which does not match the target's shape {tuple(mask.shape)} or "

@@ -152,14 +152,50 @@ def test_elementwise_targets_count_each_element():
     assert values.shape == (3, 2) and mask.sum() == 3
 
 
-def test_callable_loss_with_one_value_per_sample_masks_whole_samples():
+def test_a_callable_with_one_value_per_float_sample_counts_the_wholly_labelled_ones():
     def mean_abs(prediction, target):
         return (prediction - target).abs().mean(dim=-1)
 
-    target = torch.tensor([[1.0, 2.0], [torch.nan, 0.0]])
-    values, mask = Task(mean_abs).per_sample_loss("t", torch.zeros(2, 2), target)
+    task = Task(mean_abs)
+    target = torch.tensor([[1.0, 2.0], [torch.nan, torch.nan]])  # a soft label, a missing one
+    values, mask = task.per_sample_loss("t", torch.zeros(2, 2), target)
     assert values.shape == (2,) and mask.tolist() == [True, False]
     assert values[0] == 1.5
+    partly = torch.tensor([[1.0, 2.0], [torch.nan, 0.0]])
+    with pytest.warns(UserWarning, match=r"Task 't'.*some samples have only some elements"):
+        Task(mean_abs).per_sample_loss("t", torch.zeros(2, 2), partly)  # a new layout: checked
+    assert task.per_sample_loss("t", torch.zeros(2, 2), partly).mask.tolist() == [True, False]
+
+
+def test_a_callable_with_one_value_per_class_map_sees_ignore_index_and_counts_labelled_maps():
+    seen = []
+
+    def per_image_cross_entropy(logits, target):  # handles ignore_index=255 itself
+        seen.append(target.clone())
+        pixels = F.cross_entropy(logits, target, ignore_index=255, reduction="none").flatten(1)
+        return pixels.sum(1) / (target != 255).flatten(1).sum(1).clamp(min=1)
+
+    task = Task(per_image_cross_entropy, ignore_index=255)
+    logits, target = torch.randn(3, 4, 2, 2), torch.randint(0, 4, (3, 2, 2))
+    target[0, 0, 0] = 255  # an ignored pixel
+    target[2] = 255  # an image without a label
+    expected = per_image_cross_entropy(logits, target)[:2]
+    for _ in range(2):  # the first call of a layout, then a later one
+        seen.clear()
+        values, mask = task.per_sample_loss("seg", logits, target)
+        assert torch.equal(seen[-1], target)
+        assert mask.tolist() == [True, True, False] and torch.allclose(values[:2], expected)
+    assert len(seen) == 1  # called once a step, after the first
+
+
+def test_an_elementwise_callable_on_classes_gets_a_class_at_a_missing_label():
+    def cross_entropy(logits, target):
+        return F.cross_entropy(logits, target, reduction="none")  # 255: out of range
+
+    task = Task(cross_entropy, ignore_index=255)
+    target = torch.tensor([1, 255, 0])
+    values, mask = task.per_sample_loss("kind", torch.randn(3, 4), target)
+    assert mask.tolist() == [True, False, True] and values.isfinite().all()
 
 
 def test_loss_returning_a_scalar_is_refused_with_the_fix():
