@@ -759,7 +759,9 @@ _NAME_ERRORS = {
     "predictions": (
         "forward must return {{task: prediction}}, got {got}.",
         "forward returned predictions named {unknown}, which are not among the model's tasks "
-        "{tasks}. Return {{task: prediction}} with the task names, or add the tasks to the model.",
+        "{tasks}. Return {{task: prediction}} with the task names, add the tasks to the model, "
+        "or override predict_tasks(inputs) to pick the tasks' predictions from a forward that "
+        "returns more.",
         "forward returned no prediction for task(s) {missing}. forward must return a prediction "
         "for every task of the model: {tasks}.",
     ),

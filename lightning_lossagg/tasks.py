@@ -307,8 +307,10 @@ class Task:
         if self.loss in CLASS_LOSSES and (target.is_floating_point() or target.dtype == torch.bool):
             raise TypeError(
                 f"Task {name!r}: loss {self.loss!r} needs integer class targets, got "
-                f"{target.dtype}. Convert the targets with `.long()` and mark missing labels "
-                f"with ignore_index={self.ignore_index}."
+                f"{target.dtype}. Convert class indices with `.long()` and mark missing labels "
+                f"with ignore_index={self.ignore_index}; for soft labels (class probabilities), "
+                "give a function returning F.cross_entropy(logits, p, reduction='none') as "
+                "the loss."
             )
         if self.loss in FLOAT_LOSSES:
             if not target.is_floating_point():
