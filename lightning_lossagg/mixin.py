@@ -622,8 +622,9 @@ class MultiTaskMixin:
         if saved is not None and sorted(saved) == sorted(self.task_names):
             return weights[[saved.index(name) for name in self.task_names]]
         rank_zero_warn(
-            f"The checkpoint's evaluation weights are for the tasks {saved or len(weights)}, not "
-            f"this model's {list(self.task_names)}: validation and test weigh each task with its "
+            f"The checkpoint's evaluation weights are for "
+            f"{f'the tasks {saved}' if saved else f'{len(weights)} tasks'}, not this model's "
+            f"{list(self.task_names)}: validation and test weigh each task with its "
             "static Task.weight until a training step gives weights again."
         )
         return None

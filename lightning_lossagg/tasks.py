@@ -24,8 +24,9 @@ PerSampleLossFn = Callable[[Tensor, Tensor], Tensor]
 class MaskedLoss(NamedTuple):
     """Per-sample loss values and the mask of the samples that count.
 
-    ``values`` and ``mask`` have the same shape; masked-out positions of ``values`` are ignored
-    (they may hold anything finite or not: they never reach the objective).
+    ``values`` and ``mask`` have the same shape; masked-out positions of ``values`` never reach
+    the objective, whatever they hold. Their gradient is 0 times their own derivative, though:
+    a value computed there in a way whose derivative is NaN (0/0, say) poisons the backward.
     """
 
     values: Tensor
@@ -132,10 +133,12 @@ class Task:
             (the target's shape; it sees class 0 or 0.0 at a missing label, masked out after),
             or one value per sample of several labels (the target's leading dimensions, ``[N]``
             for ``[N, H, W]`` class maps). Such a callable gets class maps as they are and
-            handles ``ignore_index`` itself (its first call on a layout, on class 0, tells which
-            it is; it is called once more then); a map counts when one pixel is labelled. On
-            float targets it sees 0.0 at NaN, and a sample counts when all its elements are
-            labelled (a partly labelled one is left out, with a warning).
+            handles ``ignore_index`` itself; a map counts when one pixel is labelled (a map
+            without any is all class 0). Its first call on a layout of dimensions, on
+            class-0-filled maps, tells which kind it is; it is called once more then (side
+            effects repeat). On float targets it sees 0.0 at NaN, and a sample counts when all
+            its elements are labelled (a partly labelled one is left out; warned about when met
+            at the first batch of a layout).
         weight: static weight; it multiplies any adaptive weight (a preference on top).
         reduction: ``"mean"`` over the valid samples of the global batch, or ``"sum"``.
         ignore_index: the class target that marks a missing label (float targets use NaN).
@@ -238,10 +241,9 @@ class Task:
                     values = self.loss_fn(prediction, clean)
                     if rule == "times_mask":
                         values = values * mask
-                    elif (layout := (prediction.ndim, target.ndim)) not in self._reduces_samples:
-                        reduces = _reduces_samples(values.ndim, target.shape)
-                        self._reduces_samples[layout] = reduces
-                        if reduces:
+                    elif (layout := (prediction.ndim, target.ndim)) not in self._value_ndims:
+                        self._value_ndims[layout] = values.ndim
+                        if _reduces_samples(values.ndim, target.shape):
                             _warn_if_partly_labelled(name, self, mask, values.ndim)
             else:
                 mask = self.valid_classes(target)
@@ -260,26 +262,31 @@ class Task:
         return ZeroMaskedLoss(values, mask) if self.zero_where_missing else MaskedLoss(values, mask)
 
     @cached_property
-    def _reduces_samples(self) -> dict[tuple[int, int], bool]:
-        """Per (prediction, target) dimensions, whether the callable returns one value per
-        sample of several target elements; learnt at its first call on such a layout."""
+    def _value_ndims(self) -> dict[tuple[int, int], int]:
+        """A callable's number of output dimensions per (prediction, target) dimensions, learnt
+        at its first call on that layout."""
         return {}
 
     def _callable_on_classes(self, prediction: Tensor, target: Tensor, mask: Tensor) -> Tensor:
         """A callable's values on class targets. One value per label: computed on class 0 at a
         missing label (masked out after). One value per sample of several labels (a class map
-        reduced per image): on the targets as they are, ``ignore_index`` included, which the
-        callable handles itself (its first call on a layout, on class 0, tells; once more)."""
+        reduced per image): on the maps as they are, ``ignore_index`` included, which the
+        callable handles itself; a map without any label is all class 0 (left out after: its
+        value and gradient stay finite). Which one it is, its first call on a layout of
+        dimensions tells (on class-0-filled maps; then it is called once more)."""
         layout = (prediction.ndim, target.ndim)
-        reduces = self._reduces_samples.get(layout)
-        if reduces:
-            return self.loss_fn(prediction, target)
-        values = self.loss_fn(prediction, target.masked_fill(~mask, 0))
-        if reduces is None:
-            reduces = self._reduces_samples[layout] = _reduces_samples(values.ndim, target.shape)
-            if reduces:
-                return self.loss_fn(prediction, target)
-        return values
+        ndim = self._value_ndims.get(layout)
+        if ndim is None:
+            values = self.loss_fn(prediction, target.masked_fill(~mask, 0))
+            ndim = self._value_ndims[layout] = values.ndim
+            if not _reduces_samples(ndim, target.shape):
+                return values
+            del values  # the second call must not hold the first one's graph too
+        elif not _reduces_samples(ndim, target.shape):
+            return self.loss_fn(prediction, target.masked_fill(~mask, 0))
+        labelled = mask.flatten(ndim).any(dim=-1)
+        labelled = labelled.view(labelled.shape + (1,) * (target.ndim - ndim))
+        return self.loss_fn(prediction, torch.where(labelled, target, 0))
 
     def valid_classes(self, target: Tensor) -> Tensor:
         """Where an integer ``target`` holds a label: not :attr:`ignore_index` (everywhere when

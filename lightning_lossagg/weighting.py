@@ -28,7 +28,8 @@ class WeightingCallback(L.Callback):
     Subclasses implement :meth:`task_weights`. It runs inside ``training_step``, after the step's
     one all-reduce, with the global figures of the step; whatever it computes from them alone is
     identical on every rank. Tasks with ``step.valid[k] == False`` (no valid sample anywhere this
-    step) have a NaN loss: leave them out of any state update; their weight is ignored.
+    step) have a NaN loss: leave them out of any state update. Their weight is set to 0 by the
+    mixin, or, for a method with ``finite_weights``, meets their term of exactly 0.
 
     Attributes:
         separate_task_terms: the mixin keeps each task's loss term in a graph of its own

@@ -176,16 +176,32 @@ def test_a_callable_with_one_value_per_class_map_sees_ignore_index_and_counts_la
         return pixels.sum(1) / (target != 255).flatten(1).sum(1).clamp(min=1)
 
     task = Task(per_image_cross_entropy, ignore_index=255)
-    logits, target = torch.randn(3, 4, 2, 2), torch.randint(0, 4, (3, 2, 2))
+    logits = torch.randn(3, 4, 2, 2, requires_grad=True)
+    target = torch.randint(0, 4, (3, 2, 2))
     target[0, 0, 0] = 255  # an ignored pixel
-    target[2] = 255  # an image without a label
+    target[2] = 255  # an image without a label: the callable's mean there would be 0/0
     expected = per_image_cross_entropy(logits, target)[:2]
     for _ in range(2):  # the first call of a layout, then a later one
         seen.clear()
         values, mask = task.per_sample_loss("seg", logits, target)
-        assert torch.equal(seen[-1], target)
+        assert torch.equal(seen[-1][:2], target[:2]) and (seen[-1][2] == 0).all()
         assert mask.tolist() == [True, True, False] and torch.allclose(values[:2], expected)
     assert len(seen) == 1  # called once a step, after the first
+    torch.where(mask, values, 0.0).sum().backward()
+    assert logits.grad.isfinite().all() and (logits.grad[2] == 0).all()
+
+
+def test_a_callable_learns_per_layout_how_many_dimensions_it_keeps_not_whether_it_reduces():
+    def per_sequence_cross_entropy(logits, target):  # [N, C, T] logits, [N, T] tokens
+        tokens = F.cross_entropy(logits, target, ignore_index=-1, reduction="none")
+        return tokens.sum(1) / (target != -1).sum(1).clamp(min=1)
+
+    task = Task(per_sequence_cross_entropy, ignore_index=-1)  # -1 pads the sequences
+    short = torch.tensor([[2], [1]])  # the first batch has sequences of one token
+    task.per_sample_loss("tokens", torch.randn(2, 3, 1), short)
+    logits, padded = torch.randn(2, 3, 3), torch.tensor([[2, 1, -1], [1, -1, -1]])
+    values, _ = task.per_sample_loss("tokens", logits, padded)
+    assert torch.allclose(values, per_sequence_cross_entropy(logits, padded))  # padding left out
 
 
 def test_an_elementwise_callable_on_classes_gets_a_class_at_a_missing_label():

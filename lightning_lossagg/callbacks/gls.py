@@ -63,7 +63,7 @@ class GLS(WeightingCallback):
         # The losses <= 0, read on the host at the optimizer step (a task without a valid sample
         # has a NaN loss: never <= 0). NaN and +inf are the mixin's to report (nonfinite=...).
         self._unchecked.add(losses)
-        # The weights of G over the valid tasks (the mixin zeroes the other tasks' weights).
+        # The weights of G over the valid tasks; the others' are finite and meet a term of 0.
         return gls_weights(losses, validate_args=False, valid=valid)
 
     @override
