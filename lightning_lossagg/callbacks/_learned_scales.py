@@ -52,6 +52,7 @@ class LearnedScalesWeighting(WeightingCallback):
         self._host_weights_of_s: list[float] | None = None  # the weights, until s moves
         self._device_weights: Tensor | None = None  # the same on the device
         self._logged: list[float] | None = None  # the s behind those weights, for the logs
+        self._task_names: tuple[str, ...] = ()
 
     def _weight(self, task: int, scale: float) -> float:
         """Task ``task``'s weight ``w_k`` at the value ``s_k``."""
@@ -68,8 +69,8 @@ class LearnedScalesWeighting(WeightingCallback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        task_names = require_multitask(self, pl_module)
-        self._scales.set_num_tasks(len(task_names), type(self).__name__)
+        self._task_names = require_multitask(self, pl_module)
+        self._scales.set_num_tasks(len(self._task_names), type(self).__name__)
 
     @override
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
@@ -92,6 +93,16 @@ class LearnedScalesWeighting(WeightingCallback):
             return  # the model does not move: neither does s
         totals, counts = self._accumulated_losses()
         self._pending, self._loss_sum, self._loss_count = [], None, None
+        named = zip(self._task_names, totals, strict=True)
+        negative = [(name, total) for name, total in named if total < 0]
+        if negative:  # the objective would be unbounded below in s: s would run away
+            bad = ", ".join(f"{name!r} ({total:g})" for name, total in negative)
+            raise ValueError(
+                f"{type(self).__name__} learns a log-scale per task from its loss, which must be "
+                f">= 0, but the global loss of task(s) {bad} was < 0 at global step "
+                f"{trainer.global_step}. Shift that task's loss to be >= 0, or use another "
+                "weighting method."
+            )
         gradient = [
             self._derivative(weight, total / max(count, 1.0))
             for weight, total, count in zip(self._host_weights(), totals, counts, strict=True)

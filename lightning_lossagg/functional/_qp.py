@@ -35,6 +35,11 @@ def validated_gramian(gramian: Tensor) -> Tensor:
             f"Expected a square [K, K] Gramian with K >= 1, got shape {tuple(gramian.shape)}. "
             "Pass G = J @ J.T for the [K, P] matrix J of per-task gradients."
         )
+    if not gramian.is_floating_point():
+        raise TypeError(
+            f"Expected a floating-point Gramian, got {gramian.dtype}: the weights are returned "
+            "in the Gramian's dtype. Pass e.g. (J @ J.T).double()."
+        )
     # The checks run in NumPy on the float64 copy: a NumPy operation on a K×K matrix costs a
     # fraction of a torch one, and they run at every training step.
     matrix = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
@@ -79,7 +84,7 @@ def validated_preferences(pref_vector: Tensor | None, num_tasks: int, default: f
     if pref_vector.shape != (num_tasks,) or not torch.isfinite(pref_vector).all():
         raise ValueError(
             f"pref_vector must be a finite vector of shape ({num_tasks},), one weight per task, "
-            f"got shape {tuple(pref_vector.shape)}."
+            f"got {pref_vector.tolist()} of shape {tuple(pref_vector.shape)}."
         )
     if (pref_vector < 0).any() or pref_vector.sum() <= 0:
         raise ValueError(

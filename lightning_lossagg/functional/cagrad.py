@@ -322,8 +322,8 @@ def cagrad(gramian: Tensor, c: float = 0.5, rescale: int = 1) -> Tensor:
         >>> cagrad(jacobian @ jacobian.T, c=0.5)
         tensor([0.6000, 0.6000])
     """
-    if not c >= 0:
-        raise ValueError(f"c must be a non-negative float (LibMTL's default is 0.5), got {c}.")
+    if not 0 <= c < math.inf:
+        raise ValueError(f"c must be a finite number >= 0 (LibMTL's default is 0.5), got {c}.")
     if rescale not in _RESCALE_DIVISORS:
         raise ValueError(f"rescale must be 0, 1 or 2 (LibMTL's default is 1), got {rescale!r}.")
     weights, _ = cagrad_weights(validated_gramian(gramian).numpy(), c, rescale)

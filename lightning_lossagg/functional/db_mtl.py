@@ -1,5 +1,7 @@
 """DB-MTL: log-loss gradients, smoothed by an EMA buffer and balanced to the largest norm."""
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -119,7 +121,7 @@ def db_mtl(
             f"buffer has shape {tuple(buffer.shape)} but grads {tuple(grads.shape)}: pass the "
             "buffer returned by the previous call, or None at the first step."
         )
-    if not (isinstance(step, int) and step >= 1):
+    if isinstance(step, bool) or not (isinstance(step, numbers.Integral) and step >= 1):
         raise ValueError(f"step must be an integer >= 1 (1 at the first call), got {step!r}.")
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must be in [0, 1) (LibMTL's default is 0.9), got {beta}.")

@@ -30,10 +30,11 @@ def _shifted_losses(
 def _check(logits: Tensor, losses: Tensor, eps: float, validate_args: bool) -> None:
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"`eps` must be a finite number >= 0; found {eps}. The default is 1e-8.")
-    if logits.ndim != 1 or logits.shape != losses.shape:
+    if logits.ndim != 1 or logits.shape != losses.shape or not logits.is_floating_point():
         raise ValueError(
-            "`logits` must be a 1-D tensor with one logit per task and the losses must have its "
-            f"shape; found {tuple(logits.shape)} and {tuple(losses.shape)}."
+            "`logits` must be a 1-D floating-point tensor with one logit per task and the losses "
+            f"must have its shape; found {logits.dtype} of shape {tuple(logits.shape)} and "
+            f"{tuple(losses.shape)}."
         )
     if validate_args and not torch.isfinite(logits).all():
         bad = (~torch.isfinite(logits)).nonzero().flatten().tolist()

@@ -80,6 +80,11 @@ def gls_weights(
         _check_losses(losses, validate_args)
         log_losses = torch.log(detached(losses))
         return torch.exp(log_losses.mean() - log_losses) / losses.numel()
+    if valid.dtype != torch.bool or valid.shape != losses.shape:
+        raise ValueError(
+            f"`valid` must be a bool mask of the losses' shape {tuple(losses.shape)}, one entry "
+            f"per task; found {valid.dtype} of shape {tuple(valid.shape)}."
+        )
     taking_part = torch.where(valid, detached(losses), 1.0)
     _check_losses(taking_part, validate_args)
     log_losses = taking_part.log()

@@ -3,6 +3,8 @@
 import torch
 from torch import Tensor
 
+from lightning_lossagg.functional._tensors import check_log_scale_losses
+
 
 def _check_log_scales(log_scales: Tensor, validate_args: bool) -> None:
     if log_scales.ndim != 1 or not log_scales.is_floating_point():
@@ -59,7 +61,8 @@ def imtl_l_objective(losses: Tensor, log_scales: Tensor, *, validate_args: bool 
     Args:
         losses: The task losses :math:`L`, shape ``(K,)``.
         log_scales: The log-scales :math:`s`, shape ``(K,)``.
-        validate_args: Check that both tensors are finite (device-to-host syncs).
+        validate_args: Check that both tensors are finite and the losses >= 0 (device-to-host
+            syncs).
 
     Returns:
         The scalar objective.
@@ -74,7 +77,6 @@ def imtl_l_objective(losses: Tensor, log_scales: Tensor, *, validate_args: bool 
             f"`losses` must have the shape of `log_scales` {tuple(log_scales.shape)}, one loss "
             f"per task; found {tuple(losses.shape)}."
         )
-    if validate_args and not torch.isfinite(losses).all():
-        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
-        raise ValueError(f"`losses` must be finite; found non-finite losses at task indices {bad}.")
+    if validate_args:
+        check_log_scale_losses(losses)
     return (torch.exp(log_scales) * losses - log_scales).sum()

@@ -47,6 +47,9 @@ def update_loss_levels(
             "`losses` must be a 1-D tensor with one loss per task and `levels` None or of the "
             f"same shape; found {tuple(losses.shape)} and {found}."
         )
+    if not losses.is_floating_point() or (levels is not None and not levels.is_floating_point()):
+        found = losses.dtype if levels is None else (levels.dtype, losses.dtype)
+        raise TypeError(f"`levels` and `losses` must be floating-point tensors; found {found}.")
     if validate_args and not torch.isfinite(losses).all():
         bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
         raise ValueError(
@@ -56,7 +59,8 @@ def update_loss_levels(
     losses = detached(losses)
     if levels is None:
         return losses.clone()
-    return torch.lerp(detached(levels), losses, 1.0 - decay)  # decay * levels + (1 - decay) * L
+    levels = detached(levels)  # decay * levels + (1 - decay) * L:
+    return torch.lerp(levels, losses.to(levels.dtype), 1.0 - decay)
 
 
 def loss_scaling_weights(
@@ -75,7 +79,7 @@ def loss_scaling_weights(
     Args:
         levels: The loss levels :math:`\ell`, shape ``(K,)``, from :func:`update_loss_levels`.
         eps: The floor :math:`\epsilon > 0`, so a zero level gives the finite weight
-            :math:`1 / \epsilon`.
+            :math:`1 / \epsilon` (at most half the dtype's largest number: float16's 1e-8 is 0).
         validate_args: Check that ``levels`` is finite and non-negative (one device-to-host sync).
 
     Returns:
@@ -87,12 +91,17 @@ def loss_scaling_weights(
     """
     if not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"`eps` must be a finite number > 0; found {eps}. The default is 1e-8.")
-    if levels.ndim != 1:
-        raise ValueError(f"`levels` must be 1-D, one level per task; found {tuple(levels.shape)}.")
+    if levels.ndim != 1 or not levels.is_floating_point():
+        raise ValueError(
+            "`levels` must be a 1-D floating-point tensor, one level per task; found "
+            f"{levels.dtype} of shape {tuple(levels.shape)}."
+        )
     if validate_args and not (torch.isfinite(levels) & (levels >= 0)).all():
         bad = (~(torch.isfinite(levels) & (levels >= 0))).nonzero().flatten().tolist()
         raise ValueError(
             f"`levels` must be finite and >= 0; found {levels[bad].tolist()} at task indices "
             f"{bad}. Loss scaling needs non-negative losses."
         )
-    return detached(levels).clamp_min(eps).reciprocal()
+    # eps, or a floor whose reciprocal the dtype holds (1e-8 is 0 in float16: 1/0 = inf).
+    floor = max(eps, 2.0 / torch.finfo(levels.dtype).max)
+    return detached(levels).clamp_min(floor).reciprocal()

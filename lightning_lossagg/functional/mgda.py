@@ -1,5 +1,6 @@
 """MGDA / MGDA-UB: the min-norm point in the convex hull of the task gradients."""
 
+import math
 from typing import Any
 
 import numpy as np
@@ -29,8 +30,8 @@ def mgda(gramian: Tensor, max_iter: int = 250, tol: float = 1e-12) -> Tensor:
     :math:`x^\star = \arg\min_{x \succeq 0} \tfrac12 x^\top (G / \operatorname{tr} G
     + \epsilon I) x - \mathbf{1}^\top x`, solved by an active-set method, or for two tasks by
     the paper's closed form (``TIE_BREAK`` :math:`\epsilon = 10^{-10}` only makes the weights
-    unique). The update is zero exactly when the gradients are Pareto stationary (e.g. two
-    opposite gradients).
+    unique). The update is zero, to the tie-break (about ``1e-10`` of the gradients' norm), when
+    the gradients are Pareto stationary (e.g. two opposite gradients).
 
     Scale: the weights lie on the simplex (sum 1), as in LibMTL (``mgda_gn="none"``) and torchjd;
     they do not change when all gradients are scaled by the same factor. Degenerate input: a zero
@@ -56,10 +57,10 @@ def mgda(gramian: Tensor, max_iter: int = 250, tol: float = 1e-12) -> Tensor:
         >>> mgda(jacobian @ jacobian.T)
         tensor([0.8000, 0.2000])
     """
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter}.")
-    if tol < 0:
-        raise ValueError(f"tol must be non-negative, got {tol}.")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}.")
+    if not 0 <= tol < math.inf:
+        raise ValueError(f"tol must be a finite number >= 0, got {tol}.")
     matrix = validated_gramian(gramian).numpy()
     weights = torch.from_numpy(min_norm_weights(matrix, max_iter, tol))
     return weights.to(dtype=gramian.dtype, device=gramian.device)

@@ -147,7 +147,8 @@ def nash_mtl(
         max_norm: the largest norm of the update :math:`\lVert d\rVert = \sqrt{w^\top G w}`.
         max_iter: most Newton steps; about 10 are needed, thousands for nearly degenerate input
             (where no solution exists, the weights' growth stops Newton in some 50 steps, and a
-            zero gradient before the first).
+            zero gradient before the first). Running out of steps counts as no solution: the
+            fallback above.
 
     Returns:
         Positive weights of shape [K] (detached) with the Gramian's dtype and device.
@@ -161,14 +162,15 @@ def nash_mtl(
     """
     if not max_norm >= 0:
         raise ValueError(f"max_norm must be >= 0 (0 disables clipping), got {max_norm}.")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter}.")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}.")
     matrix = validated_gramian(gramian)
     num_tasks = matrix.shape[0]
     if previous is None:
         start = torch.ones(num_tasks, dtype=torch.float64)
     else:
-        start = previous.detach().to(device="cpu", dtype=torch.float64)
+        # A copy: the fallback may return the start, which must not share memory with previous.
+        start = previous.detach().to(device="cpu", dtype=torch.float64, copy=True)
         if start.shape != (num_tasks,) or not (torch.isfinite(start).all() and (start > 0).all()):
             raise ValueError(
                 f"previous must hold {num_tasks} positive finite weights (the last result of "

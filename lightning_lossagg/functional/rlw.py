@@ -1,5 +1,7 @@
 """Random Loss Weighting: fresh random weights at every step."""
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -43,12 +45,12 @@ def rlw(
         >>> bool((weights > 0).all()), round(float(weights.sum()), 6)
         (True, 1.0)
     """
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, numbers.Integral) or num_tasks < 1:
         raise ValueError(f"`num_tasks` must be an int >= 1; found {num_tasks!r}.")
     if device is None and generator is not None:
         device = generator.device
     if draws is not None and (isinstance(draws, bool) or not isinstance(draws, int) or draws < 1):
         raise ValueError(f"`draws` must be None or an int >= 1; found {draws!r}.")
-    shape = (num_tasks,) if draws is None else (draws, num_tasks)
+    shape = (int(num_tasks),) if draws is None else (draws, int(num_tasks))
     normal_draw = torch.randn(shape, generator=generator, device=device, dtype=dtype)
     return torch.softmax(normal_draw, dim=-1)

@@ -5,7 +5,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_lossagg.functional._tensors import detached
+from lightning_lossagg.functional._tensors import check_log_scale_losses, detached
 
 _LOG_HALF = -math.log(2.0)
 
@@ -92,7 +92,8 @@ def uncertainty_objective(
         losses: The task losses :math:`L`, shape ``(K,)``.
         log_vars: The log-variances :math:`s`, shape ``(K,)``.
         classification: Optional bool mask of shape ``(K,)``; True selects :math:`c_k = 1`.
-        validate_args: Check that both tensors are finite (device-to-host syncs).
+        validate_args: Check that both tensors are finite and the losses >= 0 (device-to-host
+            syncs).
 
     Returns:
         The scalar objective.
@@ -107,7 +108,6 @@ def uncertainty_objective(
             f"`losses` must have the shape of `log_vars` {tuple(log_vars.shape)}, one loss per "
             f"task; found {tuple(losses.shape)}."
         )
-    if validate_args and not torch.isfinite(losses).all():
-        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
-        raise ValueError(f"`losses` must be finite; found non-finite losses at task indices {bad}.")
+    if validate_args:
+        check_log_scale_losses(losses)
     return (torch.exp(log_factors - log_vars) * losses + 0.5 * log_vars).sum()

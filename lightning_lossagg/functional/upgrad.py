@@ -1,5 +1,7 @@
 """UPGrad: the mean of the task gradients' projections onto the cone of non-conflicting updates."""
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -72,17 +74,25 @@ def upgrad(
         >>> upgrad(jacobian @ jacobian.T, reg_eps=1e-9)  # for two tasks: PCGrad / 2
         tensor([1.0000, 0.7500])
     """
-    if reg_eps <= 0:
-        raise ValueError(f"reg_eps must be positive (it makes the QP solvable), got {reg_eps}.")
-    if norm_eps < 0:
-        raise ValueError(f"norm_eps must be non-negative, got {norm_eps}.")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter}.")
+    if not 0 < reg_eps < math.inf:
+        raise ValueError(
+            f"reg_eps must be a finite number > 0 (it makes the QP solvable), got {reg_eps}."
+        )
+    if not 0 <= norm_eps < math.inf:
+        raise ValueError(f"norm_eps must be a finite number >= 0, got {norm_eps}.")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}.")
     matrix = validated_gramian(gramian).numpy()
     num_tasks = matrix.shape[0]
     preferences = validated_preferences(pref_vector, num_tasks, default=1.0 / num_tasks).numpy()
-    if guesses is not None and len(guesses) != num_tasks:
-        raise ValueError(f"guesses must hold one array per task ({num_tasks}), got {len(guesses)}.")
+    if guesses is not None and (
+        len(guesses) != num_tasks or any(np.shape(guess) != (num_tasks,) for guess in guesses)
+    ):
+        shapes = [np.shape(guess) for guess in guesses]
+        raise ValueError(
+            f"guesses must hold one bool array of shape ({num_tasks},) per task ({num_tasks}), "
+            f"got shapes {shapes}."
+        )
     supports = None if guesses is None else np.stack(guesses)
     weights, supports = upgrad_weights(matrix, preferences, reg_eps, norm_eps, max_iter, supports)
     if guesses is not None:

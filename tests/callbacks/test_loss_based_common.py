@@ -19,7 +19,13 @@ from lightning_lossagg.callbacks import (
     LossScaling,
     UncertaintyWeighting,
 )
-from tests.callbacks._fits import SignedPriceNet, fit_config, signed_price_batches, trainer
+from tests.callbacks._fits import (
+    ParametersAfterEachStep,
+    SignedPriceNet,
+    fit_config,
+    signed_price_batches,
+    trainer,
+)
 from tests.callbacks._loss_based import (
     DDP_EPOCHS,
     METHODS,
@@ -334,3 +340,17 @@ def test_a_minus_infinite_loss_is_the_mixins_non_finite_error_not_a_bound_error(
         trainer([method()], max_epochs=1).fit(
             SignedPriceNet().double(), torch.utils.data.DataLoader(batches, batch_size=None)
         )
+
+
+@pytest.mark.parametrize("method", [UncertaintyWeighting, IMTLL], ids=["UW", "IMTLL"])
+def test_a_negative_loss_stops_a_learned_scale_before_the_optimizer_step(method):
+    # L < 0 makes the objective unbounded below in s: s ran away, and the weight with it.
+    batches = signed_price_batches(3, negative_at=1)
+    parameters = ParametersAfterEachStep()
+    model = SignedPriceNet().double()
+    with pytest.raises(ValueError, match=r"learns a log-scale .* 'price' \(-[0-9.]+\).*step 1"):
+        trainer([method(), parameters], max_epochs=1).fit(
+            model, torch.utils.data.DataLoader(batches, batch_size=None)
+        )
+    assert len(parameters.parameters) == 1  # step 1's update never applied
+    assert all(torch.equal(v, parameters.parameters[-1][k]) for k, v in model.state_dict().items())

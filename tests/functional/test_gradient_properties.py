@@ -122,6 +122,13 @@ def test_rejects_invalid_gramians(name: str, method: Callable, gramian: Tensor, 
         method(gramian)
 
 
+@pytest.mark.parametrize(("name", "method"), METHODS)
+def test_rejects_an_integer_gramian_naming_the_fix(name: str, method: Callable) -> None:
+    # Weights in an integer dtype would be truncated: [0.6, 0.4] became [0, 0].
+    with pytest.raises(TypeError, match=r"floating-point Gramian, got torch.int64.*double"):
+        method(torch.tensor([[1, -1], [-1, 2]]))
+
+
 @pytest.mark.parametrize("jacobian", RANDOM_CASES[:4])
 @pytest.mark.parametrize(("name", "method"), METHODS)
 def test_small_asymmetry_is_averaged_away(name: str, method: Callable, jacobian: Tensor) -> None:
@@ -200,3 +207,37 @@ def test_pcgrad_two_conflicting_tasks_worked_by_hand() -> None:
     matrix = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
     expected = torch.tensor([2.0, 1.5], dtype=torch.float64)
     torch.testing.assert_close(pcgrad(matrix @ matrix.T), expected)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda g: mgda(g, tol=float("nan")), "tol must be a finite number >= 0"),
+        (lambda g: mgda(g, max_iter=2.5), "max_iter must be a positive integer, got 2.5"),
+        (lambda g: upgrad(g, reg_eps=float("nan")), "reg_eps must be a finite number > 0"),
+        (lambda g: upgrad(g, reg_eps=float("inf")), "reg_eps must be a finite number > 0"),
+        (lambda g: upgrad(g, guesses=[[True, True]] * 3), r"bool array of shape \(3,\) per"),
+        (lambda g: cagrad(g, c=float("inf")), "c must be a finite number >= 0"),
+        (lambda g: nash_mtl(g, max_iter=2.5), "max_iter must be a positive integer, got 2.5"),
+    ],
+    ids=[
+        "mgda-tol",
+        "mgda-max_iter",
+        "upgrad-nan",
+        "upgrad-inf",
+        "upgrad-guesses",
+        "cagrad-c",
+        "nash",
+    ],
+)
+def test_non_finite_or_malformed_arguments_are_refused_not_solved_around(call, message) -> None:
+    # Before: NaN weights, uniform weights or zeros without a word.
+    with pytest.raises(ValueError, match=message):
+        call(torch.eye(3, dtype=torch.float64))
+
+
+def test_nash_mtls_fallback_shares_no_memory_with_the_previous_weights() -> None:
+    previous = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    weights = nash_mtl(torch.zeros(3, 3, dtype=torch.float64), previous=previous)
+    weights.mul_(10)
+    assert previous.tolist() == [1.0, 2.0, 3.0]

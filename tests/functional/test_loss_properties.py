@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -244,3 +245,64 @@ def test_learned_scales_at_their_optimum_equalise_the_weighted_losses(seed, num_
 def test_validate_args_false_skips_the_value_checks_that_need_a_sync(call):
     # No ValueError: the caller has taken responsibility for the values.
     assert call().shape in {(), (1,), (3,)}
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (
+            lambda: gls_weights(torch.tensor([1.0, 4.0, 9.0]), valid=torch.tensor([True])),
+            ValueError,
+            r"bool mask of the losses' shape \(3,\)",
+        ),
+        (
+            lambda: gls_weights(torch.ones(3), valid=torch.tensor([1, 1, 0])),
+            ValueError,
+            "found torch.int64",
+        ),
+        (lambda: update_loss_levels(None, torch.tensor([2, 4]), 0.5), TypeError, "floating-point"),
+        (lambda: loss_scaling_weights(torch.tensor([2, 0])), ValueError, "1-D floating-point"),
+        (
+            lambda: uncertainty_objective(torch.tensor([-1.0, 1.0]), torch.zeros(2)),
+            ValueError,
+            "unbounded below",
+        ),
+        (
+            lambda: imtl_l_objective(torch.tensor([-1.0, 1.0]), torch.zeros(2)),
+            ValueError,
+            "unbounded below",
+        ),
+        (
+            lambda: famo_weights(torch.tensor([0, 0]), torch.tensor([1.0, 3.0])),
+            ValueError,
+            "floating-point",
+        ),
+    ],
+    ids=[
+        "gls-valid-shape",
+        "gls-valid-dtype",
+        "levels-int",
+        "scaling-int",
+        "uw-negative",
+        "imtl_l-negative",
+        "famo-int",
+    ],
+)
+def test_malformed_arguments_are_refused_naming_the_argument(call, error, message) -> None:
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_loss_scaling_weights_stay_finite_in_half_precision() -> None:
+    # eps = 1e-8 is 0 in float16: a zero level's weight was inf.
+    weights = loss_scaling_weights(torch.tensor([2.0, 0.0, 1e-6], dtype=torch.float16))
+    assert weights.dtype == torch.float16 and weights.isfinite().all() and weights[0] == 0.5
+
+
+def test_levels_keep_their_dtype_when_the_losses_have_another() -> None:
+    levels = update_loss_levels(torch.ones(2, dtype=torch.float64), torch.tensor([2.0, 4.0]), 0.5)
+    assert levels.dtype == torch.float64 and levels.tolist() == [1.5, 2.5]
+
+
+def test_rlw_takes_any_integer_number_of_tasks() -> None:
+    assert rlw(np.int64(3), torch.Generator().manual_seed(0)).shape == (3,)
