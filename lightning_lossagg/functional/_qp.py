@@ -28,7 +28,9 @@ def validated_gramian(gramian: Tensor) -> Tensor:
 
     Raises:
         ValueError: if ``gramian`` is not a non-empty square matrix, has non-finite entries, a
-            negative diagonal, or is not symmetric to a relative tolerance of ``SYMMETRY_RTOL``.
+            negative diagonal, or an entry ``G[i, j]`` that is not symmetric, or exceeds
+            ``sqrt(G[i, i] G[j, j])`` (Cauchy-Schwarz), to a relative tolerance of
+            ``SYMMETRY_RTOL`` of that pair's scale.
     """
     if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1] or gramian.shape[0] == 0:
         raise ValueError(
@@ -55,12 +57,25 @@ def validated_gramian(gramian: Tensor) -> Tensor:
             f"The Gramian has a negative diagonal entry {diagonal.min():.3g}, "
             "so it is not a Gramian: G[i, i] = <g_i, g_i> is a squared norm."
         )
-    asymmetry = np.abs(matrix - matrix.T).max()
-    if asymmetry > SYMMETRY_RTOL * scale:
+    # Each entry against the scale of its own pair, ||g_i|| ||g_j||, not the largest entry's.
+    norms = np.sqrt(np.maximum(diagonal, 0.0))
+    pair_scale = np.outer(norms, norms)
+    allowed = SYMMETRY_RTOL * (pair_scale + 1e-3 * scale)
+    asymmetry = np.abs(matrix - matrix.T)
+    if (asymmetry > allowed).any():
+        i, j = np.unravel_index(np.argmax(asymmetry - allowed), matrix.shape)
         raise ValueError(
-            f"The Gramian is not symmetric (max |G - G.T| = {asymmetry:.3g}, "
-            f"max |G| = {scale:.3g}). Pass G = J @ J.T, or symmetrise it with "
-            "(G + G.T) / 2."
+            f"The Gramian is not symmetric (|G[{i}, {j}] - G[{j}, {i}]| = {asymmetry[i, j]:.3g}, "
+            f"against sqrt(G[{i}, {i}] G[{j}, {j}]) = {pair_scale[i, j]:.3g}). Pass G = J @ J.T, "
+            "or symmetrise it with (G + G.T) / 2."
+        )
+    excess = np.abs(matrix) - pair_scale
+    if (excess > allowed).any():
+        i, j = np.unravel_index(np.argmax(excess - allowed), matrix.shape)
+        raise ValueError(
+            f"|G[{i}, {j}]| = {abs(matrix[i, j]):.3g} exceeds sqrt(G[{i}, {i}] G[{j}, {j}]) = "
+            f"{pair_scale[i, j]:.3g}, so it is not a Gramian (Cauchy-Schwarz: |<g_i, g_j>| <= "
+            "||g_i|| ||g_j||). Pass G = J @ J.T for the [K, P] matrix J of per-task gradients."
         )
     return torch.from_numpy((matrix + matrix.T) / 2)
 

@@ -10,9 +10,14 @@ from torch import Tensor
 from lightning_lossagg.functional._qp import TINY, active_set_qp, validated_gramian
 from lightning_lossagg.functional._small import PYTHON_TASKS_UP_TO, cholesky, cholesky_solve, dot
 
-# Below this norm (relative to the root of the Gramian's trace) the inner solution g_w is taken as
-# zero: the gradients are Pareto stationary and g_w / ||g_w|| is undefined.
+# Below this norm, relative to sum_i w_i ||g_i|| (its norm without cancellation), the inner
+# solution g_w is taken as zero: the gradients cancel, they are Pareto stationary, and
+# g_w / ||g_w|| is undefined. (A g_w that is small because its gradients are is not: relative
+# to the largest gradient, a task gradient 1e-7 times smaller was taken as stationary.) Below
+# NEGLIGIBLE (relative to the root of the Gramian's trace) g_w is zero all the same: the search
+# leaves ~1e-16 of weight on a task it should not, whose own norm it would then be.
 STATIONARY_TOL = 1e-6
+NEGLIGIBLE = 1e-12
 # Smooths sqrt(w^T G w) at g_w = 0 so that SLSQP sees a differentiable objective.
 _SQRT_SMOOTHING = 1e-20
 # Makes the projection QP strictly convex (its Gramian is singular at Pareto-stationary points).
@@ -201,7 +206,8 @@ def _general_cagrad_weights(
         return mean_weights / divisor, None
     inner = _inner_weights(matrix, linear, radius, support)
     inner_norm = np.sqrt(max(inner @ matrix @ inner, 0.0))
-    if inner_norm > STATIONARY_TOL:
+    uncancelled = inner @ np.sqrt(np.maximum(matrix.diagonal(), 0.0))
+    if inner_norm > max(STATIONARY_TOL * uncancelled, NEGLIGIBLE):
         return (mean_weights + (radius / inner_norm) * inner) / divisor, inner > 0
     return (mean_weights + _closest_optimum(matrix, linear)) / divisor, inner > 0
 
@@ -263,7 +269,7 @@ def _two_task_cagrad(
         else:
             t1, t2, inner_norm = t1 / (t1 + t2), t2 / (t1 + t2), radius * math.sqrt(ratio)
     support = np.array([t1 > 0.0, t2 > 0.0])
-    if inner_norm > STATIONARY_TOL:
+    if inner_norm > max(STATIONARY_TOL * (t1 * math.sqrt(a) + t2 * math.sqrt(d)), NEGLIGIBLE):
         scale = radius / inner_norm
         return np.array([0.5 + scale * t1, 0.5 + scale * t2]) / divisor, support
     multipliers = _closest_optimum(np.array([[a, b], [b, d]]), np.array([first, second]))

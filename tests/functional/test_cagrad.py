@@ -209,3 +209,20 @@ def test_two_task_closed_form_equals_the_general_solver(seed: int) -> None:
                 else:
                     np.testing.assert_array_equal(support, ~jacobian.any(axis=1))
                     assert (expected_support | ~support).all()
+
+
+@pytest.mark.parametrize("smaller", [1e-5, 1e-7, 1e-9])
+@pytest.mark.parametrize("num_tasks", [2, 3])
+def test_a_much_smaller_task_gradient_is_not_taken_for_pareto_stationarity(
+    num_tasks: int, smaller: float
+) -> None:
+    # Relative to the largest gradient, a task gradient 1e-7 times smaller passed for g_w = 0,
+    # and the projection that replaced CAGrad's update conflicted with it (cosine -0.05).
+    generator = torch.Generator().manual_seed(0)
+    jacobian = torch.randn(num_tasks, 50, generator=generator, dtype=torch.float64)
+    jacobian[-1] *= smaller
+    update = cagrad(jacobian @ jacobian.T, c=0.5, rescale=0) @ jacobian
+    cosines = (jacobian @ update) / (jacobian.norm(dim=1) * update.norm())
+    assert (cosines > 0.1).all(), cosines
+    mean = jacobian.mean(dim=0)
+    assert (update - mean).norm() <= 0.5 * mean.norm() * (1 + 1e-9)

@@ -112,6 +112,12 @@ INVALID_GRAMIANS = [
     pytest.param(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]), "NaN", id="nan"),
     pytest.param(torch.tensor([[float("inf"), 0.0], [0.0, 1.0]]), "infinite", id="inf"),
     pytest.param(torch.tensor([[-1.0, 0.0], [0.0, 1.0]]), "negative diagonal", id="negative"),
+    pytest.param(torch.tensor([[1.0, 2.0], [2.0, 1.0]]), "Cauchy-Schwarz", id="not-a-gramian"),
+    pytest.param(  # asymmetric against its own pair's scale, not against the largest entry
+        torch.tensor([[1e6, 0.0, 0.0], [0.0, 1.0, 0.5], [0.0, -0.5, 1.0]]),
+        r"not symmetric \(\|G\[1, 2\] - G\[2, 1\]\| = 1",
+        id="asymmetric-pair",
+    ),
 ]
 
 
