@@ -62,22 +62,29 @@ def validated_gramian(gramian: Tensor) -> Tensor:
     pair_scale = np.outer(norms, norms)
     allowed = SYMMETRY_RTOL * (pair_scale + 1e-3 * scale)
     asymmetry = np.abs(matrix - matrix.T)
-    if (asymmetry > allowed).any():
-        i, j = np.unravel_index(np.argmax(asymmetry - allowed), matrix.shape)
+    if (at := _worst_violation(asymmetry, allowed)) is not None:
+        i, j = at
         raise ValueError(
             f"The Gramian is not symmetric (|G[{i}, {j}] - G[{j}, {i}]| = {asymmetry[i, j]:.3g}, "
             f"against sqrt(G[{i}, {i}] G[{j}, {j}]) = {pair_scale[i, j]:.3g}). Pass G = J @ J.T, "
             "or symmetrise it with (G + G.T) / 2."
         )
-    excess = np.abs(matrix) - pair_scale
-    if (excess > allowed).any():
-        i, j = np.unravel_index(np.argmax(excess - allowed), matrix.shape)
+    if (at := _worst_violation(np.abs(matrix) - pair_scale, allowed)) is not None:
+        i, j = at
         raise ValueError(
             f"|G[{i}, {j}]| = {abs(matrix[i, j]):.3g} exceeds sqrt(G[{i}, {i}] G[{j}, {j}]) = "
             f"{pair_scale[i, j]:.3g}, so it is not a Gramian (Cauchy-Schwarz: |<g_i, g_j>| <= "
             "||g_i|| ||g_j||). Pass G = J @ J.T for the [K, P] matrix J of per-task gradients."
         )
     return torch.from_numpy((matrix + matrix.T) / 2)
+
+
+def _worst_violation(excess: np.ndarray, allowed: np.ndarray) -> tuple[int, int] | None:
+    """The entry where ``excess`` exceeds ``allowed`` the most, or None where it never does."""
+    if not (excess > allowed).any():
+        return None
+    i, j = np.unravel_index(np.argmax(excess - allowed), excess.shape)
+    return int(i), int(j)
 
 
 def symmetric_matrix(gramian: Tensor) -> np.ndarray:
