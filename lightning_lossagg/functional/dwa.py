@@ -39,6 +39,8 @@ def dwa(
             ``validate_args``) a loss is not finite or ``prev2`` is zero.
 
     Example:
+        >>> import torch
+        >>> from lightning_lossagg.functional.dwa import dwa
         >>> dwa(torch.tensor([1.0, 1.0]), torch.tensor([2.0, 2.0]))
         tensor([1., 1.])
     """

@@ -74,6 +74,8 @@ def famo_weights(
         The weights :math:`w`, shape ``(K,)``, detached.
 
     Example:
+        >>> import torch
+        >>> from lightning_lossagg.functional.famo import famo_weights
         >>> famo_weights(torch.zeros(2), torch.tensor([1.0, 3.0]), eps=0.0)
         tensor([0.7500, 0.2500])
     """
@@ -118,6 +120,8 @@ def famo_logit_gradient(
         The gradient :math:`g`, shape ``(K,)``, detached.
 
     Example:
+        >>> import torch
+        >>> from lightning_lossagg.functional.famo import famo_logit_gradient
         >>> famo_logit_gradient(torch.zeros(2), torch.tensor([2.0, 2.0]), torch.tensor([1.0, 2.0]))
         tensor([ 0.1733, -0.1733])
     """

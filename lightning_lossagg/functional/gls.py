@@ -43,6 +43,8 @@ def gls(losses: Tensor, *, validate_args: bool = True) -> Tensor:
         The scalar objective :math:`G`, differentiable in ``losses``.
 
     Example:
+        >>> import torch
+        >>> from lightning_lossagg.functional.gls import gls
         >>> gls(torch.tensor([1.0, 4.0]))
         tensor(2.)
     """
@@ -73,6 +75,8 @@ def gls_weights(
         The weights, shape ``(K,)``, detached.
 
     Example:
+        >>> import torch
+        >>> from lightning_lossagg.functional.gls import gls_weights
         >>> gls_weights(torch.tensor([1.0, 4.0]))
         tensor([1.0000, 0.2500])
     """

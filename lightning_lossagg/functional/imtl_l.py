@@ -41,6 +41,8 @@ def imtl_l_weights(log_scales: Tensor, *, validate_args: bool = True) -> Tensor:
         The weights, shape ``(K,)``, detached.
 
     Example:
+        >>> import torch
+        >>> from lightning_lossagg.functional.imtl_l import imtl_l_weights
         >>> imtl_l_weights(torch.zeros(2))
         tensor([1., 1.])
     """
@@ -68,6 +70,8 @@ def imtl_l_objective(losses: Tensor, log_scales: Tensor, *, validate_args: bool 
         The scalar objective.
 
     Example:
+        >>> import torch
+        >>> from lightning_lossagg.functional.imtl_l import imtl_l_objective
         >>> imtl_l_objective(torch.tensor([2.0, 4.0]), torch.zeros(2))
         tensor(6.)
     """

@@ -32,6 +32,8 @@ def update_loss_levels(
         The new levels, shape ``(K,)``, detached.
 
     Example:
+        >>> import torch
+        >>> from lightning_lossagg.functional.loss_scaling import update_loss_levels
         >>> levels = update_loss_levels(None, torch.tensor([2.0, 4.0]), decay=0.5)
         >>> update_loss_levels(levels, torch.tensor([4.0, 0.0]), decay=0.5)
         tensor([3., 2.])
@@ -86,6 +88,8 @@ def loss_scaling_weights(
         The weights :math:`\alpha`, shape ``(K,)``, detached.
 
     Example:
+        >>> import torch
+        >>> from lightning_lossagg.functional.loss_scaling import loss_scaling_weights
         >>> loss_scaling_weights(torch.tensor([2.0, 0.5]))
         tensor([0.5000, 2.0000])
     """

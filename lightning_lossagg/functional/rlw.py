@@ -41,6 +41,8 @@ def rlw(
         The weights :math:`w`, shape ``(K,)`` (``(draws, K)`` with ``draws``).
 
     Example:
+        >>> import torch
+        >>> from lightning_lossagg.functional.rlw import rlw
         >>> weights = rlw(3, torch.Generator().manual_seed(0))
         >>> bool((weights > 0).all()), round(float(weights.sum()), 6)
         (True, 1.0)

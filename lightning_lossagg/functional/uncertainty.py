@@ -65,6 +65,8 @@ def uncertainty_weights(
         The weights :math:`w`, shape ``(K,)``, detached.
 
     Example:
+        >>> import torch
+        >>> from lightning_lossagg.functional.uncertainty import uncertainty_weights
         >>> uncertainty_weights(torch.tensor([0.0, 0.0]), torch.tensor([False, True]))
         tensor([0.5000, 1.0000])
     """
@@ -99,6 +101,8 @@ def uncertainty_objective(
         The scalar objective.
 
     Example:
+        >>> import torch
+        >>> from lightning_lossagg.functional.uncertainty import uncertainty_objective
         >>> uncertainty_objective(torch.tensor([2.0, 4.0]), torch.zeros(2))
         tensor(3.)
     """
