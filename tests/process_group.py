@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as distributed_c10d
@@ -124,3 +125,21 @@ class CollectiveCounter:
     def __exit__(self, *exc: object) -> None:
         for module, name, original in reversed(self._originals):
             setattr(module, name, original)
+
+
+class CollectivesPerStep(L.Callback):
+    """The ``torch.distributed`` collectives of each training batch, by name, its hooks included
+    (placed after the weighting callback: its ``on_train_batch_end`` is counted, what follows is
+    not)."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self._counter: CollectiveCounter | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._counter = CollectiveCounter().__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        assert self._counter is not None
+        self._counter.__exit__()
+        self.calls.append(list(self._counter.calls))

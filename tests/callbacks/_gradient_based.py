@@ -48,6 +48,7 @@ from tests.callbacks._fits import (
     training_batches,
 )
 from tests.models import ThreeTaskNet, reference_task_losses
+from tests.process_group import CollectivesPerStep
 
 STATIC_WEIGHTS = torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)  # ThreeTaskNet's Task.weight
 LEARNING_RATE = 0.1  # ThreeTaskNet's plain SGD
@@ -294,7 +295,7 @@ DDP_EPOCHS = 2
 def ddp_fit(name: str, rep_grad: bool, rank: int | None = None) -> dict[str, Any]:
     """Fit ``name`` with ``sync="gradients"``: one process on the concatenated batches
     (``rank=None``) or one rank of a 2-process DDP run on its own batches."""
-    callback = METHODS[name](rep_grad=rep_grad, sync="gradients")
+    callback, collectives = METHODS[name](rep_grad=rep_grad, sync="gradients"), CollectivesPerStep()
     if rank is None:
         recorder, model = fit(callback, concatenated_ddp_batches(), DDP_EPOCHS)
     else:
@@ -302,11 +303,13 @@ def ddp_fit(name: str, rep_grad: bool, rank: int | None = None) -> dict[str, Any
             callback,
             ddp_batches()[rank],
             DDP_EPOCHS,
+            extra_callbacks=(collectives,),
             strategy="ddp",
             devices=2,
             use_distributed_sampler=False,
         )
     return {
+        "collectives_per_step": collectives.calls,
         "weights": torch.stack([step["weights"] for step in recorder.steps]),
         "parameters": {k: v.clone() for k, v in model.state_dict().items()},
         "state": callback.state_dict(),

@@ -49,7 +49,7 @@ from tests.callbacks._fits import (  # noqa: F401 - re-exported for the tests
     training_batches,
 )
 from tests.models import ThreeTaskNet
-from tests.process_group import CollectiveCounter
+from tests.process_group import CollectivesPerStep
 
 STATIC_WEIGHTS = torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)  # ThreeTaskNet's Task.weight
 
@@ -305,23 +305,6 @@ def expected_record_weights(name: str, steps: list[dict], callback: Any) -> list
 DDP_EPOCHS = 3
 
 
-class CollectivesPerStep(L.Callback):
-    """The ``torch.distributed`` all-reduces of each training batch, its hooks included (placed
-    after the weighting callback: its ``on_train_batch_end`` is counted, what follows is not)."""
-
-    def __init__(self) -> None:
-        self.counts: list[int] = []
-        self._counter: CollectiveCounter | None = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._counter = CollectiveCounter().__enter__()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        assert self._counter is not None
-        self._counter.__exit__()
-        self.counts.append(self._counter.calls.count("all_reduce"))
-
-
 def ddp_rank(rank: int, names: list[str], accumulate: int = 1) -> dict[str, dict[str, Any]]:
     """One rank of a 2-process run (:func:`tests.process_group.run_on_lightning_ranks`): each
     method fits with Lightning's DDP strategy in turn (``accumulate`` micro-batches a step)."""
@@ -343,6 +326,6 @@ def ddp_rank(rank: int, names: list[str], accumulate: int = 1) -> dict[str, dict
             "weights": torch.stack([step["weights"] for step in recorder.steps]),
             "state": copy.deepcopy(callback.state_dict()),
             "parameters": {k: v.clone() for k, v in model.state_dict().items()},
-            "all_reduces_per_step": collectives.counts,
+            "collectives_per_step": collectives.calls,
         }
     return results

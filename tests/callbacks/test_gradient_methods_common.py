@@ -53,6 +53,15 @@ def test_two_processes_equal_one_process_on_the_concatenated_batches():
         single = ddp_fit(*case)
         on_rank0, on_rank1 = ranks[0][case], ranks[1][case]
         assert torch.equal(on_rank0["weights"], on_rank1["weights"]), case
+        # The mixin's all-reduce and the gradients' (or the Gramian's), nothing else; Nash-MTL
+        # (update_weights_every=2) reduces no gradient at the steps between its solves.
+        solves = [
+            step % 2 == 0 if case[0] == "nash_mtl" else True
+            for step in range(len(single["weights"]))
+        ]
+        expected = [["all_reduce"] * (2 if solved else 1) for solved in solves]
+        for on_rank in (on_rank0, on_rank1):
+            assert on_rank["collectives_per_step"] == expected, case
         assert len({tuple(w.tolist()) for w in single["weights"]}) > 1, case
         torch.testing.assert_close(
             on_rank0["weights"], single["weights"], rtol=1e-8, atol=1e-11, msg=str(case)
