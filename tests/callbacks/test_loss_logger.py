@@ -452,6 +452,48 @@ def test_every_gradient_method_logs_each_tasks_gradient_norm_and_cosines(tmp_pat
     assert all(row["train/grad_cos/price~kind"] for row in step_rows)
 
 
+class StateBeforeEachStep(L.Callback):
+    def __init__(self) -> None:
+        self.states: list[dict] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.states.append({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+
+@pytest.mark.parametrize("name", ["MGDA", "UPGrad"])
+def test_the_logged_gradient_norms_and_cosines_are_those_of_plain_autograd(tmp_path, name):
+    # Per step, each task's gradient of the shared trunk by plain autograd from the model as the
+    # step found it: the logged norm and every pair's cosine must be theirs.
+    batches = [make_batch(6, seed=seed, dtype=torch.float32) for seed in range(3)]
+    before = StateBeforeEachStep()
+    trainer = _fit_three_tasks(
+        tmp_path, [LossLogger(), getattr(callbacks, name)(), before], batches=batches
+    )
+    step_rows = [
+        r for r in _read_csv(trainer.logger.log_dir + "/metrics.csv") if r["train/loss/price"]
+    ]
+    assert len(step_rows) == len(batches)
+    names = ("price", "kind", "sold")
+    for row, state, batch in zip(step_rows, before.states, batches, strict=True):
+        model = ThreeTaskNet()
+        model.load_state_dict(state)
+        losses = reference_task_losses(model, batch)
+        trunk = list(model.trunk.parameters())
+        gradients = [
+            torch.cat(
+                [g.flatten() for g in torch.autograd.grad(losses[t], trunk, retain_graph=True)]
+            )
+            for t in names
+        ]
+        for task, gradient in zip(names, gradients, strict=True):
+            logged = float(row[f"train/grad_norm/{task}"])
+            assert logged == pytest.approx(gradient.norm().item(), rel=1e-4), task
+        for i, j in ((0, 1), (0, 2), (1, 2)):
+            cosine = torch.nn.functional.cosine_similarity(gradients[i], gradients[j], dim=0)
+            logged = float(row[f"train/grad_cos/{names[i]}~{names[j]}"])
+            assert logged == pytest.approx(cosine.item(), abs=1e-4), (names[i], names[j])
+
+
 def test_no_logger_no_trajectory(tmp_path):
     logger = LossLogger()
     trainer = _fit_three_tasks(tmp_path, [logger], logger=False)
