@@ -107,6 +107,60 @@ def test_epoch_values_are_sample_weighted_global_means(tmp_path):
     assert float(epoch_row["train_epoch/loss/price"]) == pytest.approx(expected.item(), rel=1e-5)
 
 
+class StepNumberWeights(WeightingCallback):
+    """Weights (n, 2n, 3n) at the n-th training step: every step weighs differently."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def task_weights(self, pl_module, step):
+        self.calls += 1
+        return torch.tensor([1.0, 2.0, 3.0], dtype=step.losses.dtype) * self.calls
+
+
+def test_epoch_weights_and_weighted_losses_follow_each_steps_weights_and_samples(tmp_path):
+    # Batches of 6, 3 and 5 samples, the second without a price label, weights changing at every
+    # step: by hand, loss = sum_s c_s L_s / sum_s c_s, weighted = sum_s c_s w_s L_s / sum_s c_s,
+    # weight = the mean of w_s over the steps with a valid sample, the objective their sum.
+    batches = [make_batch(n, seed=n, dtype=torch.float32) for n in (6, 3, 5)]
+    batches[1][1]["price"][:] = torch.nan
+    model = ThreeTaskNet(lr=0.0)  # frozen: the losses by hand see the same model
+    trainer = _fit_three_tasks(
+        tmp_path, [LossLogger(), StepNumberWeights()], batches=batches, model=model
+    )
+    static = {"price": 2.0, "kind": 1.0, "sold": 1.0}
+    valid = {
+        "price": lambda t: ~torch.isnan(t["price"]),
+        "kind": lambda t: t["kind"] != -100,
+        "sold": lambda t: ~torch.isnan(t["sold"]),
+    }
+    row = next(
+        r for r in _read_csv(trainer.logger.log_dir + "/metrics.csv") if r["train_epoch/loss"]
+    )
+    objective = 0.0
+    for k, task in enumerate(("price", "kind", "sold")):
+        counts, losses, weights = [], [], []
+        for n, batch in enumerate(batches, start=1):
+            count = int(valid[task](batch[1]).sum())
+            if count:
+                with torch.no_grad():
+                    losses.append(reference_task_losses(model, batch)[task].item())
+                counts.append(count)
+                weights.append(static[task] * (k + 1) * n)
+        total = sum(counts)
+        weighted = sum(c * w * loss for c, w, loss in zip(counts, weights, losses, strict=True))
+        expected = {
+            "loss": sum(c * loss for c, loss in zip(counts, losses, strict=True)) / total,
+            "weighted": weighted / total,
+            "weight": sum(weights) / len(weights),
+        }
+        for figure, value in expected.items():
+            logged = float(row[f"train_epoch/{figure}/{task}"])
+            assert logged == pytest.approx(value, rel=1e-5), (figure, task)
+        objective += expected["weighted"]
+    assert float(row["train_epoch/loss"]) == pytest.approx(objective, rel=1e-5)
+
+
 def _validation_metrics(batches) -> dict[str, float]:
     trainer = L.Trainer(logger=False, callbacks=[LossLogger(plot=False)], enable_progress_bar=False)
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
