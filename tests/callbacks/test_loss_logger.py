@@ -430,15 +430,20 @@ def test_a_task_without_a_label_in_a_step_logs_no_point_there(tmp_path):
     assert math.isfinite(float(rows[1]["train/loss"]))
 
 
-def test_the_final_weight_is_the_last_logged_step_that_had_the_task():
+def test_each_tasks_row_has_its_own_first_best_last_loss_and_final_weight():
+    # The final weight: the last logged step that had the task (b has none at the last step).
     trajectory = Trajectory()
-    for loss, weight in ((1.0, 0.5), (0.5, 0.7), (torch.nan, 0.0)):
+    steps = (((4.0, 1.0), (0.5, 2.0)), ((3.0, 0.5), (0.7, 1.5)), ((3.5, torch.nan), (0.9, 0.0)))
+    for losses, weights in steps:
         record = LossRecord(
-            "train", ("a",), torch.tensor([loss]), torch.tensor([weight]), torch.tensor([1.0])
+            "train", ("a", "b"), torch.tensor(losses), torch.tensor(weights), torch.ones(2)
         )
         trajectory.add(len(trajectory.steps), record)
     trajectory.flush()
-    assert trajectory.summary_rows(("a",)) == [["a", 1.0, 0.5, 0.5, pytest.approx(0.7)]]
+    assert trajectory.summary_rows(("a", "b")) == [
+        ["a", 4.0, 3.0, 3.5, pytest.approx(0.9)],
+        ["b", 1.0, 0.5, 0.5, pytest.approx(1.5)],
+    ]
 
 
 # ----------------------------------------------------------------------------- method state
