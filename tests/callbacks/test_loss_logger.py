@@ -600,7 +600,8 @@ class SpyWandbLogger(WandbLogger):
 
 class CollectivesAround(L.Callback):
     """Placed before (``opening``) and after the callbacks under test: counts the collectives
-    they issue in each hook, and those of the whole training step; writes them per rank."""
+    they issue in each hook, and those of each whole training and validation step; writes them
+    per rank."""
 
     HOOKS = ("on_train_batch_end", "on_train_epoch_end", "on_validation_epoch_end", "on_fit_end")
 
@@ -628,6 +629,15 @@ class CollectivesAround(L.Callback):
     def on_train_epoch_end(self, *args) -> None:
         self._bracket("on_train_epoch_end")
 
+    def on_validation_batch_start(self, *args) -> None:
+        if self.opening:
+            self.shared["val_step"] = CollectiveCounter().__enter__()
+
+    def on_validation_batch_end(self, *args) -> None:
+        if not self.opening:
+            self.shared["val_step"].__exit__()
+            self.shared.setdefault("val_steps", []).append(self.shared["val_step"].calls)
+
     def on_validation_epoch_end(self, trainer, *args) -> None:
         if not trainer.sanity_checking:
             self._bracket("on_validation_epoch_end")
@@ -635,7 +645,7 @@ class CollectivesAround(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         self._bracket("on_fit_end")
         if not self.opening:
-            facts = {hook: self.shared[hook] for hook in (*self.HOOKS[1:], "steps")}
+            facts = {hook: self.shared[hook] for hook in (*self.HOOKS[1:], "steps", "val_steps")}
             facts["on_train_batch_end"] = self.shared["on_train_batch_end"]
             torch.save(facts, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
 
@@ -679,6 +689,8 @@ def test_under_ddp_only_rank_zero_writes_and_logging_adds_no_collective(tmp_path
         # Each rank's 4 steps: the mixin's one all-reduce, nothing from logging or monitoring.
         assert facts["steps"] == [["all_reduce"]] * 4, rank
         assert facts["on_train_batch_end"] == [[]] * 4
+        # Its validation batch (the sampler gives each rank one): the evaluation's one all-reduce.
+        assert facts["val_steps"] == [["all_reduce"]], rank
         assert facts["on_train_epoch_end"] == facts["on_validation_epoch_end"] == [[]]
         assert facts["on_fit_end"] == [[]]
     assert not (tmp_path / "calls-1.txt").exists()
