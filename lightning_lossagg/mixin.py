@@ -518,6 +518,12 @@ class MultiTaskMixin:
         """The global losses of a test batch (several loaders: as :meth:`validation_step`)."""
         return self._evaluation_step("test", batch)
 
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        """``{task: prediction}``: ``self(inputs)`` of an ``(inputs, {task: target})`` batch (its
+        targets unused), ``self(batch)`` of any other."""
+        is_pair = isinstance(batch, (list, tuple)) and len(batch) == 2
+        return self(batch[0] if is_pair and isinstance(batch[1], dict) else batch)  # type: ignore[operator]
+
     def _evaluation_step(self, stage: str, batch: Any) -> Tensor:
         step = self.compute_global_losses(batch)
         # Each task's weight of the latest training step that had it (static before that).

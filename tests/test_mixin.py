@@ -267,6 +267,20 @@ def test_bad_mixin_arguments_fail_at_construction(kwargs, error, message):
         Net(**kwargs)
 
 
+def test_predict_returns_each_tasks_prediction_of_the_default_batches_and_of_bare_inputs():
+    model = ThreeTaskNet()
+    batch = make_batch(5, seed=3, dtype=torch.float32)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with_targets, bare = trainer.predict(
+        model, [one_batch_loader(batch), torch.utils.data.DataLoader([batch[0]], batch_size=None)]
+    )
+    with torch.no_grad():
+        expected = model(batch[0])
+    for predictions in (with_targets[0], bare[0]):
+        assert predictions.keys() == expected.keys()
+        assert all(torch.equal(predictions[task], expected[task]) for task in expected)
+
+
 def test_a_class_with_the_mixin_after_lightning_module_is_told_the_order_of_the_bases():
     with pytest.raises(TypeError, match=r"Net: put MultiTaskMixin before LightningModule"):
 

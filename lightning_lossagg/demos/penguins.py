@@ -158,8 +158,5 @@ class PenguinsNet(MultiTaskMixin, L.LightningModule):
     def forward(self, features: Tensor) -> dict[str, Tensor]:
         return self.forward_heads(self.forward_shared(features))
 
-    def predict_step(self, batch: tuple[Tensor, dict[str, Tensor]], batch_idx: int) -> dict:
-        return self(batch[0])
-
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)
