@@ -296,7 +296,11 @@ class MultiTaskMixin:
             predictions = self.forward_heads(leaf)  # type: ignore[attr-defined]
         with torch.no_grad():
             for buffer, saved in buffers:
-                buffer.copy_(saved)
+                # Only what the probe changed: the trunk's backward may read the others (batch
+                # norm's statistics), and any write would make autograd refuse it. (Kernels
+                # update batch norm's statistics without a version bump: compare the values.)
+                if not torch.equal(buffer, saved):
+                    buffer.copy_(saved)
         self._check_layout(heads, inputs, predictions, leaf, probe)
         self._linear_heads = bool(self._linear_heads)  # decided: no probe at the next steps
 

@@ -309,3 +309,29 @@ def test_the_layout_probe_leaves_the_models_buffers_alone(tmp_path):
     # One batch-norm update (momentum 0.1 from zeros): the probe's was undone.
     assert model.norm.num_batches_tracked == 1
     torch.testing.assert_close(model.norm.running_mean, 0.1 * representation.mean(0))
+
+
+class NormalisedTrunkNet(LinearFactorsNet):
+    """The trunk ends in batch norm, whose buffers (in eval mode, and its saved statistics in
+    train mode) the trunk's backward reads: the heads' layout probe must not write to them."""
+
+    def __init__(self, *args, frozen_norm: bool, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.trunk.append(torch.nn.BatchNorm1d(8))
+        self.frozen_norm = frozen_norm
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.trunk[-1].train(not self.frozen_norm)
+
+
+@pytest.mark.parametrize("frozen_norm", [False, True])
+def test_the_layout_probe_leaves_the_trunks_batch_norm_to_its_backward(tmp_path, frozen_norm):
+    batch = make_batch(9, seed=5)
+    model = NormalisedTrunkNet(str(tmp_path), [batch], frozen_norm=frozen_norm).double()
+    views = _with_views_throughout(model)
+    fit_model(model, 1, FactoredGradients(rep_grad=True), steps=2)
+    fit_model(views, 1, FactoredGradients(rep_grad=True), steps=2)
+    assert model._linear_heads is True
+    assert model.trunk[-1].num_batches_tracked == (0 if frozen_norm else 2)
+    for record, expected in zip(model.records, views.records, strict=True):
+        assert_matches(record, expected)
