@@ -461,29 +461,39 @@ class MultiTaskMixin:
                 objective = step.local_terms.sum()
             else:
                 objective = weights.to(step.local_terms.dtype) @ step.local_terms
-        elif (representation := self.shared_representation) and representation.split:
-            # The weights come from the task gradients that reach the heads' views in backward.
-            static = in_dtype(weights, step.local_terms.dtype)
-            weights, receiver = self._weighting.weights_in_backward(self, step, static)  # type: ignore[arg-type]
-            _set_plain(self, "shared_representation", None)
-            objective = representation.split.objective(static @ step.local_terms, receiver)
-            self._keep_step_weights(weights, step.valid)
+        elif torch.is_autocast_enabled(device := step.local_terms.device.type):
+            # The method's arithmetic in the losses' dtype: a Gramian's products in float16
+            # overflow (and its weights silently fall back to equal ones).
+            with torch.autocast(device, enabled=False):
+                weights, objective = self._weighted_objective(self._weighting, step)
         else:
-            static = in_dtype(weights, step.local_terms.dtype)
-            adaptive = in_dtype(self._weighting.task_weights(self, step), static.dtype)  # type: ignore[arg-type]
-            if adaptive.requires_grad:
-                adaptive = adaptive.detach()
-            if not self._static_weights_are_ones:
-                adaptive = adaptive * static
-            if not self._weighting.finite_weights:  # a task without a valid sample: weight 0
-                adaptive = torch.where(step.valid, adaptive, 0.0)
-            weights = adaptive
-            objective = self._weighting.backward_objective(self, step, weights, static)  # type: ignore[arg-type]
-            self._keep_step_weights(weights, step.valid)
+            weights, objective = self._weighted_objective(self._weighting, step)
         if dropped:  # the dropped heads still take part in DDP's gradient reduction, with 0
             objective = objective + self._zero_objective()
         _set_plain(self, "loss_record", step.record("train", weights, self._weighting))
         return objective
+
+    def _weighted_objective(
+        self, weighting: WeightingCallback, step: GlobalTaskLosses
+    ) -> tuple[Tensor, Tensor]:
+        """The weighting method's weights of ``step`` and the objective handed to backward."""
+        static = in_dtype(self._static_weights, step.local_terms.dtype)
+        if (representation := self.shared_representation) and representation.split:
+            # The weights come from the task gradients that reach the heads' views in backward.
+            weights, receiver = weighting.weights_in_backward(self, step, static)  # type: ignore[arg-type]
+            _set_plain(self, "shared_representation", None)
+            objective = representation.split.objective(static @ step.local_terms, receiver)
+        else:
+            weights = in_dtype(weighting.task_weights(self, step), static.dtype)  # type: ignore[arg-type]
+            if weights.requires_grad:
+                weights = weights.detach()
+            if not self._static_weights_are_ones:
+                weights = weights * static
+            if not weighting.finite_weights:  # a task without a valid sample: weight 0
+                weights = torch.where(step.valid, weights, 0.0)
+            objective = weighting.backward_objective(self, step, weights, static)  # type: ignore[arg-type]
+        self._keep_step_weights(weights, step.valid)
+        return weights, objective
 
     @property
     def skipping_optimizer_step(self) -> bool:

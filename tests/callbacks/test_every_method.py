@@ -33,6 +33,21 @@ METHODS = {
 }
 
 
+GRADIENT_METHODS = [
+    "GradNorm",
+    "MGDA",
+    "MGDA-rep",
+    "PCGrad",
+    "CAGrad",
+    "IMTLG",
+    "NashMTL",
+    "AlignedMTL",
+    "UPGrad",
+    "GradVac",
+    "DBMTL",
+]
+
+
 class WeightsSeen(L.Callback):
     def __init__(self) -> None:
         self.weights: list[torch.Tensor] = []
@@ -65,6 +80,43 @@ def test_method_trains_with_bf16_mixed_and_four_accumulated_batches(name):
         assert torch.isfinite(weights).all() and (weights >= 0).all()
     changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
     assert changed, "the optimizer steps changed no parameter"
+
+
+class HalfPrecisionStepNet(ThreeTaskNet):
+    """Its steps run under float16 autocast, as a user's own mixed precision would, all but its
+    forward: the losses and gradients are those of float32, and only the weighting may differ."""
+
+    def training_step(self, batch, batch_idx):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return super().training_step(batch, batch_idx)
+
+    def forward_shared(self, inputs):
+        with torch.autocast("cpu", enabled=False):
+            return super().forward_shared(inputs)
+
+    def forward_heads(self, shared):
+        with torch.autocast("cpu", enabled=False):
+            return super().forward_heads(shared)
+
+
+@pytest.mark.parametrize("name", sorted(GRADIENT_METHODS))
+def test_gradient_methods_weigh_in_float32_under_float16_autocast(name):
+    # Large prices: the Gramian's entries pass float16's largest value (65504). Computed in
+    # float16 they were infinite, and the step silently fell back to equal weights.
+    batches = [make_batch(16, seed=seed, dtype=torch.float32) for seed in range(2)]
+    for _, targets in batches:
+        targets["price"] *= 1000.0
+    fits = {}
+    for net in (HalfPrecisionStepNet, ThreeTaskNet):
+        torch.manual_seed(0)
+        model, seen = net(), WeightsSeen()
+        trainer = quiet_trainer(1, steps=2, precision="32-true", callbacks=[METHODS[name](), seen])
+        trainer.fit(model, torch.utils.data.DataLoader(batches, batch_size=None))
+        fits[net] = torch.stack(seen.weights), [p.detach() for p in model.parameters()]
+    (weights, parameters), (expected_weights, expected_parameters) = fits.values()
+    assert not torch.allclose(expected_weights[-1], torch.ones(3))
+    torch.testing.assert_close(weights, expected_weights)
+    torch.testing.assert_close(parameters, expected_parameters)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
