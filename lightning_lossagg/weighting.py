@@ -54,6 +54,10 @@ class WeightingCallback(L.Callback):
             sample included. The mixin then takes the weights as they are, where it would
             otherwise zero those tasks' weights first: such a task's term is exactly 0, with no
             gradient, and any finite weight times it adds nothing.
+        state_is_per_task: the method's ``state_dict`` holds figures per task, by position in
+            the model's task order: a checkpoint of other tasks, or of the same tasks in
+            another order, is refused (:func:`check_checkpoint_tasks`). False for a state that
+            is not per task (a seed).
     """
 
     separate_task_terms: bool = False
@@ -62,6 +66,7 @@ class WeightingCallback(L.Callback):
     takes_linear_factors: bool = False
     weighs_heads: bool = False
     finite_weights: bool = False
+    state_is_per_task: bool = True
 
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
         """The weights ``w`` (shape ``[K]``, detached) for this training step."""
@@ -105,6 +110,12 @@ class WeightingCallback(L.Callback):
         ``train/<state>/<task_a>~<task_b>``), so it may cost a few tensor operations."""
         return {}
 
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.state_is_per_task:
+            check_checkpoint_tasks(self, pl_module, checkpoint)
+
     @property
     def method_arguments(self) -> dict[str, Any]:
         """The method's arguments, for the run config and ``state_key``."""
@@ -114,6 +125,33 @@ class WeightingCallback(L.Callback):
     def state_key(self) -> str:
         """Built from :attr:`method_arguments`, so two differently set-up instances can coexist."""
         return self._generate_state_key(**self.method_arguments)
+
+
+def check_checkpoint_tasks(
+    callback: L.Callback, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+) -> None:
+    """Refuse, before ``callback`` loads its state from ``checkpoint``, a state saved for other
+    tasks than ``pl_module``'s, or for the same tasks in another order: the state is kept per
+    task by position, and would be loaded onto the wrong tasks without a word."""
+    from lightning_lossagg.mixin import CHECKPOINT_KEY  # the mixin imports this module
+
+    if callback.state_key not in checkpoint.get("callbacks", {}):
+        return  # nothing of this callback's is loaded
+    saved = checkpoint.get(CHECKPOINT_KEY, {}).get("task_names")  # None: saved before names were
+    names = list(pl_module.task_names)  # type: ignore[attr-defined]
+    if saved is None or list(saved) == names:
+        return
+    fix = (
+        "Give the tasks in the checkpoint's order (the order of the `tasks` mapping)"
+        if sorted(saved) == sorted(names)
+        else "Resume the model the checkpoint was saved from"
+    )
+    raise ValueError(
+        f"{type(callback).__name__}'s state in the checkpoint is for the tasks {list(saved)}, in "
+        f"that order; this model's tasks are {names}. Its state is kept per task by position. "
+        f"{fix}, or start {type(callback).__name__} afresh: delete "
+        f"checkpoint['callbacks'][{callback.state_key!r}] from the checkpoint file."
+    )
 
 
 class LossRecord:

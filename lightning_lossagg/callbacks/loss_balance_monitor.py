@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from lightning_lossagg.callbacks._balance_window import CONDITIONS, LossWindow, Thresholds
 from lightning_lossagg.callbacks._direct_log import write_metrics
-from lightning_lossagg.weighting import LossRecord
+from lightning_lossagg.weighting import LossRecord, check_checkpoint_tasks
 
 
 class LossBalanceError(RuntimeError):
@@ -203,6 +203,12 @@ class LossBalanceMonitor(L.Callback):
             "skipped_steps": self._skipped_steps,
             "window": self._history.state_dict(),
         }
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        check_checkpoint_tasks(self, pl_module, checkpoint)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

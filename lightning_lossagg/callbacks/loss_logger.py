@@ -18,7 +18,7 @@ from typing_extensions import override
 from lightning_lossagg.callbacks import _wandb_extras
 from lightning_lossagg.callbacks._direct_log import logging_step, write_metrics
 from lightning_lossagg.callbacks._trajectory import Trajectory
-from lightning_lossagg.weighting import LossRecord
+from lightning_lossagg.weighting import LossRecord, check_checkpoint_tasks
 
 PLOT_FILE = "loss_trajectories.png"
 
@@ -259,6 +259,12 @@ class LossLogger(L.Callback):
         if train is None:
             return {}
         return {"epoch": self._train_epoch, "train_epoch": train.state_dict()}
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        check_checkpoint_tasks(self, pl_module, checkpoint)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -52,6 +52,8 @@ class PCGrad(GradientWeighting):
         >>> callback = PCGrad(seed=0)
     """
 
+    state_is_per_task = False  # the seed
+
     def __init__(self, seed: int = 0, rep_grad: bool = False, sync: Sync = "gradients") -> None:
         super().__init__(rep_grad=rep_grad, sync=sync)
         self.seed = check_non_negative_int("seed", seed, "Pass e.g. seed=0.")

@@ -59,6 +59,7 @@ class RLW(WeightingCallback):
     """
 
     finite_weights = True  # a softmax
+    state_is_per_task = False  # the seed
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = check_non_negative_int("seed", seed, "Pass e.g. seed=0.")
