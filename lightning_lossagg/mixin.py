@@ -626,7 +626,11 @@ class MultiTaskMixin:
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
         state = checkpoint.get(CHECKPOINT_KEY, {})
-        self._latest_weights = self._weights_by_name(state.get("latest_weights"), state)
+        trainer = getattr(self, "_trainer", None)
+        if self._weighting is None and trainer is not None and trainer.state.fn == "fit":
+            self._latest_weights = None  # a fit without a method weighs with the static ones
+        else:
+            self._latest_weights = self._weights_by_name(state.get("latest_weights"), state)
         self._step_weights = None
         self.skipped_steps = state.get("skipped_steps", 0)
         self._consecutive_skips = state.get("consecutive_skips", 0)

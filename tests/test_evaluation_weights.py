@@ -99,3 +99,14 @@ def test_a_new_fit_without_a_method_evaluates_with_the_static_weights_again():
     trainer = quiet_trainer(1, steps=1)
     trainer.fit(model, torch.utils.data.DataLoader([make_batch(6, seed=7)], batch_size=None))
     assert _validation_weights(trainer, model) == [2.0, 1.0, 1.0]
+
+
+def test_a_fit_resumed_without_a_method_evaluates_with_the_static_weights(tmp_path):
+    _, trainer = _fit()
+    path = tmp_path / "fit.ckpt"
+    trainer.save_checkpoint(path)
+    model, trainer = ThreeTaskNet(), quiet_trainer(1, steps=4)
+    batches = [make_batch(6, seed=seed) for seed in range(4)]
+    trainer.fit(model, torch.utils.data.DataLoader(batches, batch_size=None), ckpt_path=path)
+    assert trainer.global_step == 4  # one step without the method after the checkpoint's three
+    assert _validation_weights(trainer, model) == [2.0, 1.0, 1.0]
