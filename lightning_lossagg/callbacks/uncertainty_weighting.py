@@ -64,7 +64,8 @@ class UncertaintyWeighting(LearnedScalesWeighting):
     @property
     @override
     def method_arguments(self) -> dict[str, Any]:
-        return {"lr": self.lr, "classification_tasks": list(self.classification_tasks)}
+        # Sorted: the same tasks in another order are the same method, with the same state.
+        return {"lr": self.lr, "classification_tasks": sorted(self.classification_tasks)}
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

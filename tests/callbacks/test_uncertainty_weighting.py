@@ -120,3 +120,10 @@ def test_by_default_the_first_step_moves_each_log_variance_by_0_01():
     torch.testing.assert_close(
         callback.state_dict()["scales"]["values"], torch.full((3,), 0.01, dtype=torch.float64)
     )
+
+
+def test_the_classification_tasks_key_the_state_in_any_order():
+    one = UncertaintyWeighting(classification_tasks=["kind", "sold"])
+    other = UncertaintyWeighting(classification_tasks=["sold", "kind"])
+    assert one.state_key == other.state_key
+    assert UncertaintyWeighting(classification_tasks=["kind"]).state_key != one.state_key
