@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightning_lossagg import callbacks
+from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting
 from lightning_lossagg.demos import PenguinsDataModule, PenguinsNet
 from tests.models import ThreeTaskNet, make_batch, quiet_trainer
 
@@ -33,19 +34,7 @@ METHODS = {
 }
 
 
-GRADIENT_METHODS = [
-    "GradNorm",
-    "MGDA",
-    "MGDA-rep",
-    "PCGrad",
-    "CAGrad",
-    "IMTLG",
-    "NashMTL",
-    "AlignedMTL",
-    "UPGrad",
-    "GradVac",
-    "DBMTL",
-]
+GRADIENT_METHODS = [name for name, make in METHODS.items() if isinstance(make(), GradientWeighting)]
 
 
 class WeightsSeen(L.Callback):
