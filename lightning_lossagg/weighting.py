@@ -114,7 +114,7 @@ class WeightingCallback(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         if self.state_is_per_task:
-            check_checkpoint_tasks(self, pl_module, checkpoint)
+            check_checkpoint_tasks(self, trainer, pl_module, checkpoint)
 
     @property
     def method_arguments(self) -> dict[str, Any]:
@@ -128,15 +128,18 @@ class WeightingCallback(L.Callback):
 
 
 def check_checkpoint_tasks(
-    callback: L.Callback, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    callback: L.Callback,
+    trainer: L.Trainer,
+    pl_module: L.LightningModule,
+    checkpoint: dict[str, Any],
 ) -> None:
     """Refuse, before ``callback`` loads its state from ``checkpoint``, a state saved for other
     tasks than ``pl_module``'s, or for the same tasks in another order: the state is kept per
     task by position, and would be loaded onto the wrong tasks without a word."""
     from lightning_lossagg.mixin import CHECKPOINT_KEY  # the mixin imports this module
 
-    if callback.state_key not in checkpoint.get("callbacks", {}):
-        return  # nothing of this callback's is loaded
+    if trainer.state.fn != "fit" or callback.state_key not in checkpoint.get("callbacks", {}):
+        return  # evaluation does not use the state, or nothing of this callback's is loaded
     saved = checkpoint.get(CHECKPOINT_KEY, {}).get("task_names")  # None: saved before names were
     names = list(pl_module.task_names)  # type: ignore[attr-defined]
     if saved is None or list(saved) == names:

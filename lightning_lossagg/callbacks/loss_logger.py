@@ -264,7 +264,7 @@ class LossLogger(L.Callback):
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        check_checkpoint_tasks(self, pl_module, checkpoint)
+        check_checkpoint_tasks(self, trainer, pl_module, checkpoint)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

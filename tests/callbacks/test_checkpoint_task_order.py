@@ -59,3 +59,8 @@ def test_a_callbacks_state_resumes_only_on_its_tasks_in_their_order(tmp_path, na
     with pytest.raises(ValueError, match="Resume the model the checkpoint was saved from"):
         _resume(path, name, ("price", "kind"))
     _resume(path, name, ("price", "kind", "sold"))  # its own tasks and order resume
+    # Evaluation does not use the state: a reordered model validates from the checkpoint.
+    reordered = ThreeTaskNet(task_order=("kind", "price", "sold")).double()
+    trainer([CALLBACKS[name]()], max_epochs=1).validate(
+        reordered, loader(training_batches(1)), ckpt_path=path, verbose=False
+    )
