@@ -455,28 +455,27 @@ class MultiTaskMixin:
                 dropped = True
             else:
                 self._consecutive_skips = 0
-        weights = self._static_weights
-        if self._weighting is None:
-            if self._static_weights_are_ones:
-                objective = step.local_terms.sum()
-            else:
-                objective = weights.to(step.local_terms.dtype) @ step.local_terms
-        elif torch.is_autocast_enabled(device := step.local_terms.device.type):
-            # The method's arithmetic in the losses' dtype: a Gramian's products in float16
-            # overflow (and its weights silently fall back to equal ones).
+        if torch.is_autocast_enabled(device := step.local_terms.device.type):
+            # The weighting's arithmetic in the losses' dtype: a Gramian's products (or a large
+            # weighted sum) in float16 overflow, and a method's weights silently fall back to 1.
             with torch.autocast(device, enabled=False):
-                weights, objective = self._weighted_objective(self._weighting, step)
+                weights, objective = self._weighted_objective(step)
         else:
-            weights, objective = self._weighted_objective(self._weighting, step)
+            weights, objective = self._weighted_objective(step)
         if dropped:  # the dropped heads still take part in DDP's gradient reduction, with 0
             objective = objective + self._zero_objective()
         _set_plain(self, "loss_record", step.record("train", weights, self._weighting))
         return objective
 
-    def _weighted_objective(
-        self, weighting: WeightingCallback, step: GlobalTaskLosses
-    ) -> tuple[Tensor, Tensor]:
-        """The weighting method's weights of ``step`` and the objective handed to backward."""
+    def _weighted_objective(self, step: GlobalTaskLosses) -> tuple[Tensor, Tensor]:
+        """The weights of ``step`` (static, or the weighting method's) and the objective handed
+        to backward."""
+        weighting = self._weighting
+        if weighting is None:
+            if self._static_weights_are_ones:
+                return self._static_weights, step.local_terms.sum()
+            terms = step.local_terms
+            return self._static_weights, self._static_weights.to(terms.dtype) @ terms
         static = in_dtype(self._static_weights, step.local_terms.dtype)
         if (representation := self.shared_representation) and representation.split:
             # The weights come from the task gradients that reach the heads' views in backward.

@@ -128,3 +128,17 @@ def test_method_trains_on_when_the_mixin_drops_a_non_finite_task(name):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     for state in trainer.callbacks[0].state_to_log().values():
         assert torch.isfinite(state).all()
+
+
+def test_static_weights_sum_in_float32_under_float16_autocast():
+    # Without a method the weighted sum 2 * price + kind + sold passes float16's largest value:
+    # the objective handed to backward (and shown as the step's loss) must stay float32.
+    batch = make_batch(16, seed=0, dtype=torch.float32)
+    batch[1]["price"] *= 1000.0
+    half_precision = HalfPrecisionStepNet()
+    full_precision = ThreeTaskNet()
+    full_precision.load_state_dict(half_precision.state_dict())
+    objective = half_precision.training_step(batch, 0)
+    expected = full_precision.training_step(batch, 0)
+    assert expected.isfinite() and expected > torch.finfo(torch.float16).max
+    torch.testing.assert_close(objective, expected)
