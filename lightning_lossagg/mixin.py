@@ -298,8 +298,9 @@ class MultiTaskMixin:
             for buffer, saved in buffers:
                 # Only what the probe changed: the trunk's backward may read the others (batch
                 # norm's statistics), and any write would make autograd refuse it. (Kernels
-                # update batch norm's statistics without a version bump: compare the values.)
-                if not torch.equal(buffer, saved):
+                # update batch norm's statistics without a version bump: compare the values,
+                # NaN equal to NaN.)
+                if not _same_values(buffer, saved):
                     buffer.copy_(saved)
         self._check_layout(heads, inputs, predictions, leaf, probe)
         self._linear_heads = bool(self._linear_heads)  # decided: no probe at the next steps
@@ -728,6 +729,15 @@ def _default_losses(model: MultiTaskMixin) -> bool:
     """Whether the model computes its losses the default way: task ``k``'s loss from its own
     prediction and target only."""
     return not_overridden(model, "task_losses") and not_overridden(model, "per_sample_losses")
+
+
+def _same_values(tensor: Tensor, other: Tensor) -> bool:
+    """``torch.equal`` that takes NaN as equal to NaN."""
+    if torch.equal(tensor, other):
+        return True
+    if not tensor.is_floating_point() or tensor.shape != other.shape:
+        return False
+    return bool(((tensor == other) | (tensor.isnan() & other.isnan())).all())
 
 
 def _nonfinite_message(bad: list[tuple[str, float]], step_index: int) -> str:

@@ -335,3 +335,13 @@ def test_the_layout_probe_leaves_the_trunks_batch_norm_to_its_backward(tmp_path,
     assert model.trunk[-1].num_batches_tracked == (0 if frozen_norm else 2)
     for record, expected in zip(model.records, views.records, strict=True):
         assert_matches(record, expected)
+
+
+def test_the_layout_probe_writes_no_buffer_it_left_as_it_was(tmp_path):
+    """A buffer holding NaN (a statistic not yet seen) is left alone by the probe: not written
+    back, which would bump the version that a backward reading it checks."""
+    model = LinearFactorsNet(str(tmp_path), [make_batch(9, seed=5)]).double()
+    model.register_buffer("unseen", torch.tensor([torch.nan, 1.0], dtype=torch.float64))
+    fit_model(model, 1, FactoredGradients(rep_grad=True))
+    assert model._linear_heads is True
+    assert model.unseen._version == 0
