@@ -68,6 +68,19 @@ class UncertaintyWeighting(LearnedScalesWeighting):
         return {"lr": self.lr, "classification_tasks": sorted(self.classification_tasks)}
 
     @override
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Checkpoints written before the key was sorted key the state by the tasks as given.
+        states = checkpoint.get("callbacks", {})
+        as_given = self._generate_state_key(
+            lr=self.lr, classification_tasks=list(self.classification_tasks)
+        )
+        if self.state_key not in states and as_given in states:
+            states[self.state_key] = states.pop(as_given)
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         task_names: tuple[str, ...] = pl_module.task_names  # type: ignore[assignment]

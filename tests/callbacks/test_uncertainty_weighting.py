@@ -4,12 +4,14 @@ task's noise variance on generated regression tasks."""
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_lossagg import MultiTaskMixin, Task
 from lightning_lossagg.callbacks import UncertaintyWeighting
 from lightning_lossagg.demos.penguins import TaskDataset
+from tests.callbacks import _fits as fits
 from tests.callbacks._loss_based import at_step, global_losses, trainer
 from tests.models import ThreeTaskNet, make_batch
 
@@ -127,3 +129,26 @@ def test_the_classification_tasks_key_the_state_in_any_order():
     other = UncertaintyWeighting(classification_tasks=["sold", "kind"])
     assert one.state_key == other.state_key
     assert UncertaintyWeighting(classification_tasks=["kind"]).state_key != one.state_key
+
+
+def test_a_checkpoint_keyed_by_the_classification_tasks_as_given_still_resumes(tmp_path):
+    """Checkpoints written before the key was sorted key the state by the tasks as given: the
+    same callback resumes from them as the uninterrupted fit went on."""
+    tasks, batches = ["sold", "kind"], fits.training_batches(2)
+
+    def fit(epochs: int, ckpt_path=None, saving: list = ()) -> UncertaintyWeighting:
+        torch.manual_seed(0)
+        callback = UncertaintyWeighting(lr=0.1, classification_tasks=tasks)
+        run = fits.trainer([callback, *saving], epochs, enable_checkpointing=bool(saving))
+        run.fit(ThreeTaskNet().double(), fits.loader(batches), ckpt_path=ckpt_path)
+        return callback
+
+    saving = ModelCheckpoint(tmp_path, "epoch0")
+    first = fit(1, saving=[saving])
+    checkpoint = torch.load(saving.best_model_path, weights_only=False)
+    as_given = first._generate_state_key(lr=0.1, classification_tasks=tasks)
+    checkpoint["callbacks"][as_given] = checkpoint["callbacks"].pop(first.state_key)
+    torch.save(checkpoint, tmp_path / "as_given.ckpt")
+
+    resumed = fit(2, ckpt_path=tmp_path / "as_given.ckpt")
+    fits.assert_nested_equal(resumed.state_dict(), fit(2).state_dict())
