@@ -204,10 +204,13 @@ class TaskLossReducer:
         invalid, and the local terms are rebuilt from their values DETACHED and masked out, so
         that no gradient, not even a zero one times an infinite derivative, flows back through
         them."""
+        flags = drop.tolist()
         kept = {
             name: MaskedLoss(loss.values.detach(), torch.zeros_like(loss.mask)) if dropped else loss
-            for (name, loss), dropped in zip(masked_losses.items(), drop.tolist(), strict=True)
+            for (name, loss), dropped in zip(masked_losses.items(), flags, strict=True)
         }
+        if isinstance(masked_losses, StackedLosses):  # the kept tasks share a node with them
+            masked_losses.stop_gradients({task for task, dropped in enumerate(flags) if dropped})
         task_sums = self._task_sums(kept) if step.task_terms is not None else None
         numerators, _ = self._local_statistics(kept, task_sums)
         dropped = drop.to(step.counts.device)

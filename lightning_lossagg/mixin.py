@@ -390,8 +390,10 @@ class MultiTaskMixin:
             return {
                 n: t.per_sample_loss(n, predictions[n], targets[n]) for n, t in self.tasks.items()
             }
-        stacked = [(group.rows, group.loss(predictions, targets)) for group in groups]
-        return StackedLosses(self._reducer.names, stacked)
+        losses = [group.loss(predictions, targets) for group in groups]
+        stacked = [(group.rows, loss) for group, (loss, _) in zip(groups, losses, strict=True)]
+        inputs = [stacked_predictions for _, stacked_predictions in losses]
+        return StackedLosses(self._reducer.names, stacked, inputs)
 
     def _stacking_groups(
         self, predictions: Mapping[str, Tensor], targets: Mapping[str, Tensor]
@@ -699,16 +701,20 @@ class _StackedGroup(NamedTuple):
         group = tuple(names[row] for row in rows)
         return cls(rows, group, ", ".join(group), tasks[group[0]], itemgetter(*group))
 
-    def loss(self, predictions: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> MaskedLoss:
-        """The group's per-sample losses as one ``[G, ...]`` MaskedLoss."""
+    def loss(
+        self, predictions: Mapping[str, Tensor], targets: Mapping[str, Tensor]
+    ) -> tuple[MaskedLoss, Tensor | None]:
+        """The group's per-sample losses as one ``[G, ...]`` MaskedLoss, and the stacked
+        predictions they were computed from (``None`` for a group of one task)."""
         if len(self.names) == 1:  # pick returns the task's value itself
             prediction, target = self.pick(predictions), self.pick(targets)
             loss = values, mask = self.task.per_sample_loss(self.label, prediction, target)
-            return type(loss)(values.unsqueeze(0), mask.unsqueeze(0))
+            return type(loss)(values.unsqueeze(0), mask.unsqueeze(0)), None
         stacked_predictions = torch.stack(self.pick(predictions))
         stacked_targets = torch.stack(self.pick(targets))
         # Stacked tasks passed check_target in _stacking_groups, for this layout of the batch.
-        return self.task.checked_per_sample_loss(self.label, stacked_predictions, stacked_targets)
+        loss = self.task.checked_per_sample_loss(self.label, stacked_predictions, stacked_targets)
+        return loss, stacked_predictions
 
 
 # The mixin's entry in a checkpoint (beside the state_dict): see on_save_checkpoint.

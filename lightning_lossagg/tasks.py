@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property, partial
 from typing import Literal, NamedTuple
@@ -90,11 +90,31 @@ class StackedLosses(Mapping[str, MaskedLoss]):
     """Per-sample losses of several tasks, computed a group at a time.
 
     ``groups`` holds ``(task indices, MaskedLoss of shape [G, ...])``; a group's first dimension
-    runs over its tasks. Reading one task returns a view of its group.
+    runs over its tasks. Reading one task returns a view of its group. ``predictions`` holds each
+    group's stacked predictions, the input of its loss (``None`` for a group of one task).
     """
 
-    def __init__(self, names: tuple[str, ...], groups: list[tuple[list[int], MaskedLoss]]):
+    def __init__(
+        self,
+        names: tuple[str, ...],
+        groups: list[tuple[list[int], MaskedLoss]],
+        predictions: list[Tensor | None] | None = None,
+    ):
         self.names, self.groups = names, groups
+        self.predictions = predictions if predictions is not None else [None] * len(groups)
+
+    def stop_gradients(self, tasks: Collection[int]) -> None:
+        """Pass no gradient back through the rows of the task indices ``tasks``: a task left out
+        of the step passes 0 times its loss's derivative, which is NaN at an infinite value
+        (0 · ∞), back into the stacked predictions of its whole group. Zeroed there."""
+        for (rows, _), predictions in zip(self.groups, self.predictions, strict=True):
+            cut = [position for position, task in enumerate(rows) if task in tasks]
+            if not cut or predictions is None or not predictions.requires_grad:
+                continue
+            keep = torch.ones(len(rows), dtype=torch.bool, device=predictions.device)
+            keep[cut] = False
+            keep = keep.view(-1, *(1,) * (predictions.ndim - 1))
+            predictions.register_hook(partial(torch.where, keep, other=0.0))
 
     @cached_property
     def _where(self) -> dict[int, tuple[int, int]]:

@@ -406,3 +406,31 @@ def test_a_gradient_method_raises_the_nonfinite_error_before_its_solver_sees_the
     trainer = quiet_trainer(1, callbacks=[method()])
     with pytest.raises(NonFiniteLossError, match="global step 0: task 'price' on rank"):
         trainer.fit(ThreeTaskNet().double(), DataLoader([batch], batch_size=None))
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+@pytest.mark.parametrize("sold_loss", ["bce_with_logits", "mse"], ids=["alone", "stacked"])
+def test_a_dropped_task_trains_the_others_as_a_batch_without_its_labels(sold_loss, accumulate):
+    """One process; with sold_loss="mse" price shares one stacked loss node with sold, whose
+    backward would pass 0 · ∞ = NaN to the trunk through price's row."""
+
+    def fit(price_at_bad_step: float) -> ThreeTaskNet:
+        batches = [make_batch(6, seed=step) for step in range(2)]
+        batches[0][1]["price"][1] = price_at_bad_step
+        if price_at_bad_step != torch.inf:  # the reference: no price label in that batch
+            batches[0][1]["price"][:] = torch.nan
+        torch.manual_seed(0)
+        model = ThreeTaskNet(sold_loss=sold_loss).double()
+        model.nonfinite = "drop_task"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the dropped step's warning
+            trainer = quiet_trainer(1, steps=2 // accumulate, accumulate_grad_batches=accumulate)
+            trainer.fit(model, DataLoader(batches, batch_size=None))
+        return model
+
+    dropped, reference = fit(torch.inf), fit(torch.nan)
+    assert dropped.skipped_steps == 1
+    for (name, parameter), expected in zip(
+        dropped.named_parameters(), reference.parameters(), strict=True
+    ):
+        torch.testing.assert_close(parameter, expected, rtol=1e-12, atol=1e-14, msg=name)
