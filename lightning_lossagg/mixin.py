@@ -118,7 +118,11 @@ class MultiTaskMixin:
         self.last_nonfinite_tasks: tuple[str, ...] = ()
         self._consecutive_skips = 0
         self._skip_optimizer_step = False
-        self._skip_taken = False  # an optimizer step has skipped: the next batch clears the flag
+        # Settled per optimizer step, however many micro-batches or optimizers it has: whether
+        # one of its batches had a non-finite loss, and whether it is over (the next batch
+        # starts a new one).
+        self._step_nonfinite = False
+        self._optimizer_stepped = False
         self.tasks = _as_tasks(tasks)
         self.rank_weighting = rank_weighting
         self._reducer = TaskLossReducer(self.tasks, rank_weighting)
@@ -437,8 +441,8 @@ class MultiTaskMixin:
 
     # ----------------------------------------------------------------------------- the steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        if self._skip_taken:  # the skipped step is over: this batch starts a new one
-            self._skip_optimizer_step = self._skip_taken = False
+        if self._optimizer_stepped:  # the optimizer step is over: this batch starts a new one
+            self._skip_optimizer_step = self._step_nonfinite = self._optimizer_stepped = False
         output = self.task_losses(batch)
         masked = output if isinstance(output, StackedLosses) else self._checked_losses(output)
         separate = self._weighting is not None and self._keeps_task_terms_apart
@@ -449,15 +453,13 @@ class MultiTaskMixin:
         else:
             bitsets = step.nonfinite_ranks.cpu()
             if bitsets.any():
-                self._count_nonfinite_step(bitsets)
+                self._count_nonfinite_batch(bitsets)
                 if self.nonfinite == "skip":
                     self.loss_record = self.shared_representation = None
                     self._skip_optimizer_step = True
                     return self._zero_objective()
                 step = self._reducer.drop_tasks(step, masked, bitsets > 0)
                 dropped = True
-            else:
-                self._consecutive_skips = 0
         if torch.is_autocast_enabled(device := step.local_terms.device.type):
             # The weighting's arithmetic in the losses' dtype: a Gramian's products (or a large
             # weighted sum) in float16 overflow, and a method's weights silently fall back to 1.
@@ -510,12 +512,16 @@ class MultiTaskMixin:
         parameters = [p for p in self.parameters() if p.requires_grad]  # type: ignore[attr-defined]
         return torch.stack([p.sum() for p in parameters]).sum() * 0.0
 
-    def _count_nonfinite_step(self, bitsets: Tensor) -> None:
+    def _count_nonfinite_batch(self, bitsets: Tensor) -> None:
+        """Warn of a batch with a non-finite loss, and count its optimizer step (once, whatever
+        the number of its micro-batches that had one)."""
         bad = [(n, b) for n, b in zip(self.task_names, bitsets.tolist(), strict=True) if b]
         message = _nonfinite_message(bad, self.global_step)  # type: ignore[attr-defined]
         self.last_nonfinite_tasks = tuple(name for name, _ in bad)
-        self.skipped_steps += 1
-        self._consecutive_skips += 1
+        if not self._step_nonfinite:
+            self._step_nonfinite = True
+            self.skipped_steps += 1
+            self._consecutive_skips += 1
         limit = self.max_consecutive_skips
         if limit is not None and self._consecutive_skips >= limit:
             raise NonFiniteLossError(
@@ -661,12 +667,14 @@ class MultiTaskMixin:
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         super().on_before_optimizer_step(optimizer)  # type: ignore[misc]
+        self._optimizer_stepped = True
+        if not self._step_nonfinite:
+            self._consecutive_skips = 0  # a step whose every loss was finite ends the run
         if self._skip_optimizer_step:
             # Parameters without a gradient are left alone by torch's optimizers (no update, no
             # momentum or Adam state change). With gradient accumulation the whole step is skipped;
             # under manual optimization every optimizer the batch steps is (the flag holds until
             # the next batch's training_step).
-            self._skip_taken = True
             for group in optimizer.param_groups:
                 for parameter in group["params"]:
                     parameter.grad = None

@@ -224,6 +224,34 @@ def test_skips_apart_do_not_add_up_to_a_run():
     assert trainer.global_step == len(batches) and model.skipped_steps == 2
 
 
+@pytest.mark.parametrize("policy", ["skip", "drop_task"])
+def test_skips_are_counted_per_optimizer_step_under_accumulation(policy):
+    """Steps of 2 micro-batches, the first of each non-finite: every optimizer step is such a
+    step, so the third raises (the second micro-batch's finite loss does not end the run). A
+    step whose every micro-batch was non-finite counts once."""
+    batches = [make_batch(4, seed=s, dtype=torch.float32) for s in range(12)]
+    for bad in range(0, 12, 2):
+        batches[bad][1]["price"][0] = torch.inf
+    model = ThreeTaskNet()
+    model.nonfinite, model.max_consecutive_skips = policy, 3
+    trainer = quiet_trainer(1, steps=6, precision="32-true", accumulate_grad_batches=2)
+    with warnings.catch_warnings(), pytest.raises(NonFiniteLossError, match="3 consecutive"):
+        warnings.simplefilter("ignore")
+        trainer.fit(model, DataLoader(batches, batch_size=None))
+    assert trainer.global_step == 2 and model.skipped_steps == 3
+
+    batches = [make_batch(4, seed=s, dtype=torch.float32) for s in range(8)]
+    for bad in range(4):  # the whole first step
+        batches[bad][1]["price"][0] = torch.inf
+    model = ThreeTaskNet()
+    model.nonfinite, model.max_consecutive_skips = policy, 2
+    trainer = quiet_trainer(1, steps=2, precision="32-true", accumulate_grad_batches=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, DataLoader(batches, batch_size=None))
+    assert trainer.global_step == 2 and model.skipped_steps == 1
+
+
 def test_a_skipped_step_leaves_adams_parameters_alone_and_the_next_step_trains():
     class AdamNet(ThreeTaskNet):
         def configure_optimizers(self):
