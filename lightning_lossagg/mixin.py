@@ -143,6 +143,10 @@ class MultiTaskMixin:
         # tasks, folded in at the next step (a gradient method fills its weights in backward).
         self._latest_weights: Tensor | None = None
         self._step_weights: tuple[Tensor, Tensor] | None = None
+        # The evaluation weights before this optimizer step's first weights: a skipped step
+        # (under accumulation, after finite micro-batches) goes back to them.
+        self._weights_before_step: Tensor | None = None
+        self._step_kept_weights = False
         # The host reads of the non-finite flags of the steps since the last optimizer step.
         self._unchecked_nonfinite: list[Callable[[], list[float]]] = []
         self.shared_representation: SharedRepresentation | None = None
@@ -443,6 +447,7 @@ class MultiTaskMixin:
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         if self._optimizer_stepped:  # the optimizer step is over: this batch starts a new one
             self._skip_optimizer_step = self._step_nonfinite = self._optimizer_stepped = False
+            self._step_kept_weights = False
         output = self.task_losses(batch)
         masked = output if isinstance(output, StackedLosses) else self._checked_losses(output)
         separate = self._weighting is not None and self._keeps_task_terms_apart
@@ -562,6 +567,9 @@ class MultiTaskMixin:
         before, whose weights are final by now)."""
         if self._step_weights is not None:
             self._fold_step_weights()
+        if not self._step_kept_weights:
+            _set_plain(self, "_step_kept_weights", True)
+            _set_plain(self, "_weights_before_step", self._latest_weights)
         _set_plain(self, "_step_weights", (weights, valid))
 
     def _fold_step_weights(self) -> Tensor | None:
@@ -607,6 +615,7 @@ class MultiTaskMixin:
         self._weighting = methods[0] if methods else None
         if stage == "fit":  # a checkpoint the fit resumes from restores them after setup
             self._latest_weights = self._step_weights = None
+            self._step_kept_weights = False
         # The strategy has set up its processes: whether they are several is fixed for the fit.
         self._reducer.across_ranks = distributed.is_distributed()
         self._task_heads, self._heads_apart, self._linear_heads = None, None, None
@@ -674,7 +683,11 @@ class MultiTaskMixin:
             # Parameters without a gradient are left alone by torch's optimizers (no update, no
             # momentum or Adam state change). With gradient accumulation the whole step is skipped;
             # under manual optimization every optimizer the batch steps is (the flag holds until
-            # the next batch's training_step).
+            # the next batch's training_step). Nor do its micro-batches' weights evaluate.
+            if self._step_kept_weights:
+                self._step_kept_weights = False
+                _set_plain(self, "_latest_weights", self._weights_before_step)
+                _set_plain(self, "_step_weights", None)
             for group in optimizer.param_groups:
                 for parameter in group["params"]:
                     parameter.grad = None

@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_lossagg import NonFiniteLossError, callbacks
@@ -250,6 +251,26 @@ def test_skips_are_counted_per_optimizer_step_under_accumulation(policy):
         warnings.simplefilter("ignore")
         trainer.fit(model, DataLoader(batches, batch_size=None))
     assert trainer.global_step == 2 and model.skipped_steps == 1
+
+
+def test_a_skipped_accumulated_step_leaves_the_evaluation_weights_of_the_step_before():
+    """Its first micro-batch was finite and weighed (RLW draws new weights every step), its
+    second was not: validation weighs as after the step before, as if it had never run."""
+
+    def evaluation_weights(steps: int) -> Tensor:
+        batches = [make_batch(6, seed=s) for s in range(4)]
+        batches[3][1]["price"][1] = torch.inf  # the second step's second micro-batch
+        model = ThreeTaskNet().double()
+        model.nonfinite = "skip"
+        trainer = quiet_trainer(1, steps, callbacks=[callbacks.RLW()], accumulate_grad_batches=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(model, DataLoader(batches[: 2 * steps], batch_size=None))
+        assert model.skipped_steps == steps - 1
+        trainer.validate(model, one_batch_loader(make_batch(5, seed=9)), verbose=False)
+        return model.loss_record.weights
+
+    torch.testing.assert_close(evaluation_weights(2), evaluation_weights(1), rtol=0, atol=0)
 
 
 def test_a_skipped_step_leaves_adams_parameters_alone_and_the_next_step_trains():
