@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_lossagg.cli import build_cli
 from lightning_lossagg.demos import PenguinsNet
@@ -63,22 +64,25 @@ def test_a_second_run_with_the_same_config_overwrites_its_saved_config(tmp_path)
     assert "limit_val_batches: 2" in saved[0].read_text()
 
 
-def test_ckpt_path_last_resumes_the_previous_run_of_a_config(tmp_path):
+def test_ckpt_path_last_resumes_the_previous_run_of_a_config_from_its_end(tmp_path):
     # The W&B logger gives each run a folder of its own: the configs keep the checkpoints in
-    # one folder, so that `--ckpt_path last` finds the previous run's.
+    # one folder, so that `--ckpt_path last` finds the previous run's. With a learning rate of 0
+    # the monitored loss never improves after the first epoch: last.ckpt must still be the end.
     args = [
         f"--config={CONFIGS / 'penguins.yaml'}",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'runs' / 'penguins'}",
         "--trainer.limit_train_batches=2",
         "--trainer.limit_val_batches=1",
     ]
-    first = build_cli(["fit", *args, "--trainer.max_epochs=1"])
+    first = build_cli(["fit", *args, "--trainer.max_epochs=2", "--model.init_args.lr=0.0"])
     first.trainer.logger.experiment.finish()
-    second = build_cli(["fit", *args, "--trainer.max_epochs=2", "--ckpt_path=last"])
+    last = torch.load(tmp_path / "runs/penguins/checkpoints/last.ckpt", weights_only=False)
+    assert last["global_step"] == 4  # not the best epoch's 2
+    second = build_cli(["fit", *args, "--trainer.max_epochs=3", "--ckpt_path=last"])
     second.trainer.logger.experiment.finish()
     assert second.trainer.ckpt_path is not None
     assert Path(second.trainer.ckpt_path).name == "last.ckpt"
-    assert second.trainer.global_step == 4
+    assert second.trainer.global_step == 6  # one more epoch
 
 
 def test_lossagg_predicts_with_the_demo(tmp_path):
