@@ -25,9 +25,13 @@ class Trajectory:
         self._host: list[Tensor] = []
 
     def add(self, step: int, record: LossRecord) -> None:
-        """Keep ``record``'s losses and weights as the values at training step ``step``."""
+        """Keep ``record``'s losses and weights as the values at training step ``step``; a task
+        without a valid sample there has neither (NaN: a gap in the chart and the plot, as in
+        the per-step keys; its record's weight of 0 only keeps it out of the objective)."""
         self.steps.append(step)
-        self._pending.append(torch.stack([record.losses, record.weights.to(record.losses.dtype)]))
+        losses = record.losses
+        weights = torch.where(record.counts > 0, record.weights.to(losses.dtype), torch.nan)
+        self._pending.append(torch.stack([losses, weights]))
 
     def flush(self) -> None:
         """Move the values added since the last flush to the host."""

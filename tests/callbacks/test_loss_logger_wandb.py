@@ -206,6 +206,25 @@ def test_a_nonfinite_weight_is_a_gap_in_the_weights_chart():
     assert step == 3 and charted == expected
 
 
+def test_a_task_without_a_valid_sample_is_a_gap_in_the_weights_chart_and_plot():
+    """Its record's weight is 0 there (nothing of it in the objective); the per-step keys log no
+    point for it, and neither do the chart and the plot: a drop to 0 never happened."""
+    trajectory = Trajectory()
+    for step, counts in enumerate(([3.0, 2.0], [0.0, 2.0], [3.0, 2.0])):
+        weights = torch.tensor([0.0 if counts[0] == 0 else 1.5, 0.5])
+        record = LossRecord("train", ("a", "b"), torch.ones(2), weights, torch.tensor(counts))
+        trajectory.add(step, record)
+    trajectory.flush()
+    _, plotted = trajectory.values()
+    assert plotted[:, 0].tolist()[::2] == [1.5, 1.5] and math.isnan(plotted[1, 0])
+    logged = []
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append(metrics))
+    log_end_of_fit(logger, 3, trajectory, ("a", "b"), image=None)
+    rows = logged[0]["lossagg/weights"].table.data
+    assert [value for _, task, value in rows if task == "a"] == [1.5, None, 1.5]
+    assert trajectory.summary_rows(("a", "b"))[0][-1] == 1.5
+
+
 def test_the_task_setup_holds_each_tasks_loss_weight_and_reduction():
     tasks = {"price": Task("mse", weight=0.5, reduction="sum"), "kind": Task("cross_entropy")}
     model = SimpleNamespace(tasks=tasks, rank_weighting="samples")
