@@ -446,8 +446,8 @@ class MultiTaskMixin:
     # ----------------------------------------------------------------------------- the steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         if self._optimizer_stepped:  # the optimizer step is over: this batch starts a new one
-            self._skip_optimizer_step = self._step_nonfinite = self._optimizer_stepped = False
-            self._step_kept_weights = False
+            for flag in _STEP_FLAGS:
+                _set_plain(self, flag, False)
         output = self.task_losses(batch)
         masked = output if isinstance(output, StackedLosses) else self._checked_losses(output)
         separate = self._weighting is not None and self._keeps_task_terms_apart
@@ -676,9 +676,9 @@ class MultiTaskMixin:
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         super().on_before_optimizer_step(optimizer)  # type: ignore[misc]
-        self._optimizer_stepped = True
-        if not self._step_nonfinite:
-            self._consecutive_skips = 0  # a step whose every loss was finite ends the run
+        _set_plain(self, "_optimizer_stepped", True)
+        if self._consecutive_skips and not self._step_nonfinite:
+            _set_plain(self, "_consecutive_skips", 0)  # a step whose every loss was finite
         if self._skip_optimizer_step:
             # Parameters without a gradient are left alone by torch's optimizers (no update, no
             # momentum or Adam state change). With gradient accumulation the whole step is skipped;
@@ -744,6 +744,15 @@ CHECKPOINT_KEY = "lossagg"
 # The steps write their per-step values (never a parameter, buffer or module) past
 # nn.Module.__setattr__, whose registration checks cost a few Python calls at every step.
 _set_plain = object.__setattr__
+
+# Flags of one optimizer step, however many batches and optimizers it has; cleared by the next
+# batch once it is over.
+_STEP_FLAGS = (
+    "_skip_optimizer_step",
+    "_step_nonfinite",
+    "_optimizer_stepped",
+    "_step_kept_weights",
+)
 
 
 def not_overridden(model: MultiTaskMixin, method: str) -> bool:
