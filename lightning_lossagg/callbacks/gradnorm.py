@@ -49,10 +49,13 @@ class GradNorm(GradientWeighting):
     :class:`GradientWeighting` builds it (one batched backward; exact under DDP with
     ``sync="gradients"``) but on the parameters of ``layer`` only: ``"last"`` (default, the
     paper's choice) is the last module, in registration order, holding shared parameters (all of
-    its shared parameters, bias included); ``"all"`` is every shared parameter (LibMTL's choice);
-    any other string names a submodule (``"trunk.2"``) whose shared parameters are used. With
-    ``rep_grad=True`` the norms are taken at the whole shared representation instead, and
-    ``layer`` is not used. A task takes part in an update from the first step in which it has a
+    its shared parameters, bias included; those that train, looked up again when they change, as
+    under ``BackboneFinetuning``); ``"all"`` is every shared parameter (LibMTL's choice); any
+    other string names a submodule (``"trunk.2"``) whose shared parameters are used. A step in
+    which ``layer`` has no parameter that trains (a frozen trunk) has nothing to measure: the
+    model follows ``Task.weight`` and :math:`w` does not move. With ``rep_grad=True`` the norms
+    are taken at the whole shared representation instead, and ``layer`` is not used. A task
+    takes part in an update from the first step in which it has a
     valid, finite loss (that loss is its :math:`L_k(0)`); in a step without one it keeps its
     weight before renormalisation and its Adam moments.
 
@@ -113,7 +116,8 @@ class GradNorm(GradientWeighting):
         self.layer = layer
         self._weights = _UnitWeights(self.lr)
         self._weights_used: Tensor | None = None  # behind the latest step's weights, for the logs
-        self._layer_module = ""
+        self._layer_module: str | None = None  # None: no module holds a shared parameter
+        self._layer_of: tuple[int, ...] | None = None  # the shared parameters "last" was found in
         self._initial_losses: Tensor | None = None
         self._gradient_sum: Tensor | None = None
         self._gradient_count: Tensor | None = None
@@ -128,8 +132,9 @@ class GradNorm(GradientWeighting):
         super().setup(trainer, pl_module, stage)
         task_names = require_multitask(self, pl_module)
         self._weights.set_num_tasks(len(task_names), type(self).__name__)
-        if not self.rep_grad and self.layer != "all":
+        if not self.rep_grad and self.layer not in ("all", "last"):
             self._layer_module = _resolve_layer(pl_module, self.layer)
+        self._layer_of = None  # "last" is looked up at the first step
 
     @override
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
@@ -137,8 +142,12 @@ class GradNorm(GradientWeighting):
         if self.rep_grad:
             gramian = self._representation_gramian(pl_module, step)
         else:
-            jacobian = task_jacobian(step, self._layer_parameters(pl_module))
-            _, gramian = self._synced_gramian(jacobian)
+            parameters = self._layer_parameters(pl_module)
+            if not parameters:  # a frozen trunk: nothing to measure, the model follows Task.weight
+                self._jacobian = self._gramian = pl_module.shared_representation = None
+                self._weights_used = torch.ones_like(step.losses)
+                return self._weights_used
+            _, gramian = self._synced_gramian(task_jacobian(step, parameters))
         self._gramian, self._gramian_valid = gramian.detach(), step.valid
         self._accumulate_gradient(weights.detach(), gramian.detach().diagonal(), step)
         self._weights_used = weights.detach().clone()  # the optimizer step rescales them in place
@@ -184,6 +193,10 @@ class GradNorm(GradientWeighting):
         if self.layer == "all":
             return shared
         shared_ids = {id(p) for p in shared}
+        if self.layer == "last" and self._layer_of != (key := tuple(map(id, shared))):
+            self._layer_of, self._layer_module = key, _last_layer(pl_module, shared_ids)
+        if self._layer_module is None:
+            return []
         module = pl_module.get_submodule(self._layer_module)
         return [p for p in module.parameters() if id(p) in shared_ids]
 
@@ -248,16 +261,25 @@ class _UnitWeights(TaskParameters):
         return {"values": torch.ones(self.num_tasks)}
 
 
-def _resolve_layer(pl_module: L.LightningModule, layer: str) -> str:
-    """The name of the submodule whose shared parameters GradNorm measures."""
-    shared_ids = {id(p) for p in pl_module.shared_parameters()}  # type: ignore[operator]
-    holders = [
+def _holders(pl_module: L.LightningModule, shared_ids: set[int]) -> list[str]:
+    """The submodules, in registration order, that hold some of ``shared_ids`` themselves."""
+    return [
         name
         for name, module in pl_module.named_modules()
         if any(id(p) in shared_ids for p in module.parameters(recurse=False))
     ]
-    if layer == "last":
-        return holders[-1]
+
+
+def _last_layer(pl_module: L.LightningModule, shared_ids: set[int]) -> str | None:
+    """The last submodule holding shared parameters that train (``None``: none trains)."""
+    holders = _holders(pl_module, shared_ids)
+    return holders[-1] if holders else None
+
+
+def _resolve_layer(pl_module: L.LightningModule, layer: str) -> str:
+    """The name of the submodule whose shared parameters GradNorm measures."""
+    shared_ids = {id(p) for p in pl_module.shared_parameters()}  # type: ignore[operator]
+    holders = _holders(pl_module, shared_ids)
     try:
         module = pl_module.get_submodule(layer)
     except AttributeError:

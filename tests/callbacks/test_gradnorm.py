@@ -23,7 +23,7 @@ from tests.callbacks._stateful_gradient import (
     initial_model,
     sgd_step,
 )
-from tests.models import make_batch, quiet_trainer
+from tests.models import TwoLayerTrunkNet, make_batch, quiet_trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -251,3 +251,41 @@ def test_bad_arguments_are_refused(kwargs, message):
 def test_a_layer_without_shared_parameters_is_refused_at_setup(layer):
     with pytest.raises(ValueError, match=f"no submodule '{layer}' with shared parameters"):
         fit(GradNorm(layer=layer), [make_batch(4, seed=0)])
+
+
+def _frozen(model: L.LightningModule, module: str, hook: str, method: GradNorm) -> GradNorm:
+    """``method`` after two steps of ``model`` whose ``module`` is frozen at ``hook``."""
+
+    def freeze(trainer, pl_module, *args, **kwargs) -> None:
+        pl_module.get_submodule(module).requires_grad_(False)
+
+    freezing = L.Callback()
+    setattr(freezing, hook, freeze)
+    batches = [make_batch(6, seed=1), make_batch(9, seed=2)]
+    trainer = quiet_trainer(1, steps=2, callbacks=[freezing, method])
+    trainer.fit(model, DataLoader(batches, batch_size=None))
+    return method
+
+
+@pytest.mark.parametrize("hook", ["setup", "on_fit_start"])  # built frozen; BackboneFinetuning
+@pytest.mark.parametrize("layer", ["last", "all"])
+def test_a_frozen_trunk_leaves_nothing_to_measure_and_the_weights_alone(layer, hook):
+    model = TwoLayerTrunkNet().double()
+    trunk = copy.deepcopy(model.trunk.state_dict())
+    method = _frozen(model, "trunk", hook, GradNorm(lr=LR, layer=layer))
+    assert model.loss_record.weights.tolist() == [2.0, 1.0, 1.0]  # Task.weight alone
+    assert method.state_dict()["weights"]["values"].tolist() == [1.0, 1.0, 1.0]
+    assert "grad_norm" not in method.state_to_log()
+    assert all(torch.equal(value, trunk[name]) for name, value in model.trunk.state_dict().items())
+
+
+def test_the_last_shared_layer_is_the_last_that_trains():
+    torch.manual_seed(0)
+    model = TwoLayerTrunkNet().double()
+    named = _frozen(
+        copy.deepcopy(model), "trunk.2", "on_fit_start", GradNorm(lr=LR, layer="trunk.0")
+    )
+    last = _frozen(model, "trunk.2", "on_fit_start", GradNorm(lr=LR, layer="last"))
+    assert torch.equal(
+        named.state_dict()["weights"]["values"], last.state_dict()["weights"]["values"]
+    )
