@@ -177,8 +177,7 @@ class Task:
             )
         if not isinstance(self.loss, str) and not callable(self.loss):
             raise TypeError(f"Task.loss must be a loss name or a callable, got {self.loss!r}.")
-        if not (isinstance(self.weight, int | float) and math.isfinite(self.weight)):
-            raise ValueError(f"Task.weight must be a finite number, got {self.weight!r}.")
+        object.__setattr__(self, "weight", _finite_weight(self.weight))
         if self.weight < 0:
             raise ValueError(f"Task.weight must be >= 0, got {self.weight}.")
         if self.reduction not in ("mean", "sum"):
@@ -192,6 +191,20 @@ class Task:
                 "Task.ignore_index must be an int, the class target that marks a missing label "
                 f"(default -100), got {self.ignore_index!r}."
             ) from None
+        if self.takes_float_targets and self.ignore_index != -100:
+            raise ValueError(
+                f"Task.ignore_index marks a missing class label; loss {self.loss!r} takes float "
+                "targets: mark missing labels with NaN instead (e.g. "
+                "`target[target == -1] = float('nan')`)."
+            )
+        theirs = getattr(self.loss, "keywords", {}).get("ignore_index")
+        if isinstance(self.loss, partial) and theirs is not None and theirs != self.ignore_index:
+            raise ValueError(
+                f"Task.loss has torch's ignore_index={theirs} in its partial, and "
+                f"Task.ignore_index={self.ignore_index} marks the missing labels: the library "
+                f"would count the labels {theirs} as present. Give Task(..., "
+                f"ignore_index={theirs})."
+            )
 
     @cached_property
     def loss_fn(self) -> PerSampleLossFn:
@@ -272,10 +285,17 @@ class Task:
                 else:
                     values = self._callable_on_classes(prediction, target, mask)
         except (RuntimeError, ValueError, IndexError) as error:
+            hint = ""
+            if not target.is_floating_point() and "out of bounds" in str(error):
+                hint = (
+                    f" Class targets are indices in [0, classes), and Task.ignore_index="
+                    f"{self.ignore_index} marks a missing label: if your data marks them "
+                    "otherwise (-1, say), give Task(..., ignore_index=-1)."
+                )
             raise ValueError(
                 f"Task {name!r}: loss {self.loss_name!r} failed on prediction of shape "
                 f"{tuple(prediction.shape)} ({prediction.dtype}) and target of shape "
-                f"{tuple(target.shape)} ({target.dtype}): {error}"
+                f"{tuple(target.shape)} ({target.dtype}): {error}{hint}"
             ) from error
         if values.shape != mask.shape or values.ndim == 0:
             mask = _mask_like(name, self, values, mask, classes=not target.is_floating_point())
@@ -331,14 +351,30 @@ class Task:
         """Refuse a target of the wrong dtype or size for a registry loss, naming the task."""
         if not isinstance(self.loss, str):
             return
-        if self.loss in CLASS_LOSSES and (target.is_floating_point() or target.dtype == torch.bool):
-            raise TypeError(
-                f"Task {name!r}: loss {self.loss!r} needs integer class targets, got "
-                f"{target.dtype}. Convert class indices with `.long()` and mark missing labels "
-                f"with ignore_index={self.ignore_index}; for soft labels (class probabilities), "
-                "give a function returning F.cross_entropy(logits, p, reduction='none') as "
-                "the loss."
-            )
+        if self.loss in CLASS_LOSSES:
+            if target.is_floating_point() or target.dtype == torch.bool:
+                raise TypeError(
+                    f"Task {name!r}: loss {self.loss!r} needs integer class targets, got "
+                    f"{target.dtype}. Convert class indices with `.long()` and mark missing "
+                    f"labels with ignore_index={self.ignore_index}; for soft labels (class "
+                    "probabilities), give a function returning F.cross_entropy(logits, p, "
+                    "reduction='none') as the loss."
+                )
+            if target.dtype not in (torch.long, torch.uint8):
+                raise TypeError(
+                    f"Task {name!r}: loss {self.loss!r} needs int64 class targets, got "
+                    f"{target.dtype}. Convert them with `.long()`."
+                )
+            if (
+                target.ndim == prediction.ndim >= 2
+                and target.shape[1] == 1
+                and prediction.shape[1] != 1
+            ):
+                raise ValueError(
+                    f"Task {name!r}: class targets of shape {tuple(target.shape)} for logits "
+                    f"of shape {tuple(prediction.shape)}: give one class index per sample, "
+                    "without the class dimension (`target.squeeze(1)`)."
+                )
         if self.loss in FLOAT_LOSSES:
             if not target.is_floating_point():
                 raise TypeError(
@@ -352,6 +388,48 @@ class Task:
                     "a target of the prediction's shape; only dimensions of size 1 may differ "
                     "([B] against [B, 1], [B, H, W] against [B, 1, H, W])."
                 )
+            if self.loss == "bce_with_logits":
+                self._check_probabilities(name, target)
+
+    def _check_probabilities(self, name: str, target: Tensor) -> None:
+        """Refuse targets outside [0, 1] for ``bce_with_logits`` (whose loss would fall without
+        bound instead of failing), read on the host at the first batch of a layout."""
+        layout = (target.shape, target.dtype, target.device)
+        if layout in self._checked_layouts:
+            return
+        labelled = target[target.isfinite()]  # NaN: missing; ±inf: the nonfinite policy's
+        low, high = labelled.aminmax() if labelled.numel() else (target.new_zeros(()),) * 2
+        if low < 0 or high > 1:
+            raise ValueError(
+                f"Task {name!r}: loss 'bce_with_logits' needs targets in [0, 1] (0/1 labels or "
+                f"probabilities), got values from {low.item():g} to {high.item():g}. Scale them "
+                "(a 0/255 mask: `target / 255`), use 'cross_entropy' for more than two classes, "
+                "and mark missing labels with NaN."
+            )
+        self._checked_layouts.add(layout)
+
+    @cached_property
+    def _checked_layouts(self) -> set[tuple[object, ...]]:
+        return set()
+
+
+def _finite_weight(weight: object) -> float:
+    """``Task.weight`` as a float: any finite real number (a NumPy or 0-d torch scalar too)."""
+    if isinstance(weight, Tensor) and weight.numel() > 1:
+        raise ValueError(
+            f"Task.weight is the task's static weight, one number; got a tensor of shape "
+            f"{tuple(weight.shape)}. For class weights, give them to the loss: "
+            "Task(partial(F.cross_entropy, weight=class_weights, reduction='none'))."
+        )
+    try:
+        if isinstance(weight, bool | str):
+            raise TypeError
+        value = float(weight)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"Task.weight must be a finite number, got {weight!r}.")
+    return value
 
 
 def _shapes_pair(prediction: torch.Size, target: torch.Size) -> bool:

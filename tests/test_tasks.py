@@ -1,3 +1,5 @@
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -66,7 +68,8 @@ def test_a_zero_masked_loss_is_exactly_zero_with_no_gradient_at_missing_labels(n
     else:
         target = torch.rand(10, 3, generator=generator)
         target[::3, 1:] = torch.nan
-    loss = Task(name, ignore_index=-7).per_sample_loss("t", prediction, target)
+    task = Task(name, ignore_index=-7) if is_class else Task(name)
+    loss = task.per_sample_loss("t", prediction, target)
     assert isinstance(loss, ZeroMaskedLoss)
     missing = ~loss.mask
     assert missing.sum() == (4 if is_class else 8)
@@ -333,3 +336,59 @@ def test_a_callable_loss_of_another_shape_than_its_target_is_refused():
     task = Task(one_value_too_few)
     with pytest.raises(ValueError, match=r"Task 'xy'.*returned values of shape \(5,\)"):
         task.per_sample_loss("xy", torch.randn(2, 3), torch.randn(2, 3))
+
+
+@pytest.mark.parametrize(
+    ("task", "prediction", "target", "message"),
+    [
+        # 0/255 masks, labels {0, 1, 2}: bce_with_logits would train on, its loss unbounded.
+        (Task("bce_with_logits"), torch.randn(4), torch.tensor([0.0, 255, 0, 255]), r"\[0, 1\]"),
+        (Task("bce_with_logits"), torch.randn(3), torch.tensor([0.0, 1, 2]), r"/ 255"),
+        (Task("cross_entropy"), torch.randn(4, 3), torch.ones(4, dtype=torch.int32), r"\.long\(\)"),
+        (Task("cross_entropy"), torch.randn(4, 3), torch.ones(4, 1, dtype=torch.long), "squeeze"),
+        (Task("cross_entropy"), torch.randn(4, 3), torch.tensor([0, -1, 2, 1]), "ignore_index=-1"),
+    ],
+    ids=["bce-0-255", "bce-0-1-2", "int32-classes", "classes-N-1", "missing-as-minus-one"],
+)
+def test_common_target_mistakes_name_the_task_and_the_fix(task, prediction, target, message):
+    with pytest.raises((ValueError, TypeError), match=message) as info:
+        task.per_sample_loss("kind", prediction, target)
+    assert "'kind'" in str(info.value)
+
+
+def test_bce_with_logits_takes_probabilities_and_nan_as_a_missing_label():
+    target = torch.tensor([0.0, 0.3, 1.0, torch.nan])
+    values, mask = Task("bce_with_logits").per_sample_loss("sold", torch.zeros(4), target)
+    assert mask.tolist() == [True, True, True, False] and values[:3].isfinite().all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        # ignore_index marks missing class labels; a float task's are NaN.
+        ({"loss": "mse", "ignore_index": -1}, "mark missing labels with NaN"),
+        ({"loss": "bce_with_logits", "ignore_index": -1}, "mark missing labels with NaN"),
+        # torch's ignore_index in a partial: the library would count those labels as present.
+        (
+            {"loss": partial(F.cross_entropy, ignore_index=255, reduction="none")},
+            r"ignore_index=255.*Task\(.*ignore_index=255\)",
+        ),
+        ({"loss": "mse", "weight": torch.ones(3)}, "class weights.*partial"),
+        ({"loss": "mse", "weight": True}, "finite number"),
+    ],
+    ids=["mse", "bce_with_logits", "partial", "class-weights", "bool"],
+)
+def test_task_arguments_that_would_train_on_something_else_are_refused(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        Task(**kwargs)
+
+
+def test_torchs_ignore_index_in_a_partial_is_taken_when_the_tasks_is_the_same():
+    loss = partial(F.cross_entropy, ignore_index=255, reduction="none")
+    assert Task(loss, ignore_index=255).ignore_index == 255
+
+
+@pytest.mark.parametrize("weight", [np.float32(2.0), torch.tensor(2.0), 2])
+def test_a_real_weight_of_any_kind_is_kept_as_a_float(weight):
+    task = Task("mse", weight=weight)
+    assert task.weight == 2.0 and type(task.weight) is float
