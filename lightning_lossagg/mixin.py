@@ -193,9 +193,15 @@ class MultiTaskMixin:
         """
         is_pair = isinstance(batch, (list, tuple)) and len(batch) == 2
         if not (is_pair and isinstance(batch[1], dict)):
+            if is_pair:
+                got = f"a pair whose targets are a {type(batch[1]).__name__}, not a dict"
+            elif isinstance(batch, (list, tuple)):
+                got = f"a {type(batch).__name__} of {len(batch)} items"
+            else:
+                got = type(batch).__name__
             raise TypeError(
                 "The default task_losses expects batches (inputs, {task: target}), got "
-                f"{type(batch).__name__}. Yield such batches, or override task_losses(batch)."
+                f"{got}. Yield such batches, or override task_losses(batch)."
             )
         inputs, targets = batch
         return self.per_sample_losses(self.predict_tasks(inputs), targets)

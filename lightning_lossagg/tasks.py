@@ -177,6 +177,11 @@ class Task:
             )
         if not isinstance(self.loss, str) and not callable(self.loss):
             raise TypeError(f"Task.loss must be a loss name or a callable, got {self.loss!r}.")
+        if isinstance(self.loss, type):
+            raise TypeError(
+                f"Task.loss is the class {self.loss.__name__}; give an instance that returns "
+                f"per-sample losses, e.g. {self.loss.__name__}(reduction='none')."
+            )
         object.__setattr__(self, "weight", _finite_weight(self.weight))
         if self.weight < 0:
             raise ValueError(f"Task.weight must be >= 0, got {self.weight}.")
@@ -251,7 +256,9 @@ class Task:
         """:meth:`per_sample_loss` of tensors that passed :meth:`check_target` (the mixin checks
         a layout of the batch once, not at every step)."""
         if self.takes_float_targets:
-            if target.shape != prediction.shape:  # dimensions of size 1 added or dropped
+            if prediction.ndim == 0:  # a batch of one squeezed to a scalar: one sample still
+                prediction = prediction.reshape(target.shape)
+            elif target.shape != prediction.shape:  # dimensions of size 1 added or dropped
                 target = target.reshape(prediction.shape)
             # In the prediction's dtype, at least float32: labels never rounded to half precision.
             dtype = torch.promote_types(prediction.dtype, torch.float32)
@@ -275,7 +282,7 @@ class Task:
                     if rule == "times_mask":
                         values = values * mask
                     elif (layout := (prediction.ndim, target.ndim)) not in self._value_ndims:
-                        self._value_ndims[layout] = values.ndim
+                        self._value_ndims[layout] = _tensor_values(name, self, values).ndim
                         if _reduces_samples(values.ndim, target.shape):
                             _warn_if_partly_labelled(name, self, mask, values.ndim)
             else:
@@ -283,7 +290,7 @@ class Task:
                 if rule == "times_mask":  # class 0 at a missing label, its loss times 0
                     values = self.loss_fn(prediction, torch.where(mask, target, 0)) * mask
                 else:
-                    values = self._callable_on_classes(prediction, target, mask)
+                    values = self._callable_on_classes(name, prediction, target, mask)
         except (RuntimeError, ValueError, IndexError) as error:
             hint = ""
             if not target.is_floating_point() and "out of bounds" in str(error):
@@ -297,7 +304,7 @@ class Task:
                 f"{tuple(prediction.shape)} ({prediction.dtype}) and target of shape "
                 f"{tuple(target.shape)} ({target.dtype}): {error}{hint}"
             ) from error
-        if values.shape != mask.shape or values.ndim == 0:
+        if _tensor_values(name, self, values).shape != mask.shape or values.ndim == 0:
             mask = _mask_like(name, self, values, mask, classes=not target.is_floating_point())
         return ZeroMaskedLoss(values, mask) if self.zero_where_missing else MaskedLoss(values, mask)
 
@@ -307,7 +314,9 @@ class Task:
         at its first call on that layout."""
         return {}
 
-    def _callable_on_classes(self, prediction: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    def _callable_on_classes(
+        self, name: str, prediction: Tensor, target: Tensor, mask: Tensor
+    ) -> Tensor:
         """A callable's values on class targets. One value per label: computed on class 0 at a
         missing label (masked out after). One value per sample of several labels (a class map
         reduced per image): on the maps as they are, ``ignore_index`` included, which the
@@ -318,7 +327,7 @@ class Task:
         ndim = self._value_ndims.get(layout)
         if ndim is None:
             values = self.loss_fn(prediction, target.masked_fill(~mask, 0))
-            ndim = self._value_ndims[layout] = values.ndim
+            ndim = self._value_ndims[layout] = _tensor_values(name, self, values).ndim
             if not _reduces_samples(ndim, target.shape):
                 return values
             del values  # the second call must not hold the first one's graph too
@@ -411,6 +420,16 @@ class Task:
     @cached_property
     def _checked_layouts(self) -> set[tuple[object, ...]]:
         return set()
+
+
+def _tensor_values(name: str, task: Task, values: object) -> Tensor:
+    """``values`` of a loss callable, refused unless a tensor, naming the task."""
+    if not isinstance(values, Tensor):
+        raise TypeError(
+            f"Task {name!r}: loss {task.loss_name!r} returned a {type(values).__name__}; it must "
+            "return a tensor of per-sample losses (torch's losses with reduction='none')."
+        )
+    return values
 
 
 def _finite_weight(weight: object) -> float:

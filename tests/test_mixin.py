@@ -172,9 +172,18 @@ def test_a_forward_missing_a_task_or_naming_another_is_told_what_forward_must_re
     assert "label" not in str(info.value)  # the targets' advice does not apply to predictions
 
 
-def test_a_batch_of_another_layout_asks_to_override_task_losses():
-    with pytest.raises(TypeError, match="override task_losses"):
-        ThreeTaskNet().training_step({"x": torch.zeros(2)}, 0)
+@pytest.mark.parametrize(
+    ("batch", "message"),
+    [
+        ({"x": torch.zeros(2)}, "got dict"),
+        ((torch.zeros(2, 5), torch.zeros(2)), "a pair whose targets are a Tensor, not a dict"),
+        ((torch.zeros(2, 5), torch.zeros(2), torch.zeros(2)), "3 items"),
+    ],
+    ids=["dict", "pair-of-tensors", "triple"],
+)
+def test_a_batch_of_another_layout_says_what_it_is_and_asks_to_override_task_losses(batch, message):
+    with pytest.raises(TypeError, match=rf"{message}.*override task_losses"):
+        ThreeTaskNet().training_step(batch, 0)
 
 
 def test_task_losses_can_be_overridden_with_per_sample_values_and_masks():

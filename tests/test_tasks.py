@@ -392,3 +392,28 @@ def test_torchs_ignore_index_in_a_partial_is_taken_when_the_tasks_is_the_same():
 def test_a_real_weight_of_any_kind_is_kept_as_a_float(weight):
     task = Task("mse", weight=weight)
     assert task.weight == 2.0 and type(task.weight) is float
+
+
+def test_a_prediction_squeezed_to_a_scalar_is_a_batch_of_one():
+    """`.squeeze()` in a forward makes a last batch of one sample 0-d: still one sample."""
+    prediction, target = torch.tensor(0.5, requires_grad=True), torch.tensor([2.0])
+    values, mask = Task("mse").per_sample_loss("price", prediction, target)
+    assert values.tolist() == [2.25] and mask.tolist() == [True]
+
+
+@pytest.mark.parametrize(
+    ("loss", "message"),
+    [
+        (lambda p, t: (F.mse_loss(p, t, reduction="none"), 0.0), "returned a tuple"),
+        (lambda p, t: 1.0, "returned a float"),
+    ],
+    ids=["tuple", "float"],
+)
+def test_a_callable_that_returns_no_tensor_names_the_task(loss, message):
+    with pytest.raises(TypeError, match=rf"Task 'price'.*{message}.*per-sample losses"):
+        Task(loss).per_sample_loss("price", torch.randn(4), torch.randn(4))
+
+
+def test_a_loss_class_instead_of_an_instance_is_refused_with_the_fix():
+    with pytest.raises(TypeError, match=r"an instance.*CrossEntropyLoss\(reduction='none'\)"):
+        Task(torch.nn.CrossEntropyLoss)

@@ -51,8 +51,10 @@ class UncertaintyWeighting(LearnedScalesWeighting):
 
     def __init__(self, lr: float = 1e-2, classification_tasks: Sequence[str] = ()) -> None:
         super().__init__(lr)
-        if isinstance(classification_tasks, str) or not all(
-            isinstance(name, str) for name in classification_tasks
+        if (
+            isinstance(classification_tasks, str)
+            or not isinstance(classification_tasks, Sequence)
+            or not all(isinstance(name, str) for name in classification_tasks)
         ):
             raise ValueError(
                 "`classification_tasks` must be a list of task names, e.g. ['species']; got "

@@ -26,7 +26,7 @@ def test_a_bad_learning_rate_is_refused(lr):
         UncertaintyWeighting(lr=lr)
 
 
-@pytest.mark.parametrize("tasks", ["kind", [1]])
+@pytest.mark.parametrize("tasks", ["kind", [1], None, 3])
 def test_classification_tasks_must_be_a_list_of_names(tasks):
     with pytest.raises(ValueError, match="`classification_tasks` must be a list of task names"):
         UncertaintyWeighting(classification_tasks=tasks)
