@@ -147,6 +147,7 @@ class MultiTaskMixin:
         # (under accumulation, after finite micro-batches) goes back to them.
         self._weights_before_step: Tensor | None = None
         self._step_kept_weights = False
+        self._gradients_checked = False  # whether each task's losses carry a gradient
         # The host reads of the non-finite flags of the steps since the last optimizer step.
         self._unchecked_nonfinite: list[Callable[[], list[float]]] = []
         self.shared_representation: SharedRepresentation | None = None
@@ -456,6 +457,9 @@ class MultiTaskMixin:
                 _set_plain(self, flag, False)
         output = self.task_losses(batch)
         masked = output if isinstance(output, StackedLosses) else self._checked_losses(output)
+        if not self._gradients_checked:  # the fit's first batch
+            _set_plain(self, "_gradients_checked", True)
+            _warn_of_losses_without_gradient(masked)
         separate = self._weighting is not None and self._keeps_task_terms_apart
         step = self._reducer(masked, separate_tasks=separate)
         dropped = False
@@ -621,7 +625,7 @@ class MultiTaskMixin:
         self._weighting = methods[0] if methods else None
         if stage == "fit":  # a checkpoint the fit resumes from restores them after setup
             self._latest_weights = self._step_weights = None
-            self._step_kept_weights = False
+            self._step_kept_weights = self._gradients_checked = False
         # The strategy has set up its processes: whether they are several is fixed for the fit.
         self._reducer.across_ranks = distributed.is_distributed()
         self._task_heads, self._heads_apart, self._linear_heads = None, None, None
@@ -780,6 +784,25 @@ def _same_values(tensor: Tensor, other: Tensor) -> bool:
     if not tensor.is_floating_point() or tensor.shape != other.shape:
         return False
     return bool(((tensor == other) | (tensor.isnan() & other.isnan())).all())
+
+
+def _warn_of_losses_without_gradient(masked: Mapping[str, MaskedLoss]) -> None:
+    """Warn, naming them, of the tasks whose losses carry no gradient while training: logged but
+    never trained (a loss computed through NumPy, ``.item()`` or ``.detach()``)."""
+    if not torch.is_grad_enabled():
+        return
+    if isinstance(masked, StackedLosses):
+        groups = masked.groups
+        flat = [(masked.names[t], loss.values) for rows, loss in groups for t in rows]
+    else:
+        flat = [(name, loss.values) for name, loss in masked.items()]
+    frozen = [name for name, values in flat if not values.requires_grad]
+    if frozen:
+        rank_zero_warn(
+            f"The losses of task(s) {frozen} carry no gradient: they are logged, but nothing "
+            "trains on them. Compute them with torch operations on the predictions (not "
+            "through NumPy, .item() or .detach()); give Task(weight=0) to only watch a task."
+        )
 
 
 def _nonfinite_message(bad: list[tuple[str, float]], step_index: int) -> str:

@@ -6,7 +6,13 @@ import torch
 
 from lightning_lossagg import MultiTaskMixin, NonFiniteLossError, Task, WeightingCallback
 from lightning_lossagg.tasks import StackedLosses
-from tests.models import ThreeTaskNet, make_batch, one_batch_loader, reference_task_losses
+from tests.models import (
+    ThreeTaskNet,
+    make_batch,
+    one_batch_loader,
+    quiet_trainer,
+    reference_task_losses,
+)
 
 
 class HalvingWeights(WeightingCallback):
@@ -443,3 +449,20 @@ def test_a_fit_fixes_whether_figures_cross_ranks_and_asks_again_after_it():
     assert seen == [False]  # one process: set at setup, no torch.distributed query per step
     assert model._reducer.across_ranks is None  # outside the fit: asked at every call again
     model.compute_global_losses(make_batch(6, seed=0, dtype=torch.float32))
+
+
+def test_a_task_whose_losses_carry_no_gradient_is_named_at_the_first_step():
+    """A loss through NumPy is logged but would never train: said, once, naming the task."""
+
+    class NumpyPrice(ThreeTaskNet):
+        def task_losses(self, batch):
+            losses = dict(super().task_losses(batch))
+            losses["price"] = losses["price"]._replace(values=losses["price"].values.detach())
+            return losses
+
+    batches = [make_batch(6, seed=s) for s in range(2)]
+    with pytest.warns(UserWarning, match=r"task\(s\) \['price'\] carry no gradient") as record:
+        quiet_trainer(1, steps=2).fit(
+            NumpyPrice().double(), torch.utils.data.DataLoader(batches, batch_size=None)
+        )
+    assert sum("carry no gradient" in str(w.message) for w in record) == 1
