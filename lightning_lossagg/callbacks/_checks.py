@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from numbers import Real
 
 import lightning as L
 from torch import Tensor
@@ -14,8 +15,9 @@ from lightning_lossagg.mixin import MultiTaskMixin
 
 
 def check_positive(name: str, value: float, fix: str) -> float:
-    """``value`` as a float if it is a finite number > 0, else a ValueError naming ``fix``."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    """``value`` as a float if it is a finite number > 0 (a NumPy scalar too), else a
+    ValueError naming ``fix``."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
         raise ValueError(f"`{name}` must be a finite number > 0; got {value!r}. {fix}")
     if value <= 0:
         raise ValueError(f"`{name}` must be > 0; got {value!r}. {fix}")

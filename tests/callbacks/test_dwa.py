@@ -1,5 +1,6 @@
 """DWA: its arguments, windows of steps, and tasks without a rate."""
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -25,6 +26,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def test_a_bad_temperature_is_refused(temperature):
     with pytest.raises(ValueError, match="`temperature` must be"):
         DWA(temperature=temperature)
+
+
+def test_a_numpy_temperature_is_taken_as_a_float():  # from a NumPy sweep or a config
+    assert DWA(temperature=np.float32(2.0)).temperature == 2.0
 
 
 @pytest.mark.parametrize("window_steps", [0, -5, 2.5, True])
