@@ -792,8 +792,7 @@ def _warn_of_losses_without_gradient(masked: Mapping[str, MaskedLoss]) -> None:
     if not torch.is_grad_enabled():
         return
     if isinstance(masked, StackedLosses):
-        groups = masked.groups
-        flat = [(masked.names[t], loss.values) for rows, loss in groups for t in rows]
+        flat = [(masked.names[t], loss.values) for rows, loss in masked.groups for t in rows]
     else:
         flat = [(name, loss.values) for name, loss in masked.items()]
     frozen = [name for name, values in flat if not values.requires_grad]
