@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import operator
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -113,7 +115,7 @@ class DBMTL(GradientWeighting):
         self._task_names: tuple[str, ...] = ()
         self._unchecked = LossesReadLater(
             "DBMTL trains on the logarithm of every task loss",
-            lambda loss: loss < 0,
+            partial(operator.gt, 0.0),  # loss < 0 (picklable, for ddp_spawn)
             "< 0",
             "Shift that task's loss to be >= 0",
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -86,7 +88,7 @@ class DWA(WeightingCallback):
         self._task_names: tuple[str, ...] = ()
         self._unchecked = LossesReadLater(
             "DWA weighs each task by the ratio of its mean losses over two periods",
-            lambda loss: loss < 0,
+            partial(operator.gt, 0.0),  # loss < 0 (picklable, for ddp_spawn)
             "< 0",
             "Shift that task's loss to be >= 0",
         )

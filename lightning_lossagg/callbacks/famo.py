@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import operator
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -81,7 +83,7 @@ class FAMO(WeightingCallback):
         eps = self.eps
         self._unchecked = LossesReadLater(
             f"FAMO takes the logarithm of every task loss plus eps={eps:g}",
-            lambda loss: loss + eps <= 0,
+            partial(operator.ge, -eps),  # loss <= -eps (picklable, for ddp_spawn)
             "<= -eps",
             "Shift that task's loss to be >= 0 (and > 0 with eps=0)",
         )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import operator
+from functools import partial
+
 import lightning as L
 import torch
 from torch import Tensor
@@ -46,7 +49,7 @@ class GLS(WeightingCallback):
         self._task_names: tuple[str, ...] = ()
         self._unchecked = LossesReadLater(
             "GLS takes the logarithm of every task loss",
-            lambda loss: loss <= 0,
+            partial(operator.ge, 0.0),  # loss <= 0 (picklable, for ddp_spawn)
             "<= 0",
             "Add a small positive offset to that task's loss",
             NonPositiveLossError,

@@ -1,6 +1,7 @@
 """Every weighting method under bf16 mixed precision and gradient accumulation (issue 6), and
 with a task the mixin drops."""
 
+import pickle
 import warnings
 
 import lightning as L
@@ -142,3 +143,25 @@ def test_static_weights_sum_in_float32_under_float16_autocast():
     expected = full_precision.training_step(batch, 0)
     assert expected.isfinite() and expected > torch.finfo(torch.float16).max
     torch.testing.assert_close(objective, expected)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_pickles_as_ddp_spawn_sends_it_to_the_ranks(name):
+    """ddp_spawn pickles the trainer, its callbacks included (a local lambda cannot be)."""
+    method = METHODS[name]()
+    assert type(pickle.loads(pickle.dumps(method))) is type(method)
+
+
+class RankBatchesNet(ThreeTaskNet):
+    """Each rank reads two batches of its own (uneven across the ranks)."""
+
+    def train_dataloader(self):
+        rank = self.trainer.global_rank
+        batches = [make_batch(4 + rank, seed=10 * rank + step) for step in range(2)]
+        return torch.utils.data.DataLoader(batches, batch_size=None)
+
+
+@pytest.mark.ddp
+def test_a_loss_based_method_trains_under_ddp_spawn():
+    model = RankBatchesNet()
+    quiet_trainer(2, steps=2, callbacks=[callbacks.DWA(window_steps=1)]).fit(model)
