@@ -331,11 +331,15 @@ class LossLogger(L.Callback):
             metrics[f"{prefix}/share/{name}"] = part / objective if objective else 0.0
         # As host tensors: Lightning keeps a logged tensor where it is, but would copy a float
         # to the model's device, one wait for it per figure.
-        on_host = {key: torch.tensor(value) for key, value in metrics.items()}
+        # In float64, as they were summed: a float32 copy would round a 64-true run's figures.
+        on_host = {key: torch.tensor(value, dtype=torch.float64) for key, value in metrics.items()}
         pl_module.log_dict(on_host, batch_size=1)
         prog_bar = self.prog_bar and stage == "val"
-        pl_module.log(f"{prefix}/loss", torch.tensor(objective), prog_bar=prog_bar, batch_size=1)
-        pl_module.log(f"{prefix}/static_loss", torch.tensor(static_objective), batch_size=1)
+        total, static_total = (
+            torch.tensor(value, dtype=torch.float64) for value in (objective, static_objective)
+        )
+        pl_module.log(f"{prefix}/loss", total, prog_bar=prog_bar, batch_size=1)
+        pl_module.log(f"{prefix}/static_loss", static_total, batch_size=1)
 
     # --------------------------------------------------------------------- end of fit
     @override

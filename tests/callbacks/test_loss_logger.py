@@ -714,3 +714,18 @@ def test_lightnings_sync_dist_advice_is_silenced_for_the_global_epoch_figures_al
         for key in ("val/loss/price", "train_epoch/weight/kind", "val/static_loss", "val/acc"):
             rank_zero_warn(advice.format(key), category=PossibleUserWarning)
     assert [str(w.message) for w in caught] == [advice.format("val/acc")]
+
+
+def test_epoch_figures_keep_a_float64_runs_precision():
+    batches = [make_batch(6, seed=1), make_batch(3, seed=2)]
+    model = ThreeTaskNet(lr=0.0).double()
+    trainer = quiet_trainer(1, steps=2, callbacks=[LossLogger()])
+    trainer.fit(model, torch.utils.data.DataLoader(batches, batch_size=None))
+    with torch.no_grad():
+        predictions = model(torch.cat([batch[0] for batch in batches]))
+        price = torch.cat([batch[1]["price"] for batch in batches])
+        valid = ~torch.isnan(price)
+        expected = torch.nn.functional.mse_loss(predictions["price"][valid], price[valid])
+    logged = trainer.callback_metrics["train_epoch/loss/price"]
+    assert logged.dtype == torch.float64
+    assert logged.item() == pytest.approx(expected.item(), rel=1e-12)
