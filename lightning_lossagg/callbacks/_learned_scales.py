@@ -91,12 +91,12 @@ class LearnedScalesWeighting(WeightingCallback):
         if pl_module.skipping_optimizer_step:  # type: ignore[attr-defined]
             self._pending, self._loss_sum, self._loss_count = [], None, None
             return  # the model does not move: neither does s
-        totals, counts = self._accumulated_losses()
+        totals, counts, lowest = self._accumulated_losses()
         self._pending, self._loss_sum, self._loss_count = [], None, None
-        named = zip(self._task_names, totals, strict=True)
-        negative = [(name, total) for name, total in named if total < 0]
+        named = zip(self._task_names, lowest, strict=True)
+        negative = [(name, loss) for name, loss in named if loss < 0]
         if negative:  # the objective would be unbounded below in s: s would run away
-            bad = ", ".join(f"{name!r} ({total:g})" for name, total in negative)
+            bad = ", ".join(f"{name!r} ({loss:g})" for name, loss in negative)
             raise ValueError(
                 f"{type(self).__name__} learns a log-scale per task from its loss, which must be "
                 f">= 0, but the global loss of task(s) {bad} was < 0 at global step "
@@ -117,18 +117,21 @@ class LearnedScalesWeighting(WeightingCallback):
             self._host_weights_of_s = [self._weight(task, scale) for task, scale in scales]
         return self._host_weights_of_s
 
-    def _accumulated_losses(self) -> tuple[list[float], list[float]]:
+    def _accumulated_losses(self) -> tuple[list[float], list[float], list[float]]:
         """Per task, the sum of its finite global losses over this optimizer step's micro-batches,
-        and their number."""
+        their number, and the lowest of those not yet read (each must be >= 0: a sum can hide
+        one that was not)."""
         num_tasks = self._scales.num_tasks
         totals = list(self._loss_sum or [0.0] * num_tasks)
         counts = list(self._loss_count or [0.0] * num_tasks)
+        lowest = [math.inf] * num_tasks
         for copy in self._pending:
             for task, loss in enumerate(copy.get().tolist()):
                 if math.isfinite(loss):  # NaN: no valid sample
                     totals[task] += loss
                     counts[task] += 1.0
-        return totals, counts
+                    lowest[task] = min(lowest[task], loss)
+        return totals, counts, lowest
 
     @override
     def state_to_log(self) -> dict[str, Tensor]:
@@ -142,7 +145,7 @@ class LearnedScalesWeighting(WeightingCallback):
     def state_dict(self) -> dict[str, Any]:
         totals, counts = (None, None)
         if self._pending or self._loss_sum is not None:
-            totals, counts = self._accumulated_losses()
+            totals, counts, _ = self._accumulated_losses()
         return {
             "scales": self._scales.state_dict(),
             "loss_sum": None if totals is None else torch.tensor(totals, dtype=torch.float64),

@@ -329,6 +329,21 @@ def test_a_checkpoint_amid_an_accumulation_keeps_the_earlier_micro_batches(metho
     assert not torch.equal(alone.state_dict()["scales"]["values"], scales["values"])
 
 
+@pytest.mark.parametrize("method", [UncertaintyWeighting, IMTLL], ids=["UW", "IMTLL"])
+def test_a_negative_micro_batch_loss_stops_a_learned_scale_under_accumulation(method):
+    # The step's sum over its micro-batches may be >= 0 (or another number than any had): each
+    # micro-batch's loss is checked, and the one that was < 0 is named.
+    batches = signed_price_batches(2, negative_at=0)
+    batches[1][1]["price"] = batches[1][1]["price"] * 100  # outweighs the negative one
+    negative = batches[0][1]["price"].nanmean().item()  # the first micro-batch's price loss
+    assert negative < 0 < negative + batches[1][1]["price"].nanmean().item()
+    model = SignedPriceNet().double()
+    with pytest.raises(ValueError, match=rf"'price' \({negative:g}\).*step 0"):
+        trainer([method()], max_epochs=1, accumulate_grad_batches=2).fit(
+            model, torch.utils.data.DataLoader(batches, batch_size=None)
+        )
+
+
 @pytest.mark.parametrize(
     "method",
     [lambda: DWA(window_steps=1), LossScaling, GLS, FAMO],
