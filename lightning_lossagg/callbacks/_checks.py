@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from numbers import Real
+from numbers import Integral, Real
 
 import lightning as L
 from torch import Tensor
@@ -25,10 +25,11 @@ def check_positive(name: str, value: float, fix: str) -> float:
 
 
 def check_non_negative_int(name: str, value: int, fix: str) -> int:
-    """``value`` if it is an int >= 0, else a ValueError naming ``fix``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    """``value`` as an int if it is an integer >= 0 (a NumPy one too), else a ValueError
+    naming ``fix``."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
         raise ValueError(f"`{name}` must be an int >= 0; got {value!r}. {fix}")
-    return value
+    return int(value)
 
 
 def require_multitask(callback: L.Callback, pl_module: L.LightningModule) -> tuple[str, ...]:

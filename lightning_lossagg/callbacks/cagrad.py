@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -51,7 +52,7 @@ class CAGrad(GradientWeighting):
         self, c: float = 0.5, rescale: int = 1, rep_grad: bool = False, sync: Sync = "gradients"
     ) -> None:
         super().__init__(rep_grad=rep_grad, sync=sync)
-        if isinstance(c, bool) or not isinstance(c, int | float) or not math.isfinite(c) or c < 0:
+        if isinstance(c, bool) or not isinstance(c, Real) or not math.isfinite(c) or c < 0:
             raise ValueError(f"`c` must be a finite number >= 0 (the paper uses 0.5); got {c!r}.")
         if isinstance(rescale, bool) or rescale not in (0, 1, 2):
             raise ValueError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import operator
 from functools import partial
+from numbers import Real
 from typing import Any
 
 import lightning as L
@@ -99,7 +100,7 @@ class DBMTL(GradientWeighting):
                 "identical on every rank, to resume exactly from one rank's checkpoint."
             )
         for name, value in (("beta", beta), ("beta_sigma", beta_sigma)):
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if isinstance(value, bool) or not isinstance(value, Real):
                 raise ValueError(f"`{name}` must be a number; got {value!r}.")
             if not math.isfinite(value):
                 raise ValueError(f"`{name}` must be finite; got {value!r}.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 from functools import partial
+from numbers import Integral
 from typing import Any
 
 import lightning as L
@@ -66,13 +67,15 @@ class DWA(WeightingCallback):
             "temperature", temperature, "The paper uses temperature=2.0; larger is more uniform."
         )
         if window_steps is not None and (
-            isinstance(window_steps, bool) or not isinstance(window_steps, int) or window_steps < 1
+            isinstance(window_steps, bool)
+            or not isinstance(window_steps, Integral)
+            or window_steps < 1
         ):
             raise ValueError(
                 f"`window_steps` must be None (periods are epochs) or an int >= 1; got "
                 f"{window_steps!r}."
             )
-        self.window_steps = window_steps
+        self.window_steps = None if window_steps is None else int(window_steps)
         self._period: int | None = None
         self._completed_periods = 0
         self._loss_sum: Tensor | None = None

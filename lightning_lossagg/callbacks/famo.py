@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import operator
 from functools import partial
+from numbers import Real
 from typing import Any
 
 import lightning as L
@@ -70,7 +71,7 @@ class FAMO(WeightingCallback):
     def __init__(self, lr: float = 0.025, weight_decay: float = 1e-3, eps: float = 1e-8) -> None:
         self.lr = check_positive("lr", lr, "The paper uses lr=0.025.")
         for name, value in (("weight_decay", weight_decay), ("eps", eps)):
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if isinstance(value, bool) or not isinstance(value, Real):
                 raise ValueError(f"`{name}` must be a number >= 0; got {value!r}.")
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"`{name}` must be a finite number >= 0; got {value!r}.")

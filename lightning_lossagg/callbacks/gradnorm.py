@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from numbers import Real
 from typing import Any
 
 import lightning as L
@@ -99,7 +100,7 @@ class GradNorm(GradientWeighting):
         super().__init__(rep_grad=rep_grad, sync=sync)
         if (
             isinstance(alpha, bool)
-            or not isinstance(alpha, int | float)
+            or not isinstance(alpha, Real)
             or not math.isfinite(alpha)
             or alpha < 0
         ):

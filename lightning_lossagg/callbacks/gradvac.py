@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from numbers import Real
 from typing import Any
 
 import lightning as L
@@ -68,7 +69,7 @@ class GradVac(GradientWeighting):
         self, beta: float = 0.5, seed: int = 0, rep_grad: bool = False, sync: Sync = "gradients"
     ) -> None:
         super().__init__(rep_grad=rep_grad, sync=sync)
-        if isinstance(beta, bool) or not isinstance(beta, int | float) or not math.isfinite(beta):
+        if isinstance(beta, bool) or not isinstance(beta, Real) or not math.isfinite(beta):
             raise ValueError(f"`beta` must be a number in [0, 1] (LibMTL uses 0.5); got {beta!r}.")
         if not 0 <= beta <= 1:
             raise ValueError(f"`beta` must be in [0, 1] (LibMTL uses 0.5); got {beta}.")

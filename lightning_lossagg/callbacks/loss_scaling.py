@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 from functools import partial
+from numbers import Real
 from typing import Any, Literal
 
 import lightning as L
@@ -72,7 +73,7 @@ class LossScaling(WeightingCallback):
                 f"`mode` must be 'ema' (a moving average of each loss) or 'initial' (the loss at "
                 f"the first step after the warm-up); got {mode!r}."
             )
-        if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 <= decay < 1:
+        if isinstance(decay, bool) or not isinstance(decay, Real) or not 0 <= decay < 1:
             raise ValueError(
                 f"`decay` must be in [0, 1); got {decay!r}. Use e.g. decay=0.9 for a level that "
                 "averages about the last 10 steps."

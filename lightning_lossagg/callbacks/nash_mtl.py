@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from numbers import Integral, Real
 from typing import Any
 
 import lightning as L
@@ -82,20 +83,20 @@ class NashMTL(GradientWeighting):
         super().__init__(rep_grad=rep_grad, sync=sync)
         if (
             isinstance(update_weights_every, bool)
-            or not isinstance(update_weights_every, int)
+            or not isinstance(update_weights_every, Integral)
             or update_weights_every < 1
         ):
             raise ValueError(
                 f"`update_weights_every` must be an int >= 1 (LibMTL's default is 1); got "
                 f"{update_weights_every!r}."
             )
-        number = isinstance(max_norm, int | float) and not isinstance(max_norm, bool)
+        number = isinstance(max_norm, Real) and not isinstance(max_norm, bool)
         if not number or not math.isfinite(max_norm) or max_norm < 0:
             raise ValueError(
                 f"`max_norm` must be a finite number >= 0 (0 disables clipping; LibMTL: 1.0); got "
                 f"{max_norm!r}."
             )
-        self.update_weights_every = update_weights_every
+        self.update_weights_every = int(update_weights_every)
         # Weighing in backward solves at every step.
         self.may_weigh_in_backward = update_weights_every == 1  # type: ignore[misc]
         self.max_norm = float(max_norm)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from numbers import Real
 from typing import Any
 
 import lightning as L
@@ -68,7 +69,7 @@ class UPGrad(GradientWeighting):
         super().__init__(rep_grad=rep_grad, sync=sync)
         self.pref_vector = check_pref_vector("UPGrad", pref_vector)
         self.reg_eps = check_positive("reg_eps", reg_eps, "torchjd uses reg_eps=1e-4.")
-        number = isinstance(norm_eps, int | float) and not isinstance(norm_eps, bool)
+        number = isinstance(norm_eps, Real) and not isinstance(norm_eps, bool)
         if not number or not math.isfinite(norm_eps) or norm_eps < 0:
             raise ValueError(f"`norm_eps` must be a finite number >= 0; got {norm_eps!r}.")
         self.norm_eps = float(norm_eps)

@@ -5,6 +5,7 @@ import pickle
 import warnings
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -165,3 +166,40 @@ class RankBatchesNet(ThreeTaskNet):
 def test_a_loss_based_method_trains_under_ddp_spawn():
     model = RankBatchesNet()
     quiet_trainer(2, steps=2, callbacks=[callbacks.DWA(window_steps=1)]).fit(model)
+
+
+@pytest.mark.parametrize(
+    ("make", "attribute", "value"),
+    [
+        (
+            lambda: callbacks.LossScaling(decay=np.float32(0.5), warmup_steps=np.int64(3)),
+            "decay",
+            0.5,
+        ),
+        (lambda: callbacks.FAMO(weight_decay=np.float64(1e-3), eps=np.float32(0.5)), "eps", 0.5),
+        (lambda: callbacks.RLW(seed=np.int64(3)), "seed", 3),
+        (lambda: callbacks.DWA(window_steps=np.int64(50)), "window_steps", 50),
+        (lambda: callbacks.DBMTL(beta=np.float32(0.5)), "beta", 0.5),
+        (lambda: callbacks.CAGrad(c=np.float32(0.5)), "c", 0.5),
+        (lambda: callbacks.GradNorm(alpha=np.float32(1.5)), "alpha", 1.5),
+        (lambda: callbacks.GradVac(beta=np.float32(0.5)), "beta", 0.5),
+        (lambda: callbacks.NashMTL(update_weights_every=np.int64(2)), "update_weights_every", 2),
+        (lambda: callbacks.UPGrad(norm_eps=np.float32(0.5)), "norm_eps", 0.5),
+    ],
+    ids=[
+        "LossScaling",
+        "FAMO",
+        "RLW",
+        "DWA",
+        "DBMTL",
+        "CAGrad",
+        "GradNorm",
+        "GradVac",
+        "NashMTL",
+        "UPGrad",
+    ],
+)
+def test_numeric_arguments_take_numpy_scalars_as_python_numbers(make, attribute, value):
+    """From a NumPy sweep or a config read through NumPy; kept as Python numbers (state keys)."""
+    stored = getattr(make(), attribute)
+    assert stored == value and type(stored) is type(value)
