@@ -285,7 +285,9 @@ def _resolve_layer(pl_module: L.LightningModule, layer: str) -> str:
         module = pl_module.get_submodule(layer)
     except AttributeError:
         module = None
-    if module is None or not any(id(p) in shared_ids for p in module.parameters()):
+    parameters = [] if module is None else list(module.parameters())
+    frozen = any(not p.requires_grad for p in parameters)  # measures once it trains
+    if not frozen and not any(id(p) in shared_ids for p in parameters):
         raise ValueError(
             f"GradNorm(layer={layer!r}): the model has no submodule {layer!r} with shared "
             f"parameters. Use 'last', 'all' or one of {holders}."

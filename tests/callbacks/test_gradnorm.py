@@ -268,7 +268,7 @@ def _frozen(model: L.LightningModule, module: str, hook: str, method: GradNorm) 
 
 
 @pytest.mark.parametrize("hook", ["setup", "on_fit_start"])  # built frozen; BackboneFinetuning
-@pytest.mark.parametrize("layer", ["last", "all"])
+@pytest.mark.parametrize("layer", ["last", "all", "trunk.2"])
 def test_a_frozen_trunk_leaves_nothing_to_measure_and_the_weights_alone(layer, hook):
     model = TwoLayerTrunkNet().double()
     trunk = copy.deepcopy(model.trunk.state_dict())
