@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from numbers import Integral, Real
 from typing import Any
 
 import lightning as L
@@ -67,9 +68,9 @@ class LossBalanceMonitor(L.Callback):
         _check_number("rise_tolerance", rise_tolerance, 0.0, math.inf, closed_low=True)
         _check_number("collapse_fraction", collapse_fraction, 0.0, 1.0)
         _check_number("explosion_factor", explosion_factor, 1.0, math.inf)
-        _check_int("window", window, minimum=2)
+        window = _check_int("window", window, minimum=2)
         if check_every_n_steps is not None:
-            _check_int("check_every_n_steps", check_every_n_steps, minimum=1)
+            check_every_n_steps = _check_int("check_every_n_steps", check_every_n_steps, minimum=1)
         self.raise_on = _check_conditions(raise_on)
         self.window = window
         self.check_every_n_steps = check_every_n_steps
@@ -224,15 +225,16 @@ class LossBalanceMonitor(L.Callback):
 def _check_number(
     name: str, value: float, low: float, high: float, closed_low: bool = False
 ) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or not ((value >= low) if closed_low else (value > low)) or not value < high:
         bounds = f"{'[' if closed_low else '('}{low}, {high})"
         raise ValueError(f"`{name}` must be a number in {bounds}; got {value!r}.")
 
 
-def _check_int(name: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def _check_int(name: str, value: int, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
         raise ValueError(f"`{name}` must be an int >= {minimum}; got {value!r}.")
+    return int(value)
 
 
 def _check_conditions(raise_on: Iterable[str]) -> frozenset[str]:

@@ -185,6 +185,7 @@ def test_a_loss_based_method_trains_under_ddp_spawn():
         (lambda: callbacks.GradVac(beta=np.float32(0.5)), "beta", 0.5),
         (lambda: callbacks.NashMTL(update_weights_every=np.int64(2)), "update_weights_every", 2),
         (lambda: callbacks.UPGrad(norm_eps=np.float32(0.5)), "norm_eps", 0.5),
+        (lambda: callbacks.LossBalanceMonitor(window=np.int64(4)), "window", 4),
     ],
     ids=[
         "LossScaling",
@@ -197,6 +198,7 @@ def test_a_loss_based_method_trains_under_ddp_spawn():
         "GradVac",
         "NashMTL",
         "UPGrad",
+        "LossBalanceMonitor",
     ],
 )
 def test_numeric_arguments_take_numpy_scalars_as_python_numbers(make, attribute, value):
