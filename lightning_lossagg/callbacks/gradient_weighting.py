@@ -207,10 +207,7 @@ class GradientWeighting(WeightingCallback):
         if not self.rep_grad:
             self._shared_parameters = pl_module.shared_parameters()  # type: ignore[operator]
         if _nothing_shared(pl_module, self.rep_grad, self._shared_parameters):
-            # A frozen trunk (BackboneFinetuning, say): no shared gradient to weigh. The heads
-            # follow their tasks' gradients times Task.weight (backward_objective sees no Jacobian).
-            self._jacobian = self._gramian = pl_module.shared_representation = None
-            return torch.ones_like(step.losses)
+            return self._nothing_to_weigh(pl_module, step)
         self.prepare_step(pl_module, step)
         if self.rep_grad:
             gramian = self._representation_gramian(pl_module, step)
@@ -224,6 +221,13 @@ class GradientWeighting(WeightingCallback):
             gramian, valid = torch.from_numpy(host_gramian), torch.from_numpy(host_valid > 0)
         weights = self._weights_of_valid_tasks(gramian, valid)
         return distributed.to_device(weights, step.local_terms, step.local_terms.dtype)
+
+    def _nothing_to_weigh(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+        """Weights of 1 for a step without a shared gradient to weigh (a frozen trunk, as under
+        BackboneFinetuning): the heads follow their tasks' gradients times Task.weight
+        (backward_objective sees no Jacobian), and no Gramian is logged."""
+        self._jacobian = self._gramian = pl_module.shared_representation = None
+        return torch.ones_like(step.losses)
 
     @override
     def views_at_heads(

@@ -145,8 +145,7 @@ class GradNorm(GradientWeighting):
         else:
             parameters = self._layer_parameters(pl_module)
             if not parameters:  # a frozen trunk: nothing to measure, the model follows Task.weight
-                self._jacobian = self._gramian = pl_module.shared_representation = None
-                self._weights_used = torch.ones_like(step.losses)
+                self._weights_used = self._nothing_to_weigh(pl_module, step)
                 return self._weights_used
             _, gramian = self._synced_gramian(task_jacobian(step, parameters))
         self._gramian, self._gramian_valid = gramian.detach(), step.valid
