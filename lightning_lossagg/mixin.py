@@ -791,11 +791,7 @@ def _warn_of_losses_without_gradient(masked: Mapping[str, MaskedLoss]) -> None:
     never trained (a loss computed through NumPy, ``.item()`` or ``.detach()``)."""
     if not torch.is_grad_enabled():
         return
-    if isinstance(masked, StackedLosses):
-        flat = [(masked.names[t], loss.values) for rows, loss in masked.groups for t in rows]
-    else:
-        flat = [(name, loss.values) for name, loss in masked.items()]
-    frozen = [name for name, values in flat if not values.requires_grad]
+    frozen = [name for name, loss in masked.items() if not loss.values.requires_grad]
     if frozen:
         rank_zero_warn(
             f"The losses of task(s) {frozen} carry no gradient: they are logged, but nothing "
