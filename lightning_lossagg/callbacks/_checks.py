@@ -24,6 +24,19 @@ def check_positive(name: str, value: float, fix: str) -> float:
     return float(value)
 
 
+def check_non_negative(name: str, value: float, fix: str = "") -> float:
+    """``value`` as a float if it is a finite number >= 0 (a NumPy scalar too), else a
+    ValueError naming ``fix``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, Real)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(f"`{name}` must be a finite number >= 0; got {value!r}. {fix}".rstrip())
+    return float(value)
+
+
 def check_non_negative_int(name: str, value: int, fix: str) -> int:
     """``value`` as an int if it is an integer >= 0 (a NumPy one too), else a ValueError
     naming ``fix``."""

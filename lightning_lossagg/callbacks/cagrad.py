@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -11,6 +9,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_lossagg.callbacks._checks import check_non_negative
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sync
 from lightning_lossagg.functional._qp import symmetric_matrix
 from lightning_lossagg.functional.cagrad import cagrad_weights
@@ -52,13 +51,12 @@ class CAGrad(GradientWeighting):
         self, c: float = 0.5, rescale: int = 1, rep_grad: bool = False, sync: Sync = "gradients"
     ) -> None:
         super().__init__(rep_grad=rep_grad, sync=sync)
-        if isinstance(c, bool) or not isinstance(c, Real) or not math.isfinite(c) or c < 0:
-            raise ValueError(f"`c` must be a finite number >= 0 (the paper uses 0.5); got {c!r}.")
+        c = check_non_negative("c", c, "The paper uses 0.5.")
         if isinstance(rescale, bool) or rescale not in (0, 1, 2):
             raise ValueError(
                 f"`rescale` must be 0, 1 or 2 (LibMTL's default is 1); got {rescale!r}."
             )
-        self.c, self.rescale = float(c), int(rescale)
+        self.c, self.rescale = c, int(rescale)
         # The tasks with a positive inner weight at the latest step: where the next search
         # starts (the support rarely changes; the weights do not depend on it).
         self._support = np.zeros(0, dtype=bool)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from numbers import Real
 from typing import Any
 
 import lightning as L
@@ -12,7 +10,12 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_lossagg.aggregation import GlobalTaskLosses
-from lightning_lossagg.callbacks._checks import check_positive, require_multitask, usable_tasks
+from lightning_lossagg.callbacks._checks import (
+    check_non_negative,
+    check_positive,
+    require_multitask,
+    usable_tasks,
+)
 from lightning_lossagg.callbacks._task_parameters import TaskParameters
 from lightning_lossagg.callbacks.gradient_weighting import (
     GradientWeighting,
@@ -98,21 +101,13 @@ class GradNorm(GradientWeighting):
         sync: Sync = "gradients",
     ) -> None:
         super().__init__(rep_grad=rep_grad, sync=sync)
-        if (
-            isinstance(alpha, bool)
-            or not isinstance(alpha, Real)
-            or not math.isfinite(alpha)
-            or alpha < 0
-        ):
-            raise ValueError(
-                f"`alpha` must be a finite number >= 0 (the paper uses 1.5); got {alpha!r}."
-            )
+        alpha = check_non_negative("alpha", alpha, "The paper uses 1.5.")
         if not isinstance(layer, str) or not layer:
             raise ValueError(
                 "`layer` must be 'last' (the last shared layer), 'all' (every shared parameter) "
                 f"or the name of a submodule such as 'trunk.2'; got {layer!r}."
             )
-        self.alpha = float(alpha)
+        self.alpha = alpha
         self.lr = check_positive("lr", lr, "Use e.g. lr=0.025 for the weights' own Adam.")
         self.layer = layer
         self._weights = _UnitWeights(self.lr)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from numbers import Integral, Real
+from numbers import Integral
 from typing import Any
 
 import lightning as L
@@ -13,7 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_lossagg.aggregation import GlobalTaskLosses
-from lightning_lossagg.callbacks._checks import require_multitask
+from lightning_lossagg.callbacks._checks import check_non_negative, require_multitask
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sync
 from lightning_lossagg.functional._qp import symmetric_matrix
 from lightning_lossagg.functional.nash_mtl import MAX_ITER, nash_mtl_weights
@@ -90,16 +89,11 @@ class NashMTL(GradientWeighting):
                 f"`update_weights_every` must be an int >= 1 (LibMTL's default is 1); got "
                 f"{update_weights_every!r}."
             )
-        number = isinstance(max_norm, Real) and not isinstance(max_norm, bool)
-        if not number or not math.isfinite(max_norm) or max_norm < 0:
-            raise ValueError(
-                f"`max_norm` must be a finite number >= 0 (0 disables clipping; LibMTL: 1.0); got "
-                f"{max_norm!r}."
-            )
+        max_norm = check_non_negative("max_norm", max_norm, "0 disables clipping; LibMTL: 1.0.")
         self.update_weights_every = int(update_weights_every)
         # Weighing in backward solves at every step.
         self.may_weigh_in_backward = update_weights_every == 1  # type: ignore[misc]
-        self.max_norm = float(max_norm)
+        self.max_norm = max_norm
         self._num_tasks = 0
         self._previous: Tensor | None = None
 

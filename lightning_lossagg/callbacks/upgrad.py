@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from numbers import Real
 from typing import Any
 
 import lightning as L
@@ -13,7 +11,11 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_lossagg.callbacks._checks import check_positive, require_multitask
+from lightning_lossagg.callbacks._checks import (
+    check_non_negative,
+    check_positive,
+    require_multitask,
+)
 from lightning_lossagg.callbacks._preferences import (
     check_pref_length,
     check_pref_vector,
@@ -69,10 +71,8 @@ class UPGrad(GradientWeighting):
         super().__init__(rep_grad=rep_grad, sync=sync)
         self.pref_vector = check_pref_vector("UPGrad", pref_vector)
         self.reg_eps = check_positive("reg_eps", reg_eps, "torchjd uses reg_eps=1e-4.")
-        number = isinstance(norm_eps, Real) and not isinstance(norm_eps, bool)
-        if not number or not math.isfinite(norm_eps) or norm_eps < 0:
-            raise ValueError(f"`norm_eps` must be a finite number >= 0; got {norm_eps!r}.")
-        self.norm_eps = float(norm_eps)
+        norm_eps = check_non_negative("norm_eps", norm_eps)
+        self.norm_eps = norm_eps
         # Per projection, the coordinates above their bounds at the latest step: where the next
         # solves start (they rarely change from one step to the next; the weights do not depend
         # on them).
