@@ -57,6 +57,10 @@ def validated_gramian(gramian: Tensor) -> Tensor:
             f"The Gramian has a negative diagonal entry {diagonal.min():.3g}, "
             "so it is not a Gramian: G[i, i] = <g_i, g_i> is a squared norm."
         )
+    if (diagonal < 0.0).any():  # rounding around a zero gradient's squared norm: it is 0
+        matrix = matrix.copy()  # may share the caller's memory
+        np.fill_diagonal(matrix, np.maximum(diagonal, 0.0))
+        diagonal = matrix.diagonal()
     # Each entry against the scale of its own pair, ||g_i|| ||g_j||, not the largest entry's.
     norms = np.sqrt(np.maximum(diagonal, 0.0))
     pair_scale = np.outer(norms, norms)

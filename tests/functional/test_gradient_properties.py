@@ -146,6 +146,22 @@ def test_small_asymmetry_is_averaged_away(name: str, method: Callable, jacobian:
     torch.testing.assert_close(method(gramian + antisymmetric), method(gramian), rtol=1e-9, atol=0)
 
 
+@pytest.mark.parametrize("below", [1e-9, 1e-7, 1e-6])
+@pytest.mark.parametrize(("name", "method"), METHODS)
+def test_a_diagonal_rounded_below_zero_is_a_zero_gradient(
+    name: str, method: Callable, below: float
+) -> None:
+    """A factored or summed Gramian can round a zero gradient's squared norm to just below 0
+    (within the tolerance, relative to the largest entry): it is taken as 0. At -1e-7 it was
+    refused as breaking Cauchy-Schwarz, by its own diagonal entry."""
+    gramian = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.5], [0.0, 0.5, 1.0]], dtype=torch.float64)
+    gramian[0, :], gramian[:, 0] = 0.0, 0.0
+    rounded = gramian.clone()
+    rounded[0, 0] = -below * gramian.abs().max()
+    torch.testing.assert_close(method(rounded), method(gramian), rtol=0, atol=0)
+    assert rounded[0, 0] < 0  # the caller's Gramian is left as it was
+
+
 NONZERO_CASES = as_params(
     [case for case in random_jacobians() + degenerate_jacobians() if case[1].any()]
 )
