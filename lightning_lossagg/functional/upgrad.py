@@ -118,8 +118,8 @@ def upgrad_weights(
     if supports is None:
         supports = np.zeros((num_tasks, num_tasks), dtype=bool)
     trace = matrix.trace()
-    if trace <= norm_eps or trace <= TINY:
-        return preferences.copy(), supports
+    if trace <= norm_eps or trace <= TINY:  # every projection is its own bound: no support
+        return preferences.copy(), np.zeros_like(supports)
     if num_tasks == 2:
         return _two_task_upgrad(*(matrix / trace).ravel().tolist(), *preferences.tolist(), reg_eps)
     hessian = matrix / trace + reg_eps * np.eye(num_tasks)

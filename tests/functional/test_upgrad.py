@@ -102,11 +102,32 @@ def test_guessed_supports_change_nothing_but_the_start(jacobian: Tensor) -> None
         torch.rand(num_tasks, generator=torch.Generator().manual_seed(k)).numpy() < 0.5
         for k in range(num_tasks)
     ]
-    for guesses in (wrong, [np.zeros(num_tasks, bool) for _ in range(num_tasks)]):
+    empty = [np.zeros(num_tasks, bool) for _ in range(num_tasks)]
+    for guesses in (wrong, empty):
         assert_weights_close(upgrad(gramian, guesses=guesses), cold)
+    # Both came back as this call's supports, the same from either start.
+    assert all(np.array_equal(a, b) for a, b in zip(wrong, empty, strict=True))
     supports = [guess.copy() for guess in wrong]
     assert_weights_close(upgrad(gramian, guesses=wrong), cold)  # from the last call's supports
     assert all(np.array_equal(a, b) for a, b in zip(wrong, supports, strict=True))
+
+
+def test_guesses_come_back_as_the_projections_supports() -> None:
+    # g_1 = (1, 0) and g_2 = (-1, 1) conflict: each projection raises the other's coordinate above
+    # its bound; g_3 = (0, 1) conflicts with neither and is its own projection.
+    jacobian = torch.tensor([[1.0, 0.0], [-1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    guesses = [np.zeros(3, bool) for _ in range(3)]
+    upgrad(jacobian @ jacobian.T, guesses=guesses)
+    expected = [[False, True, False], [True, False, False], [False, False, False]]
+    np.testing.assert_array_equal(np.stack(guesses), expected)
+
+
+def test_a_trace_at_most_norm_eps_counts_as_zero() -> None:
+    # Opposite gradients of trace exactly norm_eps: zero, so the weights are the preferences (the
+    # projections of opposite gradients would be 0, at weights of about 1 each).
+    opposite = torch.tensor([[0.5, -0.5], [-0.5, 0.5]], dtype=torch.float64)
+    torch.testing.assert_close(upgrad(opposite, norm_eps=1.0), torch.full((2,), 0.5).double())
+    assert upgrad(opposite, norm_eps=0.999)[0] > 0.9
 
 
 @pytest.mark.parametrize("seed", range(5))
