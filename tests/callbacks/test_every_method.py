@@ -1,6 +1,7 @@
 """Every weighting method under bf16 mixed precision and gradient accumulation (issue 6), and
 with a task the mixin drops."""
 
+import inspect
 import pickle
 import warnings
 
@@ -205,3 +206,48 @@ def test_numeric_arguments_take_numpy_scalars_as_python_numbers(make, attribute,
     """From a NumPy sweep or a config read through NumPy; kept as Python numbers (state keys)."""
     stored = getattr(make(), attribute)
     assert stored == value and type(stored) is type(value)
+
+
+# The defaults the issues and the papers' reference code set: LibMTL's (its GradNorm lr and
+# alpha, Nash-MTL's clipping, GradVac's beta, DB-MTL's betas), torchjd's (UPGrad's reg_eps),
+# the issues' (DWA's T = 2, FAMO's lr and weight decay, CAGrad's c, UW's and IMTL-L's Adam),
+# and the documented EMA decay of dynamic loss scaling.
+DOCUMENTED_DEFAULTS = {
+    "UncertaintyWeighting": {"lr": 0.01},
+    "DWA": {"temperature": 2.0, "window_steps": None},
+    "LossScaling": {"mode": "ema", "decay": 0.9, "warmup_steps": 0},
+    "IMTLL": {"lr": 0.01},
+    "FAMO": {"lr": 0.025, "weight_decay": 1e-3},
+    "GradNorm": {"alpha": 1.5, "lr": 0.025, "layer": "last"},
+    "MGDA": {"normalization": "none", "rep_grad": False, "sync": "gradients"},
+    "CAGrad": {"c": 0.5, "rescale": 1},
+    "NashMTL": {"update_weights_every": 1, "max_norm": 1.0},
+    "AlignedMTL": {"scale_mode": "min"},
+    "UPGrad": {"reg_eps": 1e-4, "norm_eps": 0.0},
+    "GradVac": {"beta": 0.5},
+    "DBMTL": {"beta": 0.9, "beta_sigma": 0.0},
+}
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTED_DEFAULTS))
+def test_defaults_are_the_documented_ones(name):
+    arguments = getattr(callbacks, name)().method_arguments
+    expected = DOCUMENTED_DEFAULTS[name]
+    assert {key: arguments[key] for key in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("function", "defaults"),
+    [
+        ("dwa", {"temperature": 2.0}),
+        ("cagrad", {"c": 0.5, "rescale": 1}),
+        ("nash_mtl", {"max_norm": 1.0}),
+        ("upgrad", {"reg_eps": 1e-4, "norm_eps": 0.0}),
+        ("gradvac", {"beta": 0.5}),
+    ],
+)
+def test_functional_defaults_are_the_callbacks(function, defaults):
+    from lightning_lossagg import functional
+
+    parameters = inspect.signature(getattr(functional, function)).parameters
+    assert {name: parameters[name].default for name in defaults} == defaults

@@ -298,6 +298,21 @@ def test_the_learned_values_follow_torch_adam_per_task(home):
     assert len(set(values.tolist())) == 3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_learned_values_are_kept_in_float32_for_half_precision_losses(dtype):
+    # FAMO's logits and GradNorm's weights take many Adam steps of lr ~0.025: in bf16 a value
+    # near 1 moves in steps of 2^-7, so most updates would round away.
+    from lightning_lossagg.callbacks._task_parameters import TaskParameters
+
+    parameters = TaskParameters(lr=1e-3)
+    parameters.set_num_tasks(3, "test")
+    values = parameters.values(torch.ones(3, dtype=dtype))
+    assert values.dtype == torch.float32
+    parameters.values(torch.ones(3, dtype=dtype)).fill_(1.0)
+    parameters.step(torch.ones(3, dtype=dtype), torch.ones(3, dtype=torch.bool))
+    assert (parameters.values(torch.ones(3, dtype=dtype)) < 1.0).all()  # moved by 1e-3
+
+
 @pytest.mark.parametrize("method", [UncertaintyWeighting, IMTLL])
 def test_a_checkpoint_amid_an_accumulation_keeps_the_earlier_micro_batches(method):
     # UW and IMTL-L average each task's losses over the micro-batches of an optimizer step; a

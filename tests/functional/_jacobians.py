@@ -48,6 +48,7 @@ def degenerate_jacobians() -> list[tuple[str, Tensor]]:
     return [
         ("single-task", gradient.unsqueeze(0)),
         ("zero", torch.zeros(3, NUM_PARAMS, dtype=torch.float64)),
+        ("zero-pair", torch.zeros(2, NUM_PARAMS, dtype=torch.float64)),  # the closed forms' case
         ("identical", gradient.repeat(3, 1)),
         ("opposite", torch.stack([gradient, -gradient])),
         ("opposite-unequal", torch.stack([gradient, -3.0 * gradient])),

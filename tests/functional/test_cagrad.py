@@ -226,3 +226,19 @@ def test_a_much_smaller_task_gradient_is_not_taken_for_pareto_stationarity(
     assert (cosines > 0.1).all(), cosines
     mean = jacobian.mean(dim=0)
     assert (update - mean).norm() <= 0.5 * mean.norm() * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("gap", [1e-3, 1e-4])
+@pytest.mark.parametrize("num_tasks", [2, 3])
+def test_nearly_pareto_stationary_gradients_take_the_primal_optimum(
+    num_tasks: int, gap: float
+) -> None:
+    # g_1 = e_1 and g_2 = -e_1 + gap e_2 nearly cancel (the hull passes gap / 2 from 0), but are
+    # independent: the primal optimum is unique; for K = 2, d -> (1 + c) g0 as gap -> 0 (0.6 each
+    # at rescale 1). Taken for Pareto-stationary, they were given d = g0 (0.4 each).
+    rows = [[1.0, 0.0, 0.0], [-1.0, gap, 0.0], [0.0, 0.0, 1.0]][:num_tasks]
+    jacobian = torch.tensor(rows, dtype=torch.float64)
+    update = cagrad(jacobian @ jacobian.T, c=0.5, rescale=0) @ jacobian
+    reference, optimal_value = primal_optimum_by_cvxpy(jacobian, c=0.5)
+    assert (jacobian @ update).min() >= optimal_value - 1e-9
+    torch.testing.assert_close(update, reference, rtol=0.0, atol=1e-6)

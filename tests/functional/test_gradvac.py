@@ -154,3 +154,15 @@ def test_dtype_and_device_follow_the_gramian() -> None:
 def test_invalid_input_is_rejected(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         gradvac(torch.eye(2), **kwargs)
+
+
+def test_targets_rounded_past_one_are_taken_as_one() -> None:
+    # Targets are accepted to 1 + 1e-6 (an EMA of cosines can round past 1); sqrt(1 - target²)
+    # of one above 1 is a math domain error, so they are clamped: the same weights as at 1.
+    gramian = torch.eye(2, dtype=torch.float64)
+    at_one = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    weights, targets = gradvac(gramian, at_one + 5e-7 * at_one)
+    expected_weights, expected_targets = gradvac(gramian, at_one)
+    torch.testing.assert_close(weights, expected_weights, rtol=0, atol=0)
+    torch.testing.assert_close(targets, expected_targets, rtol=0, atol=0)
+    assert torch.isfinite(weights).all()

@@ -74,6 +74,7 @@ def test_two_tasks_by_hand() -> None:
     [
         ("single-task", [1.0]),
         ("zero", [1 / 3, 1 / 3, 1 / 3]),
+        ("zero-pair", [0.5, 0.5]),
         ("identical", [1 / 3, 1 / 3, 1 / 3]),
         ("opposite", [0.5, 0.5]),  # d = 0: both projections are equal (zero)
     ],
@@ -103,6 +104,18 @@ def test_opposite_gradients_give_uniform_weights_despite_rounding(
     for jacobian in [torch.stack([gradient, -gradient]), torch.stack([gradient, -gradient] * 2)]:
         weights = imtl_g(jacobian @ jacobian.T)
         torch.testing.assert_close(weights, torch.full_like(weights, 1 / len(weights)))
+
+
+@pytest.mark.parametrize(("dtype", "small"), [(torch.float64, 1e-3), (torch.float32, 0.05)])
+def test_opposite_gradients_and_a_small_collinear_one_give_uniform_weights(
+    dtype: torch.dtype, small: float
+) -> None:
+    """g, -g and a small multiple of g: only d = 0 has equal projections on g and -g, and the
+    general solver's 1ᵀv (about small³ / 4) is below its cut-off; the weights were about
+    ±1 / small³ (e.g. [1000, -1000, 1]) with the cut-off at the precision instead of its root."""
+    jacobian = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [small, 0.0]], dtype=dtype)
+    weights = imtl_g(jacobian @ jacobian.T)
+    torch.testing.assert_close(weights, torch.full_like(weights, 1 / 3))
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -99,6 +99,7 @@ def test_two_tasks_closed_form(first: list[float], second: list[float]) -> None:
     [
         ("single-task", [1.0]),
         ("zero", [1 / 3, 1 / 3, 1 / 3]),
+        ("zero-pair", [0.5, 0.5]),
         ("identical", [1 / 3, 1 / 3, 1 / 3]),
         ("opposite", [0.5, 0.5]),
         ("opposite-unequal", [0.75, 0.25]),  # 0.75 g - 0.25 * 3 g = 0

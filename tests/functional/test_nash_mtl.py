@@ -177,6 +177,24 @@ def test_opposite_float32_gradients_have_no_solution_as_in_float64(seed: int) ->
     torch.testing.assert_close(nash_mtl(single @ single.T).double(), expected, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize(
+    ("num_tasks", "cross"),
+    [(2, -3.0 + 3e-6), (3, -2.9999995)],  # 1 + cos = 1e-6 and 1.7e-7: 8 and 1.4 rounding units
+)
+def test_float32_gradients_opposite_to_rounding_are_opposite(num_tasks: int, cross: float) -> None:
+    # g and about -3 g in float32, with (K = 3) an orthogonal third: their 1 + cos is within the
+    # Gramian's rounding, so there is no solution, as for exactly opposite ones. Taken as a
+    # solution, the rounding set weights of ~700 (K = 2, closed form) and ~2500 (K = 3, Newton).
+    def gramian(cross: float) -> Tensor:
+        matrix = torch.eye(num_tasks)
+        matrix[:2, :2] = torch.tensor([[1.0, cross], [cross, 9.0]])
+        return matrix
+
+    for max_norm in (0.0, 1.0):
+        expected = nash_mtl(gramian(-3.0), max_norm=max_norm)
+        torch.testing.assert_close(nash_mtl(gramian(cross), max_norm=max_norm), expected)
+
+
 @pytest.mark.parametrize("num_tasks", [3, 5, 10])
 def test_nearly_stationary_gradients_reach_their_solution(num_tasks: int) -> None:
     # A positive combination of the gradients cancels to 1e-4 of its size: weights of ~3e3,

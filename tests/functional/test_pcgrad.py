@@ -73,6 +73,7 @@ def test_order_changes_the_result_with_three_conflicting_tasks() -> None:
     [
         ("single-task", [1.0]),
         ("zero", [1.0, 1.0, 1.0]),
+        ("zero-pair", [1.0, 1.0]),
         ("identical", [1.0, 1.0, 1.0]),  # no conflict: plain sum
         ("opposite", [2.0, 2.0]),  # each projection g_i + g_j is zero, with coefficients [1, 1]
     ],
