@@ -60,8 +60,9 @@ class GradNorm(GradientWeighting):
     model follows ``Task.weight`` and :math:`w` does not move. With ``rep_grad=True`` the norms
     are taken at the whole shared representation instead, and ``layer`` is not used. A task
     takes part in an update from the first step in which it has a
-    valid, finite loss (that loss is its :math:`L_k(0)`); in a step without one it keeps its
-    weight before renormalisation and its Adam moments.
+    valid, finite, positive loss (that loss is its :math:`L_k(0)`: a first loss of exactly 0
+    has no ratio, and the next one is taken); in a step without one it keeps its weight before
+    renormalisation and its Adam moments.
 
     Differences from LibMTL: LibMTL parametrises :math:`w = K \operatorname{softmax}(s)`, trains
     :math:`s` with the model's own optimizer, uses equal weights during the first epoch and takes
@@ -207,7 +208,7 @@ class GradNorm(GradientWeighting):
         if initial is None:
             initial = torch.full_like(losses, torch.nan)
         initial = initial.to(device, dtype)
-        initial = torch.where(usable & initial.isnan(), losses, initial)
+        initial = torch.where(usable & (initial.isnan() | (initial == 0)), losses, initial)
         self._initial_losses = initial
         taking_part = usable & (initial > 0) & norms.isfinite()
         count = taking_part.sum().clamp(min=1)

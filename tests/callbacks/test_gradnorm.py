@@ -110,6 +110,52 @@ def test_accumulated_micro_batches_share_one_update():
     assert not torch.equal(weights[1], weights[2])
 
 
+def test_an_accumulated_update_follows_the_mean_of_the_micro_batches_gradients():
+    # One optimizer step of two micro-batches of different sizes: Adam's first moment after it is
+    # (1 - beta1) times the mean of the micro-batches' sign(w n - target) n, at w = 1 and the
+    # initial model (it does not move between micro-batches); L(0) from the first micro-batch.
+    alpha, batches = 1.5, [make_batch(6, seed=1), make_batch(9, seed=2)]
+    recorder, _ = fit(GradNorm(alpha=alpha, lr=LR), batches, deep=True, accumulate_grad_batches=2)
+    model = initial_model(deep=True)
+    initial, gradients = None, []
+    for batch in batches:
+        losses, _ = forward_losses(model, batch)
+        last_layer = list(model.trunk[2].parameters())
+        norms = torch.stack([flat_grad(loss, last_layer).norm() for loss in losses])
+        losses = losses.detach()
+        initial = losses if initial is None else initial
+        ratios = losses / initial
+        target = norms.mean() * (ratios / ratios.mean()) ** alpha
+        gradients.append(torch.sign(norms - target) * norms)
+    first_moment = recorder.steps[-1]["state"]["weights"]["exp_avg"]
+    torch.testing.assert_close(first_moment, 0.1 * (gradients[0] + gradients[1]) / 2)
+
+
+def test_a_first_loss_of_zero_has_no_ratio_and_the_next_loss_is_taken():
+    # price's first batch is the initial model's own predictions: L(0) = 0, and L / L(0) is 0/0.
+    # It sits out that step (the others' target is their own mean) and takes L(0) at the next.
+    batches = [make_batch(6, seed=1), make_batch(9, seed=2), make_batch(7, seed=3)]
+    model = initial_model(deep=True)
+    with torch.no_grad():
+        batches[0][1]["price"] = model(batches[0][0])["price"].clone()
+    recorder, _ = fit(GradNorm(lr=LR), batches, deep=True)
+    first, second = recorder.steps[0], recorder.steps[1]
+    assert first["losses"][0] == 0
+    losses, _ = forward_losses(model, batches[0])
+    last_layer = list(model.trunk[2].parameters())
+    norms = torch.stack([flat_grad(loss, last_layer).norm() for loss in losses[1:]])
+    moments = first["state"]["weights"]
+    assert moments["steps"][0] == 0 and moments["exp_avg"][0] == 0
+    torch.testing.assert_close(
+        moments["exp_avg"][1:], 0.1 * torch.sign(norms - norms.mean()) * norms
+    )
+    initial = second["state"]["initial_losses"]
+    assert initial[0] == second["losses"][0] > 0
+    assert second["state"]["weights"]["steps"][0] == 1
+    for step in recorder.steps:
+        assert torch.isfinite(step["state"]["weights"]["values"]).all()
+
+
 def test_a_task_takes_part_from_its_first_labelled_step_and_only_when_labelled():
     batches = [make_batch(6, seed=1), make_batch(9, seed=2), make_batch(7, seed=3)]
     for index in (0, 2):
