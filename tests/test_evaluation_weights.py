@@ -59,6 +59,17 @@ def test_evaluation_weighs_each_task_as_the_latest_training_step_that_had_it():
     assert _validation_weights(trainer, model) == [4.0, 6.0, 9.0]
 
 
+def test_a_task_no_training_step_had_is_evaluated_with_its_static_weight():
+    # price (Task.weight 2) has no label in the one training step: no method weight of its own
+    # yet, so its static weight, not 1 (and not the method's weight of a step without it).
+    batch = make_batch(6, seed=0)
+    batch[1]["price"][:] = torch.nan
+    model = ThreeTaskNet()
+    trainer = quiet_trainer(1, steps=1, callbacks=[CountingWeights()])
+    trainer.fit(model, torch.utils.data.DataLoader([batch], batch_size=None))
+    assert _validation_weights(trainer, model) == [2.0, 2.0, 3.0]
+
+
 @pytest.mark.parametrize(
     "method", [lambda: MGDA(rep_grad=True), lambda: UPGrad()], ids=["MGDA rep", "UPGrad param"]
 )

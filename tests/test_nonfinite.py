@@ -253,24 +253,43 @@ def test_skips_are_counted_per_optimizer_step_under_accumulation(policy):
     assert trainer.global_step == 2 and model.skipped_steps == 1
 
 
-def test_a_skipped_accumulated_step_leaves_the_evaluation_weights_of_the_step_before():
-    """Its first micro-batch was finite and weighed (RLW draws new weights every step), its
-    second was not: validation weighs as after the step before, as if it had never run."""
+@pytest.mark.parametrize("micro_batches", [2, 3])
+def test_a_skipped_accumulated_step_leaves_the_evaluation_weights_of_the_step_before(
+    micro_batches,
+):
+    """Its first micro-batches were finite and weighed (RLW draws new weights every step), its
+    last was not: validation weighs as after the step before, as if it had never run (with
+    three, the weights of the skipped step's first micro-batch are those to forget)."""
 
     def evaluation_weights(steps: int) -> Tensor:
-        batches = [make_batch(6, seed=s) for s in range(4)]
-        batches[3][1]["price"][1] = torch.inf  # the second step's second micro-batch
+        batches = [make_batch(6, seed=s) for s in range(2 * micro_batches)]
+        batches[-1][1]["price"][1] = torch.inf  # the second step's last micro-batch
         model = ThreeTaskNet().double()
         model.nonfinite = "skip"
-        trainer = quiet_trainer(1, steps, callbacks=[callbacks.RLW()], accumulate_grad_batches=2)
+        trainer = quiet_trainer(
+            1, steps, callbacks=[callbacks.RLW()], accumulate_grad_batches=micro_batches
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            trainer.fit(model, DataLoader(batches[: 2 * steps], batch_size=None))
+            trainer.fit(model, DataLoader(batches[: micro_batches * steps], batch_size=None))
         assert model.skipped_steps == steps - 1
         trainer.validate(model, one_batch_loader(make_batch(5, seed=9)), verbose=False)
         return model.loss_record.weights
 
     torch.testing.assert_close(evaluation_weights(2), evaluation_weights(1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "drop_task"])
+def test_the_last_nonfinite_tasks_name_the_bad_step_s_tasks_only(nonfinite):
+    # LossBalanceMonitor reports them: the task whose loss was not finite, not every task.
+    batches = [make_batch(4, seed=s, dtype=torch.float32) for s in range(2)]
+    batches[1][1]["price"][0] = torch.inf
+    model = ThreeTaskNet()
+    model.nonfinite = nonfinite
+    trainer = quiet_trainer(1, steps=2, precision="32-true")
+    with pytest.warns(UserWarning, match="'price'"):
+        trainer.fit(model, DataLoader(batches, batch_size=None))
+    assert model.skipped_steps == 1 and model.last_nonfinite_tasks == ("price",)
 
 
 def test_a_skipped_step_leaves_adams_parameters_alone_and_the_next_step_trains():
