@@ -131,3 +131,16 @@ def test_a_state_saved_in_float32_resumes_in_the_dtype_of_the_losses():
     weights = resumed.task_weights(module, global_losses([1.0, 2.0, 3.0]))
     assert weights.dtype == torch.float64
     assert torch.equal(resumed.state_to_log()["logit"], logits["values"].double())
+
+
+def test_the_re_evaluation_runs_in_the_steps_precision():
+    # With a learning rate of 0 the model does not move, so the losses after the step are the
+    # losses before it, if both are computed alike: the decreases are 0 and (without weight
+    # decay) the logits stay at 0. Re-evaluated outside the step's autocast, the after-losses
+    # were float32 ones against bf16 ones before, and the logits moved on rounding.
+    batches = [make_batch(8, seed=seed, dtype=torch.float32) for seed in range(3)]
+    callback = FAMO(weight_decay=0.0)
+    run = trainer([callback], max_epochs=1, precision="bf16-mixed")
+    run.fit(ThreeTaskNet(lr=0.0), DataLoader(batches, batch_size=None))
+    logits = callback.state_dict()["logits"]["values"]
+    assert torch.equal(logits, torch.zeros_like(logits)), logits

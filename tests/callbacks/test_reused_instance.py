@@ -1,0 +1,54 @@
+"""One callback instance used for two fits: the second, resumed from a checkpoint, continues
+exactly as a fresh instance resumed from it does. Lightning loads the checkpoint's state into the
+instance it is given; whatever the instance derived from its earlier state (cached weights, the
+weights of the current period, pending losses) must not outlive the load."""
+
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from tests.callbacks._fits import assert_nested_equal, loader, trainer, training_batches
+from tests.callbacks.test_checkpoint_task_order import CALLBACKS, STATEFUL
+from tests.models import ThreeTaskNet
+
+CHECKPOINT_STEP, STEPS = 5, 7
+
+
+class StepWeights(L.Callback):
+    def __init__(self) -> None:
+        self.weights: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.weights.append(pl_module.loss_record.weights.detach().clone())
+
+
+def _fit(callbacks: list, seed: int = 0, **kwargs) -> ThreeTaskNet:
+    torch.manual_seed(0)
+    model = ThreeTaskNet().double()
+    run = trainer(callbacks, max_epochs=1, **kwargs.pop("trainer", {}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run.fit(model, loader(training_batches(STEPS, seed=seed)), **kwargs)
+    return model
+
+
+def _resumed(callback: L.Callback, path: str) -> tuple:
+    seen = StepWeights()
+    model = _fit([callback, seen], ckpt_path=path)
+    return seen.weights, callback.state_dict(), model.state_dict()
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_a_used_instance_resumes_as_a_fresh_one(tmp_path, name):
+    saving = ModelCheckpoint(tmp_path, "step", every_n_train_steps=CHECKPOINT_STEP)
+    options = {"max_steps": CHECKPOINT_STEP, "enable_checkpointing": True}
+    _fit([CALLBACKS[name](), saving], trainer=options)
+    expected = _resumed(CALLBACKS[name](), saving.best_model_path)
+    used = CALLBACKS[name]()
+    _fit([used], seed=50)  # other batches: other state, other cached weights
+    actual = _resumed(used, saving.best_model_path)
+    assert actual[0], "the resumed fit trained no step"
+    assert_nested_equal(actual, expected)
