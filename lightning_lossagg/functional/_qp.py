@@ -24,7 +24,8 @@ TINY = float(np.finfo(np.float64).tiny)
 
 
 def validated_gramian(gramian: Tensor) -> Tensor:
-    """Check that ``gramian`` looks like a Gramian and return a symmetric float64 CPU copy.
+    """Check that ``gramian`` looks like a Gramian and return a symmetric float64 CPU copy (a
+    diagonal entry rounded below 0, within the tolerance, is a zero gradient's: 0 in the copy).
 
     Raises:
         ValueError: if ``gramian`` is not a non-empty square matrix, has non-finite entries, a
@@ -52,12 +53,12 @@ def validated_gramian(gramian: Tensor) -> Tensor:
         )
     scale = np.abs(matrix).max()
     diagonal = matrix.diagonal()
-    if (diagonal < -SYMMETRY_RTOL * scale).any():
+    if (lowest := diagonal.min()) < -SYMMETRY_RTOL * scale:
         raise ValueError(
-            f"The Gramian has a negative diagonal entry {diagonal.min():.3g}, "
+            f"The Gramian has a negative diagonal entry {lowest:.3g}, "
             "so it is not a Gramian: G[i, i] = <g_i, g_i> is a squared norm."
         )
-    if (diagonal < 0.0).any():  # rounding around a zero gradient's squared norm: it is 0
+    if lowest < 0.0:  # rounding around a zero gradient's squared norm: it is 0
         matrix = matrix.copy()  # may share the caller's memory
         np.fill_diagonal(matrix, np.maximum(diagonal, 0.0))
         diagonal = matrix.diagonal()
