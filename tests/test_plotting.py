@@ -103,3 +103,13 @@ def test_without_matplotlib_a_fit_warns_and_finishes(tmp_path, monkeypatch):
 def test_plot_false_writes_no_png(tmp_path):
     trainer = _fit(tmp_path, [LossLogger(plot=False)])
     assert not (Path(trainer.logger.log_dir) / "loss_trajectories.png").exists()
+
+
+def test_a_zero_loss_gets_a_symlog_axis_and_the_losses_a_legend(tmp_path):
+    ones = torch.ones(2, 2)
+    figure = trajectory_figure([0, 1], torch.tensor([[0.0, 1.0], [0.5, 2.0]]), ones, ["a", "b"])
+    assert figure.axes[0].get_yscale() == "symlog"  # a log axis would hide the 0
+    legend = figure.axes[0].get_legend()
+    assert legend is not None and [t.get_text() for t in legend.get_texts()] == ["a", "b"]
+    path = plotting.save_figure(figure, tmp_path / "new" / "dir" / "plot.png")
+    assert path.is_file()

@@ -258,3 +258,23 @@ def test_a_checkpoint_resumes_into_a_trunk_frozen_at_setup(tmp_path):
     torch.testing.assert_close(
         resumed.state_dict()["buffer"], uninterrupted.state_dict()["buffer"], rtol=0, atol=0
     )
+
+
+class StopBeforeTheStep(L.Callback):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        raise RuntimeError("stopped")  # an interrupted step: the method never reads its losses
+
+
+def test_a_reused_instance_forgets_the_losses_an_interrupted_fit_left_unread():
+    method = DBMTL()
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="stopped"):
+        trainer([StopBeforeTheStep(), method], max_epochs=1).fit(
+            SignedPriceNet().double(), DataLoader(signed_price_batches(1, negative_at=0), None)
+        )
+    # The same instance on good losses: the stopped fit's unread negative loss is not reported.
+    torch.manual_seed(0)
+    trainer([method], max_epochs=1).fit(
+        SignedPriceNet().double(), DataLoader(signed_price_batches(2, negative_at=99), None)
+    )
+    assert torch.isfinite(method.state_dict()["buffer"]).all()

@@ -445,3 +445,59 @@ def test_a_record_of_another_stage_is_not_judged_as_a_training_step():
     steps = torch.tensor([[99.0, 0.5, 0.5]] * 8)
     _, messages = _fit(ScriptedNet(steps, stage="val"), LossBalanceMonitor(window=4))
     assert messages == []
+
+
+THRESHOLDS = _balance_window.Thresholds(
+    dominance=0.9, rise_tolerance=0.1, collapse_fraction=0.01, explosion_factor=100.0
+)
+
+
+def _window(size, losses, weights=None):
+    losses = torch.tensor(losses, dtype=torch.float64)
+    weights = torch.ones_like(losses) if weights is None else torch.tensor(weights).double()
+    window = _balance_window.LossWindow(size)
+    for row, weight in zip(losses, weights, strict=True):
+        window.add(LossRecord("train", ("a", "b"), row, weight, torch.ones_like(row)))
+    return window
+
+
+def test_an_odd_window_compares_its_disjoint_halves():
+    # window 5, halves of 2: early mean(1, 2) = 1.5, late mean(4, 5) = 4.5, ratio 3 (the middle
+    # step belongs to neither half).
+    window = _window(5, [[1.0, 50.0], [2.0, 40.0], [3.0, 30.0], [4.0, 20.0], [5.0, 10.0]])
+    _, values = window.evaluate(THRESHOLDS)
+    assert values[1][0] == pytest.approx(3.0)
+
+
+def test_a_rise_is_clear_against_the_halves_sample_standard_errors():
+    # "a" rises by 0.35; the halves' standard errors (n - 1 variance) are 0.1 each, so the bar is
+    # 3 * sqrt(0.02) = 0.424 > 0.35: not a clear rise (with the population variance, 0.3: a rise).
+    window = _window(4, [[1.0, 10.0], [1.2, 10.1], [1.35, 5.0], [1.55, 5.1]])
+    flags, values = window.evaluate(THRESHOLDS)
+    assert values[1][0] == pytest.approx(1.45 / 1.1)
+    assert flags[1][0] is False
+
+
+def test_a_nan_weight_is_a_weight_explosion():
+    weights = [[1.0, 1.0], [1.0, 1.0], [float("nan"), 1.0], [1.0, 1.0]]
+    flags, _ = _window(2, [[1.0, 1.0]] * 4, weights).evaluate(THRESHOLDS)
+    assert flags[3] == [True, False]
+
+
+def test_a_nonfinite_loss_is_reported_at_the_next_check_only():
+    window = _window(2, [[float("nan"), 1.0], [1.0, 1.0]])
+    flags, _ = window.evaluate(THRESHOLDS)
+    assert flags[4] == [True, False]
+    ones = torch.ones(2, dtype=torch.float64)
+    window.add(LossRecord("train", ("a", "b"), ones, ones, ones))
+    flags, _ = window.evaluate(THRESHOLDS)
+    assert flags[4] == [False, False]
+
+
+def test_a_skip_marked_before_a_checkpoint_is_reported_after_the_resume():
+    window = _window(2, [[1.0, 1.0]])
+    window.mark_nonfinite([1])  # a skipped step, not yet evaluated when the checkpoint is made
+    restored = _balance_window.LossWindow(2)
+    restored.load_state_dict(window.state_dict())
+    flags, _ = restored.evaluate(THRESHOLDS)
+    assert flags[4] == [False, True]

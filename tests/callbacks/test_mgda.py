@@ -94,3 +94,28 @@ def test_bad_arguments_are_refused():
         MGDA(normalization="l1")
     with pytest.raises(ValueError, match="'gradients' or 'gramian'"):
         MGDA(sync="params")
+
+
+class ZeroPrice(ThreeTaskNet):
+    """``price``'s loss is exactly 0 (and so is its gradient)."""
+
+    def per_sample_losses(self, predictions, targets):
+        losses = super().per_sample_losses(predictions, targets)
+        values, mask = losses["price"]
+        losses["price"] = type(losses["price"])(values * 0.0, mask)
+        return losses
+
+
+def test_loss_normalisation_leaves_a_zero_loss_out_with_weight_0():
+    # Documented: a task whose normaliser is 0 (a zero loss with "loss") is left out of the
+    # min-norm problem with weight 0; only a negative loss is refused (a bound of <= 0 survived).
+    model = ZeroPrice().double()
+    model.load_state_dict(initial_model_state())
+    batch, recorder = training_batches(1)[0], Recorder()
+    trainer([MGDA(normalization="loss"), recorder], max_epochs=1).fit(model, loader([batch]))
+    step = recorder.steps[0]
+    assert step["weights"][0] == 0.0
+    hand = HandStep(step["before"], batch, rep_grad=False)
+    norms = hand.losses.detach()[1:]
+    expected = mgda(hand.gramian[1:, 1:] / torch.outer(norms, norms)) / norms
+    torch.testing.assert_close(step["weights"][1:], expected * STATIC_WEIGHTS[1:])

@@ -5,6 +5,7 @@ argument checks."""
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_lossagg.callbacks import NashMTL, gradient_weighting
 from tests.callbacks._gradient_based import (
@@ -120,3 +121,36 @@ def test_the_method_knows_the_rounding_of_the_gramians_dtype(rep_grad):
         trainer = quiet_trainer(1, precision=precision, callbacks=[callback])
         trainer.fit(ThreeTaskNet(), loader([make_batch(6, seed=1, dtype=dtype)]))
         assert callback.gramian_eps == torch.finfo(dtype).eps
+
+
+def test_a_task_left_out_of_a_solve_keeps_its_previous_value_for_the_reuse():
+    # Solves at global steps 0 and 2 (update_weights_every=2), reuses at 1 and 3. "kind" has no
+    # valid label at step 2: its entry keeps step 0's solution, which step 3 reuses.
+    batches = [make_batch(9, seed=s) for s in range(4)]
+    batches[2][1]["kind"][:] = -100
+    recorder, _ = fit(NashMTL(update_weights_every=2, max_norm=0.0), batches, max_epochs=1)
+    steps = recorder.steps
+    assert [s["global_step"] for s in steps] == [0, 1, 2, 3]
+    assert bool(steps[3]["valid"][1]) and not bool(steps[2]["valid"][1])
+    assert steps[3]["weights"][1] == steps[0]["weights"][1] != 1.0  # kind: Task.weight 1
+
+
+def test_resuming_between_solves_without_a_saved_solution_solves(tmp_path):
+    # A checkpoint whose NashMTL state does not load (another update_weights_every: another
+    # state key) resumes at global step 2, between solves of update_weights_every=3: with no
+    # previous solution the step solves (it crashed on reusing None).
+    batches = [make_batch(9, seed=s) for s in range(2)]
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit(
+        NashMTL(update_weights_every=1, max_norm=0.0),
+        batches,
+        1,
+        extra_callbacks=(checkpoint,),
+        enable_checkpointing=True,
+    )
+    resumed, _ = fit(
+        NashMTL(update_weights_every=3, max_norm=0.0), batches, 2, ckpt_path=tmp_path / "last.ckpt"
+    )
+    assert [s["global_step"] for s in resumed.steps] == [2, 3]
+    weights = resumed.steps[0]["weights"]
+    assert torch.isfinite(weights).all() and (weights > 0).all()
