@@ -37,11 +37,11 @@ def check_non_negative(name: str, value: float, fix: str = "") -> float:
     return float(value)
 
 
-def check_non_negative_int(name: str, value: int, fix: str) -> int:
-    """``value`` as an int if it is an integer >= 0 (a NumPy one too), else a ValueError
-    naming ``fix``."""
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
-        raise ValueError(f"`{name}` must be an int >= 0; got {value!r}. {fix}")
+def check_int_at_least(name: str, value: int, minimum: int, fix: str = "") -> int:
+    """``value`` as an int if it is an integer >= ``minimum`` (a NumPy one too), else a
+    ValueError naming ``fix``."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}; got {value!r}. {fix}".rstrip())
     return int(value)
 
 

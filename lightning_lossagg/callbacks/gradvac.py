@@ -13,7 +13,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_lossagg.aggregation import GlobalTaskLosses
-from lightning_lossagg.callbacks._checks import check_non_negative_int, require_multitask
+from lightning_lossagg.callbacks._checks import check_int_at_least, require_multitask
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sync
 from lightning_lossagg.callbacks.rlw import step_seed
 from lightning_lossagg.functional._qp import symmetric_matrix
@@ -74,7 +74,7 @@ class GradVac(GradientWeighting):
         if not 0 <= beta <= 1:
             raise ValueError(f"`beta` must be in [0, 1] (LibMTL uses 0.5); got {beta}.")
         self.beta = float(beta)
-        self.seed = check_non_negative_int("seed", seed, "Pass e.g. seed=0.")
+        self.seed = check_int_at_least("seed", seed, 0, "Pass e.g. seed=0.")
         self._generator = torch.Generator()
         self._num_tasks = 0
         self._targets: Tensor | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from numbers import Integral, Real
+from numbers import Real
 from typing import Any
 
 import lightning as L
@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_lossagg.callbacks._balance_window import CONDITIONS, LossWindow, Thresholds
+from lightning_lossagg.callbacks._checks import check_int_at_least
 from lightning_lossagg.callbacks._direct_log import write_metrics
 from lightning_lossagg.weighting import LossRecord, check_checkpoint_tasks
 
@@ -68,9 +69,9 @@ class LossBalanceMonitor(L.Callback):
         _check_number("rise_tolerance", rise_tolerance, 0.0, math.inf, closed_low=True)
         _check_number("collapse_fraction", collapse_fraction, 0.0, 1.0)
         _check_number("explosion_factor", explosion_factor, 1.0, math.inf)
-        window = _check_int("window", window, minimum=2)
+        window = check_int_at_least("window", window, 2)
         if check_every_n_steps is not None:
-            check_every_n_steps = _check_int("check_every_n_steps", check_every_n_steps, minimum=1)
+            check_every_n_steps = check_int_at_least("check_every_n_steps", check_every_n_steps, 1)
         self.raise_on = _check_conditions(raise_on)
         self.window = window
         self.check_every_n_steps = check_every_n_steps
@@ -229,12 +230,6 @@ def _check_number(
     if not ok or not ((value >= low) if closed_low else (value > low)) or not value < high:
         bounds = f"{'[' if closed_low else '('}{low}, {high})"
         raise ValueError(f"`{name}` must be a number in {bounds}; got {value!r}.")
-
-
-def _check_int(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}; got {value!r}.")
-    return int(value)
 
 
 def _check_conditions(raise_on: Iterable[str]) -> frozenset[str]:

@@ -15,7 +15,7 @@ from typing_extensions import override
 from lightning_lossagg.aggregation import GlobalTaskLosses, on_device
 from lightning_lossagg.callbacks._checks import (
     LossesReadLater,
-    check_non_negative_int,
+    check_int_at_least,
     check_positive,
     require_multitask,
     usable_tasks,
@@ -80,8 +80,8 @@ class LossScaling(WeightingCallback):
             )
         self.mode: LevelMode = mode
         self.decay = float(decay)
-        self.warmup_steps = check_non_negative_int(
-            "warmup_steps", warmup_steps, "Use 0 to scale from the first step."
+        self.warmup_steps = check_int_at_least(
+            "warmup_steps", warmup_steps, 0, "Use 0 to scale from the first step."
         )
         self.eps = check_positive("eps", eps, "The default is 1e-8.")
         self._levels: Tensor | None = None

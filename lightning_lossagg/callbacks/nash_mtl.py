@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from numbers import Integral
 from typing import Any
 
 import lightning as L
@@ -12,7 +11,11 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_lossagg.aggregation import GlobalTaskLosses
-from lightning_lossagg.callbacks._checks import check_non_negative, require_multitask
+from lightning_lossagg.callbacks._checks import (
+    check_int_at_least,
+    check_non_negative,
+    require_multitask,
+)
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sync
 from lightning_lossagg.functional._qp import symmetric_matrix
 from lightning_lossagg.functional.nash_mtl import MAX_ITER, nash_mtl_weights
@@ -80,20 +83,14 @@ class NashMTL(GradientWeighting):
         sync: Sync = "gradients",
     ) -> None:
         super().__init__(rep_grad=rep_grad, sync=sync)
-        if (
-            isinstance(update_weights_every, bool)
-            or not isinstance(update_weights_every, Integral)
-            or update_weights_every < 1
-        ):
-            raise ValueError(
-                f"`update_weights_every` must be an int >= 1 (LibMTL's default is 1); got "
-                f"{update_weights_every!r}."
-            )
-        max_norm = check_non_negative("max_norm", max_norm, "0 disables clipping; LibMTL: 1.0.")
-        self.update_weights_every = int(update_weights_every)
+        self.update_weights_every = check_int_at_least(
+            "update_weights_every", update_weights_every, 1, "LibMTL's default is 1."
+        )
         # Weighing in backward solves at every step.
-        self.may_weigh_in_backward = update_weights_every == 1  # type: ignore[misc]
-        self.max_norm = max_norm
+        self.may_weigh_in_backward = self.update_weights_every == 1  # type: ignore[misc]
+        self.max_norm = check_non_negative(
+            "max_norm", max_norm, "0 disables clipping; LibMTL: 1.0."
+        )
         self._num_tasks = 0
         self._previous: Tensor | None = None
 

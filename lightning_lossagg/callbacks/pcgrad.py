@@ -10,7 +10,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_lossagg.aggregation import GlobalTaskLosses
-from lightning_lossagg.callbacks._checks import check_non_negative_int
+from lightning_lossagg.callbacks._checks import check_int_at_least
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sync
 from lightning_lossagg.callbacks.rlw import step_seed
 from lightning_lossagg.functional._qp import symmetric_matrix
@@ -56,7 +56,7 @@ class PCGrad(GradientWeighting):
 
     def __init__(self, seed: int = 0, rep_grad: bool = False, sync: Sync = "gradients") -> None:
         super().__init__(rep_grad=rep_grad, sync=sync)
-        self.seed = check_non_negative_int("seed", seed, "Pass e.g. seed=0.")
+        self.seed = check_int_at_least("seed", seed, 0, "Pass e.g. seed=0.")
         self._generator = torch.Generator()
 
     @property

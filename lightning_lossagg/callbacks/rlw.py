@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses
-from lightning_lossagg.callbacks._checks import check_non_negative_int, require_multitask
+from lightning_lossagg.callbacks._checks import check_int_at_least, require_multitask
 from lightning_lossagg.functional.rlw import rlw
 from lightning_lossagg.weighting import WeightingCallback
 
@@ -62,7 +62,7 @@ class RLW(WeightingCallback):
     state_is_per_task = False  # the seed
 
     def __init__(self, seed: int = 0) -> None:
-        self.seed = check_non_negative_int("seed", seed, "Pass e.g. seed=0.")
+        self.seed = check_int_at_least("seed", seed, 0, "Pass e.g. seed=0.")
         self._generator = torch.Generator()
         self._num_tasks = 0
         # The drawn block: ((block index, device, dtype), its weights [DRAW_BLOCK, K]).

@@ -71,8 +71,7 @@ class UPGrad(GradientWeighting):
         super().__init__(rep_grad=rep_grad, sync=sync)
         self.pref_vector = check_pref_vector("UPGrad", pref_vector)
         self.reg_eps = check_positive("reg_eps", reg_eps, "torchjd uses reg_eps=1e-4.")
-        norm_eps = check_non_negative("norm_eps", norm_eps)
-        self.norm_eps = norm_eps
+        self.norm_eps = check_non_negative("norm_eps", norm_eps)
         # Per projection, the coordinates above their bounds at the latest step: where the next
         # solves start (they rarely change from one step to the next; the weights do not depend
         # on them).

@@ -12,17 +12,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tests.callbacks._fits import assert_nested_equal, loader, trainer, training_batches
 from tests.callbacks.test_checkpoint_task_order import CALLBACKS, STATEFUL
+from tests.callbacks.test_every_method import WeightsSeen
 from tests.models import ThreeTaskNet
 
 CHECKPOINT_STEP, STEPS = 5, 7
-
-
-class StepWeights(L.Callback):
-    def __init__(self) -> None:
-        self.weights: list[torch.Tensor] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.weights.append(pl_module.loss_record.weights.detach().clone())
 
 
 def _fit(callbacks: list, seed: int = 0, **kwargs) -> ThreeTaskNet:
@@ -36,7 +29,7 @@ def _fit(callbacks: list, seed: int = 0, **kwargs) -> ThreeTaskNet:
 
 
 def _resumed(callback: L.Callback, path: str) -> tuple:
-    seen = StepWeights()
+    seen = WeightsSeen()
     model = _fit([callback, seen], ckpt_path=path)
     return seen.weights, callback.state_dict(), model.state_dict()
 
