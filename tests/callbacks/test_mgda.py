@@ -74,11 +74,17 @@ def test_a_task_with_a_zero_gradient_is_left_out_of_the_l2_normalised_problem():
     torch.testing.assert_close(step["weights"][:2], expected * STATIC_WEIGHTS[:2])
 
 
-class NegativePrice(ThreeTaskNet):
+class PriceLossMapped(ThreeTaskNet):
+    """``price``'s per-sample losses passed through ``transform`` (shifted below 0, zeroed)."""
+
+    def __init__(self, transform) -> None:
+        super().__init__()
+        self.transform = transform
+
     def per_sample_losses(self, predictions, targets):
         losses = super().per_sample_losses(predictions, targets)
         values, mask = losses["price"]
-        losses["price"] = type(losses["price"])(values - 100.0, mask)
+        losses["price"] = type(losses["price"])(self.transform(values), mask)
         return losses
 
 
@@ -86,7 +92,7 @@ class NegativePrice(ThreeTaskNet):
 def test_a_negative_loss_is_refused_by_the_loss_normalisations(normalization):
     run = trainer([MGDA(normalization=normalization)], max_epochs=1)
     with pytest.raises(ValueError, match="task\\(s\\) price was negative at global step 0"):
-        run.fit(NegativePrice().double(), loader(training_batches(1)))
+        run.fit(PriceLossMapped(lambda v: v - 100.0).double(), loader(training_batches(1)))
 
 
 def test_bad_arguments_are_refused():
@@ -96,20 +102,10 @@ def test_bad_arguments_are_refused():
         MGDA(sync="params")
 
 
-class ZeroPrice(ThreeTaskNet):
-    """``price``'s loss is exactly 0 (and so is its gradient)."""
-
-    def per_sample_losses(self, predictions, targets):
-        losses = super().per_sample_losses(predictions, targets)
-        values, mask = losses["price"]
-        losses["price"] = type(losses["price"])(values * 0.0, mask)
-        return losses
-
-
 def test_loss_normalisation_leaves_a_zero_loss_out_with_weight_0():
     # Documented: a task whose normaliser is 0 (a zero loss with "loss") is left out of the
     # min-norm problem with weight 0; only a negative loss is refused (a bound of <= 0 survived).
-    model = ZeroPrice().double()
+    model = PriceLossMapped(lambda v: v * 0.0).double()  # a loss (and gradient) of exactly 0
     model.load_state_dict(initial_model_state())
     batch, recorder = training_batches(1)[0], Recorder()
     trainer([MGDA(normalization="loss"), recorder], max_epochs=1).fit(model, loader([batch]))
