@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses, on_device
 from lightning_lossagg.callbacks._checks import (
     LossesReadLater,
@@ -86,6 +87,12 @@ class LossScaling(WeightingCallback):
         self.eps = check_positive("eps", eps, "The default is 1e-8.")
         self._levels: Tensor | None = None
         self._has_level: Tensor | None = None
+        # Whether every task has a level, as the host learnt it (from a copy of `_has_level` made
+        # without a stall, read at the optimizer step): then the steps leave out the operations
+        # that start a level, whose results they would not change. Never True before the device's.
+        self._all_have_levels = False
+        self._has_level_copy: distributed.HostCopy | None = None
+        self._weights: Tensor | None = None  # mode="initial": the weights of the fixed levels
         self._task_names: tuple[str, ...] = ()
         self._unchecked = LossesReadLater(
             "LossScaling divides each task's loss by its level",
@@ -113,10 +120,14 @@ class LossScaling(WeightingCallback):
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
         self._unchecked.add(step.losses)  # checked at the optimizer step
         in_warmup = pl_module.trainer.global_step < self.warmup_steps
+        if self._all_have_levels and not in_warmup:
+            return self._weights_of_known_levels(step)
         if self.mode == "ema" or not in_warmup:
             self._update_levels(step)
         if in_warmup or self._levels is None or self._has_level is None:
             return torch.ones_like(step.losses)
+        if self._has_level_copy is None:
+            self._has_level_copy = distributed.HostCopy(self._has_level)
         weights = loss_scaling_weights(self._levels, self.eps, validate_args=False)
         return torch.where(self._has_level, weights, 1.0)
 
@@ -125,6 +136,9 @@ class LossScaling(WeightingCallback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         self._unchecked.check(self._task_names, trainer.global_step)
+        if self._has_level_copy is not None:  # tasks only gain levels: the latest copy tells
+            self._all_have_levels = bool(self._has_level_copy.get().all())
+            self._has_level_copy = None
 
     def _update_levels(self, step: GlobalTaskLosses) -> None:
         usable = usable_tasks(step)
@@ -144,6 +158,21 @@ class LossScaling(WeightingCallback):
         self._levels = torch.where(update, candidate, levels)
         self._has_level = has_level | usable
 
+    def _weights_of_known_levels(self, step: GlobalTaskLosses) -> Tensor:
+        """Once every task has a level: the arithmetic of :meth:`_update_levels` and
+        :meth:`task_weights` where ``has_level`` is all True, bit for bit, without their
+        operations that only start levels (three per step; with fixed levels, all of them)."""
+        losses = step.losses
+        levels = on_device(self._levels, losses.device)  # type: ignore[arg-type]
+        if self.mode == "initial":  # fixed levels, fixed weights
+            if self._weights is None or self._weights.device != losses.device:
+                self._levels = levels
+                self._weights = loss_scaling_weights(levels, self.eps, validate_args=False)
+            return self._weights
+        moving_average = update_loss_levels(levels, losses, self.decay, validate_args=False)
+        self._levels = torch.where(usable_tasks(step), moving_average, levels)
+        return loss_scaling_weights(self._levels, self.eps, validate_args=False)
+
     @override
     def state_to_log(self) -> dict[str, Tensor]:
         return {} if self._levels is None else {"loss_level": self._levels}
@@ -155,3 +184,6 @@ class LossScaling(WeightingCallback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._levels, self._has_level = state_dict["levels"], state_dict["has_level"]
+        has_level = self._has_level
+        self._all_have_levels = has_level is not None and bool(has_level.all())
+        self._has_level_copy = self._weights = None

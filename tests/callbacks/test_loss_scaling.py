@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
 from lightning_lossagg.callbacks import LossScaling
@@ -30,8 +31,14 @@ def test_bad_arguments_are_refused(arguments, message):
 
 
 def _run(callback: LossScaling, history: list) -> list[torch.Tensor]:
+    """The weights of each step of ``history``, an optimizer step after each."""
     callback.setup(None, ThreeTaskNet(), "fit")
-    return [callback.task_weights(at_step(index), step) for index, step in enumerate(history)]
+    weights = []
+    for index, step in enumerate(history):
+        module = at_step(index)
+        weights.append(callback.task_weights(module, step))
+        callback.on_before_optimizer_step(module.trainer, module, None)
+    return weights
 
 
 def test_initial_mode_divides_by_the_losses_of_the_first_step_after_the_warmup():
@@ -90,3 +97,77 @@ def test_a_loss_of_exactly_zero_is_accepted():
         weights = callback.task_weights(module, global_losses(losses))
         callback.on_before_optimizer_step(module.trainer, module, None)
     torch.testing.assert_close(weights, torch.tensor([2.0, 0.5, 0.25], dtype=torch.float64))
+
+
+class _Operations(TorchDispatchMode):
+    """Counts the tensor operations run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _weights_and_operations(
+    callback: LossScaling, index: int, step, optimizer_step: bool = True
+) -> tuple[torch.Tensor, int]:
+    """One training step's weights and their tensor operations, then (``optimizer_step``) its
+    optimizer step, where the host reads which tasks have a level."""
+    module = at_step(index)
+    step.losses  # the mixin's: computed before the method's hook  # noqa: B018
+    with _Operations() as operations:
+        weights = callback.task_weights(module, step)
+    if optimizer_step:
+        callback.on_before_optimizer_step(module.trainer, module, None)
+    return weights, operations.count
+
+
+def _set_up(**arguments) -> LossScaling:
+    callback = LossScaling(decay=0.5, **arguments)
+    callback.setup(None, ThreeTaskNet(), "fit")
+    return callback
+
+
+def _operations_of_a_general_step(**arguments) -> int:
+    """A step's operations where the host has not yet read that every task has a level."""
+    callback = _set_up(**arguments)
+    _weights_and_operations(callback, 0, global_losses([2.0, 4.0, 8.0]), optimizer_step=False)
+    return _weights_and_operations(callback, 1, global_losses([2.0, 4.0, 8.0]))[1]
+
+
+@pytest.mark.parametrize("mode", ["ema", "initial"])
+def test_once_every_task_has_a_level_the_steps_leave_out_the_operations_that_start_levels(mode):
+    # decay 0.5. Step 0 starts every level at [2, 4, 8]; from step 1 (the host has read that
+    # every task has one) the moving level takes at least three operations fewer, the initial
+    # level none once its weights are known.
+    callback = _set_up(mode=mode)
+    history = [
+        global_losses([2.0, 4.0, 8.0]),
+        global_losses([4.0, 6.0, 8.0], valid=[True, False, True]),
+        global_losses([3.0, 2.0, 4.0], valid=[True, True, False]),
+    ]
+    steps = [_weights_and_operations(callback, index, step) for index, step in enumerate(history)]
+    levels = {
+        "ema": [[2.0, 4.0, 8.0], [3.0, 4.0, 8.0], [3.0, 3.0, 8.0]],
+        "initial": [[2.0, 4.0, 8.0]] * 3,
+    }
+    for (weights, _), level in zip(steps, levels[mode], strict=True):
+        torch.testing.assert_close(weights, 1 / torch.tensor(level, dtype=torch.float64))
+    if mode == "ema":
+        general = _operations_of_a_general_step(mode=mode)
+        assert all(operations <= general - 3 for _, operations in steps[1:])
+    else:
+        assert steps[2][1] == 0
+
+
+def test_levels_restored_from_a_checkpoint_take_the_shorter_steps_at_once():
+    trained = _set_up(mode="ema")
+    _weights_and_operations(trained, 0, global_losses([2.0, 4.0, 8.0]), optimizer_step=False)
+    restored = _set_up(mode="ema")
+    restored.load_state_dict(trained.state_dict())
+    weights, operations = _weights_and_operations(restored, 1, global_losses([4.0, 4.0, 4.0]))
+    torch.testing.assert_close(weights, 1 / torch.tensor([3.0, 4.0, 6.0], dtype=torch.float64))
+    assert operations <= _operations_of_a_general_step(mode="ema") - 3
