@@ -139,13 +139,14 @@ class MultiTaskMixin:
         self.loss_record: LossRecord | None = None
         self._weighting: WeightingCallback | None = None
         # Per task, its weight at the latest training step in which it had a valid sample (what
-        # evaluation weighs with, saved in checkpoints), and the latest step's weights and valid
-        # tasks, folded in at the next step (a gradient method fills its weights in backward).
+        # evaluation weighs with, saved in checkpoints), and the weights and global counts of the
+        # steps since, folded in together every _FOLD_EVERY steps and before evaluation (a
+        # gradient method fills the latest step's weights in backward).
         self._latest_weights: Tensor | None = None
-        self._step_weights: tuple[Tensor, Tensor] | None = None
-        # The evaluation weights before this optimizer step's first weights: a skipped step
-        # (under accumulation, after finite micro-batches) goes back to them.
-        self._weights_before_step: Tensor | None = None
+        self._pending_weights: list[tuple[Tensor, Tensor]] = []
+        # Both as they were before this optimizer step's first weights: a skipped step (under
+        # accumulation, after finite micro-batches) goes back to them.
+        self._weights_before_step: tuple[Tensor | None, list[tuple[Tensor, Tensor]]] = (None, [])
         self._step_kept_weights = False
         self._gradients_checked = False  # whether each task's losses carry a gradient
         # The host reads of the non-finite flags of the steps since the last optimizer step.
@@ -511,7 +512,7 @@ class MultiTaskMixin:
             if not weighting.finite_weights:  # a task without a valid sample: weight 0
                 weights = torch.where(step.valid, weights, 0.0)
             objective = weighting.backward_objective(self, step, weights, static)  # type: ignore[arg-type]
-        self._keep_step_weights(weights, step.valid)
+        self._keep_step_weights(weights, step.counts)
         return weights, objective
 
     @property
@@ -572,28 +573,37 @@ class MultiTaskMixin:
         self.loss_record = step.record(stage, weights, self._weighting)
         return weights.to(step.local_terms.dtype) @ step.local_terms
 
-    def _keep_step_weights(self, weights: Tensor, valid: Tensor) -> None:
-        """Keep a training step's effective weights for evaluation (after folding in the step
-        before, whose weights are final by now)."""
-        if self._step_weights is not None:
-            self._fold_step_weights()
+    def _keep_step_weights(self, weights: Tensor, counts: Tensor) -> None:
+        """Keep a training step's effective weights for evaluation, with its global counts (a
+        task's weight counts where it had a valid sample)."""
+        pending = self._pending_weights
         if not self._step_kept_weights:
             _set_plain(self, "_step_kept_weights", True)
-            _set_plain(self, "_weights_before_step", self._latest_weights)
-        _set_plain(self, "_step_weights", (weights, valid))
+            _set_plain(self, "_weights_before_step", (self._latest_weights, pending.copy()))
+        pending.append((weights, counts))
+        if len(pending) > _FOLD_EVERY:  # this step's weights may still be written in backward
+            self._fold_step_weights(keep_latest_step=True)
 
-    def _fold_step_weights(self) -> Tensor | None:
-        """:attr:`_latest_weights` with the latest step's weights of its valid tasks."""
-        if self._step_weights is None:
+    def _fold_step_weights(self, keep_latest_step: bool = False) -> Tensor | None:
+        """:attr:`_latest_weights` with, per task, its weight at the last kept step in which it
+        had a valid sample (a few operations for up to ``_FOLD_EVERY`` steps together)."""
+        pending = self._pending_weights
+        steps = pending[:-1] if keep_latest_step else pending
+        if not steps:
             return self._latest_weights
-        weights, valid = self._step_weights
+        weights = torch.stack([step_weights for step_weights, _ in steps])
+        valid = torch.stack([counts for _, counts in steps]) > 0
+        # Each task's last step with a valid sample: its row number (from 1) is the largest of
+        # the rows where it had one; 0: no such step.
+        numbers = torch.arange(1, len(steps) + 1, device=valid.device)
+        last, index = (valid * numbers[:, None]).max(0)
         latest = self._latest_weights
         latest = self._static_weights if latest is None else latest
         if latest.dtype != weights.dtype or latest.device != weights.device:
             latest = latest.to(weights)
-        latest = torch.where(valid, weights, latest)
+        latest = torch.where(last > 0, weights.gather(0, index[None])[0], latest)
         _set_plain(self, "_latest_weights", latest)
-        _set_plain(self, "_step_weights", None)
+        _set_plain(self, "_pending_weights", pending[-1:] if keep_latest_step else [])
         return latest
 
     def compute_global_losses(self, batch: Any) -> GlobalTaskLosses:
@@ -624,7 +634,7 @@ class MultiTaskMixin:
             )
         self._weighting = methods[0] if methods else None
         if stage == "fit":  # a checkpoint the fit resumes from restores them after setup
-            self._latest_weights = self._step_weights = None
+            self._latest_weights, self._pending_weights = None, []
             self._step_kept_weights = self._gradients_checked = False
         # The strategy has set up its processes: whether they are several is fixed for the fit.
         self._reducer.across_ranks = distributed.is_distributed()
@@ -658,7 +668,7 @@ class MultiTaskMixin:
             self._latest_weights = None  # a fit without a method weighs with the static ones
         else:
             self._latest_weights = self._weights_by_name(state.get("latest_weights"), state)
-        self._step_weights = None
+        self._pending_weights = []
         self.skipped_steps = state.get("skipped_steps", 0)
         self._consecutive_skips = state.get("consecutive_skips", 0)
 
@@ -696,8 +706,9 @@ class MultiTaskMixin:
             # the next batch's training_step). Nor do its micro-batches' weights evaluate.
             if self._step_kept_weights:
                 self._step_kept_weights = False
-                _set_plain(self, "_latest_weights", self._weights_before_step)
-                _set_plain(self, "_step_weights", None)
+                latest, pending = self._weights_before_step
+                _set_plain(self, "_latest_weights", latest)
+                _set_plain(self, "_pending_weights", pending)
             for group in optimizer.param_groups:
                 for parameter in group["params"]:
                     parameter.grad = None
@@ -754,6 +765,9 @@ CHECKPOINT_KEY = "lossagg"
 # The steps write their per-step values (never a parameter, buffer or module) past
 # nn.Module.__setattr__, whose registration checks cost a few Python calls at every step.
 _set_plain = object.__setattr__
+
+# Training steps whose weights wait to be folded into the evaluation weights together.
+_FOLD_EVERY = 32
 
 # Flags of one optimizer step, however many batches and optimizers it has; cleared by the next
 # batch once it is over.

@@ -59,6 +59,25 @@ def test_evaluation_weighs_each_task_as_the_latest_training_step_that_had_it():
     assert _validation_weights(trainer, model) == [4.0, 6.0, 9.0]
 
 
+def test_each_task_keeps_its_latest_weight_over_more_steps_than_are_folded_together():
+    # 75 steps: the weights of up to 32 steps are folded in together. Static weights (2, 1, 1)
+    # times the method's (n, 2n, 3n) at step n: price last had labels at step 40 (in the
+    # second block), kind at step 70, sold at step 75 (no label at step 33 alone).
+    batches = [make_batch(6, seed=seed) for seed in range(75)]
+    for index, batch in enumerate(batches):
+        targets = batch[1]
+        if index >= 40:
+            targets["price"][:] = torch.nan
+        if index >= 70:
+            targets["kind"][:] = -100
+        if index == 32:
+            targets["sold"][:] = torch.nan
+    model = ThreeTaskNet()
+    trainer = quiet_trainer(1, steps=75, callbacks=[CountingWeights()])
+    trainer.fit(model, torch.utils.data.DataLoader(batches, batch_size=None))
+    assert _validation_weights(trainer, model) == [80.0, 140.0, 225.0]
+
+
 def test_a_task_no_training_step_had_is_evaluated_with_its_static_weight():
     # price (Task.weight 2) has no label in the one training step: no method weight of its own
     # yet, so its static weight, not 1 (and not the method's weight of a step without it).
@@ -70,13 +89,16 @@ def test_a_task_no_training_step_had_is_evaluated_with_its_static_weight():
     assert _validation_weights(trainer, model) == [2.0, 2.0, 3.0]
 
 
+@pytest.mark.parametrize("steps", [3, 34])
 @pytest.mark.parametrize(
     "method", [lambda: MGDA(rep_grad=True), lambda: UPGrad()], ids=["MGDA rep", "UPGrad param"]
 )
-def test_gradient_methods_weights_are_kept_once_their_backward_wrote_them(method):
+def test_gradient_methods_weights_are_kept_once_their_backward_wrote_them(method, steps):
     # MGDA with rep_grad writes its weights during backward, after the training step returned.
+    # At 34 steps, the 32 steps before the 33rd (the last with a price label) are folded in
+    # together during its training step, before its backward.
     recorded = RecordedWeights()
-    model, trainer = _fit(callbacks=[method(), recorded])
+    model, trainer = _fit(steps, callbacks=[method(), recorded])
     assert recorded.steps[-1][1] == [False, True, True]
     expected = [recorded.steps[-2][0][0], *recorded.steps[-1][0][1:]]
     assert recorded.steps[-2][1][0] and expected[0] > 0

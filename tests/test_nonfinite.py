@@ -253,17 +253,19 @@ def test_skips_are_counted_per_optimizer_step_under_accumulation(policy):
     assert trainer.global_step == 2 and model.skipped_steps == 1
 
 
-@pytest.mark.parametrize("micro_batches", [2, 3])
+@pytest.mark.parametrize(("micro_batches", "steps_before"), [(2, 1), (3, 1), (4, 8)])
 def test_a_skipped_accumulated_step_leaves_the_evaluation_weights_of_the_step_before(
-    micro_batches,
+    micro_batches, steps_before
 ):
     """Its first micro-batches were finite and weighed (RLW draws new weights every step), its
     last was not: validation weighs as after the step before, as if it had never run (with
-    three, the weights of the skipped step's first micro-batch are those to forget)."""
+    three, the weights of the skipped step's first micro-batch are those to forget; with four
+    after eight steps, its first micro-batch's weights are the 33rd kept, and the 32 before are
+    folded together then)."""
 
     def evaluation_weights(steps: int) -> Tensor:
-        batches = [make_batch(6, seed=s) for s in range(2 * micro_batches)]
-        batches[-1][1]["price"][1] = torch.inf  # the second step's last micro-batch
+        batches = [make_batch(6, seed=s) for s in range((steps_before + 1) * micro_batches)]
+        batches[-1][1]["price"][1] = torch.inf  # the skipped step's last micro-batch
         model = ThreeTaskNet().double()
         model.nonfinite = "skip"
         trainer = quiet_trainer(
@@ -272,11 +274,12 @@ def test_a_skipped_accumulated_step_leaves_the_evaluation_weights_of_the_step_be
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer.fit(model, DataLoader(batches[: micro_batches * steps], batch_size=None))
-        assert model.skipped_steps == steps - 1
+        assert model.skipped_steps == (steps > steps_before)
         trainer.validate(model, one_batch_loader(make_batch(5, seed=9)), verbose=False)
         return model.loss_record.weights
 
-    torch.testing.assert_close(evaluation_weights(2), evaluation_weights(1), rtol=0, atol=0)
+    skipped, before = evaluation_weights(steps_before + 1), evaluation_weights(steps_before)
+    torch.testing.assert_close(skipped, before, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("nonfinite", ["skip", "drop_task"])
