@@ -19,7 +19,6 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         subclass_mode_data=True,
         args=args,
         run=run,
-        auto_configure_optimizers=False,
         # The config goes beside the logger's runs (runs/<name>/config.yaml): the latest run's,
         # so that a second `lossagg fit` or a `lossagg test` with the same config runs too.
         save_config_kwargs={"overwrite": True},

@@ -85,6 +85,30 @@ def test_ckpt_path_last_resumes_the_previous_run_of_a_config_from_its_end(tmp_pa
     assert second.trainer.global_step == 6  # one more epoch
 
 
+def test_the_optimizer_and_its_scheduler_come_from_the_command_line(tmp_path):
+    # LightningCLI's --optimizer and --lr_scheduler replace the model's configure_optimizers
+    # (the demo's Adam). One epoch of StepLR(gamma=0.1) leaves a tenth of the learning rate.
+    cli = build_cli(
+        [
+            "fit",
+            f"--config={CONFIGS / 'penguins.yaml'}",
+            "--trainer.logger=false",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--optimizer=torch.optim.AdamW",
+            "--optimizer.lr=0.005",
+            "--lr_scheduler=torch.optim.lr_scheduler.StepLR",
+            "--lr_scheduler.step_size=1",
+            "--lr_scheduler.gamma=0.1",
+        ]
+    )
+    (optimizer,) = cli.trainer.optimizers
+    assert type(optimizer) is torch.optim.AdamW
+    assert optimizer.param_groups[0]["initial_lr"] == 0.005
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0005)
+
+
 def test_lossagg_predicts_with_the_demo(tmp_path):
     cli = build_cli(["predict", f"--config={CONFIGS / 'penguins.yaml'}", "--trainer.logger=false"])
     predictions = cli.trainer.predict_loop.predictions
