@@ -119,8 +119,8 @@ class DBMTL(GradientWeighting):
             partial(operator.gt, 0.0),  # loss < 0 (picklable, for ddp_spawn)
             "< 0",
             "Shift that task's loss to be >= 0",
+            state=(self._moving_state, self._put_back),
         )
-        self._state_before_check: tuple[Tensor | None, int] = (None, 0)
         self._logged_jacobian: Tensor | None = None  # the step's, for grad_cos when logged
 
     @property
@@ -142,8 +142,6 @@ class DBMTL(GradientWeighting):
         losses = torch.where(usable, step.losses, 1.0)
         # The losses < 0 are refused at the optimizer step, read without stalling the device;
         # the state from before the first unread step is then put back.
-        if not self._unchecked.pending:
-            self._state_before_check = (self._buffer, self._step)
         self._unchecked.add(losses)
         self._gramian, self._gramian_valid, self._logged_jacobian = None, step.valid, None
         if self._shared_parameters:
@@ -174,11 +172,13 @@ class DBMTL(GradientWeighting):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        try:
-            self._unchecked.check(self._task_names, trainer.global_step)
-        except ValueError:
-            self._buffer, self._step = self._state_before_check  # nothing of the step kept
-            raise
+        self._unchecked.check(self._task_names, trainer.global_step)
+
+    def _moving_state(self) -> tuple[Tensor | None, int]:
+        return self._buffer, self._step  # the buffer is replaced, never changed
+
+    def _put_back(self, state: tuple[Tensor | None, int]) -> None:
+        self._buffer, self._step = state
 
     @override
     def backward_objective(

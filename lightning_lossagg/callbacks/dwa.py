@@ -94,6 +94,7 @@ class DWA(WeightingCallback):
             partial(operator.gt, 0.0),  # loss < 0 (picklable, for ddp_spawn)
             "< 0",
             "Shift that task's loss to be >= 0",
+            state=(self._moving_state, self._put_back),
         )
 
     @property
@@ -108,6 +109,7 @@ class DWA(WeightingCallback):
 
     @override
     def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+        self._unchecked.add(step.losses)  # read at the optimizer step (NaN: no valid sample)
         trainer = pl_module.trainer
         period = (
             trainer.current_epoch
@@ -117,7 +119,6 @@ class DWA(WeightingCallback):
         if self._period is not None and period != self._period:
             self._close_period()
         self._period = period
-        self._unchecked.add(step.losses)  # read at the optimizer step (NaN: no valid sample)
         self._accumulate(step)
         if self._completed_periods < 2:
             return torch.ones_like(step.losses)
@@ -182,6 +183,19 @@ class DWA(WeightingCallback):
     @override
     def state_to_log(self) -> dict[str, Tensor]:
         return {} if self._rates is None else {"loss_rate": self._rates}
+
+    def _moving_state(self) -> tuple[Any, ...]:
+        """The periods' figures (tensors are replaced, never changed; the pending list grows)."""
+        tensors = tuple(getattr(self, name) for name in _TENSOR_STATE)
+        periods = (self._period, self._completed_periods, self._rates, self._weights)
+        return list(self._pending), self._pending_restored, tensors, periods
+
+    def _put_back(self, state: tuple[Any, ...]) -> None:
+        pending, self._pending_restored, tensors, periods = state
+        self._pending = pending
+        for name, value in zip(_TENSOR_STATE, tensors, strict=True):
+            setattr(self, name, value)
+        self._period, self._completed_periods, self._rates, self._weights = periods
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -99,6 +99,7 @@ class LossScaling(WeightingCallback):
             partial(operator.gt, 0.0),  # loss < 0 (picklable, for ddp_spawn)
             "< 0",
             "Shift that task's loss to be >= 0",
+            state=(self._moving_state, self._put_back),
         )
 
     @property
@@ -172,6 +173,14 @@ class LossScaling(WeightingCallback):
         moving_average = update_loss_levels(levels, losses, self.decay, validate_args=False)
         self._levels = torch.where(usable_tasks(step), moving_average, levels)
         return loss_scaling_weights(self._levels, self.eps, validate_args=False)
+
+    def _moving_state(self) -> tuple[Any, ...]:
+        """The levels and what follows from them (tensors are replaced, never changed)."""
+        return self._levels, self._has_level, self._all_have_levels, self._weights
+
+    def _put_back(self, state: tuple[Any, ...]) -> None:
+        self._levels, self._has_level, self._all_have_levels, self._weights = state
+        self._has_level_copy = None
 
     @override
     def state_to_log(self) -> dict[str, Tensor]:
