@@ -50,7 +50,7 @@ class GradNorm(GradientWeighting):
     LibMTL do.
 
     The norms are the square roots of the diagonal of the global Gramian, built as
-    :class:`GradientWeighting` builds it (one batched backward; exact under DDP with
+    :class:`GradientWeighting` builds it (one backward per task; exact under DDP with
     ``sync="gradients"``) but on the parameters of ``layer`` only: ``"last"`` (default, the
     paper's choice) is the last module, in registration order, holding shared parameters (all of
     its shared parameters, bias included; those that train, looked up again when they change, as

@@ -27,7 +27,9 @@ class LossBalanceMonitor(L.Callback):
     * ``dominance``: its weighted share of the objective stayed above ``dominance_threshold`` at
       every step of the last ``window`` training steps;
     * ``rising_loss``: its loss rose while the objective fell over the last ``window`` steps (the
-      mean of the later half above the earlier half's by more than ``rise_tolerance``, relative);
+      mean of the later half above the earlier half's by more than ``rise_tolerance``, relative,
+      and by more than 3 standard errors of the difference; the objective's fall by the same
+      test);
     * ``weight_collapse``: its mean weight over the last ``window`` steps fell below
       ``collapse_fraction`` times its mean weight over the first ``window`` steps;
     * ``weight_explosion``: that mean weight rose above ``explosion_factor`` times the first one,
