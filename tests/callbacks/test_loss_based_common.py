@@ -407,7 +407,7 @@ def test_a_refused_step_leaves_the_state_of_the_step_before(method):
     batches = signed_price_batches(4, negative_at=3)
     refused = method()
     torch.manual_seed(0)
-    with pytest.raises(ValueError, match=r"'price' \(-[0-9.]+\) was <=? -?\w* ?at global step 1"):
+    with pytest.raises(ValueError, match=r"'price' \(-[0-9.]+\) was .* at global step 1"):
         trainer([refused], max_epochs=1, accumulate_grad_batches=2).fit(
             SignedPriceNet().double(), torch.utils.data.DataLoader(batches, batch_size=None)
         )
