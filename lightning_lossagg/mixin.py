@@ -706,9 +706,9 @@ class MultiTaskMixin:
             # the next batch's training_step). Nor do its micro-batches' weights evaluate.
             if self._step_kept_weights:
                 self._step_kept_weights = False
-                latest, pending = self._weights_before_step
+                latest, kept = self._weights_before_step
                 _set_plain(self, "_latest_weights", latest)
-                _set_plain(self, "_pending_weights", pending)
+                _set_plain(self, "_pending_weights", kept)
             for group in optimizer.param_groups:
                 for parameter in group["params"]:
                     parameter.grad = None

@@ -80,21 +80,21 @@ class LossScaling(WeightingCallback):
                 "averages about the last 10 steps."
             )
         self.mode: LevelMode = mode
-        self.decay = float(decay)
-        self.warmup_steps = check_int_at_least(
+        self.decay: float = float(decay)
+        self.warmup_steps: int = check_int_at_least(
             "warmup_steps", warmup_steps, 0, "Use 0 to scale from the first step."
         )
-        self.eps = check_positive("eps", eps, "The default is 1e-8.")
+        self.eps: float = check_positive("eps", eps, "The default is 1e-8.")
         self._levels: Tensor | None = None
         self._has_level: Tensor | None = None
         # Whether every task has a level, as the host learnt it (from a copy of `_has_level` made
         # without a stall, read at the optimizer step): then the steps leave out the operations
         # that start a level, whose results they would not change. Never True before the device's.
-        self._all_have_levels = False
+        self._all_have_levels: bool = False
         self._has_level_copy: distributed.HostCopy | None = None
         self._weights: Tensor | None = None  # mode="initial": the weights of the fixed levels
         self._task_names: tuple[str, ...] = ()
-        self._unchecked = LossesReadLater(
+        self._unchecked: LossesReadLater = LossesReadLater(
             "LossScaling divides each task's loss by its level",
             partial(operator.gt, 0.0),  # loss < 0 (picklable, for ddp_spawn)
             "< 0",
