@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from operator import itemgetter
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 from lightning.pytorch import LightningModule
@@ -35,11 +35,26 @@ TaskLossOutput = Mapping[str, MaskedLoss | tuple[Tensor, Tensor] | Tensor]
 NonFinitePolicy = Literal["raise", "skip", "drop_task"]
 
 
+if TYPE_CHECKING:
+
+    class _ModuleBase(LightningModule):
+        """What type checkers take the mixin's base to be: the LightningModule it is used with.
+        At run time its base is ``object`` (the model's bases give the MRO)."""
+
+        _static_weights: Tensor  # a buffer, registered in MultiTaskMixin.__init__
+        # The model's own, for a weighting method that splits the forward.
+        forward_shared: Callable[..., Any]
+        forward_heads: Callable[..., Mapping[str, Tensor]]
+
+else:
+    _ModuleBase = object
+
+
 class NonFiniteLossError(FloatingPointError):
     """A task loss was NaN or infinite (raised on every rank together)."""
 
 
-class MultiTaskMixin:
+class MultiTaskMixin(_ModuleBase):
     """Multi-task steps with exact, distributed-safe loss aggregation.
 
     Use it before ``LightningModule`` in the bases, and pass the tasks to ``super().__init__``::
@@ -160,7 +175,7 @@ class MultiTaskMixin:
         # Whether the heads are linear layers whose factors give the Gramian cheaper (checked
         # once per fit, on the first step that asks; see GradientsAtHeads.linear_factors).
         self._linear_heads: bool | None = None
-        self._stacking_plans: dict[tuple, list[_StackedGroup] | None] = {}
+        self._stacking_plans: dict[tuple[Any, ...], list[_StackedGroup] | None] = {}
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -177,7 +192,7 @@ class MultiTaskMixin:
         """Training with a weighting method that takes per-task gradients: each task's loss term
         keeps a graph of its own (no stacked computation across tasks)."""
         weighting = self._weighting
-        if weighting is None or not weighting.separate_task_terms or not self.training:  # type: ignore[attr-defined]
+        if weighting is None or not weighting.separate_task_terms or not self.training:
             return False
         # Heads reading a leaf each give every task's gradient apart from one joint graph.
         representation = self.shared_representation
@@ -217,8 +232,8 @@ class MultiTaskMixin:
         if not (
             weighting and weighting.splits_forward and self.training and torch.is_grad_enabled()
         ):
-            return self(inputs)  # type: ignore[operator]
-        shared = self.forward_shared(inputs)  # type: ignore[attr-defined]
+            return self(inputs)
+        shared = self.forward_shared(inputs)
         if not isinstance(shared, Tensor):  # several tensors: no one leaf to take gradients at
             if getattr(weighting, "rep_grad", False):
                 raise TypeError(
@@ -228,12 +243,12 @@ class MultiTaskMixin:
                     "the parts and split them in forward_heads), or use rep_grad=False."
                 )
             self.shared_representation = None  # parameter gradients come from the whole graph
-            return self.forward_heads(shared)  # type: ignore[attr-defined]
+            return self.forward_heads(shared)
         detached = shared.detach().requires_grad_()
         heads = self._task_heads if self._heads_apart is not False else None
         if heads is None:
             self.shared_representation = SharedRepresentation(shared, (detached,))
-            return self.forward_heads(detached)  # type: ignore[attr-defined]
+            return self.forward_heads(detached)
         split = views = watch = None
         # A frozen trunk: nothing flows back from the views; the method sees it before backward.
         if (
@@ -256,9 +271,9 @@ class MultiTaskMixin:
                 # backward (the layout is still checked for heads in one node).
                 split = None
             else:
-                views = weighting.views_at_heads(self, split, shared, detached)  # type: ignore[arg-type]
+                views = weighting.views_at_heads(self, split, shared, detached)
         with HeadInputs(heads.modules, detached, views, watch) as head_inputs:
-            predictions = self.forward_heads(detached)  # type: ignore[attr-defined]
+            predictions = self.forward_heads(detached)
         copies, per_task = self._check_layout(heads, head_inputs, predictions, detached, watch)
         self.shared_representation = SharedRepresentation(
             shared, (detached, *copies), per_task, split if per_task is not None else None
@@ -302,14 +317,14 @@ class MultiTaskMixin:
         arithmetic as the uninterrupted fit did."""
         leaf = detached.detach().requires_grad_()
         probe = GradientsAtHeads(len(heads.modules))
-        buffers = [(buffer, buffer.clone()) for buffer in self.buffers()]  # type: ignore[attr-defined]
+        buffers = [(buffer, buffer.clone()) for buffer in self.buffers()]
         devices = [leaf.device] if leaf.device.type == "cuda" else []
         views = probe.views(leaf)
         with (
             torch.random.fork_rng(devices),
             HeadInputs(heads.modules, leaf, views, probe) as inputs,
         ):
-            predictions = self.forward_heads(leaf)  # type: ignore[attr-defined]
+            predictions = self.forward_heads(leaf)
         with torch.no_grad():
             for buffer, saved in buffers:
                 # Only what the probe changed: the trunk's backward may read the others (batch
@@ -333,7 +348,7 @@ class MultiTaskMixin:
             return None
         linear: list[torch.nn.Linear] = heads.modules  # type: ignore[assignment]
         with FusedLinearHeads(linear, detached, shared, split) as fused:
-            predictions = self.forward_heads(detached)  # type: ignore[attr-defined]
+            predictions = self.forward_heads(detached)
         if not fused.one_call_each:
             self._linear_heads = False
             split.forget_linear_heads()
@@ -380,12 +395,12 @@ class MultiTaskMixin:
                 "shared_parameters()."
             )
         head_ids = {id(p) for p in heads.parameters()}
-        return [p for p in self.parameters() if p.requires_grad and id(p) not in head_ids]  # type: ignore[attr-defined]
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in head_ids]
 
     def task_specific_parameters(self) -> list[torch.nn.Parameter]:
         """The trainable parameters outside :meth:`shared_parameters` (the task heads)."""
         shared_ids = {id(p) for p in self.shared_parameters()}
-        return [p for p in self.parameters() if p.requires_grad and id(p) not in shared_ids]  # type: ignore[attr-defined]
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in shared_ids]
 
     def per_sample_losses(
         self, predictions: Mapping[str, Tensor], targets: Mapping[str, Tensor]
@@ -417,7 +432,7 @@ class MultiTaskMixin:
         """The tasks grouped by :meth:`Task.stacking_key` (``None``: every task alone), once the
         batch passed the checks. Kept per layout of the batch (names, shapes and dtypes): a new
         layout is checked and grouped once."""
-        signature = None
+        signature: list[Any] | tuple[Any, ...] | None = None  # built as a list, kept as a tuple
         if type(predictions) is dict and type(targets) is dict:
             # The batch's layout: numbers of predictions and targets, the tasks' shapes and
             # dtypes. Not the devices: the model does not move its heads during a fit, and a
@@ -448,7 +463,7 @@ class MultiTaskMixin:
         if signature is not None:
             if len(self._stacking_plans) > 64:  # layouts vary (a last short batch): bounded
                 self._stacking_plans.clear()
-            self._stacking_plans[signature] = plan
+            self._stacking_plans[signature] = plan  # type: ignore[index]  # a tuple here
         return plan
 
     # ----------------------------------------------------------------------------- the steps
@@ -500,18 +515,18 @@ class MultiTaskMixin:
         static = in_dtype(self._static_weights, step.local_terms.dtype)
         if (representation := self.shared_representation) and representation.split:
             # The weights come from the task gradients that reach the heads' views in backward.
-            weights, receiver = weighting.weights_in_backward(self, step, static)  # type: ignore[arg-type]
+            weights, receiver = weighting.weights_in_backward(self, step, static)
             _set_plain(self, "shared_representation", None)
             objective = representation.split.objective(static @ step.local_terms, receiver)
         else:
-            weights = in_dtype(weighting.task_weights(self, step), static.dtype)  # type: ignore[arg-type]
+            weights = in_dtype(weighting.task_weights(self, step), static.dtype)
             if weights.requires_grad:
                 weights = weights.detach()
             if not self._static_weights_are_ones:
                 weights = weights * static
             if not weighting.finite_weights:  # a task without a valid sample: weight 0
                 weights = torch.where(step.valid, weights, 0.0)
-            objective = weighting.backward_objective(self, step, weights, static)  # type: ignore[arg-type]
+            objective = weighting.backward_objective(self, step, weights, static)
         self._keep_step_weights(weights, step.counts)
         return weights, objective
 
@@ -525,14 +540,14 @@ class MultiTaskMixin:
     def _zero_objective(self) -> Tensor:
         """A loss whose gradient is 0 for every parameter, so that DDP's backward runs as usual on
         every rank (Lightning refuses a skipped training_step under DDP)."""
-        parameters = [p for p in self.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+        parameters = [p for p in self.parameters() if p.requires_grad]
         return torch.stack([p.sum() for p in parameters]).sum() * 0.0
 
     def _count_nonfinite_batch(self, bitsets: Tensor) -> None:
         """Warn of a batch with a non-finite loss, and count its optimizer step (once, whatever
         the number of its micro-batches that had one)."""
         bad = [(n, b) for n, b in zip(self.task_names, bitsets.tolist(), strict=True) if b]
-        message = _nonfinite_message(bad, self.global_step)  # type: ignore[attr-defined]
+        message = _nonfinite_message(bad, self.global_step)
         self.last_nonfinite_tasks = tuple(name for name, _ in bad)
         if not self._step_nonfinite:
             self._step_nonfinite = True
@@ -560,7 +575,7 @@ class MultiTaskMixin:
         """``{task: prediction}``: ``self(inputs)`` of an ``(inputs, {task: target})`` batch (its
         targets unused), ``self(batch)`` of any other."""
         is_pair = isinstance(batch, (list, tuple)) and len(batch) == 2
-        return self(batch[0] if is_pair and isinstance(batch[1], dict) else batch)  # type: ignore[operator]
+        return self(batch[0] if is_pair and isinstance(batch[1], dict) else batch)
 
     def _evaluation_step(self, stage: str, batch: Any) -> Tensor:
         step = self.compute_global_losses(batch)
@@ -624,7 +639,7 @@ class MultiTaskMixin:
 
     # ----------------------------------------------------------------------------- hooks
     def setup(self, stage: str) -> None:
-        super().setup(stage)  # type: ignore[misc]
+        super().setup(stage)
         methods = [cb for cb in self.trainer.callbacks if isinstance(cb, WeightingCallback)]  # type: ignore[attr-defined]
         if len(methods) > 1:
             names = ", ".join(type(method).__name__ for method in methods)
@@ -651,7 +666,7 @@ class MultiTaskMixin:
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep, beside the model's state_dict (which they never change), the weights evaluation
         uses (``trainer.validate(ckpt_path=...)`` weighs as the fit did) and the skip counts."""
-        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        super().on_save_checkpoint(checkpoint)
         latest = self._fold_step_weights()
         checkpoint[CHECKPOINT_KEY] = {
             "latest_weights": None if latest is None else latest.detach().cpu(),
@@ -661,7 +676,7 @@ class MultiTaskMixin:
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get(CHECKPOINT_KEY, {})
         trainer = getattr(self, "_trainer", None)
         if self._weighting is None and trainer is not None and trainer.state.fn == "fit":
@@ -691,11 +706,11 @@ class MultiTaskMixin:
         return None
 
     def teardown(self, stage: str) -> None:
-        super().teardown(stage)  # type: ignore[misc]
+        super().teardown(stage)
         self._reducer.across_ranks = None  # outside a fit, asked at every call again
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        super().on_before_optimizer_step(optimizer)  # type: ignore[misc]
+        super().on_before_optimizer_step(optimizer)
         _set_plain(self, "_optimizer_stepped", True)
         if self._consecutive_skips and not self._step_nonfinite:
             _set_plain(self, "_consecutive_skips", 0)  # a step whose every loss was finite
@@ -723,7 +738,7 @@ class MultiTaskMixin:
                 named = zip(self.task_names, bitsets, strict=True)
                 bad = [(name, bits) for name, bits in named if bits]
                 # The steps since the last optimizer step are all this global step's batches.
-                raise NonFiniteLossError(_nonfinite_message(bad, self.global_step))  # type: ignore[attr-defined]
+                raise NonFiniteLossError(_nonfinite_message(bad, self.global_step))
 
 
 class _StackedGroup(NamedTuple):

@@ -181,7 +181,10 @@ class _LinearHeads(torch.autograd.Function):
         weights, biases = parameters[0::2], parameters[1::2]
         ctx.split, ctx.has_bias = split, [bias is not None for bias in biases]
         ctx.save_for_backward(representation, *weights)
-        return tuple(F.linear(representation, w, b) for w, b in zip(weights, biases, strict=True))
+        return tuple(
+            F.linear(representation, w, b)  # type: ignore[arg-type]  # weights are never None
+            for w, b in zip(weights, biases, strict=True)
+        )
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from lightning_lossagg.aggregation import GlobalTaskLosses
+    from lightning_lossagg.mixin import MultiTaskMixin
     from lightning_lossagg.representation import GradientsAtHeads, Receiver
 
 
@@ -68,12 +69,12 @@ class WeightingCallback(L.Callback):
     finite_weights: bool = False
     state_is_per_task: bool = True
 
-    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+    def task_weights(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:
         """The weights ``w`` (shape ``[K]``, detached) for this training step."""
         raise NotImplementedError
 
     def views_at_heads(
-        self, pl_module: L.LightningModule, split: GradientsAtHeads, output: Tensor, leaf: Tensor
+        self, pl_module: MultiTaskMixin, split: GradientsAtHeads, output: Tensor, leaf: Tensor
     ) -> tuple[Tensor, ...]:
         """For a method with :attr:`weighs_in_backward`: the heads' views, of ``output`` (the
         representation with the trunk's graph) or of ``leaf`` (a detached copy) with the
@@ -81,7 +82,7 @@ class WeightingCallback(L.Callback):
         return split.views(output)
 
     def weights_in_backward(
-        self, pl_module: L.LightningModule, step: GlobalTaskLosses, static: Tensor
+        self, pl_module: MultiTaskMixin, step: GlobalTaskLosses, static: Tensor
     ) -> tuple[Tensor, Receiver]:
         """For a method with :attr:`weighs_in_backward`, on a step whose heads read views of a
         :class:`~lightning_lossagg.representation.GradientsAtHeads`: instead of
@@ -92,7 +93,7 @@ class WeightingCallback(L.Callback):
         raise NotImplementedError
 
     def backward_objective(
-        self, pl_module: L.LightningModule, step: GlobalTaskLosses, weights: Tensor, static: Tensor
+        self, pl_module: MultiTaskMixin, step: GlobalTaskLosses, weights: Tensor, static: Tensor
     ) -> Tensor:
         """The scalar handed to backward. Default: ``sum_k w_k t_k`` (``weights`` already include
         the static preferences ``static``). Gradient methods override it to send the weighted
@@ -141,7 +142,7 @@ def check_checkpoint_tasks(
     if trainer.state.fn != "fit" or callback.state_key not in checkpoint.get("callbacks", {}):
         return  # evaluation does not use the state, or nothing of this callback's is loaded
     saved = checkpoint.get(CHECKPOINT_KEY, {}).get("task_names")  # None: saved before names were
-    names = list(pl_module.task_names)  # type: ignore[attr-defined]
+    names = list(pl_module.task_names)  # type: ignore[arg-type]
     if saved is None or list(saved) == names:
         return
     fix = (

@@ -86,7 +86,7 @@ class LossWindow:
         self._buffer[self.seen % self.size] = torch.stack(
             [losses, record.weights.to(losses.dtype), record.counts.to(losses.dtype)]
         )
-        self._nonfinite |= (record.counts > 0) & ~torch.isfinite(losses)
+        self._nonfinite |= (record.counts > 0) & ~torch.isfinite(losses)  # type: ignore[operator]
         self.seen += 1
         if self.seen == self.size and self.reference_weights is None:
             _, weights, counts = self._buffer.unbind(1)

@@ -14,6 +14,7 @@ from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks._checks import check_positive, require_multitask
 from lightning_lossagg.callbacks._task_parameters import HostTaskParameters
+from lightning_lossagg.mixin import MultiTaskMixin
 from lightning_lossagg.weighting import WeightingCallback
 
 
@@ -73,7 +74,7 @@ class LearnedScalesWeighting(WeightingCallback):
         self._scales.set_num_tasks(len(self._task_names), type(self).__name__)
 
     @override
-    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+    def task_weights(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:
         losses = step.losses
         self._pending.append(distributed.HostCopy(losses))
         weights = self._device_weights
@@ -88,7 +89,7 @@ class LearnedScalesWeighting(WeightingCallback):
     ) -> None:
         if not self._pending and self._loss_sum is None:
             return
-        if pl_module.skipping_optimizer_step:  # type: ignore[attr-defined]
+        if pl_module.skipping_optimizer_step:
             self._pending, self._loss_sum, self._loss_count = [], None, None
             return  # the model does not move: neither does s
         totals, counts, lowest = self._accumulated_losses()

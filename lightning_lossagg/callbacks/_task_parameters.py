@@ -66,7 +66,7 @@ class TaskParameters:
         if state is None or state["values"].device != like.device or state["values"].dtype != dtype:
             state = state or self._fresh_state()
             self._state = {name: distributed.to_device(state[name], like, dtype) for name in _STATE}
-        return self._state["values"]
+        return self._state["values"]  # type: ignore[index]  # set above if it was None
 
     def step(self, gradient: Tensor, mask: Tensor) -> None:
         """One Adam step along ``gradient`` for the tasks where ``mask`` is True."""

@@ -34,7 +34,8 @@ def find_wandb_logger(trainer: L.Trainer) -> WandbLogger | None:
 def task_setup(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
     """The model's tasks (loss, static weight, reduction), rank weighting and weighting method."""
     tasks = getattr(pl_module, "tasks", {})
-    methods = [cb for cb in trainer.callbacks if isinstance(cb, WeightingCallback)]
+    # trainer.callbacks: set by Lightning's callback connector.
+    methods = [cb for cb in trainer.callbacks if isinstance(cb, WeightingCallback)]  # type: ignore[attr-defined]
     method = methods[0] if methods else None
     setup = {
         "tasks": {

@@ -29,6 +29,7 @@ from lightning_lossagg.callbacks.gradient_weighting import (
     task_jacobian,
 )
 from lightning_lossagg.functional.db_mtl import LOG_EPS, db_mtl_buffer, db_mtl_buffer_weights
+from lightning_lossagg.mixin import MultiTaskMixin
 
 
 class DBMTL(GradientWeighting):
@@ -136,8 +137,8 @@ class DBMTL(GradientWeighting):
         self._unchecked.clear()
 
     @override
-    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
-        self._shared_parameters = pl_module.shared_parameters()  # type: ignore[operator]
+    def task_weights(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:
+        self._shared_parameters = pl_module.shared_parameters()
         usable = usable_tasks(step)
         losses = torch.where(usable, step.losses, 1.0)
         # The losses < 0 are refused at the optimizer step, read without stalling the device;
@@ -182,12 +183,12 @@ class DBMTL(GradientWeighting):
 
     @override
     def backward_objective(
-        self, pl_module: L.LightningModule, step: GlobalTaskLosses, weights: Tensor, static: Tensor
+        self, pl_module: MultiTaskMixin, step: GlobalTaskLosses, weights: Tensor, static: Tensor
     ) -> Tensor:
         buffer, self._present_buffer = self._present_buffer, None
         # Heads: c_k / (L_k + eps) times their task's gradient, the gradient of c_k log(L_k + eps).
         heads_objective = (weights * step.local_terms).sum()
-        head_parameters = pl_module.task_specific_parameters()  # type: ignore[operator]
+        head_parameters = pl_module.task_specific_parameters()
         head_grads = torch.autograd.grad(heads_objective, head_parameters, allow_unused=True)
         surrogate = heads_objective.new_zeros(())
         for parameter, grad in zip(head_parameters, head_grads, strict=True):

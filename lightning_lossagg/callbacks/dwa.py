@@ -19,6 +19,7 @@ from lightning_lossagg.callbacks._checks import (
     require_multitask,
 )
 from lightning_lossagg.functional.dwa import dwa
+from lightning_lossagg.mixin import MultiTaskMixin
 from lightning_lossagg.weighting import WeightingCallback
 
 _TENSOR_STATE = ("_loss_sum", "_loss_count", "_previous", "_before_previous")
@@ -108,7 +109,7 @@ class DWA(WeightingCallback):
         self._unchecked.clear()
 
     @override
-    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+    def task_weights(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:
         self._unchecked.add(step.losses)  # read at the optimizer step (NaN: no valid sample)
         trainer = pl_module.trainer
         period = (
@@ -215,6 +216,7 @@ class DWA(WeightingCallback):
             state_dict["completed_periods"],
         )
         losses, counts = state_dict.get("pending_losses"), state_dict.get("pending_counts")
-        self._pending = [] if losses is None else list(zip(losses, counts, strict=True))
+        # The counts are saved with the losses (None together).
+        self._pending = [] if losses is None else list(zip(losses, counts, strict=True))  # type: ignore[arg-type]
         self._pending_restored = bool(self._pending)
         self._rates = self._weights = None

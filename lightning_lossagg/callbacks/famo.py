@@ -22,6 +22,7 @@ from lightning_lossagg.callbacks._checks import (
 )
 from lightning_lossagg.callbacks._task_parameters import TaskParameters
 from lightning_lossagg.functional.famo import famo_logit_gradient, famo_weights
+from lightning_lossagg.mixin import MultiTaskMixin
 from lightning_lossagg.weighting import WeightingCallback
 
 
@@ -102,7 +103,7 @@ class FAMO(WeightingCallback):
         self._unchecked.clear()
 
     @override
-    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+    def task_weights(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:
         logits = self._logits_used = self._logits.values(step.losses)
         self._unchecked.add(step.losses)  # checked at the optimizer step
         usable = usable_tasks(step)
@@ -127,7 +128,7 @@ class FAMO(WeightingCallback):
     ) -> None:
         self._unchecked.check(self._task_names, trainer.global_step)
         # A skipped optimizer step (nonfinite="skip") decreases no loss: nothing to learn from.
-        self._stepped = not pl_module.skipping_optimizer_step  # type: ignore[attr-defined]
+        self._stepped = not pl_module.skipping_optimizer_step
 
     @override
     def on_train_batch_end(

@@ -13,6 +13,7 @@ from typing_extensions import override
 from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks._checks import LossesReadLater, require_multitask
 from lightning_lossagg.functional.gls import gls_weights
+from lightning_lossagg.mixin import MultiTaskMixin
 from lightning_lossagg.weighting import WeightingCallback
 
 
@@ -61,7 +62,7 @@ class GLS(WeightingCallback):
         self._unchecked.clear()
 
     @override
-    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+    def task_weights(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:
         losses, valid = step.losses, step.valid
         # The losses <= 0, read on the host at the optimizer step (a task without a valid sample
         # has a NaN loss: never <= 0). NaN and +inf are the mixin's to report (nonfinite=...).

@@ -47,6 +47,7 @@ small problem on the K×K Gramian on the host, which costs one device-to-host tr
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import lightning as L
@@ -59,7 +60,7 @@ from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks._checks import require_multitask
 from lightning_lossagg.functional._tensors import detached
-from lightning_lossagg.mixin import not_overridden
+from lightning_lossagg.mixin import MultiTaskMixin, not_overridden
 from lightning_lossagg.representation import GradientsAtHeads, Receiver, SharedRepresentation
 from lightning_lossagg.weighting import WeightingCallback
 
@@ -161,7 +162,7 @@ class GradientWeighting(WeightingCallback):
         where :attr:`valid_tasks` is True, in order."""
         raise NotImplementedError
 
-    def prepare_step(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> None:
+    def prepare_step(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> None:
         """Called in ``training_step`` before the step's gradients are taken (which may be in
         backward): read what :meth:`weights_from_gramian` needs of the step, seed generators."""
 
@@ -185,7 +186,7 @@ class GradientWeighting(WeightingCallback):
                 "forward_heads(representation) -> {task: prediction}), or use rep_grad=False."
             )
         frozen = any(not parameter.requires_grad for parameter in pl_module.parameters())
-        if not self.rep_grad and not pl_module.shared_parameters() and not frozen:
+        if not self.rep_grad and not pl_module.shared_parameters() and not frozen:  # type: ignore[operator]
             # (A frozen trunk, by BackboneFinetuning's setup say, has nothing to weigh until it
             # trains: see task_weights.)
             raise ValueError(
@@ -203,9 +204,9 @@ class GradientWeighting(WeightingCallback):
 
     # ------------------------------------------------------------------------ the step
     @override
-    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+    def task_weights(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:
         if not self.rep_grad:
-            self._shared_parameters = pl_module.shared_parameters()  # type: ignore[operator]
+            self._shared_parameters = pl_module.shared_parameters()
         if _nothing_shared(pl_module, self.rep_grad, self._shared_parameters):
             return self._nothing_to_weigh(pl_module, step)
         self.prepare_step(pl_module, step)
@@ -222,7 +223,7 @@ class GradientWeighting(WeightingCallback):
         weights = self._weights_of_valid_tasks(gramian, valid)
         return distributed.to_device(weights, step.local_terms, step.local_terms.dtype)
 
-    def _nothing_to_weigh(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+    def _nothing_to_weigh(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:
         """Weights of 1 for a step without a shared gradient to weigh (a frozen trunk, as under
         BackboneFinetuning): the heads follow their tasks' gradients times Task.weight
         (backward_objective sees no Jacobian), and no Gramian is logged."""
@@ -231,23 +232,24 @@ class GradientWeighting(WeightingCallback):
 
     @override
     def views_at_heads(
-        self, pl_module: L.LightningModule, split: GradientsAtHeads, output: Tensor, leaf: Tensor
+        self, pl_module: MultiTaskMixin, split: GradientsAtHeads, output: Tensor, leaf: Tensor
     ) -> tuple[Tensor, ...]:
         if self.rep_grad:
             split.wants_linear_factors = split.num_tasks >= self.linear_factors_from
             return split.views(output)
         # The receiver takes the trunk's gradients itself: backward stops at the views.
-        self._shared_parameters = pl_module.shared_parameters()  # type: ignore[operator]
+        self._shared_parameters = pl_module.shared_parameters()
         return split.views(leaf, self._shared_parameters)
 
     @override
     def weights_in_backward(
-        self, pl_module: L.LightningModule, step: GlobalTaskLosses, static: Tensor
+        self, pl_module: MultiTaskMixin, step: GlobalTaskLosses, static: Tensor
     ) -> tuple[Tensor, Receiver]:
         self.prepare_step(pl_module, step)
         pending = _PendingStep(step.valid, static, torch.zeros_like(static))
         if self.rep_grad:
-            split = pl_module.shared_representation.split  # type: ignore[attr-defined]
+            # The mixin calls it on a step whose representation has a split.
+            split: GradientsAtHeads = pl_module.shared_representation.split  # type: ignore[union-attr, assignment]
 
             def receive(grads: tuple[Tensor, ...], factor: Tensor) -> BackwardGradients:
                 linear = split.linear_factors()
@@ -258,7 +260,7 @@ class GradientWeighting(WeightingCallback):
                 return direction, ()
 
         else:
-            output = pl_module.shared_representation.output  # type: ignore[attr-defined]
+            output = pl_module.shared_representation.output  # type: ignore[union-attr]  # set by the mixin
             shared = self._shared_parameters
 
             def receive(grads: tuple[Tensor, ...], factor: Tensor) -> BackwardGradients:
@@ -334,9 +336,7 @@ class GradientWeighting(WeightingCallback):
         weights.copy_(distributed.to_device(adaptive.numpy() * host.static, weights, weights.dtype))
         return adaptive
 
-    def _representation_gramian(
-        self, pl_module: L.LightningModule, step: GlobalTaskLosses
-    ) -> Tensor:
+    def _representation_gramian(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:
         """The Jacobian at the shared representation, and its global Gramian."""
         representation = _representation(pl_module, type(self).__name__)
         if representation.per_task is not None:
@@ -349,11 +349,11 @@ class GradientWeighting(WeightingCallback):
         # gradient (scaled 1/W by DDP's averaging): the global Gramian is the sum.
         return _scaled_sum_over_ranks(_gramian(self._jacobian), distributed.world_size() ** -2)
 
-    def _parameter_gramian(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+    def _parameter_gramian(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:
         """The Jacobian at the shared parameters (global with ``sync="gradients"``), and its
         global Gramian."""
         shared = self._shared_parameters  # this step's, taken by task_weights
-        representation = pl_module.shared_representation  # type: ignore[attr-defined]
+        representation = pl_module.shared_representation
         if representation is not None and representation.per_task is not None:
             rows = self._gradients_in_one_pass(pl_module, step, representation.per_task)
             shared_grads = [
@@ -362,7 +362,7 @@ class GradientWeighting(WeightingCallback):
             ]
             self._jacobian, gramian = self._synced_gramian(_jacobian(shared_grads, shared))
             return gramian
-        heads = pl_module.task_specific_parameters()  # type: ignore[operator]
+        heads = pl_module.task_specific_parameters()
         if representation is None:
             per_task = task_gradients(step, [*shared, *heads])
             shared_grads = [grads[: len(shared)] for grads in per_task]
@@ -394,12 +394,13 @@ class GradientWeighting(WeightingCallback):
         return gramian
 
     def _gradients_in_one_pass(
-        self, pl_module: L.LightningModule, step: GlobalTaskLosses, leaves: tuple[Tensor, ...]
+        self, pl_module: MultiTaskMixin, step: GlobalTaskLosses, leaves: tuple[Tensor, ...]
     ) -> list[Tensor | None]:
         """Every task's gradient at its own head's leaf of the representation, and (kept for
         the surrogate) every head's parameter gradients, from ONE backward pass of the summed
         local terms: task ``k`` alone reaches leaf ``k`` and head ``k``."""
-        heads = pl_module._task_heads.parameters if self.injects_head_gradients else []  # type: ignore[attr-defined]
+        # Heads that read a leaf each (per_task) were found at setup.
+        heads = pl_module._task_heads.parameters if self.injects_head_gradients else []  # type: ignore[union-attr]
         flat_heads = [parameter for group in heads for parameter in group]
         terms = step.local_terms
         if not terms.requires_grad:
@@ -443,7 +444,8 @@ class GradientWeighting(WeightingCallback):
         if self._gramian is None:
             return {}
         norms = self._gramian.diagonal().clamp(min=0).sqrt()
-        return {"grad_norm": torch.where(self._gramian_valid, norms, torch.nan)}
+        # _gramian_valid is set with the Gramian.
+        return {"grad_norm": torch.where(self._gramian_valid, norms, torch.nan)}  # type: ignore[arg-type]
 
     @override
     def pairwise_state_to_log(self) -> dict[str, Tensor]:
@@ -453,7 +455,8 @@ class GradientWeighting(WeightingCallback):
             return {}
         norms = self._gramian.diagonal().clamp(min=0).sqrt()
         scale = torch.outer(norms, norms)
-        defined = torch.outer(self._gramian_valid, self._gramian_valid) & (scale > 0)
+        # _gramian_valid is set with the Gramian.
+        defined = torch.outer(self._gramian_valid, self._gramian_valid) & (scale > 0)  # type: ignore[arg-type]
         cosine = self._gramian / torch.where(defined, scale, 1.0)
         return {"grad_cos": torch.where(defined, cosine.clamp(-1.0, 1.0), torch.nan)}
 
@@ -480,19 +483,20 @@ class GradientWeighting(WeightingCallback):
 
     @override
     def backward_objective(
-        self, pl_module: L.LightningModule, step: GlobalTaskLosses, weights: Tensor, static: Tensor
+        self, pl_module: MultiTaskMixin, step: GlobalTaskLosses, weights: Tensor, static: Tensor
     ) -> Tensor:
         if self._jacobian is None:  # nothing shared this step: see task_weights
             return self.weighted_sum_objective(pl_module, step, weights)
         jacobian, self._jacobian = self._jacobian, None
-        representation, pl_module.shared_representation = pl_module.shared_representation, None  # type: ignore[attr-defined]
+        representation, pl_module.shared_representation = pl_module.shared_representation, None
         direction = weights.to(jacobian.dtype) @ jacobian  # d = sum_k w_k g_k
         # Heads: their own task's gradient, sum_k s_k grad t_k (local: DDP averages it).
         heads, head_grads, head_tasks = self._head_gradients(static.to(jacobian.dtype))
         if self.rep_grad:
-            # Shared trunk: d at the representation, in the one backward Lightning runs.
-            output = representation.output
-            if representation.per_task is None:  # the heads' graphs are still there
+            # Shared trunk: d at the representation (task_weights found it), in the one backward
+            # Lightning runs.
+            output = representation.output  # type: ignore[union-attr]
+            if representation.per_task is None:  # type: ignore[union-attr]  # heads' graphs kept
                 trunk = _InjectedGradients.apply(
                     (direction.view_as(output),), (None,), None, output
                 )
@@ -514,6 +518,7 @@ class GradientWeighting(WeightingCallback):
         """The heads' parameters, their gradients, and for each the task whose static weight
         still scales it (``None``: weighted already, the parameter is reached by several tasks)."""
         own, self._own_task_gradients = self._own_task_gradients, []
+        tasks: list[int | None]
         parameters, grads, tasks = [], [], []
         for parameter, pairs in own:
             parameters.append(parameter)
@@ -526,12 +531,12 @@ class GradientWeighting(WeightingCallback):
         return parameters, grads, tasks
 
     def weighted_sum_objective(
-        self, pl_module: L.LightningModule, step: GlobalTaskLosses, weights: Tensor
+        self, pl_module: MultiTaskMixin, step: GlobalTaskLosses, weights: Tensor
     ) -> Tensor:
         """``sum_k w_k t_k`` for a step that skips the gradient machinery; when the heads saw
         detached leaves of the representation, their gradient is sent on to the trunk."""
         objective = weights @ step.local_terms
-        representation, pl_module.shared_representation = pl_module.shared_representation, None  # type: ignore[attr-defined]
+        representation, pl_module.shared_representation = pl_module.shared_representation, None
         if representation is None:
             return objective
         grads = torch.autograd.grad(
@@ -606,7 +611,9 @@ def _scaled_on_device(
     ]
 
 
-def task_gradients(step: GlobalTaskLosses, inputs: list[Tensor]) -> list[tuple[Tensor | None, ...]]:
+def task_gradients(
+    step: GlobalTaskLosses, inputs: Sequence[Tensor]
+) -> list[tuple[Tensor | None, ...]]:
     """Per task, the gradients of its local term with respect to ``inputs`` (``None``: the task
     does not reach that input). One backward per task through its own part of the graph (the
     mixin keeps the task terms apart for gradient methods)."""
@@ -625,7 +632,7 @@ def task_gradients(step: GlobalTaskLosses, inputs: list[Tensor]) -> list[tuple[T
     ]
 
 
-def task_jacobian(step: GlobalTaskLosses, inputs: list[Tensor]) -> Tensor:
+def task_jacobian(step: GlobalTaskLosses, inputs: Sequence[Tensor]) -> Tensor:
     """The K×P matrix of the tasks' gradients with respect to ``inputs`` (zeros where a task does
     not reach an input)."""
     return _jacobian(task_gradients(step, inputs), inputs)
@@ -651,11 +658,11 @@ def _trunk_gradients(
     )
 
 
-def _jacobian(per_task: list[tuple[Tensor | None, ...]], inputs: list[Tensor]) -> Tensor:
+def _jacobian(per_task: list[tuple[Tensor | None, ...]], inputs: Sequence[Tensor]) -> Tensor:
     """``[K, P]``: row ``k`` holds task ``k``'s gradients, flattened one after the other (zeros
     for ``None``), written in place: one copy."""
     if len(inputs) == 1 and all(g is not None for (g,) in per_task):
-        return torch.stack([g for (g,) in per_task]).reshape(len(per_task), -1)
+        return torch.stack([g for (g,) in per_task]).reshape(len(per_task), -1)  # type: ignore[misc]
     dtype = functools.reduce(torch.promote_types, (x.dtype for x in inputs))
     jacobian = inputs[0].new_empty(len(per_task), sum(x.numel() for x in inputs), dtype=dtype)
     for row, grads in zip(jacobian, per_task, strict=True):
@@ -774,12 +781,12 @@ def _summed(grads: tuple[Tensor | None, ...] | list[Tensor | None]) -> Tensor | 
 
 
 def _nothing_shared(
-    pl_module: L.LightningModule, rep_grad: bool, shared: list[torch.nn.Parameter]
+    pl_module: MultiTaskMixin, rep_grad: bool, shared: list[torch.nn.Parameter]
 ) -> bool:
     """Whether no shared gradient exists this step: the representation takes no gradient
     (``rep_grad``), or no shared parameter is trainable (a frozen trunk)."""
     if rep_grad:
-        representation = pl_module.shared_representation  # type: ignore[attr-defined]
+        representation = pl_module.shared_representation
         return representation is not None and not representation.output.requires_grad
     return not shared
 
@@ -798,8 +805,8 @@ def _shared_are_the_trunk(pl_module: L.LightningModule) -> bool:
     return outside == {id(parameter) for parameter in pl_module.shared_parameters()}  # type: ignore[operator]
 
 
-def _representation(pl_module: L.LightningModule, method: str) -> SharedRepresentation:
-    representation = pl_module.shared_representation  # type: ignore[attr-defined]
+def _representation(pl_module: MultiTaskMixin, method: str) -> SharedRepresentation:
+    representation = pl_module.shared_representation
     if representation is None:
         raise RuntimeError(
             f"{method}(rep_grad=True) found no shared representation for this step: the model's "

@@ -22,6 +22,7 @@ from lightning_lossagg.callbacks.gradient_weighting import (
     Sync,
     task_jacobian,
 )
+from lightning_lossagg.mixin import MultiTaskMixin
 
 
 class GradNorm(GradientWeighting):
@@ -134,7 +135,7 @@ class GradNorm(GradientWeighting):
         self._layer_of = None  # "last" is looked up at the first step
 
     @override
-    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+    def task_weights(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:
         weights = self._weights.values(step.losses)
         if self.rep_grad:
             gramian = self._representation_gramian(pl_module, step)
@@ -151,17 +152,18 @@ class GradNorm(GradientWeighting):
 
     @override
     def backward_objective(
-        self, pl_module: L.LightningModule, step: GlobalTaskLosses, weights: Tensor, static: Tensor
+        self, pl_module: MultiTaskMixin, step: GlobalTaskLosses, weights: Tensor, static: Tensor
     ) -> Tensor:
         objective = (weights * step.local_terms).sum()
         if not self.rep_grad:
             return objective
         # The heads saw a detached copy of the representation: hand the trunk the objective's
-        # representation gradient sum_k w_k c_k dt_k/drep through the attached one.
+        # representation gradient sum_k w_k c_k dt_k/drep through the attached one (both taken
+        # by task_weights).
         jacobian, self._jacobian = self._jacobian, None
-        shared = pl_module.shared_representation.output  # type: ignore[attr-defined]
+        shared = pl_module.shared_representation.output  # type: ignore[union-attr]
         pl_module.shared_representation = None
-        direction = weights.to(jacobian.dtype) @ jacobian
+        direction = weights.to(jacobian.dtype) @ jacobian  # type: ignore[union-attr, operator]
         return objective + (shared * direction.view_as(shared).detach()).sum()
 
     @override
@@ -170,7 +172,7 @@ class GradNorm(GradientWeighting):
     ) -> None:
         if self._gradient_sum is None or self._gradient_count is None:
             return
-        if pl_module.skipping_optimizer_step:  # type: ignore[attr-defined]
+        if pl_module.skipping_optimizer_step:
             self._gradient_sum = self._gradient_count = None  # the model does not move: nor w
             return
         taking_part = self._gradient_count > 0
@@ -184,8 +186,8 @@ class GradNorm(GradientWeighting):
             weights.copy_(len(positive) * positive / total)
         self._gradient_sum = self._gradient_count = None
 
-    def _layer_parameters(self, pl_module: L.LightningModule) -> list[torch.nn.Parameter]:
-        shared = pl_module.shared_parameters()  # type: ignore[operator]
+    def _layer_parameters(self, pl_module: MultiTaskMixin) -> list[torch.nn.Parameter]:
+        shared = pl_module.shared_parameters()
         if self.layer == "all":
             return shared
         shared_ids = {id(p) for p in shared}

@@ -18,6 +18,7 @@ from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sy
 from lightning_lossagg.callbacks.rlw import step_seed
 from lightning_lossagg.functional._qp import symmetric_matrix
 from lightning_lossagg.functional.gradvac import gradvac_weights, task_orders
+from lightning_lossagg.mixin import MultiTaskMixin
 
 
 class GradVac(GradientWeighting):
@@ -73,10 +74,10 @@ class GradVac(GradientWeighting):
             raise ValueError(f"`beta` must be a number in [0, 1] (LibMTL uses 0.5); got {beta!r}.")
         if not 0 <= beta <= 1:
             raise ValueError(f"`beta` must be in [0, 1] (LibMTL uses 0.5); got {beta}.")
-        self.beta = float(beta)
-        self.seed = check_int_at_least("seed", seed, 0, "Pass e.g. seed=0.")
-        self._generator = torch.Generator()
-        self._num_tasks = 0
+        self.beta: float = float(beta)
+        self.seed: int = check_int_at_least("seed", seed, 0, "Pass e.g. seed=0.")
+        self._generator: torch.Generator = torch.Generator()
+        self._num_tasks: int = 0
         self._targets: Tensor | None = None
 
     @property
@@ -91,7 +92,7 @@ class GradVac(GradientWeighting):
         self._check_targets(self._targets)
 
     @override
-    def prepare_step(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> None:
+    def prepare_step(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> None:
         self._generator.manual_seed(step_seed(self.seed, pl_module.trainer.global_step))
 
     @override

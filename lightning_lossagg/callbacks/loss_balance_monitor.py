@@ -113,12 +113,13 @@ class LossBalanceMonitor(L.Callback):
                 f"LossBalanceMonitor needs a MultiTaskMixin model; {type(pl_module).__name__} is "
                 "not one. Add MultiTaskMixin to the model's bases."
             )
-        self._every = self.check_every_n_steps or trainer.log_every_n_steps or self.window
+        # Lightning's logger connector sets trainer.log_every_n_steps.
+        self._every = self.check_every_n_steps or trainer.log_every_n_steps or self.window  # type: ignore[attr-defined]
         # The records are global, so every rank reaches the same verdict: ranks other than zero
         # evaluate only to raise together with it.
         self._evaluates = trainer.is_global_zero or bool(self.raise_on)
         self._skipped_steps = getattr(pl_module, "skipped_steps", 0)
-        names = pl_module.task_names  # type: ignore[attr-defined]
+        names: tuple[str, ...] = pl_module.task_names  # type: ignore[assignment]
         self._flags = {f"train/monitor/{c}/{n}": 0.0 for c in CONDITIONS for n in names}
 
     @override
@@ -142,8 +143,8 @@ class LossBalanceMonitor(L.Callback):
         """A step was skipped or left tasks out (``nonfinite="skip"``/``"drop_task"``): its
         non-finite losses never reach a record, so the mixin names the tasks."""
         self._skipped_steps = getattr(pl_module, "skipped_steps", 0)
-        names: tuple[str, ...] = pl_module.task_names  # type: ignore[attr-defined]
-        bad = pl_module.last_nonfinite_tasks  # type: ignore[attr-defined]
+        names: tuple[str, ...] = pl_module.task_names  # type: ignore[assignment]
+        bad: tuple[str, ...] = pl_module.last_nonfinite_tasks  # type: ignore[assignment]
         self._history.mark_nonfinite([names.index(name) for name in bad])
 
     def _check(self, trainer: L.Trainer, names: tuple[str, ...]) -> None:
@@ -216,7 +217,7 @@ class LossBalanceMonitor(L.Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._active = {tuple(key) for key in state_dict["active"]}  # type: ignore[misc]
+        self._active = {tuple(key) for key in state_dict["active"]}
         if "window" not in state_dict:  # written before the window was kept: the reference only
             self._history.reference_weights = state_dict["reference_weights"]
             return

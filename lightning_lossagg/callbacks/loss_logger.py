@@ -178,7 +178,7 @@ class LossLogger(L.Callback):
         warnings.filterwarnings("ignore", _SYNC_DIST_ADVICE, PossibleUserWarning)
         self._wandb = _wandb_extras.find_wandb_logger(trainer) if trainer.is_global_zero else None
         if self._wandb is not None and self._wandb.experiment.id not in self._described_runs:
-            names = pl_module.task_names  # type: ignore[attr-defined]
+            names: tuple[str, ...] = pl_module.task_names  # type: ignore[assignment]
             _wandb_extras.describe_run(self._wandb, trainer, pl_module, names)
             self._described_runs.add(self._wandb.experiment.id)
 
@@ -208,7 +208,7 @@ class LossLogger(L.Callback):
         if should_log and trainer.is_global_zero and trainer.loggers:
             metrics = _step_metrics(record)
             if getattr(pl_module, "nonfinite", "raise") != "raise":
-                metrics["train/skipped_steps"] = float(pl_module.skipped_steps)
+                metrics["train/skipped_steps"] = float(pl_module.skipped_steps)  # type: ignore[arg-type]
             write_metrics(trainer, metrics)
         trajectory = self._trajectory
         if trajectory is not None and (should_log or not trajectory.steps):
@@ -316,11 +316,11 @@ class LossLogger(L.Callback):
         if means is None:
             return
         losses, weighted, weights, steps = means
-        names = pl_module.task_names  # type: ignore[attr-defined]
+        names: tuple[str, ...] = pl_module.task_names  # type: ignore[assignment]
         objective = sum(weighted)
         # The objective at Task.weight alone: comparable across epochs whatever the method's
         # weights (the figure for checkpoints and early stopping to monitor).
-        static = [task.weight for task in pl_module.tasks.values()]  # type: ignore[attr-defined]
+        static = [task.weight for task in pl_module.tasks.values()]  # type: ignore[operator]
         present = zip(static, losses, steps, strict=True)
         static_objective = sum((weight * loss for weight, loss, n in present if n > 0), 0.0)
         metrics = {}
@@ -350,7 +350,7 @@ class LossLogger(L.Callback):
         trajectory.flush()
         if not trajectory.steps:
             return
-        names = pl_module.task_names  # type: ignore[attr-defined]
+        names: tuple[str, ...] = pl_module.task_names  # type: ignore[assignment]
         image = self._write_plot(trainer, trajectory, names) if self.plot else None
         if self._wandb is not None:
             step = logging_step(trainer)
@@ -390,9 +390,9 @@ def _step_metrics(record: LossRecord) -> dict[str, float]:
     figures.update(record.method_state)
     names, stage = record.names, record.stage
     keys, parts = [f"{stage}/loss"], [objective.reshape(1)]
-    for figure, values in figures.items():
+    for figure, per_task in figures.items():
         keys += [f"{stage}/{figure}/{name}" for name in names]
-        parts.append(values.reshape(-1))
+        parts.append(per_task.reshape(-1))
     pairs = list(itertools.combinations(range(len(names)), 2))
     for state, matrix in record.pairwise_state.items():
         keys += [f"{stage}/{state}/{names[i]}~{names[j]}" for i, j in pairs]

@@ -22,6 +22,7 @@ from lightning_lossagg.callbacks._checks import (
     usable_tasks,
 )
 from lightning_lossagg.functional.loss_scaling import loss_scaling_weights, update_loss_levels
+from lightning_lossagg.mixin import MultiTaskMixin
 from lightning_lossagg.weighting import WeightingCallback
 
 LevelMode = Literal["ema", "initial"]
@@ -118,7 +119,7 @@ class LossScaling(WeightingCallback):
         self._unchecked.clear()
 
     @override
-    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+    def task_weights(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:
         self._unchecked.add(step.losses)  # checked at the optimizer step
         in_warmup = pl_module.trainer.global_step < self.warmup_steps
         if self._all_have_levels and not in_warmup:

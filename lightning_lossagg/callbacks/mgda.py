@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
@@ -15,6 +14,7 @@ from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sync
 from lightning_lossagg.functional._qp import symmetric_matrix
 from lightning_lossagg.functional.mgda import min_norm_weights
+from lightning_lossagg.mixin import MultiTaskMixin
 
 Normalization = Literal["none", "l2", "loss", "loss+"]
 
@@ -84,7 +84,7 @@ class MGDA(GradientWeighting):
         return {"normalization": self.normalization, **super().method_arguments}
 
     @override
-    def prepare_step(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> None:
+    def prepare_step(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> None:
         if self.normalization in ("loss", "loss+"):
             # Read once the Gramian is on the host: that wait covers this copy too.
             losses = step.losses.detach()

@@ -19,6 +19,7 @@ from lightning_lossagg.callbacks._checks import (
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sync
 from lightning_lossagg.functional._qp import symmetric_matrix
 from lightning_lossagg.functional.nash_mtl import MAX_ITER, nash_mtl_weights
+from lightning_lossagg.mixin import MultiTaskMixin
 
 
 class NashMTL(GradientWeighting):
@@ -112,7 +113,7 @@ class NashMTL(GradientWeighting):
         self._check_previous(self._previous)
 
     @override
-    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+    def task_weights(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:
         due = pl_module.trainer.global_step % self.update_weights_every == 0
         if due or self._previous is None:
             return super().task_weights(pl_module, step)
@@ -135,7 +136,7 @@ class NashMTL(GradientWeighting):
 
     @override
     def backward_objective(
-        self, pl_module: L.LightningModule, step: GlobalTaskLosses, weights: Tensor, static: Tensor
+        self, pl_module: MultiTaskMixin, step: GlobalTaskLosses, weights: Tensor, static: Tensor
     ) -> Tensor:
         if self._jacobian is not None:
             # A solving step: the base's surrogate (d on the shared part, no second backward),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor
 from typing_extensions import override
@@ -15,6 +14,7 @@ from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting, Sy
 from lightning_lossagg.callbacks.rlw import step_seed
 from lightning_lossagg.functional._qp import symmetric_matrix
 from lightning_lossagg.functional.pcgrad import pcgrad_weights
+from lightning_lossagg.mixin import MultiTaskMixin
 
 
 class PCGrad(GradientWeighting):
@@ -65,7 +65,7 @@ class PCGrad(GradientWeighting):
         return {"seed": self.seed, **super().method_arguments}
 
     @override
-    def prepare_step(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> None:
+    def prepare_step(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> None:
         self._generator.manual_seed(step_seed(self.seed, pl_module.trainer.global_step))
 
     @override

@@ -13,6 +13,7 @@ from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks._checks import check_int_at_least, require_multitask
 from lightning_lossagg.functional.rlw import rlw
+from lightning_lossagg.mixin import MultiTaskMixin
 from lightning_lossagg.weighting import WeightingCallback
 
 _MASK64 = 2**64 - 1
@@ -78,7 +79,7 @@ class RLW(WeightingCallback):
         self._num_tasks = len(require_multitask(self, pl_module))
 
     @override
-    def task_weights(self, pl_module: L.LightningModule, step: GlobalTaskLosses) -> Tensor:
+    def task_weights(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:
         block, row = divmod(pl_module.trainer.global_step, DRAW_BLOCK)
         terms = step.local_terms  # its dtype and device: the losses themselves are not needed
         dtype = torch.promote_types(terms.dtype, torch.float32)

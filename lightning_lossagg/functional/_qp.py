@@ -159,10 +159,10 @@ def active_set_qp(
 def active_set_qps(
     hessian: Matrix | np.ndarray,
     linear: Sequence[float] | np.ndarray,
-    lowers: Sequence[Sequence[float]] | np.ndarray,
+    lowers: Sequence[Sequence[float] | np.ndarray] | np.ndarray,
     max_iter: int,
     tol: float,
-    guesses: Sequence[Sequence[bool]] | np.ndarray | None = None,
+    guesses: Sequence[Sequence[bool] | np.ndarray] | np.ndarray | None = None,
 ) -> np.ndarray:
     r"""Row ``i``: the minimiser of :math:`\tfrac12 x^\top H x + c^\top x` subject to
     :math:`x \succeq` ``lowers[i]``, for QPs that share their Hessian (UPGrad's projections).

@@ -78,7 +78,8 @@ def aligned_mtl_weights(
     """:func:`aligned_mtl` on a symmetric float64 NumPy Gramian, unchecked (for the callback's
     step); ``eps``: the rounding unit of the gradients' dtype."""
     if matrix.shape[0] == 2:
-        return _two_task_aligned_mtl(
+        # mypy: a star of a list, whose length it does not know, before more arguments.
+        return _two_task_aligned_mtl(  # type: ignore[call-arg]
             *matrix.ravel().tolist(), *preferences.tolist(), scale_mode, eps
         )
     return _general_aligned_mtl(matrix, preferences, scale_mode, eps)

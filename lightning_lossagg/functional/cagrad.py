@@ -185,7 +185,8 @@ def cagrad_weights(
     inner problem was not solved).
     """
     if matrix.shape[0] == 2:
-        return _two_task_cagrad(*matrix.ravel().tolist(), c, _RESCALE_DIVISORS[rescale](c))
+        # mypy: a star of a list, whose length it does not know, before more arguments.
+        return _two_task_cagrad(*matrix.ravel().tolist(), c, _RESCALE_DIVISORS[rescale](c))  # type: ignore[call-arg]
     return _general_cagrad_weights(matrix, c, rescale, support)
 
 

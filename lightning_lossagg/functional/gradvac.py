@@ -1,6 +1,7 @@
 """GradVac: pull the cosine similarity of every pair of task gradients up to an adaptive target."""
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,7 +92,7 @@ def gradvac(
         ema = ema.clamp(-1.0, 1.0)
     orders = task_orders(num_tasks, generator)
     weights, new_ema = gradvac_weights(matrix.numpy(), ema.numpy(), beta, orders)
-    options = {"dtype": gramian.dtype, "device": gramian.device}
+    options: dict[str, Any] = {"dtype": gramian.dtype, "device": gramian.device}
     return torch.tensor(weights, **options), torch.tensor(new_ema, **options)
 
 

@@ -69,7 +69,8 @@ def imtl_g_weights(matrix: np.ndarray, eps: float) -> np.ndarray:
     """:func:`imtl_g` on a symmetric float64 NumPy Gramian, unchecked (for the callback's step);
     ``eps``: the rounding unit of the gradients' dtype."""
     if matrix.shape[0] == 2:
-        return _two_task_imtl_g(*matrix.ravel().tolist(), eps)
+        # mypy: a star of a list, whose length it does not know, before more arguments.
+        return _two_task_imtl_g(*matrix.ravel().tolist(), eps)  # type: ignore[call-arg]
     return _general_imtl_g(matrix, eps)
 
 

@@ -44,7 +44,7 @@ def update_loss_levels(
             "about the last 10 steps, or keep the first levels to scale by the initial loss."
         )
     if losses.ndim != 1 or (levels is not None and levels.shape != losses.shape):
-        found = None if levels is None else tuple(levels.shape)
+        found: object = None if levels is None else tuple(levels.shape)
         raise ValueError(
             "`losses` must be a 1-D tensor with one loss per task and `levels` None or of the "
             f"same shape; found {tuple(losses.shape)} and {found}."

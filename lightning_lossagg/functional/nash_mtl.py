@@ -187,7 +187,8 @@ def nash_mtl_weights(
 ) -> np.ndarray:
     """:func:`nash_mtl` on a symmetric float64 NumPy Gramian from positive weights ``start``,
     unchecked (for the callback's step); ``eps``: the rounding unit of the gradients' dtype."""
-    solution = _two_task_solution(*matrix.ravel().tolist(), eps) if len(matrix) == 2 else None
+    # mypy: a star of a list, whose length it does not know, before more arguments.
+    solution = _two_task_solution(*matrix.ravel().tolist(), eps) if len(matrix) == 2 else None  # type: ignore[call-arg]
     weights = solution if solution is not None else _scaled_like_a_solution(matrix, start, eps)
     trace = np.trace(matrix)
     # (One task: the scaled start is the solution; two: the closed form is exact.)

@@ -64,7 +64,8 @@ def pcgrad(gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
 def pcgrad_weights(matrix: np.ndarray, generator: torch.Generator | None = None) -> np.ndarray:
     """:func:`pcgrad` on a symmetric float64 NumPy Gramian, unchecked (for the callback's step)."""
     if matrix.shape[0] == 2:
-        return _two_task_pcgrad(*matrix.ravel().tolist(), generator)
+        # mypy: a star of a list, whose length it does not know, before more arguments.
+        return _two_task_pcgrad(*matrix.ravel().tolist(), generator)  # type: ignore[call-arg]
     return _general_pcgrad_weights(matrix, generator)
 
 

@@ -121,7 +121,8 @@ def upgrad_weights(
     if trace <= norm_eps or trace <= TINY:  # every projection is its own bound: no support
         return preferences.copy(), np.zeros_like(supports)
     if num_tasks == 2:
-        return _two_task_upgrad(*(matrix / trace).ravel().tolist(), *preferences.tolist(), reg_eps)
+        # mypy: a star of a list, whose length it does not know, before more arguments.
+        return _two_task_upgrad(*(matrix / trace).ravel().tolist(), *preferences.tolist(), reg_eps)  # type: ignore[call-arg]
     hessian = matrix / trace + reg_eps * np.eye(num_tasks)
     tol = KKT_TOL * float(np.abs(preferences).max())
     lowers = np.diag(preferences)  # projection i: v >= p_i e_i
