@@ -41,6 +41,32 @@ def test_lossagg_fit_on_penguins_writes_every_task_to_the_offline_wandb_run(tmp_
     assert list((tmp_path / "runs" / "penguins").rglob("*.ckpt"))
 
 
+@pytest.mark.ddp
+def test_lossagg_fits_the_penguins_config_on_two_processes(tmp_path):
+    # The real config with DDP from the command line: rank 0's offline W&B run has every task's
+    # figures, and the checkpoint counts each rank's share of the batches (240 training
+    # penguins, 120 per rank in batches of 32: 4 steps per epoch).
+    save_dir = tmp_path / "runs" / "penguins"
+    cli = build_cli(
+        [
+            "fit",
+            f"--config={CONFIGS / 'penguins.yaml'}",
+            "--trainer.strategy=ddp_spawn",
+            "--trainer.devices=2",
+            "--trainer.max_epochs=2",
+            f"--trainer.logger.init_args.save_dir={save_dir}",
+        ]
+    )
+    # Under ddp_spawn the run is made in this process and rank 0 attaches to it (WandbLogger).
+    cli.trainer.logger.experiment.finish()  # what the end of the `lossagg` process does
+    run = read_offline_run(save_dir / "wandb", wait_for_exit_s=30)
+    for task in TASKS:
+        for key in (f"train/loss/{task}", f"train/weight/{task}", f"val/loss/{task}"):
+            assert key in run.history_keys, key
+    last = torch.load(tmp_path / "runs/penguins/checkpoints/last.ckpt", weights_only=False)
+    assert last["global_step"] == 8
+
+
 @pytest.mark.parametrize("subcommand", ["validate", "test"])
 def test_lossagg_evaluates_the_demo(subcommand, tmp_path):
     cli = build_cli(
