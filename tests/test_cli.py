@@ -7,7 +7,7 @@ import torch
 
 from lightning_lossagg.cli import build_cli
 from lightning_lossagg.demos import PenguinsNet
-from tests.wandb_records import read_offline_run
+from tests.wandb_records import OfflineRun, read_offline_run
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 TASKS = ("species", "sex", "body_mass")
@@ -18,25 +18,24 @@ def _command_line(monkeypatch):
     monkeypatch.setattr("sys.argv", ["lossagg"])  # as if run as `lossagg ...`
 
 
-def test_lossagg_fit_on_penguins_writes_every_task_to_the_offline_wandb_run(tmp_path):
-    # An absolute save_dir: W&B's service process, started by an earlier test, resolves relative
-    # paths against its own working directory.
-    save_dir = tmp_path / "runs" / "penguins"
-    cli = build_cli(
-        [
-            "fit",
-            f"--config={CONFIGS / 'penguins.yaml'}",
-            "--trainer.max_epochs=2",
-            f"--trainer.logger.init_args.save_dir={save_dir}",
-        ]
-    )
-    cli.trainer.logger.experiment.finish()  # what the end of the `lossagg` process does
+def _fit_penguins_with_wandb(save_dir: Path, *args: str) -> OfflineRun:
+    """``lossagg fit`` of the penguins config for 2 epochs (``args`` added): its offline W&B run,
+    read back once finished as the end of the ``lossagg`` process finishes it, with every task's
+    loss, weight and validation loss (checked). An absolute ``save_dir``: W&B's service process,
+    started by an earlier test, resolves relative paths against its own working directory."""
+    config = [f"--config={CONFIGS / 'penguins.yaml'}", "--trainer.max_epochs=2"]
+    cli = build_cli(["fit", *config, f"--trainer.logger.init_args.save_dir={save_dir}", *args])
+    cli.trainer.logger.experiment.finish()
     run = read_offline_run(save_dir / "wandb", wait_for_exit_s=30)
-    keys = run.history_keys
     for task in TASKS:
         for key in (f"train/loss/{task}", f"train/weight/{task}", f"val/loss/{task}"):
-            assert key in keys, key
-    assert "train/loss" in keys and "val/loss" in keys
+            assert key in run.history_keys, key
+    return run
+
+
+def test_lossagg_fit_on_penguins_writes_every_task_to_the_offline_wandb_run(tmp_path):
+    run = _fit_penguins_with_wandb(tmp_path / "runs" / "penguins")
+    assert "train/loss" in run.history_keys and "val/loss" in run.history_keys
     assert run.config["hidden"] == 64
     assert list((tmp_path / "runs" / "penguins").rglob("*.ckpt"))
 
@@ -46,23 +45,9 @@ def test_lossagg_fits_the_penguins_config_on_two_processes(tmp_path):
     # The real config with DDP from the command line: rank 0's offline W&B run has every task's
     # figures, and the checkpoint counts each rank's share of the batches (240 training
     # penguins, 120 per rank in batches of 32: 4 steps per epoch).
+    # Under ddp_spawn the W&B run is made in this process and rank 0 attaches to it.
     save_dir = tmp_path / "runs" / "penguins"
-    cli = build_cli(
-        [
-            "fit",
-            f"--config={CONFIGS / 'penguins.yaml'}",
-            "--trainer.strategy=ddp_spawn",
-            "--trainer.devices=2",
-            "--trainer.max_epochs=2",
-            f"--trainer.logger.init_args.save_dir={save_dir}",
-        ]
-    )
-    # Under ddp_spawn the run is made in this process and rank 0 attaches to it (WandbLogger).
-    cli.trainer.logger.experiment.finish()  # what the end of the `lossagg` process does
-    run = read_offline_run(save_dir / "wandb", wait_for_exit_s=30)
-    for task in TASKS:
-        for key in (f"train/loss/{task}", f"train/weight/{task}", f"val/loss/{task}"):
-            assert key in run.history_keys, key
+    _fit_penguins_with_wandb(save_dir, "--trainer.strategy=ddp_spawn", "--trainer.devices=2")
     last = torch.load(tmp_path / "runs/penguins/checkpoints/last.ckpt", weights_only=False)
     assert last["global_step"] == 8
 
