@@ -12,6 +12,10 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # Most tasks whose problems (factorizations, active-set solves) run in Python floats: the work
 # grows as K³ / 6, NumPy's overhead does not. Measured inside training steps, up to 8 tasks gain,
@@ -24,6 +28,19 @@ PYTHON_TASKS_UP_TO = 8
 PIVOT_RATIO = 1e-6
 
 Matrix = Sequence[Sequence[float]]
+
+
+def two_by_two(matrix: np.ndarray) -> tuple[float, float, float, float]:
+    """``g11, g12, g21, g22``: a 2×2 matrix's entries as Python floats, for the two-task closed
+    forms."""
+    g11, g12, g21, g22 = matrix.ravel().tolist()
+    return g11, g12, g21, g22
+
+
+def pair(vector: np.ndarray) -> tuple[float, float]:
+    """A two-entry vector's entries as Python floats."""
+    first, second = vector.tolist()
+    return first, second
 
 
 def dot(left: Sequence[float], right: Sequence[float]) -> float:

@@ -13,7 +13,7 @@ from lightning_lossagg.functional._qp import (
     validated_gramian,
     validated_preferences,
 )
-from lightning_lossagg.functional._small import PYTHON_TASKS_UP_TO, dot
+from lightning_lossagg.functional._small import PYTHON_TASKS_UP_TO, dot, pair, two_by_two
 
 ScaleMode = Literal["min", "median", "rmse"]
 
@@ -78,10 +78,7 @@ def aligned_mtl_weights(
     """:func:`aligned_mtl` on a symmetric float64 NumPy Gramian, unchecked (for the callback's
     step); ``eps``: the rounding unit of the gradients' dtype."""
     if matrix.shape[0] == 2:
-        # mypy: a star of a list, whose length it does not know, before more arguments.
-        return _two_task_aligned_mtl(  # type: ignore[call-arg]
-            *matrix.ravel().tolist(), *preferences.tolist(), scale_mode, eps
-        )
+        return _two_task_aligned_mtl(*two_by_two(matrix), *pair(preferences), scale_mode, eps)
     return _general_aligned_mtl(matrix, preferences, scale_mode, eps)
 
 

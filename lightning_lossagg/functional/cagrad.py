@@ -8,7 +8,13 @@ from scipy.optimize import minimize
 from torch import Tensor
 
 from lightning_lossagg.functional._qp import TINY, active_set_qp, validated_gramian
-from lightning_lossagg.functional._small import PYTHON_TASKS_UP_TO, cholesky, cholesky_solve, dot
+from lightning_lossagg.functional._small import (
+    PYTHON_TASKS_UP_TO,
+    cholesky,
+    cholesky_solve,
+    dot,
+    two_by_two,
+)
 
 # Below this norm, relative to sum_i w_i ||g_i|| (its norm without cancellation), the inner
 # solution g_w is taken as zero: the gradients cancel, they are Pareto stationary, and
@@ -185,8 +191,7 @@ def cagrad_weights(
     inner problem was not solved).
     """
     if matrix.shape[0] == 2:
-        # mypy: a star of a list, whose length it does not know, before more arguments.
-        return _two_task_cagrad(*matrix.ravel().tolist(), c, _RESCALE_DIVISORS[rescale](c))  # type: ignore[call-arg]
+        return _two_task_cagrad(*two_by_two(matrix), c, _RESCALE_DIVISORS[rescale](c))
     return _general_cagrad_weights(matrix, c, rescale, support)
 
 

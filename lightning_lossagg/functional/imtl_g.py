@@ -12,6 +12,7 @@ from lightning_lossagg.functional._small import (
     cholesky,
     cholesky_solve,
     inverse_trace,
+    two_by_two,
 )
 
 
@@ -69,8 +70,7 @@ def imtl_g_weights(matrix: np.ndarray, eps: float) -> np.ndarray:
     """:func:`imtl_g` on a symmetric float64 NumPy Gramian, unchecked (for the callback's step);
     ``eps``: the rounding unit of the gradients' dtype."""
     if matrix.shape[0] == 2:
-        # mypy: a star of a list, whose length it does not know, before more arguments.
-        return _two_task_imtl_g(*matrix.ravel().tolist(), eps)  # type: ignore[call-arg]
+        return _two_task_imtl_g(*two_by_two(matrix), eps)
     return _general_imtl_g(matrix, eps)
 
 

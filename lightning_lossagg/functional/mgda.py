@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lightning_lossagg.functional._qp import TINY, active_set_qp, validated_gramian
-from lightning_lossagg.functional._small import PYTHON_TASKS_UP_TO
+from lightning_lossagg.functional._small import PYTHON_TASKS_UP_TO, two_by_two
 
 # Relative Tikhonov term: among weights giving the same min-norm update (identical or linearly
 # dependent gradients) it picks the one of least norm, so the result is unique and symmetric.
@@ -73,7 +73,7 @@ def min_norm_weights(
     ``guess``: the tasks expected to have a positive weight (see :func:`active_set_qp`)."""
     num_tasks = matrix.shape[0]
     if num_tasks == 2:
-        return _two_task_weights(*matrix.ravel().tolist())
+        return _two_task_weights(*two_by_two(matrix))
     trace = float(matrix.trace())
     if trace <= TINY:
         return np.full(num_tasks, 1.0 / num_tasks)

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from lightning_lossagg.functional._qp import TINY, validated_gramian
+from lightning_lossagg.functional._small import two_by_two
 
 # Stop when the Newton decrement is this small: the residual of alpha * (G alpha) = 1 is then of
 # the order of float64 rounding.
@@ -187,8 +188,7 @@ def nash_mtl_weights(
 ) -> np.ndarray:
     """:func:`nash_mtl` on a symmetric float64 NumPy Gramian from positive weights ``start``,
     unchecked (for the callback's step); ``eps``: the rounding unit of the gradients' dtype."""
-    # mypy: a star of a list, whose length it does not know, before more arguments.
-    solution = _two_task_solution(*matrix.ravel().tolist(), eps) if len(matrix) == 2 else None  # type: ignore[call-arg]
+    solution = _two_task_solution(*two_by_two(matrix), eps) if len(matrix) == 2 else None
     weights = solution if solution is not None else _scaled_like_a_solution(matrix, start, eps)
     trace = np.trace(matrix)
     # (One task: the scaled start is the solution; two: the closed form is exact.)

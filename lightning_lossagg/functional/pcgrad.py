@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lightning_lossagg.functional._qp import validated_gramian
-from lightning_lossagg.functional._small import PYTHON_TASKS_UP_TO, dot
+from lightning_lossagg.functional._small import PYTHON_TASKS_UP_TO, dot, two_by_two
 
 _EPS = float(np.finfo(np.float64).eps)
 
@@ -64,8 +64,7 @@ def pcgrad(gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
 def pcgrad_weights(matrix: np.ndarray, generator: torch.Generator | None = None) -> np.ndarray:
     """:func:`pcgrad` on a symmetric float64 NumPy Gramian, unchecked (for the callback's step)."""
     if matrix.shape[0] == 2:
-        # mypy: a star of a list, whose length it does not know, before more arguments.
-        return _two_task_pcgrad(*matrix.ravel().tolist(), generator)  # type: ignore[call-arg]
+        return _two_task_pcgrad(*two_by_two(matrix), generator)
     return _general_pcgrad_weights(matrix, generator)
 
 

@@ -12,6 +12,7 @@ from lightning_lossagg.functional._qp import (
     validated_gramian,
     validated_preferences,
 )
+from lightning_lossagg.functional._small import pair, two_by_two
 
 # The normalised QP has multipliers of the order of the preferences: this is rounding level.
 KKT_TOL = 1e-12
@@ -121,8 +122,7 @@ def upgrad_weights(
     if trace <= norm_eps or trace <= TINY:  # every projection is its own bound: no support
         return preferences.copy(), np.zeros_like(supports)
     if num_tasks == 2:
-        # mypy: a star of a list, whose length it does not know, before more arguments.
-        return _two_task_upgrad(*(matrix / trace).ravel().tolist(), *preferences.tolist(), reg_eps)  # type: ignore[call-arg]
+        return _two_task_upgrad(*two_by_two(matrix / trace), *pair(preferences), reg_eps)
     hessian = matrix / trace + reg_eps * np.eye(num_tasks)
     tol = KKT_TOL * float(np.abs(preferences).max())
     lowers = np.diag(preferences)  # projection i: v >= p_i e_i
