@@ -432,20 +432,20 @@ class MultiTaskMixin(_ModuleBase):
         """The tasks grouped by :meth:`Task.stacking_key` (``None``: every task alone), once the
         batch passed the checks. Kept per layout of the batch (names, shapes and dtypes): a new
         layout is checked and grouped once."""
-        signature: list[Any] | tuple[Any, ...] | None = None  # built as a list, kept as a tuple
+        signature: tuple[Any, ...] | None = None
         if type(predictions) is dict and type(targets) is dict:
             # The batch's layout: numbers of predictions and targets, the tasks' shapes and
             # dtypes. Not the devices: the model does not move its heads during a fit, and a
             # target on another device fails the loss, which names the task.
-            signature = [len(predictions), len(targets)]
+            layout: list[Any] = [len(predictions), len(targets)]
             try:
                 for name in self._reducer.names:  # the task names
                     prediction, target = predictions[name], targets[name]
-                    signature += prediction.shape, prediction.dtype, target.shape, target.dtype
+                    layout += prediction.shape, prediction.dtype, target.shape, target.dtype
             except (KeyError, AttributeError):  # checked below
-                signature = None
+                pass
             else:
-                signature = tuple(signature)
+                signature = tuple(layout)
                 if signature in self._stacking_plans:
                     return self._stacking_plans[signature]
         _check_names_of_batch(predictions, targets, self.task_names)
@@ -463,7 +463,7 @@ class MultiTaskMixin(_ModuleBase):
         if signature is not None:
             if len(self._stacking_plans) > 64:  # layouts vary (a last short batch): bounded
                 self._stacking_plans.clear()
-            self._stacking_plans[signature] = plan  # type: ignore[index]  # a tuple here
+            self._stacking_plans[signature] = plan
         return plan
 
     # ----------------------------------------------------------------------------- the steps
