@@ -73,7 +73,9 @@ class MultiTaskMixin(_ModuleBase):
     averaged gradient exactly the gradient of the global objective. The step's figures are kept,
     detached, in :attr:`loss_record` for loggers and monitors. Validation and test weigh each task
     with its weight at the latest training step that had a valid sample of it (kept in
-    checkpoints: an override of ``on_save_checkpoint``/``on_load_checkpoint`` calls ``super()``).
+    checkpoints: an override of ``on_save_checkpoint``/``on_load_checkpoint`` calls ``super()``,
+    as does one of ``on_after_backward``/``on_before_optimizer_step``, where non-finite losses
+    are acted on).
 
     Args:
         tasks: task name to :class:`Task` (or a loss name, for a task with default settings).
@@ -82,12 +84,14 @@ class MultiTaskMixin(_ModuleBase):
             the same, federated style).
         nonfinite: what a NaN or infinite task loss does, decided the same on every rank:
             ``"raise"`` (default) a :class:`NonFiniteLossError` naming the task, the step and the
-            rank(s), before the optimizer step changes anything; ``"skip"`` the optimizer step (no
-            update of the model, nor of the weighting method's learned state; with gradient
-            accumulation, its running statistics keep the finite micro-batches' losses);
-            ``"drop_task"`` leaves that task out of the step.
-            ``"raise"`` costs nothing per step (the flags are read when the optimizer steps);
-            the other two read the step's flags on the host right after its all-reduce.
+            rank(s), right after the backward, before the optimizer step (or any callback's
+            ``on_before_optimizer_step``) changes anything; ``"skip"`` the optimizer step (no
+            update of the model). Either way the step, its finite micro-batches included, leaves
+            nothing in the weighting method's state nor in the evaluation weights
+            (:meth:`forget_refused_step`). ``"drop_task"`` leaves that task out of the step.
+            ``"raise"`` costs no wait per step (the flags are read from host copies made without
+            a stall); the other two read the step's flags on the host right after its
+            all-reduce.
         max_consecutive_skips: with ``"skip"``/``"drop_task"``, this many non-finite steps in a
             row raise :class:`NonFiniteLossError` instead of skipping forever (``None``: never).
     """
@@ -159,9 +163,10 @@ class MultiTaskMixin(_ModuleBase):
         # gradient method fills the latest step's weights in backward).
         self._latest_weights: Tensor | None = None
         self._pending_weights: list[tuple[Tensor, Tensor]] = []
-        # Both as they were before this optimizer step's first weights: a skipped step (under
-        # accumulation, after finite micro-batches) goes back to them.
+        # Both, and the weighting method's WeightingCallback.step_state, as they were before
+        # this optimizer step's first weights: a skipped or refused step goes back to them.
         self._weights_before_step: tuple[Tensor | None, list[tuple[Tensor, Tensor]]] = (None, [])
+        self._weighting_state_before: Any = None
         self._step_kept_weights = False
         self._gradients_checked = False  # whether each task's losses carry a gradient
         # The host reads of the non-finite flags of the steps since the last optimizer step.
@@ -507,6 +512,8 @@ class MultiTaskMixin(_ModuleBase):
         """The weights of ``step`` (static, or the weighting method's) and the objective handed
         to backward."""
         weighting = self._weighting
+        if not self._step_kept_weights:  # the optimizer step's first weighted batch
+            self._keep_state_before_step(weighting)
         if weighting is None:
             if self._static_weights_are_ones:
                 return self._static_weights, step.local_terms.sum()
@@ -555,6 +562,7 @@ class MultiTaskMixin(_ModuleBase):
             self._consecutive_skips += 1
         limit = self.max_consecutive_skips
         if limit is not None and self._consecutive_skips >= limit:
+            self.forget_refused_step()
             raise NonFiniteLossError(
                 f"{self._consecutive_skips} consecutive steps with a non-finite loss "
                 f"(nonfinite={self.nonfinite!r}, max_consecutive_skips={limit}). Last: {message}"
@@ -588,13 +596,20 @@ class MultiTaskMixin(_ModuleBase):
         self.loss_record = step.record(stage, weights, self._weighting)
         return weights.to(step.local_terms.dtype) @ step.local_terms
 
+    def _keep_state_before_step(self, weighting: WeightingCallback | None) -> None:
+        """At an optimizer step's first weighted batch: the evaluation weights and the weighting
+        method's :meth:`~WeightingCallback.step_state` as they are, for
+        :meth:`forget_refused_step`."""
+        _set_plain(self, "_step_kept_weights", True)
+        before = (self._latest_weights, self._pending_weights.copy())
+        _set_plain(self, "_weights_before_step", before)
+        if weighting is not None:
+            _set_plain(self, "_weighting_state_before", weighting.step_state())
+
     def _keep_step_weights(self, weights: Tensor, counts: Tensor) -> None:
         """Keep a training step's effective weights for evaluation, with its global counts (a
         task's weight counts where it had a valid sample)."""
         pending = self._pending_weights
-        if not self._step_kept_weights:
-            _set_plain(self, "_step_kept_weights", True)
-            _set_plain(self, "_weights_before_step", (self._latest_weights, pending.copy()))
         pending.append((weights, counts))
         if len(pending) > _FOLD_EVERY:  # this step's weights may still be written in backward
             self._fold_step_weights(keep_latest_step=True)
@@ -709,6 +724,12 @@ class MultiTaskMixin(_ModuleBase):
         super().teardown(stage)
         self._reducer.across_ranks = None  # outside a fit, asked at every call again
 
+    def on_after_backward(self) -> None:
+        super().on_after_backward()
+        # nonfinite="raise": before any callback's on_before_optimizer_step (a method's update of
+        # its learned state, gradient clipping) sees the step.
+        self.check_nonfinite_losses()
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         super().on_before_optimizer_step(optimizer)
         _set_plain(self, "_optimizer_stepped", True)
@@ -718,15 +739,18 @@ class MultiTaskMixin(_ModuleBase):
             # Parameters without a gradient are left alone by torch's optimizers (no update, no
             # momentum or Adam state change). With gradient accumulation the whole step is skipped;
             # under manual optimization every optimizer the batch steps is (the flag holds until
-            # the next batch's training_step). Nor do its micro-batches' weights evaluate.
-            if self._step_kept_weights:
-                self._step_kept_weights = False
-                latest, kept = self._weights_before_step
-                _set_plain(self, "_latest_weights", latest)
-                _set_plain(self, "_pending_weights", kept)
+            # the next batch's training_step). Nor do its micro-batches' weights evaluate, nor
+            # stay in the weighting method's state.
+            self.forget_refused_step()
             for group in optimizer.param_groups:
                 for parameter in group["params"]:
                     parameter.grad = None
+        self.check_nonfinite_losses()  # for an on_after_backward overridden without super()
+
+    def check_nonfinite_losses(self) -> None:
+        """With ``nonfinite="raise"``: read the non-finite flags of the batches since the last
+        check (host copies, made without a stall) and raise :class:`NonFiniteLossError` if one
+        had a non-finite loss, after :meth:`forget_refused_step`. Called after each backward."""
         unchecked = self._unchecked_nonfinite
         if not unchecked:
             return
@@ -737,8 +761,26 @@ class MultiTaskMixin(_ModuleBase):
             if any(bitsets):
                 named = zip(self.task_names, bitsets, strict=True)
                 bad = [(name, bits) for name, bits in named if bits]
+                self.forget_refused_step()
                 # The steps since the last optimizer step are all this global step's batches.
                 raise NonFiniteLossError(_nonfinite_message(bad, self.global_step))
+
+    def forget_refused_step(self) -> None:
+        """Put the evaluation weights and the weighting method's state
+        (:meth:`WeightingCallback.step_state`) back to what they were before this optimizer
+        step's first batch: a step that is skipped, or refused with an error, leaves nothing
+        behind, and a fit started again goes on from the step before. A weighting callback
+        calls it before it raises an error that refuses the step."""
+        if not self._step_kept_weights:
+            return  # no batch of this step was weighted
+        _set_plain(self, "_step_kept_weights", False)
+        latest, kept = self._weights_before_step
+        _set_plain(self, "_latest_weights", latest)
+        _set_plain(self, "_pending_weights", kept)
+        state = self._weighting_state_before
+        _set_plain(self, "_weighting_state_before", None)
+        if self._weighting is not None:
+            self._weighting.put_back_step_state(state)
 
 
 class _StackedGroup(NamedTuple):

@@ -100,6 +100,21 @@ class WeightingCallback(L.Callback):
         combination to the shared part and each head its own task's gradient."""
         return weights @ step.local_terms
 
+    def step_state(self) -> Any:
+        """The part of the method's state that a batch changes before its optimizer step is
+        taken (a moving level, a period's sums, an accumulated gradient), as it is before the
+        optimizer step's first batch: the mixin keeps it, for :meth:`put_back_step_state`.
+        ``None`` (the default) for a method whose state changes only once the step is taken.
+        Return it without copying (state replaced, never changed in place): it is asked for at
+        every optimizer step."""
+        return None
+
+    def put_back_step_state(self, state: Any) -> None:
+        """Put back what :meth:`step_state` returned. The mixin calls it when the optimizer step
+        is skipped or refused with an error (a non-finite loss, a loss the method cannot take):
+        the step leaves nothing in the method's state, and a fit started again with the same
+        callback goes on from the step before."""
+
     def state_to_log(self) -> dict[str, Tensor]:
         """Method state worth seeing, per task: ``{"log_var": tensor[K]}`` for example; the state
         the latest step's weights came from (loggers read it after the optimizer step)."""

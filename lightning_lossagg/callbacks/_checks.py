@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from numbers import Integral, Real
-from typing import Any
+from typing import cast
 
 import lightning as L
 from torch import Tensor
@@ -86,11 +86,6 @@ class LossesReadLater:
         bound: the offending values, for the message (e.g. ``"<= 0"``).
         fix: what to do, for the message.
         error: the exception raised.
-        state: for a method whose state moves with every step (a moving level, a period's sums),
-            a function returning that state and one putting it back: the state is taken before
-            the optimizer step's first batch is added and put back when :meth:`check` raises,
-            so that the refused step leaves nothing in it (a fit started again with the same
-            callback goes on from the step before). Bound methods, picklable for ddp_spawn.
     """
 
     def __init__(
@@ -100,41 +95,32 @@ class LossesReadLater:
         bound: str,
         fix: str,
         error: type[Exception] = ValueError,
-        state: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
     ) -> None:
         self._rule = (method_takes, offends, bound, fix, error)
         self._unread: list[distributed.HostCopy] = []
-        self._state = state
-        self._state_before: Any = None
 
     def add(self, losses: Tensor) -> None:
-        """Queue a step's losses; call it before the step changes the method's state."""
-        if not self._unread and self._state is not None:
-            self._state_before = self._state[0]()
+        """Queue a step's losses."""
         self._unread.append(distributed.HostCopy(losses))
 
     def clear(self) -> None:
-        self._unread, self._state_before = [], None
+        self._unread = []
 
-    @property
-    def pending(self) -> bool:
-        """Whether some step's losses are still unread."""
-        return bool(self._unread)
-
-    def check(self, task_names: tuple[str, ...], global_step: int) -> None:
+    def check(self, pl_module: L.LightningModule, global_step: int) -> None:
         """Read (and forget) every unread step; raise, naming the tasks of the first with a loss
-        that offends, their values and ``global_step`` (the step whose batches were read)."""
+        that offends, their values and ``global_step`` (the step whose batches were read), once
+        the model has put back the state from before the step
+        (:meth:`MultiTaskMixin.forget_refused_step`)."""
+        model = cast(MultiTaskMixin, pl_module)  # required at setup
         method_takes, offends, bound, fix, error = self._rule
         unread, self._unread = self._unread, []
-        state_before, self._state_before = self._state_before, None
         for copy in unread:
             values = copy.get().tolist()
             # A non-finite loss is the mixin's to report (nonfinite=...), with its own advice.
-            pairs = zip(task_names, values, strict=True)
+            pairs = zip(model.task_names, values, strict=True)
             bad = [f"{n!r} ({v:g})" for n, v in pairs if math.isfinite(v) and offends(v)]
             if bad:
-                if self._state is not None:
-                    self._state[1](state_before)
+                model.forget_refused_step()
                 raise error(
                     f"{method_takes}, but the global loss of task(s) {', '.join(bad)} was "
                     f"{bound} at global step {global_step}. {fix}, or use another weighting "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -97,6 +97,7 @@ class LearnedScalesWeighting(WeightingCallback):
         named = zip(self._task_names, lowest, strict=True)
         negative = [(name, loss) for name, loss in named if loss < 0]
         if negative:  # the objective would be unbounded below in s: s would run away
+            cast(MultiTaskMixin, pl_module).forget_refused_step()  # required at setup
             bad = ", ".join(f"{name!r} ({loss:g})" for name, loss in negative)
             raise ValueError(
                 f"{type(self).__name__} learns a log-scale per task from its loss, which must be "
@@ -110,6 +111,17 @@ class LearnedScalesWeighting(WeightingCallback):
         ]
         self._scales.step(gradient, [count > 0 for count in counts])
         self._host_weights_of_s = self._device_weights = None
+
+    @override
+    def step_state(self) -> tuple[list[float] | None, list[float] | None]:
+        """The sums of the micro-batches before a checkpoint taken amid an accumulation (the
+        host copies of the losses are the step's own: none before its first batch)."""
+        return self._loss_sum, self._loss_count
+
+    @override
+    def put_back_step_state(self, state: tuple[list[float] | None, list[float] | None]) -> None:
+        self._pending = []
+        self._loss_sum, self._loss_count = state
 
     def _host_weights(self) -> list[float]:
         """The weights at the current ``s``, computed once per value of ``s``."""

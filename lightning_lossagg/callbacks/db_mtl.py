@@ -120,7 +120,6 @@ class DBMTL(GradientWeighting):
             partial(operator.gt, 0.0),  # loss < 0 (picklable, for ddp_spawn)
             "< 0",
             "Shift that task's loss to be >= 0",
-            state=(self._moving_state, self._put_back),
         )
         self._logged_jacobian: Tensor | None = None  # the step's, for grad_cos when logged
 
@@ -173,12 +172,14 @@ class DBMTL(GradientWeighting):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self._unchecked.check(self._task_names, trainer.global_step)
+        self._unchecked.check(pl_module, trainer.global_step)
 
-    def _moving_state(self) -> tuple[Tensor | None, int]:
+    @override
+    def step_state(self) -> tuple[Tensor | None, int]:
         return self._buffer, self._step  # the buffer is replaced, never changed
 
-    def _put_back(self, state: tuple[Tensor | None, int]) -> None:
+    @override
+    def put_back_step_state(self, state: tuple[Tensor | None, int]) -> None:
         self._buffer, self._step = state
 
     @override

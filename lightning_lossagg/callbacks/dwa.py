@@ -89,13 +89,11 @@ class DWA(WeightingCallback):
         self._before_previous: Tensor | None = None
         self._rates: Tensor | None = None
         self._weights: Tensor | None = None
-        self._task_names: tuple[str, ...] = ()
         self._unchecked = LossesReadLater(
             "DWA weighs each task by the ratio of its mean losses over two periods",
             partial(operator.gt, 0.0),  # loss < 0 (picklable, for ddp_spawn)
             "< 0",
             "Shift that task's loss to be >= 0",
-            state=(self._moving_state, self._put_back),
         )
 
     @property
@@ -105,7 +103,7 @@ class DWA(WeightingCallback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._task_names = require_multitask(self, pl_module)
+        require_multitask(self, pl_module)
         self._unchecked.clear()
 
     @override
@@ -131,7 +129,7 @@ class DWA(WeightingCallback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self._unchecked.check(self._task_names, trainer.global_step)
+        self._unchecked.check(pl_module, trainer.global_step)
 
     def _accumulate(self, step: GlobalTaskLosses) -> None:
         if self._pending_restored:
@@ -185,13 +183,15 @@ class DWA(WeightingCallback):
     def state_to_log(self) -> dict[str, Tensor]:
         return {} if self._rates is None else {"loss_rate": self._rates}
 
-    def _moving_state(self) -> tuple[Any, ...]:
+    @override
+    def step_state(self) -> tuple[Any, ...]:
         """The periods' figures (tensors are replaced, never changed; the pending list grows)."""
         tensors = tuple(getattr(self, name) for name in _TENSOR_STATE)
         periods = (self._period, self._completed_periods, self._rates, self._weights)
         return list(self._pending), self._pending_restored, tensors, periods
 
-    def _put_back(self, state: tuple[Any, ...]) -> None:
+    @override
+    def put_back_step_state(self, state: tuple[Any, ...]) -> None:
         pending, self._pending_restored, tensors, periods = state
         self._pending = pending
         for name, value in zip(_TENSOR_STATE, tensors, strict=True):

@@ -81,7 +81,6 @@ class FAMO(WeightingCallback):
         self._losses_before: tuple[Tensor, Tensor] | None = None
         self._stepped = False
         self._logits_used: Tensor | None = None  # behind the latest weights (Adam makes new ones)
-        self._task_names: tuple[str, ...] = ()
         eps = self.eps
         self._unchecked = LossesReadLater(
             f"FAMO takes the logarithm of every task loss plus eps={eps:g}",
@@ -97,8 +96,8 @@ class FAMO(WeightingCallback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._task_names = require_multitask(self, pl_module)
-        self._logits.set_num_tasks(len(self._task_names), type(self).__name__)
+        num_tasks = len(require_multitask(self, pl_module))
+        self._logits.set_num_tasks(num_tasks, type(self).__name__)
         self._losses_before, self._stepped = None, False
         self._unchecked.clear()
 
@@ -126,7 +125,7 @@ class FAMO(WeightingCallback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self._unchecked.check(self._task_names, trainer.global_step)
+        self._unchecked.check(pl_module, trainer.global_step)
         # A skipped optimizer step (nonfinite="skip") decreases no loss: nothing to learn from.
         self._stepped = not pl_module.skipping_optimizer_step
 

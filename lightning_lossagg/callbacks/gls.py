@@ -47,7 +47,6 @@ class GLS(WeightingCallback):
     finite_weights = True  # a task without a valid sample takes the loss 1 in gls_weights
 
     def __init__(self) -> None:
-        self._task_names: tuple[str, ...] = ()
         self._unchecked = LossesReadLater(
             "GLS takes the logarithm of every task loss",
             partial(operator.ge, 0.0),  # loss <= 0 (picklable, for ddp_spawn)
@@ -58,7 +57,7 @@ class GLS(WeightingCallback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._task_names = require_multitask(self, pl_module)
+        require_multitask(self, pl_module)
         self._unchecked.clear()
 
     @override
@@ -74,4 +73,4 @@ class GLS(WeightingCallback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self._unchecked.check(self._task_names, trainer.global_step)
+        self._unchecked.check(pl_module, trainer.global_step)

@@ -24,6 +24,9 @@ from lightning_lossagg.callbacks.gradient_weighting import (
 )
 from lightning_lossagg.mixin import MultiTaskMixin
 
+# L(0), and the optimizer step's gradient sum and count so far (GradNorm.step_state).
+_StepState = tuple[Tensor | None, Tensor | None, Tensor | None]
+
 
 class GradNorm(GradientWeighting):
     r"""GradNorm (Chen et al., 2018): weights that balance the tasks' gradient norms.
@@ -224,6 +227,16 @@ class GradNorm(GradientWeighting):
         else:
             self._gradient_sum = self._gradient_sum.to(device, dtype) + gradient
             self._gradient_count = self._gradient_count.to(device, dtype) + taking_part
+
+    @override
+    def step_state(self) -> _StepState:
+        """L(0) (taken at a task's first usable step) and the step's gradient sum so far (all
+        replaced, never changed in place)."""
+        return self._initial_losses, self._gradient_sum, self._gradient_count
+
+    @override
+    def put_back_step_state(self, state: _StepState) -> None:
+        self._initial_losses, self._gradient_sum, self._gradient_count = state
 
     @override
     def state_to_log(self) -> dict[str, Tensor]:

@@ -121,6 +121,14 @@ class GradVac(GradientWeighting):
         return state
 
     @override
+    def step_state(self) -> Tensor | None:
+        return self._targets  # replaced, never changed in place
+
+    @override
+    def put_back_step_state(self, state: Tensor | None) -> None:
+        self._targets = state
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"targets": None if self._targets is None else self._targets.clone()}
 

@@ -94,13 +94,11 @@ class LossScaling(WeightingCallback):
         self._all_have_levels: bool = False
         self._has_level_copy: distributed.HostCopy | None = None
         self._weights: Tensor | None = None  # mode="initial": the weights of the fixed levels
-        self._task_names: tuple[str, ...] = ()
         self._unchecked: LossesReadLater = LossesReadLater(
             "LossScaling divides each task's loss by its level",
             partial(operator.gt, 0.0),  # loss < 0 (picklable, for ddp_spawn)
             "< 0",
             "Shift that task's loss to be >= 0",
-            state=(self._moving_state, self._put_back),
         )
 
     @property
@@ -115,7 +113,7 @@ class LossScaling(WeightingCallback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._task_names = require_multitask(self, pl_module)
+        require_multitask(self, pl_module)
         self._unchecked.clear()
 
     @override
@@ -137,7 +135,7 @@ class LossScaling(WeightingCallback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self._unchecked.check(self._task_names, trainer.global_step)
+        self._unchecked.check(pl_module, trainer.global_step)
         if self._has_level_copy is not None:  # tasks only gain levels: the latest copy tells
             self._all_have_levels = bool(self._has_level_copy.get().all())
             self._has_level_copy = None
@@ -175,11 +173,13 @@ class LossScaling(WeightingCallback):
         self._levels = torch.where(usable_tasks(step), moving_average, levels)
         return loss_scaling_weights(self._levels, self.eps, validate_args=False)
 
-    def _moving_state(self) -> tuple[Any, ...]:
+    @override
+    def step_state(self) -> tuple[Any, ...]:
         """The levels and what follows from them (tensors are replaced, never changed)."""
         return self._levels, self._has_level, self._all_have_levels, self._weights
 
-    def _put_back(self, state: tuple[Any, ...]) -> None:
+    @override
+    def put_back_step_state(self, state: tuple[Any, ...]) -> None:
         self._levels, self._has_level, self._all_have_levels, self._weights = state
         self._has_level_copy = None
 

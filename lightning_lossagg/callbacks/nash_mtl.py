@@ -153,6 +153,14 @@ class NashMTL(GradientWeighting):
             torch.nn.utils.clip_grad_norm_(shared, self.max_norm)
 
     @override
+    def step_state(self) -> Tensor | None:
+        return self._previous  # replaced, never changed in place
+
+    @override
+    def put_back_step_state(self, state: Tensor | None) -> None:
+        self._previous = state
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"previous": None if self._previous is None else self._previous.clone()}
 

@@ -90,9 +90,8 @@ def _optimizer_step(callback, module, losses_before, batch=None):
 def test_a_task_left_out_of_the_logit_update_keeps_its_logit_and_moments(valid_before, after):
     callback = FAMO()
     callback.setup(None, ThreeTaskNet(), "fit")
-    module = SimpleNamespace(
-        skipping_optimizer_step=False, compute_global_losses=lambda batch: global_losses(after)
-    )
+    module = at_step(0)
+    module.compute_global_losses = lambda batch: global_losses(after)
     _optimizer_step(callback, module, global_losses([1.0, 1.0, 1.0], valid_before))
     state = callback.state_dict()["logits"]
     assert state["steps"].tolist() == [0.0, 1.0, 1.0]
@@ -117,10 +116,8 @@ def test_the_re_evaluation_runs_without_gradients():
 
 
 def test_a_state_saved_in_float32_resumes_in_the_dtype_of_the_losses():
-    module = SimpleNamespace(
-        skipping_optimizer_step=False,
-        compute_global_losses=lambda batch: global_losses([0.5, 0.8, 0.9]),
-    )
+    module = at_step(0)
+    module.compute_global_losses = lambda batch: global_losses([0.5, 0.8, 0.9])
     saved = FAMO()
     saved.setup(None, ThreeTaskNet(), "fit")
     _optimizer_step(saved, module, global_losses([1.0, 1.0, 1.0]))

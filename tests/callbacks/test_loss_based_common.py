@@ -386,34 +386,3 @@ def test_a_negative_loss_stops_a_learned_scale_before_the_optimizer_step(method)
         )
     assert len(parameters.parameters) == 1  # step 1's update never applied
     assert all(torch.equal(v, parameters.parameters[-1][k]) for k, v in model.state_dict().items())
-
-
-@pytest.mark.parametrize(
-    "method",
-    [
-        lambda: DWA(window_steps=1),
-        lambda: LossScaling(decay=0.5),
-        lambda: UncertaintyWeighting(lr=0.1),
-        lambda: IMTLL(lr=0.1),
-        FAMO,
-    ],
-    ids=["DWA", "LS", "UW", "IMTLL", "FAMO"],
-)
-def test_a_refused_step_leaves_the_state_of_the_step_before(method):
-    # Micro-batches 2 and 3 make global step 1; the loss < 0 of micro-batch 3 is read at that
-    # step, after both moved the state (DWA closed its first period, LossScaling's levels took
-    # both losses): the state is put back to after step 0, so that a fit started again with the
-    # same callback goes on from there.
-    batches = signed_price_batches(4, negative_at=3)
-    refused = method()
-    torch.manual_seed(0)
-    with pytest.raises(ValueError, match=r"'price' \(-[0-9.]+\) was .* at global step 1"):
-        trainer([refused], max_epochs=1, accumulate_grad_batches=2).fit(
-            SignedPriceNet().double(), torch.utils.data.DataLoader(batches, batch_size=None)
-        )
-    first_step_only = method()
-    torch.manual_seed(0)
-    trainer([first_step_only], max_epochs=1, accumulate_grad_batches=2).fit(
-        SignedPriceNet().double(), torch.utils.data.DataLoader(batches[:2], batch_size=None)
-    )
-    assert_nested_equal(refused.state_dict(), first_step_only.state_dict())

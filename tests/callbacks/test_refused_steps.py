@@ -1,0 +1,123 @@
+"""A refused (a non-finite loss, a loss the method cannot take) or skipped optimizer step leaves
+nothing behind: the state of every method whose state moves within a step (a level, a period's
+sums, an accumulated gradient, its own optimizer's update) and the model's evaluation weights are
+as after the step before, so that a fit started again with the same callback (a notebook's second
+``trainer.fit``) goes on from there."""
+
+import functools
+import re
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_lossagg import NonFiniteLossError
+from lightning_lossagg.callbacks import (
+    DBMTL,
+    DWA,
+    FAMO,
+    IMTLL,
+    GradNorm,
+    GradVac,
+    LossScaling,
+    NashMTL,
+    UncertaintyWeighting,
+)
+from tests.callbacks._fits import SignedPriceNet, signed_price_batches, trainer
+from tests.callbacks._loss_based import assert_nested_equal
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+STATEFUL = {
+    "DWA": lambda: DWA(window_steps=1),
+    "LossScaling": lambda: LossScaling(decay=0.5),
+    "UncertaintyWeighting": lambda: UncertaintyWeighting(lr=0.1),
+    "IMTLL": lambda: IMTLL(lr=0.1),
+    "FAMO": FAMO,
+    "GradNorm": lambda: GradNorm(lr=0.1),
+    "NashMTL": NashMTL,
+    "GradVac": GradVac,
+    "DBMTL": DBMTL,
+}
+# nonfinite policy of the model, and its max_consecutive_skips (1: the skip is an error)
+POLICIES = {"raise": ("raise", 10), "skip": ("skip", 10), "a run of skips": ("skip", 1)}
+
+
+def _fit(name: str, batches: list, nonfinite: str = "raise", max_skips: int = 10) -> tuple:
+    """The method's state and the model's evaluation weights after a fit of ``batches``, two
+    micro-batches per optimizer step, and what the fit raised (``None``: nothing)."""
+    method = STATEFUL[name]()
+    torch.manual_seed(0)
+    model = SignedPriceNet().double()
+    model.nonfinite, model.max_consecutive_skips = nonfinite, max_skips
+    raised = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "The step was skipped"
+            trainer([method], max_epochs=1, accumulate_grad_batches=2).fit(
+                model, DataLoader(batches, batch_size=None)
+            )
+    except (NonFiniteLossError, ValueError) as error:  # a non-finite loss, one the method refuses
+        raised = error
+    return method.state_dict(), model._fold_step_weights(), raised
+
+
+@functools.cache
+def _after_the_first_step(name: str) -> tuple:
+    return _fit(name, signed_price_batches(2, negative_at=-1))
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("bad", [2, 3], ids=["first micro-batch", "second micro-batch"])
+@pytest.mark.parametrize("name", list(STATEFUL))
+def test_a_step_with_a_non_finite_loss_leaves_the_state_of_the_step_before(name, bad, policy):
+    # Batches 2 and 3 make optimizer step 1; one of them has an infinite price loss. Raised or
+    # skipped, the step's finite micro-batch (and, raised, the method's update at the optimizer
+    # step) must leave no trace.
+    batches = signed_price_batches(4, negative_at=-1)
+    batches[bad][1]["price"][:] = torch.inf
+    state, weights, raised = _fit(name, batches, *POLICIES[policy])
+    if policy == "skip":
+        assert raised is None
+    else:
+        assert isinstance(raised, NonFiniteLossError) and "global step 1" in str(raised)
+    expected_state, expected_weights, _ = _after_the_first_step(name)
+    assert_nested_equal(state, expected_state)
+    torch.testing.assert_close(weights, expected_weights, rtol=0, atol=0)
+
+
+BOUNDED = [name for name in STATEFUL if name not in ("GradNorm", "NashMTL", "GradVac")]
+
+
+@pytest.mark.parametrize("name", BOUNDED)
+def test_a_step_with_a_loss_the_method_cannot_take_leaves_the_state_of_the_step_before(name):
+    # Micro-batch 3, the second of optimizer step 1, has a price loss < 0, which each of these
+    # methods refuses (read at the optimizer step, after both micro-batches moved the state).
+    state, weights, raised = _fit(name, signed_price_batches(4, negative_at=3))
+    assert isinstance(raised, ValueError)
+    assert re.search(r"'price' \(-[0-9.]+\) was .* at global step 1", str(raised))
+    expected_state, expected_weights, _ = _after_the_first_step(name)
+    assert_nested_equal(state, expected_state)
+    torch.testing.assert_close(weights, expected_weights, rtol=0, atol=0)
+
+
+def test_no_callback_sees_the_optimizer_step_of_a_step_with_a_non_finite_loss():
+    # The error comes right after the backward: gradient clipping, a method's own update, any
+    # callback's on_before_optimizer_step never meet the step.
+    class OptimizerSteps(L.Callback):
+        def __init__(self) -> None:
+            self.steps: list[int] = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            self.steps.append(trainer.global_step)
+
+    batches = signed_price_batches(3, negative_at=-1)
+    batches[1][1]["price"][:] = torch.inf
+    seen = OptimizerSteps()
+    with pytest.raises(NonFiniteLossError, match=r"task 'price' on rank\(s\) 0"):
+        trainer([seen], max_epochs=1).fit(
+            SignedPriceNet().double(), DataLoader(batches, batch_size=None)
+        )
+    assert seen.steps == [0]
