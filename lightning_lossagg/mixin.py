@@ -765,6 +765,13 @@ class MultiTaskMixin(_ModuleBase):
                 # The steps since the last optimizer step are all this global step's batches.
                 raise NonFiniteLossError(_nonfinite_message(bad, self.global_step))
 
+    def forget_unfinished_step(self) -> None:
+        """:meth:`forget_refused_step`, unless this optimizer step has reached the optimizer:
+        for an exception amid its batches (an out-of-memory error, an interrupted fit), after
+        which the model has not moved either. Weighting callbacks call it in ``on_exception``."""
+        if not self._optimizer_stepped:
+            self.forget_refused_step()
+
     def forget_refused_step(self) -> None:
         """Put the evaluation weights and the weighting method's state
         (:meth:`WeightingCallback.step_state`) back to what they were before this optimizer

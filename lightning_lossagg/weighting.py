@@ -126,6 +126,17 @@ class WeightingCallback(L.Callback):
         ``train/<state>/<task_a>~<task_b>``), so it may cost a few tensor operations."""
         return {}
 
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        """An optimizer step cut short by an exception leaves nothing in the method's state
+        (:meth:`~lightning_lossagg.mixin.MultiTaskMixin.forget_unfinished_step`): the model did
+        not move either, and a fit started again goes on from the step before."""
+        from lightning_lossagg.mixin import MultiTaskMixin  # the mixin imports this module
+
+        if isinstance(pl_module, MultiTaskMixin):
+            pl_module.forget_unfinished_step()
+
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:

@@ -45,7 +45,13 @@ STATEFUL = {
 POLICIES = {"raise": ("raise", 10), "skip": ("skip", 10), "a run of skips": ("skip", 1)}
 
 
-def _fit(name: str, batches: list, nonfinite: str = "raise", max_skips: int = 10) -> tuple:
+def _fit(
+    name: str,
+    batches: list,
+    nonfinite: str = "raise",
+    max_skips: int = 10,
+    extra_callbacks: tuple[L.Callback, ...] = (),
+) -> tuple:
     """The method's state and the model's evaluation weights after a fit of ``batches``, two
     micro-batches per optimizer step, and what the fit raised (``None``: nothing)."""
     method = STATEFUL[name]()
@@ -56,10 +62,10 @@ def _fit(name: str, batches: list, nonfinite: str = "raise", max_skips: int = 10
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "The step was skipped"
-            trainer([method], max_epochs=1, accumulate_grad_batches=2).fit(
+            trainer([method, *extra_callbacks], max_epochs=1, accumulate_grad_batches=2).fit(
                 model, DataLoader(batches, batch_size=None)
             )
-    except (NonFiniteLossError, ValueError) as error:  # a non-finite loss, one the method refuses
+    except (NonFiniteLossError, ValueError, MemoryError) as error:
         raised = error
     return method.state_dict(), model._fold_step_weights(), raised
 
@@ -101,6 +107,50 @@ def test_a_step_with_a_loss_the_method_cannot_take_leaves_the_state_of_the_step_
     expected_state, expected_weights, _ = _after_the_first_step(name)
     assert_nested_equal(state, expected_state)
     torch.testing.assert_close(weights, expected_weights, rtol=0, atol=0)
+
+
+class OutOfMemoryAt(L.Callback):
+    """Raises ``MemoryError`` after the backward of batch ``batch_index``, as an allocation that
+    fails there would (the error a notebook user meets before trying a smaller batch)."""
+
+    def __init__(self, batch_index: int) -> None:
+        self.batch_index = batch_index
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.current = batch_idx
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self.current == self.batch_index:
+            raise MemoryError("out of memory (raised by the test)")
+
+
+@pytest.mark.parametrize("failing", [2, 3], ids=["first micro-batch", "second micro-batch"])
+@pytest.mark.parametrize("name", list(STATEFUL))
+def test_a_step_cut_short_by_an_exception_leaves_the_state_of_the_step_before(name, failing):
+    batches = signed_price_batches(4, negative_at=-1)
+    state, weights, raised = _fit(name, batches, extra_callbacks=(OutOfMemoryAt(failing),))
+    assert isinstance(raised, MemoryError)
+    expected_state, expected_weights, _ = _after_the_first_step(name)
+    assert_nested_equal(state, expected_state)
+    torch.testing.assert_close(weights, expected_weights, rtol=0, atol=0)
+
+
+def test_an_exception_after_the_optimizer_step_keeps_the_step():
+    # The model moved: so does the method's state (DWA closed its first period at step 1).
+    batches = signed_price_batches(4, negative_at=-1)
+
+    class FailsAtTheEnd(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch_idx == 3:
+                raise MemoryError("raised by the test after the optimizer step")
+
+    state, weights, raised = _fit("DWA", batches, extra_callbacks=(FailsAtTheEnd(),))
+    assert isinstance(raised, MemoryError)
+    complete_state, complete_weights, _ = _fit("DWA", batches)
+    assert_nested_equal(state, complete_state)
+    torch.testing.assert_close(weights, complete_weights, rtol=0, atol=0)
+    with pytest.raises(AssertionError):
+        assert_nested_equal(state, _after_the_first_step("DWA")[0])
 
 
 def test_no_callback_sees_the_optimizer_step_of_a_step_with_a_non_finite_loss():
