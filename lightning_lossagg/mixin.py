@@ -89,8 +89,9 @@ class MultiTaskMixin(_ModuleBase):
             update of the model). Either way the step, its finite micro-batches included, leaves
             nothing in the weighting method's state nor in the evaluation weights
             (:meth:`forget_refused_step`). ``"drop_task"`` leaves that task out of the step.
-            ``"raise"`` costs no wait per step (the flags are read from host copies made without
-            a stall); the other two read the step's flags on the host right after its
+            ``"raise"`` reads the flags after each backward, from host copies queued right after
+            the step's all-reduce: on a GPU the host waits for that copy alone, never for the
+            backward queued behind it. The other two read the flags on the host right after the
             all-reduce.
         max_consecutive_skips: with ``"skip"``/``"drop_task"``, this many non-finite steps in a
             row raise :class:`NonFiniteLossError` instead of skipping forever (``None``: never).
@@ -665,7 +666,9 @@ class MultiTaskMixin(_ModuleBase):
         self._weighting = methods[0] if methods else None
         if stage == "fit":  # a checkpoint the fit resumes from restores them after setup
             self._latest_weights, self._pending_weights = None, []
-            self._step_kept_weights = self._gradients_checked = False
+            self._gradients_checked = False
+            for flag in _STEP_FLAGS:  # an earlier fit may have stopped amid a step
+                _set_plain(self, flag, False)
         # The strategy has set up its processes: whether they are several is fixed for the fit.
         self._reducer.across_ranks = distributed.is_distributed()
         self._task_heads, self._heads_apart, self._linear_heads = None, None, None
@@ -745,12 +748,20 @@ class MultiTaskMixin(_ModuleBase):
             for group in optimizer.param_groups:
                 for parameter in group["params"]:
                     parameter.grad = None
-        self.check_nonfinite_losses()  # for an on_after_backward overridden without super()
+        if self._unchecked_nonfinite:  # not checked after the backward: see on_after_backward
+            rank_zero_warn(
+                f"{type(self).__name__}.on_after_backward does not call "
+                "super().on_after_backward(): non-finite losses are checked only now, after the "
+                "callbacks' on_before_optimizer_step. Call super() in the override."
+            )
+            self.check_nonfinite_losses()
 
     def check_nonfinite_losses(self) -> None:
         """With ``nonfinite="raise"``: read the non-finite flags of the batches since the last
-        check (host copies, made without a stall) and raise :class:`NonFiniteLossError` if one
-        had a non-finite loss, after :meth:`forget_refused_step`. Called after each backward."""
+        check (host copies queued right after the step's all-reduce) and raise
+        :class:`NonFiniteLossError` if one had a non-finite loss, after
+        :meth:`forget_refused_step`. Called after each backward; a weighting method that moves
+        its state in ``on_before_optimizer_step`` calls it first there too."""
         unchecked = self._unchecked_nonfinite
         if not unchecked:
             return

@@ -105,8 +105,8 @@ class WeightingCallback(L.Callback):
         taken (a moving level, a period's sums, an accumulated gradient), as it is before the
         optimizer step's first batch: the mixin keeps it, for :meth:`put_back_step_state`.
         ``None`` (the default) for a method whose state changes only once the step is taken.
-        Return it without copying (state replaced, never changed in place): it is asked for at
-        every optimizer step."""
+        It is asked for at every optimizer step: return state that the method replaces as it is,
+        and copy only what changes in place."""
         return None
 
     def put_back_step_state(self, state: Any) -> None:

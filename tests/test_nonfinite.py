@@ -213,6 +213,27 @@ def test_a_run_of_skips_becomes_an_error():
     assert model.skipped_steps == 3
 
 
+def test_a_fit_that_stopped_amid_a_run_of_skips_leaves_no_step_flag_to_the_next_fit():
+    # The second fit's finite first step ends the run: its one non-finite step is skipped, as in
+    # a fresh model (the first fit stopped amid a step whose flags were never cleared).
+    model = ThreeTaskNet()
+    model.nonfinite, model.max_consecutive_skips = "skip", 2
+    first = [make_batch(4, seed=s, dtype=torch.float32) for s in range(3)]
+    first[1][1]["price"][0] = first[2][1]["price"][0] = torch.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with pytest.raises(NonFiniteLossError, match="2 consecutive steps"):
+            quiet_trainer(1, steps=3, precision="32-true").fit(
+                model, DataLoader(first, batch_size=None)
+            )
+        second = [make_batch(4, seed=s, dtype=torch.float32) for s in range(3, 5)]
+        second[1][1]["price"][0] = torch.inf
+        quiet_trainer(1, steps=2, precision="32-true").fit(
+            model, DataLoader(second, batch_size=None)
+        )
+    assert model.skipped_steps == 3
+
+
 def test_skips_apart_do_not_add_up_to_a_run():
     batches = [make_batch(4, seed=s, dtype=torch.float32) for s in range(3)]
     for bad in (0, 2):  # a good step between them

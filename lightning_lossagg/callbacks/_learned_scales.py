@@ -87,9 +87,11 @@ class LearnedScalesWeighting(WeightingCallback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        model = cast(MultiTaskMixin, pl_module)  # required at setup
+        model.check_nonfinite_losses()  # before s moves (if on_after_backward did not)
         if not self._pending and self._loss_sum is None:
             return
-        if pl_module.skipping_optimizer_step:
+        if model.skipping_optimizer_step:
             self._pending, self._loss_sum, self._loss_count = [], None, None
             return  # the model does not move: neither does s
         totals, counts, lowest = self._accumulated_losses()
@@ -97,7 +99,7 @@ class LearnedScalesWeighting(WeightingCallback):
         named = zip(self._task_names, lowest, strict=True)
         negative = [(name, loss) for name, loss in named if loss < 0]
         if negative:  # the objective would be unbounded below in s: s would run away
-            cast(MultiTaskMixin, pl_module).forget_refused_step()  # required at setup
+            model.forget_refused_step()
             bad = ", ".join(f"{name!r} ({loss:g})" for name, loss in negative)
             raise ValueError(
                 f"{type(self).__name__} learns a log-scale per task from its loss, which must be "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -173,9 +173,11 @@ class GradNorm(GradientWeighting):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        model = cast(MultiTaskMixin, pl_module)  # required at setup
+        model.check_nonfinite_losses()  # before w moves (if on_after_backward did not)
         if self._gradient_sum is None or self._gradient_count is None:
             return
-        if pl_module.skipping_optimizer_step:
+        if model.skipping_optimizer_step:
             self._gradient_sum = self._gradient_count = None  # the model does not move: nor w
             return
         taking_part = self._gradient_count > 0

@@ -109,13 +109,14 @@ def global_losses(losses: list[float], valid: list[bool] | None = None) -> Globa
 
 def at_step(global_step: int, epoch: int = 0) -> Any:
     """A stand-in for :class:`~tests.models.ThreeTaskNet` as the methods' hooks see it:
-    ``trainer``'s step counters, the task names, and an optimizer step that is taken (a step
-    refused here puts nothing back: what a refusal puts back is tested on real fits)."""
+    ``trainer``'s step counters, the task names, and an optimizer step that is taken, with
+    finite losses (a step refused here puts nothing back: refusals are tested on real fits)."""
     trainer = SimpleNamespace(global_step=global_step, current_epoch=epoch)
     return SimpleNamespace(
         trainer=trainer,
         task_names=("price", "kind", "sold"),
         skipping_optimizer_step=False,
+        check_nonfinite_losses=lambda: None,
         forget_refused_step=lambda: None,
     )
 

@@ -19,6 +19,7 @@ from lightning_lossagg.callbacks import (
     DWA,
     FAMO,
     IMTLL,
+    MGDA,
     GradNorm,
     GradVac,
     LossScaling,
@@ -41,6 +42,9 @@ STATEFUL = {
     "GradVac": GradVac,
     "DBMTL": DBMTL,
 }
+# Methods without a state of their own that refuse some losses: what they put back is the model's
+# evaluation weights.
+STATELESS_BUT_BOUNDED = {'MGDA(normalization="loss")': lambda: MGDA(normalization="loss")}
 # nonfinite policy of the model, and its max_consecutive_skips (1: the skip is an error)
 POLICIES = {"raise": ("raise", 10), "skip": ("skip", 10), "a run of skips": ("skip", 1)}
 
@@ -51,12 +55,13 @@ def _fit(
     nonfinite: str = "raise",
     max_skips: int = 10,
     extra_callbacks: tuple[L.Callback, ...] = (),
+    model_class: type[SignedPriceNet] = SignedPriceNet,
 ) -> tuple:
     """The method's state and the model's evaluation weights after a fit of ``batches``, two
     micro-batches per optimizer step, and what the fit raised (``None``: nothing)."""
-    method = STATEFUL[name]()
+    method = {**STATEFUL, **STATELESS_BUT_BOUNDED}[name]()
     torch.manual_seed(0)
-    model = SignedPriceNet().double()
+    model = model_class().double()
     model.nonfinite, model.max_consecutive_skips = nonfinite, max_skips
     raised = None
     try:
@@ -94,16 +99,20 @@ def test_a_step_with_a_non_finite_loss_leaves_the_state_of_the_step_before(name,
     torch.testing.assert_close(weights, expected_weights, rtol=0, atol=0)
 
 
-BOUNDED = [name for name in STATEFUL if name not in ("GradNorm", "NashMTL", "GradVac")]
+BOUNDED = [
+    *(name for name in STATEFUL if name not in ("GradNorm", "NashMTL", "GradVac")),
+    *STATELESS_BUT_BOUNDED,
+]
 
 
 @pytest.mark.parametrize("name", BOUNDED)
 def test_a_step_with_a_loss_the_method_cannot_take_leaves_the_state_of_the_step_before(name):
     # Micro-batch 3, the second of optimizer step 1, has a price loss < 0, which each of these
-    # methods refuses (read at the optimizer step, after both micro-batches moved the state).
+    # methods refuses (at the optimizer step; MGDA in its backward), after the step's first
+    # micro-batch moved the state and the evaluation weights.
     state, weights, raised = _fit(name, signed_price_batches(4, negative_at=3))
     assert isinstance(raised, ValueError)
-    assert re.search(r"'price' \(-[0-9.]+\) was .* at global step 1", str(raised))
+    assert re.search(r"price.* at global step 1", str(raised))
     expected_state, expected_weights, _ = _after_the_first_step(name)
     assert_nested_equal(state, expected_state)
     torch.testing.assert_close(weights, expected_weights, rtol=0, atol=0)
@@ -151,6 +160,36 @@ def test_an_exception_after_the_optimizer_step_keeps_the_step():
     torch.testing.assert_close(weights, complete_weights, rtol=0, atol=0)
     with pytest.raises(AssertionError):
         assert_nested_equal(state, _after_the_first_step("DWA")[0])
+
+
+class OwnAfterBackward(SignedPriceNet):
+    def on_after_backward(self) -> None:  # logs something, say, and forgets super()
+        pass
+
+
+@pytest.mark.parametrize("name", list(STATEFUL))
+def test_an_on_after_backward_without_super_still_leaves_the_state_of_the_step_before(name):
+    # The check then runs in the module's on_before_optimizer_step, after the callbacks': the
+    # methods that move their state there check first.
+    batches = signed_price_batches(4, negative_at=-1)
+    batches[3][1]["price"][:] = torch.inf
+    state, weights, raised = _fit(name, batches, model_class=OwnAfterBackward)
+    assert isinstance(raised, NonFiniteLossError)
+    expected_state, expected_weights, _ = _after_the_first_step(name)
+    assert_nested_equal(state, expected_state)
+    torch.testing.assert_close(weights, expected_weights, rtol=0, atol=0)
+
+
+def test_an_on_after_backward_without_super_is_warned_of():
+    batches = signed_price_batches(2, negative_at=-1)
+    batches[1][1]["price"][:] = torch.inf
+    with (
+        pytest.warns(UserWarning, match=r"super\(\).on_after_backward\(\)"),
+        pytest.raises(NonFiniteLossError),
+    ):
+        trainer([], max_epochs=1).fit(
+            OwnAfterBackward().double(), DataLoader(batches, batch_size=None)
+        )
 
 
 def test_no_callback_sees_the_optimizer_step_of_a_step_with_a_non_finite_loss():
