@@ -622,17 +622,7 @@ class MultiTaskMixin(_ModuleBase):
         steps = pending[:-1] if keep_latest_step else pending
         if not steps:
             return self._latest_weights
-        weights = torch.stack([step_weights for step_weights, _ in steps])
-        valid = torch.stack([counts for _, counts in steps]) > 0
-        # Each task's last step with a valid sample: its row number (from 1) is the largest of
-        # the rows where it had one; 0: no such step.
-        numbers = torch.arange(1, len(steps) + 1, device=valid.device)
-        last, index = (valid * numbers[:, None]).max(0)
-        latest = self._latest_weights
-        latest = self._static_weights if latest is None else latest
-        if latest.dtype != weights.dtype or latest.device != weights.device:
-            latest = latest.to(weights)
-        latest = torch.where(last > 0, weights.gather(0, index[None])[0], latest)
+        latest = _folded_weights(self._latest_weights, steps, self._static_weights)
         _set_plain(self, "_latest_weights", latest)
         _set_plain(self, "_pending_weights", pending[-1:] if keep_latest_step else [])
         return latest
@@ -692,6 +682,28 @@ class MultiTaskMixin(_ModuleBase):
             "skipped_steps": self.skipped_steps,
             "consecutive_skips": self._consecutive_skips,
         }
+        if self._step_kept_weights and not self._optimizer_stepped:  # between micro-batches
+            checkpoint[CHECKPOINT_KEY]["before_step"] = self._state_before_step()
+
+    def _state_before_step(self) -> dict[str, Any]:
+        """What :meth:`forget_refused_step` would put back, for a checkpoint saved amid an
+        optimizer step: the evaluation weights, and the weighting method's ``state_dict`` as
+        it was before the step (its step state put back for the call)."""
+        latest, pending = self._weights_before_step
+        weights = _folded_weights(latest, pending, self._static_weights)
+        saved: dict[str, Any] = {
+            "latest_weights": None if weights is None else weights.detach().cpu(),
+            "weighting": None,
+        }
+        weighting, before = self._weighting, self._weighting_state_before
+        if weighting is not None:
+            if not isinstance(before, _SavedWeightingState):
+                now = weighting.step_state()
+                weighting.put_back_step_state(before)
+                before = _SavedWeightingState(weighting.state_key, weighting.state_dict())
+                weighting.put_back_step_state(now)
+            saved["weighting"] = before._asdict()
+        return saved
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -704,6 +716,29 @@ class MultiTaskMixin(_ModuleBase):
         self._pending_weights = []
         self.skipped_steps = state.get("skipped_steps", 0)
         self._consecutive_skips = state.get("consecutive_skips", 0)
+        before = state.get("before_step")
+        if before is not None and trainer is not None and trainer.state.fn == "fit":
+            self._resume_amid_step(before, state)
+
+    def _resume_amid_step(self, before: dict[str, Any], state: dict[str, Any]) -> None:
+        """A fit resumed from a checkpoint saved amid an optimizer step: what was before that
+        step, should the step be refused. Only for the same tasks and weighting method (else the
+        step's first resumed batch is taken as its start, as by a checkpoint without it)."""
+        saved, weighting = before["weighting"], self._weighting
+        same_method = (saved is None and weighting is None) or (
+            saved is not None
+            and weighting is not None
+            and saved["state_key"] == weighting.state_key
+        )
+        if not same_method or state.get("task_names", list(self.task_names)) != list(
+            self.task_names
+        ):
+            return
+        _set_plain(self, "_step_kept_weights", True)
+        _set_plain(self, "_weights_before_step", (before["latest_weights"], []))
+        if saved is not None:
+            kept = _SavedWeightingState(saved["state_key"], saved["state"])
+            _set_plain(self, "_weighting_state_before", kept)
 
     def _weights_by_name(self, weights: Tensor | None, state: dict[str, Any]) -> Tensor | None:
         """A checkpoint's evaluation weights in this model's task order; None (evaluation then
@@ -788,7 +823,8 @@ class MultiTaskMixin(_ModuleBase):
         (:meth:`WeightingCallback.step_state`) back to what they were before this optimizer
         step's first batch: a step that is skipped, or refused with an error, leaves nothing
         behind, and a fit started again goes on from the step before. A weighting callback
-        calls it before it raises an error that refuses the step."""
+        calls it before it raises an error that refuses the step (never once the optimizer has
+        stepped: that step is taken)."""
         if not self._step_kept_weights:
             return  # no batch of this step was weighted
         _set_plain(self, "_step_kept_weights", False)
@@ -797,8 +833,20 @@ class MultiTaskMixin(_ModuleBase):
         _set_plain(self, "_pending_weights", kept)
         state = self._weighting_state_before
         _set_plain(self, "_weighting_state_before", None)
-        if self._weighting is not None:
+        if self._weighting is None:
+            return
+        if isinstance(state, _SavedWeightingState):  # resumed amid the step
+            self._weighting.load_state_dict(state.state)
+        else:
             self._weighting.put_back_step_state(state)
+
+
+class _SavedWeightingState(NamedTuple):
+    """A weighting method's ``state_dict`` before the optimizer step a checkpoint was saved amid
+    (``forget_refused_step`` loads it back if the resumed step is refused)."""
+
+    state_key: str
+    state: dict[str, Any]
 
 
 class _StackedGroup(NamedTuple):
@@ -887,6 +935,25 @@ def _warn_of_losses_without_gradient(masked: Mapping[str, MaskedLoss]) -> None:
             "trains on them. Compute them with torch operations on the predictions (not "
             "through NumPy, .item() or .detach()); give Task(weight=0) to only watch a task."
         )
+
+
+def _folded_weights(
+    latest: Tensor | None, steps: list[tuple[Tensor, Tensor]], static: Tensor
+) -> Tensor | None:
+    """``latest`` (``static`` if ``None``) with, per task, its weight at the last of ``steps``
+    (``(weights, global counts)``) in which it had a valid sample."""
+    if not steps:
+        return latest
+    weights = torch.stack([step_weights for step_weights, _ in steps])
+    valid = torch.stack([counts for _, counts in steps]) > 0
+    # Each task's last step with a valid sample: its row number (from 1) is the largest of the
+    # rows where it had one; 0: no such step.
+    numbers = torch.arange(1, len(steps) + 1, device=valid.device)
+    last, index = (valid * numbers[:, None]).max(0)
+    latest = static if latest is None else latest
+    if latest.dtype != weights.dtype or latest.device != weights.device:
+        latest = latest.to(weights)
+    return torch.where(last > 0, weights.gather(0, index[None])[0], latest)
 
 
 def _nonfinite_message(bad: list[tuple[str, float]], step_index: int) -> str:

@@ -106,7 +106,8 @@ class WeightingCallback(L.Callback):
         optimizer step's first batch: the mixin keeps it, for :meth:`put_back_step_state`.
         ``None`` (the default) for a method whose state changes only once the step is taken.
         It is asked for at every optimizer step: return state that the method replaces as it is,
-        and copy only what changes in place."""
+        and copy only what changes in place. Putting back what it returns must change nothing (a
+        checkpoint saved amid a step keeps the method's ``state_dict`` as before the step)."""
         return None
 
     def put_back_step_state(self, state: Any) -> None:

@@ -17,6 +17,9 @@ from lightning_lossagg.callbacks._task_parameters import HostTaskParameters
 from lightning_lossagg.mixin import MultiTaskMixin
 from lightning_lossagg.weighting import WeightingCallback
 
+# The host copies of the step's losses, and the sums and counts restored from a checkpoint.
+_StepState = tuple[list[distributed.HostCopy], list[float] | None, list[float] | None]
+
 
 class LearnedScalesWeighting(WeightingCallback):
     """Weights from learnable per-task values ``s`` that minimise an objective of the losses.
@@ -115,15 +118,15 @@ class LearnedScalesWeighting(WeightingCallback):
         self._host_weights_of_s = self._device_weights = None
 
     @override
-    def step_state(self) -> tuple[list[float] | None, list[float] | None]:
-        """The sums of the micro-batches before a checkpoint taken amid an accumulation (the
-        host copies of the losses are the step's own: none before its first batch)."""
-        return self._loss_sum, self._loss_count
+    def step_state(self) -> _StepState:
+        """The step's losses on their way to the host (a list that grows: copied; empty before
+        the step's first batch) and the sums restored from a checkpoint."""
+        return list(self._pending), self._loss_sum, self._loss_count
 
     @override
-    def put_back_step_state(self, state: tuple[list[float] | None, list[float] | None]) -> None:
-        self._pending = []
-        self._loss_sum, self._loss_count = state
+    def put_back_step_state(self, state: _StepState) -> None:
+        pending, self._loss_sum, self._loss_count = state
+        self._pending = list(pending)
 
     def _host_weights(self) -> list[float]:
         """The weights at the current ``s``, computed once per value of ``s``."""

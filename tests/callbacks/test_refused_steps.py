@@ -7,6 +7,7 @@ as after the step before, so that a fit started again with the same callback (a 
 import functools
 import re
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -56,6 +57,7 @@ def _fit(
     max_skips: int = 10,
     extra_callbacks: tuple[L.Callback, ...] = (),
     model_class: type[SignedPriceNet] = SignedPriceNet,
+    ckpt_path: Path | None = None,
 ) -> tuple:
     """The method's state and the model's evaluation weights after a fit of ``batches``, two
     micro-batches per optimizer step, and what the fit raised (``None``: nothing)."""
@@ -68,7 +70,7 @@ def _fit(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "The step was skipped"
             trainer([method, *extra_callbacks], max_epochs=1, accumulate_grad_batches=2).fit(
-                model, DataLoader(batches, batch_size=None)
+                model, DataLoader(batches, batch_size=None), ckpt_path=ckpt_path
             )
     except (NonFiniteLossError, ValueError, MemoryError) as error:
         raised = error
@@ -116,6 +118,51 @@ def test_a_step_with_a_loss_the_method_cannot_take_leaves_the_state_of_the_step_
     expected_state, expected_weights, _ = _after_the_first_step(name)
     assert_nested_equal(state, expected_state)
     torch.testing.assert_close(weights, expected_weights, rtol=0, atol=0)
+
+
+class SaveAt(L.Callback):
+    """Saves a checkpoint after batch ``batch_index``."""
+
+    def __init__(self, batch_index: int, path: Path) -> None:
+        self.batch_index, self.path = batch_index, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.batch_index:
+            trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+@pytest.mark.parametrize("name", list(STATEFUL))
+def test_a_step_refused_after_a_resume_amid_it_leaves_the_state_of_the_step_before(
+    name, policy, tmp_path
+):
+    # Saved after micro-batch 2, the first of step 1 (a time-based checkpoint, say): the fit
+    # resumed from there meets the non-finite micro-batch 3. What step 1's first micro-batch moved
+    # must go as well, though this fit never saw it.
+    batches = signed_price_batches(4, negative_at=-1)
+    batches[3][1]["price"][:] = torch.inf
+    path = tmp_path / "amid.ckpt"
+    _fit(name, batches, extra_callbacks=(SaveAt(2, path),))  # raises at batch 3
+    checkpoint = torch.load(path, weights_only=False)
+    assert checkpoint["lossagg"]["before_step"]["weighting"] is not None
+    state, weights, raised = _fit(name, batches[3:], policy, ckpt_path=path)
+    assert isinstance(raised, NonFiniteLossError) == (policy == "raise")
+    expected_state, expected_weights, _ = _after_the_first_step(name)
+    assert_nested_equal(state, expected_state)
+    torch.testing.assert_close(weights, expected_weights, rtol=0, atol=0)
+
+
+def test_a_resume_amid_a_step_with_another_method_takes_its_first_batch_as_the_start(tmp_path):
+    # The state kept is DWA's: LossScaling starts afresh, and a refused step puts back what the
+    # resumed fit's first batch found.
+    batches = signed_price_batches(4, negative_at=-1)
+    batches[3][1]["price"][:] = torch.inf
+    path = tmp_path / "amid.ckpt"
+    _fit("DWA", batches, extra_callbacks=(SaveAt(2, path),))
+    state, _, raised = _fit("LossScaling", batches[3:], ckpt_path=path)
+    assert isinstance(raised, NonFiniteLossError)
+    fresh = LossScaling(decay=0.5).state_dict()
+    assert_nested_equal(state, fresh)
 
 
 class OutOfMemoryAt(L.Callback):
