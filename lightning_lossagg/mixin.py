@@ -730,9 +730,8 @@ class MultiTaskMixin(_ModuleBase):
             and weighting is not None
             and saved["state_key"] == weighting.state_key
         )
-        if not same_method or state.get("task_names", list(self.task_names)) != list(
-            self.task_names
-        ):
+        same_tasks = state.get("task_names", list(self.task_names)) == list(self.task_names)
+        if not (same_method and same_tasks):
             return
         _set_plain(self, "_step_kept_weights", True)
         _set_plain(self, "_weights_before_step", (before["latest_weights"], []))
