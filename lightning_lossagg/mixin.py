@@ -7,6 +7,7 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -682,8 +683,11 @@ class MultiTaskMixin(_ModuleBase):
             "skipped_steps": self.skipped_steps,
             "consecutive_skips": self._consecutive_skips,
         }
-        if self._step_kept_weights and not self._optimizer_stepped:  # between micro-batches
-            checkpoint[CHECKPOINT_KEY]["before_step"] = self._state_before_step()
+        if "callbacks" in checkpoint and not self._optimizer_stepped:  # a full one, amid a step
+            checkpoint[CHECKPOINT_KEY]["skip_optimizer_step"] = self._skip_optimizer_step
+            checkpoint[CHECKPOINT_KEY]["step_nonfinite"] = self._step_nonfinite
+            if self._step_kept_weights:
+                checkpoint[CHECKPOINT_KEY]["before_step"] = self._state_before_step()
 
     def _state_before_step(self) -> dict[str, Any]:
         """What :meth:`forget_refused_step` would put back, for a checkpoint saved amid an
@@ -700,8 +704,11 @@ class MultiTaskMixin(_ModuleBase):
             if not isinstance(before, _SavedWeightingState):
                 now = weighting.step_state()
                 weighting.put_back_step_state(before)
-                before = _SavedWeightingState(weighting.state_key, weighting.state_dict())
-                weighting.put_back_step_state(now)
+                try:
+                    state = move_data_to_device(weighting.state_dict(), "cpu")
+                finally:
+                    weighting.put_back_step_state(now)
+                before = _SavedWeightingState(weighting.state_key, state)
             saved["weighting"] = before._asdict()
         return saved
 
@@ -716,19 +723,26 @@ class MultiTaskMixin(_ModuleBase):
         self._pending_weights = []
         self.skipped_steps = state.get("skipped_steps", 0)
         self._consecutive_skips = state.get("consecutive_skips", 0)
-        before = state.get("before_step")
-        if before is not None and trainer is not None and trainer.state.fn == "fit":
-            self._resume_amid_step(before, state)
+        if trainer is not None and trainer.state.fn == "fit":  # amid a step: how it stood
+            _set_plain(self, "_skip_optimizer_step", state.get("skip_optimizer_step", False))
+            _set_plain(self, "_step_nonfinite", state.get("step_nonfinite", False))
+            before = state.get("before_step")
+            if before is not None:
+                self._resume_amid_step(before, state, checkpoint.get("callbacks", {}))
 
-    def _resume_amid_step(self, before: dict[str, Any], state: dict[str, Any]) -> None:
+    def _resume_amid_step(
+        self, before: dict[str, Any], state: dict[str, Any], callbacks: dict[str, Any]
+    ) -> None:
         """A fit resumed from a checkpoint saved amid an optimizer step: what was before that
-        step, should the step be refused. Only for the same tasks and weighting method (else the
-        step's first resumed batch is taken as its start, as by a checkpoint without it)."""
+        step, should the step be refused. Only for the same tasks and weighting method, whose
+        state the checkpoint holds (else the step's first resumed batch is taken as its start,
+        as by a checkpoint without it)."""
         saved, weighting = before["weighting"], self._weighting
         same_method = (saved is None and weighting is None) or (
             saved is not None
             and weighting is not None
             and saved["state_key"] == weighting.state_key
+            and weighting.state_key in callbacks
         )
         same_tasks = state.get("task_names", list(self.task_names)) == list(self.task_names)
         if not (same_method and same_tasks):

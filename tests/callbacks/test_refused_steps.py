@@ -165,6 +165,50 @@ def test_a_resume_amid_a_step_with_another_method_takes_its_first_batch_as_the_s
     assert_nested_equal(state, fresh)
 
 
+@pytest.mark.parametrize("name", ["DWA", "UncertaintyWeighting"])
+def test_a_step_skipped_before_a_checkpoint_amid_it_is_skipped_after_the_resume(name, tmp_path):
+    # Micro-batch 2, the first of step 1, is non-finite; the checkpoint comes right after it.
+    batches = signed_price_batches(4, negative_at=-1)
+    batches[2][1]["price"][:] = torch.inf
+    path = tmp_path / "amid.ckpt"
+    _fit(name, batches, "skip", extra_callbacks=(SaveAt(2, path),))
+    state, weights, _ = _fit(name, batches[3:], "skip", ckpt_path=path)
+    expected_state, expected_weights, _ = _after_the_first_step(name)
+    assert_nested_equal(state, expected_state)
+    torch.testing.assert_close(weights, expected_weights, rtol=0, atol=0)
+
+
+def test_a_resume_amid_a_step_without_the_methods_saved_state_starts_it_afresh(tmp_path):
+    # The error for a checkpoint of other tasks advises deleting the method's state from it: the
+    # method then starts afresh, and a refused step must not load the state kept from before it.
+    batches = signed_price_batches(4, negative_at=-1)
+    batches[3][1]["price"][:] = torch.inf
+    path = tmp_path / "amid.ckpt"
+    _fit("LossScaling", batches, extra_callbacks=(SaveAt(2, path),))
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["callbacks"][LossScaling(decay=0.5).state_key]
+    torch.save(checkpoint, path)
+    state, _, raised = _fit("LossScaling", batches[3:], ckpt_path=path)
+    assert isinstance(raised, NonFiniteLossError)
+    assert_nested_equal(state, LossScaling(decay=0.5).state_dict())
+
+
+def test_a_weights_only_checkpoint_amid_a_step_holds_no_method_state(tmp_path):
+    # It cannot resume a fit: DB-MTL's buffer (K x the shared parameters) has no place in it.
+    path = tmp_path / "weights.ckpt"
+
+    class SaveWeightsAt(SaveAt):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch_idx == self.batch_index:
+                trainer.save_checkpoint(self.path, weights_only=True)
+
+    _fit(
+        "DBMTL", signed_price_batches(4, negative_at=-1), extra_callbacks=(SaveWeightsAt(2, path),)
+    )
+    saved = torch.load(path, weights_only=True)["lossagg"]
+    assert "latest_weights" in saved and "before_step" not in saved
+
+
 class OutOfMemoryAt(L.Callback):
     """Raises ``MemoryError`` after the backward of batch ``batch_index``, as an allocation that
     fails there would (the error a notebook user meets before trying a smaller batch)."""
