@@ -82,6 +82,13 @@ def _after_the_first_step(name: str) -> tuple:
     return _fit(name, signed_price_batches(2, negative_at=-1))
 
 
+def _assert_as_after_the_first_step(name: str, state: dict, weights: torch.Tensor) -> None:
+    """The method's state and the evaluation weights are those of a fit of step 0 alone."""
+    expected_state, expected_weights, _ = _after_the_first_step(name)
+    assert_nested_equal(state, expected_state)
+    torch.testing.assert_close(weights, expected_weights, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("policy", list(POLICIES))
 @pytest.mark.parametrize("bad", [2, 3], ids=["first micro-batch", "second micro-batch"])
 @pytest.mark.parametrize("name", list(STATEFUL))
@@ -96,9 +103,7 @@ def test_a_step_with_a_non_finite_loss_leaves_the_state_of_the_step_before(name,
         assert raised is None
     else:
         assert isinstance(raised, NonFiniteLossError) and "global step 1" in str(raised)
-    expected_state, expected_weights, _ = _after_the_first_step(name)
-    assert_nested_equal(state, expected_state)
-    torch.testing.assert_close(weights, expected_weights, rtol=0, atol=0)
+    _assert_as_after_the_first_step(name, state, weights)
 
 
 BOUNDED = [
@@ -115,9 +120,7 @@ def test_a_step_with_a_loss_the_method_cannot_take_leaves_the_state_of_the_step_
     state, weights, raised = _fit(name, signed_price_batches(4, negative_at=3))
     assert isinstance(raised, ValueError)
     assert re.search(r"price.* at global step 1", str(raised))
-    expected_state, expected_weights, _ = _after_the_first_step(name)
-    assert_nested_equal(state, expected_state)
-    torch.testing.assert_close(weights, expected_weights, rtol=0, atol=0)
+    _assert_as_after_the_first_step(name, state, weights)
 
 
 class SaveAt(L.Callback):
@@ -131,6 +134,16 @@ class SaveAt(L.Callback):
             trainer.save_checkpoint(self.path)
 
 
+def _saved_amid_step_one(name: str, tmp_path: Path, bad: int = 3, nonfinite: str = "raise"):
+    """Four batches, an infinite price loss in batch ``bad``, and the checkpoint of a fit with
+    ``name`` saved after batch 2, the first micro-batch of step 1."""
+    batches = signed_price_batches(4, negative_at=-1)
+    batches[bad][1]["price"][:] = torch.inf
+    path = tmp_path / "amid.ckpt"
+    _fit(name, batches, nonfinite, extra_callbacks=(SaveAt(2, path),))
+    return batches, path
+
+
 @pytest.mark.parametrize("policy", ["raise", "skip"])
 @pytest.mark.parametrize("name", list(STATEFUL))
 def test_a_step_refused_after_a_resume_amid_it_leaves_the_state_of_the_step_before(
@@ -139,26 +152,18 @@ def test_a_step_refused_after_a_resume_amid_it_leaves_the_state_of_the_step_befo
     # Saved after micro-batch 2, the first of step 1 (a time-based checkpoint, say): the fit
     # resumed from there meets the non-finite micro-batch 3. What step 1's first micro-batch moved
     # must go as well, though this fit never saw it.
-    batches = signed_price_batches(4, negative_at=-1)
-    batches[3][1]["price"][:] = torch.inf
-    path = tmp_path / "amid.ckpt"
-    _fit(name, batches, extra_callbacks=(SaveAt(2, path),))  # raises at batch 3
+    batches, path = _saved_amid_step_one(name, tmp_path)
     checkpoint = torch.load(path, weights_only=False)
     assert checkpoint["lossagg"]["before_step"]["weighting"] is not None
     state, weights, raised = _fit(name, batches[3:], policy, ckpt_path=path)
     assert isinstance(raised, NonFiniteLossError) == (policy == "raise")
-    expected_state, expected_weights, _ = _after_the_first_step(name)
-    assert_nested_equal(state, expected_state)
-    torch.testing.assert_close(weights, expected_weights, rtol=0, atol=0)
+    _assert_as_after_the_first_step(name, state, weights)
 
 
 def test_a_resume_amid_a_step_with_another_method_takes_its_first_batch_as_the_start(tmp_path):
     # The state kept is DWA's: LossScaling starts afresh, and a refused step puts back what the
     # resumed fit's first batch found.
-    batches = signed_price_batches(4, negative_at=-1)
-    batches[3][1]["price"][:] = torch.inf
-    path = tmp_path / "amid.ckpt"
-    _fit("DWA", batches, extra_callbacks=(SaveAt(2, path),))
+    batches, path = _saved_amid_step_one("DWA", tmp_path)
     state, _, raised = _fit("LossScaling", batches[3:], ckpt_path=path)
     assert isinstance(raised, NonFiniteLossError)
     fresh = LossScaling(decay=0.5).state_dict()
@@ -168,23 +173,15 @@ def test_a_resume_amid_a_step_with_another_method_takes_its_first_batch_as_the_s
 @pytest.mark.parametrize("name", ["DWA", "UncertaintyWeighting"])
 def test_a_step_skipped_before_a_checkpoint_amid_it_is_skipped_after_the_resume(name, tmp_path):
     # Micro-batch 2, the first of step 1, is non-finite; the checkpoint comes right after it.
-    batches = signed_price_batches(4, negative_at=-1)
-    batches[2][1]["price"][:] = torch.inf
-    path = tmp_path / "amid.ckpt"
-    _fit(name, batches, "skip", extra_callbacks=(SaveAt(2, path),))
+    batches, path = _saved_amid_step_one(name, tmp_path, bad=2, nonfinite="skip")
     state, weights, _ = _fit(name, batches[3:], "skip", ckpt_path=path)
-    expected_state, expected_weights, _ = _after_the_first_step(name)
-    assert_nested_equal(state, expected_state)
-    torch.testing.assert_close(weights, expected_weights, rtol=0, atol=0)
+    _assert_as_after_the_first_step(name, state, weights)
 
 
 def test_a_resume_amid_a_step_without_the_methods_saved_state_starts_it_afresh(tmp_path):
     # The error for a checkpoint of other tasks advises deleting the method's state from it: the
     # method then starts afresh, and a refused step must not load the state kept from before it.
-    batches = signed_price_batches(4, negative_at=-1)
-    batches[3][1]["price"][:] = torch.inf
-    path = tmp_path / "amid.ckpt"
-    _fit("LossScaling", batches, extra_callbacks=(SaveAt(2, path),))
+    batches, path = _saved_amid_step_one("LossScaling", tmp_path)
     checkpoint = torch.load(path, weights_only=True)
     del checkpoint["callbacks"][LossScaling(decay=0.5).state_key]
     torch.save(checkpoint, path)
@@ -230,9 +227,7 @@ def test_a_step_cut_short_by_an_exception_leaves_the_state_of_the_step_before(na
     batches = signed_price_batches(4, negative_at=-1)
     state, weights, raised = _fit(name, batches, extra_callbacks=(OutOfMemoryAt(failing),))
     assert isinstance(raised, MemoryError)
-    expected_state, expected_weights, _ = _after_the_first_step(name)
-    assert_nested_equal(state, expected_state)
-    torch.testing.assert_close(weights, expected_weights, rtol=0, atol=0)
+    _assert_as_after_the_first_step(name, state, weights)
 
 
 def test_an_exception_after_the_optimizer_step_keeps_the_step():
@@ -266,9 +261,7 @@ def test_an_on_after_backward_without_super_still_leaves_the_state_of_the_step_b
     batches[3][1]["price"][:] = torch.inf
     state, weights, raised = _fit(name, batches, model_class=OwnAfterBackward)
     assert isinstance(raised, NonFiniteLossError)
-    expected_state, expected_weights, _ = _after_the_first_step(name)
-    assert_nested_equal(state, expected_state)
-    torch.testing.assert_close(weights, expected_weights, rtol=0, atol=0)
+    _assert_as_after_the_first_step(name, state, weights)
 
 
 def test_an_on_after_backward_without_super_is_warned_of():
