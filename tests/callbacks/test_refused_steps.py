@@ -1,8 +1,9 @@
-"""A refused (a non-finite loss, a loss the method cannot take) or skipped optimizer step leaves
-nothing behind: the state of every method whose state moves within a step (a level, a period's
-sums, an accumulated gradient, its own optimizer's update) and the model's evaluation weights are
-as after the step before, so that a fit started again with the same callback (a notebook's second
-``trainer.fit``) goes on from there."""
+"""An optimizer step that is refused (a non-finite loss, a loss the method cannot take), skipped
+or cut short by an exception leaves nothing behind, also across a checkpoint saved amid it: the
+state of every method whose state moves within a step (a level, a period's sums, an accumulated
+gradient, its own optimizer's update) and the model's evaluation weights are as after the step
+before, so that a fit started again with the same callback (a notebook's second ``trainer.fit``)
+goes on from there."""
 
 import functools
 import re
