@@ -674,7 +674,9 @@ class MultiTaskMixin(_ModuleBase):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep, beside the model's state_dict (which they never change), the weights evaluation
-        uses (``trainer.validate(ckpt_path=...)`` weighs as the fit did) and the skip counts."""
+        uses (``trainer.validate(ckpt_path=...)`` weighs as the fit did) and the skip counts; in a
+        full checkpoint saved amid an optimizer step (between micro-batches), also the step's
+        skip flags and what a refusal of the step would put back."""
         super().on_save_checkpoint(checkpoint)
         latest = self._fold_step_weights()
         checkpoint[CHECKPOINT_KEY] = {
