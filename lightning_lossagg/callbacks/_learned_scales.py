@@ -17,8 +17,10 @@ from lightning_lossagg.callbacks._task_parameters import HostTaskParameters
 from lightning_lossagg.mixin import MultiTaskMixin
 from lightning_lossagg.weighting import WeightingCallback
 
-# The host copies of the step's losses, and the sums and counts restored from a checkpoint.
-_StepState = tuple[list[distributed.HostCopy], list[float] | None, list[float] | None]
+# The host copies of the step's losses, the sums and counts restored from a checkpoint, and s.
+_StepState = tuple[
+    list[distributed.HostCopy], list[float] | None, list[float] | None, dict[str, Any] | None
+]
 
 
 class LearnedScalesWeighting(WeightingCallback):
@@ -120,13 +122,17 @@ class LearnedScalesWeighting(WeightingCallback):
     @override
     def step_state(self) -> _StepState:
         """The step's losses on their way to the host (a list that grows: copied; empty before
-        the step's first batch) and the sums restored from a checkpoint."""
-        return list(self._pending), self._loss_sum, self._loss_count
+        the step's first batch), the sums restored from a checkpoint, and ``s`` with its Adam
+        (which a step left unfinished after ``on_before_optimizer_step`` has moved)."""
+        return list(self._pending), self._loss_sum, self._loss_count, self._scales.kept()
 
     @override
     def put_back_step_state(self, state: _StepState) -> None:
-        pending, self._loss_sum, self._loss_count = state
+        pending, self._loss_sum, self._loss_count, scales = state
         self._pending = list(pending)
+        if scales is not self._scales.kept():
+            self._scales.put_back(scales)
+            self._host_weights_of_s = self._device_weights = None
 
     def _host_weights(self) -> list[float]:
         """The weights at the current ``s``, computed once per value of ``s``."""

@@ -93,6 +93,13 @@ class TaskParameters:
             "steps": steps,
         }
 
+    def kept(self) -> dict[str, Tensor] | None:
+        """The state as it is, for :meth:`put_back` (no copy: :meth:`step` makes a new one)."""
+        return self._state
+
+    def put_back(self, kept: dict[str, Tensor] | None) -> None:
+        self._state = kept
+
     @property
     def parameter(self) -> Tensor | None:
         """The live values (None before they exist): a method may rescale them in place."""
@@ -143,10 +150,11 @@ class HostTaskParameters:
         return self._host_state()["values"]
 
     def step(self, gradient: list[float], mask: list[bool]) -> None:
-        """One Adam step along ``gradient`` for the tasks where ``mask`` is True."""
+        """One Adam step along ``gradient`` for the tasks where ``mask`` is True (into new lists:
+        the old values may be logged, the old state kept by :meth:`kept`)."""
         (beta1, beta2), state = self.betas, self._host_state()
-        values = state["values"] = list(state["values"])  # a new list: the old one may be logged
-        exp_avg, exp_avg_sq, steps = state["exp_avg"], state["exp_avg_sq"], state["steps"]
+        state = self._state = {name: list(column) for name, column in state.items()}
+        values, exp_avg, exp_avg_sq, steps = (state[name] for name in _STATE)
         for k, (g, stepped) in enumerate(zip(gradient, mask, strict=True)):
             if not stepped:
                 continue
@@ -155,6 +163,13 @@ class HostTaskParameters:
             v = exp_avg_sq[k] = beta2 * exp_avg_sq[k] + (1 - beta2) * g * g
             denominator = math.sqrt(v / (1 - beta2**t)) + self.eps
             values[k] -= self.lr * (m / (1 - beta1**t)) / denominator
+
+    def kept(self) -> dict[str, list[float]] | None:
+        """The state as it is, for :meth:`put_back` (no copy: :meth:`step` makes a new one)."""
+        return self._state
+
+    def put_back(self, kept: dict[str, list[float]] | None) -> None:
+        self._state = kept
 
     def snapshot(self) -> Tensor | None:
         """The values as a tensor (None before the first step or a loaded state), for the logs."""

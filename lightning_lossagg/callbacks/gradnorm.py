@@ -24,8 +24,8 @@ from lightning_lossagg.callbacks.gradient_weighting import (
 )
 from lightning_lossagg.mixin import MultiTaskMixin
 
-# L(0), and the optimizer step's gradient sum and count so far (GradNorm.step_state).
-_StepState = tuple[Tensor | None, Tensor | None, Tensor | None]
+# L(0), the optimizer step's gradient sum and count so far, and w (GradNorm.step_state).
+_StepState = tuple[Tensor | None, Tensor | None, Tensor | None, dict[str, Tensor] | None]
 
 
 class GradNorm(GradientWeighting):
@@ -232,13 +232,15 @@ class GradNorm(GradientWeighting):
 
     @override
     def step_state(self) -> _StepState:
-        """L(0) (taken at a task's first usable step) and the step's gradient sum so far (all
-        replaced, never changed in place)."""
-        return self._initial_losses, self._gradient_sum, self._gradient_count
+        """L(0) (taken at a task's first usable step), the step's gradient sum so far, and ``w``
+        with its Adam (all replaced, never changed in place)."""
+        sums = (self._gradient_sum, self._gradient_count)
+        return self._initial_losses, *sums, self._weights.kept()
 
     @override
     def put_back_step_state(self, state: _StepState) -> None:
-        self._initial_losses, self._gradient_sum, self._gradient_count = state
+        self._initial_losses, self._gradient_sum, self._gradient_count, weights = state
+        self._weights.put_back(weights)
 
     @override
     def state_to_log(self) -> dict[str, Tensor]:

@@ -208,25 +208,38 @@ def test_a_weights_only_checkpoint_amid_a_step_holds_no_method_state(tmp_path):
 
 
 class OutOfMemoryAt(L.Callback):
-    """Raises ``MemoryError`` after the backward of batch ``batch_index``, as an allocation that
+    """Raises ``MemoryError`` in hook ``hook`` of batch ``batch_index``, as an allocation that
     fails there would (the error a notebook user meets before trying a smaller batch)."""
 
-    def __init__(self, batch_index: int) -> None:
-        self.batch_index = batch_index
+    def __init__(self, batch_index: int, hook: str) -> None:
+        self.batch_index, self.hook = batch_index, hook
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.current = batch_idx
 
     def on_after_backward(self, trainer, pl_module) -> None:
-        if self.current == self.batch_index:
-            raise MemoryError("out of memory (raised by the test)")
+        self._fail_in("on_after_backward")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._fail_in("on_before_optimizer_step")
+
+    def _fail_in(self, hook: str) -> None:
+        if self.current == self.batch_index and hook == self.hook:
+            raise MemoryError(f"out of memory in {hook} (raised by the test)")
 
 
-@pytest.mark.parametrize("failing", [2, 3], ids=["first micro-batch", "second micro-batch"])
+@pytest.mark.parametrize(
+    ("failing", "hook"),
+    [(2, "on_after_backward"), (3, "on_after_backward"), (3, "on_before_optimizer_step")],
+    ids=["backward of micro-batch 1", "backward of micro-batch 2", "after the method's update"],
+)
 @pytest.mark.parametrize("name", list(STATEFUL))
-def test_a_step_cut_short_by_an_exception_leaves_the_state_of_the_step_before(name, failing):
+def test_a_step_cut_short_by_an_exception_leaves_the_state_of_the_step_before(name, failing, hook):
+    # The last case fails in a callback after the method's own on_before_optimizer_step (UW's,
+    # IMTL-L's and GradNorm's update of their learned values), before the optimizer's step.
     batches = signed_price_batches(4, negative_at=-1)
-    state, weights, raised = _fit(name, batches, extra_callbacks=(OutOfMemoryAt(failing),))
+    failure = OutOfMemoryAt(failing, hook)
+    state, weights, raised = _fit(name, batches, extra_callbacks=(failure,))
     assert isinstance(raised, MemoryError)
     _assert_as_after_the_first_step(name, state, weights)
 
