@@ -112,9 +112,10 @@ class WeightingCallback(L.Callback):
 
     def put_back_step_state(self, state: Any) -> None:
         """Put back what :meth:`step_state` returned. The mixin calls it when the optimizer step
-        is skipped or refused with an error (a non-finite loss, a loss the method cannot take):
-        the step leaves nothing in the method's state, and a fit started again with the same
-        callback goes on from the step before."""
+        is skipped, refused with an error (a non-finite loss, a loss the method cannot take) or
+        cut short by an exception before the optimizer steps: the step leaves nothing in the
+        method's state, and a fit started again with the same callback goes on from the step
+        before."""
 
     def state_to_log(self) -> dict[str, Tensor]:
         """Method state worth seeing, per task: ``{"log_var": tensor[K]}`` for example; the state
