@@ -810,8 +810,7 @@ class MultiTaskMixin(_ModuleBase):
         """With ``nonfinite="raise"``: read the non-finite flags of the batches since the last
         check (host copies queued right after the step's all-reduce) and raise
         :class:`NonFiniteLossError` if one had a non-finite loss, after
-        :meth:`forget_refused_step`. Called after each backward; a weighting method that moves
-        its state in ``on_before_optimizer_step`` calls it first there too."""
+        :meth:`forget_refused_step`. Called after each backward."""
         unchecked = self._unchecked_nonfinite
         if not unchecked:
             return

@@ -93,7 +93,6 @@ class LearnedScalesWeighting(WeightingCallback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         model = cast(MultiTaskMixin, pl_module)  # required at setup
-        model.check_nonfinite_losses()  # before s moves (if on_after_backward did not)
         if not self._pending and self._loss_sum is None:
             return
         if model.skipping_optimizer_step:

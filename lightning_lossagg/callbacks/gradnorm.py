@@ -174,7 +174,6 @@ class GradNorm(GradientWeighting):
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         model = cast(MultiTaskMixin, pl_module)  # required at setup
-        model.check_nonfinite_losses()  # before w moves (if on_after_backward did not)
         if self._gradient_sum is None or self._gradient_count is None:
             return
         if model.skipping_optimizer_step:

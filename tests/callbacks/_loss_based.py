@@ -116,7 +116,6 @@ def at_step(global_step: int, epoch: int = 0) -> Any:
         trainer=trainer,
         task_names=("price", "kind", "sold"),
         skipping_optimizer_step=False,
-        check_nonfinite_losses=lambda: None,
         forget_refused_step=lambda: None,
     )
 

@@ -269,8 +269,8 @@ class OwnAfterBackward(SignedPriceNet):
 
 @pytest.mark.parametrize("name", list(STATEFUL))
 def test_an_on_after_backward_without_super_still_leaves_the_state_of_the_step_before(name):
-    # The check then runs in the module's on_before_optimizer_step, after the callbacks': the
-    # methods that move their state there check first.
+    # The check then runs in the module's on_before_optimizer_step, after the callbacks': what
+    # a method moved there (UW's, IMTL-L's and GradNorm's own update) is put back with the rest.
     batches = signed_price_batches(4, negative_at=-1)
     batches[3][1]["price"][:] = torch.inf
     state, weights, raised = _fit(name, batches, model_class=OwnAfterBackward)
