@@ -11,6 +11,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import (
@@ -144,6 +145,10 @@ class MultiTaskMixin(_ModuleBase):
         # starts a new one).
         self._step_nonfinite = False
         self._optimizer_stepped = False
+        # Whether an optimizer's step() ran: float16's GradScaler skips it when the gradients
+        # overflowed, after the step reached the optimizer (a hook on each optimizer tells).
+        self._optimizer_step_taken = False
+        self._step_hooks: dict[int, RemovableHandle] = {}
         self.tasks = _as_tasks(tasks)
         self.rank_weighting = rank_weighting
         self._reducer = TaskLossReducer(self.tasks, rank_weighting)
@@ -660,6 +665,7 @@ class MultiTaskMixin(_ModuleBase):
             self._gradients_checked = False
             for flag in _STEP_FLAGS:  # an earlier fit may have stopped amid a step
                 _set_plain(self, flag, False)
+            self._remove_step_hooks()  # (and not torn down: an id may name a new optimizer)
         # The strategy has set up its processes: whether they are several is fixed for the fit.
         self._reducer.across_ranks = distributed.is_distributed()
         self._task_heads, self._heads_apart, self._linear_heads = None, None, None
@@ -776,6 +782,12 @@ class MultiTaskMixin(_ModuleBase):
     def teardown(self, stage: str) -> None:
         super().teardown(stage)
         self._reducer.across_ranks = None  # outside a fit, asked at every call again
+        self._remove_step_hooks()
+
+    def _remove_step_hooks(self) -> None:
+        for handle in self._step_hooks.values():
+            handle.remove()
+        self._step_hooks.clear()
 
     def on_after_backward(self) -> None:
         super().on_after_backward()
@@ -786,6 +798,9 @@ class MultiTaskMixin(_ModuleBase):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         super().on_before_optimizer_step(optimizer)
         _set_plain(self, "_optimizer_stepped", True)
+        if id(optimizer) not in self._step_hooks:  # the fit's first step with this optimizer
+            hook = optimizer.register_step_post_hook(self._note_optimizer_step)
+            self._step_hooks[id(optimizer)] = hook
         if self._consecutive_skips and not self._step_nonfinite:
             _set_plain(self, "_consecutive_skips", 0)  # a step whose every loss was finite
         if self._skip_optimizer_step:
@@ -805,6 +820,26 @@ class MultiTaskMixin(_ModuleBase):
                 "callbacks' on_before_optimizer_step. Call super() in the override."
             )
             self.check_nonfinite_losses()
+
+    def _note_optimizer_step(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
+        _set_plain(self, "_optimizer_step_taken", True)
+
+    @property
+    def optimizer_step_taken(self) -> bool:
+        """Whether this batch's optimizer step moved the model: it reached an optimizer, which
+        stepped (float16's ``GradScaler`` skips a step whose gradients overflowed), and was not
+        skipped for a non-finite loss. Read it in ``on_train_batch_end``."""
+        return self._optimizer_step_taken and not self._skip_optimizer_step
+
+    def forget_step_not_taken(self) -> None:
+        """:meth:`forget_refused_step` if this batch's optimizer step reached the optimizer but
+        none stepped: float16's ``GradScaler`` skips a step whose gradients overflowed (most
+        often the first steps of a fit, while it lowers its scale), and the step leaves nothing
+        in the method's state, as it leaves the model. Weighting callbacks call it in
+        ``on_train_batch_end``, before a checkpoint callback saves the step. (An optimizer that
+        skips such a step inside its own ``step()``, ``fused=True``, is taken to have stepped.)"""
+        if self._optimizer_stepped and not self._optimizer_step_taken:
+            self.forget_refused_step()
 
     def check_nonfinite_losses(self) -> None:
         """With ``nonfinite="raise"``: read the non-finite flags of the batches since the last
@@ -826,10 +861,11 @@ class MultiTaskMixin(_ModuleBase):
                 raise NonFiniteLossError(_nonfinite_message(bad, self.global_step))
 
     def forget_unfinished_step(self) -> None:
-        """:meth:`forget_refused_step`, unless this optimizer step has reached the optimizer:
-        for an exception amid its batches (an out-of-memory error, an interrupted fit), after
-        which the model has not moved either. Weighting callbacks call it in ``on_exception``."""
-        if not self._optimizer_stepped:
+        """:meth:`forget_refused_step`, unless an optimizer has stepped in this optimizer step:
+        for an exception amid its batches or before its update (an out-of-memory error, an
+        error in gradient clipping, an interrupted fit), after which the model has not moved
+        either. Weighting callbacks call it in ``on_exception``."""
+        if not self._optimizer_step_taken:
             self.forget_refused_step()
 
     def forget_refused_step(self) -> None:
@@ -912,6 +948,7 @@ _STEP_FLAGS = (
     "_skip_optimizer_step",
     "_step_nonfinite",
     "_optimizer_stepped",
+    "_optimizer_step_taken",
     "_step_kept_weights",
 )
 

@@ -128,6 +128,23 @@ class WeightingCallback(L.Callback):
         ``train/<state>/<task_a>~<task_b>``), so it may cost a few tensor operations."""
         return {}
 
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """An optimizer step that float16's ``GradScaler`` skipped (its gradients overflowed)
+        leaves nothing in the method's state
+        (:meth:`~lightning_lossagg.mixin.MultiTaskMixin.forget_step_not_taken`); a subclass that
+        overrides this hook calls ``super()`` first."""
+        from lightning_lossagg.mixin import MultiTaskMixin  # the mixin imports this module
+
+        if isinstance(pl_module, MultiTaskMixin):
+            pl_module.forget_step_not_taken()
+
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:

@@ -79,7 +79,6 @@ class FAMO(WeightingCallback):
         self.weight_decay, self.eps = float(weight_decay), float(eps)
         self._logits = TaskParameters(self.lr, self.weight_decay)
         self._losses_before: tuple[Tensor, Tensor] | None = None
-        self._stepped = False
         self._logits_used: Tensor | None = None  # behind the latest weights (Adam makes new ones)
         eps = self.eps
         self._unchecked = LossesReadLater(
@@ -98,7 +97,7 @@ class FAMO(WeightingCallback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         num_tasks = len(require_multitask(self, pl_module))
         self._logits.set_num_tasks(num_tasks, type(self).__name__)
-        self._losses_before, self._stepped = None, False
+        self._losses_before = None
         self._unchecked.clear()
 
     @override
@@ -117,17 +116,15 @@ class FAMO(WeightingCallback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        # Only this batch's own losses, and only after an optimizer step in this batch, may be
-        # compared with its re-evaluation (a step that the mixin skips never calls task_weights).
-        self._losses_before, self._stepped = None, False
+        # Only this batch's own losses may be compared with its re-evaluation (a step that the
+        # mixin skips never calls task_weights).
+        self._losses_before = None
 
     @override
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         self._unchecked.check(pl_module, trainer.global_step)
-        # A skipped optimizer step (nonfinite="skip") decreases no loss: nothing to learn from.
-        self._stepped = not pl_module.skipping_optimizer_step
 
     @override
     def on_train_batch_end(
@@ -138,7 +135,10 @@ class FAMO(WeightingCallback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if not self._stepped or self._losses_before is None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # A step not taken (nonfinite="skip", or float16's GradScaler found overflowed
+        # gradients) decreases no loss: nothing to learn from.
+        if self._losses_before is None or not pl_module.optimizer_step_taken:
             return
         losses_before, usable_before = self._losses_before
         with torch.no_grad(), trainer.precision_plugin.train_step_context():

@@ -116,6 +116,7 @@ def at_step(global_step: int, epoch: int = 0) -> Any:
         trainer=trainer,
         task_names=("price", "kind", "sold"),
         skipping_optimizer_step=False,
+        optimizer_step_taken=True,
         forget_refused_step=lambda: None,
     )
 

@@ -109,9 +109,8 @@ def test_with_eps_0_a_loss_of_exactly_0_is_refused_before_the_optimizer_step():
 
 
 def test_the_re_evaluation_runs_without_gradients():
-    model, callback, batch = CountingNet().double(), FAMO(), make_batch(6, seed=0)
-    callback.setup(None, model, "fit")
-    _optimizer_step(callback, model, model.compute_global_losses(batch), batch)
+    model = CountingNet().double()
+    trainer([FAMO()], max_epochs=1).fit(model, DataLoader([make_batch(6, seed=0)], batch_size=None))
     assert model.grad_enabled == [True, False]
 
 

@@ -244,6 +244,23 @@ def test_a_step_cut_short_by_an_exception_leaves_the_state_of_the_step_before(na
     _assert_as_after_the_first_step(name, state, weights)
 
 
+class FailsBeforeItsOptimizerSteps(SignedPriceNet):
+    def on_before_optimizer_step(self, optimizer) -> None:  # measures the gradients, say
+        super().on_before_optimizer_step(optimizer)
+        if self.trainer.global_step == 1:
+            raise MemoryError("out of memory in on_before_optimizer_step (raised by the test)")
+
+
+@pytest.mark.parametrize("name", list(STATEFUL))
+def test_an_exception_in_the_modules_hook_before_the_optimizer_steps_leaves_the_step_before(name):
+    # The module's own on_before_optimizer_step runs after the mixin's part of it and every
+    # callback's, but the optimizer has not stepped: the model has not moved, nor may the method.
+    batches = signed_price_batches(4, negative_at=-1)
+    state, weights, raised = _fit(name, batches, model_class=FailsBeforeItsOptimizerSteps)
+    assert isinstance(raised, MemoryError)
+    _assert_as_after_the_first_step(name, state, weights)
+
+
 def test_an_exception_after_the_optimizer_step_keeps_the_step():
     # The model moved: so does the method's state (DWA closed its first period at step 1).
     batches = signed_price_batches(4, negative_at=-1)
