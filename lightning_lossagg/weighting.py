@@ -140,10 +140,10 @@ class WeightingCallback(L.Callback):
         leaves nothing in the method's state
         (:meth:`~lightning_lossagg.mixin.MultiTaskMixin.forget_step_not_taken`); a subclass that
         overrides this hook calls ``super()`` first."""
-        from lightning_lossagg.mixin import MultiTaskMixin  # the mixin imports this module
-
-        if isinstance(pl_module, MultiTaskMixin):
-            pl_module.forget_step_not_taken()
+        # Every batch passes here: no import or isinstance, the mixin's method alone.
+        forget_step_not_taken = getattr(pl_module, "forget_step_not_taken", None)
+        if forget_step_not_taken is not None:
+            forget_step_not_taken()
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
