@@ -26,6 +26,8 @@ from lightning_lossagg.callbacks.gradient_weighting import (
     Sync,
     _gramian,
     _scaled_sum_over_ranks,
+    _unscaled,
+    loss_scale,
     task_jacobian,
 )
 from lightning_lossagg.functional.db_mtl import LOG_EPS, db_mtl_buffer, db_mtl_buffer_weights
@@ -145,15 +147,18 @@ class DBMTL(GradientWeighting):
         self._unchecked.add(losses)
         self._gramian, self._gramian_valid, self._logged_jacobian = None, step.valid, None
         if self._shared_parameters:
-            self._update_buffer(step, usable, losses)
+            self._update_buffer(step, usable, losses, loss_scale(pl_module, step.local_terms))
         else:  # a frozen trunk (BackboneFinetuning, say): only the heads train, on log-losses
             self._present_buffer = self._balance = None
         return torch.where(usable, 1.0 / (step.losses + LOG_EPS), 0.0)
 
-    def _update_buffer(self, step: GlobalTaskLosses, usable: Tensor, losses: Tensor) -> None:
+    def _update_buffer(
+        self, step: GlobalTaskLosses, usable: Tensor, losses: Tensor, scale: Tensor | None
+    ) -> None:
         """Adds this step's global log-loss gradients to the buffer (tasks with a usable loss),
-        and balances the buffered gradients of the present tasks."""
-        jacobian = task_jacobian(step, self._shared_parameters)
+        and balances the buffered gradients of the present tasks (``scale``: the loss scale of
+        float16 mixed precision)."""
+        jacobian = task_jacobian(step, self._shared_parameters, scale)
         jacobian = _scaled_sum_over_ranks(jacobian, 1 / distributed.world_size())
         if self._buffer is not None and self._buffer.shape[1] != jacobian.shape[1]:
             self._restart_buffer(jacobian.shape[1])
@@ -190,11 +195,12 @@ class DBMTL(GradientWeighting):
         # Heads: c_k / (L_k + eps) times their task's gradient, the gradient of c_k log(L_k + eps).
         heads_objective = (weights * step.local_terms).sum()
         head_parameters = pl_module.task_specific_parameters()
-        head_grads = torch.autograd.grad(heads_objective, head_parameters, allow_unused=True)
+        scale = loss_scale(pl_module, heads_objective)
+        head_grads = torch.autograd.grad(heads_objective, head_parameters, scale, allow_unused=True)
         surrogate = heads_objective.new_zeros(())
         for parameter, grad in zip(head_parameters, head_grads, strict=True):
             if grad is not None:
-                surrogate = surrogate + (parameter * grad).sum()
+                surrogate = surrogate + (parameter * _unscaled(grad, scale)).sum()
         if buffer is None:  # nothing shared trains
             return surrogate
         # Shared part: d, identical on every rank, so DDP's averaging leaves it unchanged.

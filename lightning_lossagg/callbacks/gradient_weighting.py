@@ -42,13 +42,17 @@ Where the gradients are taken:
 
 Either way the weights come from global figures and are identical on every rank. Methods solve a
 small problem on the K×K Gramian on the host, which costs one device-to-host transfer per step.
+
+Under float16 mixed precision the per-task gradients taken before the backward are gradients of
+the losses times the ``GradScaler``'s scale, as the backward's are (:func:`loss_scale`), and
+unscaled in float32: a small gradient keeps its digits instead of flushing to zero in float16.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple, overload
 
 import lightning as L
 import numpy as np
@@ -339,12 +343,13 @@ class GradientWeighting(WeightingCallback):
     def _representation_gramian(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:
         """The Jacobian at the shared representation, and its global Gramian."""
         representation = _representation(pl_module, type(self).__name__)
+        scale = loss_scale(pl_module, step.local_terms)
         if representation.per_task is not None:
-            rows = self._gradients_in_one_pass(pl_module, step, representation.per_task)
+            rows = self._gradients_in_one_pass(pl_module, step, representation.per_task, scale)
         else:
             inputs = list(representation.inputs)
-            rows = [_summed(grads) for grads in task_gradients(step, inputs)]
-        self._jacobian = _jacobian([(row,) for row in rows], [representation.inputs[0]])
+            rows = [_summed(grads) for grads in task_gradients(step, inputs, scale)]
+        self._jacobian = _jacobian([(row,) for row in rows], [representation.inputs[0]], scale)
         # Rows of different ranks' representations are different coordinates of the global
         # gradient (scaled 1/W by DDP's averaging): the global Gramian is the sum.
         return _scaled_sum_over_ranks(_gramian(self._jacobian), distributed.world_size() ** -2)
@@ -354,21 +359,23 @@ class GradientWeighting(WeightingCallback):
         global Gramian."""
         shared = self._shared_parameters  # this step's, taken by task_weights
         representation = pl_module.shared_representation
+        scale = loss_scale(pl_module, step.local_terms)
         if representation is not None and representation.per_task is not None:
-            rows = self._gradients_in_one_pass(pl_module, step, representation.per_task)
+            rows = self._gradients_in_one_pass(pl_module, step, representation.per_task, scale)
             shared_grads = [
                 _trunk_gradients(representation.output, shared, row, (None,) * len(shared))
                 for row in rows
             ]
-            self._jacobian, gramian = self._synced_gramian(_jacobian(shared_grads, shared))
+            jacobian = _jacobian(shared_grads, shared, scale)
+            self._jacobian, gramian = self._synced_gramian(jacobian)
             return gramian
         heads = pl_module.task_specific_parameters()
         if representation is None:
-            per_task = task_gradients(step, [*shared, *heads])
+            per_task = task_gradients(step, [*shared, *heads], scale)
             shared_grads = [grads[: len(shared)] for grads in per_task]
         else:
             inputs = representation.inputs
-            per_task = task_gradients(step, [*inputs, *shared, *heads])
+            per_task = task_gradients(step, [*inputs, *shared, *heads], scale)
             shared_grads = [
                 _trunk_gradients(
                     representation.output,
@@ -383,22 +390,27 @@ class GradientWeighting(WeightingCallback):
             (
                 parameter,
                 [
-                    (k, g[len(shared) + i])
+                    (k, _unscaled(g[len(shared) + i], scale))
                     for k, g in enumerate(per_task)
                     if g[len(shared) + i] is not None
                 ],
             )
             for i, parameter in enumerate(heads)
         ]
-        self._jacobian, gramian = self._synced_gramian(_jacobian(shared_grads, shared))
+        self._jacobian, gramian = self._synced_gramian(_jacobian(shared_grads, shared, scale))
         return gramian
 
     def _gradients_in_one_pass(
-        self, pl_module: MultiTaskMixin, step: GlobalTaskLosses, leaves: tuple[Tensor, ...]
+        self,
+        pl_module: MultiTaskMixin,
+        step: GlobalTaskLosses,
+        leaves: tuple[Tensor, ...],
+        scale: Tensor | None,
     ) -> list[Tensor | None]:
-        """Every task's gradient at its own head's leaf of the representation, and (kept for
-        the surrogate) every head's parameter gradients, from ONE backward pass of the summed
-        local terms: task ``k`` alone reaches leaf ``k`` and head ``k``."""
+        """Every task's gradient at its own head's leaf of the representation (times the loss
+        ``scale``, if any), and (kept for the surrogate) every head's parameter gradients, from
+        ONE backward pass of the summed local terms: task ``k`` alone reaches leaf ``k`` and
+        head ``k``."""
         # Heads that read a leaf each (per_task) were found at setup.
         heads = pl_module._task_heads.parameters if self.injects_head_gradients else []  # type: ignore[union-attr]
         flat_heads = [parameter for group in heads for parameter in group]
@@ -415,13 +427,13 @@ class GradientWeighting(WeightingCallback):
         grads = torch.autograd.grad(
             terms,
             [*leaves, *flat_heads],
-            ones,
+            ones if scale is None else ones * scale,
             retain_graph=not self.injects_head_gradients,
             allow_unused=True,
         )
         head_grads = iter(grads[len(leaves) :])
         self._own_task_gradients = [
-            (parameter, [(k, next(head_grads))])
+            (parameter, [(k, _unscaled(next(head_grads), scale))])
             for k, group in enumerate(heads)
             for parameter in group
         ]
@@ -539,10 +551,11 @@ class GradientWeighting(WeightingCallback):
         representation, pl_module.shared_representation = pl_module.shared_representation, None
         if representation is None:
             return objective
+        scale = loss_scale(pl_module, objective)
         grads = torch.autograd.grad(
-            objective, representation.inputs, retain_graph=True, allow_unused=True
+            objective, representation.inputs, scale, retain_graph=True, allow_unused=True
         )
-        representation_grad = _summed(grads)
+        representation_grad = _unscaled(_summed(grads), scale)
         if representation_grad is None:
             return objective
         return objective + (representation.output * representation_grad).sum()
@@ -611,12 +624,37 @@ def _scaled_on_device(
     ]
 
 
+def loss_scale(pl_module: L.LightningModule, like: Tensor) -> Tensor | None:
+    """The loss scale of float16 mixed precision (its ``GradScaler``'s current scale, a 0-dim
+    float32 tensor on ``like``'s device, made without a host sync), or ``None`` without one.
+    Gradients taken before the backward are taken of the losses times it, as the backward's
+    are, so that small ones keep their digits in float16, and unscaled in float32."""
+    precision = getattr(getattr(pl_module, "_trainer", None), "precision_plugin", None)
+    scaler = getattr(precision, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return None
+    return scaler.scale(torch.ones((), dtype=torch.float32, device=like.device))
+
+
+@overload
+def _unscaled(grad: Tensor, scale: Tensor | None) -> Tensor: ...
+@overload
+def _unscaled(grad: None, scale: Tensor | None) -> None: ...
+def _unscaled(grad: Tensor | None, scale: Tensor | None) -> Tensor | None:
+    """A gradient taken times the loss ``scale``, divided by it in float32 at least (where
+    float16 would flush small values to zero again)."""
+    if grad is None or scale is None:
+        return grad
+    return grad.to(torch.promote_types(grad.dtype, torch.float32)) / scale
+
+
 def task_gradients(
-    step: GlobalTaskLosses, inputs: Sequence[Tensor]
+    step: GlobalTaskLosses, inputs: Sequence[Tensor], scale: Tensor | None = None
 ) -> list[tuple[Tensor | None, ...]]:
     """Per task, the gradients of its local term with respect to ``inputs`` (``None``: the task
-    does not reach that input). One backward per task through its own part of the graph (the
-    mixin keeps the task terms apart for gradient methods)."""
+    does not reach that input), times the loss ``scale`` if given (:func:`loss_scale`). One
+    backward per task through its own part of the graph (the mixin keeps the task terms apart
+    for gradient methods)."""
     terms = step.task_terms
     if terms is None:
         raise RuntimeError(
@@ -625,17 +663,19 @@ def task_gradients(
         )
     none: tuple[None, ...] = (None,) * len(inputs)
     return [
-        torch.autograd.grad(term, inputs, retain_graph=True, allow_unused=True)
+        torch.autograd.grad(term, inputs, scale, retain_graph=True, allow_unused=True)
         if term.requires_grad
         else none
         for term in terms
     ]
 
 
-def task_jacobian(step: GlobalTaskLosses, inputs: Sequence[Tensor]) -> Tensor:
+def task_jacobian(
+    step: GlobalTaskLosses, inputs: Sequence[Tensor], scale: Tensor | None = None
+) -> Tensor:
     """The K×P matrix of the tasks' gradients with respect to ``inputs`` (zeros where a task does
-    not reach an input)."""
-    return _jacobian(task_gradients(step, inputs), inputs)
+    not reach an input); taken times the loss ``scale`` if given, and divided by it."""
+    return _jacobian(task_gradients(step, inputs, scale), inputs, scale)
 
 
 def _trunk_gradients(
@@ -658,11 +698,17 @@ def _trunk_gradients(
     )
 
 
-def _jacobian(per_task: list[tuple[Tensor | None, ...]], inputs: Sequence[Tensor]) -> Tensor:
+def _jacobian(
+    per_task: list[tuple[Tensor | None, ...]],
+    inputs: Sequence[Tensor],
+    scale: Tensor | None = None,
+) -> Tensor:
     """``[K, P]``: row ``k`` holds task ``k``'s gradients, flattened one after the other (zeros
-    for ``None``), written in place: one copy."""
+    for ``None``), written in place: one copy; gradients taken times the loss ``scale`` are
+    divided by it (in float32 at least)."""
     if len(inputs) == 1 and all(g is not None for (g,) in per_task):
-        return torch.stack([g for (g,) in per_task]).reshape(len(per_task), -1)  # type: ignore[misc]
+        jacobian = torch.stack([g for (g,) in per_task]).reshape(len(per_task), -1)  # type: ignore[misc]
+        return _unscaled(jacobian, scale)
     dtype = functools.reduce(torch.promote_types, (x.dtype for x in inputs))
     jacobian = inputs[0].new_empty(len(per_task), sum(x.numel() for x in inputs), dtype=dtype)
     for row, grads in zip(jacobian, per_task, strict=True):
@@ -671,7 +717,7 @@ def _jacobian(per_task: list[tuple[Tensor | None, ...]], inputs: Sequence[Tensor
             for g, x in zip(grads, inputs, strict=True)
         ]
         torch.cat(pieces, out=row)
-    return jacobian
+    return _unscaled(jacobian, scale)
 
 
 def _shaped_like(direction: Tensor, parameters: list[torch.nn.Parameter]) -> tuple[Tensor, ...]:

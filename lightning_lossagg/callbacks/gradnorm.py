@@ -20,6 +20,7 @@ from lightning_lossagg.callbacks._task_parameters import TaskParameters
 from lightning_lossagg.callbacks.gradient_weighting import (
     GradientWeighting,
     Sync,
+    loss_scale,
     task_jacobian,
 )
 from lightning_lossagg.mixin import MultiTaskMixin
@@ -147,7 +148,8 @@ class GradNorm(GradientWeighting):
             if not parameters:  # a frozen trunk: nothing to measure, the model follows Task.weight
                 self._weights_used = self._nothing_to_weigh(pl_module, step)
                 return self._weights_used
-            _, gramian = self._synced_gramian(task_jacobian(step, parameters))
+            scale = loss_scale(pl_module, step.local_terms)
+            _, gramian = self._synced_gramian(task_jacobian(step, parameters, scale))
         self._gramian, self._gramian_valid = gramian.detach(), step.valid
         self._accumulate_gradient(weights.detach(), gramian.detach().diagonal(), step)
         self._weights_used = weights.detach().clone()  # the optimizer step rescales them in place

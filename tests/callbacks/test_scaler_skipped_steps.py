@@ -77,9 +77,7 @@ def _moved(before: dict, after: dict) -> bool:
     return any(not torch.equal(a, b) for a, b in pairs)
 
 
-# NashMTL's and DB-MTL's per-task gradients, taken before the backward, are not loss-scaled:
-# they never overflow here.
-@pytest.mark.parametrize("name", [name for name in STATEFUL if name not in ("NashMTL", "DBMTL")])
+@pytest.mark.parametrize("name", list(STATEFUL))
 def test_a_step_the_grad_scaler_skips_leaves_the_method_state_as_before(name):
     states = _float16_fit(name)
     steps = list(itertools.pairwise(states))

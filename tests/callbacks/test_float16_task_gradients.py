@@ -1,0 +1,86 @@
+"""Under float16 mixed precision the per-task gradients a method takes before the backward are
+loss-scaled as the backward's are: a task whose gradients are small (a small loss, a large batch)
+keeps them, instead of flushing to zero in float16, and the method sees its figures as in float32.
+
+The real ``GradScaler`` on the CPU (Lightning's ``MixedPrecision("16-mixed", "cpu")`` plugin)."""
+
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.plugins import MixedPrecision
+from torch.utils.data import DataLoader
+
+from lightning_lossagg import MaskedLoss
+from lightning_lossagg.callbacks import DBMTL, MGDA, GradNorm, NashMTL
+from tests.callbacks._fits import trainer
+from tests.models import ThreeTaskNet, make_batch
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SMALL = 1e-6  # the price loss's factor: its gradients, ~1e-7 here, are below float16's normals
+
+
+class SmallPriceNet(ThreeTaskNet):
+    def per_sample_losses(self, predictions, targets):
+        losses = super().per_sample_losses(predictions, targets)
+        price = losses["price"]
+        return {**losses, "price": MaskedLoss(price.values * SMALL, price.mask)}
+
+
+class WholeSmallPriceNet(SmallPriceNet):
+    """No forward_shared / forward_heads: the methods take parameter gradients before backward."""
+
+    forward_shared = forward_heads = None
+
+    def forward(self, inputs):
+        return ThreeTaskNet.forward_heads(self, ThreeTaskNet.forward_shared(self, inputs))
+
+
+class GradNormsAtFirstStep(L.Callback):
+    def __init__(self, method: L.Callback) -> None:
+        self.method, self.grad_norms = method, None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.grad_norms is None:
+            self.grad_norms = self.method.state_to_log()["grad_norm"].double()
+
+
+# Each takes its per-task gradients before the backward Lightning runs.
+METHODS = {
+    "MGDA, parameter gradients, whole forward": (MGDA, WholeSmallPriceNet),
+    "Nash-MTL updated every 2 steps": (lambda: NashMTL(update_weights_every=2), SmallPriceNet),
+    "Nash-MTL at the representation": (
+        lambda: NashMTL(rep_grad=True, update_weights_every=2),
+        SmallPriceNet,
+    ),
+    "DB-MTL": (DBMTL, SmallPriceNet),
+    "GradNorm": (lambda: GradNorm(layer="all"), SmallPriceNet),
+}
+
+
+def _grad_norms(name: str, float16: bool) -> torch.Tensor:
+    make_method, model_class = METHODS[name]
+    method = make_method()
+    recorder = GradNormsAtFirstStep(method)
+    torch.manual_seed(0)
+    model = model_class()
+    batch = make_batch(64, seed=0, dtype=torch.float32)
+    options = {"precision": "32-true"}
+    if float16:
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        options = {"precision": None, "plugins": [MixedPrecision("16-mixed", "cpu", scaler)]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        trainer([method, recorder], max_epochs=1, **options).fit(
+            model, DataLoader([batch], batch_size=None)
+        )
+    return recorder.grad_norms
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_small_task_gradients_are_seen_in_float16_as_in_float32(name):
+    in_float32 = _grad_norms(name, float16=False)
+    assert in_float32[0] < 1e-6 < in_float32[1:].min()  # price's gradients are that small
+    torch.testing.assert_close(_grad_norms(name, float16=True), in_float32, rtol=2e-2, atol=0)
