@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
@@ -480,9 +481,12 @@ class MultiTaskMixin(_ModuleBase):
 
     # ----------------------------------------------------------------------------- the steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        if self._optimizer_stepped:  # the optimizer step is over: this batch starts a new one
+        if self._optimizer_stepped or self._optimizer_step_taken:  # this batch starts a new step
             for flag in _STEP_FLAGS:
                 _set_plain(self, flag, False)
+        if not self._step_hooks:  # the fit's first batch
+            for optimizer in getattr(self._trainer, "optimizers", ()):
+                self._watch_optimizer(optimizer)
         output = self.task_losses(batch)
         masked = output if isinstance(output, StackedLosses) else self._checked_losses(output)
         if not self._gradients_checked:  # the fit's first batch
@@ -798,9 +802,7 @@ class MultiTaskMixin(_ModuleBase):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         super().on_before_optimizer_step(optimizer)
         _set_plain(self, "_optimizer_stepped", True)
-        if id(optimizer) not in self._step_hooks:  # the fit's first step with this optimizer
-            hook = optimizer.register_step_post_hook(self._note_optimizer_step)
-            self._step_hooks[id(optimizer)] = hook
+        self._watch_optimizer(optimizer)  # one that came after the fit's first batch
         if self._consecutive_skips and not self._step_nonfinite:
             _set_plain(self, "_consecutive_skips", 0)  # a step whose every loss was finite
         if self._skip_optimizer_step:
@@ -820,6 +822,37 @@ class MultiTaskMixin(_ModuleBase):
                 "callbacks' on_before_optimizer_step. Call super() in the override."
             )
             self.check_nonfinite_losses()
+
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: torch.optim.Optimizer | LightningOptimizer,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        """Lightning's optimizer step; one that the precision plugin skipped (float16's
+        ``GradScaler``, on overflowed gradients) is forgotten right after it
+        (:meth:`forget_step_not_taken`), before any callback's ``on_train_batch_end`` sees it.
+        An override that does not call ``super()`` leaves that to the weighting callback's
+        ``on_train_batch_end``."""
+        self._watch_optimizer(optimizer)
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if not self._optimizer_stepped:  # Lightning calls on_before_optimizer_step before
+            rank_zero_warn(
+                f"{type(self).__name__}.on_before_optimizer_step does not call "
+                "super().on_before_optimizer_step(optimizer): nonfinite='skip' cannot skip the "
+                "step. Call super() in the override."
+            )
+            _set_plain(self, "_optimizer_stepped", True)
+        self.forget_step_not_taken()
+
+    def _watch_optimizer(self, optimizer: torch.optim.Optimizer | LightningOptimizer) -> None:
+        """Have ``optimizer``'s ``step()`` tell when it runs (once per fit and optimizer)."""
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer.optimizer
+        if id(optimizer) not in self._step_hooks:
+            hook = optimizer.register_step_post_hook(self._note_optimizer_step)
+            self._step_hooks[id(optimizer)] = hook
 
     def _note_optimizer_step(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
         _set_plain(self, "_optimizer_step_taken", True)

@@ -59,6 +59,37 @@ def test_one_extra_forward_per_optimizer_step(accumulate, expected_forwards):
     assert not torch.equal(callback.state_to_log()["logit"], torch.zeros(3, dtype=torch.float64))
 
 
+class OwnBeforeOptimizerStep(ThreeTaskNet):
+    def on_before_optimizer_step(self, optimizer) -> None:  # logs gradient norms, say
+        pass
+
+
+def _logits_after_fit(model_class: type[ThreeTaskNet]) -> torch.Tensor:
+    callback = FAMO()
+    torch.manual_seed(0)
+    model = model_class().double()
+    trainer([callback], max_epochs=1).fit(model, DataLoader(training_batches(3), batch_size=None))
+    return callback.state_dict()["logits"]["values"]
+
+
+class OwnOptimizerStepToo(OwnBeforeOptimizerStep):
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        optimizer.step(closure=optimizer_closure)  # as Lightning's docs show, for a warm-up
+
+
+def test_famo_learns_under_a_module_whose_on_before_optimizer_step_skips_super():
+    # The steps FAMO learns from are known from the optimizer's own step(), not the module's hook.
+    with pytest.warns(UserWarning, match=r"on_before_optimizer_step does not call super"):
+        logits = _logits_after_fit(OwnBeforeOptimizerStep)
+    assert bool(logits.ne(0.0).all())
+    torch.testing.assert_close(logits, _logits_after_fit(ThreeTaskNet), rtol=0, atol=0)
+
+
+def test_famo_learns_under_a_module_with_its_own_optimizer_step_too():
+    logits = _logits_after_fit(OwnOptimizerStepToo)
+    torch.testing.assert_close(logits, _logits_after_fit(ThreeTaskNet), rtol=0, atol=0)
+
+
 def test_a_loss_at_or_below_minus_eps_is_refused_before_the_optimizer_step():
     # log(L + eps) has no value there: the weights would turn around and the logits become NaN.
     batches = signed_price_batches(3, negative_at=2)

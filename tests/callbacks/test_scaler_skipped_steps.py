@@ -28,7 +28,8 @@ MICRO_BATCHES = 2  # per optimizer step: the first one's changes must go too
 
 
 class StateAtEachStep(L.Callback):
-    """Before each optimizer step's first batch, and at the end: the method's state, the
+    """At the start, and at the end of each optimizer step's last batch (as a callback that
+    saves a checkpoint there, listed before the method, sees it): the method's state, the
     evaluation weights, the model's parameters and the scaler's loss scale."""
 
     def __init__(self, method: L.Callback) -> None:
@@ -45,12 +46,12 @@ class StateAtEachStep(L.Callback):
             }
         )
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx % MICRO_BATCHES == 0:
-            self._record(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
         self._record(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % MICRO_BATCHES == 0:
+            self._record(trainer, pl_module)
 
 
 def _float16_fit(name: str, num_steps: int = 6, init_scale: float = 2.0**18) -> list[dict]:
@@ -63,7 +64,7 @@ def _float16_fit(name: str, num_steps: int = 6, init_scale: float = 2.0**18) -> 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         trainer(
-            [method, recorder],
+            [recorder, method],
             max_epochs=1,
             precision=None,
             plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
