@@ -636,6 +636,15 @@ def loss_scale(pl_module: L.LightningModule, like: Tensor) -> Tensor | None:
     return scaler.scale(torch.ones((), dtype=torch.float32, device=like.device))
 
 
+def nan_gradient_unless_finite(parameter: Tensor, figures: Tensor) -> Tensor:
+    """A zero whose gradient on ``parameter`` is NaN unless every one of ``figures`` is finite:
+    added to the objective, it has float16's ``GradScaler`` skip a step whose per-task
+    gradients, taken apart from the backward, overflowed (no host sync)."""
+    finite = torch.isfinite(figures).all()
+    poison = torch.where(finite, 0.0, torch.nan).to(parameter.dtype).expand_as(parameter)
+    return _InjectedGradients.apply((poison,), (None,), None, parameter)
+
+
 @overload
 def _unscaled(grad: Tensor, scale: Tensor | None) -> Tensor: ...
 @overload

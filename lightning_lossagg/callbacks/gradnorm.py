@@ -21,6 +21,7 @@ from lightning_lossagg.callbacks.gradient_weighting import (
     GradientWeighting,
     Sync,
     loss_scale,
+    nan_gradient_unless_finite,
     task_jacobian,
 )
 from lightning_lossagg.mixin import MultiTaskMixin
@@ -123,6 +124,9 @@ class GradNorm(GradientWeighting):
         self._initial_losses: Tensor | None = None
         self._gradient_sum: Tensor | None = None
         self._gradient_count: Tensor | None = None
+        # Under float16's loss scale: a shared parameter and the step's Gramian, for the guard
+        # in backward_objective.
+        self._overflow_check: tuple[Tensor, Tensor] | None = None
 
     @property
     @override
@@ -141,6 +145,7 @@ class GradNorm(GradientWeighting):
     @override
     def task_weights(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:
         weights = self._weights.values(step.losses)
+        self._overflow_check = None
         if self.rep_grad:
             gramian = self._representation_gramian(pl_module, step)
         else:
@@ -150,6 +155,8 @@ class GradNorm(GradientWeighting):
                 return self._weights_used
             scale = loss_scale(pl_module, step.local_terms)
             _, gramian = self._synced_gramian(task_jacobian(step, parameters, scale))
+            if scale is not None:
+                self._overflow_check = (parameters[0], gramian)
         self._gramian, self._gramian_valid = gramian.detach(), step.valid
         self._accumulate_gradient(weights.detach(), gramian.detach().diagonal(), step)
         self._weights_used = weights.detach().clone()  # the optimizer step rescales them in place
@@ -161,6 +168,11 @@ class GradNorm(GradientWeighting):
     ) -> Tensor:
         objective = (weights * step.local_terms).sum()
         if not self.rep_grad:
+            check, self._overflow_check = self._overflow_check, None
+            if check is not None:
+                # The per-task gradients give only the norms: if they overflowed at the loss
+                # scale, the step is skipped (and the scale lowered) as for the backward's own.
+                objective = objective + nan_gradient_unless_finite(*check)
             return objective
         # The heads saw a detached copy of the representation: hand the trunk the objective's
         # representation gradient sum_k w_k c_k dt_k/drep through the attached one (both taken

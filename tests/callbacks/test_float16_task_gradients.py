@@ -10,9 +10,10 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.plugins import MixedPrecision
+from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_lossagg import MaskedLoss
+from lightning_lossagg import MaskedLoss, MultiTaskMixin, Task
 from lightning_lossagg.callbacks import DBMTL, MGDA, GradNorm, NashMTL
 from tests.callbacks._fits import trainer
 from tests.models import ThreeTaskNet, make_batch
@@ -84,3 +85,59 @@ def test_small_task_gradients_are_seen_in_float16_as_in_float32(name):
     in_float32 = _grad_norms(name, float16=False)
     assert in_float32[0] < 1e-6 < in_float32[1:].min()  # price's gradients are that small
     torch.testing.assert_close(_grad_norms(name, float16=True), in_float32, rtol=2e-2, atol=0)
+
+
+class ConflictingTasks(MultiTaskMixin, L.LightningModule):
+    """Two tasks whose heads read the trunk with opposite signs, on inputs ~100: each task's
+    gradient is far larger than their sum's, so each one alone overflows float16 at a loss
+    scale at which the backward of the weighted sum does not."""
+
+    def __init__(self) -> None:
+        super().__init__(tasks={"a": Task("mse"), "b": Task("mse")})
+        self.trunk = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
+        self.heads = nn.ModuleDict({"a": nn.Linear(8, 1), "b": nn.Linear(8, 1)})
+        with torch.no_grad():
+            self.trunk[0].weight.mul_(0.002)
+            self.heads["b"].weight.copy_(-self.heads["a"].weight)
+
+    def forward(self, inputs):
+        shared = self.trunk(inputs)
+        return {name: head(shared).squeeze(-1) for name, head in self.heads.items()}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-5)
+
+
+class NormsOfStepsTaken(L.Callback):
+    def __init__(self, method: L.Callback) -> None:
+        self.method, self.norms, self.taken = method, [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.norms.append(self.method.state_to_log()["grad_norm"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.taken.append(pl_module.optimizer_step_taken)
+
+
+def test_gradnorm_takes_no_step_whose_per_task_gradients_overflowed():
+    # GradNorm uses its per-task gradients for their norms only: a step whose norms overflowed
+    # (and which the backward alone would not make the scaler skip) is skipped with them, and
+    # the scaler lowers its scale, instead of a step taken with tasks left out of w's update.
+    method = GradNorm(lr=0.1, layer="all")
+    recorder = NormsOfStepsTaken(method)
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    targets = {"a": torch.full((6,), 100.0), "b": torch.full((6,), 100.0)}
+    batches = [(100 * torch.randn(6, 5, generator=generator), targets) for _ in range(10)]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**6)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        trainer([method, recorder], max_epochs=1, precision=None, plugins=[plugin]).fit(
+            ConflictingTasks(), DataLoader(batches, batch_size=None)
+        )
+    steps = zip(recorder.norms, recorder.taken, strict=True)
+    taken = [norms for norms, was_taken in steps if was_taken]
+    assert taken and len(taken) < len(recorder.norms)
+    assert all(bool(norms.isfinite().all()) for norms in taken), taken
+    assert not torch.equal(method.state_dict()["weights"]["values"], torch.ones(2))
