@@ -195,7 +195,7 @@ class _LinearHeads(torch.autograd.Function):
         representation_grad = None
         if receiver is not None and factor is not None:
             split._output_grads = list(grads)
-            representation_grad, _ = receiver((), factor)
+            representation_grad, _ = _received(receiver, (), factor)
         scales, split.head_scales = split.head_scales, None
         if scales is not None:
             grads = tuple(grad * scale for grad, scale in zip(grads, scales.unbind(), strict=True))
@@ -223,8 +223,21 @@ class _Views(torch.autograd.Function):
         split._receiver = split._factor = None
         if receiver is None or factor is None:
             return (None, None, *[None] * ctx.num_parameters)
-        representation_grad, parameter_grads = receiver(grads, factor)
+        representation_grad, parameter_grads = _received(receiver, grads, factor)
         return (None, representation_grad, *parameter_grads)
+
+
+def _received(
+    receiver: Receiver, grads: tuple[Tensor, ...], factor: Tensor
+) -> tuple[Tensor | None, tuple[Tensor | None, ...]]:
+    """What ``receiver`` makes of the gradients, outside autocast: under manual optimization
+    the backward runs inside the training step's autocast, whose float16 products would
+    overflow the Gramian (and bfloat16's round it)."""
+    device = factor.device.type
+    if not torch.is_autocast_enabled(device):
+        return receiver(grads, factor)
+    with torch.autocast(device, enabled=False):
+        return receiver(grads, factor)
 
 
 class TaskHeads(NamedTuple):

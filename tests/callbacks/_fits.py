@@ -1,6 +1,6 @@
 """What the callback tests share: fixed batches, a quiet float64 trainer, the model in float64
-from a given state, the 2-rank DDP batches, a nested equality check for method state, and a model
-whose loss turns negative at a chosen step."""
+from a given state, the 2-rank DDP batches, a nested equality check for method state, a model
+whose loss turns negative at a chosen step, and one under manual optimization."""
 
 from __future__ import annotations
 
@@ -112,6 +112,22 @@ class SignedPriceNet(ThreeTaskNet):
         price = targets["price"] + 0 * predictions["price"]
         losses["price"] = MaskedLoss(price, losses["price"].mask)
         return losses
+
+
+class ManualOptimization(ThreeTaskNet):
+    """:class:`ThreeTaskNet` stepping its optimizer itself, once per batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        objective = super().training_step(batch, batch_idx)
+        optimizer.zero_grad()
+        self.manual_backward(objective)
+        optimizer.step()
+        return objective
 
 
 class ParametersAfterEachStep(L.Callback):

@@ -7,6 +7,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from lightning_lossagg import MaskedLoss, callbacks
 from lightning_lossagg.callbacks import gradient_weighting
@@ -21,6 +22,7 @@ from lightning_lossagg.callbacks.gradient_weighting import (
     _scaled_on_device,
 )
 from tests.callbacks import _recording_nets
+from tests.callbacks._fits import ManualOptimization
 from tests.callbacks._recording_nets import (
     SOLD_WEIGHTED_ZERO,
     STATIC,
@@ -745,3 +747,35 @@ def test_gradnorm_still_learns_its_weights_at_the_representation_of_a_frozen_tru
     trainer = quiet_trainer(1, steps=3, callbacks=[FreezeTrunk(), callback])
     trainer.fit(ThreeTaskNet().double(), torch.utils.data.DataLoader(batches, batch_size=None))
     assert not torch.equal(callback.state_to_log()["learned_weight"], torch.ones(3))
+
+
+class WeightsAtEachStep(L.Callback):
+    def __init__(self) -> None:
+        self.weights: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.weights.append(pl_module.loss_record.weights.clone())
+
+
+def _bf16_weights(method: L.Callback, model_class: type) -> torch.Tensor:
+    recorder = WeightsAtEachStep()
+    torch.manual_seed(0)
+    batches = [make_batch(6, seed=seed, dtype=torch.float32) for seed in range(4)]
+    quiet_trainer(1, steps=4, precision="bf16-mixed", callbacks=[method, recorder]).fit(
+        model_class(), DataLoader(batches, batch_size=None)
+    )
+    return torch.stack(recorder.weights)
+
+
+@pytest.mark.parametrize(
+    "make_method",
+    [lambda: callbacks.MGDA(rep_grad=True), callbacks.MGDA, callbacks.UPGrad],
+    ids=["MGDA rep_grad", "MGDA", "UPGrad"],
+)
+def test_manual_optimization_under_autocast_weighs_as_automatic_optimization(make_method):
+    # Its backward runs inside the training step's autocast: the weights computed there (the
+    # Gramian's products) must not take its bfloat16 (or overflow in float16).
+    automatic = _bf16_weights(make_method(), ThreeTaskNet)
+    torch.testing.assert_close(
+        _bf16_weights(make_method(), ManualOptimization), automatic, rtol=0, atol=0
+    )
