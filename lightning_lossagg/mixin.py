@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule
-from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
@@ -482,6 +481,13 @@ class MultiTaskMixin(_ModuleBase):
     # ----------------------------------------------------------------------------- the steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         if self._optimizer_stepped or self._optimizer_step_taken:  # this batch starts a new step
+            if not self._optimizer_stepped:  # a step was taken, but the hook never came here
+                _warn_of_missing_super(
+                    self,
+                    "on_before_optimizer_step(optimizer)",
+                    "nonfinite='skip' cannot skip a step, nor can a step that float16's "
+                    "GradScaler skips be forgotten.",
+                )
             for flag in _STEP_FLAGS:
                 _set_plain(self, flag, False)
         if not self._step_hooks:  # the fit's first batch
@@ -816,40 +822,16 @@ class MultiTaskMixin(_ModuleBase):
                 for parameter in group["params"]:
                     parameter.grad = None
         if self._unchecked_nonfinite:  # not checked after the backward: see on_after_backward
-            rank_zero_warn(
-                f"{type(self).__name__}.on_after_backward does not call "
-                "super().on_after_backward(): non-finite losses are checked only now, after the "
-                "callbacks' on_before_optimizer_step. Call super() in the override."
+            _warn_of_missing_super(
+                self,
+                "on_after_backward()",
+                "non-finite losses are checked only now, after the callbacks' "
+                "on_before_optimizer_step.",
             )
             self.check_nonfinite_losses()
 
-    def optimizer_step(
-        self,
-        epoch: int,
-        batch_idx: int,
-        optimizer: torch.optim.Optimizer | LightningOptimizer,
-        optimizer_closure: Callable[[], Any] | None = None,
-    ) -> None:
-        """Lightning's optimizer step; one that the precision plugin skipped (float16's
-        ``GradScaler``, on overflowed gradients) is forgotten right after it
-        (:meth:`forget_step_not_taken`), before any callback's ``on_train_batch_end`` sees it.
-        An override that does not call ``super()`` leaves that to the weighting callback's
-        ``on_train_batch_end``."""
-        self._watch_optimizer(optimizer)
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if not self._optimizer_stepped:  # Lightning calls on_before_optimizer_step before
-            rank_zero_warn(
-                f"{type(self).__name__}.on_before_optimizer_step does not call "
-                "super().on_before_optimizer_step(optimizer): nonfinite='skip' cannot skip the "
-                "step. Call super() in the override."
-            )
-            _set_plain(self, "_optimizer_stepped", True)
-        self.forget_step_not_taken()
-
-    def _watch_optimizer(self, optimizer: torch.optim.Optimizer | LightningOptimizer) -> None:
+    def _watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Have ``optimizer``'s ``step()`` tell when it runs (once per fit and optimizer)."""
-        if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer.optimizer
         if id(optimizer) not in self._step_hooks:
             hook = optimizer.register_step_post_hook(self._note_optimizer_step)
             self._step_hooks[id(optimizer)] = hook
@@ -864,15 +846,18 @@ class MultiTaskMixin(_ModuleBase):
         skipped for a non-finite loss. Read it in ``on_train_batch_end``."""
         return self._optimizer_step_taken and not self._skip_optimizer_step
 
-    def forget_step_not_taken(self) -> None:
+    def forget_step_not_taken(self) -> bool:
         """:meth:`forget_refused_step` if this batch's optimizer step reached the optimizer but
-        none stepped: float16's ``GradScaler`` skips a step whose gradients overflowed (most
-        often the first steps of a fit, while it lowers its scale), and the step leaves nothing
-        in the method's state, as it leaves the model. Weighting callbacks call it in
-        ``on_train_batch_end``, before a checkpoint callback saves the step. (An optimizer that
-        skips such a step inside its own ``step()``, ``fused=True``, is taken to have stepped.)"""
-        if self._optimizer_stepped and not self._optimizer_step_taken:
+        none stepped, and whether it did: float16's ``GradScaler`` skips a step whose gradients
+        overflowed (most often the first steps of a fit, while it lowers its scale), and the
+        step leaves nothing in the method's state, as it leaves the model. Weighting callbacks
+        call it in ``on_train_batch_end`` and, for a checkpoint saved before that (by a callback
+        listed before them), in ``on_save_checkpoint``. (An optimizer that skips such a step
+        inside its own ``step()``, ``fused=True``, is taken to have stepped.)"""
+        if self._optimizer_stepped and not self._optimizer_step_taken and self._step_kept_weights:
             self.forget_refused_step()
+            return True
+        return False
 
     def check_nonfinite_losses(self) -> None:
         """With ``nonfinite="raise"``: read the non-finite flags of the batches since the last
@@ -1005,6 +990,14 @@ def _same_values(tensor: Tensor, other: Tensor) -> bool:
     if not tensor.is_floating_point() or tensor.shape != other.shape:
         return False
     return bool(((tensor == other) | (tensor.isnan() & other.isnan())).all())
+
+
+def _warn_of_missing_super(model: MultiTaskMixin, hook: str, consequence: str) -> None:
+    name = hook.split("(")[0]
+    rank_zero_warn(
+        f"{type(model).__name__}.{name} does not call super().{hook}: {consequence} Call super() "
+        "in the override."
+    )
 
 
 def _warn_of_losses_without_gradient(masked: Mapping[str, MaskedLoss]) -> None:

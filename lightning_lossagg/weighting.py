@@ -145,6 +145,19 @@ class WeightingCallback(L.Callback):
         if forget_step_not_taken is not None:
             forget_step_not_taken()
 
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """A checkpoint saved after a step that float16's ``GradScaler`` skipped but before this
+        callback's ``on_train_batch_end`` (by a callback listed before it) holds the state as
+        before the step: Lightning took this callback's ``state_dict`` already, so it is taken
+        again once the step is forgotten."""
+        forget_step_not_taken = getattr(pl_module, "forget_step_not_taken", None)
+        if forget_step_not_taken is not None and forget_step_not_taken():
+            states = checkpoint.get("callbacks", {})
+            if self.state_key in states:
+                states[self.state_key] = self.state_dict()
+
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:

@@ -8,9 +8,9 @@ The real ``GradScaler`` on the CPU (Lightning's ``MixedPrecision("16-mixed", "cp
 first steps overflow in float16 and the scaler halves it until steps are taken.
 """
 
-import copy
 import itertools
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -18,49 +18,66 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader
 
-from tests.callbacks._fits import assert_nested_equal, trainer
+from tests.callbacks._fits import ManualOptimization, assert_nested_equal, trainer
 from tests.callbacks.test_refused_steps import STATEFUL
 from tests.models import ThreeTaskNet, make_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-MICRO_BATCHES = 2  # per optimizer step: the first one's changes must go too
+
+class OwnOptimizerStep(ThreeTaskNet):
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        optimizer.step(closure=optimizer_closure)  # as Lightning's docs show, for a warm-up
 
 
-class StateAtEachStep(L.Callback):
-    """At the start, and at the end of each optimizer step's last batch (as a callback that
-    saves a checkpoint there, listed before the method, sees it): the method's state, the
-    evaluation weights, the model's parameters and the scaler's loss scale."""
+# The model, and its batches per optimizer step (with 2, the first one's changes must go too).
+MODELS = {
+    "Lightning's optimizer_step": (ThreeTaskNet, 2),
+    "an optimizer_step of its own": (OwnOptimizerStep, 2),
+    "manual optimization": (ManualOptimization, 1),
+}
 
-    def __init__(self, method: L.Callback) -> None:
-        self.method = method
+
+class CheckpointAtEachStep(L.Callback):
+    """Listed before the method: at the start, and at the end of each optimizer step's last
+    batch, saves a checkpoint and reads back the method's state, the evaluation weights and the
+    model's parameters, with the scaler's loss scale."""
+
+    def __init__(self, method: L.Callback, micro_batches: int, path: Path) -> None:
+        self.method, self.micro_batches, self.path = method, micro_batches, path
         self.states: list[dict] = []
 
-    def _record(self, trainer: L.Trainer, pl_module) -> None:
+    def _record(self, trainer: L.Trainer) -> None:
+        trainer.save_checkpoint(self.path)
+        saved = torch.load(self.path, weights_only=False)
         self.states.append(
             {
-                "method": copy.deepcopy(self.method.state_dict()),
-                "weights": pl_module._fold_step_weights(),
-                "parameters": [p.detach().clone() for p in pl_module.parameters()],
+                "method": saved["callbacks"][self.method.state_key],
+                "weights": saved["lossagg"]["latest_weights"],
+                "parameters": list(saved["state_dict"].values()),
                 "scale": trainer.precision_plugin.scaler.get_scale(),
             }
         )
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._record(trainer, pl_module)
+        self._record(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if (batch_idx + 1) % MICRO_BATCHES == 0:
-            self._record(trainer, pl_module)
+        if (batch_idx + 1) % self.micro_batches == 0:
+            self._record(trainer)
 
 
-def _float16_fit(name: str, num_steps: int = 6, init_scale: float = 2.0**18) -> list[dict]:
+def _float16_fit(
+    name: str, model: str, path: Path, num_steps: int = 8, init_scale: float = 2.0**18
+) -> list[dict]:
     method = STATEFUL[name]()
-    recorder = StateAtEachStep(method)
+    model_class, micro_batches = MODELS[model]
+    recorder = CheckpointAtEachStep(method, micro_batches, path / "step.ckpt")
     torch.manual_seed(0)
-    model = ThreeTaskNet()  # float32: autocast runs its layers in float16
-    batches = [make_batch(6, seed=i, dtype=torch.float32) for i in range(MICRO_BATCHES * num_steps)]
+    net = model_class()  # float32: autocast runs its layers in float16
+    batches = [make_batch(6, seed=i, dtype=torch.float32) for i in range(micro_batches * num_steps)]
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    accumulation = {"accumulate_grad_batches": micro_batches} if micro_batches > 1 else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         trainer(
@@ -68,8 +85,8 @@ def _float16_fit(name: str, num_steps: int = 6, init_scale: float = 2.0**18) -> 
             max_epochs=1,
             precision=None,
             plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
-            accumulate_grad_batches=MICRO_BATCHES,
-        ).fit(model, DataLoader(batches, batch_size=None))
+            **accumulation,
+        ).fit(net, DataLoader(batches, batch_size=None))
     return recorder.states
 
 
@@ -78,9 +95,11 @@ def _moved(before: dict, after: dict) -> bool:
     return any(not torch.equal(a, b) for a, b in pairs)
 
 
+@pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("name", list(STATEFUL))
-def test_a_step_the_grad_scaler_skips_leaves_the_method_state_as_before(name):
-    states = _float16_fit(name)
+def test_a_step_the_grad_scaler_skips_leaves_the_method_state_as_before(name, model, tmp_path):
+    # What a checkpoint saved right after the step holds, whoever saves it.
+    states = _float16_fit(name, model, tmp_path)
     steps = list(itertools.pairwise(states))
     skipped = [after["scale"] < before["scale"] for before, after in steps]
     assert any(skipped) and not all(skipped), [s["scale"] for s in states]
@@ -101,3 +120,16 @@ def _same(actual: dict, expected: dict) -> bool:
     except AssertionError:
         return False
     return True
+
+
+class ManualWithoutSuper(ManualOptimization):
+    def on_before_optimizer_step(self, optimizer) -> None:
+        pass
+
+
+def test_a_manual_step_whose_on_before_optimizer_step_skips_super_is_warned_of():
+    batches = [make_batch(6, seed=i, dtype=torch.float32) for i in range(2)]
+    with pytest.warns(UserWarning, match=r"on_before_optimizer_step does not call super"):
+        trainer([], max_epochs=1, precision="32-true").fit(
+            ManualWithoutSuper(), DataLoader(batches, batch_size=None)
+        )
