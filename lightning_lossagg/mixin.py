@@ -837,10 +837,7 @@ class MultiTaskMixin(_ModuleBase):
             self._step_hooks[id(optimizer)] = hook
 
     def _note_optimizer_step(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
-        """The optimizer's post-step hook: the step is taken."""
         _set_plain(self, "_optimizer_step_taken", True)
-        if self._weighting is not None and not self._skip_optimizer_step:
-            self._weighting.after_optimizer_step(self.trainer, self)
 
     @property
     def optimizer_step_taken(self) -> bool:

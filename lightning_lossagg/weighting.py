@@ -158,13 +158,6 @@ class WeightingCallback(L.Callback):
             if self.state_key in states:
                 states[self.state_key] = self.state_dict()
 
-    def after_optimizer_step(self, trainer: L.Trainer, pl_module: MultiTaskMixin) -> None:
-        """What the method learns from an optimizer step once the model has moved (FAMO: the
-        decrease of the losses on the same batch). The mixin calls it from the optimizer's own
-        ``step()``, right after the update: before any hook or checkpoint sees the step, and
-        never for a step skipped (``nonfinite="skip"``, float16's ``GradScaler``). Under manual
-        optimization with several optimizers, after the first that steps in the batch."""
-
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:

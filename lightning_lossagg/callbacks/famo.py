@@ -44,9 +44,7 @@ class FAMO(WeightingCallback):
     loss fell least.
 
     **Cost**: one extra forward pass (no backward) and one extra all-reduce per optimizer step,
-    by design: the re-evaluation runs right after the optimizer's update (from its ``step()``,
-    :meth:`~lightning_lossagg.weighting.WeightingCallback.after_optimizer_step`: before any
-    hook or checkpoint sees the step, and never for a step skipped), through
+    by design: the re-evaluation runs in ``on_train_batch_end``, through
     ``pl_module.compute_global_losses`` (a collective, called on every rank together), in the
     precision context of the training step and in training mode (as LibMTL does). With gradient
     accumulation the last micro-batch of each optimizer step is the one evaluated again. Tasks
@@ -81,7 +79,6 @@ class FAMO(WeightingCallback):
         self.weight_decay, self.eps = float(weight_decay), float(eps)
         self._logits = TaskParameters(self.lr, self.weight_decay)
         self._losses_before: tuple[Tensor, Tensor] | None = None
-        self._batch: Any = None  # the batch the losses before are of, evaluated again
         self._logits_used: Tensor | None = None  # behind the latest weights (Adam makes new ones)
         eps = self.eps
         self._unchecked = LossesReadLater(
@@ -121,7 +118,7 @@ class FAMO(WeightingCallback):
     ) -> None:
         # Only this batch's own losses may be compared with its re-evaluation (a step that the
         # mixin skips never calls task_weights).
-        self._losses_before, self._batch = None, batch
+        self._losses_before = None
 
     @override
     def on_before_optimizer_step(
@@ -130,13 +127,22 @@ class FAMO(WeightingCallback):
         self._unchecked.check(pl_module, trainer.global_step)
 
     @override
-    def after_optimizer_step(self, trainer: L.Trainer, pl_module: MultiTaskMixin) -> None:
-        if self._losses_before is None:  # learned from already (several optimizers)
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # A step not taken (nonfinite="skip", or float16's GradScaler found overflowed
+        # gradients) decreases no loss: nothing to learn from.
+        if self._losses_before is None or not pl_module.optimizer_step_taken:
             return
-        (losses_before, usable_before), self._losses_before = self._losses_before, None
-        batch, self._batch = self._batch, None
+        losses_before, usable_before = self._losses_before
         with torch.no_grad(), trainer.precision_plugin.train_step_context():
-            after = pl_module.compute_global_losses(batch)
+            after = pl_module.compute_global_losses(batch)  # type: ignore[operator]
         # A loss that fell to -eps or below has no logarithm: that task is left out of this
         # update (its loss is refused at the next optimizer step, before it moves anything).
         usable = usable_before & usable_tasks(after) & (after.losses + self.eps > 0)

@@ -3,21 +3,14 @@ step; its one extra all-reduce is counted in the 2-process test of test_loss_bas
 tasks a logit update leaves out, and a restored state."""
 
 import contextlib
-from pathlib import Path
 from types import SimpleNamespace
 
-import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from lightning_lossagg.callbacks import FAMO
-from tests.callbacks._fits import (
-    ParametersAfterEachStep,
-    SignedPriceNet,
-    assert_nested_equal,
-    signed_price_batches,
-)
+from tests.callbacks._fits import ParametersAfterEachStep, SignedPriceNet, signed_price_batches
 from tests.callbacks._loss_based import at_step, global_losses, trainer, training_batches
 from tests.models import ThreeTaskNet, make_batch
 
@@ -117,7 +110,6 @@ def _optimizer_step(callback, module, losses_before, batch=None):
     callback.on_train_batch_start(trainer, module, batch, 0)
     callback.task_weights(module, losses_before)
     callback.on_before_optimizer_step(trainer, module, None)
-    callback.after_optimizer_step(trainer, module)  # from the optimizer's step()
     callback.on_train_batch_end(trainer, module, None, batch, 0)
 
 
@@ -179,28 +171,3 @@ def test_the_re_evaluation_runs_in_the_steps_precision():
     run.fit(ThreeTaskNet(lr=0.0), DataLoader(batches, batch_size=None))
     logits = callback.state_dict()["logits"]["values"]
     assert torch.equal(logits, torch.zeros_like(logits)), logits
-
-
-class SavesAfterEachBatch(L.Callback):
-    """Listed before FAMO: a checkpoint after every batch, in on_train_batch_end."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        trainer.save_checkpoint(self.directory / f"batch{batch_idx}.ckpt")
-
-
-def test_a_checkpoint_saved_by_a_callback_before_famo_holds_the_steps_update(tmp_path):
-    # FAMO learns from the step in its on_train_batch_end; a checkpoint taken earlier in that
-    # hook (a callback listed before it) must hold what FAMO learns there, or a fit resumed
-    # from it would go on without that step's update.
-    batches = training_batches(4)
-    uninterrupted = FAMO()
-    torch.manual_seed(0)
-    model = ThreeTaskNet().double()
-    trainer([SavesAfterEachBatch(tmp_path), uninterrupted], max_epochs=1).fit(
-        model, DataLoader(batches[:2], batch_size=None)
-    )
-    saved = torch.load(tmp_path / "batch1.ckpt", weights_only=False)
-    assert_nested_equal(saved["callbacks"][uninterrupted.state_key], uninterrupted.state_dict())
