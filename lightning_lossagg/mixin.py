@@ -486,7 +486,8 @@ class MultiTaskMixin(_ModuleBase):
                     self,
                     "on_before_optimizer_step(optimizer)",
                     "nonfinite='skip' cannot skip a step, nor can a step that float16's "
-                    "GradScaler skips be forgotten.",
+                    "GradScaler skips be forgotten. (Or an optimizer stepped outside Lightning's "
+                    "wrapper: step self.optimizers(), not its .optimizer.)",
                 )
             for flag in _STEP_FLAGS:
                 _set_plain(self, flag, False)
@@ -694,6 +695,9 @@ class MultiTaskMixin(_ModuleBase):
         full checkpoint saved amid an optimizer step (between micro-batches), also the step's
         skip flags and what a refusal of the step would put back."""
         super().on_save_checkpoint(checkpoint)
+        # After a step float16's GradScaler skipped, before the weighting callback forgot it:
+        # a weights-only checkpoint calls no callback's on_save_checkpoint.
+        self.forget_step_not_taken()
         latest = self._fold_step_weights()
         checkpoint[CHECKPOINT_KEY] = {
             "latest_weights": None if latest is None else latest.detach().cpu(),

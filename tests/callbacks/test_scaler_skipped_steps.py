@@ -40,20 +40,23 @@ MODELS = {
 
 class CheckpointAtEachStep(L.Callback):
     """Listed before the method: at the start, and at the end of each optimizer step's last
-    batch, saves a checkpoint and reads back the method's state, the evaluation weights and the
-    model's parameters, with the scaler's loss scale."""
+    batch, saves a weights-only and a full checkpoint and reads back the method's state, the
+    evaluation weights (of both) and the model's parameters, with the scaler's loss scale."""
 
     def __init__(self, method: L.Callback, micro_batches: int, path: Path) -> None:
         self.method, self.micro_batches, self.path = method, micro_batches, path
         self.states: list[dict] = []
 
     def _record(self, trainer: L.Trainer) -> None:
+        weights_only = self.path.with_suffix(".weights")
+        trainer.save_checkpoint(weights_only, weights_only=True)  # first: no callback hook
         trainer.save_checkpoint(self.path)
         saved = torch.load(self.path, weights_only=False)
         self.states.append(
             {
                 "method": saved["callbacks"][self.method.state_key],
                 "weights": saved["lossagg"]["latest_weights"],
+                "weights-only": torch.load(weights_only)["lossagg"]["latest_weights"],
                 "parameters": list(saved["state_dict"].values()),
                 "scale": trainer.precision_plugin.scaler.get_scale(),
             }
@@ -108,6 +111,7 @@ def test_a_step_the_grad_scaler_skips_leaves_the_method_state_as_before(name, mo
         if was_skipped:
             assert_nested_equal(after["method"], before["method"], f"state after step {index}")
             assert_nested_equal(after["weights"], before["weights"], f"weights after {index}")
+            assert_nested_equal(after["weights-only"], before["weights"], f"alone after {index}")
     taken = [index for index, was_skipped in enumerate(skipped) if not was_skipped]
     # The comparison can fail: the steps that are taken do move the method's state.
     changed = [not _same(steps[index][1]["method"], steps[index][0]["method"]) for index in taken]
