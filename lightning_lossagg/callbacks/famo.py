@@ -47,7 +47,10 @@ class FAMO(WeightingCallback):
     by design: the re-evaluation runs in ``on_train_batch_end``, through
     ``pl_module.compute_global_losses`` (a collective, called on every rank together), in the
     precision context of the training step and in training mode (as LibMTL does). With gradient
-    accumulation the last micro-batch of each optimizer step is the one evaluated again. Tasks
+    accumulation the last micro-batch of each optimizer step is the one evaluated again. A
+    checkpoint saved in ``on_train_batch_end`` by a callback listed before FAMO holds the logits
+    before that step's update: list FAMO first, or save with ``ModelCheckpoint`` (which
+    Lightning runs after every other callback). Tasks
     without a valid sample are left out of the weights (the others are renormalised) and keep
     their logit and Adam moments.
 
