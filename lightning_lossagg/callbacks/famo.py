@@ -47,12 +47,11 @@ class FAMO(WeightingCallback):
     by design: the re-evaluation runs in ``on_train_batch_end``, through
     ``pl_module.compute_global_losses`` (a collective, called on every rank together), in the
     precision context of the training step and in training mode (as LibMTL does). With gradient
-    accumulation the last micro-batch of each optimizer step is the one evaluated again. A
-    checkpoint saved in ``on_train_batch_end`` by a callback listed before FAMO holds the logits
-    before that step's update: list FAMO first, or save with ``ModelCheckpoint`` (which
-    Lightning runs after every other callback). Tasks
+    accumulation the last micro-batch of each optimizer step is the one evaluated again. Tasks
     without a valid sample are left out of the weights (the others are renormalised) and keep
-    their logit and Adam moments.
+    their logit and Adam moments. A checkpoint saved in ``on_train_batch_end`` by a callback
+    listed before FAMO holds the logits before that step's update: list FAMO first, or save
+    with ``ModelCheckpoint`` (which Lightning runs after every other callback).
 
     The logits and their Adam live in this callback (the model's ``state_dict`` does not change)
     and are saved in its ``state_dict``; they are logged as ``train/logit/<task>``.
