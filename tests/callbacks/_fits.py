@@ -114,6 +114,13 @@ class SignedPriceNet(ThreeTaskNet):
         return losses
 
 
+class OwnOptimizerStep(ThreeTaskNet):
+    """:class:`ThreeTaskNet` whose ``optimizer_step`` steps the optimizer without ``super()``."""
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        optimizer.step(closure=optimizer_closure)  # as Lightning's docs show, for a warm-up
+
+
 class ManualOptimization(ThreeTaskNet):
     """:class:`ThreeTaskNet` stepping its optimizer itself, once per batch."""
 

@@ -10,7 +10,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_lossagg.callbacks import FAMO
-from tests.callbacks._fits import ParametersAfterEachStep, SignedPriceNet, signed_price_batches
+from tests.callbacks._fits import (
+    OwnOptimizerStep,
+    ParametersAfterEachStep,
+    SignedPriceNet,
+    signed_price_batches,
+)
 from tests.callbacks._loss_based import at_step, global_losses, trainer, training_batches
 from tests.models import ThreeTaskNet, make_batch
 
@@ -72,9 +77,8 @@ def _logits_after_fit(model_class: type[ThreeTaskNet]) -> torch.Tensor:
     return callback.state_dict()["logits"]["values"]
 
 
-class OwnOptimizerStepToo(OwnBeforeOptimizerStep):
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        optimizer.step(closure=optimizer_closure)  # as Lightning's docs show, for a warm-up
+class OwnOptimizerStepToo(OwnOptimizerStep, OwnBeforeOptimizerStep):
+    pass
 
 
 def test_famo_learns_under_a_module_whose_on_before_optimizer_step_skips_super():

@@ -18,16 +18,16 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader
 
-from tests.callbacks._fits import ManualOptimization, assert_nested_equal, trainer
+from tests.callbacks._fits import (
+    ManualOptimization,
+    OwnOptimizerStep,
+    assert_nested_equal,
+    trainer,
+)
 from tests.callbacks.test_refused_steps import STATEFUL
 from tests.models import ThreeTaskNet, make_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-class OwnOptimizerStep(ThreeTaskNet):
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        optimizer.step(closure=optimizer_closure)  # as Lightning's docs show, for a warm-up
 
 
 # The model, and its batches per optimizer step (with 2, the first one's changes must go too).
