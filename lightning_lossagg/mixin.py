@@ -856,8 +856,9 @@ class MultiTaskMixin(_ModuleBase):
         overflowed (most often the first steps of a fit, while it lowers its scale), and the
         step leaves nothing in the method's state, as it leaves the model. Weighting callbacks
         call it in ``on_train_batch_end`` and, for a checkpoint saved before that (by a callback
-        listed before them), in ``on_save_checkpoint``. (An optimizer that skips such a step
-        inside its own ``step()``, ``fused=True``, is taken to have stepped.)"""
+        listed before them), in ``on_save_checkpoint``, as does the mixin's own (a weights-only
+        checkpoint calls no callback's). (An optimizer that skips such a step inside its own
+        ``step()``, ``fused=True``, is taken to have stepped.)"""
         if self._optimizer_stepped and not self._optimizer_step_taken and self._step_kept_weights:
             self.forget_refused_step()
             return True
