@@ -145,9 +145,13 @@ class MultiTaskMixin(_ModuleBase):
         # starts a new one).
         self._step_nonfinite = False
         self._optimizer_stepped = False
-        # Whether an optimizer's step() ran: float16's GradScaler skips it when the gradients
-        # overflowed, after the step reached the optimizer (a hook on each optimizer tells).
+        # Whether an optimizer's step() ran, and whether one stepped: float16's GradScaler skips
+        # step() when the gradients overflowed, after the step reached the optimizer (a hook on
+        # each optimizer tells); a fused optimizer's step() runs and skips the update in its
+        # kernel, as the scaler's found_inf says (read only when asked).
+        self._optimizer_step_ran = False
         self._optimizer_step_taken = False
+        self._fused_found_inf: list[Tensor] = []
         self._step_hooks: dict[int, RemovableHandle] = {}
         self.tasks = _as_tasks(tasks)
         self.rank_weighting = rank_weighting
@@ -480,7 +484,7 @@ class MultiTaskMixin(_ModuleBase):
 
     # ----------------------------------------------------------------------------- the steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        if self._optimizer_stepped or self._optimizer_step_taken:  # this batch starts a new step
+        if self._optimizer_stepped or self._optimizer_step_ran:  # this batch starts a new step
             if not self._optimizer_stepped:  # a step was taken, but the hook never came here
                 _warn_of_missing_super(
                     self,
@@ -491,6 +495,7 @@ class MultiTaskMixin(_ModuleBase):
                 )
             for flag in _STEP_FLAGS:
                 _set_plain(self, flag, False)
+            self._fused_found_inf.clear()
         if not self._step_hooks:  # the fit's first batch
             for optimizer in getattr(self._trainer, "optimizers", ()):
                 self._watch_optimizer(optimizer)
@@ -676,6 +681,7 @@ class MultiTaskMixin(_ModuleBase):
             self._gradients_checked = False
             for flag in _STEP_FLAGS:  # an earlier fit may have stopped amid a step
                 _set_plain(self, flag, False)
+            self._fused_found_inf.clear()
             self._remove_step_hooks()  # (and not torn down: an id may name a new optimizer)
         # The strategy has set up its processes: whether they are several is fixed for the fit.
         self._reducer.across_ranks = distributed.is_distributed()
@@ -841,14 +847,32 @@ class MultiTaskMixin(_ModuleBase):
             self._step_hooks[id(optimizer)] = hook
 
     def _note_optimizer_step(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
-        _set_plain(self, "_optimizer_step_taken", True)
+        _set_plain(self, "_optimizer_step_ran", True)
+        # GradScaler hands an optimizer that unscales in its own kernel (fused=True) its
+        # overflow flag for the call; the kernel leaves parameters and state alone if it is set.
+        found_inf = getattr(optimizer, "found_inf", None)
+        if isinstance(found_inf, Tensor):
+            self._fused_found_inf.append(found_inf)
+        else:
+            _set_plain(self, "_optimizer_step_taken", True)
+
+    def _an_optimizer_stepped(self) -> bool:
+        """Whether an optimizer of this optimizer step updated the model. A fused optimizer's
+        overflow flag is read on the host when asked (where the scaler reads it itself for
+        the others, before their step)."""
+        if self._fused_found_inf:
+            if any(not found.item() for found in self._fused_found_inf):
+                _set_plain(self, "_optimizer_step_taken", True)
+            self._fused_found_inf.clear()
+        return self._optimizer_step_taken
 
     @property
     def optimizer_step_taken(self) -> bool:
         """Whether this batch's optimizer step moved the model: it reached an optimizer, which
-        stepped (float16's ``GradScaler`` skips a step whose gradients overflowed), and was not
-        skipped for a non-finite loss. Read it in ``on_train_batch_end``."""
-        return self._optimizer_step_taken and not self._skip_optimizer_step
+        stepped (float16's ``GradScaler`` skips a step whose gradients overflowed, and a fused
+        optimizer skips its update), and was not skipped for a non-finite loss. Read it in
+        ``on_train_batch_end``."""
+        return not self._skip_optimizer_step and self._an_optimizer_stepped()
 
     def forget_step_not_taken(self) -> bool:
         """:meth:`forget_refused_step` if this batch's optimizer step reached the optimizer but
@@ -857,9 +881,10 @@ class MultiTaskMixin(_ModuleBase):
         step leaves nothing in the method's state, as it leaves the model. Weighting callbacks
         call it in ``on_train_batch_end`` and, for a checkpoint saved before that (by a callback
         listed before them), in ``on_save_checkpoint``, as does the mixin's own (a weights-only
-        checkpoint calls no callback's). (An optimizer that skips such a step inside its own
-        ``step()``, ``fused=True``, is taken to have stepped.)"""
-        if self._optimizer_stepped and not self._optimizer_step_taken and self._step_kept_weights:
+        checkpoint calls no callback's). A fused optimizer skips the update inside its own
+        ``step()``: its overflow flag is read then (one host read per step, under the scaler
+        only)."""
+        if self._optimizer_stepped and self._step_kept_weights and not self._an_optimizer_stepped():
             self.forget_refused_step()
             return True
         return False
@@ -888,7 +913,7 @@ class MultiTaskMixin(_ModuleBase):
         for an exception amid its batches or before its update (an out-of-memory error, an
         error in gradient clipping, an interrupted fit), after which the model has not moved
         either. Weighting callbacks call it in ``on_exception``."""
-        if not self._optimizer_step_taken:
+        if not self._an_optimizer_stepped():
             self.forget_refused_step()
 
     def forget_refused_step(self) -> None:
@@ -971,6 +996,7 @@ _STEP_FLAGS = (
     "_skip_optimizer_step",
     "_step_nonfinite",
     "_optimizer_stepped",
+    "_optimizer_step_ran",
     "_optimizer_step_taken",
     "_step_kept_weights",
 )

@@ -30,11 +30,20 @@ from tests.models import ThreeTaskNet, make_batch
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+class FusedOptimizer(ThreeTaskNet):
+    """Its optimizer's step() runs when the gradients overflowed and skips the update in its
+    kernel (the scaler's found_inf), where another's step() is not called at all."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, fused=True)
+
+
 # The model, and its batches per optimizer step (with 2, the first one's changes must go too).
 MODELS = {
     "Lightning's optimizer_step": (ThreeTaskNet, 2),
     "an optimizer_step of its own": (OwnOptimizerStep, 2),
     "manual optimization": (ManualOptimization, 1),
+    "a fused optimizer": (FusedOptimizer, 2),
 }
 
 
