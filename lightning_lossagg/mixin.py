@@ -249,7 +249,7 @@ class MultiTaskMixin(_ModuleBase):
             weighting and weighting.splits_forward and self.training and torch.is_grad_enabled()
         ):
             return self(inputs)
-        shared = self.forward_shared(inputs)
+        shared = self._forward_shared(inputs)
         if not isinstance(shared, Tensor):  # several tensors: no one leaf to take gradients at
             if getattr(weighting, "rep_grad", False):
                 raise TypeError(
@@ -323,6 +323,20 @@ class MultiTaskMixin(_ModuleBase):
             if not self._linear_heads or not watch.wants_linear_factors:
                 watch.forget_linear_heads()
         return copies, per_task
+
+    def _forward_shared(self, inputs: Any) -> Any:
+        """``forward_shared(inputs)``; under ``torch.compile(model)``, with ``rep_grad=True``,
+        compiled as ``forward`` is (Lightning's compiler context; the heads run eagerly, with
+        the method's hooks). Parameter gradients take one backward per task through the trunk,
+        which a compiled graph's freed buffers refuse (``_retained_backward``)."""
+        compiler = getattr(self, "_compiler_ctx", None)
+        if (
+            isinstance(compiler, dict)
+            and (compiled := compiler.get("dynamo_ctx")) is not None
+            and getattr(self._weighting, "rep_grad", False)
+        ):
+            return compiled(self.forward_shared)(inputs)
+        return self.forward_shared(inputs)
 
     def _probe_linear_heads(self, heads: TaskHeads, detached: Tensor) -> None:
         """At a fit's first step, whether its linear heads may run as one node: the layout is
@@ -483,6 +497,9 @@ class MultiTaskMixin(_ModuleBase):
         return plan
 
     # ----------------------------------------------------------------------------- the steps
+    # Under torch.compile(model), Lightning compiles the step methods too: the mixin's steps run
+    # eagerly (host reads, hooks, the weighting's state) around the compiled forward.
+    @torch.compiler.disable
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         if self._optimizer_stepped or self._optimizer_step_ran:  # this batch starts a new step
             if not self._optimizer_stepped:  # a step was taken, but the hook never came here
@@ -593,11 +610,13 @@ class MultiTaskMixin(_ModuleBase):
         action = "skipped" if self.nonfinite == "skip" else "taken without the task(s)"
         rank_zero_warn(f"{message} The step was {action} (nonfinite={self.nonfinite!r}).")
 
+    @torch.compiler.disable
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """The global losses of a validation batch (with several loaders, the epoch figures of
         :class:`~lightning_lossagg.callbacks.LossLogger` are over all of them together)."""
         return self._evaluation_step("val", batch)
 
+    @torch.compiler.disable
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """The global losses of a test batch (several loaders: as :meth:`validation_step`)."""
         return self._evaluation_step("test", batch)

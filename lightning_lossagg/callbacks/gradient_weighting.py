@@ -671,12 +671,28 @@ def task_gradients(
             "separate_task_terms = True so that the mixin builds them."
         )
     none: tuple[None, ...] = (None,) * len(inputs)
-    return [
-        torch.autograd.grad(term, inputs, scale, retain_graph=True, allow_unused=True)
-        if term.requires_grad
-        else none
-        for term in terms
-    ]
+    return [retained_grad(term, inputs, scale) if term.requires_grad else none for term in terms]
+
+
+def retained_grad(
+    output: Tensor, inputs: Sequence[Tensor], grad_output: Tensor | None
+) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad`` keeping the graph for the next task's pass (``None`` for an input
+    the output does not reach), with an error that says what to do where a network compiled by
+    ``torch.compile`` refuses a second pass."""
+    try:
+        return torch.autograd.grad(
+            output, inputs, grad_output, retain_graph=True, allow_unused=True
+        )
+    except RuntimeError as error:
+        if "donated buffers" not in str(error):
+            raise
+        raise RuntimeError(
+            "The per-task gradients take one backward pass per task through the network, and "
+            "torch.compile compiled its backward for one pass (its buffers are donated). "
+            "Compile the shared trunk's module rather than the whole model "
+            "(self.trunk = torch.compile(self.trunk)), or use rep_grad=True."
+        ) from error
 
 
 def task_jacobian(
@@ -699,9 +715,7 @@ def _trunk_gradients(
     cuDNN RNNs), plus what reaches shared parameters used after the representation."""
     if representation_grad is None:
         return after
-    trunk = torch.autograd.grad(
-        output, shared, grad_outputs=representation_grad, retain_graph=True, allow_unused=True
-    )
+    trunk = retained_grad(output, shared, representation_grad)
     return tuple(
         t if a is None else a if t is None else t + a for t, a in zip(trunk, after, strict=True)
     )
