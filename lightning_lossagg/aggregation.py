@@ -302,12 +302,13 @@ class TaskLossReducer:
     def _task_order(self, stacked: StackedLosses, device: torch.device) -> Tensor:
         """Positions, in the groups' concatenation, of tasks 0 … K-1."""
         rows = tuple(row for group_rows, _ in stacked.groups for row in group_rows)
-        key = ("order", rows, device)
-        if key not in self._cache:
-            order = torch.empty(len(rows), dtype=torch.long)
-            order[torch.tensor(rows)] = torch.arange(len(rows))
-            self._cache[key] = order.to(device)
-        return self._cache[key]
+
+        def order() -> Tensor:
+            positions = torch.empty(len(rows), dtype=torch.long)
+            positions[torch.tensor(rows)] = torch.arange(len(rows))
+            return positions.to(device)
+
+        return self._cached(("order", rows, device), order)
 
     def _numerators_and_denominators(
         self, local_sums: Tensor, local_counts: Tensor
@@ -331,20 +332,28 @@ class TaskLossReducer:
     def _segments(self, values: list[Tensor], device: torch.device) -> Tensor:
         """The task index of every element of the concatenated values."""
         sizes = tuple(v.numel() for v in values)
-        key = ("segments", sizes, device)
-        if key not in self._cache:
-            if len(self._cache) > 64:  # batch sizes vary (a last short batch): keep it bounded
-                self._cache.clear()
-            segments = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-            self._cache[key] = segments.to(device)
-        return self._cache[key]
+        return self._cached(
+            ("segments", sizes, device),
+            lambda: torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(
+                device
+            ),
+        )
 
     def _is_mean_on(self, reference: Tensor) -> Tensor:
         """Which tasks average, as a bool tensor on ``reference``'s device."""
-        key = ("is_mean", reference.device)
-        if key not in self._cache:
-            self._cache[key] = torch.tensor(self._is_mean, device=reference.device)
-        return self._cache[key]
+        device = reference.device
+        return self._cached(("is_mean", device), lambda: torch.tensor(self._is_mean, device=device))
+
+    def _cached(self, key: tuple, make: Callable[[], Tensor]) -> Tensor:
+        """The small constant tensor ``make()`` of ``key``, made once. Not an inference tensor
+        when first made in evaluation (``torch.inference_mode``): training saves it for backward."""
+        tensor = self._cache.get(key)
+        if tensor is None:
+            if len(self._cache) > 64:  # batch sizes vary (a last short batch): keep it bounded
+                self._cache.clear()
+            with torch.inference_mode(False):
+                tensor = self._cache[key] = make()
+        return tensor
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -5,6 +5,7 @@ import lightning as L
 import pytest
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from lightning_lossagg import WeightingCallback
 from lightning_lossagg.aggregation import GlobalTaskLosses
@@ -143,3 +144,28 @@ def test_a_fit_resumed_without_a_method_evaluates_with_the_static_weights(tmp_pa
     trainer.fit(model, torch.utils.data.DataLoader(batches, batch_size=None), ckpt_path=path)
     assert trainer.global_step == 4  # one step without the method after the checkpoint's three
     assert _validation_weights(trainer, model) == [2.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+@pytest.mark.parametrize(
+    "model_options",
+    [{}, {"sold_loss": "mse"}, {"rank_weighting": "uniform"}],
+    ids=["three losses", "stacked tasks", "uniform ranks"],
+)
+@pytest.mark.parametrize("method", [None, UPGrad], ids=["static", "UPGrad"])
+def test_a_fit_after_a_validate_or_test_trains_as_one_without(stage, model_options, method):
+    # Evaluation runs under torch.inference_mode: nothing it leaves behind may be an inference
+    # tensor that training saves for backward.
+    batches = DataLoader([make_batch(6, seed=seed) for seed in range(3)], batch_size=None)
+    parameters = []
+    for evaluate_first in (False, True):
+        torch.manual_seed(0)
+        model = ThreeTaskNet(**model_options).double()
+        callbacks = [method()] if method else []
+        if evaluate_first:
+            evaluate = getattr(quiet_trainer(1, callbacks=callbacks), stage)
+            evaluate(model, batches, verbose=False)
+        quiet_trainer(1, steps=3, callbacks=callbacks).fit(model, batches)
+        parameters.append(list(model.parameters()))
+    for without, after_evaluation in zip(*parameters, strict=True):
+        torch.testing.assert_close(after_evaluation, without, rtol=0, atol=0)
