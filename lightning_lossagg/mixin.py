@@ -529,8 +529,11 @@ class MultiTaskMixin(_ModuleBase):
         else:
             bitsets = step.nonfinite_ranks.cpu()
             if bitsets.any():
-                self._count_nonfinite_batch(bitsets)
-                if self.nonfinite == "skip":
+                # drop_task with every task dropped: nothing left to take, the step is skipped
+                # (a zero gradient would still move an optimizer with momentum).
+                skip = self.nonfinite == "skip" or bool(bitsets.all())
+                self._count_nonfinite_batch(bitsets, skip)
+                if skip:
                     self.loss_record = self.shared_representation = None
                     self._skip_optimizer_step = True
                     return self._zero_objective()
@@ -590,7 +593,7 @@ class MultiTaskMixin(_ModuleBase):
         parameters = [p for p in self.parameters() if p.requires_grad]
         return torch.stack([p.sum() for p in parameters]).sum() * 0.0
 
-    def _count_nonfinite_batch(self, bitsets: Tensor) -> None:
+    def _count_nonfinite_batch(self, bitsets: Tensor, skip: bool) -> None:
         """Warn of a batch with a non-finite loss, and count its optimizer step (once, whatever
         the number of its micro-batches that had one)."""
         bad = [(n, b) for n, b in zip(self.task_names, bitsets.tolist(), strict=True) if b]
@@ -607,7 +610,7 @@ class MultiTaskMixin(_ModuleBase):
                 f"{self._consecutive_skips} consecutive steps with a non-finite loss "
                 f"(nonfinite={self.nonfinite!r}, max_consecutive_skips={limit}). Last: {message}"
             )
-        action = "skipped" if self.nonfinite == "skip" else "taken without the task(s)"
+        action = "skipped" if skip else "taken without the task(s)"
         rank_zero_warn(f"{message} The step was {action} (nonfinite={self.nonfinite!r}).")
 
     @torch.compiler.disable

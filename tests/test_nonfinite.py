@@ -316,15 +316,25 @@ def test_the_last_nonfinite_tasks_name_the_bad_step_s_tasks_only(nonfinite):
     assert model.skipped_steps == 1 and model.last_nonfinite_tasks == ("price",)
 
 
-def test_a_skipped_step_leaves_adams_parameters_alone_and_the_next_step_trains():
+@pytest.mark.parametrize(
+    ("nonfinite", "bad_inputs"),
+    [("skip", False), ("drop_task", True)],
+    ids=["skip", "drop_task, every task"],
+)
+def test_a_skipped_step_leaves_adams_parameters_alone_and_the_next_step_trains(
+    nonfinite, bad_inputs
+):
     class AdamNet(ThreeTaskNet):
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=0.01)
 
     batches = [make_batch(4, seed=s, dtype=torch.float32) for s in range(3)]
-    batches[1][1]["price"][0] = torch.inf
+    if bad_inputs:  # every task's loss is NaN: drop_task has nothing left to take
+        batches[1][0][0] = torch.nan
+    else:
+        batches[1][1]["price"][0] = torch.inf
     model, parameters = AdamNet(), ParametersAfterEachStep()
-    model.nonfinite = "skip"
+    model.nonfinite = nonfinite
     trainer = quiet_trainer(1, steps=len(batches), precision="32-true", callbacks=[parameters])
     with pytest.warns(UserWarning, match="The step was skipped"):
         trainer.fit(model, DataLoader(batches, batch_size=None))
