@@ -202,10 +202,15 @@ class Task:
                 "targets: mark missing labels with NaN instead (e.g. "
                 "`target[target == -1] = float('nan')`)."
             )
-        theirs = getattr(self.loss, "keywords", {}).get("ignore_index")
-        if isinstance(self.loss, partial) and theirs is not None and theirs != self.ignore_index:
+        # torch's own: in a partial's keywords, or a loss module's attribute (nn.CrossEntropyLoss,
+        # nn.NLLLoss).
+        if isinstance(self.loss, partial):
+            theirs, where = self.loss.keywords.get("ignore_index"), "in its partial"
+        else:
+            theirs, where = getattr(self.loss, "ignore_index", None), "as its attribute"
+        if isinstance(theirs, int) and theirs != self.ignore_index:
             raise ValueError(
-                f"Task.loss has torch's ignore_index={theirs} in its partial, and "
+                f"Task.loss has torch's ignore_index={theirs} {where}, and "
                 f"Task.ignore_index={self.ignore_index} marks the missing labels: the library "
                 f"would count the labels {theirs} as present. Give Task(..., "
                 f"ignore_index={theirs})."

@@ -373,10 +373,14 @@ def test_bce_with_logits_takes_probabilities_and_nan_as_a_missing_label():
             {"loss": partial(F.cross_entropy, ignore_index=255, reduction="none")},
             r"ignore_index=255.*Task\(.*ignore_index=255\)",
         ),
+        (
+            {"loss": torch.nn.CrossEntropyLoss(reduction="none", ignore_index=-1)},
+            r"ignore_index=-1 as its attribute.*Task\(.*ignore_index=-1\)",
+        ),
         ({"loss": "mse", "weight": torch.ones(3)}, "class weights.*partial"),
         ({"loss": "mse", "weight": True}, "finite number"),
     ],
-    ids=["mse", "bce_with_logits", "partial", "class-weights", "bool"],
+    ids=["mse", "bce_with_logits", "partial", "module", "class-weights", "bool"],
 )
 def test_task_arguments_that_would_train_on_something_else_are_refused(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
@@ -386,6 +390,8 @@ def test_task_arguments_that_would_train_on_something_else_are_refused(kwargs, m
 def test_torchs_ignore_index_in_a_partial_is_taken_when_the_tasks_is_the_same():
     loss = partial(F.cross_entropy, ignore_index=255, reduction="none")
     assert Task(loss, ignore_index=255).ignore_index == 255
+    module = torch.nn.CrossEntropyLoss(reduction="none")  # torch's default, -100, as the Task's
+    assert Task(module).ignore_index == -100
 
 
 @pytest.mark.parametrize("weight", [np.float32(2.0), torch.tensor(2.0), 2])
