@@ -128,6 +128,17 @@ class WeightingCallback(L.Callback):
         ``train/<state>/<task_a>~<task_b>``), so it may cost a few tensor operations."""
         return {}
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Refuse a fit whose model does not weigh with this callback: its ``setup`` did not
+        reach :meth:`~lightning_lossagg.mixin.MultiTaskMixin.setup` (an override without
+        ``super()``), and the fit would go on with the static weights, silently."""
+        if getattr(pl_module, "weighting", self) is not self:
+            raise RuntimeError(
+                f"{type(self).__name__} is in the trainer's callbacks, but "
+                f"{type(pl_module).__name__} did not take it: its setup() did not call "
+                "MultiTaskMixin.setup(). Call super().setup(stage) in the override."
+            )
+
     def on_train_batch_end(
         self,
         trainer: L.Trainer,

@@ -70,6 +70,15 @@ def test_two_weighting_callbacks_are_refused_naming_both():
         _fit(ThreeTaskNet(), callbacks=[HalvingWeights(), HalvingWeights()])
 
 
+def test_a_setup_override_without_super_is_refused_not_trained_with_static_weights():
+    class OwnSetup(ThreeTaskNet):
+        def setup(self, stage: str) -> None:
+            self.prepared = stage
+
+    with pytest.raises(RuntimeError, match=r"HalvingWeights .*Call super\(\).setup\(stage\)"):
+        _fit(OwnSetup(), callbacks=[HalvingWeights()])
+
+
 def test_validation_and_test_steps_record_global_losses():
     model = ThreeTaskNet()
     batch = make_batch(7, seed=4, dtype=torch.float32)
