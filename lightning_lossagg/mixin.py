@@ -615,13 +615,15 @@ class MultiTaskMixin(_ModuleBase):
 
     @torch.compiler.disable
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        """The global losses of a validation batch (with several loaders, the epoch figures of
-        :class:`~lightning_lossagg.callbacks.LossLogger` are over all of them together)."""
+        """The global objective of a validation batch, the same on every rank, at the fit's
+        latest weights; its global losses in :attr:`loss_record` (with several loaders, the epoch
+        figures of :class:`~lightning_lossagg.callbacks.LossLogger` are over all of them
+        together)."""
         return self._evaluation_step("val", batch)
 
     @torch.compiler.disable
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        """The global losses of a test batch (several loaders: as :meth:`validation_step`)."""
+        """The global objective of a test batch (as :meth:`validation_step`)."""
         return self._evaluation_step("test", batch)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
@@ -639,7 +641,7 @@ class MultiTaskMixin(_ModuleBase):
         elif weights.device != step.local_terms.device:  # restored from a checkpoint: move once
             weights = self._latest_weights = weights.to(step.local_terms.device)
         self.loss_record = step.record(stage, weights, self._weighting)
-        return weights.to(step.local_terms.dtype) @ step.local_terms
+        return self.loss_record.objective
 
     def _keep_state_before_step(self, weighting: WeightingCallback | None) -> None:
         """At an optimizer step's first weighted batch: the evaluation weights and the weighting

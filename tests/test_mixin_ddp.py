@@ -37,16 +37,18 @@ class RecordingNet(ThreeTaskNet):
     def on_before_optimizer_step(self, optimizer):
         super().on_before_optimizer_step(optimizer)
         record = self.loss_record
-        torch.save(
-            {
-                "losses": record.losses,
-                "weights": record.weights,
-                "objective": record.objective,
-                "grads": {n: p.grad.clone() for n, p in self.named_parameters()},
-                "collectives": self.collectives,
-            },
-            Path(self.out_dir) / f"rank{self.global_rank}.pt",
-        )
+        saved = {
+            "losses": record.losses,
+            "weights": record.weights,
+            "objective": record.objective,
+            "grads": {n: p.grad.clone() for n, p in self.named_parameters()},
+            "collectives": self.collectives,
+        }
+        # The same batch evaluated (the parameters have not moved): the global objective.
+        with torch.no_grad():
+            batch = self.rank_batches[self.global_rank]
+            saved["validation_step"] = self.validation_step(batch, 0)
+        torch.save(saved, Path(self.out_dir) / f"rank{self.global_rank}.pt")
 
 
 def _reference(model: torch.nn.Module, batch) -> dict:
@@ -64,6 +66,7 @@ def _reference(model: torch.nn.Module, batch) -> dict:
 def _assert_matches_reference(result: dict, reference: dict) -> None:
     torch.testing.assert_close(result["losses"], reference["losses"], atol=1e-6, rtol=0)
     torch.testing.assert_close(result["objective"], reference["objective"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(result["validation_step"], reference["objective"], atol=1e-6, rtol=0)
     torch.testing.assert_close(
         result["weights"], torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)
     )
