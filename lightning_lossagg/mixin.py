@@ -823,6 +823,35 @@ class MultiTaskMixin(_ModuleBase):
         )
         return None
 
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        trainer = self.trainer
+        sanity = trainer.sanity_checking
+        counts = trainer.num_sanity_val_batches if sanity else trainer.num_val_batches
+        self._check_batches_alike_on_every_rank("validation", counts)
+
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self._check_batches_alike_on_every_rank("test", self.trainer.num_test_batches)
+
+    def _check_batches_alike_on_every_rank(self, stage: str, counts: list[int | float]) -> None:
+        """Each evaluation batch's losses take one all-reduce: a rank with fewer batches than
+        another would leave it waiting for ever (a sampler that does not pad, per-rank loaders
+        of different lengths). One collective per evaluation epoch, under DDP only."""
+        if not distributed.is_distributed() or any(c == float("inf") for c in counts):
+            return  # an iterable without a length: its batches are not known ahead
+        total = float(sum(counts))
+        extremes = torch.tensor([total, -total], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
+        most, fewest = extremes[0].item(), -extremes[1].item()
+        if most != fewest:
+            raise RuntimeError(
+                f"The {stage} epoch has {fewest:.0f} batches on one rank and {most:.0f} on "
+                "another: every evaluation batch's losses are summed over the ranks, so each rank "
+                "needs as many batches. Let Lightning's DistributedSampler pad the set (the "
+                "default), or give a sampler or loaders with as many batches on every rank."
+            )
+
     def teardown(self, stage: str) -> None:
         super().teardown(stage)
         self._reducer.across_ranks = None  # outside a fit, asked at every call again

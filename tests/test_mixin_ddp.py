@@ -2,10 +2,13 @@
 concatenated batch, with exactly one library collective per step (none on one process)."""
 
 import copy
+import re
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from tests.models import (
     ThreeTaskNet,
@@ -15,7 +18,7 @@ from tests.models import (
     quiet_trainer,
     reference_task_losses,
 )
-from tests.process_group import CollectiveCounter
+from tests.process_group import CollectiveCounter, run_on_lightning_ranks
 
 
 class RecordingNet(ThreeTaskNet):
@@ -153,3 +156,35 @@ def test_two_rank_ddp_with_stacked_tasks_equals_one_process_on_the_concatenated_
         _assert_matches_reference(result, reference)
         assert result["counts"].tolist() == [int(c) for c in counts]
         assert result["collectives"] == ["all_reduce"]
+
+
+def _evaluate_unequal_batches(rank: int) -> dict[str, str]:
+    """One rank of a 2-process job: validate and test with 2 batches on rank 0, 1 on rank 1."""
+    batches = [make_batch(4, seed=seed) for seed in range(2 - rank)]
+    messages = {}
+    for stage in ("validate", "test"):
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy="ddp",
+            precision="64-true",
+            use_distributed_sampler=False,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        try:
+            loader = DataLoader(batches, batch_size=None)
+            getattr(trainer, stage)(ThreeTaskNet().double(), loader, verbose=False)
+        except RuntimeError as error:
+            messages[stage] = str(error)
+    return messages
+
+
+@pytest.mark.ddp
+def test_an_evaluation_epoch_with_more_batches_on_one_rank_is_refused_on_every_rank():
+    # Each evaluation batch's losses take one all-reduce: rank 0's second batch would wait for
+    # ever (a sampler that does not pad).
+    for messages in run_on_lightning_ranks(_evaluate_unequal_batches):
+        for stage in ("validate", "test"):
+            assert re.search(r"1 batches on one rank and 2 on another", messages.get(stage, ""))
