@@ -82,7 +82,8 @@ def evaluate(method: str, epochs: int) -> dict[str, float]:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[callbacks.LossLogger(), clock, *([weighting] if weighting else [])],
+        # The clock last: it times the weighting callback's batch hooks too (FAMO's re-evaluation).
+        callbacks=[callbacks.LossLogger(), *([weighting] if weighting else []), clock],
     )
     model, data = PenguinsNet(), PenguinsDataModule()
     trainer.fit(model, data)
