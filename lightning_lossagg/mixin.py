@@ -569,7 +569,10 @@ class MultiTaskMixin(_ModuleBase):
             _set_plain(self, "shared_representation", None)
             objective = representation.split.objective(static @ step.local_terms, receiver)
         else:
-            weights = in_dtype(weighting.task_weights(self, step), static.dtype)
+            weights = weighting.task_weights(self, step)
+            if not isinstance(weights, Tensor) or weights.shape != static.shape:
+                raise _bad_weights(weighting, weights, self.task_names)
+            weights = in_dtype(weights, static.dtype)
             if weights.requires_grad:
                 weights = weights.detach()
             if not self._static_weights_are_ones:
@@ -1081,6 +1084,16 @@ def _warn_of_missing_super(model: MultiTaskMixin, hook: str, consequence: str) -
     rank_zero_warn(
         f"{type(model).__name__}.{name} does not call super().{hook}: {consequence} Call super() "
         "in the override."
+    )
+
+
+def _bad_weights(
+    weighting: WeightingCallback, weights: object, task_names: tuple[str, ...]
+) -> TypeError:
+    got = f"shape {list(weights.shape)}" if isinstance(weights, Tensor) else _describe(weights)
+    return TypeError(
+        f"{type(weighting).__name__}.task_weights returned {got}: it returns one weight per "
+        f"task, a tensor of shape [{len(task_names)}] in the order of {list(task_names)}."
     )
 
 

@@ -79,6 +79,34 @@ def test_a_setup_override_without_super_is_refused_not_trained_with_static_weigh
         _fit(OwnSetup(), callbacks=[HalvingWeights()])
 
 
+class GivenWeights(WeightingCallback):
+    def __init__(self, weights) -> None:
+        self.weights = weights
+
+    def task_weights(self, pl_module, step):
+        return self.weights
+
+
+@pytest.mark.parametrize(
+    ("weights", "got"),
+    [
+        (torch.ones(2), r"shape \[2\]"),
+        (torch.ones(3, 1), r"shape \[3, 1\]"),
+        ([1.0, 1.0, 1.0], r"a list of 3 item\(s\)"),
+        (1.0, "a float"),
+    ],
+    ids=["too few", "a column", "a list", "a float"],
+)
+def test_a_weighting_callbacks_weights_of_another_shape_name_the_callback_and_the_tasks(
+    weights, got
+):
+    model = ThreeTaskNet()
+    before = [parameter.clone() for parameter in model.parameters()]
+    with pytest.raises(TypeError, match=rf"GivenWeights.task_weights returned {got}.*shape \[3\]"):
+        _fit(model, callbacks=[GivenWeights(weights)])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+
+
 def test_validation_and_test_steps_record_global_losses():
     model = ThreeTaskNet()
     batch = make_batch(7, seed=4, dtype=torch.float32)
