@@ -242,10 +242,12 @@ class Task:
 
     @property
     def loss_name(self) -> str:
-        """The registry name, or the callable's qualified name."""
+        """The registry name, or the callable's qualified name (a partial's function's)."""
         if isinstance(self.loss, str):
             return self.loss
-        return getattr(self.loss, "__qualname__", type(self.loss).__name__)
+        function = self.loss.func if isinstance(self.loss, partial) else self.loss
+        name = getattr(function, "__qualname__", type(function).__name__)
+        return f"partial({name})" if isinstance(self.loss, partial) else name
 
     def per_sample_loss(self, name: str, prediction: Tensor, target: Tensor) -> MaskedLoss:
         """Per-sample losses of task ``name`` with missing labels masked out."""

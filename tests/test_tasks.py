@@ -387,6 +387,10 @@ def test_task_arguments_that_would_train_on_something_else_are_refused(kwargs, m
         Task(**kwargs)
 
 
+def test_a_partial_loss_is_named_by_its_function():
+    assert Task(partial(F.l1_loss, reduction="none")).loss_name == "partial(l1_loss)"
+
+
 def test_torchs_ignore_index_in_a_partial_is_taken_when_the_tasks_is_the_same():
     loss = partial(F.cross_entropy, ignore_index=255, reduction="none")
     assert Task(loss, ignore_index=255).ignore_index == 255

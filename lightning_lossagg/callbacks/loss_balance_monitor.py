@@ -163,20 +163,28 @@ class LossBalanceMonitor(L.Callback):
                 if key in self._active:
                     continue
                 self._active.add(key)
+                weighted = getattr(trainer.lightning_module, "weighting", None) is not None
                 message = f"LossBalanceMonitor at step {trainer.global_step}: " + self._describe(
-                    condition, name, value
+                    condition, name, value, weighted
                 )
                 if condition in self.raise_on:
                     raise LossBalanceError(message)
                 rank_zero_warn(message, category=UserWarning)
 
-    def _describe(self, condition: str, name: str, value: float) -> str:
+    def _describe(self, condition: str, name: str, value: float, weighted: bool) -> str:
+        """The warning of ``condition`` for task ``name``; ``weighted``: the model has a
+        weighting method (then its weights, not Task.weight alone, made the share)."""
         window, thresholds = self.window, self.thresholds
         if condition == "dominance":
+            advice = (
+                "Its weighting method keeps it so: lower its Task.weight, or try another method."
+                if weighted
+                else "Lower its Task.weight or use an adaptive weighting method."
+            )
             return (
                 f"task {name!r} made up more than {thresholds.dominance:.0%} of the objective at "
                 f"every one of the last {window} steps (mean share {value:.1%}): the other tasks "
-                "barely train. Lower its Task.weight or use an adaptive weighting method."
+                f"barely train. {advice}"
             )
         if condition == "rising_loss":
             return (

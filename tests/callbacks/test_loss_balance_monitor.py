@@ -27,9 +27,9 @@ class ScriptedNet(L.LightningModule):
     """Plays back scripted task losses, weights and valid-sample counts as the mixin's loss
     records, one per step."""
 
-    def __init__(self, losses, weights=None, counts=None, stage="train") -> None:
+    def __init__(self, losses, weights=None, counts=None, stage="train", weighting=None) -> None:
         super().__init__()
-        self.stage = stage
+        self.stage, self.weighting = stage, weighting
         self.losses = losses
         self.weights = torch.ones_like(losses) if weights is None else weights
         self.counts = torch.ones_like(losses) if counts is None else counts
@@ -93,13 +93,27 @@ def _fit(
     return logger, messages
 
 
-def test_a_dominating_task_is_reported_once_until_it_clears():
+class Ones(WeightingCallback):
+    def task_weights(self, pl_module, step):
+        return torch.ones_like(step.losses)
+
+
+@pytest.mark.parametrize(
+    ("method", "advice"),
+    [(None, "use an adaptive weighting method"), (Ones, "Its weighting method keeps it so")],
+    ids=["static", "a method"],
+)
+def test_a_dominating_task_is_reported_once_until_it_clears(method, advice):
     # 12 steps where "price" is 99% of the objective, 8 balanced steps, 12 dominated again.
     steps = [[99.0, 0.5, 0.5]] * 12 + [[1.0, 1.0, 1.0]] * 8 + [[99.0, 0.5, 0.5]] * 12
-    logger, messages = _fit(ScriptedNet(torch.tensor(steps)), LossBalanceMonitor(window=6))
+    weighting = method() if method else None
+    net = ScriptedNet(torch.tensor(steps), weighting=weighting)
+    callbacks = [weighting] if weighting else []
+    logger, messages = _fit(net, LossBalanceMonitor(window=6), callbacks=callbacks)
     dominance = [m for m in messages if "of the objective at every one" in m]
     assert len(dominance) == 2
     assert all("task 'price' made up more than 90% of the objective" in m for m in dominance)
+    assert all(advice in m for m in dominance)
     assert logger.flags("dominance") == {"price": 1.0, "kind": 0.0, "sold": 0.0}
 
 
