@@ -324,7 +324,11 @@ class LossLogger(L.Callback):
         present = zip(static, losses, steps, strict=True)
         static_objective = sum((weight * loss for weight, loss, n in present if n > 0), 0.0)
         metrics = {}
-        for name, loss, weight, part in zip(names, losses, weights, weighted, strict=True):
+        for name, loss, weight, part, n in zip(
+            names, losses, weights, weighted, steps, strict=True
+        ):
+            if n == 0:  # no valid sample all epoch: no point, as at the step level (a NaN or 0
+                continue  # would spoil the loggers' summaries and EarlyStopping's checks)
             metrics[f"{prefix}/loss/{name}"] = loss
             metrics[f"{prefix}/weight/{name}"] = weight
             metrics[f"{prefix}/weighted/{name}"] = part
