@@ -128,7 +128,7 @@ class DBMTL(GradientWeighting):
     @property
     @override
     def method_arguments(self) -> dict[str, Any]:
-        return {"beta": self.beta, "beta_sigma": self.beta_sigma}
+        return {"beta": self.beta, "beta_sigma": self.beta_sigma, **super().method_arguments}
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

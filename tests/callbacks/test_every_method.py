@@ -236,6 +236,14 @@ def test_defaults_are_the_documented_ones(name):
     assert {key: arguments[key] for key in expected} == expected
 
 
+@pytest.mark.parametrize("name", sorted({type(make()).__name__ for make in METHODS.values()}))
+def test_the_run_config_and_state_key_carry_every_argument(name):
+    # Two instances that differ in any argument must not share a checkpoint's state.
+    method = getattr(callbacks, name)
+    parameters = set(inspect.signature(method).parameters)
+    assert set(method().method_arguments) == parameters
+
+
 @pytest.mark.parametrize(
     ("function", "defaults"),
     [
