@@ -147,6 +147,7 @@ class GradientWeighting(WeightingCallback):
         self.splits_forward = self.rep_grad
         self.takes_linear_factors = self.rep_grad
         self._jacobian: Tensor | None = None
+        self._shared_reached: list[bool] = []  # which shared parameters a task's gradient reached
         self._shared_parameters: list[torch.nn.Parameter] = []
         # The heads' parameters, each with its (task, gradient) pairs (None: the task does not
         # reach it), from the per-task pass(es), for the surrogate.
@@ -314,10 +315,11 @@ class GradientWeighting(WeightingCallback):
         pending: _PendingStep,
         output: Tensor,
         shared: list[torch.nn.Parameter],
-    ) -> tuple[Tensor, ...]:
+    ) -> tuple[Tensor | None, ...]:
         """:meth:`_weigh_at_heads` at the shared parameters: each task's gradient at the views
         goes back through the trunk (one backward per task), the Jacobian is synced as
-        :attr:`sync` says, and the shared parameters get ``factor * sum_k w_k s_k g_k``."""
+        :attr:`sync` says, and the shared parameters get ``factor * sum_k w_k s_k g_k``
+        (``None`` where no task reached one: see :func:`_reached`)."""
         none = (None,) * len(shared)
         rows = [_trunk_gradients(output, shared, grad, none) for grad in grads]
         jacobian, gramian = self._synced_gramian(_jacobian(rows, shared))
@@ -325,7 +327,9 @@ class GradientWeighting(WeightingCallback):
         host = _on_host(gramian, factor, pending)
         adaptive = self._weights_of_scaled_gramian(host, host.factor, pending)
         adaptive = distributed.to_device(adaptive, jacobian, jacobian.dtype)
-        return _shaped_like(adaptive @ jacobian, shared)
+        direction = _shaped_like(adaptive @ jacobian, shared)
+        reached = _reached(rows, len(shared))
+        return tuple(grad if hit else None for grad, hit in zip(direction, reached, strict=True))
 
     def _weights_of_scaled_gramian(
         self, host: _HostFigures, scale: float, pending: _PendingStep
@@ -366,6 +370,7 @@ class GradientWeighting(WeightingCallback):
                 _trunk_gradients(representation.output, shared, row, (None,) * len(shared))
                 for row in rows
             ]
+            self._shared_reached = _reached(shared_grads, len(shared))
             jacobian = _jacobian(shared_grads, shared, scale)
             self._jacobian, gramian = self._synced_gramian(jacobian)
             return gramian
@@ -397,6 +402,7 @@ class GradientWeighting(WeightingCallback):
             )
             for i, parameter in enumerate(heads)
         ]
+        self._shared_reached = _reached(shared_grads, len(shared))
         self._jacobian, gramian = self._synced_gramian(_jacobian(shared_grads, shared, scale))
         return gramian
 
@@ -516,9 +522,12 @@ class GradientWeighting(WeightingCallback):
             # The heads' gradients came with the tasks' (one pass), which freed their graphs.
             inputs, grads, tasks = [output, *heads], [direction.view_as(output)], [None]
         else:
-            # Shared parameters: d, split back into their shapes.
-            inputs = [*self._shared_parameters, *heads]
-            grads = list(_shaped_like(direction, self._shared_parameters))
+            # Shared parameters: d, split back into their shapes (none for one no task reached).
+            shared = self._shared_parameters
+            pairs = zip(shared, _shaped_like(direction, shared), self._shared_reached, strict=True)
+            kept = [(parameter, grad) for parameter, grad, hit in pairs if hit]
+            inputs = [*(parameter for parameter, _ in kept), *heads]
+            grads = [grad for _, grad in kept]
             tasks = [None] * len(grads)
         return _InjectedGradients.apply(
             (*grads, *head_grads), (*tasks, *head_tasks), static.to(jacobian.dtype), *inputs
@@ -741,6 +750,17 @@ def _jacobian(
         ]
         torch.cat(pieces, out=row)
     return _unscaled(jacobian, scale)
+
+
+def _reached(per_task: Sequence[tuple[Tensor | None, ...]], count: int) -> list[bool]:
+    """Which of ``count`` parameters some task's gradient reached (``None`` in no row): one no
+    task reached gets no gradient, as in a plain backward, so that an optimizer with momentum or
+    weight decay leaves it alone. Under DDP every one counts as reached: each rank hands DDP a
+    gradient for every shared parameter (0 where none of its tasks reached it), so that the ranks
+    agree whatever their batches reach."""
+    if distributed.is_distributed():
+        return [True] * count
+    return [any(grads[index] is not None for grads in per_task) for index in range(count)]
 
 
 def _shaped_like(direction: Tensor, parameters: list[torch.nn.Parameter]) -> tuple[Tensor, ...]:

@@ -779,3 +779,37 @@ def test_manual_optimization_under_autocast_weighs_as_automatic_optimization(mak
     torch.testing.assert_close(
         _bf16_weights(make_method(), ManualOptimization), automatic, rtol=0, atol=0
     )
+
+
+class UnusedSharedLayerNet(ThreeTaskNet):
+    """A shared layer no task reaches (a backbone's classifier left in place), under AdamW with
+    weight decay: a plain backward leaves it without a gradient, and AdamW leaves it alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Linear(8, 8)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.1, weight_decay=0.1)
+
+
+class UnusedSharedLayerNoSplitNet(UnusedSharedLayerNet):
+    forward_shared = forward_heads = None  # the per-task passes before backward
+
+    def forward(self, inputs):
+        return ThreeTaskNet.forward_heads(self, ThreeTaskNet.forward_shared(self, inputs))
+
+
+@pytest.mark.parametrize("method", [callbacks.MGDA, callbacks.UPGrad])
+@pytest.mark.parametrize("net", [UnusedSharedLayerNet, UnusedSharedLayerNoSplitNet])
+def test_a_shared_parameter_no_task_reaches_gets_no_gradient_and_stays(method, net):
+    torch.manual_seed(0)
+    model = net()
+    before, trunk = model.unused.weight.detach().clone(), model.trunk[0].weight.detach().clone()
+    batches = [make_batch(6, seed=seed) for seed in range(2)]
+    quiet_trainer(1, steps=2, callbacks=[method()]).fit(
+        model.double(), DataLoader(batches, batch_size=None)
+    )
+    assert model.unused.weight.grad is None
+    torch.testing.assert_close(model.unused.weight.detach(), before.double(), rtol=0, atol=0)
+    assert not torch.equal(model.trunk[0].weight.detach(), trunk.double())  # the rest trains
