@@ -49,11 +49,12 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
 
 @dataclass
 class OfflineRun:
-    """What an offline run logged: history rows, config, summary keys, defined metrics."""
+    """What an offline run logged: history rows, config, summary, defined metrics."""
 
     history: list[dict[str, object]] = field(default_factory=list)
     config: dict[str, object] = field(default_factory=dict)
     defined_metrics: dict[str, object] = field(default_factory=dict)
+    summary: dict[str, object] = field(default_factory=dict)  # the run's, as W&B shows it
     kinds: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     files_dir: Path | None = None
 
@@ -100,6 +101,9 @@ def read_offline_run(run_dir: Path, wait_for_exit_s: float = 0.0) -> OfflineRun:
         elif kind == "config":
             for item in record.config.update:
                 run.config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "summary":
+            for item in record.summary.update:
+                run.summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
         elif kind == "metric":
             run.defined_metrics[record.metric.name or record.metric.glob_name] = record.metric
     run.files_dir = files[0].parent / "files"

@@ -65,7 +65,10 @@ def describe_run(
             summaries[f"{prefix}/weight/{name}"] = "last"
             summaries[f"{prefix}/share/{name}"] = "last"
         for key, summary in summaries.items():
-            experiment.define_metric(key, step_metric=STEP_METRIC, step_sync=True, summary=summary)
+            # W&B reads a dot in a defined metric's name as a nested key: a task named with one
+            # would lose its summary.
+            name = key.replace(".", "\\.")
+            experiment.define_metric(name, step_metric=STEP_METRIC, step_sync=True, summary=summary)
     experiment.config.update({"lossagg": task_setup(trainer, pl_module)}, allow_val_change=True)
 
 

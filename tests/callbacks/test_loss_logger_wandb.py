@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from lightning_lossagg import LossRecord, Task
+from lightning_lossagg import LossRecord, MultiTaskMixin, Task
 from lightning_lossagg.callbacks import LossBalanceMonitor, LossLogger
 from lightning_lossagg.callbacks._trajectory import Trajectory
 from lightning_lossagg.callbacks._wandb_extras import log_end_of_fit, task_setup
@@ -234,3 +234,46 @@ def test_the_task_setup_holds_each_tasks_loss_weight_and_reduction():
         "kind": {"loss": "cross_entropy", "weight": 1.0, "reduction": "mean"},
     }
     assert setup["weighting"] == {"method": None, "arguments": {}}
+
+
+class DottedTaskNames(MultiTaskMixin, L.LightningModule):
+    """Tasks named with a dot, which W&B reads as a nested key where a metric is defined."""
+
+    def __init__(self) -> None:
+        super().__init__(tasks={"sold.flag": Task("mse"), "price": Task("mse")})
+        self.layer = torch.nn.Linear(3, 2)
+
+    def forward(self, inputs):
+        outputs = self.layer(inputs)
+        return {"sold.flag": outputs[:, 0], "price": outputs[:, 1]}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_task_named_with_a_dot_gets_its_summaries(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        (
+            torch.randn(8, 3, generator=generator),
+            {"sold.flag": torch.ones(8), "price": torch.ones(8)},
+        )
+        for _ in range(4)
+    ]
+    logger = WandbLogger(save_dir=str(tmp_path), project="lossagg-tests", offline=True)
+    trainer = L.Trainer(
+        max_epochs=1,
+        log_every_n_steps=1,
+        logger=logger,
+        callbacks=[LossLogger(plot=False)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(DottedTaskNames(), torch.utils.data.DataLoader(batches, batch_size=None))
+    logger.experiment.finish()
+    run = read_offline_run(tmp_path, wait_for_exit_s=30)
+    for task in ("sold.flag", "price"):
+        losses = [row[f"train/loss/{task}"] for row in run.rows_with(f"train/loss/{task}")]
+        assert run.summary[f"train/loss/{task}"] == {"min": min(losses)}, task
+        assert set(run.summary[f"train/weight/{task}"]) == {"last"}, task
