@@ -161,6 +161,9 @@ class LossLogger(L.Callback):
         self.prog_bar = prog_bar
         self.plot = plot
         self._epochs: dict[str, _EpochAccumulator] = {}
+        # The records of the optimizer step's micro-batches so far: they join the epoch's
+        # figures once the step is taken (a skipped step's leave nothing).
+        self._step_records: list[LossRecord] = []
         self._trajectory: Trajectory | None = None
         self._wandb: WandbLogger | None = None
         self._described_runs: set[str] = set()
@@ -188,15 +191,29 @@ class LossLogger(L.Callback):
         wanted = self.plot or self._wandb is not None
         keep = trainer.is_global_zero and bool(trainer.loggers) and wanted
         self._trajectory = Trajectory() if keep else None
+        self._step_records = []  # an earlier fit may have stopped amid a step
 
     # --------------------------------------------------------------------- per batch
     @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
     ) -> None:
-        record = self._take(pl_module, "train")
-        if record is None or trainer.fit_loop._should_accumulate():
+        record: LossRecord | None = pl_module.loss_record  # type: ignore[assignment]
+        if record is not None and record.stage == "train":
+            self._step_records.append(record)
+        else:
+            record = None
+        if trainer.fit_loop._should_accumulate():
             # Per optimizer step, as Lightning's own step metrics: its last micro-batch's figures.
+            return
+        records, self._step_records = self._step_records, []
+        if getattr(pl_module, "skipping_optimizer_step", False):
+            # Skipped for a non-finite loss: no row, and its finite micro-batches stay out of
+            # the epoch's figures, as out of the model and the method's state.
+            return
+        for taken in records:
+            self._take(taken, "train")
+        if record is None:
             return
         should_log = trainer._logger_connector.should_update_logs
         if should_log or (self.prog_bar and trainer.progress_bar_callback is not None):
@@ -225,7 +242,7 @@ class LossLogger(L.Callback):
         i: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._take(pl_module, "val")
+        self._take(pl_module.loss_record, "val")  # type: ignore[arg-type]
 
     @override
     def on_test_batch_end(
@@ -237,17 +254,16 @@ class LossLogger(L.Callback):
         i: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._take(pl_module, "test")
+        self._take(pl_module.loss_record, "test")  # type: ignore[arg-type]
 
-    def _take(self, pl_module: L.LightningModule, stage: str) -> LossRecord | None:
-        record: LossRecord | None = pl_module.loss_record  # type: ignore[assignment]
+    def _take(self, record: LossRecord | None, stage: str) -> None:
+        """Add ``record`` to its stage's epoch figures, if it is one of that stage."""
         if record is None or record.stage != stage:
-            return None
+            return
         accumulator = self._epochs.get(stage)
         if accumulator is None:
             accumulator = self._epochs[stage] = _EpochAccumulator()
         accumulator.add(record)
-        return record
 
     # --------------------------------------------------------------------- checkpoint
     @override

@@ -394,6 +394,40 @@ def test_with_gradient_accumulation_each_optimizer_step_is_one_row_of_its_last_m
         assert float(rows[0][f"train/loss/{task}"]) == pytest.approx(loss.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("bad", [2, 3], ids=["first micro-batch", "last micro-batch"])
+def test_a_step_skipped_amid_accumulation_logs_no_row_and_leaves_the_epoch_figures_alone(
+    tmp_path, bad
+):
+    # The model does not move on the skipped step: the fit without its two micro-batches takes
+    # the same steps, and its epoch figures are the ones to log.
+    batches = [make_batch(6, seed=seed, dtype=torch.float32) for seed in range(6)]
+    batches[bad][0][0, :] = torch.nan
+    figures = []
+    for fitted in (batches, batches[:2] + batches[4:]):
+        torch.manual_seed(0)
+        model = ThreeTaskNet()
+        model.nonfinite = "skip"
+        trainer = _fit_three_tasks(
+            tmp_path / str(len(figures)),
+            [LossLogger(plot=False)],
+            batches=fitted,
+            model=model,
+            accumulate_grad_batches=2,
+        )
+        rows = _read_csv(trainer.logger.log_dir + "/metrics.csv")
+        figures.append(
+            {
+                "steps": [int(r["step"]) for r in rows if r["train/loss"]],
+                "epoch": {
+                    k: float(v) for r in rows for k, v in r.items() if "train_epoch/" in k and v
+                },
+            }
+        )
+    skipped, without = figures
+    assert skipped["steps"] == [0, 2] and without["steps"] == [0, 1]
+    assert skipped["epoch"] == pytest.approx(without["epoch"], rel=1e-6)
+
+
 def test_train_loss_on_the_progress_bar_is_every_steps_own():
     class ProgressBarAfterEachStep(L.Callback):
         def __init__(self):
