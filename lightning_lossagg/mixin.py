@@ -865,6 +865,17 @@ class MultiTaskMixin(_ModuleBase):
             handle.remove()
         self._step_hooks.clear()
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        if not self._gradients_checked:  # the fit's first batch never reached training_step
+            _set_plain(self, "_gradients_checked", True)  # warned once
+            rank_zero_warn(
+                f"{type(self).__name__}.training_step did not call MultiTaskMixin.training_step: "
+                "no global task losses were recorded, so the weighting method, LossLogger and "
+                "LossBalanceMonitor see nothing. Call super().training_step(batch, batch_idx) "
+                "and return its objective (or backward it)."
+            )
+
     def on_after_backward(self) -> None:
         super().on_after_backward()
         # nonfinite="raise": before any callback's on_before_optimizer_step (a method's update of

@@ -107,6 +107,15 @@ def test_a_weighting_callbacks_weights_of_another_shape_name_the_callback_and_th
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
 
 
+def test_a_training_step_override_that_skips_the_mixins_is_warned_of():
+    class OwnStep(ThreeTaskNet):
+        def training_step(self, batch, batch_idx):
+            return self(batch[0])["price"].nan_to_num().mean()
+
+    with pytest.warns(UserWarning, match=r"OwnStep.training_step did not call MultiTaskMixin"):
+        _fit(OwnStep(), callbacks=[HalvingWeights()])
+
+
 def test_validation_and_test_steps_record_global_losses():
     model = ThreeTaskNet()
     batch = make_batch(7, seed=4, dtype=torch.float32)
