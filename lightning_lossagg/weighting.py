@@ -129,10 +129,10 @@ class WeightingCallback(L.Callback):
         return {}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Refuse a fit whose model does not weigh with this callback: its ``setup`` did not
-        reach :meth:`~lightning_lossagg.mixin.MultiTaskMixin.setup` (an override without
-        ``super()``), and the fit would go on with the static weights, silently."""
-        if getattr(pl_module, "weighting", self) is not self:
+        """Refuse a fit whose model took no weighting method: its ``setup`` did not reach
+        :meth:`~lightning_lossagg.mixin.MultiTaskMixin.setup` (an override without ``super()``),
+        and the fit would go on with the static weights, silently."""
+        if hasattr(pl_module, "weighting") and pl_module.weighting is None:
             raise RuntimeError(
                 f"{type(self).__name__} is in the trainer's callbacks, but "
                 f"{type(pl_module).__name__} did not take it: its setup() did not call "
