@@ -113,6 +113,7 @@ class StaticOnEvenSteps(MultiTaskMLP):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         self._method = next(c for c in self.trainer.callbacks if isinstance(c, OnOddSteps)).method
+        self._weighting = self._method  # the model's method (for its hooks' checks)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         self._weighting = self._method if batch_idx % 2 else None
