@@ -153,6 +153,8 @@ class MultiTaskMixin(_ModuleBase):
         self._optimizer_step_taken = False
         self._fused_found_inf: list[Tensor] = []
         self._step_hooks: dict[int, RemovableHandle] = {}
+        # An evaluation epoch's stage and batch counts, checked at its first batch.
+        self._unchecked_batch_counts: tuple[str, list[int | float]] | None = None
         self.tasks = _as_tasks(tasks)
         self.rank_weighting = rank_weighting
         self._reducer = TaskLossReducer(self.tasks, rank_weighting)
@@ -636,6 +638,8 @@ class MultiTaskMixin(_ModuleBase):
         return self(batch[0] if is_pair and isinstance(batch[1], dict) else batch)
 
     def _evaluation_step(self, stage: str, batch: Any) -> Tensor:
+        if self._unchecked_batch_counts is not None:  # the epoch's first batch
+            self._check_batches_alike_on_every_rank()
         step = self.compute_global_losses(batch)
         # Each task's weight of the latest training step that had it (static before that).
         weights = self._fold_step_weights()
@@ -831,16 +835,19 @@ class MultiTaskMixin(_ModuleBase):
         trainer = self.trainer
         sanity = trainer.sanity_checking
         counts = trainer.num_sanity_val_batches if sanity else trainer.num_val_batches
-        self._check_batches_alike_on_every_rank("validation", counts)
+        _set_plain(self, "_unchecked_batch_counts", ("validation", counts))
 
     def on_test_epoch_start(self) -> None:
         super().on_test_epoch_start()
-        self._check_batches_alike_on_every_rank("test", self.trainer.num_test_batches)
+        _set_plain(self, "_unchecked_batch_counts", ("test", self.trainer.num_test_batches))
 
-    def _check_batches_alike_on_every_rank(self, stage: str, counts: list[int | float]) -> None:
-        """Each evaluation batch's losses take one all-reduce: a rank with fewer batches than
-        another would leave it waiting for ever (a sampler that does not pad, per-rank loaders
-        of different lengths). One collective per evaluation epoch, under DDP only."""
+    def _check_batches_alike_on_every_rank(self) -> None:
+        """At an evaluation epoch's first step: each evaluation batch's losses take one
+        all-reduce, so a rank with fewer batches than another would leave it waiting for ever (a
+        sampler that does not pad, per-rank loaders of different lengths). One collective per
+        evaluation epoch, under DDP only."""
+        stage, counts = self._unchecked_batch_counts  # type: ignore[misc]
+        _set_plain(self, "_unchecked_batch_counts", None)
         if not distributed.is_distributed() or any(c == float("inf") for c in counts):
             return  # an iterable without a length: its batches are not known ahead
         total = float(sum(counts))
