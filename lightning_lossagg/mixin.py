@@ -150,6 +150,7 @@ class MultiTaskMixin(_ModuleBase):
         # each optimizer tells); a fused optimizer's step() runs and skips the update in its
         # kernel, as the scaler's found_inf says (read only when asked).
         self._optimizer_step_ran = False
+        self._step_took_losses = False  # a batch of this optimizer step had a task to train
         self._optimizer_step_taken = False
         self._fused_found_inf: list[Tensor] = []
         self._step_hooks: dict[int, RemovableHandle] = {}
@@ -531,13 +532,16 @@ class MultiTaskMixin(_ModuleBase):
         else:
             bitsets = step.nonfinite_ranks.cpu()
             if bitsets.any():
-                # drop_task with every task dropped: nothing left to take, the step is skipped
+                # drop_task with no task left (each non-finite or without a label): the batch is
+                # left out, and its optimizer step too unless another of its batches has a task
                 # (a zero gradient would still move an optimizer with momentum).
-                skip = self.nonfinite == "skip" or bool(bitsets.all())
-                self._count_nonfinite_batch(bitsets, skip)
-                if skip:
+                skip = self.nonfinite == "skip"
+                left_out = skip or bool(((bitsets > 0) | ~step.valid.cpu()).all())
+                self._count_nonfinite_batch(bitsets, left_out)
+                if left_out:
                     self.loss_record = self.shared_representation = None
-                    self._skip_optimizer_step = True
+                    if skip or not self._step_took_losses:
+                        self._skip_optimizer_step = True
                     return self._zero_objective()
                 step = self._reducer.drop_tasks(step, masked, bitsets > 0)
                 dropped = True
@@ -550,6 +554,10 @@ class MultiTaskMixin(_ModuleBase):
             weights, objective = self._weighted_objective(step)
         if dropped:  # the dropped heads still take part in DDP's gradient reduction, with 0
             objective = objective + self._zero_objective()
+        if not self._step_took_losses:
+            _set_plain(self, "_step_took_losses", True)
+            if self._skip_optimizer_step and self.nonfinite == "drop_task":
+                _set_plain(self, "_skip_optimizer_step", False)  # a batch before had no task left
         _set_plain(self, "loss_record", step.record("train", weights, self._weighting))
         return objective
 
@@ -598,7 +606,7 @@ class MultiTaskMixin(_ModuleBase):
         parameters = [p for p in self.parameters() if p.requires_grad]
         return torch.stack([p.sum() for p in parameters]).sum() * 0.0
 
-    def _count_nonfinite_batch(self, bitsets: Tensor, skip: bool) -> None:
+    def _count_nonfinite_batch(self, bitsets: Tensor, left_out: bool) -> None:
         """Warn of a batch with a non-finite loss, and count its optimizer step (once, whatever
         the number of its micro-batches that had one)."""
         bad = [(n, b) for n, b in zip(self.task_names, bitsets.tolist(), strict=True) if b]
@@ -615,8 +623,13 @@ class MultiTaskMixin(_ModuleBase):
                 f"{self._consecutive_skips} consecutive steps with a non-finite loss "
                 f"(nonfinite={self.nonfinite!r}, max_consecutive_skips={limit}). Last: {message}"
             )
-        action = "skipped" if skip else "taken without the task(s)"
-        rank_zero_warn(f"{message} The step was {action} (nonfinite={self.nonfinite!r}).")
+        if self.nonfinite == "skip":
+            action = "The step was skipped"
+        elif left_out:
+            action = "The batch was left out, with no task left in it"
+        else:
+            action = "The step was taken without the task(s)"
+        rank_zero_warn(f"{message} {action} (nonfinite={self.nonfinite!r}).")
 
     @torch.compiler.disable
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
@@ -1073,6 +1086,7 @@ _STEP_FLAGS = (
     "_optimizer_step_ran",
     "_optimizer_step_taken",
     "_step_kept_weights",
+    "_step_took_losses",
 )
 
 

@@ -316,27 +316,34 @@ def test_the_last_nonfinite_tasks_name_the_bad_step_s_tasks_only(nonfinite):
     assert model.skipped_steps == 1 and model.last_nonfinite_tasks == ("price",)
 
 
+class AdamNet(ThreeTaskNet):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
 @pytest.mark.parametrize(
-    ("nonfinite", "bad_inputs"),
-    [("skip", False), ("drop_task", True)],
-    ids=["skip", "drop_task, every task"],
+    ("nonfinite", "bad", "warning"),
+    [
+        ("skip", "price", "The step was skipped"),
+        ("drop_task", "every task", "The batch was left out"),
+        ("drop_task", "price, the others without a label", "The batch was left out"),
+    ],
 )
 def test_a_skipped_step_leaves_adams_parameters_alone_and_the_next_step_trains(
-    nonfinite, bad_inputs
+    nonfinite, bad, warning
 ):
-    class AdamNet(ThreeTaskNet):
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=0.01)
-
     batches = [make_batch(4, seed=s, dtype=torch.float32) for s in range(3)]
-    if bad_inputs:  # every task's loss is NaN: drop_task has nothing left to take
+    if bad == "every task":  # every task's loss is NaN: drop_task has nothing left to take
         batches[1][0][0] = torch.nan
     else:
         batches[1][1]["price"][0] = torch.inf
+    if bad == "price, the others without a label":
+        batches[1][1]["kind"][:] = -100
+        batches[1][1]["sold"][:] = torch.nan
     model, parameters = AdamNet(), ParametersAfterEachStep()
     model.nonfinite = nonfinite
     trainer = quiet_trainer(1, steps=len(batches), precision="32-true", callbacks=[parameters])
-    with pytest.warns(UserWarning, match="The step was skipped"):
+    with pytest.warns(UserWarning, match=warning):
         trainer.fit(model, DataLoader(batches, batch_size=None))
     before, skipped, after = parameters.parameters
     # A zero gradient would still move them: Adam's momentum of step 0.
@@ -536,3 +543,29 @@ def test_a_dropped_task_trains_the_others_as_a_batch_without_its_labels(sold_los
         dropped.named_parameters(), reference.parameters(), strict=True
     ):
         torch.testing.assert_close(parameter, expected, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_drop_task_leaves_out_a_micro_batch_with_no_task_left_and_takes_the_others():
+    # Accumulated over two micro-batches, the second with every loss NaN: the step takes the
+    # first one's gradient, as when the second has no label at all.
+    fitted = []
+    for second in ("NaN inputs", "no label"):
+        batches = [make_batch(4, seed=s, dtype=torch.float32) for s in range(2)]
+        if second == "NaN inputs":
+            batches[1][0][0] = torch.nan
+        else:
+            batches[1][1]["price"][:] = torch.nan
+            batches[1][1]["kind"][:] = -100
+            batches[1][1]["sold"][:] = torch.nan
+        torch.manual_seed(0)
+        model = AdamNet()
+        model.nonfinite = "drop_task"
+        start = [parameter.detach().clone() for parameter in model.parameters()]
+        trainer = quiet_trainer(1, steps=1, precision="32-true", accumulate_grad_batches=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            trainer.fit(model, DataLoader(batches, batch_size=None))
+        fitted.append([parameter.detach().clone() for parameter in model.parameters()])
+    assert any(not torch.equal(a, b) for a, b in zip(fitted[0], start, strict=True))
+    for nan_inputs, no_label in zip(*fitted, strict=True):
+        torch.testing.assert_close(nan_inputs, no_label, rtol=0, atol=0)
