@@ -208,7 +208,8 @@ class Task:
             theirs, where = self.loss.keywords.get("ignore_index"), "in its partial"
         else:
             theirs, where = getattr(self.loss, "ignore_index", None), "as its attribute"
-        if isinstance(theirs, int) and theirs != self.ignore_index:
+        theirs = _integer_or_none(theirs)
+        if theirs is not None and theirs != self.ignore_index:
             raise ValueError(
                 f"Task.loss has torch's ignore_index={theirs} {where}, and "
                 f"Task.ignore_index={self.ignore_index} marks the missing labels: the library "
@@ -504,3 +505,13 @@ def _mask_like(name: str, task: Task, values: Tensor, mask: Tensor, classes: boo
         f"{tuple(values.shape)}, which does not match the target's shape {tuple(mask.shape)} or "
         "its leading dimensions."
     )
+
+
+def _integer_or_none(value: object) -> int | None:
+    """``value`` as an int if it is any integer (a NumPy or 0-d torch one too), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None

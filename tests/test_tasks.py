@@ -377,10 +377,14 @@ def test_bce_with_logits_takes_probabilities_and_nan_as_a_missing_label():
             {"loss": torch.nn.CrossEntropyLoss(reduction="none", ignore_index=-1)},
             r"ignore_index=-1 as its attribute.*Task\(.*ignore_index=-1\)",
         ),
+        (
+            {"loss": partial(F.cross_entropy, ignore_index=np.int64(-1), reduction="none")},
+            r"ignore_index=-1 in its partial",
+        ),
         ({"loss": "mse", "weight": torch.ones(3)}, "class weights.*partial"),
         ({"loss": "mse", "weight": True}, "finite number"),
     ],
-    ids=["mse", "bce_with_logits", "partial", "module", "class-weights", "bool"],
+    ids=["mse", "bce_with_logits", "partial", "module", "numpy", "class-weights", "bool"],
 )
 def test_task_arguments_that_would_train_on_something_else_are_refused(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
