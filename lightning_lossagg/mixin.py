@@ -885,9 +885,9 @@ class MultiTaskMixin(_ModuleBase):
             handle.remove()
         self._step_hooks.clear()
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_end(outputs, batch, batch_idx)
-        if not self._gradients_checked:  # the fit's first batch never reached training_step
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        if not self._gradients_checked:  # no batch of the fit reached the mixin's training_step
             _set_plain(self, "_gradients_checked", True)  # warned once
             rank_zero_warn(
                 f"{type(self).__name__}.training_step did not call MultiTaskMixin.training_step: "

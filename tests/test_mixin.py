@@ -1,8 +1,11 @@
 """MultiTaskMixin on one process: steps, weighting interface, bad input and non-finite losses."""
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from lightning_lossagg import MultiTaskMixin, NonFiniteLossError, Task, WeightingCallback
 from lightning_lossagg.tasks import StackedLosses
@@ -105,6 +108,21 @@ def test_a_weighting_callbacks_weights_of_another_shape_name_the_callback_and_th
     with pytest.raises(TypeError, match=rf"GivenWeights.task_weights returned {got}.*shape \[3\]"):
         _fit(model, callbacks=[GivenWeights(weights)])
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+
+
+def test_an_override_that_leaves_the_first_batch_out_is_not_warned_of():
+    class SkipsTheFirstBatch(ThreeTaskNet):
+        def training_step(self, batch, batch_idx):
+            return None if batch_idx == 0 else super().training_step(batch, batch_idx)
+
+    batches = [make_batch(6, seed=seed, dtype=torch.float32) for seed in range(2)]
+    trainer = L.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(val_dataloader|num_workers|returned `None`)")
+        trainer.fit(SkipsTheFirstBatch(), DataLoader(batches, batch_size=None))
 
 
 def test_a_training_step_override_that_skips_the_mixins_is_warned_of():
