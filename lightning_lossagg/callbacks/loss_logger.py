@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -35,6 +35,18 @@ _SYNC_DIST_ADVICE = (
 )
 
 
+class _SavedRecord(NamedTuple):
+    """A training record restored from a checkpoint saved amid an optimizer step."""
+
+    losses: Tensor
+    weights: Tensor
+    counts: Tensor
+    stage: str = "train"
+
+    def to(self, device: torch.device) -> _SavedRecord:
+        return _SavedRecord(self.losses.to(device), self.weights.to(device), self.counts.to(device))
+
+
 class _EpochAccumulator:
     """Device-side sums of one epoch's records, with no host sync until the epoch ends.
 
@@ -52,7 +64,7 @@ class _EpochAccumulator:
         self._sums: Tensor | None = None
         self._restored = False  # restored from a checkpoint: on the host until the next step
 
-    def add(self, record: LossRecord) -> None:
+    def add(self, record: LossRecord | _SavedRecord) -> None:
         if self._restored:
             self._move_to(record.losses.device)
         self._pending.append((record.losses, record.weights, record.counts.clone()))
@@ -163,13 +175,13 @@ class LossLogger(L.Callback):
         self._epochs: dict[str, _EpochAccumulator] = {}
         # The records of the optimizer step's micro-batches so far: they join the epoch's
         # figures once the step is taken (a skipped step's leave nothing).
-        self._step_records: list[LossRecord] = []
+        self._step_records: list[LossRecord | _SavedRecord] = []
         self._trajectory: Trajectory | None = None
         self._wandb: WandbLogger | None = None
         self._described_runs: set[str] = set()
         self._train_epoch = 0
         # A checkpoint's training epoch figures, until the fit it resumes starts: (epoch, sums).
-        self._restored_epoch: tuple[int, _EpochAccumulator] | None = None
+        self._restored_epoch: tuple[int, _EpochAccumulator, list[_SavedRecord]] | None = None
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -212,6 +224,8 @@ class LossLogger(L.Callback):
             # the epoch's figures, as out of the model and the method's state.
             return
         for taken in records:
+            if isinstance(taken, _SavedRecord) and record is not None:
+                taken = taken.to(record.losses.device)
             self._take(taken, "train")
         if record is None:
             return
@@ -256,7 +270,7 @@ class LossLogger(L.Callback):
     ) -> None:
         self._take(pl_module.loss_record, "test")  # type: ignore[arg-type]
 
-    def _take(self, record: LossRecord | None, stage: str) -> None:
+    def _take(self, record: LossRecord | _SavedRecord | None, stage: str) -> None:
         """Add ``record`` to its stage's epoch figures, if it is one of that stage."""
         if record is None or record.stage != stage:
             return
@@ -268,13 +282,21 @@ class LossLogger(L.Callback):
     # --------------------------------------------------------------------- checkpoint
     @override
     def state_dict(self) -> dict[str, Any]:
-        """The training epoch's figures so far: a run resumed from a checkpoint taken mid-epoch
-        (where Lightning does not start the epoch again) logs the same epoch figures as an
+        """The training epoch's figures so far, with those of the optimizer step's micro-batches
+        (a checkpoint saved amid one): a run resumed from a checkpoint taken mid-epoch (where
+        Lightning does not start the epoch again) logs the same epoch figures as an
         uninterrupted one. Evaluation epochs end before any checkpoint is taken."""
         train = self._epochs.get("train")
-        if train is None:
+        if train is None and not self._step_records:
             return {}
-        return {"epoch": self._train_epoch, "train_epoch": train.state_dict()}
+        return {
+            "epoch": self._train_epoch,
+            "train_epoch": (train or _EpochAccumulator()).state_dict(),
+            "step_records": [
+                [record.losses.cpu(), record.weights.cpu(), record.counts.cpu()]
+                for record in self._step_records
+            ],
+        }
 
     @override
     def on_load_checkpoint(
@@ -286,7 +308,8 @@ class LossLogger(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "train_epoch" in state_dict:
             accumulator = _EpochAccumulator.from_state(state_dict["train_epoch"])
-            self._restored_epoch = (state_dict["epoch"], accumulator)
+            step = [_SavedRecord(*saved) for saved in state_dict.get("step_records", [])]
+            self._restored_epoch = (state_dict["epoch"], accumulator, step)
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -295,6 +318,7 @@ class LossLogger(L.Callback):
         # on_train_epoch_start): the restored figures are then another epoch's.
         if restored is not None and restored[0] == trainer.current_epoch:
             self._epochs["train"] = restored[1]
+            self._step_records = list(restored[2])
         self._train_epoch = trainer.current_epoch
 
     # --------------------------------------------------------------------- per epoch

@@ -291,6 +291,64 @@ def test_a_resumed_epoch_logs_the_figures_of_an_uninterrupted_one(
     assert resumed == {key: uninterrupted[key] for key in resumed}
 
 
+class CheckpointAmidAStep(L.Callback):
+    """Saves a full checkpoint after the given batch (the first micro-batch of a step)."""
+
+    def __init__(self, batch_index: int, path) -> None:
+        self.batch_index, self.path = batch_index, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.batch_index:
+            trainer.save_checkpoint(self.path)
+
+
+class BatchOfIndex(ThreeTaskNet):
+    """Trains on ``batches[batch_idx]`` whatever the loader yields: a resumed fit, whose plain
+    loader starts again from its first batch, sees the batches an uninterrupted one does."""
+
+    def __init__(self, batches: list) -> None:
+        super().__init__(lr=0.0)
+        self.batches = batches
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(self.batches[batch_idx], batch_idx)
+
+
+def test_a_fit_resumed_amid_an_accumulated_step_logs_the_epoch_figures_of_an_uninterrupted_one(
+    tmp_path,
+):
+    # lr=0: the model stays as it was (the accumulated gradient is not in the checkpoint), so
+    # that only the logger's figures can differ. Batch 4 is the first micro-batch of step 2.
+    batches = [make_batch(6 + index, seed=index, dtype=torch.float32) for index in range(6)]
+    figures = []
+    for resume in (False, True):
+        root = tmp_path / str(resume)
+        checkpoint = tmp_path / "amid.ckpt"
+        callbacks: list[L.Callback] = [LossLogger(plot=False)]
+        if not resume:
+            callbacks.append(CheckpointAmidAStep(4, checkpoint))
+        trainer = L.Trainer(
+            max_epochs=1,
+            logger=CSVLogger(root),
+            callbacks=callbacks,
+            accumulate_grad_batches=2,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(
+            BatchOfIndex(batches),
+            torch.utils.data.DataLoader(batches, batch_size=None),
+            ckpt_path=checkpoint if resume else None,
+        )
+        rows = _read_csv(trainer.logger.log_dir + "/metrics.csv")
+        figures.append(
+            {k: float(v) for r in rows for k, v in r.items() if "train_epoch/" in k and v}
+        )
+    uninterrupted, resumed = figures
+    assert uninterrupted and resumed == pytest.approx(uninterrupted, rel=1e-6)
+
+
 def test_loss_logger_refuses_a_model_without_the_mixin():
     class Plain(L.LightningModule):
         def training_step(self, batch, batch_idx):
