@@ -131,6 +131,18 @@ class DBMTL(GradientWeighting):
         return {"beta": self.beta, "beta_sigma": self.beta_sigma, **super().method_arguments}
 
     @override
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """A checkpoint from before its ``state_key`` held ``rep_grad`` and ``sync`` keeps the
+        state under the key of ``beta`` and ``beta_sigma`` alone: taken as this one's."""
+        states = checkpoint.get("callbacks", {})
+        earlier = self._generate_state_key(beta=self.beta, beta_sigma=self.beta_sigma)
+        if self.state_key not in states and earlier in states:
+            states[self.state_key] = states.pop(earlier)
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._task_names = require_multitask(self, pl_module)

@@ -278,3 +278,28 @@ def test_a_reused_instance_forgets_the_losses_an_interrupted_fit_left_unread():
         SignedPriceNet().double(), DataLoader(signed_price_batches(2, negative_at=99), None)
     )
     assert torch.isfinite(method.state_dict()["buffer"]).all()
+
+
+def test_a_checkpoint_keyed_before_rep_grad_and_sync_were_in_the_state_key_resumes(tmp_path):
+    # Checkpoints saved before 96ae666 hold DBMTL's state under its beta and beta_sigma alone.
+    batches = [make_batch(7, seed=seed) for seed in range(2)]
+    uninterrupted = DBMTL()
+    quiet_trainer(1, steps=3, callbacks=[uninterrupted]).fit(
+        initial_model(), DataLoader(batches, None)
+    )
+    first, checkpoint = DBMTL(), tmp_path / "two_steps.ckpt"
+    trainer = quiet_trainer(1, steps=2, callbacks=[first])
+    trainer.fit(initial_model(), DataLoader(batches, None))
+    trainer.save_checkpoint(checkpoint)
+    saved = torch.load(checkpoint, weights_only=False)
+    earlier = first._generate_state_key(beta=first.beta, beta_sigma=first.beta_sigma)
+    saved["callbacks"][earlier] = saved["callbacks"].pop(first.state_key)
+    torch.save(saved, checkpoint)
+    resumed = DBMTL()
+    quiet_trainer(1, steps=3, callbacks=[resumed]).fit(
+        initial_model(), DataLoader(batches, None), ckpt_path=checkpoint
+    )
+    assert resumed.state_dict()["step"] == 3
+    torch.testing.assert_close(
+        resumed.state_dict()["buffer"], uninterrupted.state_dict()["buffer"], rtol=0, atol=0
+    )
