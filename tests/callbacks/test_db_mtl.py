@@ -237,10 +237,8 @@ def test_a_frozen_trunk_trains_the_heads_on_their_log_losses():
         torch.testing.assert_close(actual, wanted)
 
 
-def test_a_checkpoint_resumes_into_a_trunk_frozen_at_setup(tmp_path):
-    # BackboneFinetuning freezes the trunk at setup again when a fit resumes after the unfreeze:
-    # the buffer (of the trainable trunk) must load, and go on as in an uninterrupted run.
-    batches = [make_batch(7, seed=seed) for seed in range(2)]  # the third step is epoch 1's
+def _three_steps_and_a_checkpoint_after_two(batches: list, tmp_path) -> tuple:
+    """DBMTL after 3 uninterrupted steps, a checkpoint of a fit of 2, and that fit's DBMTL."""
     uninterrupted = DBMTL()
     quiet_trainer(1, steps=3, callbacks=[uninterrupted]).fit(
         initial_model(), DataLoader(batches, None)
@@ -249,6 +247,14 @@ def test_a_checkpoint_resumes_into_a_trunk_frozen_at_setup(tmp_path):
     trainer = quiet_trainer(1, steps=2, callbacks=[first])
     trainer.fit(initial_model(), DataLoader(batches, None))
     trainer.save_checkpoint(checkpoint)
+    return uninterrupted, checkpoint, first
+
+
+def test_a_checkpoint_resumes_into_a_trunk_frozen_at_setup(tmp_path):
+    # BackboneFinetuning freezes the trunk at setup again when a fit resumes after the unfreeze:
+    # the buffer (of the trainable trunk) must load, and go on as in an uninterrupted run.
+    batches = [make_batch(7, seed=seed) for seed in range(2)]  # the third step is epoch 1's
+    uninterrupted, checkpoint, _ = _three_steps_and_a_checkpoint_after_two(batches, tmp_path)
     resumed = DBMTL()
     freeze = FreezeTrunkAtSetup(unfreeze_at_start=True)
     quiet_trainer(1, steps=3, callbacks=[freeze, resumed]).fit(
@@ -283,14 +289,7 @@ def test_a_reused_instance_forgets_the_losses_an_interrupted_fit_left_unread():
 def test_a_checkpoint_keyed_before_rep_grad_and_sync_were_in_the_state_key_resumes(tmp_path):
     # Checkpoints saved before 96ae666 hold DBMTL's state under its beta and beta_sigma alone.
     batches = [make_batch(7, seed=seed) for seed in range(2)]
-    uninterrupted = DBMTL()
-    quiet_trainer(1, steps=3, callbacks=[uninterrupted]).fit(
-        initial_model(), DataLoader(batches, None)
-    )
-    first, checkpoint = DBMTL(), tmp_path / "two_steps.ckpt"
-    trainer = quiet_trainer(1, steps=2, callbacks=[first])
-    trainer.fit(initial_model(), DataLoader(batches, None))
-    trainer.save_checkpoint(checkpoint)
+    uninterrupted, checkpoint, first = _three_steps_and_a_checkpoint_after_two(batches, tmp_path)
     saved = torch.load(checkpoint, weights_only=False)
     earlier = first._generate_state_key(beta=first.beta, beta_sigma=first.beta_sigma)
     saved["callbacks"][earlier] = saved["callbacks"].pop(first.state_key)
