@@ -1,7 +1,8 @@
 """The one place that knows how figures cross ranks, and between the host and the device.
 
-Everything the library reduces goes through :func:`all_reduce_sum`, which does nothing at all on
-a single process, so counting its calls counts the library's collectives. :class:`HostCopy` and
+Everything the library reduces goes through :func:`all_reduce_sum` (or :func:`all_reduce_max`),
+which does nothing at all on a single process, so counting its calls counts the library's
+collectives. :class:`HostCopy` and
 :func:`to_device` move small figures without stalling the device.
 """
 
@@ -36,6 +37,13 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     """Sum ``tensor`` over all ranks, in place; a no-op on a single process."""
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: Tensor) -> Tensor:
+    """The maximum of ``tensor`` over all ranks, in place; a no-op on a single process."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
 

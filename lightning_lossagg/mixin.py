@@ -331,7 +331,8 @@ class MultiTaskMixin(_ModuleBase):
         """``forward_shared(inputs)``; under ``torch.compile(model)``, with ``rep_grad=True``,
         compiled as ``forward`` is (Lightning's compiler context; the heads run eagerly, with
         the method's hooks). Parameter gradients take one backward per task through the trunk,
-        which a compiled graph's freed buffers refuse (``_retained_backward``)."""
+        which a compiled graph's freed buffers may refuse (see
+        :func:`~lightning_lossagg.callbacks.gradient_weighting.retained_grad`)."""
         compiler = getattr(self, "_compiler_ctx", None)
         if (
             isinstance(compiler, dict)
@@ -513,9 +514,7 @@ class MultiTaskMixin(_ModuleBase):
                     "GradScaler skips be forgotten. (Or an optimizer stepped outside Lightning's "
                     "wrapper: step self.optimizers(), not its .optimizer.)",
                 )
-            for flag in _STEP_FLAGS:
-                _set_plain(self, flag, False)
-            self._fused_found_inf.clear()
+            self._clear_step_flags()
         if not self._step_hooks:  # the fit's first batch
             for optimizer in getattr(self._trainer, "optimizers", ()):
                 self._watch_optimizer(optimizer)
@@ -663,6 +662,13 @@ class MultiTaskMixin(_ModuleBase):
         self.loss_record = step.record(stage, weights, self._weighting)
         return self.loss_record.objective
 
+    def _clear_step_flags(self) -> None:
+        """Forget how the last optimizer step stood (:data:`_STEP_FLAGS` and the fused
+        optimizers' overflow flags): a new one starts."""
+        for flag in _STEP_FLAGS:
+            _set_plain(self, flag, False)
+        self._fused_found_inf.clear()
+
     def _keep_state_before_step(self, weighting: WeightingCallback | None) -> None:
         """At an optimizer step's first weighted batch: the evaluation weights and the weighting
         method's :meth:`~WeightingCallback.step_state` as they are, for
@@ -723,9 +729,7 @@ class MultiTaskMixin(_ModuleBase):
         if stage == "fit":  # a checkpoint the fit resumes from restores them after setup
             self._latest_weights, self._pending_weights = None, []
             self._gradients_checked = False
-            for flag in _STEP_FLAGS:  # an earlier fit may have stopped amid a step
-                _set_plain(self, flag, False)
-            self._fused_found_inf.clear()
+            self._clear_step_flags()  # an earlier fit may have stopped amid a step
             self._remove_step_hooks()  # (and not torn down: an id may name a new optimizer)
         # The strategy has set up its processes: whether they are several is fixed for the fit.
         self._reducer.across_ranks = distributed.is_distributed()
@@ -865,8 +869,8 @@ class MultiTaskMixin(_ModuleBase):
             return  # an iterable without a length: its batches are not known ahead
         total = float(sum(counts))
         extremes = torch.tensor([total, -total], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
-        most, fewest = extremes[0].item(), -extremes[1].item()
+        most, fewest = distributed.all_reduce_max(extremes).tolist()
+        fewest = -fewest
         if most != fewest:
             raise RuntimeError(
                 f"The {stage} epoch has {fewest:.0f} batches on one rank and {most:.0f} on "
