@@ -28,6 +28,7 @@ from lightning_lossagg.representation import (
     TaskHeads,
     find_task_heads,
     linear_heads_factor,
+    outside_autocast,
     reach_only_own_heads,
 )
 from lightning_lossagg.tasks import MaskedLoss, StackedLosses, Task, ZeroMaskedLoss
@@ -544,13 +545,10 @@ class MultiTaskMixin(_ModuleBase):
                     return self._zero_objective()
                 step = self._reducer.drop_tasks(step, masked, bitsets > 0)
                 dropped = True
-        if torch.is_autocast_enabled(device := step.local_terms.device.type):
-            # The weighting's arithmetic in the losses' dtype: a Gramian's products (or a large
-            # weighted sum) in float16 overflow, and a method's weights silently fall back to 1.
-            with torch.autocast(device, enabled=False):
-                weights, objective = self._weighted_objective(step)
-        else:
-            weights, objective = self._weighted_objective(step)
+        # The weighting's arithmetic in the losses' dtype: a Gramian's products (or a large
+        # weighted sum) in float16 overflow, and a method's weights silently fall back to 1.
+        device = step.local_terms.device.type
+        weights, objective = outside_autocast(device, self._weighted_objective, step)
         if dropped:  # the dropped heads still take part in DDP's gradient reduction, with 0
             objective = objective + self._zero_objective()
         if not self._step_took_losses:

@@ -34,11 +34,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+_T = TypeVar("_T")
 
 
 class SharedRepresentation(NamedTuple):
@@ -233,11 +235,16 @@ def _received(
     """What ``receiver`` makes of the gradients, outside autocast: under manual optimization
     the backward runs inside the training step's autocast, whose float16 products would
     overflow the Gramian (and bfloat16's round it)."""
-    device = factor.device.type
+    return outside_autocast(factor.device.type, receiver, grads, factor)
+
+
+def outside_autocast(device: str, function: Callable[..., _T], *args: Any) -> _T:
+    """``function(*args)`` with autocast off on ``device`` (a weighting's arithmetic in the
+    figures' own dtype); as it is, without a context, when autocast is off already."""
     if not torch.is_autocast_enabled(device):
-        return receiver(grads, factor)
+        return function(*args)
     with torch.autocast(device, enabled=False):
-        return receiver(grads, factor)
+        return function(*args)
 
 
 class TaskHeads(NamedTuple):
