@@ -59,9 +59,11 @@ class GlobalTaskLosses:
             sample (``"uniform"``); the weight of this step in an epoch mean.
         valid: whether task ``k`` had a valid sample anywhere in the global batch.
         losses: global task losses ``L_k`` (detached; NaN where no rank had a valid sample).
-        local_terms: this rank's terms ``t_k`` with their graph: DDP's averaged gradient of
-            ``t_k`` is the gradient of ``L_k``. The objective handed to backward is
-            ``sum_k w_k t_k``.
+        local_sums: this rank's numerators ``a_k`` with their graph.
+        term_scale: the factors ``c_k`` (no graph) that make them the local terms.
+        local_terms: this rank's terms ``t_k = c_k a_k`` with their graph: DDP's averaged
+            gradient of ``t_k`` is the gradient of ``L_k``. The objective handed to backward is
+            ``sum_k w_k t_k`` (:meth:`weighted_sum`).
         task_terms: the same terms as K scalars whose graphs stay apart (each reaches only its
             own task's losses), when the reducer was asked for them; else ``None``. Per-task
             gradients taken from them cost one pass through each task's head, not through all.
@@ -73,14 +75,31 @@ class GlobalTaskLosses:
         names: tuple[str, ...],
         numerators: Tensor,
         counts: Tensor,
-        local_terms: Tensor,
+        local_sums: Tensor,
+        term_scale: Tensor,
         nonfinite_ranks: Tensor | None = None,
         task_terms: tuple[Tensor, ...] | None = None,
     ) -> None:
-        self.names, self.counts, self.local_terms = names, counts, local_terms
+        self.names, self.counts = names, counts
+        self.local_sums, self.term_scale = local_sums, term_scale
         self.task_terms = task_terms
         self._numerators = numerators
         self._nonfinite_ranks = nonfinite_ranks
+
+    @cached_property
+    def local_terms(self) -> Tensor:
+        return self.local_sums * self.term_scale
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the local terms (and of the objective)."""
+        return self.local_sums.dtype
+
+    def weighted_sum(self, weights: Tensor | None = None) -> Tensor:
+        """``sum_k w_k t_k`` (``weights`` ``None``: all 1) as ``sum_k (w_k c_k) a_k``: one
+        operation with a graph, where the terms themselves take two."""
+        factors = self.term_scale if weights is None else weights * self.term_scale
+        return torch.dot(self.local_sums, in_dtype(factors, self.local_sums.dtype))
 
     @cached_property
     def valid(self) -> Tensor:
@@ -88,7 +107,7 @@ class GlobalTaskLosses:
 
     @cached_property
     def losses(self) -> Tensor:
-        return _global_losses(self._numerators, self.counts, self.local_terms.dtype)
+        return _global_losses(self._numerators, self.counts, self.dtype)
 
     @cached_property
     def nonfinite_ranks(self) -> Tensor:
@@ -104,7 +123,7 @@ class GlobalTaskLosses:
         step's autograd graph (and activations) alive."""
         losses = self.__dict__.get("losses")
         if losses is None:
-            losses = partial(_global_losses, self._numerators, self.counts, self.local_terms.dtype)
+            losses = partial(_global_losses, self._numerators, self.counts, self.dtype)
         return LossRecord(stage, self.names, losses, weights, self.counts, weighting)
 
     def nonfinite_ranks_on_host_later(self) -> Callable[[], list[float]]:
@@ -167,13 +186,14 @@ class TaskLossReducer:
             across_ranks = distributed.is_distributed()
         if not across_ranks:
             denominators = self._global_denominators(denominators)
-            divisors = denominators.clamp(min=1)
-            task_terms = None
-            if task_sums is not None:
-                task_terms = self._task_terms(task_sums, divisors.reciprocal())
-            local_terms = numerators / divisors
+            scale = denominators.clamp(min=1).reciprocal()
             return GlobalTaskLosses(
-                self.names, numerators.detach(), denominators, local_terms, task_terms=task_terms
+                self.names,
+                numerators.detach(),
+                denominators,
+                local_sums=numerators,
+                term_scale=scale,
+                task_terms=self._task_terms(task_sums, scale),
             )
         num_tasks = len(self.names)
         stats_dtype = distributed.stats_dtype(numerators.device)
@@ -192,7 +212,8 @@ class TaskLossReducer:
             self.names,
             numerators=stats[:num_tasks],
             counts=counts,
-            local_terms=numerators * scale,
+            local_sums=numerators,
+            term_scale=scale,
             nonfinite_ranks=stats[2 * num_tasks :],
             task_terms=self._task_terms(task_sums, scale),
         )
@@ -220,7 +241,8 @@ class TaskLossReducer:
             self.names,
             numerators=torch.where(dropped, torch.nan, step._numerators),
             counts=counts,
-            local_terms=numerators * scale,
+            local_sums=numerators,
+            term_scale=scale,
             nonfinite_ranks=step.nonfinite_ranks,
             task_terms=self._task_terms(task_sums, scale),
         )

@@ -547,7 +547,7 @@ class MultiTaskMixin(_ModuleBase):
                 dropped = True
         # The weighting's arithmetic in the losses' dtype: a Gramian's products (or a large
         # weighted sum) in float16 overflow, and a method's weights silently fall back to 1.
-        device = step.local_terms.device.type
+        device = step.local_sums.device.type
         weights, objective = outside_autocast(device, self._weighted_objective, step)
         if dropped:  # the dropped heads still take part in DDP's gradient reduction, with 0
             objective = objective + self._zero_objective()
@@ -566,15 +566,14 @@ class MultiTaskMixin(_ModuleBase):
             self._keep_state_before_step(weighting)
         if weighting is None:
             if self._static_weights_are_ones:
-                return self._static_weights, step.local_terms.sum()
-            terms = step.local_terms
-            return self._static_weights, self._static_weights.to(terms.dtype) @ terms
-        static = in_dtype(self._static_weights, step.local_terms.dtype)
+                return self._static_weights, step.weighted_sum()
+            return self._static_weights, step.weighted_sum(self._static_weights)
+        static = in_dtype(self._static_weights, step.dtype)
         if (representation := self.shared_representation) and representation.split:
             # The weights come from the task gradients that reach the heads' views in backward.
             weights, receiver = weighting.weights_in_backward(self, step, static)
             _set_plain(self, "shared_representation", None)
-            objective = representation.split.objective(static @ step.local_terms, receiver)
+            objective = representation.split.objective(step.weighted_sum(static), receiver)
         else:
             weights = weighting.task_weights(self, step)
             if not isinstance(weights, Tensor) or weights.shape != static.shape:
@@ -655,8 +654,8 @@ class MultiTaskMixin(_ModuleBase):
         weights = self._fold_step_weights()
         if weights is None:
             weights = self._static_weights
-        elif weights.device != step.local_terms.device:  # restored from a checkpoint: move once
-            weights = self._latest_weights = weights.to(step.local_terms.device)
+        elif weights.device != step.local_sums.device:  # restored from a checkpoint: move once
+            weights = self._latest_weights = weights.to(step.local_sums.device)
         self.loss_record = step.record(stage, weights, self._weighting)
         return self.loss_record.objective
 

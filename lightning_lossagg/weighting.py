@@ -98,7 +98,7 @@ class WeightingCallback(L.Callback):
         """The scalar handed to backward. Default: ``sum_k w_k t_k`` (``weights`` already include
         the static preferences ``static``). Gradient methods override it to send the weighted
         combination to the shared part and each head its own task's gradient."""
-        return weights @ step.local_terms
+        return step.weighted_sum(weights)
 
     def step_state(self) -> Any:
         """The part of the method's state that a batch changes before its optimizer step is

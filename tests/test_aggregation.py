@@ -130,6 +130,23 @@ def test_one_process_issues_no_collective_and_matches_the_masked_mean():
     assert step.local_terms[3] == 0
 
 
+@pytest.mark.parametrize("weights", [None, [2.0, 0.5, 0.0, 3.0]], ids=["ones", "weighted"])
+@pytest.mark.parametrize("rank_weighting", ["samples", "uniform"])
+def test_the_weighted_sum_is_the_weighted_terms_in_value_and_gradient(rank_weighting, weights):
+    masked = _masked(0, requires_grad=True)
+    step = global_task_losses(masked, TASKS, rank_weighting)
+    w = torch.ones(4, dtype=torch.float64) if weights is None else torch.tensor(weights)
+    expected = w.double() @ step.local_terms  # the terms themselves, from the cached property
+    weighted = step.weighted_sum(None if weights is None else w)
+    torch.testing.assert_close(weighted, expected, rtol=1e-15, atol=0)
+    values = [masked[name].values for name in TASKS]
+    grads = torch.autograd.grad(weighted, values, retain_graph=True)
+    expected_grads = torch.autograd.grad(expected, values)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-15, atol=0)
+    assert step.dtype == weighted.dtype == torch.float64
+
+
 @pytest.mark.parametrize("rank_weighting", ["samples", "uniform"])
 def test_one_process_task_terms_equal_the_local_terms_each_in_its_own_graph(rank_weighting):
     masked = _masked(0, requires_grad=True)

@@ -159,7 +159,7 @@ class DBMTL(GradientWeighting):
         self._unchecked.add(losses)
         self._gramian, self._gramian_valid, self._logged_jacobian = None, step.valid, None
         if self._shared_parameters:
-            self._update_buffer(step, usable, losses, loss_scale(pl_module, step.local_terms))
+            self._update_buffer(step, usable, losses, loss_scale(pl_module, step.local_sums))
         else:  # a frozen trunk (BackboneFinetuning, say): only the heads train, on log-losses
             self._present_buffer = self._balance = None
         return torch.where(usable, 1.0 / (step.losses + LOG_EPS), 0.0)
@@ -205,7 +205,7 @@ class DBMTL(GradientWeighting):
     ) -> Tensor:
         buffer, self._present_buffer = self._present_buffer, None
         # Heads: c_k / (L_k + eps) times their task's gradient, the gradient of c_k log(L_k + eps).
-        heads_objective = (weights * step.local_terms).sum()
+        heads_objective = step.weighted_sum(weights)
         head_parameters = pl_module.task_specific_parameters()
         scale = loss_scale(pl_module, heads_objective)
         head_grads = torch.autograd.grad(heads_objective, head_parameters, scale, allow_unused=True)

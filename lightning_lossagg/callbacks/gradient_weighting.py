@@ -226,7 +226,7 @@ class GradientWeighting(WeightingCallback):
             host_gramian, host_valid = _in_one_transfer(gramian, valid)
             gramian, valid = torch.from_numpy(host_gramian), torch.from_numpy(host_valid > 0)
         weights = self._weights_of_valid_tasks(gramian, valid)
-        return distributed.to_device(weights, step.local_terms, step.local_terms.dtype)
+        return distributed.to_device(weights, step.local_sums, step.dtype)
 
     def _nothing_to_weigh(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:
         """Weights of 1 for a step without a shared gradient to weigh (a frozen trunk, as under
@@ -347,7 +347,7 @@ class GradientWeighting(WeightingCallback):
     def _representation_gramian(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:
         """The Jacobian at the shared representation, and its global Gramian."""
         representation = _representation(pl_module, type(self).__name__)
-        scale = loss_scale(pl_module, step.local_terms)
+        scale = loss_scale(pl_module, step.local_sums)
         if representation.per_task is not None:
             rows = self._gradients_in_one_pass(pl_module, step, representation.per_task, scale)
         else:
@@ -363,7 +363,7 @@ class GradientWeighting(WeightingCallback):
         global Gramian."""
         shared = self._shared_parameters  # this step's, taken by task_weights
         representation = pl_module.shared_representation
-        scale = loss_scale(pl_module, step.local_terms)
+        scale = loss_scale(pl_module, step.local_sums)
         if representation is not None and representation.per_task is not None:
             rows = self._gradients_in_one_pass(pl_module, step, representation.per_task, scale)
             shared_grads = [
@@ -518,7 +518,7 @@ class GradientWeighting(WeightingCallback):
                 trunk = _InjectedGradients.apply(
                     (direction.view_as(output),), (None,), None, output
                 )
-                return static.to(step.local_terms.dtype) @ step.local_terms + trunk
+                return step.weighted_sum(static) + trunk
             # The heads' gradients came with the tasks' (one pass), which freed their graphs.
             inputs, grads, tasks = [output, *heads], [direction.view_as(output)], [None]
         else:
@@ -556,7 +556,7 @@ class GradientWeighting(WeightingCallback):
     ) -> Tensor:
         """``sum_k w_k t_k`` for a step that skips the gradient machinery; when the heads saw
         detached leaves of the representation, their gradient is sent on to the trunk."""
-        objective = weights @ step.local_terms
+        objective = step.weighted_sum(weights)
         representation, pl_module.shared_representation = pl_module.shared_representation, None
         if representation is None:
             return objective

@@ -153,7 +153,7 @@ class GradNorm(GradientWeighting):
             if not parameters:  # a frozen trunk: nothing to measure, the model follows Task.weight
                 self._weights_used = self._nothing_to_weigh(pl_module, step)
                 return self._weights_used
-            scale = loss_scale(pl_module, step.local_terms)
+            scale = loss_scale(pl_module, step.local_sums)
             _, gramian = self._synced_gramian(task_jacobian(step, parameters, scale))
             if scale is not None:
                 self._overflow_check = (parameters[0], gramian)
@@ -166,7 +166,7 @@ class GradNorm(GradientWeighting):
     def backward_objective(
         self, pl_module: MultiTaskMixin, step: GlobalTaskLosses, weights: Tensor, static: Tensor
     ) -> Tensor:
-        objective = (weights * step.local_terms).sum()
+        objective = step.weighted_sum(weights)
         if not self.rep_grad:
             check, self._overflow_check = self._overflow_check, None
             if check is not None:

@@ -118,7 +118,7 @@ class NashMTL(GradientWeighting):
         if due or self._previous is None:
             return super().task_weights(pl_module, step)
         self._gramian = None  # no Gramian this step: nothing to log of it
-        return self._previous.to(step.local_terms.device, step.local_terms.dtype)
+        return self._previous.to(step.local_sums.device, step.dtype)
 
     @override
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:

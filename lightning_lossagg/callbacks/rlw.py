@@ -81,7 +81,7 @@ class RLW(WeightingCallback):
     @override
     def task_weights(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:
         block, row = divmod(pl_module.trainer.global_step, DRAW_BLOCK)
-        terms = step.local_terms  # its dtype and device: the losses themselves are not needed
+        terms = step.local_sums  # its dtype and device: the losses themselves are not needed
         dtype = torch.promote_types(terms.dtype, torch.float32)
         key = (block, terms.device, dtype)
         if self._drawn is None or self._drawn[0] != key:
