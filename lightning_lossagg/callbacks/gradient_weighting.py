@@ -81,12 +81,14 @@ TaskGradients = list[tuple[int, Tensor | None]]
 
 class _HostFigures(NamedTuple):
     """A step's figures on the host, in float64: the global Gramian, ``Task.weight``, the factor
-    of the loss before backward, and which tasks have a valid sample."""
+    of the loss before backward, which tasks have a valid sample and, under DDP with parameter
+    gradients, which shared parameters a task reached on some rank."""
 
     gramian: np.ndarray
     static: np.ndarray
     factor: float
     valid: Tensor
+    reached: list[bool] | None = None
 
 
 class _PendingStep(NamedTuple):
@@ -148,6 +150,10 @@ class GradientWeighting(WeightingCallback):
         self.takes_linear_factors = self.rep_grad
         self._jacobian: Tensor | None = None
         self._shared_reached: list[bool] = []  # which shared parameters a task's gradient reached
+        self._reached_on_ranks: Tensor | None = None  # under DDP: on how many ranks, per parameter
+        # Under DDP: the shared parameters no task reached on any rank, which hand DDP a zero
+        # gradient and lose it once DDP has reduced it (see _shared_gradients).
+        self._no_gradient_after_backward: list[torch.nn.Parameter] = []
         self._shared_parameters: list[torch.nn.Parameter] = []
         # The heads' parameters, each with its (task, gradient) pairs (None: the task does not
         # reach it), from the per-task pass(es), for the surrogate.
@@ -222,9 +228,15 @@ class GradientWeighting(WeightingCallback):
         gramian, valid = detached(gramian), step.valid
         self._gramian, self._gramian_valid = gramian, valid
         self.gramian_eps = torch.finfo(gramian.dtype).eps
+        reached, self._reached_on_ranks = self._reached_on_ranks, None
         if gramian.device.type != "cpu":
-            host_gramian, host_valid = _in_one_transfer(gramian, valid)
+            host_gramian, host_valid, *host_reached = _in_one_transfer(
+                gramian, valid, *(() if reached is None else (reached,))
+            )
             gramian, valid = torch.from_numpy(host_gramian), torch.from_numpy(host_valid > 0)
+            reached = torch.from_numpy(host_reached[0]) if host_reached else None
+        if reached is not None:  # under DDP: reached on some rank
+            self._shared_reached = (reached > 0).tolist()
         weights = self._weights_of_valid_tasks(gramian, valid)
         return distributed.to_device(weights, step.local_sums, step.dtype)
 
@@ -319,17 +331,45 @@ class GradientWeighting(WeightingCallback):
         """:meth:`_weigh_at_heads` at the shared parameters: each task's gradient at the views
         goes back through the trunk (one backward per task), the Jacobian is synced as
         :attr:`sync` says, and the shared parameters get ``factor * sum_k w_k s_k g_k``
-        (``None`` where no task reached one: see :func:`_reached`)."""
+        (see :meth:`_shared_gradients`)."""
         none = (None,) * len(shared)
         rows = [_trunk_gradients(output, shared, grad, none) for grad in grads]
-        jacobian, gramian = self._synced_gramian(_jacobian(rows, shared))
+        reached = _reached(rows, len(shared))
+        jacobian, gramian, on_ranks = self._synced_gramian(_jacobian(rows, shared), reached)
         self.gramian_eps = torch.finfo(gramian.dtype).eps
-        host = _on_host(gramian, factor, pending)
+        host = _on_host(gramian, factor, pending, on_ranks)
         adaptive = self._weights_of_scaled_gramian(host, host.factor, pending)
         adaptive = distributed.to_device(adaptive, jacobian, jacobian.dtype)
         direction = _shaped_like(adaptive @ jacobian, shared)
-        reached = _reached(rows, len(shared))
-        return tuple(grad if hit else None for grad, hit in zip(direction, reached, strict=True))
+        return self._shared_gradients(
+            shared, direction, reached if host.reached is None else host.reached
+        )
+
+    def _shared_gradients(
+        self,
+        shared: list[torch.nn.Parameter],
+        grads: tuple[Tensor, ...],
+        reached: list[bool],
+    ) -> tuple[Tensor | None, ...]:
+        """The shared parameters' gradients, ``None`` for one that no task reached (on any
+        rank), as in a plain backward: an optimizer with momentum or weight decay leaves it
+        alone. Under DDP each rank hands DDP a gradient for every one (DDP waits for each, a 0
+        where no task reached it), and :meth:`on_after_backward` takes those off again once DDP
+        has reduced them (as DDP itself does with ``find_unused_parameters=True``)."""
+        if not distributed.is_distributed():
+            return tuple(grad if hit else None for grad, hit in zip(grads, reached, strict=True))
+        self._no_gradient_after_backward = [
+            parameter
+            for parameter, hit in zip(shared, reached, strict=True)
+            if not hit and parameter.grad is None  # none from an earlier micro-batch either
+        ]
+        return grads
+
+    @override
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for parameter in self._no_gradient_after_backward:
+            parameter.grad = None
+        self._no_gradient_after_backward = []
 
     def _weights_of_scaled_gramian(
         self, host: _HostFigures, scale: float, pending: _PendingStep
@@ -370,10 +410,7 @@ class GradientWeighting(WeightingCallback):
                 _trunk_gradients(representation.output, shared, row, (None,) * len(shared))
                 for row in rows
             ]
-            self._shared_reached = _reached(shared_grads, len(shared))
-            jacobian = _jacobian(shared_grads, shared, scale)
-            self._jacobian, gramian = self._synced_gramian(jacobian)
-            return gramian
+            return self._synced_parameter_gramian(shared_grads, shared, scale)
         heads = pl_module.task_specific_parameters()
         if representation is None:
             per_task = task_gradients(step, [*shared, *heads], scale)
@@ -402,8 +439,21 @@ class GradientWeighting(WeightingCallback):
             )
             for i, parameter in enumerate(heads)
         ]
+        return self._synced_parameter_gramian(shared_grads, shared, scale)
+
+    def _synced_parameter_gramian(
+        self,
+        shared_grads: list[tuple[Tensor | None, ...]],
+        shared: list[torch.nn.Parameter],
+        scale: Tensor | None,
+    ) -> Tensor:
+        """The Jacobian of the tasks' shared parameter gradients (kept for the surrogate) made
+        global as :attr:`sync` says, which parameters a task reached, and the global Gramian."""
         self._shared_reached = _reached(shared_grads, len(shared))
-        self._jacobian, gramian = self._synced_gramian(_jacobian(shared_grads, shared, scale))
+        jacobian = _jacobian(shared_grads, shared, scale)
+        self._jacobian, gramian, self._reached_on_ranks = self._synced_gramian(
+            jacobian, self._shared_reached
+        )
         return gramian
 
     def _gradients_in_one_pass(
@@ -445,15 +495,19 @@ class GradientWeighting(WeightingCallback):
         ]
         return list(grads[: len(leaves)])
 
-    def _synced_gramian(self, jacobian: Tensor) -> tuple[Tensor, Tensor]:
+    def _synced_gramian(
+        self, jacobian: Tensor, reached: list[bool] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """A local Jacobian of parameter gradients made global as :attr:`sync` says (the
         Jacobian itself with ``"gradients"``, only the Gramian with ``"gramian"``): the Jacobian
-        (global or local) and the global Gramian."""
+        (global or local), the global Gramian and, under DDP, on how many ranks a task reached
+        each parameter (``reached``: on this one), in the same all-reduce."""
         scale = 1 / distributed.world_size()
         if self.sync == "gradients":
-            jacobian = _scaled_sum_over_ranks(jacobian, scale)
-            return jacobian, _gramian(jacobian)
-        return jacobian, _scaled_sum_over_ranks(_gramian(jacobian), scale)
+            jacobian, on_ranks = _scaled_sum_and_counts_over_ranks(jacobian, scale, reached)
+            return jacobian, _gramian(jacobian), on_ranks
+        gramian, on_ranks = _scaled_sum_and_counts_over_ranks(_gramian(jacobian), scale, reached)
+        return jacobian, gramian, on_ranks
 
     @override
     def state_to_log(self) -> dict[str, Tensor]:
@@ -524,8 +578,11 @@ class GradientWeighting(WeightingCallback):
         else:
             # Shared parameters: d, split back into their shapes (none for one no task reached).
             shared = self._shared_parameters
-            pairs = zip(shared, _shaped_like(direction, shared), self._shared_reached, strict=True)
-            kept = [(parameter, grad) for parameter, grad, hit in pairs if hit]
+            split = self._shared_gradients(
+                shared, _shaped_like(direction, shared), self._shared_reached
+            )
+            pairs = zip(shared, split, strict=True)
+            kept = [(parameter, grad) for parameter, grad in pairs if grad is not None]
             inputs = [*(parameter for parameter, _ in kept), *heads]
             grads = [grad for _, grad in kept]
             tasks = [None] * len(grads)
@@ -753,13 +810,7 @@ def _jacobian(
 
 
 def _reached(per_task: Sequence[tuple[Tensor | None, ...]], count: int) -> list[bool]:
-    """Which of ``count`` parameters some task's gradient reached (``None`` in no row): one no
-    task reached gets no gradient, as in a plain backward, so that an optimizer with momentum or
-    weight decay leaves it alone. Under DDP every one counts as reached: each rank hands DDP a
-    gradient for every shared parameter (0 where none of its tasks reached it), so that the ranks
-    agree whatever their batches reach."""
-    if distributed.is_distributed():
-        return [True] * count
+    """Which of ``count`` parameters some task's gradient reached (``None`` in no row)."""
     return [any(grads[index] is not None for grads in per_task) for index in range(count)]
 
 
@@ -772,23 +823,32 @@ def _shaped_like(direction: Tensor, parameters: list[torch.nn.Parameter]) -> tup
     )
 
 
-def _on_host(gramian: Tensor, factor: Tensor, pending: _PendingStep) -> _HostFigures:
-    """The Gramian, the static weights, the incoming factor and the valid tasks on the host (from
-    an accelerator in one transfer: one wait for the device, not four)."""
+def _on_host(
+    gramian: Tensor, factor: Tensor, pending: _PendingStep, reached: Tensor | None = None
+) -> _HostFigures:
+    """The Gramian, the static weights, the incoming factor, the valid tasks and the parameters
+    reached on some rank (given ``reached``, the ranks' counts) on the host (from an accelerator
+    in one transfer: one wait for the device, not five)."""
     if gramian.device.type == "cpu":
         static, valid = pending.static, pending.valid
         return _HostFigures(
-            gramian.double().numpy(), np.asarray(static.tolist()), factor.item(), valid
+            gramian.double().numpy(),
+            np.asarray(static.tolist()),
+            factor.item(),
+            valid,
+            None if reached is None else (reached > 0).tolist(),
         )
-    return _on_host_in_one_transfer(gramian, factor, pending)
+    return _on_host_in_one_transfer(gramian, factor, pending, reached)
 
 
 def _on_host_in_one_transfer(
-    gramian: Tensor, factor: Tensor, pending: _PendingStep
+    gramian: Tensor, factor: Tensor, pending: _PendingStep, reached: Tensor | None = None
 ) -> _HostFigures:
     """:func:`_on_host` for an accelerator."""
-    host = _in_one_transfer(gramian, pending.static, factor, pending.valid)
-    return _HostFigures(host[0], host[1], float(host[2]), torch.from_numpy(host[3] > 0))
+    more = () if reached is None else (reached,)
+    host = _in_one_transfer(gramian, pending.static, factor, pending.valid, *more)
+    on_ranks = (host[4] > 0).tolist() if more else None
+    return _HostFigures(host[0], host[1], float(host[2]), torch.from_numpy(host[3] > 0), on_ranks)
 
 
 def _in_one_transfer(*tensors: Tensor) -> list[np.ndarray]:
@@ -910,6 +970,24 @@ def _scaled_sum_over_ranks(tensor: Tensor, scale: float) -> Tensor:
     if not distributed.is_distributed():
         return tensor
     return distributed.all_reduce_sum(tensor) * scale
+
+
+def _scaled_sum_and_counts_over_ranks(
+    tensor: Tensor, scale: float, flags: list[bool] | None
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`_scaled_sum_over_ranks`, and on how many ranks each of ``flags`` is set (``None``
+    on one process or without flags), in the same all-reduce: they travel after the values."""
+    if flags is None or not distributed.is_distributed():
+        return _scaled_sum_over_ranks(tensor, scale), None
+    size = tensor.numel()
+    packed = torch.cat(
+        [
+            tensor.reshape(-1),
+            distributed.to_device([float(flag) for flag in flags], tensor, tensor.dtype),
+        ]
+    )
+    packed = distributed.all_reduce_sum(packed)
+    return packed[:size].view_as(tensor) * scale, packed[size:]
 
 
 def _gramian(jacobian: Tensor) -> Tensor:

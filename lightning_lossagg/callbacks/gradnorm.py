@@ -154,7 +154,7 @@ class GradNorm(GradientWeighting):
                 self._weights_used = self._nothing_to_weigh(pl_module, step)
                 return self._weights_used
             scale = loss_scale(pl_module, step.local_sums)
-            _, gramian = self._synced_gramian(task_jacobian(step, parameters, scale))
+            _, gramian, _ = self._synced_gramian(task_jacobian(step, parameters, scale))
             if scale is not None:
                 self._overflow_check = (parameters[0], gramian)
         self._gramian, self._gramian_valid = gramian.detach(), step.valid

@@ -22,7 +22,12 @@ from lightning_lossagg.callbacks.gradient_weighting import (
     _scaled_on_device,
 )
 from tests.callbacks import _recording_nets
-from tests.callbacks._fits import ManualOptimization
+from tests.callbacks._fits import (
+    ManualOptimization,
+    concatenated_ddp_batches,
+    ddp_batches,
+    trainer,
+)
 from tests.callbacks._recording_nets import (
     SOLD_WEIGHTED_ZERO,
     STATIC,
@@ -42,6 +47,7 @@ from tests.models import (
     quiet_trainer,
     reference_task_losses,
 )
+from tests.process_group import run_on_lightning_ranks
 
 
 def gramian_sync_reference(model, rank_batches: list) -> dict:
@@ -813,3 +819,81 @@ def test_a_shared_parameter_no_task_reaches_gets_no_gradient_and_stays(method, n
     assert model.unused.weight.grad is None
     torch.testing.assert_close(model.unused.weight.detach(), before.double(), rtol=0, atol=0)
     assert not torch.equal(model.trunk[0].weight.detach(), trunk.double())  # the rest trains
+
+
+class PartlyReachedSharedLayersNet(UnusedSharedLayerNet):
+    """:class:`UnusedSharedLayerNet` with one more shared layer, ``rare``, that only rows whose
+    first input is above 1 reach: none of rank 0's rows in :func:`ddp_batches`, some of rank 1's.
+    The concatenated batch reaches it, so every rank must hand it its gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rare = torch.nn.Linear(8, 8)
+
+    def forward_shared(self, inputs):
+        shared = self.trunk(inputs)
+        rare = inputs[:, :1] > 1.0
+        if rare.any():  # else the layer is not in the graph at all
+            shared = torch.where(rare, shared + self.rare(shared), shared)
+        return shared
+
+
+class PartlyReachedSharedLayersNoSplitNet(PartlyReachedSharedLayersNet):
+    def forward(self, inputs):
+        return ThreeTaskNet.forward_heads(
+            self, PartlyReachedSharedLayersNet.forward_shared(self, inputs)
+        )
+
+
+PartlyReachedSharedLayersNoSplitNet.forward_shared = None  # the per-task passes before backward
+PartlyReachedSharedLayersNoSplitNet.forward_heads = None
+
+PARTLY_REACHED_NETS = {
+    "views": PartlyReachedSharedLayersNet,
+    "passes": PartlyReachedSharedLayersNoSplitNet,
+}
+
+
+def _fit_partly_reached(rank: int | None, cases: list[tuple[str, str]]) -> dict:
+    """Each case (net, sync) fitted with MGDA's parameter gradients for two epochs of
+    :func:`ddp_batches`: one process on the concatenated batches (``rank=None``) or one rank of
+    a 2-process DDP run."""
+    results = {}
+    for net, sync in cases:
+        torch.manual_seed(0)
+        model = PARTLY_REACHED_NETS[net]().double()
+        ddp = {} if rank is None else {"strategy": "ddp", "devices": 2}
+        batches = concatenated_ddp_batches() if rank is None else ddp_batches()[rank]
+        run = trainer([callbacks.MGDA(sync=sync)], 2, use_distributed_sampler=False, **ddp)
+        run.fit(model, DataLoader(batches, batch_size=None))
+        results[(net, sync)] = {
+            "unused grad": model.unused.weight.grad,
+            "rare grad": model.rare.weight.grad,
+            "parameters": {k: v.clone() for k, v in model.state_dict().items()},
+        }
+    return results
+
+
+@pytest.mark.ddp
+def test_two_ranks_give_no_gradient_to_a_shared_parameter_no_rank_reaches():
+    # As DDP itself does (find_unused_parameters=True leaves a parameter that no rank used
+    # without a gradient), and as one process on the concatenated batch: AdamW leaves it alone.
+    cases = [(net, sync) for net in PARTLY_REACHED_NETS for sync in ("gradients", "gramian")]
+    ranks = run_on_lightning_ranks(_fit_partly_reached, cases)
+    single = _fit_partly_reached(None, cases)
+    for case in cases:
+        assert single[case]["unused grad"] is None and single[case]["rare grad"] is not None
+        for on_rank in ranks:
+            assert on_rank[case]["unused grad"] is None, case
+            assert on_rank[case]["rare grad"] is not None, case  # rank 0's own 0, averaged
+        initial = PARTLY_REACHED_NETS[case[0]]
+        torch.manual_seed(0)
+        unused = initial().unused.weight.double()
+        for on_rank in ranks:
+            parameters = on_rank[case]["parameters"]
+            torch.testing.assert_close(parameters["unused.weight"], unused, rtol=0, atol=0)
+            if case[1] == "gradients":  # exact: the concatenated batch's update
+                for key, value in single[case]["parameters"].items():
+                    torch.testing.assert_close(
+                        parameters[key], value, rtol=1e-8, atol=1e-11, msg=f"{case} {key}"
+                    )
