@@ -301,6 +301,11 @@ def test_host_figures_are_the_same_in_one_transfer():
         np.testing.assert_array_equal(host.static, [2.0, 0.5, 3.0])
         assert host.factor == 0.25
         assert host.valid.dtype == torch.bool and host.valid.tolist() == [True, True, False]
+        assert host.reached is None
+        # Under DDP: on how many ranks a task reached each shared parameter, in the same copy.
+        reached = figures(gramian, factor, pending, torch.tensor([2.0, 0.0, 1.0, 0.0]))
+        assert reached.reached == [True, False, True, False]
+        np.testing.assert_array_equal(reached.gramian, host.gramian)
 
 
 @pytest.mark.parametrize("rep_grad", [False, True])
