@@ -80,10 +80,14 @@ def _on_support(
     :math:`(\nabla f)_i < \mu` joins :math:`S` and a task with a negative weight leaves it.
     The objective is convex, so a point meeting every KKT condition is the minimiser; ``None``
     when none is found (singular :math:`G_{SS}`, Pareto-stationary gradients): SLSQP decides.
-    From a guessed support with up to ``PYTHON_TASKS_UP_TO`` tasks (a training step's), the
-    search runs in Python floats (:func:`_on_support_in_floats`).
+    With up to ``PYTHON_TASKS_UP_TO`` tasks (a training step's), the search runs in Python floats
+    (:func:`_on_support_in_floats`), from the guess or the best vertex alike: the weights are
+    those of the support found, to the bit, whatever the guess (a fit resumed without the
+    previous step's support weighs as the uninterrupted one).
     """
-    if start is not None and len(lin) <= PYTHON_TASKS_UP_TO:
+    if len(lin) <= PYTHON_TASKS_UP_TO:
+        if start is None:
+            start = _best_vertex(gram, lin, radius)
         try:
             found = _on_support_in_floats(
                 gram.tolist(), lin.tolist(), float(radius), start.tolist()
@@ -99,11 +103,7 @@ def _on_support_in_numpy(
 ) -> np.ndarray | None:
     """:func:`_on_support` in NumPy."""
     num_tasks = len(lin)
-    if start is not None:
-        support = start.copy()
-    else:  # the best vertex: f(e_i) = l_i + r sqrt(G_ii)
-        support = np.zeros(num_tasks, dtype=bool)
-        support[(lin + radius * np.sqrt(np.maximum(gram.diagonal(), 0.0))).argmin()] = True
+    support = _best_vertex(gram, lin, radius) if start is None else start.copy()
     tol = 1e-12 * (np.abs(lin).max() + radius)
     for _ in range(2 * num_tasks):
         try:
@@ -133,6 +133,13 @@ def _on_support_in_numpy(
             return v / v.sum()
         support[np.where(outside, gradient, np.inf).argmin()] = True
     return None
+
+
+def _best_vertex(gram: np.ndarray, lin: np.ndarray, radius: float) -> np.ndarray:
+    r"""The support of the best vertex of the simplex: :math:`f(e_i) = l_i + r \sqrt{G_{ii}}`."""
+    support = np.zeros(len(lin), dtype=bool)
+    support[(lin + radius * np.sqrt(np.maximum(gram.diagonal(), 0.0))).argmin()] = True
+    return support
 
 
 def _on_support_in_floats(

@@ -9,10 +9,12 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.tuner import Tuner
 
 from lightning_lossagg import callbacks
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting
 from lightning_lossagg.demos import PenguinsDataModule, PenguinsNet
+from tests.callbacks._fits import assert_nested_equal
 from tests.models import ThreeTaskNet, make_batch, quiet_trainer
 
 METHODS = {
@@ -145,6 +147,31 @@ def test_static_weights_sum_in_float32_under_float16_autocast():
     expected = full_precision.training_step(batch, 0)
     assert expected.isfinite() and expected > torch.finfo(torch.float16).max
     torch.testing.assert_close(objective, expected)
+
+
+def _fit_after_lr_find(name: str, find: bool, tmp_path) -> tuple[dict, dict]:
+    """Two epochs of three batches, after Lightning's learning rate finder (its suggestion not
+    applied) or not: the model's parameters and the method's state."""
+    torch.manual_seed(0)
+    model, method = ThreeTaskNet().double(), METHODS[name]()
+    batches = torch.utils.data.DataLoader(
+        [make_batch(8, seed=seed) for seed in range(3)], batch_size=None
+    )
+    trainer = quiet_trainer(1, steps=6, callbacks=[method], default_root_dir=tmp_path)
+    if find:  # its steps run without the callbacks' hooks; it restores a checkpoint after
+        Tuner(trainer).lr_find(model, train_dataloaders=batches, num_training=4, update_attr=False)
+    trainer.fit(model, batches)
+    return model.state_dict(), method.state_dict()
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_the_learning_rate_finder_leaves_no_trace_in_the_fit_after_it(name, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the finder's own
+        parameters, state = _fit_after_lr_find(name, False, tmp_path)
+        after_parameters, after_state = _fit_after_lr_find(name, True, tmp_path)
+    assert_nested_equal(after_parameters, parameters, "parameters")
+    assert_nested_equal(after_state, state, "method state")
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
