@@ -177,13 +177,15 @@ def test_the_state_key_and_the_run_config_come_from_the_arguments(name):
     assert type(callback)(**{**arguments, "rep_grad": False}).state_key != callback.state_key
 
 
+@pytest.mark.parametrize("rep_grad", [True, False], ids=["representation", "parameters"])
 @pytest.mark.parametrize("name", [*NAMES, "gradvac"])
-def test_resuming_with_representation_gradients_is_bit_exact(name, tmp_path):
-    # The linear heads run as one node from a fit's second step on; the first step of a resumed
-    # fit must weigh with the same arithmetic as the uninterrupted run's step there.
+def test_resuming_is_bit_exact(name, rep_grad, tmp_path):
+    # The linear heads run as one node from a fit's second step on, and a solver may start from
+    # the previous step's answer (CAGrad's, UPGrad's supports): the first step of a resumed fit
+    # must weigh with the same arithmetic as the uninterrupted run's step there.
     def method():
         if name == "gradvac":
-            return GradVac(beta=0.5, seed=7, rep_grad=True)
-        return METHODS[name](rep_grad=True)
+            return GradVac(beta=0.5, seed=7, rep_grad=rep_grad)
+        return METHODS[name](rep_grad=rep_grad)
 
     assert_resume_equals_uninterrupted(method, training_batches(), tmp_path)
