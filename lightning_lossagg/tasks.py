@@ -274,6 +274,9 @@ class Task:
                 prediction = prediction.to(dtype)
             if target.dtype != dtype:
                 target = target.to(dtype)
+        elif prediction.ndim == 1 and target.ndim == 0 and isinstance(self.loss, str):
+            # One sample's logits and class, squeezed: a batch of one.
+            prediction, target = prediction.unsqueeze(0), target.unsqueeze(0)
         try:
             # Replace the missing targets before the loss: a NaN or an out-of-range class index
             # there would poison the gradient or fail the loss. A target on another device than
@@ -295,8 +298,14 @@ class Task:
                             _warn_if_partly_labelled(name, self, mask, values.ndim)
             else:
                 mask = self.valid_classes(target)
-                if rule == "times_mask":  # class 0 at a missing label, its loss times 0
-                    values = self.loss_fn(prediction, torch.where(mask, target, 0)) * mask
+                if rule == "times_mask":
+                    # At a missing label, the class the prediction ranks first, its loss times
+                    # 0: finite wherever the prediction is (class 0 may be ruled out with -inf,
+                    # or have a probability of 0), non-finite where it is not. int64 indices
+                    # (a uint8 map's too).
+                    placeholder = prediction.detach().argmax(1)
+                    values = self.loss_fn(prediction, torch.where(mask, target, placeholder))
+                    values = values * mask
                 else:
                     values = self._callable_on_classes(name, prediction, target, mask)
         except (RuntimeError, ValueError, IndexError) as error:
@@ -391,6 +400,18 @@ class Task:
                     f"Task {name!r}: class targets of shape {tuple(target.shape)} for logits "
                     f"of shape {tuple(prediction.shape)}: give one class index per sample, "
                     "without the class dimension (`target.squeeze(1)`)."
+                )
+            if target.shape == prediction.shape and prediction.ndim >= 1:
+                fix = (
+                    "one logit per sample is a binary task: give Task('bce_with_logits') float "
+                    "targets 0.0 or 1.0 (NaN for a missing label), or the head one output per "
+                    "class"
+                    if prediction.ndim == 1 or prediction.shape[1] == 1
+                    else "give one class index per sample (of one-hot targets, `target.argmax(1)`)"
+                )
+                raise ValueError(
+                    f"Task {name!r}: class targets of the logits' shape "
+                    f"{tuple(prediction.shape)}: {fix}."
                 )
         if self.loss in FLOAT_LOSSES:
             if not target.is_floating_point():

@@ -79,6 +79,47 @@ def test_a_zero_masked_loss_is_exactly_zero_with_no_gradient_at_missing_labels(n
     assert (leaf.grad[missing] == 0).all()
 
 
+@pytest.mark.parametrize("name", ["cross_entropy", "nll"])
+@pytest.mark.parametrize("shape", [(6, 3), (2, 3, 2, 2)], ids=["classes", "class-map"])
+def test_a_class_ruled_out_with_minus_infinity_is_no_loss_at_a_missing_label(name, shape):
+    # Masked logits (a class ruled out with -inf), or the log of a probability of exactly 0,
+    # give class 0 an infinite loss: a missing label is finite and has no say, as in torch.
+    leaf = torch.randn(shape, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    ruled_out = torch.zeros(shape, dtype=torch.bool)
+    ruled_out[:, 0] = True
+    logits = leaf.masked_fill(ruled_out, -torch.inf)
+    prediction = logits.log_softmax(1) if name == "nll" else logits
+    target = torch.randint(1, 3, (shape[0], *shape[2:]), generator=torch.Generator())
+    target.view(-1)[::3] = -100
+    values, mask = Task(name).per_sample_loss("kind", prediction, target)
+    reference = {"cross_entropy": F.cross_entropy, "nll": F.nll_loss}[name]
+    torch.testing.assert_close(values[mask].mean(), reference(prediction, target))
+    assert torch.isfinite(values).all() and (values[~mask] == 0).all()
+    values.sum().backward()
+    assert torch.isfinite(leaf.grad).all()
+
+
+def test_a_non_finite_prediction_at_a_missing_class_label_is_a_non_finite_loss():
+    # Its gradient would be NaN however it were masked: the nonfinite policy must see it.
+    prediction = torch.randn(3, 4)
+    prediction[1, 2] = torch.nan
+    values, mask = Task("cross_entropy").per_sample_loss(
+        "kind", prediction, torch.tensor([1, -100, 2])
+    )
+    assert mask.tolist() == [True, False, True]
+    assert torch.isfinite(values).tolist() == [True, False, True]
+
+
+def test_uint8_class_maps_with_a_void_label_match_torch():
+    # PNG masks: uint8 maps, 255 for the void label.
+    logits = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    target = torch.randint(0, 3, (2, 4, 4), generator=torch.Generator()).to(torch.uint8)
+    target[:, 0] = 255
+    values, mask = Task("cross_entropy", ignore_index=255).per_sample_loss("seg", logits, target)
+    expected = F.cross_entropy(logits, target.long(), ignore_index=255)
+    torch.testing.assert_close(values[mask].mean(), expected)
+
+
 def test_bce_is_non_finite_where_its_probability_is_and_refuses_one_out_of_range():
     prediction = torch.tensor([0.2, torch.nan, 0.7, torch.inf, torch.nan], requires_grad=True)
     target = torch.tensor([1.0, 0.0, torch.nan, 1.0, torch.nan])
@@ -347,8 +388,23 @@ def test_a_callable_loss_of_another_shape_than_its_target_is_refused():
         (Task("cross_entropy"), torch.randn(4, 3), torch.ones(4, dtype=torch.int32), r"\.long\(\)"),
         (Task("cross_entropy"), torch.randn(4, 3), torch.ones(4, 1, dtype=torch.long), "squeeze"),
         (Task("cross_entropy"), torch.randn(4, 3), torch.tensor([0, -1, 2, 1]), "ignore_index=-1"),
+        (
+            Task("cross_entropy"),
+            torch.randn(4, 3),
+            torch.eye(3, dtype=torch.long)[[0, 1, 2, 0]],
+            "argmax",
+        ),
+        (Task("cross_entropy"), torch.randn(4), torch.tensor([0, 1, 1, 0]), "bce_with_logits"),
     ],
-    ids=["bce-0-255", "bce-0-1-2", "int32-classes", "classes-N-1", "missing-as-minus-one"],
+    ids=[
+        "bce-0-255",
+        "bce-0-1-2",
+        "int32-classes",
+        "classes-N-1",
+        "missing-as-minus-one",
+        "one-hot",
+        "one-logit",
+    ],
 )
 def test_common_target_mistakes_name_the_task_and_the_fix(task, prediction, target, message):
     with pytest.raises((ValueError, TypeError), match=message) as info:
@@ -413,6 +469,13 @@ def test_a_prediction_squeezed_to_a_scalar_is_a_batch_of_one():
     prediction, target = torch.tensor(0.5, requires_grad=True), torch.tensor([2.0])
     values, mask = Task("mse").per_sample_loss("price", prediction, target)
     assert values.tolist() == [2.25] and mask.tolist() == [True]
+
+
+def test_logits_and_a_class_squeezed_to_one_sample_are_a_batch_of_one():
+    logits, target = torch.tensor([0.5, 2.0, -1.0]), torch.tensor(1)
+    values, mask = Task("cross_entropy").per_sample_loss("kind", logits, target)
+    assert values.shape == mask.shape == (1,) and mask.tolist() == [True]
+    torch.testing.assert_close(values[0], F.cross_entropy(logits[None], target[None]))
 
 
 @pytest.mark.parametrize(
