@@ -49,9 +49,11 @@ class FAMO(WeightingCallback):
     precision context of the training step and in training mode (as LibMTL does). With gradient
     accumulation the last micro-batch of each optimizer step is the one evaluated again. Tasks
     without a valid sample are left out of the weights (the others are renormalised) and keep
-    their logit and Adam moments. A checkpoint saved in ``on_train_batch_end`` by a callback
-    listed before FAMO holds the logits before that step's update: list FAMO first, or save
-    with ``ModelCheckpoint`` (which Lightning runs after every other callback).
+    their logit and Adam moments, as are tasks of ``Task.weight`` 0 at every step: they take no
+    gradient, so their losses would hardly fall and FAMO would move its weight towards them. A
+    checkpoint saved in ``on_train_batch_end`` by a callback listed before FAMO holds the logits
+    before that step's update: list FAMO first, or save with ``ModelCheckpoint`` (which
+    Lightning runs after every other callback).
 
     The logits and their Adam live in this callback (the model's ``state_dict`` does not change)
     and are saved in its ``state_dict``; they are logged as ``train/logit/<task>``.
@@ -81,6 +83,9 @@ class FAMO(WeightingCallback):
         self.weight_decay, self.eps = float(weight_decay), float(eps)
         self._logits = TaskParameters(self.lr, self.weight_decay)
         self._losses_before: tuple[Tensor, Tensor] | None = None
+        # Which tasks have a say (a Task.weight other than 0), per device; None: all of them.
+        self._weighed: list[bool] | None = None
+        self._weighed_on: dict[torch.device, Tensor] = {}
         self._logits_used: Tensor | None = None  # behind the latest weights (Adam makes new ones)
         eps = self.eps
         self._unchecked = LossesReadLater(
@@ -97,8 +102,11 @@ class FAMO(WeightingCallback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        num_tasks = len(require_multitask(self, pl_module))
-        self._logits.set_num_tasks(num_tasks, type(self).__name__)
+        self._logits.set_num_tasks(len(require_multitask(self, pl_module)), type(self).__name__)
+        assert isinstance(pl_module, MultiTaskMixin)
+        weighed = [task.weight != 0 for task in pl_module.tasks.values()]
+        self._weighed = None if all(weighed) else weighed
+        self._weighed_on = {}
         self._losses_before = None
         self._unchecked.clear()
 
@@ -106,7 +114,7 @@ class FAMO(WeightingCallback):
     def task_weights(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:
         logits = self._logits_used = self._logits.values(step.losses)
         self._unchecked.add(step.losses)  # checked at the optimizer step
-        usable = usable_tasks(step)
+        usable = self._usable_tasks(step)
         losses = torch.where(usable, step.losses, 1.0).to(logits.dtype)
         self._losses_before = (losses, usable)
         weights = famo_weights(logits, losses, eps=self.eps, validate_args=False)
@@ -147,7 +155,7 @@ class FAMO(WeightingCallback):
             after = pl_module.compute_global_losses(batch)  # type: ignore[operator]
         # A loss that fell to -eps or below has no logarithm: that task is left out of this
         # update (its loss is refused at the next optimizer step, before it moves anything).
-        usable = usable_before & usable_tasks(after) & (after.losses + self.eps > 0)
+        usable = usable_before & self._usable_tasks(after) & (after.losses + self.eps > 0)
         logits = self._logits.values(losses_before)
         losses_after = torch.where(usable, after.losses, 1.0).to(logits.dtype)
         # Tasks left out get the logit -inf: z_k = 0, so neither they nor their decrease count.
@@ -160,6 +168,17 @@ class FAMO(WeightingCallback):
             validate_args=False,
         )
         self._logits.step(torch.where(usable, gradient, 0.0), usable)
+
+    def _usable_tasks(self, step: GlobalTaskLosses) -> Tensor:
+        """The tasks that have a valid sample and a finite loss, and a say (``Task.weight``)."""
+        usable = usable_tasks(step)
+        if self._weighed is None:
+            return usable
+        weighed = self._weighed_on.get(usable.device)
+        if weighed is None:
+            weighed = torch.tensor(self._weighed).to(usable.device)
+            self._weighed_on[usable.device] = weighed
+        return usable & weighed
 
     @override
     def state_to_log(self) -> dict[str, Tensor]:

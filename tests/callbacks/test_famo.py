@@ -5,6 +5,7 @@ tasks a logit update leaves out, and a restored state."""
 import contextlib
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -175,3 +176,50 @@ def test_the_re_evaluation_runs_in_the_steps_precision():
     run.fit(ThreeTaskNet(lr=0.0), DataLoader(batches, batch_size=None))
     logits = callback.state_dict()["logits"]["values"]
     assert torch.equal(logits, torch.zeros_like(logits)), logits
+
+
+class _WeightsSeen(L.Callback):
+    def __init__(self) -> None:
+        self.weights: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.weights.append(pl_module.loss_record.weights.detach().clone())
+
+
+class _PriceKindNet(ThreeTaskNet):
+    """:class:`ThreeTaskNet` without the sold task (its head kept: the same initial model)."""
+
+    def __init__(self) -> None:
+        super().__init__(task_order=("price", "kind"))
+
+    def forward_heads(self, shared):
+        predictions = super().forward_heads(shared)
+        return {name: predictions[name] for name in self.task_names}
+
+
+def _famo_fit(model: ThreeTaskNet) -> tuple[FAMO, torch.Tensor, ThreeTaskNet]:
+    callback, seen = FAMO(lr=0.5), _WeightsSeen()
+    batches = [make_batch(8, seed=seed) for seed in range(4)]
+    for _, targets in batches:  # only the model's tasks
+        for name in set(targets) - set(model.task_names):
+            del targets[name]
+    trainer([callback, seen], max_epochs=3).fit(model, DataLoader(batches, batch_size=None))
+    return callback, torch.stack(seen.weights), model
+
+
+def test_a_task_of_weight_0_has_no_say_in_famos_weights_or_logits():
+    # Task(weight=0) only watches a task: it takes no gradient, so its loss would hardly fall
+    # and FAMO, which moves weight towards the tasks whose loss falls least, would hand it the
+    # others' share. FAMO weighs the others as if it were not there.
+    torch.manual_seed(0)
+    watched = _famo_fit(ThreeTaskNet(sold_weight=0.0).double())
+    torch.manual_seed(0)
+    without = _famo_fit(_PriceKindNet().double())
+    (callback, weights, model), (callback_2, weights_2, model_2) = watched, without
+    assert (weights[:, 2] == 0).all()
+    assert len({tuple(w.tolist()) for w in weights_2}) > 1  # FAMO adapted
+    torch.testing.assert_close(weights[:, :2], weights_2, rtol=1e-12, atol=0)
+    logits = callback.state_to_log()["logit"]
+    torch.testing.assert_close(logits[:2], callback_2.state_to_log()["logit"], rtol=1e-12, atol=0)
+    assert logits[2] == 0  # never updated
+    torch.testing.assert_close(model.trunk[0].weight, model_2.trunk[0].weight, rtol=1e-12, atol=0)
