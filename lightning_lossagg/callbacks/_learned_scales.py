@@ -17,6 +17,11 @@ from lightning_lossagg.callbacks._task_parameters import HostTaskParameters
 from lightning_lossagg.mixin import MultiTaskMixin
 from lightning_lossagg.weighting import WeightingCallback
 
+# The log-scales stay within +-LOG_SCALE_BOUND: weights between e^-30 and e^30 (the balance of a
+# task loss between 1e-13 and 1e13). A loss that stays at exactly 0 (a task fitted perfectly)
+# would otherwise drive its log-scale at a constant rate for ever, until its weight overflowed.
+LOG_SCALE_BOUND = 30.0
+
 # The host copies of the step's losses, the sums and counts restored from a checkpoint, and s.
 _StepState = tuple[
     list[distributed.HostCopy], list[float] | None, list[float] | None, dict[str, Any] | None
@@ -33,7 +38,8 @@ class LearnedScalesWeighting(WeightingCallback):
     weights ``w = self._weights(s)``, where ``mean_losses`` averages each task's global loss over
     the micro-batches in which it was finite (a valid sample; an overflow is the mixin's to
     report). A task with none is not stepped. Every input is global, so ``s`` stays identical on
-    every rank.
+    every rank. ``s`` stays within ``±LOG_SCALE_BOUND`` (30): a task whose loss stays at 0 would
+    drive it for ever.
 
     ``s``, Adam's state and this arithmetic live on the host in float64: ``K`` numbers, a few
     microseconds, where each operation on a ``K``-element tensor would cost a kernel launch or a
@@ -49,7 +55,7 @@ class LearnedScalesWeighting(WeightingCallback):
 
     def __init__(self, lr: float) -> None:
         self.lr = check_positive("lr", lr, "Use e.g. lr=1e-2 for the log-scales' own Adam.")
-        self._scales = HostTaskParameters(self.lr)
+        self._scales = HostTaskParameters(self.lr, bound=LOG_SCALE_BOUND)
         # This optimizer step's global losses on their way to the host, and (restored from a
         # checkpoint taken amid an accumulation) the sums and counts of the micro-batches before.
         self._pending: list[distributed.HostCopy] = []

@@ -132,11 +132,13 @@ class HostTaskParameters:
     is a formula of the step's global losses (UW, IMTL-L), which reach the host once per step by a
     copy queued without stalling the device. The same Adam on ``K`` numbers costs a few
     microseconds, where each of its sixteen operations on a ``K``-element tensor costs a kernel
-    launch or a dispatch of its own.
+    launch or a dispatch of its own. ``bound``: each value is kept within ``[-bound, bound]``
+    after every step (projected Adam).
     """
 
-    def __init__(self, lr: float) -> None:
+    def __init__(self, lr: float, bound: float = math.inf) -> None:
         self.lr, self.betas, self.eps = lr, (0.9, 0.999), 1e-8
+        self.bound = bound
         self.num_tasks = 0
         self._state: dict[str, list[float]] | None = None
 
@@ -162,7 +164,8 @@ class HostTaskParameters:
             m = exp_avg[k] = beta1 * exp_avg[k] + (1 - beta1) * g
             v = exp_avg_sq[k] = beta2 * exp_avg_sq[k] + (1 - beta2) * g * g
             denominator = math.sqrt(v / (1 - beta2**t)) + self.eps
-            values[k] -= self.lr * (m / (1 - beta1**t)) / denominator
+            value = values[k] - self.lr * (m / (1 - beta1**t)) / denominator
+            values[k] = min(max(value, -self.bound), self.bound)
 
     def kept(self) -> dict[str, list[float]] | None:
         """The state as it is, for :meth:`put_back` (no copy: :meth:`step` makes a new one)."""

@@ -24,7 +24,8 @@ class IMTLL(LearnedScalesWeighting):
     :math:`\nabla_s \mathcal{L}` on the step's global losses (averaged over accumulated
     micro-batches), with their own Adam on the host (float64: ``K`` numbers), once per
     optimizer step of the model. At the optimum :math:`e^{s_k} L_k = 1`: every scaled loss sits
-    at the same level.
+    at the same level. :math:`s_k` stays within :math:`\pm 30` (a loss between 1e-13 and 1e13 is
+    unaffected): a task whose loss stays at 0 would drive it for ever.
 
     The log-scales live in this callback, not in the model (its ``state_dict`` does not change);
     they, Adam's state and the losses of a pending accumulation are in this callback's

@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_lossagg import NonFiniteLossError
+from lightning_lossagg import MaskedLoss, NonFiniteLossError
 from lightning_lossagg.callbacks import (
     DWA,
     FAMO,
@@ -386,3 +386,29 @@ def test_a_negative_loss_stops_a_learned_scale_before_the_optimizer_step(method)
         )
     assert len(parameters.parameters) == 1  # step 1's update never applied
     assert all(torch.equal(v, parameters.parameters[-1][k]) for k, v in model.state_dict().items())
+
+
+class PerfectlyFittedSoldNet(ThreeTaskNet):
+    """'sold' is fitted perfectly: its per-sample losses are exactly 0."""
+
+    def per_sample_losses(self, predictions, targets):
+        losses = dict(super().per_sample_losses(predictions, targets))
+        losses["sold"] = MaskedLoss(predictions["sold"] * 0, losses["sold"].mask)
+        return losses
+
+
+@pytest.mark.parametrize(
+    ("method", "bound"), [(UncertaintyWeighting, -30.0), (IMTLL, 30.0)], ids=["UW", "IMTLL"]
+)
+def test_a_loss_that_stays_at_0_drives_its_learned_scale_to_the_bound_not_overflow(method, bound):
+    # At L = 0 the gradient in s is constant: an Adam step of about lr each, for ever (e^s
+    # overflowed after 710 steps at lr=1, about 71k at the default lr). With lr=10 the bound is
+    # met at once and overflow (|s| > 709) would come after 71 steps.
+    batches = [make_batch(6, seed=seed) for seed in range(80)]
+    callback = method(lr=10.0)
+    trainer([callback], max_epochs=1).fit(
+        PerfectlyFittedSoldNet().double(), torch.utils.data.DataLoader(batches, batch_size=None)
+    )
+    scales = callback.state_dict()["scales"]["values"]
+    assert scales[2] == bound
+    assert scales[:2].min() >= -30 and scales[:2].max() <= 30
