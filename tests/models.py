@@ -55,6 +55,26 @@ class ThreeTaskNet(MultiTaskMixin, L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+class PriceKindNet(ThreeTaskNet):
+    """:class:`ThreeTaskNet` without its sold task (its head kept: the same initial model); its
+    batches carry no "sold" target (:func:`without_sold`)."""
+
+    def __init__(self) -> None:
+        super().__init__(task_order=("price", "kind"))
+
+    def forward_heads(self, shared: Tensor) -> dict[str, Tensor]:
+        predictions = super().forward_heads(shared)
+        return {name: predictions[name] for name in self.task_names}
+
+
+def without_sold(batches: list) -> list:
+    """``batches`` without their "sold" targets, for :class:`PriceKindNet`."""
+    return [
+        (inputs, {name: target for name, target in targets.items() if name != "sold"})
+        for inputs, targets in batches
+    ]
+
+
 class TwoLayerTrunkNet(ThreeTaskNet):
     """:class:`ThreeTaskNet` with a trunk of two layers (a parameter that can be left out of
     ``shared_parameters()`` or frozen)."""

@@ -57,7 +57,7 @@ class TaskParameters:
 
     def set_num_tasks(self, num_tasks: int, owner: str) -> None:
         """Fix ``K`` (in the callback's ``setup``); one instance serves one model."""
-        self.num_tasks = _fixed_num_tasks(self.num_tasks, num_tasks, owner)
+        self.num_tasks = fixed_num_tasks(self.num_tasks, num_tasks, owner)
 
     def values(self, like: Tensor) -> Tensor:
         """The values, on ``like``'s device, in its dtype (at least float32)."""
@@ -144,7 +144,7 @@ class HostTaskParameters:
 
     def set_num_tasks(self, num_tasks: int, owner: str) -> None:
         """Fix ``K`` (in the callback's ``setup``); one instance serves one model."""
-        self.num_tasks = _fixed_num_tasks(self.num_tasks, num_tasks, owner)
+        self.num_tasks = fixed_num_tasks(self.num_tasks, num_tasks, owner)
 
     @property
     def values(self) -> list[float]:
@@ -193,7 +193,9 @@ class HostTaskParameters:
         return self._state
 
 
-def _fixed_num_tasks(current: int, num_tasks: int, owner: str) -> int:
+def fixed_num_tasks(current: int, num_tasks: int, owner: str) -> int:
+    """``num_tasks``, once a method instance fixes it (``current`` 0: not yet); an instance that
+    holds the state of a model with another number of tasks is refused."""
     if current not in (0, num_tasks):
         raise ValueError(
             f"This {owner} already holds the state of a model with {current} tasks; "

@@ -18,6 +18,7 @@ from lightning_lossagg.callbacks._checks import (
     check_positive,
     require_multitask,
 )
+from lightning_lossagg.callbacks._task_parameters import fixed_num_tasks
 from lightning_lossagg.functional.dwa import dwa
 from lightning_lossagg.mixin import MultiTaskMixin
 from lightning_lossagg.weighting import WeightingCallback
@@ -89,6 +90,7 @@ class DWA(WeightingCallback):
         self._before_previous: Tensor | None = None
         self._rates: Tensor | None = None
         self._weights: Tensor | None = None
+        self._num_tasks: int = 0  # fixed by the first model: the state is per task
         self._unchecked = LossesReadLater(
             "DWA weighs each task by the ratio of its mean losses over two periods",
             partial(operator.gt, 0.0),  # loss < 0 (picklable, for ddp_spawn)
@@ -103,7 +105,8 @@ class DWA(WeightingCallback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        require_multitask(self, pl_module)
+        num_tasks = len(require_multitask(self, pl_module))
+        self._num_tasks = fixed_num_tasks(self._num_tasks, num_tasks, type(self).__name__)
         self._unchecked.clear()
 
     @override

@@ -21,6 +21,7 @@ from lightning_lossagg.callbacks._checks import (
     require_multitask,
     usable_tasks,
 )
+from lightning_lossagg.callbacks._task_parameters import fixed_num_tasks
 from lightning_lossagg.functional.loss_scaling import loss_scaling_weights, update_loss_levels
 from lightning_lossagg.mixin import MultiTaskMixin
 from lightning_lossagg.weighting import WeightingCallback
@@ -94,6 +95,7 @@ class LossScaling(WeightingCallback):
         self._all_have_levels: bool = False
         self._has_level_copy: distributed.HostCopy | None = None
         self._weights: Tensor | None = None  # mode="initial": the weights of the fixed levels
+        self._num_tasks: int = 0  # fixed by the first model: the state is per task
         self._unchecked: LossesReadLater = LossesReadLater(
             "LossScaling divides each task's loss by its level",
             partial(operator.gt, 0.0),  # loss < 0 (picklable, for ddp_spawn)
@@ -113,7 +115,8 @@ class LossScaling(WeightingCallback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        require_multitask(self, pl_module)
+        num_tasks = len(require_multitask(self, pl_module))
+        self._num_tasks = fixed_num_tasks(self._num_tasks, num_tasks, type(self).__name__)
         self._unchecked.clear()
 
     @override

@@ -76,7 +76,9 @@ class RLW(WeightingCallback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._num_tasks = len(require_multitask(self, pl_module))
+        num_tasks = len(require_multitask(self, pl_module))
+        if num_tasks != self._num_tasks:  # an instance used again for another model
+            self._num_tasks, self._drawn = num_tasks, None
 
     @override
     def task_weights(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:

@@ -18,7 +18,7 @@ from tests.callbacks._fits import (
     signed_price_batches,
 )
 from tests.callbacks._loss_based import at_step, global_losses, trainer, training_batches
-from tests.models import ThreeTaskNet, make_batch
+from tests.models import PriceKindNet, ThreeTaskNet, make_batch, without_sold
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -186,23 +186,11 @@ class _WeightsSeen(L.Callback):
         self.weights.append(pl_module.loss_record.weights.detach().clone())
 
 
-class _PriceKindNet(ThreeTaskNet):
-    """:class:`ThreeTaskNet` without the sold task (its head kept: the same initial model)."""
-
-    def __init__(self) -> None:
-        super().__init__(task_order=("price", "kind"))
-
-    def forward_heads(self, shared):
-        predictions = super().forward_heads(shared)
-        return {name: predictions[name] for name in self.task_names}
-
-
 def _famo_fit(model: ThreeTaskNet) -> tuple[FAMO, torch.Tensor, ThreeTaskNet]:
     callback, seen = FAMO(lr=0.5), _WeightsSeen()
     batches = [make_batch(8, seed=seed) for seed in range(4)]
-    for _, targets in batches:  # only the model's tasks
-        for name in set(targets) - set(model.task_names):
-            del targets[name]
+    if "sold" not in model.task_names:
+        batches = without_sold(batches)
     trainer([callback, seen], max_epochs=3).fit(model, DataLoader(batches, batch_size=None))
     return callback, torch.stack(seen.weights), model
 
@@ -214,7 +202,7 @@ def test_a_task_of_weight_0_has_no_say_in_famos_weights_or_logits():
     torch.manual_seed(0)
     watched = _famo_fit(ThreeTaskNet(sold_weight=0.0).double())
     torch.manual_seed(0)
-    without = _famo_fit(_PriceKindNet().double())
+    without = _famo_fit(PriceKindNet().double())
     (callback, weights, model), (callback_2, weights_2, model_2) = watched, without
     assert (weights[:, 2] == 0).all()
     assert len({tuple(w.tolist()) for w in weights_2}) > 1  # FAMO adapted
