@@ -57,7 +57,13 @@ def _class_loss(fn: Callable[..., Tensor]) -> PerSampleLossFn:
 
 def _probability_bce(prediction: Tensor, target: Tensor) -> Tensor:
     """Per-sample ``binary_cross_entropy``, non-finite where the probability is (PyTorch's fails
-    on a NaN probability: a device-side assert on CUDA), so the ``nonfinite`` policy takes it."""
+    on a NaN probability: a device-side assert on CUDA), so the ``nonfinite`` policy takes it.
+    Outside autocast, whose CUDA policy refuses ``binary_cross_entropy`` as unsafe in float16:
+    the probability and the label come in float32 at least (see ``checked_per_sample_loss``)."""
+    device = prediction.device.type
+    if torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            return _probability_bce(prediction, target)
     placeholder = prediction.nan_to_num(nan=0.5, posinf=0.5, neginf=0.5)
     return F.binary_cross_entropy(placeholder, target, reduction="none") + prediction.detach() * 0
 

@@ -120,6 +120,27 @@ def test_uint8_class_maps_with_a_void_label_match_torch():
     torch.testing.assert_close(values[mask].mean(), expected)
 
 
+def test_bce_runs_outside_autocast_which_refuses_it_on_cuda(monkeypatch):
+    # CUDA's autocast refuses F.binary_cross_entropy ("unsafe to autocast"); CPU's allows it.
+    # This machine has no GPU: a stand-in for F.binary_cross_entropy refuses it under any
+    # autocast as CUDA's does, and the CPU's autocast runs the real step around it.
+    real = F.binary_cross_entropy
+
+    def refused_under_autocast(*args, **kwargs):
+        if torch.is_autocast_enabled("cpu"):
+            raise RuntimeError("binary_cross_entropy and BCELoss are unsafe to autocast")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "binary_cross_entropy", refused_under_autocast)
+    probability = torch.tensor([0.2, 0.9, 0.5]).to(torch.bfloat16)
+    target = torch.tensor([0.0, 1.0, torch.nan])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values, mask = Task("bce").per_sample_loss("sold", probability, target)
+    expected = real(probability.float()[:2], target[:2], reduction="none")
+    assert values.dtype == torch.float32 and mask.tolist() == [True, True, False]
+    torch.testing.assert_close(values[:2], expected)
+
+
 def test_bce_is_non_finite_where_its_probability_is_and_refuses_one_out_of_range():
     prediction = torch.tensor([0.2, torch.nan, 0.7, torch.inf, torch.nan], requires_grad=True)
     target = torch.tensor([1.0, 0.0, torch.nan, 1.0, torch.nan])
