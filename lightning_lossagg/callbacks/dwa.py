@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from functools import partial
 from numbers import Integral
@@ -9,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -108,6 +110,15 @@ class DWA(WeightingCallback):
         num_tasks = len(require_multitask(self, pl_module))
         self._num_tasks = fixed_num_tasks(self._num_tasks, num_tasks, type(self).__name__)
         self._unchecked.clear()
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.window_steps is None and math.isinf(trainer.num_training_batches):
+            rank_zero_warn(
+                "DWA's periods are epochs, and this fit's training loader has no length: an "
+                "endless stream never ends an epoch, and DWA's weights stay 1 until two have "
+                "ended. Give DWA(window_steps=N) for periods of N optimizer steps."
+            )
 
     @override
     def task_weights(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:

@@ -1,5 +1,7 @@
 """DWA: its arguments, windows of steps, and tasks without a rate."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ from tests.callbacks._loss_based import (
     trainer,
     training_batches,
 )
-from tests.models import ThreeTaskNet
+from tests.models import ThreeTaskNet, make_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -159,3 +161,28 @@ def test_a_period_mean_of_zero_gives_no_rate():
     expected = dwa(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([1.0, 2.0, 1.0]))
     torch.testing.assert_close(weights[2].float(), expected)
     assert callback.state_to_log()["loss_rate"][0] == 1.0
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Batches for ever, without a length: an epoch that never ends."""
+
+    def __iter__(self):
+        seed = 0
+        while True:
+            yield make_batch(6, seed=seed)
+            seed += 1
+
+
+@pytest.mark.parametrize(
+    ("window_steps", "endless", "warned"),
+    [(None, True, True), (3, True, False), (None, False, False)],
+    ids=["epochs-of-a-stream", "windows-of-a-stream", "epochs-of-a-sized-loader"],
+)
+def test_epoch_periods_on_an_endless_stream_are_warned_of(window_steps, endless, warned):
+    data = _Stream() if endless else [make_batch(6, seed=seed) for seed in range(3)]
+    run = trainer([DWA(window_steps=window_steps)], max_epochs=1, max_steps=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.fit(ThreeTaskNet().double(), DataLoader(data, batch_size=None))
+    messages = [str(warning.message) for warning in caught]
+    assert any("DWA(window_steps=N)" in message for message in messages) == warned
