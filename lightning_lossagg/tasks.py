@@ -305,13 +305,14 @@ class Task:
             else:
                 mask = self.valid_classes(target)
                 if rule == "times_mask":
-                    # At a missing label, the class the prediction ranks first, its loss times
-                    # 0: finite wherever the prediction is (class 0 may be ruled out with -inf,
-                    # or have a probability of 0), non-finite where it is not. int64 indices
-                    # (a uint8 map's too).
-                    placeholder = prediction.detach().argmax(1)
-                    values = self.loss_fn(prediction, torch.where(mask, target, placeholder))
-                    values = values * mask
+                    placeholder = torch.where(mask, target, 0)  # class 0 at a missing label
+                    if placeholder.dtype != torch.long:  # a uint8 map: torch takes int64 maps
+                        placeholder = placeholder.long()
+                    values = self.loss_fn(prediction, placeholder)
+                    # There 0 with no gradient, also where class 0's loss is infinite (a class
+                    # ruled out with -inf, a probability of 0); NaN where the prediction is.
+                    missing = values.detach().nan_to_num(nan=math.nan, posinf=0.0) * 0
+                    values = torch.where(mask, values, missing)
                 else:
                     values = self._callable_on_classes(name, prediction, target, mask)
         except (RuntimeError, ValueError, IndexError) as error:
