@@ -354,22 +354,28 @@ class GradientWeighting(WeightingCallback):
         """The shared parameters' gradients, ``None`` for one that no task reached (on any
         rank), as in a plain backward: an optimizer with momentum or weight decay leaves it
         alone. Under DDP each rank hands DDP a gradient for every one (DDP waits for each, a 0
-        where no task reached it), and :meth:`on_after_backward` takes those off again once DDP
-        has reduced them (as DDP itself does with ``find_unused_parameters=True``)."""
+        where no task reached it), and :meth:`on_after_backward` takes off those still exactly
+        0 once DDP has reduced them, as DDP itself does with ``find_unused_parameters=True``
+        (a term of the user's own added to the objective may have reached one, and an earlier
+        micro-batch's task may have)."""
         if not distributed.is_distributed():
             return tuple(grad if hit else None for grad, hit in zip(grads, reached, strict=True))
-        self._no_gradient_after_backward = [
-            parameter
-            for parameter, hit in zip(shared, reached, strict=True)
-            if not hit and parameter.grad is None  # none from an earlier micro-batch either
-        ]
+        pairs = zip(shared, reached, strict=True)
+        self._no_gradient_after_backward = [parameter for parameter, hit in pairs if not hit]
         return grads
 
     @override
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for parameter in self._no_gradient_after_backward:
-            parameter.grad = None
-        self._no_gradient_after_backward = []
+        flagged, self._no_gradient_after_backward = self._no_gradient_after_backward, []
+        flagged = [parameter for parameter in flagged if parameter.grad is not None]
+        if not flagged:
+            return
+        # One host read, at a step where no task on any rank reached a shared parameter. The
+        # gradients are DDP's reduced ones, the same on every rank: so are the decisions.
+        nonzero = torch.stack([parameter.grad.any() for parameter in flagged]).tolist()  # type: ignore[union-attr]
+        for parameter, keep in zip(flagged, nonzero, strict=True):
+            if not keep:
+                parameter.grad = None
 
     def _weights_of_scaled_gramian(
         self, host: _HostFigures, scale: float, pending: _PendingStep

@@ -827,20 +827,27 @@ def test_a_shared_parameter_no_task_reaches_gets_no_gradient_and_stays(method, n
 
 
 class PartlyReachedSharedLayersNet(UnusedSharedLayerNet):
-    """:class:`UnusedSharedLayerNet` with one more shared layer, ``rare``, that only rows whose
-    first input is above 1 reach: none of rank 0's rows in :func:`ddp_batches`, some of rank 1's.
-    The concatenated batch reaches it, so every rank must hand it its gradient."""
+    """:class:`UnusedSharedLayerNet` with more shared layers: ``rare``, that only rows whose
+    first input is above 1 reach (none of rank 0's rows in :func:`ddp_batches`, some of rank 1's
+    at every step); ``once``, above 1.5 (only rank 1's second batch: reached at every other
+    step, by no rank at the steps between); and ``aux``, that no task reaches but a term of the
+    model's own added to the objective does. The concatenated batches reach ``rare`` at every
+    step and ``once`` at every other."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.rare = torch.nn.Linear(8, 8)
+        self.rare, self.once, self.aux = (torch.nn.Linear(8, 8) for _ in range(3))
 
     def forward_shared(self, inputs):
         shared = self.trunk(inputs)
-        rare = inputs[:, :1] > 1.0
-        if rare.any():  # else the layer is not in the graph at all
-            shared = torch.where(rare, shared + self.rare(shared), shared)
+        for layer, above in ((self.rare, 1.0), (self.once, 1.5)):
+            rows = inputs[:, :1] > above
+            if rows.any():  # else the layer is not in the graph at all
+                shared = torch.where(rows, shared + layer(shared), shared)
         return shared
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + 0.5 * self.aux.weight.pow(2).sum()
 
 
 class PartlyReachedSharedLayersNoSplitNet(PartlyReachedSharedLayersNet):
@@ -874,6 +881,7 @@ def _fit_partly_reached(rank: int | None, cases: list[tuple[str, str]]) -> dict:
         results[(net, sync)] = {
             "unused grad": model.unused.weight.grad,
             "rare grad": model.rare.weight.grad,
+            "aux grad": model.aux.weight.grad,
             "parameters": {k: v.clone() for k, v in model.state_dict().items()},
         }
     return results
@@ -882,7 +890,9 @@ def _fit_partly_reached(rank: int | None, cases: list[tuple[str, str]]) -> dict:
 @pytest.mark.ddp
 def test_two_ranks_give_no_gradient_to_a_shared_parameter_no_rank_reaches():
     # As DDP itself does (find_unused_parameters=True leaves a parameter that no rank used
-    # without a gradient), and as one process on the concatenated batch: AdamW leaves it alone.
+    # without a gradient), and as one process on the concatenated batch: AdamW leaves it alone
+    # (and "once" alone at the steps no rank reaches it, whatever gradient the step before
+    # left); a parameter the model's own term reaches keeps that gradient.
     cases = [(net, sync) for net in PARTLY_REACHED_NETS for sync in ("gradients", "gramian")]
     ranks = run_on_lightning_ranks(_fit_partly_reached, cases)
     single = _fit_partly_reached(None, cases)
@@ -891,6 +901,7 @@ def test_two_ranks_give_no_gradient_to_a_shared_parameter_no_rank_reaches():
         for on_rank in ranks:
             assert on_rank[case]["unused grad"] is None, case
             assert on_rank[case]["rare grad"] is not None, case  # rank 0's own 0, averaged
+            torch.testing.assert_close(on_rank[case]["aux grad"], single[case]["aux grad"])
         initial = PARTLY_REACHED_NETS[case[0]]
         torch.manual_seed(0)
         unused = initial().unused.weight.double()
