@@ -47,6 +47,8 @@ class CAGrad(GradientWeighting):
         >>> callback = CAGrad(c=0.5)
     """
 
+    state_is_per_task = False  # a warm start: in another task order it starts elsewhere
+
     def __init__(
         self, c: float = 0.5, rescale: int = 1, rep_grad: bool = False, sync: Sync = "gradients"
     ) -> None:
@@ -58,7 +60,10 @@ class CAGrad(GradientWeighting):
             )
         self.c, self.rescale = c, int(rescale)
         # The tasks with a positive inner weight at the latest step: where the next search
-        # starts (the support rarely changes; the weights do not depend on it).
+        # starts (the support rarely changes). The weights are those of the support found, but
+        # for rounding where the search meets a near-singular support: it is saved with the
+        # checkpoint and put back with a refused step, so that a resumed fit weighs exactly as
+        # the uninterrupted one.
         self._support = np.zeros(0, dtype=bool)
 
     @property
@@ -72,3 +77,20 @@ class CAGrad(GradientWeighting):
         weights, found = cagrad_weights(symmetric_matrix(gramian), self.c, self.rescale, support)
         self._support = np.zeros(0, dtype=bool) if found is None else found
         return torch.from_numpy(weights)
+
+    @override
+    def step_state(self) -> np.ndarray:
+        return self._support  # replaced, never changed in place
+
+    @override
+    def put_back_step_state(self, state: np.ndarray) -> None:
+        self._support = state
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"support": torch.from_numpy(self._support.copy())}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        support = state_dict.get("support")  # none in a checkpoint of an earlier version
+        self._support = np.zeros(0, dtype=bool) if support is None else support.numpy().copy()

@@ -31,12 +31,17 @@ _TIE_BREAK = 1e-10
 _RESCALE_DIVISORS = {0: lambda c: 1.0, 1: lambda c: 1.0 + c**2, 2: lambda c: 1.0 + c}
 
 
+# A weight of SLSQP's answer above this counts in its support.
+_SUPPORT_TOL = 1e-9
+
+
 def _inner_weights(
     gram: np.ndarray, lin: np.ndarray, radius: float, support: np.ndarray | None = None
 ) -> np.ndarray:
     """Minimise ``lin @ w + radius * sqrt(w @ gram @ w)`` over the simplex: exactly by
     :func:`_on_support` where it certifies its answer (from the ``support`` guessed, else from
-    the best vertex), else with SciPy's SLSQP."""
+    the best vertex), else with SciPy's SLSQP, whose answer's support the exact search then
+    starts from (an answer it certifies is the same, to the bit, as from a right guess)."""
     exact = (
         None if support is None or not support.any() else _on_support(gram, lin, radius, support)
     )
@@ -64,7 +69,9 @@ def _inner_weights(
         options={"ftol": 1e-14, "maxiter": 500},
     )
     weights = np.clip(result.x, 0.0, None)
-    return weights / weights.sum()
+    weights /= weights.sum()
+    polished = _on_support(gram, lin, radius, weights > _SUPPORT_TOL)
+    return weights if polished is None else polished
 
 
 def _on_support(
@@ -82,8 +89,7 @@ def _on_support(
     when none is found (singular :math:`G_{SS}`, Pareto-stationary gradients): SLSQP decides.
     With up to ``PYTHON_TASKS_UP_TO`` tasks (a training step's), the search runs in Python floats
     (:func:`_on_support_in_floats`), from the guess or the best vertex alike: the weights are
-    those of the support found, to the bit, whatever the guess (a fit resumed without the
-    previous step's support weighs as the uninterrupted one).
+    those of the support found, computed alike whatever the guess.
     """
     if len(lin) <= PYTHON_TASKS_UP_TO:
         if start is None:
@@ -194,7 +200,8 @@ def cagrad_weights(
     """:func:`cagrad` on a symmetric float64 NumPy Gramian, unchecked (for the callback's step).
 
     ``support``: the tasks expected to have a positive inner weight (the previous step's); the
-    result does not depend on it. Returns the weights and this call's support (``None`` when the
+    result is the support found's, whatever the guess, but for rounding where the search meets a
+    near-singular support. Returns the weights and this call's support (``None`` when the
     inner problem was not solved).
     """
     if matrix.shape[0] == 2:

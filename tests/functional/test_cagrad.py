@@ -243,3 +243,20 @@ def test_nearly_pareto_stationary_gradients_take_the_primal_optimum(
     reference, optimal_value = primal_optimum_by_cvxpy(jacobian, c=0.5)
     assert (jacobian @ update).min() >= optimal_value - 1e-9
     torch.testing.assert_close(update, reference, rtol=0.0, atol=1e-6)
+
+
+def test_a_search_that_fails_from_the_best_vertex_is_polished_from_slsqps_support() -> None:
+    # A well-conditioned Gramian (eigenvalue ratio 3e-4) on which the search from the best
+    # vertex gives up: SLSQP's answer (within 1e-8) is made exact from its support, the same to
+    # the bit as the search from the right guess.
+    gramian = np.array(
+        [
+            [5.543307295809741, -4.097778050110076, -0.22886525759344165],
+            [-4.097778050110076, 3.4541886524445067, 0.5988742138356347],
+            [-0.22886525759344165, 0.5988742138356347, 0.4503750692597774],
+        ]
+    )
+    cold, support = cagrad_weights(gramian, c=0.9)
+    warm, _ = cagrad_weights(gramian, c=0.9, support=np.array([True, True, False]))
+    np.testing.assert_array_equal(cold, warm)
+    assert support is not None
