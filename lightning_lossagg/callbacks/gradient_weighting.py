@@ -947,15 +947,19 @@ def _nothing_shared(
 
 
 def _shared_are_the_trunk(pl_module: L.LightningModule) -> bool:
-    """Whether ``shared_parameters()`` are every trainable parameter outside ``self.heads``: only
-    then may parameter gradients go back from the representation, one task at a time (a trunk
-    parameter left out of them would get no gradient); else one backward per task takes them."""
+    """Whether ``shared_parameters()`` are every trainable parameter outside ``self.heads``, and
+    no head parameter is also the trunk's (tied weights): only then may parameter gradients go
+    back from the representation, one task at a time (a trunk parameter left out of them would
+    get no gradient); else one backward per task takes them."""
     heads = getattr(pl_module, "heads", None)
     if not isinstance(heads, torch.nn.Module):
         return False
+    in_heads = {id(parameter) for parameter in heads.parameters()}
+    named = pl_module.named_parameters(remove_duplicate=False)
+    if any(id(p) in in_heads and not name.startswith("heads.") for name, p in named):
+        return False  # a head's weight tied to the trunk's: its trunk side would go unweighed
     if not_overridden(pl_module, "shared_parameters"):  # type: ignore[arg-type]
         return True  # by definition, at every step (a trunk frozen now may train later)
-    in_heads = {id(parameter) for parameter in heads.parameters()}
     outside = {id(p) for p in pl_module.parameters() if p.requires_grad and id(p) not in in_heads}
     return outside == {id(parameter) for parameter in pl_module.shared_parameters()}  # type: ignore[operator]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_lossagg import MaskedLoss, callbacks
+from lightning_lossagg import MaskedLoss, MultiTaskMixin, Task, callbacks
 from lightning_lossagg.callbacks import gradient_weighting
 from lightning_lossagg.callbacks.gradient_weighting import (
     GradientWeighting,
@@ -913,3 +913,44 @@ def test_two_ranks_give_no_gradient_to_a_shared_parameter_no_rank_reaches():
                     torch.testing.assert_close(
                         parameters[key], value, rtol=1e-8, atol=1e-11, msg=f"{case} {key}"
                     )
+
+
+class TiedHeadNet(MultiTaskMixin, L.LightningModule):
+    """One task whose head's weight is the trunk's second layer's (tied, as a language model's
+    output layer and its embedding): a head parameter with a trunk side too."""
+
+    def __init__(self) -> None:
+        super().__init__(tasks={"price": Task("mse")})
+        self.first, self.mix = torch.nn.Linear(5, 8), torch.nn.Linear(8, 8)
+        self.heads = torch.nn.ModuleDict({"price": torch.nn.Linear(8, 8)})
+        self.heads["price"].weight = self.mix.weight
+
+    def forward_shared(self, inputs):
+        return torch.tanh(self.mix(torch.tanh(self.first(inputs))))
+
+    def forward_heads(self, shared):
+        return {"price": self.heads["price"](shared).sum(-1)}
+
+    def forward(self, inputs):
+        return self.forward_heads(self.forward_shared(inputs))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("method", [callbacks.MGDA, callbacks.UPGrad])
+def test_a_head_weight_tied_to_the_trunk_takes_both_sides_gradients(method):
+    # One task: the method's weight is 1 and the step must be the plain step; the tied weight's
+    # trunk side went unweighed (and lost) with parameter gradients from the representation.
+    inputs, targets = make_batch(8, seed=1)
+    batch = (inputs, {"price": targets["price"]})
+
+    def step(callbacks_: list) -> dict:
+        torch.manual_seed(0)
+        model = TiedHeadNet().double()
+        quiet_trainer(1, steps=1, callbacks=callbacks_).fit(model, one_batch_loader(batch))
+        return {name: value.clone() for name, value in model.state_dict().items()}
+
+    plain, weighted = step([]), step([method()])
+    for name, value in plain.items():
+        torch.testing.assert_close(weighted[name], value, rtol=1e-12, atol=1e-14, msg=name)
