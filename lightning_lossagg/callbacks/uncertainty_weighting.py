@@ -32,8 +32,9 @@ class UncertaintyWeighting(LearnedScalesWeighting):
     :math:`\nabla_s \mathcal{L}` on the step's global losses (averaged over accumulated
     micro-batches), with their own Adam on the host (float64: ``K`` numbers), once per
     optimizer step of the model. At the optimum :math:`e^{s_k} = 2 c_k L_k`: a regression task's
-    learned variance is its loss, its MSE. :math:`s_k` stays within :math:`\pm 30` (a loss
-    between 1e-13 and 1e13 is unaffected): a task whose loss stays at 0 would drive it for ever.
+    learned variance is its loss, its MSE. :math:`s_k` stays within :math:`\pm 30` (an optimum
+    :math:`e^{s_k} = 2 c_k L_k` between 1e-13 and 1e13 is unaffected): a task whose loss stays
+    at 0 would drive it for ever.
 
     The log-variances live in this callback, not in the model: the model's ``state_dict`` does not
     change and its checkpoints load without the callback. They, Adam's state and the losses of a
