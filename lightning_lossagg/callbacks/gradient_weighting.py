@@ -152,7 +152,7 @@ class GradientWeighting(WeightingCallback):
         self._shared_reached: list[bool] = []  # which shared parameters a task's gradient reached
         self._reached_on_ranks: Tensor | None = None  # under DDP: on how many ranks, per parameter
         # Under DDP: the shared parameters no task reached on any rank, which hand DDP a zero
-        # gradient and lose it once DDP has reduced it (see _shared_gradients).
+        # gradient and lose it if it is still 0 once DDP has reduced it (_shared_gradients).
         self._no_gradient_after_backward: list[torch.nn.Parameter] = []
         self._shared_parameters: list[torch.nn.Parameter] = []
         # The heads' parameters, each with its (task, gradient) pairs (None: the task does not
