@@ -34,7 +34,9 @@ class CAGrad(GradientWeighting):
 
     Scale: LibMTL's, :math:`s = 1 + c^2` (``rescale=1``, its default), :math:`1 + c`
     (``rescale=2``) or 1 (``rescale=0``, the paper's and torchjd's ``CAGrad``). LibMTL refuses
-    representation gradients; ``rep_grad=True`` works here. Stateless: nothing to save.
+    representation gradients; ``rep_grad=True`` works here. Its state is the previous step's
+    support, where the next search starts (a warm start, saved so that a resumed fit weighs
+    exactly as the uninterrupted one).
 
     Args:
         c: the radius :math:`c \geq 0` of the ball around :math:`g_0`, relative to
