@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from functools import partial
 
@@ -62,15 +63,39 @@ class GLS(WeightingCallback):
 
     @override
     def task_weights(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:
-        losses, valid = step.losses, step.valid
+        losses = step.losses
         # The losses <= 0, read on the host at the optimizer step (a task without a valid sample
         # has a NaN loss: never <= 0). NaN and +inf are the mixin's to report (nonfinite=...).
         self._unchecked.add(losses)
+        if losses.device.type == "cpu":  # reading K numbers costs nothing: Python floats
+            weights = _host_gls_weights(losses.tolist(), step.counts.tolist())
+            if weights is not None:
+                return torch.tensor(weights, dtype=losses.dtype)
         # The weights of G over the valid tasks; the others' are finite and meet a term of 0.
-        return gls_weights(losses, validate_args=False, valid=valid)
+        return gls_weights(losses, validate_args=False, valid=step.valid)
 
     @override
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         self._unchecked.check(pl_module, trainer.global_step)
+
+
+def _host_gls_weights(losses: list[float], counts: list[float]) -> list[float] | None:
+    """:func:`~lightning_lossagg.functional.gls.gls_weights` over the tasks with a valid sample,
+    in Python floats: on the CPU a dozen operations on K-element tensors cost several times
+    this. ``None`` for a loss that is not finite and > 0 (the tensor arithmetic and the checks
+    take it)."""
+    logs = []
+    for loss, count in zip(losses, counts, strict=True):
+        if count > 0:
+            if not 0.0 < loss < math.inf:
+                return None
+            logs.append(math.log(loss))
+    num_valid = max(len(logs), 1)
+    mean = sum(logs) / num_valid
+    valid_logs = iter(logs)
+    # A task without a valid sample takes the loss 1 (log 0), as gls_weights gives it.
+    return [
+        math.exp(mean - (next(valid_logs) if count > 0 else 0.0)) / num_valid for count in counts
+    ]

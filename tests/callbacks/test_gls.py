@@ -1,11 +1,15 @@
 """GLS: the weighted objective is the geometric mean, and a loss <= 0 stops training before the
 optimizer step, naming the task and the step."""
 
+import math
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from lightning_lossagg.callbacks import GLS, NonPositiveLossError
+from lightning_lossagg.callbacks.gls import _host_gls_weights
+from lightning_lossagg.functional.gls import gls_weights
 from tests.callbacks._fits import ParametersAfterEachStep, SignedPriceNet, signed_price_batches
 from tests.callbacks._loss_based import at_step, global_losses, trainer
 from tests.models import ThreeTaskNet
@@ -51,3 +55,22 @@ def test_a_loss_of_exactly_zero_is_refused():
     callback.task_weights(module, global_losses([0.0, 2.0, 3.0]))
     with pytest.raises(NonPositiveLossError, match=r"'price' \(0\).*global step 1"):
         callback.on_before_optimizer_step(module.trainer, module, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_cpu_steps_host_arithmetic_equals_the_functional_weights(dtype):
+    # On the CPU a step weighs in Python floats; every other device takes gls_weights.
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        losses = torch.rand(5, generator=generator, dtype=dtype) * 10 + 1e-3
+        counts = (torch.rand(5, generator=generator) < 0.7).to(dtype) * 4
+        losses = torch.where(counts > 0, losses, torch.nan)
+        host = torch.tensor(_host_gls_weights(losses.tolist(), counts.tolist()), dtype=dtype)
+        expected = gls_weights(losses, validate_args=False, valid=counts > 0)
+        torch.testing.assert_close(host, expected, rtol=4 * torch.finfo(dtype).eps, atol=0)
+
+
+@pytest.mark.parametrize("loss", [0.0, -1.0, math.inf, math.nan])
+def test_a_loss_the_host_cannot_take_is_left_to_the_tensor_arithmetic(loss):
+    # <= 0 is GLS's error at the optimizer step, NaN and inf with a valid sample the mixin's.
+    assert _host_gls_weights([1.0, loss], [3.0, 2.0]) is None
