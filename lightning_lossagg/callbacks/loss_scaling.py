@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from functools import partial
 from numbers import Real
@@ -47,10 +48,11 @@ class LossScaling(WeightingCallback):
 
     The weights are 1 during the first ``warmup_steps`` optimizer steps, and 1 for a task
     that has not yet had a valid sample. A task without a valid sample in a step keeps its level.
-    Levels are kept on the device, saved in ``state_dict``, identical on every rank (global losses
-    only), and logged as ``train/loss_level/<task>``. A negative global loss (a level below 0
-    would turn its task's weight around) raises before the optimizer step that met it updates the
-    model (read from a host copy made without a stall).
+    Levels are kept on the device (on the CPU, once every task has one, computed in Python
+    floats), saved in ``state_dict``, identical on every rank (global losses only), and logged
+    as ``train/loss_level/<task>``. A negative global loss (a level below 0 would turn its
+    task's weight around) raises before the optimizer step that met it updates the model (read
+    from a host copy made without a stall).
 
     Args:
         mode: ``"ema"`` or ``"initial"``.
@@ -163,8 +165,9 @@ class LossScaling(WeightingCallback):
 
     def _weights_of_known_levels(self, step: GlobalTaskLosses) -> Tensor:
         """Once every task has a level: the arithmetic of :meth:`_update_levels` and
-        :meth:`task_weights` where ``has_level`` is all True, bit for bit, without their
-        operations that only start levels (three per step; with fixed levels, all of them)."""
+        :meth:`task_weights` where ``has_level`` is all True, without their operations that only
+        start levels (three per step; with fixed levels, all of them); on the CPU in Python
+        floats (to the last bit: torch may fuse ``lerp``'s product and sum)."""
         losses = step.losses
         levels = on_device(self._levels, losses.device)  # type: ignore[arg-type]
         if self.mode == "initial":  # fixed levels, fixed weights
@@ -172,6 +175,12 @@ class LossScaling(WeightingCallback):
                 self._levels = levels
                 self._weights = loss_scaling_weights(levels, self.eps, validate_args=False)
             return self._weights
+        if losses.device.type == "cpu":  # reading K numbers costs nothing: Python floats
+            host_levels = _host_moving_levels(levels.tolist(), losses.tolist(), self.decay)
+            self._levels = torch.tensor(host_levels, dtype=levels.dtype)
+            floor = max(self.eps, 2.0 / torch.finfo(levels.dtype).max)
+            weights = [1.0 / max(level, floor) for level in host_levels]
+            return torch.tensor(weights, dtype=levels.dtype)
         moving_average = update_loss_levels(levels, losses, self.decay, validate_args=False)
         self._levels = torch.where(usable_tasks(step), moving_average, levels)
         return loss_scaling_weights(self._levels, self.eps, validate_args=False)
@@ -200,3 +209,16 @@ class LossScaling(WeightingCallback):
         has_level = self._has_level
         self._all_have_levels = has_level is not None and bool(has_level.all())
         self._has_level_copy = self._weights = None
+
+
+def _host_moving_levels(levels: list[float], losses: list[float], decay: float) -> list[float]:
+    """:func:`~lightning_lossagg.functional.loss_scaling.update_loss_levels` in Python floats,
+    a task whose loss is not finite (no valid sample) keeping its level: on the CPU a handful of
+    operations on K-element tensors cost several times this. ``torch.lerp``'s two forms."""
+    weight = 1.0 - decay
+    return [
+        (level + weight * (loss - level) if weight < 0.5 else loss - (loss - level) * (1 - weight))
+        if math.isfinite(loss)
+        else level
+        for level, loss in zip(levels, losses, strict=True)
+    ]

@@ -6,6 +6,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
 from lightning_lossagg.callbacks import LossScaling
+from lightning_lossagg.callbacks.loss_scaling import _host_moving_levels
+from lightning_lossagg.functional.loss_scaling import update_loss_levels
 from tests.callbacks._fits import ParametersAfterEachStep, SignedPriceNet, signed_price_batches
 from tests.callbacks._loss_based import at_step, global_losses, trainer
 from tests.models import ThreeTaskNet
@@ -171,3 +173,21 @@ def test_levels_restored_from_a_checkpoint_take_the_shorter_steps_at_once():
     weights, operations = _weights_and_operations(restored, 1, global_losses([4.0, 4.0, 4.0]))
     torch.testing.assert_close(weights, 1 / torch.tensor([3.0, 4.0, 6.0], dtype=torch.float64))
     assert operations <= _operations_of_a_general_step(mode="ema") - 3
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.3, 0.9, 0.99])
+def test_the_cpu_steps_host_levels_equal_the_functional_update(decay):
+    # On the CPU a step's moving levels are computed in Python floats (both of torch.lerp's
+    # forms); a task without a valid sample (NaN loss) keeps its level, as the tensor path's.
+    generator = torch.Generator().manual_seed(0)
+    levels = torch.rand(6, generator=generator, dtype=torch.float64) * 5
+    for _ in range(30):
+        losses = torch.rand(6, generator=generator, dtype=torch.float64) * 5
+        losses[torch.rand(6, generator=generator) < 0.2] = torch.nan
+        host_levels = _host_moving_levels(levels.tolist(), losses.tolist(), decay)
+        host = torch.tensor(host_levels, dtype=torch.float64)
+        updated = update_loss_levels(levels, losses, decay, validate_args=False)
+        expected = torch.where(losses.isfinite(), updated, levels)
+        # torch may fuse lerp's product and sum (one rounding fewer): a last-bit difference.
+        torch.testing.assert_close(host, expected, rtol=4 * torch.finfo(torch.float64).eps, atol=0)
+        levels = host
