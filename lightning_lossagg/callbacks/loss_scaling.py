@@ -23,7 +23,11 @@ from lightning_lossagg.callbacks._checks import (
     usable_tasks,
 )
 from lightning_lossagg.callbacks._task_parameters import fixed_num_tasks
-from lightning_lossagg.functional.loss_scaling import loss_scaling_weights, update_loss_levels
+from lightning_lossagg.functional.loss_scaling import (
+    level_floor,
+    loss_scaling_weights,
+    update_loss_levels,
+)
 from lightning_lossagg.mixin import MultiTaskMixin
 from lightning_lossagg.weighting import WeightingCallback
 
@@ -178,7 +182,7 @@ class LossScaling(WeightingCallback):
         if losses.device.type == "cpu":  # reading K numbers costs nothing: Python floats
             host_levels = _host_moving_levels(levels.tolist(), losses.tolist(), self.decay)
             self._levels = torch.tensor(host_levels, dtype=levels.dtype)
-            floor = max(self.eps, 2.0 / torch.finfo(levels.dtype).max)
+            floor = level_floor(self.eps, levels.dtype)
             weights = [1.0 / max(level, floor) for level in host_levels]
             return torch.tensor(weights, dtype=levels.dtype)
         moving_average = update_loss_levels(levels, losses, self.decay, validate_args=False)

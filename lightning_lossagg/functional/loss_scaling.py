@@ -106,6 +106,10 @@ def loss_scaling_weights(
             f"`levels` must be finite and >= 0; found {levels[bad].tolist()} at task indices "
             f"{bad}. Loss scaling needs non-negative losses."
         )
-    # eps, or a floor whose reciprocal the dtype holds (1e-8 is 0 in float16: 1/0 = inf).
-    floor = max(eps, 2.0 / torch.finfo(levels.dtype).max)
-    return detached(levels).clamp_min(floor).reciprocal()
+    return detached(levels).clamp_min(level_floor(eps, levels.dtype)).reciprocal()
+
+
+def level_floor(eps: float, dtype: torch.dtype) -> float:
+    """The least level a weight divides by: ``eps``, or a floor whose reciprocal ``dtype`` holds
+    (1e-8 is 0 in float16: 1/0 = inf)."""
+    return max(eps, 2.0 / torch.finfo(dtype).max)
