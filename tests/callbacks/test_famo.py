@@ -5,7 +5,6 @@ tasks a logit update leaves out, and a restored state."""
 import contextlib
 from types import SimpleNamespace
 
-import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -18,6 +17,7 @@ from tests.callbacks._fits import (
     signed_price_batches,
 )
 from tests.callbacks._loss_based import at_step, global_losses, trainer, training_batches
+from tests.callbacks.test_every_method import WeightsSeen
 from tests.models import PriceKindNet, ThreeTaskNet, make_batch, without_sold
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -178,16 +178,8 @@ def test_the_re_evaluation_runs_in_the_steps_precision():
     assert torch.equal(logits, torch.zeros_like(logits)), logits
 
 
-class _WeightsSeen(L.Callback):
-    def __init__(self) -> None:
-        self.weights: list[torch.Tensor] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.weights.append(pl_module.loss_record.weights.detach().clone())
-
-
 def _famo_fit(model: ThreeTaskNet) -> tuple[FAMO, torch.Tensor, ThreeTaskNet]:
-    callback, seen = FAMO(lr=0.5), _WeightsSeen()
+    callback, seen = FAMO(lr=0.5), WeightsSeen()
     batches = [make_batch(8, seed=seed) for seed in range(4)]
     if "sold" not in model.task_names:
         batches = without_sold(batches)
