@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_lossagg.representation import outside_autocast
+
 PerSampleLossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -60,10 +62,10 @@ def _probability_bce(prediction: Tensor, target: Tensor) -> Tensor:
     on a NaN probability: a device-side assert on CUDA), so the ``nonfinite`` policy takes it.
     Outside autocast, whose CUDA policy refuses ``binary_cross_entropy`` as unsafe in float16:
     the probability and the label come in float32 at least (see ``checked_per_sample_loss``)."""
-    device = prediction.device.type
-    if torch.is_autocast_enabled(device):
-        with torch.autocast(device, enabled=False):
-            return _probability_bce(prediction, target)
+    return outside_autocast(prediction.device.type, _finite_probability_bce, prediction, target)
+
+
+def _finite_probability_bce(prediction: Tensor, target: Tensor) -> Tensor:
     placeholder = prediction.nan_to_num(nan=0.5, posinf=0.5, neginf=0.5)
     return F.binary_cross_entropy(placeholder, target, reduction="none") + prediction.detach() * 0
 
