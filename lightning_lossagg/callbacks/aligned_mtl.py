@@ -91,5 +91,7 @@ class AlignedMTL(GradientWeighting):
         preferences = valid_preferences(self.pref_vector, self.valid_tasks)
         matrix = symmetric_matrix(gramian)
         choices = np.ones(len(matrix)) if preferences is None else preferences.numpy()
-        eps = float(np.finfo(np.float64).eps)
-        return torch.from_numpy(aligned_mtl_weights(matrix, choices, self.scale_mode, eps))
+        # The rank's cut-off at the rounding of the gradients' dtype, as LibMTL's (a float32
+        # Gramian's noise eigenvalue kept as the smallest would shrink the update to it).
+        weights = aligned_mtl_weights(matrix, choices, self.scale_mode, self.gramian_eps)
+        return torch.from_numpy(weights)
