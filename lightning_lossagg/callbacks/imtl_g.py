@@ -41,5 +41,7 @@ class IMTLG(GradientWeighting):
 
     @override
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
-        weights = imtl_g_weights(symmetric_matrix(gramian), torch.finfo(torch.float64).eps)
+        # The pseudo-inverse's cut-off at the rounding of the gradients' dtype, as the
+        # functional's: a float32 Gramian's noise eigenvalue, kept, would set the weights.
+        weights = imtl_g_weights(symmetric_matrix(gramian), self.gramian_eps)
         return torch.from_numpy(weights)

@@ -6,8 +6,10 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
 
-from lightning_lossagg.callbacks import GradVac, NashMTL
+from lightning_lossagg import functional
+from lightning_lossagg.callbacks import IMTLG, MGDA, AlignedMTL, CAGrad, GradVac, NashMTL, UPGrad
 from tests.callbacks._fits import fit_config
 from tests.callbacks._gradient_based import (
     METHODS,
@@ -23,7 +25,7 @@ from tests.callbacks._gradient_based import (
     training_batches,
 )
 from tests.callbacks._stateful_gradient import assert_resume_equals_uninterrupted
-from tests.models import ThreeTaskNet, make_batch, one_batch_loader
+from tests.models import IN_FEATURES, ThreeTaskNet, make_batch, one_batch_loader
 from tests.process_group import run_on_lightning_ranks
 
 PENGUIN_TASKS = ("species", "sex", "body_mass")
@@ -175,6 +177,65 @@ def test_the_state_key_and_the_run_config_come_from_the_arguments(name):
     assert same.state_key == callback.state_key
     assert callback.state_key.startswith(type(callback).__name__)
     assert type(callback)(**{**arguments, "rep_grad": False}).state_key != callback.state_key
+
+
+class NarrowThreeTaskNet(ThreeTaskNet):
+    """A representation of 2 for 3 tasks: on one sample the task Jacobian has rank 2 at most."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = torch.nn.Sequential(torch.nn.Linear(IN_FEATURES, 2), torch.nn.Tanh())
+        outputs = {"price": 1, "kind": 3, "sold": 1}
+        self.heads = torch.nn.ModuleDict({n: torch.nn.Linear(2, o) for n, o in outputs.items()})
+
+
+@pytest.mark.parametrize(
+    ("method", "reference"),
+    [
+        (MGDA, functional.mgda),
+        (IMTLG, functional.imtl_g),
+        (AlignedMTL, functional.aligned_mtl),
+        (UPGrad, functional.upgrad),
+        (CAGrad, functional.cagrad),
+    ],
+    ids=["mgda", "imtl_g", "aligned_mtl", "upgrad", "cagrad"],
+)
+def test_a_float32_gramians_rounding_is_told_from_its_rank(method, reference):
+    # K = 3 tasks, one sample, a 2-wide representation: the Gramian's third eigenvalue is float32
+    # rounding, about 1e-7 of the largest. The functional drops it at the rounding of the
+    # Gramian's dtype, as LibMTL does. Cut at float64's instead (the callbacks of IMTL-G and
+    # Aligned-MTL did), it was kept: IMTL-G's weights followed the noise (off by ~1), and
+    # Aligned-MTL's update shrank to it (1e-4 of LibMTL's).
+    class SeesGramians(method):  # type: ignore[misc, valid-type]
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def weights_from_gramian(self, gramian):
+            weights = super().weights_from_gramian(gramian)
+            self.seen.append((gramian.clone(), weights.clone()))
+            return weights
+
+    batches = [make_batch(1, seed=s, dtype=torch.float32) for s in range(8)]
+    for step, (_, targets) in enumerate(batches):
+        targets["price"][:] = 0.3 * step - 1.0  # every task labelled
+    callback = SeesGramians(rep_grad=True)
+    torch.manual_seed(0)
+    trainer = L.Trainer(
+        callbacks=[callback],
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(NarrowThreeTaskNet(), DataLoader(batches, batch_size=None))
+    assert callback.gramian_eps == torch.finfo(torch.float32).eps
+    assert len(callback.seen) == len(batches)
+    for gramian, weights in callback.seen:
+        assert torch.linalg.eigvalsh(gramian)[0].abs() < 1e-5 * gramian.trace()  # rank 2
+        expected = reference(gramian.float()).double()
+        torch.testing.assert_close(weights, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rep_grad", [True, False], ids=["representation", "parameters"])
