@@ -491,6 +491,8 @@ class MultiTaskMixin(_ModuleBase):
             if isinstance(prediction, Tensor) and isinstance(target, Tensor):
                 task.check_target(name, prediction, target)
                 key = task.stacking_key(prediction, target)
+                if not task.target_checked(target):  # checked again at the layout's next batch
+                    signature = None
             groups.setdefault(key if key is not None else ("alone", index), []).append(index)
         plan = None
         if len(groups) < len(self.tasks):

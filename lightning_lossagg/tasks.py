@@ -445,7 +445,9 @@ class Task:
         if layout in self._checked_layouts:
             return
         labelled = target[target.isfinite()]  # NaN: missing; ±inf: the nonfinite policy's
-        low, high = labelled.aminmax() if labelled.numel() else (target.new_zeros(()),) * 2
+        if not labelled.numel():  # nothing to check yet: the next batch of the layout is checked
+            return
+        low, high = labelled.aminmax()
         if low < 0 or high > 1:
             raise ValueError(
                 f"Task {name!r}: loss 'bce_with_logits' needs targets in [0, 1] (0/1 labels or "
@@ -454,6 +456,13 @@ class Task:
                 "and mark missing labels with NaN."
             )
         self._checked_layouts.add(layout)
+
+    def target_checked(self, target: Tensor) -> bool:
+        """Whether :meth:`check_target` has checked targets of ``target``'s layout in full: a
+        ``bce_with_logits`` batch without a label leaves the range of its values unchecked."""
+        if self.loss != "bce_with_logits":
+            return True
+        return (target.shape, target.dtype, target.device) in self._checked_layouts
 
     @cached_property
     def _checked_layouts(self) -> set[tuple[object, ...]]:

@@ -482,6 +482,32 @@ def test_a_transposed_target_is_refused_in_a_new_layout_of_the_batch():
         model.training_step((inputs, transposed), 0)
 
 
+class MaskNet(MultiTaskMixin, L.LightningModule):
+    """Binary masks with logits: ``mask`` (and ``edge``, stacked with it) and a regression."""
+
+    def __init__(self, masks: tuple[str, ...]):
+        super().__init__(tasks={**dict.fromkeys(masks, "bce_with_logits"), "size": "mse"})
+        self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(4, 1) for name in self.tasks})
+
+    def forward(self, inputs):
+        return {name: head(inputs).squeeze(-1) for name, head in self.heads.items()}
+
+
+@pytest.mark.parametrize("masks", [("mask",), ("mask", "edge")], ids=["alone", "stacked"])
+def test_a_0_255_mask_is_refused_after_a_first_batch_without_a_label(masks):
+    # The range check of a layout waits for a batch with a label of the task: a first batch with
+    # none (a sparsely labelled task) passed it for the layout's every later batch.
+    model = MaskNet(masks)
+    inputs = torch.randn(6, 4)
+
+    def targets(mask):
+        return {"size": torch.randn(6), **{name: mask for name in masks}}
+
+    model.training_step((inputs, targets(torch.full((6,), torch.nan))), 0)
+    with pytest.raises(ValueError, match=r"Task 'mask'.*targets in \[0, 1\].*0 to 255"):
+        model.training_step((inputs, targets(torch.tensor([0.0, 255, 0, 255, 0, 255]))), 1)
+
+
 def test_the_record_and_the_pending_flags_do_not_keep_the_steps_graph_alive():
     import gc
     import weakref
