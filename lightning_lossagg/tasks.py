@@ -400,27 +400,25 @@ class Task:
                     f"Task {name!r}: loss {self.loss!r} needs int64 class targets, got "
                     f"{target.dtype}. Convert them with `.long()`."
                 )
-            if (
-                target.ndim == prediction.ndim >= 2
-                and target.shape[1] == 1
-                and prediction.shape[1] != 1
-            ):
+            one_logit = prediction.ndim == 1 and target.shape == prediction.shape
+            if one_logit or (prediction.ndim >= 2 and prediction.shape[1] == 1):
+                raise ValueError(
+                    f"Task {name!r}: loss {self.loss!r} on logits of shape "
+                    f"{tuple(prediction.shape)}, one logit per sample: that is a binary task. "
+                    "Give Task('bce_with_logits') float targets 0.0 or 1.0 (NaN for a missing "
+                    "label), or the head one output per class."
+                )
+            if target.ndim == prediction.ndim >= 2 and target.shape[1] == 1:
                 raise ValueError(
                     f"Task {name!r}: class targets of shape {tuple(target.shape)} for logits "
                     f"of shape {tuple(prediction.shape)}: give one class index per sample, "
                     "without the class dimension (`target.squeeze(1)`)."
                 )
-            if target.shape == prediction.shape and prediction.ndim >= 1:
-                fix = (
-                    "one logit per sample is a binary task: give Task('bce_with_logits') float "
-                    "targets 0.0 or 1.0 (NaN for a missing label), or the head one output per "
-                    "class"
-                    if prediction.ndim == 1 or prediction.shape[1] == 1
-                    else "give one class index per sample (of one-hot targets, `target.argmax(1)`)"
-                )
+            if target.shape == prediction.shape and prediction.ndim >= 2:
                 raise ValueError(
                     f"Task {name!r}: class targets of the logits' shape "
-                    f"{tuple(prediction.shape)}: {fix}."
+                    f"{tuple(prediction.shape)}: give one class index per sample (of one-hot "
+                    "targets, `target.argmax(1)`)."
                 )
         if self.loss in FLOAT_LOSSES:
             if not target.is_floating_point():

@@ -416,6 +416,9 @@ def test_a_callable_loss_of_another_shape_than_its_target_is_refused():
             "argmax",
         ),
         (Task("cross_entropy"), torch.randn(4), torch.tensor([0, 1, 1, 0]), "bce_with_logits"),
+        (Task("cross_entropy"), torch.randn(4, 1), torch.tensor([0, 1, 1, 0]), "bce_with_logits"),
+        (Task("nll"), torch.randn(4, 1), torch.zeros(4, 1, dtype=torch.long), "bce_with_logits"),
+        (Task("cross_entropy"), torch.randn(2, 1, 3, 3), torch.ones(2, 3, 3).long(), "binary"),
     ],
     ids=[
         "bce-0-255",
@@ -425,6 +428,9 @@ def test_a_callable_loss_of_another_shape_than_its_target_is_refused():
         "missing-as-minus-one",
         "one-hot",
         "one-logit",
+        "one-logit-head",
+        "one-logit-head-nll-N-1",
+        "one-class-map",
     ],
 )
 def test_common_target_mistakes_name_the_task_and_the_fix(task, prediction, target, message):
