@@ -1066,7 +1066,15 @@ class _StackedGroup(NamedTuple):
         stacked_predictions = torch.stack(self.pick(predictions))
         stacked_targets = torch.stack(self.pick(targets))
         # Stacked tasks passed check_target in _stacking_groups, for this layout of the batch.
-        loss = self.task.checked_per_sample_loss(self.label, stacked_predictions, stacked_targets)
+        try:
+            loss = self.task.checked_per_sample_loss(
+                self.label, stacked_predictions, stacked_targets
+            )
+        except ValueError:
+            # Name the task at fault, with its own shapes: each task alone raises its error.
+            for name in self.names:
+                self.task.per_sample_loss(name, predictions[name], targets[name])
+            raise
         return loss, stacked_predictions
 
 

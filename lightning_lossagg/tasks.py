@@ -319,6 +319,11 @@ class Task:
                     values = self._callable_on_classes(name, prediction, target, mask)
         except (RuntimeError, ValueError, IndexError) as error:
             hint = ""
+            if self.loss == "bce" and "between 0 and 1" in str(error):
+                hint = (
+                    " Loss 'bce' takes probabilities: apply a sigmoid to the prediction, or give "
+                    "the logits to Task('bce_with_logits') (steadier, and safe under autocast)."
+                )
             if not target.is_floating_point() and "out of bounds" in str(error):
                 hint = (
                     f" Class targets are indices in [0, classes), and Task.ignore_index="

@@ -485,8 +485,8 @@ def test_a_transposed_target_is_refused_in_a_new_layout_of_the_batch():
 class MaskNet(MultiTaskMixin, L.LightningModule):
     """Binary masks with logits: ``mask`` (and ``edge``, stacked with it) and a regression."""
 
-    def __init__(self, masks: tuple[str, ...]):
-        super().__init__(tasks={**dict.fromkeys(masks, "bce_with_logits"), "size": "mse"})
+    def __init__(self, masks: tuple[str, ...], loss: str = "bce_with_logits"):
+        super().__init__(tasks={**dict.fromkeys(masks, loss), "size": "mse"})
         self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(4, 1) for name in self.tasks})
 
     def forward(self, inputs):
@@ -506,6 +506,19 @@ def test_a_0_255_mask_is_refused_after_a_first_batch_without_a_label(masks):
     model.training_step((inputs, targets(torch.full((6,), torch.nan))), 0)
     with pytest.raises(ValueError, match=r"Task 'mask'.*targets in \[0, 1\].*0 to 255"):
         model.training_step((inputs, targets(torch.tensor([0.0, 255, 0, 255, 0, 255]))), 1)
+
+
+def test_a_stacked_tasks_failing_loss_names_that_task_and_its_own_shapes():
+    class ForgotOneSigmoid(MaskNet):
+        def forward(self, inputs):
+            predictions = super().forward(inputs)
+            return {**predictions, "mask": predictions["mask"].sigmoid()}  # edge: logits
+
+    model = ForgotOneSigmoid(("mask", "edge"), loss="bce")  # the two stacked
+    inputs = torch.randn(6, 4) * 5
+    targets = {"size": torch.randn(6), "mask": torch.ones(6), "edge": torch.zeros(6)}
+    with pytest.raises(ValueError, match=r"^Task 'edge': .* shape \(6,\).*apply a sigmoid"):
+        model.training_step((inputs, targets), 0)
 
 
 def test_the_record_and_the_pending_flags_do_not_keep_the_steps_graph_alive():
