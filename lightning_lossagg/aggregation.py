@@ -222,12 +222,13 @@ class TaskLossReducer:
         self, step: GlobalTaskLosses, masked_losses: Mapping[str, MaskedLoss], drop: Tensor
     ) -> GlobalTaskLosses:
         """``step`` without the tasks flagged in ``drop`` (same on every rank): they become
-        invalid, and the local terms are rebuilt from their values DETACHED and masked out, so
-        that no gradient, not even a zero one times an infinite derivative, flows back through
-        them."""
+        invalid, and the local terms are rebuilt with zeros in place of their values, so that no
+        gradient, not even a zero one times an infinite derivative, flows back through them."""
         flags = drop.tolist()
         kept = {
-            name: MaskedLoss(loss.values.detach(), torch.zeros_like(loss.mask)) if dropped else loss
+            name: MaskedLoss(torch.zeros_like(loss.values), torch.zeros_like(loss.mask))
+            if dropped
+            else loss
             for (name, loss), dropped in zip(masked_losses.items(), flags, strict=True)
         }
         if isinstance(masked_losses, StackedLosses):  # the kept tasks share a node with them
@@ -395,10 +396,13 @@ def on_device(tensor: Tensor, device: torch.device) -> Tensor:
 
 def _masked_values(loss: MaskedLoss) -> Tensor:
     """The values with 0 wherever the mask is False (a :class:`ZeroMaskedLoss` has them already:
-    no operation)."""
+    no operation), but NaN where a value with a gradient is not finite: its gradient, 0 times its
+    derivative, would be NaN however it were masked, so its task's loss is non-finite, for the
+    ``nonfinite`` policy (a ``(values, mask)`` loss computed on the NaN of a missing label)."""
     if type(loss) is ZeroMaskedLoss:
         return loss.values
-    return torch.where(loss.mask, loss.values, 0.0)
+    values = loss.values
+    return torch.where(loss.mask, values, values.detach() * 0 if values.requires_grad else 0.0)
 
 
 def _global_losses(numerators: Tensor, counts: Tensor, dtype: torch.dtype) -> Tensor:

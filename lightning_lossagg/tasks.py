@@ -27,8 +27,11 @@ class MaskedLoss(NamedTuple):
     """Per-sample loss values and the mask of the samples that count.
 
     ``values`` and ``mask`` have the same shape; masked-out positions of ``values`` never reach
-    the objective, whatever they hold. Their gradient is 0 times their own derivative, though:
-    a value computed there in a way whose derivative is NaN (0/0, say) poisons the backward.
+    the objective. Their gradient is 0 times their own derivative, though: a NaN or infinite
+    value there (a loss computed on the NaN of a missing label) makes the task's loss non-finite
+    in training, for the mixin's ``nonfinite`` policy, as its gradient would be NaN; a finite
+    value whose derivative is NaN (0/0, say) poisons the backward unseen. Compute the loss on a
+    placeholder target at missing labels (``torch.where(mask, target, prediction.detach())``).
     """
 
     values: Tensor

@@ -168,8 +168,8 @@ def test_one_process_task_terms_equal_the_local_terms_each_in_its_own_graph(rank
 def test_a_task_without_a_valid_sample_has_no_loss_and_a_zero_term_still_in_the_graph(
     rank_weighting, reduction, separate_tasks
 ):
-    # Its loss is its sum of nothing over a count of 0: NaN, whatever the masked values hold.
-    values = torch.tensor([torch.inf, 4.0], requires_grad=True)
+    # Its loss is its sum of nothing over a count of 0: NaN, whatever finite values are masked.
+    values = torch.tensor([1e30, 4.0], requires_grad=True)
     masked = {"a": MaskedLoss(values, torch.tensor([False, False]))}
     tasks = {"a": Task("mse", reduction=reduction)}
     step = global_task_losses(masked, tasks, rank_weighting, separate_tasks)

@@ -270,6 +270,42 @@ def test_task_losses_can_be_overridden_with_per_sample_values_and_masks():
     assert model.loss_record.losses.tolist() == [2.0, 2.5]
 
 
+@pytest.mark.parametrize("nonfinite", ["raise", "drop_task"])
+def test_a_nan_value_under_a_false_mask_is_a_nonfinite_loss_not_a_nan_gradient(nonfinite):
+    # The natural override on targets with NaN for a missing label: finite masked losses, but
+    # the gradient there, 0 times 2 (p - NaN), was NaN and reached the parameters unseen.
+    class NanAtMissing(MultiTaskMixin, L.LightningModule):
+        def __init__(self):
+            super().__init__(tasks={"a": "mse", "b": "mse"}, nonfinite=nonfinite)
+            self.head = torch.nn.Linear(2, 2)
+
+        def task_losses(self, batch):
+            inputs, targets = batch
+            predictions = self.head(inputs)
+            return {
+                name: ((predictions[:, k] - targets[:, k]).square(), ~targets[:, k].isnan())
+                for k, name in enumerate("ab")
+            }  # the values NaN where the target is
+
+    model = NanAtMissing()
+    inputs, targets = torch.randn(4, 2), torch.randn(4, 2)
+    targets[1, 0] = torch.nan
+    objective = model.training_step((inputs, targets), 0)
+    if nonfinite == "raise":
+        with pytest.raises(NonFiniteLossError, match="task 'a' on rank"):
+            model.check_nonfinite_losses()
+        return
+    # drop_task: the task is left out, the other trains as it would alone.
+    assert model.loss_record.losses[0].isnan() and model.loss_record.weights[0] == 0
+    weight_gradient, bias_gradient = torch.autograd.grad(objective, list(model.head.parameters()))
+    predictions = model.head(inputs)
+    alone = torch.autograd.grad(
+        (predictions[:, 1] - targets[:, 1]).square().mean(), list(model.head.parameters())
+    )
+    torch.testing.assert_close(weight_gradient, alone[0])
+    torch.testing.assert_close(bias_gradient, alone[1])
+
+
 @pytest.mark.parametrize(
     ("output", "error", "message"),
     [
