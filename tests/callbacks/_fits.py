@@ -109,8 +109,9 @@ class SignedPriceNet(ThreeTaskNet):
 
     def per_sample_losses(self, predictions, targets):
         losses = super().per_sample_losses(predictions, targets)
-        price = targets["price"] + 0 * predictions["price"]
-        losses["price"] = MaskedLoss(price, losses["price"].mask)
+        mask = losses["price"].mask  # 0 at a missing label, not its NaN: see MaskedLoss
+        price = torch.where(mask, targets["price"], 0.0) + 0 * predictions["price"]
+        losses["price"] = MaskedLoss(price, mask)
         return losses
 
 
