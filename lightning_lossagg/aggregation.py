@@ -132,9 +132,7 @@ class GlobalTaskLosses:
         the work queued after it; on one process the check runs on the host, no tensor operation.
         """
         figures = self._numerators if self._nonfinite_ranks is None else self._nonfinite_ranks
-        read: Callable[[], list[float]] = figures.tolist
-        if figures.is_cuda:
-            read = _host_list_later(figures)
+        read = distributed.host_list_later(figures)
         if self._nonfinite_ranks is not None:
             return read
         return partial(_rank_zero_bits, read)
@@ -417,11 +415,6 @@ def _rank_zero_bits(read: Callable[[], list[float]]) -> list[float]:
     if all(map(math.isfinite, losses)):  # no Python frame per task in the usual case
         return [0.0] * len(losses)
     return [0.0 if math.isfinite(value) else 1.0 for value in losses]
-
-
-def _host_list_later(tensor: Tensor) -> Callable[[], list[float]]:
-    copy = distributed.HostCopy(tensor)
-    return lambda: copy.get().tolist()
 
 
 def finite(values: Tensor) -> Tensor:

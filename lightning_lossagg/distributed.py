@@ -8,6 +8,8 @@ collectives. :class:`HostCopy` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -87,6 +89,15 @@ class HostCopy:
         if self._event is not None:
             self._event.synchronize()
         return self._host
+
+
+def host_list_later(tensor: Tensor) -> Callable[[], list[float]]:
+    """A function returning ``tensor`` as a host list: on CUDA from a :class:`HostCopy` queued
+    now, elsewhere read when called."""
+    if tensor.is_cuda:
+        copy = HostCopy(tensor)
+        return lambda: copy.get().tolist()
+    return tensor.tolist
 
 
 def to_device(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -186,6 +187,8 @@ class MultiTaskMixin(_ModuleBase):
         self._gradients_checked = False  # whether each task's losses carry a gradient
         # The host reads of the non-finite flags of the steps since the last optimizer step.
         self._unchecked_nonfinite: list[Callable[[], list[float]]] = []
+        # The same of a weighting callback's weights (one without finite_weights), read then too.
+        self._unchecked_weights: list[Callable[[], list[float]]] = []
         self.shared_representation: SharedRepresentation | None = None
         # Heads that read a leaf each (see lightning_lossagg.representation), found at setup;
         # whether each task's prediction reaches the representation only through its own head
@@ -587,6 +590,7 @@ class MultiTaskMixin(_ModuleBase):
                 weights = weights * static
             if not weighting.finite_weights:  # a task without a valid sample: weight 0
                 weights = torch.where(step.valid, weights, 0.0)
+                self._unchecked_weights.append(distributed.host_list_later(weights))
             objective = weighting.backward_objective(self, step, weights, static)
         self._keep_step_weights(weights, step.counts)
         return weights, objective
@@ -921,7 +925,7 @@ class MultiTaskMixin(_ModuleBase):
             for group in optimizer.param_groups:
                 for parameter in group["params"]:
                     parameter.grad = None
-        if self._unchecked_nonfinite:  # not checked after the backward: see on_after_backward
+        if self._unchecked_nonfinite or self._unchecked_weights:  # see on_after_backward
             _warn_of_missing_super(
                 self,
                 "on_after_backward()",
@@ -983,20 +987,32 @@ class MultiTaskMixin(_ModuleBase):
         """With ``nonfinite="raise"``: read the non-finite flags of the batches since the last
         check (host copies queued right after the step's all-reduce) and raise
         :class:`NonFiniteLossError` if one had a non-finite loss, after
-        :meth:`forget_refused_step`. Called after each backward."""
-        unchecked = self._unchecked_nonfinite
-        if not unchecked:
-            return
-        pending = unchecked.copy()
-        unchecked.clear()  # in place: no nn.Module attribute assignment on the hot path
-        for flags in pending:
-            bitsets = flags()
-            if any(bitsets):
-                named = zip(self.task_names, bitsets, strict=True)
-                bad = [(name, bits) for name, bits in named if bits]
-                self.forget_refused_step()
-                # The steps since the last optimizer step are all this global step's batches.
-                raise NonFiniteLossError(_nonfinite_message(bad, self.global_step))
+        :meth:`forget_refused_step`; under any policy, raise ``FloatingPointError`` likewise if
+        a weighting callback gave a task with a valid sample a non-finite weight (which would
+        make every gradient NaN). Called after each backward."""
+        if self._unchecked_nonfinite:
+            pending = self._unchecked_nonfinite.copy()
+            self._unchecked_nonfinite.clear()  # in place: no nn.Module attribute assignment
+            for flags in pending:
+                bitsets = flags()
+                if any(bitsets):
+                    named = zip(self.task_names, bitsets, strict=True)
+                    bad = [(name, bits) for name, bits in named if bits]
+                    self.forget_refused_step()
+                    # The steps since the last optimizer step are all this global step's batches.
+                    raise NonFiniteLossError(_nonfinite_message(bad, self.global_step))
+        if self._unchecked_weights:
+            pending = self._unchecked_weights.copy()
+            self._unchecked_weights.clear()
+            for read in pending:
+                weights = read()
+                if not all(map(math.isfinite, weights)):
+                    self.forget_refused_step()
+                    raise FloatingPointError(
+                        _nonfinite_weights_message(
+                            self._weighting, self.task_names, weights, self.global_step
+                        )
+                    )
 
     def forget_unfinished_step(self) -> None:
         """:meth:`forget_refused_step`, unless an optimizer has stepped in this optimizer step:
@@ -1182,6 +1198,22 @@ def _nonfinite_message(bad: list[tuple[str, float]], step_index: int) -> str:
         f"Non-finite loss at global step {step_index}: {'; '.join(parts)}. Check the inputs and "
         "targets of that batch, lower the learning rate, or clip gradients; "
         "nonfinite='skip' or 'drop_task' on the model tolerates rare bad batches."
+    )
+
+
+def _nonfinite_weights_message(
+    weighting: WeightingCallback | None,
+    names: tuple[str, ...],
+    weights: list[float],
+    step_index: int,
+) -> str:
+    named = zip(names, weights, strict=True)
+    bad = ", ".join(f"task {name!r} {value}" for name, value in named if not math.isfinite(value))
+    return (
+        f"{type(weighting).__name__}.task_weights gave a non-finite weight at global step "
+        f"{step_index}: {bad}. Every gradient would be NaN: the step is refused (the model has "
+        "not moved, the method's state is put back). A weighting method must give each task "
+        "with a valid sample a finite weight (an inverse of a loss of 0, say, is infinite)."
     )
 
 

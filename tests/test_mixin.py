@@ -178,6 +178,20 @@ def test_a_methods_nan_weight_for_a_task_without_labels_does_not_reach_the_objec
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+@pytest.mark.parametrize("bad", [torch.nan, torch.inf])
+def test_a_methods_non_finite_weight_for_a_valid_task_refuses_the_step_naming_it(bad, nonfinite):
+    # A NaN weight made every gradient NaN, and the optimizer wrote them into the parameters.
+    model = ThreeTaskNet()
+    model.nonfinite = nonfinite
+    before = [parameter.clone() for parameter in model.parameters()]
+    with pytest.raises(
+        FloatingPointError, match=rf"GivenWeights.task_weights .* step 0: task 'kind' {bad}\."
+    ):
+        _fit(model, callbacks=[GivenWeights(torch.tensor([1.0, bad, 1.0]))])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+
+
 def test_the_validation_step_returns_the_objective_at_the_weights_of_the_fit():
     model = ThreeTaskNet()
     _fit(model, callbacks=[HalvingWeights()])
