@@ -57,6 +57,8 @@ def describe_run(
 ) -> None:
     """Define the summaries of every LossLogger key and put the task setup in the run config."""
     experiment = logger.experiment
+    # WandbLogger(prefix=...) logs every key as "<prefix>-<key>": the summaries follow.
+    logged_as = f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if logger._prefix else ""
     for prefix in PREFIXES:
         summaries = {f"{prefix}/loss": "min", f"{prefix}/static_loss": "min"}
         for name in names:
@@ -67,7 +69,7 @@ def describe_run(
         for key, summary in summaries.items():
             # W&B reads a dot in a defined metric's name as a nested key: a task named with one
             # would lose its summary.
-            name = key.replace(".", "\\.")
+            name = (logged_as + key).replace(".", "\\.")
             experiment.define_metric(name, step_metric=STEP_METRIC, step_sync=True, summary=summary)
     experiment.config.update({"lossagg": task_setup(trainer, pl_module)}, allow_val_change=True)
 

@@ -251,7 +251,8 @@ class DottedTaskNames(MultiTaskMixin, L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_a_task_named_with_a_dot_gets_its_summaries(tmp_path):
+@pytest.mark.parametrize("prefix", ["", "run1"])
+def test_a_task_named_with_a_dot_gets_its_summaries_under_the_loggers_prefix(tmp_path, prefix):
     generator = torch.Generator().manual_seed(0)
     batches = [
         (
@@ -260,7 +261,9 @@ def test_a_task_named_with_a_dot_gets_its_summaries(tmp_path):
         )
         for _ in range(4)
     ]
-    logger = WandbLogger(save_dir=str(tmp_path), project="lossagg-tests", offline=True)
+    logger = WandbLogger(
+        save_dir=str(tmp_path), project="lossagg-tests", offline=True, prefix=prefix
+    )
     trainer = L.Trainer(
         max_epochs=1,
         log_every_n_steps=1,
@@ -273,7 +276,9 @@ def test_a_task_named_with_a_dot_gets_its_summaries(tmp_path):
     trainer.fit(DottedTaskNames(), torch.utils.data.DataLoader(batches, batch_size=None))
     logger.experiment.finish()
     run = read_offline_run(tmp_path, wait_for_exit_s=30)
+    logged_as = f"{prefix}-" if prefix else ""  # WandbLogger joins its prefix with "-"
     for task in ("sold.flag", "price"):
-        losses = [row[f"train/loss/{task}"] for row in run.rows_with(f"train/loss/{task}")]
-        assert run.summary[f"train/loss/{task}"] == {"min": min(losses)}, task
-        assert set(run.summary[f"train/weight/{task}"]) == {"last"}, task
+        key = f"{logged_as}train/loss/{task}"
+        losses = [row[key] for row in run.rows_with(key)]
+        assert losses and run.summary[key] == {"min": min(losses)}, task
+        assert set(run.summary[f"{logged_as}train/weight/{task}"]) == {"last"}, task
