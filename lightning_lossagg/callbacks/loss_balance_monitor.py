@@ -14,6 +14,7 @@ from typing_extensions import override
 from lightning_lossagg.callbacks._balance_window import CONDITIONS, LossWindow, Thresholds
 from lightning_lossagg.callbacks._checks import check_int_at_least
 from lightning_lossagg.callbacks._direct_log import write_metrics
+from lightning_lossagg.callbacks._records import FreshRecords, optimizer_step_record
 from lightning_lossagg.weighting import LossRecord, check_checkpoint_tasks
 
 
@@ -89,6 +90,8 @@ class LossBalanceMonitor(L.Callback):
         self._active: set[tuple[str, str]] = set()
         self._flags: dict[str, float] = {}
         self._skipped_steps = 0
+        self._records = FreshRecords()
+        self._step_records: list[LossRecord] = []  # the optimizer step's micro-batches'
         self._state_key: str | None = None
 
     @property
@@ -119,6 +122,7 @@ class LossBalanceMonitor(L.Callback):
         # evaluate only to raise together with it.
         self._evaluates = trainer.is_global_zero or bool(self.raise_on)
         self._skipped_steps = getattr(pl_module, "skipped_steps", 0)
+        self._step_records = []  # an earlier fit may have stopped amid a step
         names: tuple[str, ...] = pl_module.task_names  # type: ignore[assignment]
         self._flags = {f"train/monitor/{c}/{n}": 0.0 for c in CONDITIONS for n in names}
 
@@ -130,12 +134,18 @@ class LossBalanceMonitor(L.Callback):
             return
         if getattr(pl_module, "skipped_steps", 0) != self._skipped_steps:
             self._mark_nonfinite(pl_module)
-        record: LossRecord | None = pl_module.loss_record  # type: ignore[assignment]
-        if record is None or record.stage != "train":
+        record = self._records.take(pl_module)
+        if record is not None and record.stage == "train":
+            self._step_records.append(record)
+        if trainer.fit_loop._should_accumulate():  # one figure per optimizer step
             return
-        self._history.add(record)
+        records, self._step_records = self._step_records, []
+        if not records or getattr(pl_module, "skipping_optimizer_step", False):
+            return  # a step skipped for a non-finite loss: its finite micro-batches stay out too
+        step_record = optimizer_step_record(records)
+        self._history.add(step_record)
         if self._history.seen % self._every == 0:
-            self._check(trainer, record.names)
+            self._check(trainer, step_record.names)
         if trainer._logger_connector.should_update_logs and trainer.loggers:
             write_metrics(trainer, self._flags)
 

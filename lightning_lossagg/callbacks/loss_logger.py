@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lightning_lossagg.callbacks import _wandb_extras
 from lightning_lossagg.callbacks._direct_log import logging_step, write_metrics
+from lightning_lossagg.callbacks._records import FreshRecords
 from lightning_lossagg.callbacks._trajectory import Trajectory
 from lightning_lossagg.weighting import LossRecord, check_checkpoint_tasks
 
@@ -175,6 +176,7 @@ class LossLogger(L.Callback):
         self._epochs: dict[str, _EpochAccumulator] = {}
         # The records of the optimizer step's micro-batches so far: they join the epoch's
         # figures once the step is taken (a skipped step's leave nothing).
+        self._records = FreshRecords()
         self._step_records: list[LossRecord | _SavedRecord] = []
         self._trajectory: Trajectory | None = None
         self._wandb: WandbLogger | None = None
@@ -210,7 +212,7 @@ class LossLogger(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
     ) -> None:
-        record: LossRecord | None = pl_module.loss_record  # type: ignore[assignment]
+        record = self._records.take(pl_module)
         if record is not None and record.stage == "train":
             self._step_records.append(record)
         else:
@@ -256,7 +258,7 @@ class LossLogger(L.Callback):
         i: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._take(pl_module.loss_record, "val")  # type: ignore[arg-type]
+        self._take(self._records.take(pl_module), "val")
 
     @override
     def on_test_batch_end(
@@ -268,7 +270,7 @@ class LossLogger(L.Callback):
         i: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._take(pl_module.loss_record, "test")  # type: ignore[arg-type]
+        self._take(self._records.take(pl_module), "test")
 
     def _take(self, record: LossRecord | _SavedRecord | None, stage: str) -> None:
         """Add ``record`` to its stage's epoch figures, if it is one of that stage."""

@@ -453,6 +453,21 @@ def test_the_collapse_message_gives_the_weight_as_a_share_of_its_first_mean():
     assert f"the weight of task 'price' fell to {expected:.2%} of its mean" in messages[0]
 
 
+def test_under_accumulation_the_window_and_the_flags_count_optimizer_steps():
+    # Micro-batches alternate between price dominating and not: no micro-batch window is
+    # dominated throughout, but every optimizer step's sample-weighted figures are (share
+    # 49.55 / 50.55). Counted per micro-batch, the window of 4 "steps" was 2 optimizer steps
+    # long and the flags were logged twice per step.
+    micro_batches = torch.tensor([[99.0, 0.5, 0.5], [0.1, 0.5, 0.5]] * 4)
+    logger, messages = _fit(
+        ScriptedNet(micro_batches), LossBalanceMonitor(window=4), accumulate_grad_batches=2
+    )
+    assert len(messages) == 1 and "task 'price' made up more than 90%" in messages[0]
+    assert "at step 4:" in messages[0]  # after the fourth optimizer step, which fills it
+    flag_steps = [row["step"] for row in logger.rows if "train/monitor/dominance/price" in row]
+    assert flag_steps == [0, 1, 2, 3]
+
+
 def test_a_record_of_another_stage_is_not_judged_as_a_training_step():
     # A training_step that made no record of its own leaves validation's latest on the model:
     # it is no training step of the window.

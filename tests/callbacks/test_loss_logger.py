@@ -107,6 +107,43 @@ def test_epoch_values_are_sample_weighted_global_means(tmp_path):
     assert float(epoch_row["train_epoch/loss/price"]) == pytest.approx(expected.item(), rel=1e-5)
 
 
+class LeavesOutBatchOne(ThreeTaskNet):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 1:
+            return None  # a batch the model leaves out, as Lightning allows: no record of its own
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_batch_the_model_leaves_out_logs_no_row_and_no_part_of_the_epoch(tmp_path):
+    # The mixin's record of the batch before stayed on the model: it was logged again at the
+    # left-out batch's step and counted twice in the epoch's figures.
+    batches = [make_batch(6, seed=seed, dtype=torch.float32) for seed in range(3)]
+    model = LeavesOutBatchOne(lr=0.0)  # frozen: the reference sees the same model
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=CSVLogger(tmp_path),
+        callbacks=[LossLogger(plot=False)],
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, torch.utils.data.DataLoader(batches, batch_size=None))
+    rows = _read_csv(trainer.logger.log_dir + "/metrics.csv")
+    trained = [batches[0], batches[2]]
+    with torch.no_grad():
+        expected = [reference_task_losses(model, batch)["price"].item() for batch in trained]
+    step_losses = [float(r["train/loss/price"]) for r in rows if r["train/loss/price"]]
+    assert step_losses == pytest.approx(expected, rel=1e-5)
+    epoch = next(float(r["train_epoch/loss/price"]) for r in rows if r["train_epoch/loss/price"])
+    price = torch.cat([batch[1]["price"] for batch in trained])
+    with torch.no_grad():
+        predictions = model(torch.cat([batch[0] for batch in trained]))["price"]
+    valid = ~price.isnan()
+    exact = torch.nn.functional.mse_loss(predictions[valid], price[valid]).item()
+    assert epoch == pytest.approx(exact, rel=1e-5)
+
+
 class StepNumberWeights(WeightingCallback):
     """Weights (n, 2n, 3n) at the n-th training step: every step weighs differently."""
 
