@@ -136,3 +136,50 @@ def test_lossagg_predicts_with_the_demo(tmp_path):
 def test_a_bad_demo_weight_names_its_task(weights, message):
     with pytest.raises(ValueError, match=message):
         PenguinsNet(weights=weights)
+
+
+def _classes_of_the_cli() -> list[tuple[str, str]]:
+    """(option, class path) of every callback, model and data module the library offers."""
+    import lightning as L
+
+    from lightning_lossagg import callbacks, demos
+
+    found = [
+        ("--trainer.callbacks.help", f"lightning_lossagg.callbacks.{name}")
+        for name in callbacks.__all__
+        if isinstance(getattr(callbacks, name), type)
+        and issubclass(getattr(callbacks, name), L.Callback)
+    ]
+    for name in demos.__all__:
+        option = (
+            "--model.help" if issubclass(getattr(demos, name), L.LightningModule) else "--data.help"
+        )
+        found.append((option, f"lightning_lossagg.demos.{name}"))
+    return found
+
+
+def test_the_help_of_every_class_describes_each_of_its_arguments(capsys):
+    # jsonargparse guesses each docstring's style: one with many lines opening on a :math: or
+    # :class: role read as reST, and GradNorm's, UncertaintyWeighting's and IMTLG's arguments
+    # showed no description.
+    import inspect
+    import re
+
+    classes = _classes_of_the_cli()
+    assert len(classes) > 20
+    for option, path in classes:
+        with pytest.raises(SystemExit):
+            build_cli(["fit", option, path])
+        text = capsys.readouterr().out
+        module, _, name = path.rpartition(".")
+        cls = getattr(__import__(module, fromlist=[name]), name)
+        prefix = option.removesuffix(".help")
+        for argument in inspect.signature(cls).parameters:
+            if argument in ("args", "kwargs"):
+                continue
+            # From the option's line to its "(type: ...)": the option(s) and the description.
+            start = re.search(rf"^  {re.escape(prefix)}\.{argument}\b", text, re.M)
+            assert start is not None, (path, argument)
+            block = text[start.start() : text.index("(type:", start.start())]
+            described = re.sub(rf"{re.escape(prefix)}\.{argument}\+? \S+,?", "", block)
+            assert described.strip(), f"{path}: no description of {argument!r}"

@@ -34,10 +34,11 @@ class GradNorm(GradientWeighting):
     r"""GradNorm (Chen et al., 2018): weights that balance the tasks' gradient norms.
 
     `GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep Multitask Networks
-    <https://arxiv.org/abs/1711.02257>`_ (ICML 2018). The weights :math:`w` start at 1 and sum to
-    :math:`K`. With :math:`n_k = \lVert \nabla_W L_k \rVert` the global gradient norm of task
-    :math:`k` on the layer :math:`W`, :math:`\tilde L_k = L_k(t) / L_k(0)` its loss relative to
-    its first global loss, and :math:`r_k = \tilde L_k / \operatorname{mean}_j \tilde L_j`:
+    <https://arxiv.org/abs/1711.02257>`_ (ICML 2018). The weights :math:`w` start at 1 and sum
+    to :math:`K`. With :math:`n_k = \lVert \nabla_W L_k \rVert` the global gradient norm of
+    task :math:`k` on the layer :math:`W`, :math:`\tilde L_k = L_k(t) / L_k(0)` its loss
+    relative to its first global loss, and
+    :math:`r_k = \tilde L_k / \operatorname{mean}_j \tilde L_j`:
 
     .. math::
         \mathcal{L}_{\text{grad}}(w) = \sum_k \Big| w_k n_k -
@@ -45,18 +46,18 @@ class GradNorm(GradientWeighting):
 
     the bracketed target held constant. The model trains on :math:`\sum_k w_k c_k L_k`
     (:math:`c_k` = ``Task.weight``), the paper's objective: the heads are weighted too (the
-    default :meth:`WeightingCallback.backward_objective`, not the surrogate of
-    :class:`GradientWeighting`). The norms are those of the raw losses, so ``Task.weight`` stays
-    a preference on top. Once per optimizer step of the model, :math:`w` takes one Adam step
-    (its own optimizer, ``lr``) along
-    :math:`\partial \mathcal{L}_{\text{grad}} / \partial w_k = \operatorname{sign}(w_k n_k -
+    default :meth:`WeightingCallback.backward_objective`, not the surrogate
+    of :class:`GradientWeighting`). The norms are those of the raw losses, so ``Task.weight``
+    stays a preference on top. Once per optimizer step of the model, :math:`w` takes one Adam step
+    (its own optimizer, ``lr``)
+    along :math:`\partial \mathcal{L}_{\text{grad}} / \partial w_k = \operatorname{sign}(w_k n_k -
     \text{target}_k)\, n_k` (averaged over accumulated micro-batches), then is clipped at 0
-    (a negative weight would ascend its task's loss) and renormalised to
-    :math:`\sum_k w_k = K`. The step uses the weights from before the update, as the paper and
-    LibMTL do.
+    (a negative weight would ascend its task's loss) and renormalised
+    to :math:`\sum_k w_k = K`. The step uses the weights from before the update, as the paper
+    and LibMTL do.
 
-    The norms are the square roots of the diagonal of the global Gramian, built as
-    :class:`GradientWeighting` builds it (one backward per task; exact under DDP with
+    The norms are the square roots of the diagonal of the global Gramian, built
+    as :class:`GradientWeighting` builds it (one backward per task; exact under DDP with
     ``sync="gradients"``) but on the parameters of ``layer`` only: ``"last"`` (default, the
     paper's choice) is the last module, in registration order, holding shared parameters (all of
     its shared parameters, bias included; those that train, looked up again when they change, as
@@ -70,11 +71,11 @@ class GradNorm(GradientWeighting):
     has no ratio, and the next one is taken); in a step without one it keeps its weight before
     renormalisation and its Adam moments.
 
-    Differences from LibMTL: LibMTL parametrises :math:`w = K \operatorname{softmax}(s)`, trains
-    :math:`s` with the model's own optimizer, uses equal weights during the first epoch and takes
-    :math:`L_k(0)` as that epoch's mean loss; it leaves the heads unweighted; with representation
-    gradients it sums them over the batch before taking norms. Here, as in the paper, :math:`w`
-    is learned directly from the first step.
+    Differences from LibMTL: LibMTL parametrises :math:`w = K \operatorname{softmax}(s)`,
+    trains :math:`s` with the model's own optimizer, uses equal weights during the first epoch
+    and takes :math:`L_k(0)` as that epoch's mean loss; it leaves the heads unweighted; with
+    representation gradients it sums them over the batch before taking norms. Here, as in the
+    paper, :math:`w` is learned directly from the first step.
 
     The weights, :math:`L(0)`, Adam's state and the gradients of a pending accumulation are in
     this callback's ``state_dict``; the model's ``state_dict`` does not change. The weights a step

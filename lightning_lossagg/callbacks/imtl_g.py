@@ -15,9 +15,9 @@ class IMTLG(GradientWeighting):
     r"""Impartial Multi-Task Learning, gradient part (Liu et al., 2021).
 
     `Towards Impartial Multi-task Learning <https://openreview.net/forum?id=IMPnRXEWpvr>`_
-    (ICLR 2021). The shared part follows :math:`d = \sum_k \alpha_k g_k` with
-    :math:`\sum_k \alpha_k = 1` and equal projections onto every unit gradient
-    :math:`u_k = g_k / \lVert g_k\rVert`; from the global Gramian
+    (ICLR 2021). The shared part follows :math:`d = \sum_k \alpha_k g_k`
+    with :math:`\sum_k \alpha_k = 1` and equal projections onto every unit
+    gradient :math:`u_k = g_k / \lVert g_k\rVert`; from the global Gramian
     (:func:`~lightning_lossagg.functional.imtl_g`):
 
     .. math::
@@ -27,9 +27,9 @@ class IMTLG(GradientWeighting):
     Each head follows its own task's gradient; ``Task.weight`` multiplies :math:`\alpha`.
 
     Scale: :math:`\alpha` sums to 1 (LibMTL and torchjd's ``IMTLG``); weights may be negative.
-    LibMTL's ``IMTL`` is the hybrid of this and IMTL-L (learned loss scales, here
-    :class:`~lightning_lossagg.callbacks.IMTLL`); this callback is the gradient part alone, as
-    torchjd's ``IMTLG``. Stateless: nothing to save.
+    LibMTL's ``IMTL`` is the hybrid of this and IMTL-L (learned loss scales,
+    here :class:`~lightning_lossagg.callbacks.IMTLL`); this callback is the gradient part alone,
+    as torchjd's ``IMTLG``. Stateless: nothing to save.
 
     Args:
         rep_grad: take gradients at the shared representation.

@@ -17,24 +17,24 @@ class UncertaintyWeighting(LearnedScalesWeighting):
     r"""Uncertainty weighting (Kendall et al., 2018), with learned log-variances.
 
     `Multi-Task Learning Using Uncertainty to Weigh Losses for Scene Geometry and Semantics
-    <https://arxiv.org/abs/1705.07115>`_ (CVPR 2018). Each task has a log-variance
-    :math:`s_k = \log \sigma_k^2`, zero at the start (weights :math:`c_k`, as torchjd's ``UW``;
-    LibMTL starts from :math:`s_k = -0.5`), and the objective
+    <https://arxiv.org/abs/1705.07115>`_ (CVPR 2018). Each task has a
+    log-variance :math:`s_k = \log \sigma_k^2`, zero at the start (weights :math:`c_k`, as
+    torchjd's ``UW``; LibMTL starts from :math:`s_k = -0.5`), and the objective
 
     .. math::
         \mathcal{L} = \sum_k c_k e^{-s_k} L_k + \tfrac{1}{2} s_k, \qquad
         w_k = c_k e^{-s_k}, \qquad
         \frac{\partial \mathcal{L}}{\partial s_k} = \tfrac{1}{2} - w_k L_k,
 
-    with :math:`c_k = \tfrac12` (LibMTL's general form; the paper's Gaussian likelihood) or
-    :math:`c_k = 1` for the tasks in ``classification_tasks`` (the paper's softmax likelihood).
-    The model follows :math:`\sum_k w_k \nabla L_k`; the log-variances follow
-    :math:`\nabla_s \mathcal{L}` on the step's global losses (averaged over accumulated
+    with :math:`c_k = \tfrac12` (LibMTL's general form; the paper's Gaussian likelihood)
+    or :math:`c_k = 1` for the tasks in ``classification_tasks`` (the paper's softmax likelihood).
+    The model follows :math:`\sum_k w_k \nabla L_k`; the log-variances
+    follow :math:`\nabla_s \mathcal{L}` on the step's global losses (averaged over accumulated
     micro-batches), with their own Adam on the host (float64: ``K`` numbers), once per
     optimizer step of the model. At the optimum :math:`e^{s_k} = 2 c_k L_k`: a regression task's
-    learned variance is its loss, its MSE. :math:`s_k` stays within :math:`\pm 30` (an optimum
-    :math:`e^{s_k} = 2 c_k L_k` between 1e-13 and 1e13 is unaffected): a task whose loss stays
-    at 0 would drive it for ever.
+    learned variance is its loss, its MSE. :math:`s_k` stays within :math:`\pm 30` (an
+    optimum :math:`e^{s_k} = 2 c_k L_k` between 1e-13 and 1e13 is unaffected): a task whose loss
+    stays at 0 would drive it for ever.
 
     The log-variances live in this callback, not in the model: the model's ``state_dict`` does not
     change and its checkpoints load without the callback. They, Adam's state and the losses of a

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_lossagg.aggregation import RankWeighting
 from lightning_lossagg.mixin import MultiTaskMixin
 from lightning_lossagg.tasks import Task
 
@@ -123,7 +124,7 @@ class PenguinsNet(MultiTaskMixin, L.LightningModule):
         hidden: int = 64,
         lr: float = 1e-2,
         weights: dict[str, float] | None = None,
-        rank_weighting: str = "samples",
+        rank_weighting: RankWeighting = "samples",
     ) -> None:
         weights = weights or {}
         losses = {"species": "cross_entropy", "sex": "bce_with_logits", "body_mass": "mse"}
@@ -136,7 +137,7 @@ class PenguinsNet(MultiTaskMixin, L.LightningModule):
                 tasks[name] = Task(loss, weight=weights.get(name, 1.0))
             except (TypeError, ValueError) as error:
                 raise type(error)(f"weights[{name!r}]: {error}") from None
-        super().__init__(tasks=tasks, rank_weighting=rank_weighting)  # type: ignore[arg-type]
+        super().__init__(tasks=tasks, rank_weighting=rank_weighting)
         self.save_hyperparameters()
         self.lr = lr
         self.trunk = nn.Sequential(

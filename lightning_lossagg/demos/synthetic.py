@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from lightning_lossagg.aggregation import RankWeighting
 from lightning_lossagg.demos.penguins import TaskDataset
 from lightning_lossagg.mixin import MultiTaskMixin
 from lightning_lossagg.tasks import Task
@@ -100,12 +101,12 @@ class MultiTaskMLP(MultiTaskMixin, L.LightningModule):
         in_features: int = 64,
         hidden: int = 256,
         lr: float = 0.01,
-        rank_weighting: str = "samples",
+        rank_weighting: RankWeighting = "samples",
     ) -> None:
         names = task_names(num_tasks)
         super().__init__(
             tasks={name: Task("mse") for name in names},
-            rank_weighting=rank_weighting,  # type: ignore[arg-type]
+            rank_weighting=rank_weighting,
         )
         self.save_hyperparameters()
         self.lr = lr
