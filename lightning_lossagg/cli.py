@@ -6,8 +6,21 @@ by class path in the config (``subclass_mode``), so a user's own classes work th
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from typing_extensions import override
+
+
+class SaveFitConfig(SaveConfigCallback):
+    """Saves the config of a fit beside the logger's runs (``runs/<name>/config.yaml``), the
+    latest fit's; ``validate``, ``test`` and ``predict`` leave it as the fit wrote it."""
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> Any:
+        if stage == "fit":
+            super().setup(trainer, pl_module, stage)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
@@ -19,8 +32,8 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         subclass_mode_data=True,
         args=args,
         run=run,
-        # The config goes beside the logger's runs (runs/<name>/config.yaml): the latest run's,
-        # so that a second `lossagg fit` or a `lossagg test` with the same config runs too.
+        save_config_callback=SaveFitConfig,
+        # A second `lossagg fit` of the same config replaces the first's.
         save_config_kwargs={"overwrite": True},
     )
 

@@ -63,16 +63,24 @@ def test_lossagg_evaluates_the_demo(subcommand, tmp_path):
         assert f"{prefix}/loss/{task}" in metrics
 
 
-def test_a_second_run_with_the_same_config_overwrites_its_saved_config(tmp_path):
-    # Every run saves its config beside the logger's runs; a second `lossagg` command with the
-    # same config (a longer fit, then a test of its checkpoint) must not stop at that file.
-    args = [f"--config={CONFIGS / 'penguins.yaml'}", "--trainer.logger=false"]
-    build_cli(["validate", *args, "--trainer.limit_val_batches=1"])
-    saved = list(tmp_path.rglob("config.yaml"))
-    assert saved
-    cli = build_cli(["validate", *args, "--trainer.limit_val_batches=2"])
-    assert "val/loss" in cli.trainer.callback_metrics
-    assert "limit_val_batches: 2" in saved[0].read_text()
+def test_the_saved_config_is_the_latest_fits_and_evaluation_leaves_it(tmp_path):
+    # A second fit with the same config replaces the first's saved config (it must not stop at
+    # the file); a test of its checkpoint keeps it: the record of what the fit ran.
+    args = [
+        f"--config={CONFIGS / 'penguins.yaml'}",
+        "--trainer.logger=false",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=1",
+        "--trainer.limit_val_batches=1",
+    ]
+    build_cli(["fit", *args])
+    (saved,) = tmp_path.rglob("config.yaml")
+    build_cli(["fit", *args, "--trainer.limit_train_batches=2"])
+    assert "limit_train_batches: 2" in saved.read_text()
+    cli = build_cli(["test", *args[:2], "--trainer.limit_test_batches=3"])
+    assert "test/loss" in cli.trainer.callback_metrics
+    assert "limit_train_batches: 2" in saved.read_text()
+    assert "limit_test_batches: 3" not in saved.read_text()
 
 
 def test_ckpt_path_last_resumes_the_previous_run_of_a_config_from_its_end(tmp_path):
@@ -94,6 +102,15 @@ def test_ckpt_path_last_resumes_the_previous_run_of_a_config_from_its_end(tmp_pa
     assert second.trainer.ckpt_path is not None
     assert Path(second.trainer.ckpt_path).name == "last.ckpt"
     assert second.trainer.global_step == 6  # one more epoch
+    # A fresh fit's last.ckpt replaces the one before (no last-v1.ckpt beside an old last.ckpt
+    # that `lossagg test --ckpt_path .../last.ckpt` would take).
+    fresh = build_cli(["fit", *args, "--trainer.max_epochs=1"])
+    fresh.trainer.logger.experiment.finish()
+    assert sorted(p.name for p in (tmp_path / "runs/penguins/checkpoints").glob("last*")) == [
+        "last.ckpt"
+    ]
+    last = torch.load(tmp_path / "runs/penguins/checkpoints/last.ckpt", weights_only=False)
+    assert last["global_step"] == 2
 
 
 def test_the_optimizer_and_its_scheduler_come_from_the_command_line(tmp_path):
