@@ -91,6 +91,11 @@ class HostCopy:
         return self._host
 
 
+# Devices on which a method reads a step's K figures as Python floats and weighs with them: on
+# the CPU that costs nothing, and a dozen operations on K-element tensors several times more.
+PYTHON_FLOAT_DEVICES = frozenset({"cpu"})
+
+
 def host_list_later(tensor: Tensor) -> Callable[[], list[float]]:
     """A function returning ``tensor`` as a host list: on CUDA from a :class:`HostCopy` queued
     now, elsewhere read when called."""

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_lossagg import distributed
 from lightning_lossagg.aggregation import GlobalTaskLosses
 from lightning_lossagg.callbacks._checks import LossesReadLater, require_multitask
 from lightning_lossagg.functional.gls import gls_weights
@@ -67,7 +68,7 @@ class GLS(WeightingCallback):
         # The losses <= 0, read on the host at the optimizer step (a task without a valid sample
         # has a NaN loss: never <= 0). NaN and +inf are the mixin's to report (nonfinite=...).
         self._unchecked.add(losses)
-        if losses.device.type == "cpu":  # reading K numbers costs nothing: Python floats
+        if losses.device.type in distributed.PYTHON_FLOAT_DEVICES:
             weights = _host_gls_weights(losses.tolist(), step.counts.tolist())
             if weights is not None:
                 return torch.tensor(weights, dtype=losses.dtype)

@@ -179,7 +179,7 @@ class LossScaling(WeightingCallback):
                 self._levels = levels
                 self._weights = loss_scaling_weights(levels, self.eps, validate_args=False)
             return self._weights
-        if losses.device.type == "cpu":  # reading K numbers costs nothing: Python floats
+        if losses.device.type in distributed.PYTHON_FLOAT_DEVICES:
             host_levels = _host_moving_levels(levels.tolist(), losses.tolist(), self.decay)
             self._levels = torch.tensor(host_levels, dtype=levels.dtype)
             floor = level_floor(self.eps, levels.dtype)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_lossagg import MaskedLoss, NonFiniteLossError
+from lightning_lossagg import MaskedLoss, NonFiniteLossError, distributed
 from lightning_lossagg.callbacks import (
     DWA,
     FAMO,
@@ -79,6 +79,14 @@ def test_weights_equal_the_functional_formula_on_the_recorded_global_losses(name
     assert not all(bool(step["valid"].all()) for step in steps)  # a task without labels, too
     _assert_adaptive(steps)
     _assert_weights_match(steps, expected_record_weights(name, steps, callback))
+
+
+@pytest.mark.parametrize("name", ["gls", "loss_scaling"])
+def test_the_tensor_arithmetic_of_other_devices_equals_the_formula_too(name, monkeypatch):
+    # On the CPU these weigh in Python floats: the tensor arithmetic that CUDA and other devices
+    # run is run here on CPU tensors, against the same reference.
+    monkeypatch.setattr(distributed, "PYTHON_FLOAT_DEVICES", frozenset())
+    test_weights_equal_the_functional_formula_on_the_recorded_global_losses(name)
 
 
 @pytest.mark.parametrize("name", list(METHODS))
