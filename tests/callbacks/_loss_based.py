@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -278,13 +279,13 @@ def _famo(steps: list[dict], callback: FAMO) -> list[Tensor]:
     adam, weights = _AdamPerTask(callback.lr, callback.weight_decay), []
     for group in _optimizer_steps(steps):
         logits = adam.values()
+        weights_of = partial(famo_weights, eps=callback.eps)
         for step in group:
-            weights.append(_on_valid(famo_weights, step["valid"], logits, step["losses"]))
+            weights.append(_on_valid(weights_of, step["valid"], logits, step["losses"]))
         last = group[-1]  # the micro-batch evaluated again after the optimizer step
         valid = last["valid"]
-        gradient = _on_valid(
-            famo_logit_gradient, valid, logits, last["losses"], last["losses_after"]
-        )
+        gradient_of = partial(famo_logit_gradient, eps=callback.eps)
+        gradient = _on_valid(gradient_of, valid, logits, last["losses"], last["losses_after"])
         adam.step(gradient, valid)
     return weights
 

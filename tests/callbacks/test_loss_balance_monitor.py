@@ -280,6 +280,21 @@ def test_steps_without_labels_are_neither_nonfinite_nor_a_collapse():
     assert logger.flags("weight_collapse") == {"price": 0.0, "kind": 0.0, "sold": 0.0}
 
 
+def test_a_mean_weight_leaves_out_the_steps_without_a_sample():
+    # "kind" has a sample at every step of the first window, then at one step in four. Its
+    # weight, 1 where it has one, holds: a mean over every step would read 0.25 of it and report
+    # a collapse below 0.5.
+    losses, counts = torch.ones(12, 3), torch.ones(12, 3)
+    for step in range(4, 12):
+        if step % 4:
+            losses[step, 1], counts[step, 1] = torch.nan, 0.0
+    logger, messages = _fit(
+        ScriptedNet(losses, counts=counts), LossBalanceMonitor(window=4, collapse_fraction=0.5)
+    )
+    assert messages == []
+    assert logger.flags("weight_collapse") == {"price": 0.0, "kind": 0.0, "sold": 0.0}
+
+
 def test_the_penguins_demo_is_healthy():
     # The demo's configuration (20 epochs, batch 32, logging and so checking at every step);
     # validation does not matter to the monitor.

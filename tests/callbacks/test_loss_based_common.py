@@ -81,6 +81,15 @@ def test_weights_equal_the_functional_formula_on_the_recorded_global_losses(name
     _assert_weights_match(steps, expected_record_weights(name, steps, callback))
 
 
+def test_famos_eps_reaches_its_weights_and_its_logit_update():
+    # The reference takes the callback's eps: a callback that dropped it weighed with 1e-8.
+    callback = FAMO(lr=0.1, eps=0.5)
+    _, recorder, _ = fit_method("famo", training_batches(), max_epochs=2, callback=callback)
+    steps = recorder.steps
+    _assert_adaptive(steps)
+    _assert_weights_match(steps, expected_record_weights("famo", steps, callback))
+
+
 @pytest.mark.parametrize("name", ["gls", "loss_scaling"])
 def test_the_tensor_arithmetic_of_other_devices_equals_the_formula_too(name, monkeypatch):
     # On the CPU these weigh in Python floats: the tensor arithmetic that CUDA and other devices

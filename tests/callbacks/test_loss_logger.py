@@ -77,9 +77,13 @@ def test_csv_logger_gets_every_component_per_step_and_per_epoch(tmp_path):
             assert share == pytest.approx(weighted[task] / objective, rel=1e-5), (prefix, task)
 
 
-def test_epoch_values_are_sample_weighted_global_means(tmp_path):
+@pytest.mark.parametrize("chunk", [None, 1], ids=["one chunk", "a chunk per step"])
+def test_epoch_values_are_sample_weighted_global_means(tmp_path, chunk, monkeypatch):
     # Two batches of different sizes and label counts: the epoch loss must weight by valid labels,
-    # not average the two batch means.
+    # not average the two batch means. Steps are summed in chunks (of 32): an epoch of several
+    # chunks adds them all.
+    if chunk is not None:
+        monkeypatch.setattr(_EpochAccumulator, "CHUNK", chunk)
     first, second = (
         make_batch(6, seed=1, dtype=torch.float32),
         make_batch(3, seed=2, dtype=torch.float32),

@@ -35,6 +35,16 @@ def test_the_preferences_of_the_valid_tasks_reach_the_method():
     check_fit_against_hand(UPGrad(pref_vector=[0.5, 0.3, 0.2], reg_eps=1e-3), weights)
 
 
+def test_norm_eps_reaches_the_method():
+    # Every Gramian of the fit counts as zero under norm_eps=1e9: the weights are the
+    # (uniform) preferences, where the default solves the QP.
+    def weights(hand, global_step):
+        assert float(hand.gramian.trace()) < 1e9
+        return on_valid(lambda g: upgrad(g, norm_eps=1e9), hand.valid, hand.gramian)
+
+    check_fit_against_hand(UPGrad(norm_eps=1e9), weights)
+
+
 def test_a_preference_vector_of_the_wrong_length_is_refused_at_setup():
     trainer = L.Trainer(
         callbacks=[UPGrad(pref_vector=[1.0, 2.0])],
