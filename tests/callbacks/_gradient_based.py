@@ -65,6 +65,13 @@ METHODS: dict[str, Callable[..., GradientWeighting]] = {
 }
 
 
+# Under DDP too: MGDA's loss normalisations read the step's losses, which must be the global ones.
+DDP_METHODS: dict[str, Callable[..., GradientWeighting]] = {
+    **METHODS,
+    "mgda_loss+": lambda **kw: MGDA(normalization="loss+", **kw),
+}
+
+
 class Recorder(L.Callback):
     """Per training batch: the global step, the batch, the parameters before and after, and the
     weights the mixin recorded (``Task.weight`` included, 0 for a task without a valid label)."""
@@ -295,7 +302,8 @@ DDP_EPOCHS = 2
 def ddp_fit(name: str, rep_grad: bool, rank: int | None = None) -> dict[str, Any]:
     """Fit ``name`` with ``sync="gradients"``: one process on the concatenated batches
     (``rank=None``) or one rank of a 2-process DDP run on its own batches."""
-    callback, collectives = METHODS[name](rep_grad=rep_grad, sync="gradients"), CollectivesPerStep()
+    callback = DDP_METHODS[name](rep_grad=rep_grad, sync="gradients")
+    collectives = CollectivesPerStep()
     if rank is None:
         recorder, model = fit(callback, concatenated_ddp_batches(), DDP_EPOCHS)
     else:

@@ -12,6 +12,7 @@ from lightning_lossagg import functional
 from lightning_lossagg.callbacks import IMTLG, MGDA, AlignedMTL, CAGrad, GradVac, NashMTL, UPGrad
 from tests.callbacks._fits import fit_config
 from tests.callbacks._gradient_based import (
+    DDP_METHODS,
     METHODS,
     assert_adaptive,
     assert_weights,
@@ -49,7 +50,7 @@ def test_two_processes_equal_one_process_on_the_concatenated_batches():
     # with representation gradients: a launch costs seconds, a DDP fit inside it a fraction.
     rank0, rank1 = ddp_batches()
     assert len(rank0[0][0]) != len(rank1[0][0])  # uneven batches, each rank its own
-    cases = [(name, rep_grad) for rep_grad in (False, True) for name in NAMES]
+    cases = [(name, rep_grad) for rep_grad in (False, True) for name in DDP_METHODS]
     ranks = run_on_lightning_ranks(ddp_rank, cases)
     for case in cases:
         single = ddp_fit(*case)
