@@ -30,7 +30,7 @@ from tests.models import (
     ThreeTaskNet,
     reference_task_losses,
 )
-from tests.process_group import run_on_lightning_ranks
+from tests.process_group import CollectivesPerStep, run_on_lightning_ranks
 
 STATIC = torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)  # ThreeTaskNet's Task.weight
 MODEL_LR = 0.1  # ThreeTaskNet's SGD
@@ -209,11 +209,17 @@ def _ddp_rank(rank: int) -> dict[str, dict[str, Any]]:
     """One rank of a 2-process run: each method fits with Lightning's DDP strategy in turn."""
     results = {}
     for name, make_method in METHODS.items():
-        method = make_method()
+        method, collectives = make_method(), CollectivesPerStep()
         recorder, model = fit(
-            method, ddp_batches()[rank], strategy="ddp", devices=2, use_distributed_sampler=False
+            method,
+            ddp_batches()[rank],
+            extra_callbacks=(collectives,),
+            strategy="ddp",
+            devices=2,
+            use_distributed_sampler=False,
         )
         results[name] = {
+            "collectives_per_step": collectives.calls,
             "weights": torch.stack([step["weights"] for step in recorder.steps]),
             "state": copy.deepcopy(method.state_dict()),
             "parameters": {k: v.clone() for k, v in model.state_dict().items()},
@@ -234,6 +240,9 @@ def assert_two_ranks_equal_one_process(name: str) -> None:
     """Both ranks hold the same weights, and they, the method's state and the model equal a
     1-process run on the concatenated batches."""
     rank0, rank1 = (results[name] for results in two_rank_results())
+    # The mixin's all-reduce of the losses and ONE of the method's gradients, per step.
+    for results in (rank0, rank1):
+        assert results["collectives_per_step"] == [["all_reduce"] * 2] * 2, name
     assert torch.equal(rank0["weights"], rank1["weights"])
     assert_nested_equal(rank1["state"], rank0["state"])
     method = METHODS[name]()
