@@ -792,7 +792,7 @@ class TwoRankNet(ThreeTaskNet):
         return torch.utils.data.DataLoader(batches, batch_size=None)
 
     def val_dataloader(self):
-        return torch.utils.data.DataLoader([make_batch(4, seed=99, dtype=torch.float32)] * 2, None)
+        return torch.utils.data.DataLoader([make_batch(4, seed=99, dtype=torch.float32)] * 4, None)
 
 
 @pytest.mark.ddp
@@ -825,9 +825,10 @@ def test_under_ddp_only_rank_zero_writes_and_logging_adds_no_collective(tmp_path
         # Each rank's 4 steps: the mixin's one all-reduce, nothing from logging or monitoring.
         assert facts["steps"] == [["all_reduce"]] * 4, rank
         assert facts["on_train_batch_end"] == [[]] * 4
-        # Its validation batch (the sampler gives each rank one): the evaluation's one all-reduce,
-        # after the mixin's check, at the epoch's first batch, that every rank has as many.
-        assert facts["val_steps"] == [["all_reduce", "all_reduce"]], rank
+        # Its two validation batches (the sampler gives each rank two): the evaluation's one
+        # all-reduce each, after the mixin's check, at the epoch's first batch only, that every
+        # rank has as many.
+        assert facts["val_steps"] == [["all_reduce", "all_reduce"], ["all_reduce"]], rank
         assert facts["on_train_epoch_end"] == facts["on_validation_epoch_end"] == [[]]
         assert facts["on_fit_end"] == [[]]
     assert not (tmp_path / "calls-1.txt").exists()
