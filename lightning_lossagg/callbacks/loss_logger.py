@@ -174,9 +174,9 @@ class LossLogger(L.Callback):
         self.prog_bar = prog_bar
         self.plot = plot
         self._epochs: dict[str, _EpochAccumulator] = {}
+        self._records = FreshRecords()
         # The records of the optimizer step's micro-batches so far: they join the epoch's
         # figures once the step is taken (a skipped step's leave nothing).
-        self._records = FreshRecords()
         self._step_records: list[LossRecord | _SavedRecord] = []
         self._trajectory: Trajectory | None = None
         self._wandb: WandbLogger | None = None
