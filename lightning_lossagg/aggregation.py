@@ -399,8 +399,9 @@ def _masked_values(loss: MaskedLoss) -> Tensor:
     ``nonfinite`` policy (a ``(values, mask)`` loss computed on the NaN of a missing label)."""
     if type(loss) is ZeroMaskedLoss:
         return loss.values
-    values = loss.values
-    return torch.where(loss.mask, values, values.detach() * 0 if values.requires_grad else 0.0)
+    if loss.values.requires_grad:  # NaN * False is NaN; its gradient is the mask, as where's
+        return loss.values * loss.mask
+    return torch.where(loss.mask, loss.values, 0.0)
 
 
 def _global_losses(numerators: Tensor, counts: Tensor, dtype: torch.dtype) -> Tensor:

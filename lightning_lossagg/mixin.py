@@ -733,6 +733,8 @@ class MultiTaskMixin(_ModuleBase):
             self._latest_weights, self._pending_weights = None, []
             self._gradients_checked = False
             self._clear_step_flags()  # an earlier fit may have stopped amid a step
+            self._unchecked_nonfinite.clear()  # (its checks left unread)
+            self._unchecked_weights.clear()
             self._remove_step_hooks()  # (and not torn down: an id may name a new optimizer)
         # The strategy has set up its processes: whether they are several is fixed for the fit.
         self._reducer.across_ranks = distributed.is_distributed()
@@ -998,6 +1000,7 @@ class MultiTaskMixin(_ModuleBase):
                 if any(bitsets):
                     named = zip(self.task_names, bitsets, strict=True)
                     bad = [(name, bits) for name, bits in named if bits]
+                    self._unchecked_weights.clear()  # the refused step's: never read
                     self.forget_refused_step()
                     # The steps since the last optimizer step are all this global step's batches.
                     raise NonFiniteLossError(_nonfinite_message(bad, self.global_step))
@@ -1196,8 +1199,9 @@ def _nonfinite_message(bad: list[tuple[str, float]], step_index: int) -> str:
         parts.append(f"task {name!r} on rank(s) {ranks}")
     return (
         f"Non-finite loss at global step {step_index}: {'; '.join(parts)}. Check the inputs and "
-        "targets of that batch, lower the learning rate, or clip gradients; "
-        "nonfinite='skip' or 'drop_task' on the model tolerates rare bad batches."
+        "targets of that batch (a NaN or inf among a task's per-sample losses counts even where "
+        "its mask is False: its gradient there would be NaN), lower the learning rate, or clip "
+        "gradients; nonfinite='skip' or 'drop_task' on the model tolerates rare bad batches."
     )
 
 

@@ -27,11 +27,12 @@ class MaskedLoss(NamedTuple):
     """Per-sample loss values and the mask of the samples that count.
 
     ``values`` and ``mask`` have the same shape; masked-out positions of ``values`` never reach
-    the objective. Their gradient is 0 times their own derivative, though: a NaN or infinite
-    value there (a loss computed on the NaN of a missing label) makes the task's loss non-finite
-    in training, for the mixin's ``nonfinite`` policy, as its gradient would be NaN; a finite
-    value whose derivative is NaN (0/0, say) poisons the backward unseen. Compute the loss on a
-    placeholder target at missing labels (``torch.where(mask, target, prediction.detach())``).
+    the objective. Their gradient is 0 times their own derivative, though, which is NaN for a
+    loss computed on the NaN of a missing label. So in training a NaN or infinite value under a
+    False mask makes the task's loss non-finite, for the mixin's ``nonfinite`` policy, even where
+    its derivative would happen to be finite; a finite value whose derivative is NaN (0/0, say)
+    poisons the backward unseen. Compute the loss on a finite placeholder target at missing
+    labels (``torch.where(mask, target, prediction.detach())``).
     """
 
     values: Tensor

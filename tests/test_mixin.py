@@ -192,6 +192,25 @@ def test_a_methods_non_finite_weight_for_a_valid_task_refuses_the_step_naming_it
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
 
 
+class NanForNonFinite(WeightingCallback):
+    """A weight of NaN for a task whose loss is not finite, 1 for the others."""
+
+    def task_weights(self, pl_module, step):
+        return torch.where(step.losses.isfinite(), 1.0, torch.nan)
+
+
+def test_a_fit_after_a_refused_step_checks_only_its_own_steps():
+    # The first fit stops on the infinite loss, the step's NaN weight left unread; the same
+    # model fitted again on clean data must not meet it.
+    model = ThreeTaskNet()
+    inputs, targets = make_batch(6, seed=0, dtype=torch.float32)
+    targets["sold"][2] = torch.inf
+    with pytest.raises(NonFiniteLossError):
+        _fit(model, [NanForNonFinite()], batch=(inputs, targets))
+    _fit(model, [NanForNonFinite()], batch=make_batch(6, seed=1, dtype=torch.float32))
+    assert model.loss_record.weights.isfinite().all()
+
+
 def test_the_validation_step_returns_the_objective_at_the_weights_of_the_fit():
     model = ThreeTaskNet()
     _fit(model, callbacks=[HalvingWeights()])
