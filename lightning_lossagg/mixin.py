@@ -494,12 +494,13 @@ class MultiTaskMixin(_ModuleBase):
             if isinstance(prediction, Tensor) and isinstance(target, Tensor):
                 task.check_target(name, prediction, target)
                 key = task.stacking_key(prediction, target)
-                if not task.target_checked(target):  # checked again at the layout's next batch
-                    signature = None
             groups.setdefault(key if key is not None else ("alone", index), []).append(index)
         plan = None
         if len(groups) < len(self.tasks):
-            plan = [_StackedGroup.of(rows, self.task_names, self.tasks) for rows in groups.values()]
+            plan = [
+                _StackedGroup.of(rows, self.task_names, self.tasks, targets)
+                for rows in groups.values()
+            ]
         if signature is not None:
             if len(self._stacking_plans) > 64:  # layouts vary (a last short batch): bounded
                 self._stacking_plans.clear()
@@ -1065,13 +1066,21 @@ class _StackedGroup(NamedTuple):
     label: str  # the names, for errors
     task: Task  # the first task (the group shares its loss)
     pick: Callable[[Mapping[str, Tensor]], Any]  # the group's values (a tuple) of a task dict
+    # Tasks whose targets of this layout are still to be checked (Task.target_checked): a
+    # bce_with_logits task whose batches had no label yet. Emptied as they are.
+    unchecked: dict[str, Task]
 
     @classmethod
     def of(
-        cls, rows: list[int], names: tuple[str, ...], tasks: Mapping[str, Task]
+        cls,
+        rows: list[int],
+        names: tuple[str, ...],
+        tasks: Mapping[str, Task],
+        targets: Mapping[str, Tensor],
     ) -> _StackedGroup:
         group = tuple(names[row] for row in rows)
-        return cls(rows, group, ", ".join(group), tasks[group[0]], itemgetter(*group))
+        unchecked = {n: tasks[n] for n in group if not tasks[n].target_checked(targets[n])}
+        return cls(rows, group, ", ".join(group), tasks[group[0]], itemgetter(*group), unchecked)
 
     def loss(
         self, predictions: Mapping[str, Tensor], targets: Mapping[str, Tensor]
@@ -1082,6 +1091,11 @@ class _StackedGroup(NamedTuple):
             prediction, target = self.pick(predictions), self.pick(targets)
             loss = values, mask = self.task.per_sample_loss(self.label, prediction, target)
             return type(loss)(values.unsqueeze(0), mask.unsqueeze(0)), None
+        if self.unchecked:
+            for name, task in list(self.unchecked.items()):
+                task.check_target(name, predictions[name], targets[name])
+                if task.target_checked(targets[name]):
+                    del self.unchecked[name]
         stacked_predictions = torch.stack(self.pick(predictions))
         stacked_targets = torch.stack(self.pick(targets))
         # Stacked tasks passed check_target in _stacking_groups, for this layout of the batch.
