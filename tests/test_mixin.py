@@ -192,6 +192,24 @@ def test_a_methods_non_finite_weight_for_a_valid_task_refuses_the_step_naming_it
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
 
 
+class LearnedInTheGraph(WeightingCallback):
+    """w = exp(-s) with s a parameter of the callback's own: weights that carry a gradient."""
+
+    def __init__(self) -> None:
+        self.log_scales = torch.nn.Parameter(torch.zeros(3))
+
+    def task_weights(self, pl_module, step):
+        return torch.exp(-self.log_scales)
+
+
+def test_weights_that_carry_a_gradient_are_detached_from_the_objective():
+    # The model's backward must not reach a method's own parameters: its weights are constants
+    # of the step (WeightingCallback.task_weights returns them detached, or the mixin does).
+    callback = LearnedInTheGraph()
+    _fit(ThreeTaskNet(), [callback])
+    assert callback.log_scales.grad is None
+
+
 class NanForNonFinite(WeightingCallback):
     """A weight of NaN for a task whose loss is not finite, 1 for the others."""
 

@@ -311,6 +311,21 @@ def test_the_layout_probe_leaves_the_models_buffers_alone(tmp_path):
     torch.testing.assert_close(model.norm.running_mean, 0.1 * representation.mean(0))
 
 
+def test_the_layout_probe_draws_none_of_the_fits_random_numbers(tmp_path):
+    # forward_heads drops out: had the probe's dropout taken random numbers of the fit, the step
+    # would drop other units than a fit without a probe (and a resumed fit, which probes at
+    # another step, would not replay the uninterrupted one).
+    batch = make_batch(9, seed=5)
+    states = []
+    for callbacks in ([], [FactoredGradients(rep_grad=True)]):
+        model = NormalisedRepresentationNet(str(tmp_path), [batch]).double()
+        torch.manual_seed(0)
+        quiet_trainer(1, 2, "64-true", callbacks).fit(model)
+        states.append(torch.random.get_rng_state())
+    assert model._linear_heads is False  # probed
+    assert torch.equal(*states)
+
+
 class NormalisedTrunkNet(LinearFactorsNet):
     """The trunk ends in batch norm, whose buffers (in eval mode, and its saved statistics in
     train mode) the trunk's backward reads: the heads' layout probe must not write to them."""

@@ -179,6 +179,28 @@ def test_a_step_skipped_before_a_checkpoint_amid_it_is_skipped_after_the_resume(
     _assert_as_after_the_first_step(name, state, weights)
 
 
+class SkipCounts(L.Callback):
+    """The model's count of skipped steps and of consecutive ones at the fit's end."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.counts = (pl_module.skipped_steps, pl_module._consecutive_skips)
+
+
+@pytest.mark.parametrize("bad", [(2,), (2, 3)], ids=["first micro-batch", "both micro-batches"])
+def test_a_resume_amid_a_skipped_step_counts_it_once_as_an_uninterrupted_fit(bad, tmp_path):
+    # Step 1 is skipped for its non-finite micro-batch 2 (and 3); the checkpoint comes right
+    # after micro-batch 2. The resumed fit must know the step is already a non-finite one: not
+    # count it again at micro-batch 3, nor take it for a finite step that ends the run of skips.
+    batches = signed_price_batches(4, negative_at=-1)
+    for index in bad:
+        batches[index][1]["price"][:] = torch.inf
+    path, uninterrupted, resumed = tmp_path / "amid.ckpt", SkipCounts(), SkipCounts()
+    _fit("DWA", batches, "skip", extra_callbacks=(SaveAt(2, path), uninterrupted))
+    _fit("DWA", batches[3:], "skip", extra_callbacks=(resumed,), ckpt_path=path)
+    assert uninterrupted.counts == (1, 1)
+    assert resumed.counts == uninterrupted.counts
+
+
 def test_a_resume_amid_a_step_without_the_methods_saved_state_starts_it_afresh(tmp_path):
     # The error for a checkpoint of other tasks advises deleting the method's state from it: the
     # method then starts afresh, and a refused step must not load the state kept from before it.

@@ -43,6 +43,16 @@ def test_cholesky_refuses_what_is_not_clearly_positive_definite(matrix: list[lis
     assert cholesky([[1.0, 1.0 - 1e-4], [1.0 - 1e-4, 1.0]]) is not None  # squared pivot 2e-4
 
 
+@pytest.mark.parametrize("scale", [1e-9, 1.0, 1e6])
+def test_cholesky_judges_a_pivot_against_its_own_diagonal_whatever_the_scale(scale: float) -> None:
+    # A Gramian's scale is the gradients' (1e-9 for tiny ones): what is refused is a pivot small
+    # against its diagonal, not against 1.
+    near = [[scale, scale * (1 - 1e-8)], [scale * (1 - 1e-8), scale]]
+    clear = [[scale, scale * (1 - 1e-4)], [scale * (1 - 1e-4), scale]]
+    assert cholesky(near) is None
+    assert cholesky(clear) is not None
+
+
 @pytest.mark.parametrize("size", SMALL)
 def test_inverse_trace_is_the_trace_of_the_inverse(size: int) -> None:
     matrix, _ = _spd(size, seed=10 + size)
