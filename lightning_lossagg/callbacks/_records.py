@@ -3,10 +3,30 @@ optimizer step."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import lightning as L
 import torch
+from torch import Tensor
 
 from lightning_lossagg.weighting import LossRecord
+
+
+class SavedRecord(NamedTuple):
+    """A training record restored from a checkpoint saved amid an optimizer step."""
+
+    losses: Tensor
+    weights: Tensor
+    counts: Tensor
+    stage: str = "train"
+
+    @classmethod
+    def of(cls, record: LossRecord | SavedRecord) -> list[Tensor]:
+        """``record``'s figures as a checkpoint keeps them (on the host)."""
+        return [record.losses.cpu(), record.weights.cpu(), record.counts.cpu()]
+
+    def to(self, device: torch.device) -> SavedRecord:
+        return SavedRecord(self.losses.to(device), self.weights.to(device), self.counts.to(device))
 
 
 class FreshRecords:
@@ -25,12 +45,17 @@ class FreshRecords:
         return record
 
 
-def optimizer_step_record(records: list[LossRecord]) -> LossRecord:
-    """One training record of an optimizer step's micro-batches: per task the sample-weighted
-    mean of their losses (NaN without a sample), the sum of their counts, and the mean of its
-    weights over the micro-batches where it had a sample."""
-    if len(records) == 1:
+def optimizer_step_record(
+    records: list[LossRecord | SavedRecord], names: tuple[str, ...]
+) -> LossRecord:
+    """One training record of an optimizer step's micro-batches (those restored from a
+    checkpoint among them): per task the sample-weighted mean of their losses (NaN without a
+    sample), the sum of their counts, and the mean of its weights over the micro-batches where
+    it had a sample."""
+    if len(records) == 1 and isinstance(records[0], LossRecord):
         return records[0]
+    device = records[-1].losses.device
+    records = [r.to(device) if isinstance(r, SavedRecord) else r for r in records]
     counts = torch.stack([record.counts for record in records])
     valid = counts > 0
     losses = torch.where(valid, torch.stack([record.losses for record in records]), 0.0)
@@ -38,4 +63,4 @@ def optimizer_step_record(records: list[LossRecord]) -> LossRecord:
     total = counts.sum(0)
     mean_losses = (losses * counts).sum(0) / total
     mean_weights = weights.sum(0) / valid.sum(0).clamp(min=1)
-    return LossRecord("train", records[-1].names, mean_losses, mean_weights, total)
+    return LossRecord("train", names, mean_losses, mean_weights, total)

@@ -14,7 +14,11 @@ from typing_extensions import override
 from lightning_lossagg.callbacks._balance_window import CONDITIONS, LossWindow, Thresholds
 from lightning_lossagg.callbacks._checks import check_int_at_least
 from lightning_lossagg.callbacks._direct_log import write_metrics
-from lightning_lossagg.callbacks._records import FreshRecords, optimizer_step_record
+from lightning_lossagg.callbacks._records import (
+    FreshRecords,
+    SavedRecord,
+    optimizer_step_record,
+)
 from lightning_lossagg.weighting import LossRecord, check_checkpoint_tasks
 
 
@@ -91,7 +95,8 @@ class LossBalanceMonitor(L.Callback):
         self._flags: dict[str, float] = {}
         self._skipped_steps = 0
         self._records = FreshRecords()
-        self._step_records: list[LossRecord] = []  # the optimizer step's micro-batches'
+        # The optimizer step's micro-batches so far (restored ones from a checkpoint amid it).
+        self._step_records: list[LossRecord | SavedRecord] = []
         self._state_key: str | None = None
 
     @property
@@ -142,10 +147,10 @@ class LossBalanceMonitor(L.Callback):
         records, self._step_records = self._step_records, []
         if not records or getattr(pl_module, "skipping_optimizer_step", False):
             return  # a step skipped for a non-finite loss: its finite micro-batches stay out too
-        step_record = optimizer_step_record(records)
-        self._history.add(step_record)
+        names: tuple[str, ...] = pl_module.task_names  # type: ignore[assignment]
+        self._history.add(optimizer_step_record(records, names))
         if self._history.seen % self._every == 0:
-            self._check(trainer, step_record.names)
+            self._check(trainer, names)
         if trainer._logger_connector.should_update_logs and trainer.loggers:
             write_metrics(trainer, self._flags)
 
@@ -225,6 +230,7 @@ class LossBalanceMonitor(L.Callback):
             "flags": dict(self._flags),
             "skipped_steps": self._skipped_steps,
             "window": self._history.state_dict(),
+            "step_records": [SavedRecord.of(record) for record in self._step_records],
         }
 
     @override
@@ -242,6 +248,8 @@ class LossBalanceMonitor(L.Callback):
         self._flags.update(state_dict["flags"])
         self._skipped_steps = state_dict["skipped_steps"]
         self._history.load_state_dict(state_dict["window"])
+        # Restored after setup: a checkpoint saved amid an optimizer step resumes it.
+        self._step_records = [SavedRecord(*saved) for saved in state_dict.get("step_records", [])]
 
 
 def _check_number(

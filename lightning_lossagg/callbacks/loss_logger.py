@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import lightning as L
 import torch
@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from lightning_lossagg.callbacks import _wandb_extras
 from lightning_lossagg.callbacks._direct_log import logging_step, write_metrics
-from lightning_lossagg.callbacks._records import FreshRecords
+from lightning_lossagg.callbacks._records import FreshRecords, SavedRecord
 from lightning_lossagg.callbacks._trajectory import Trajectory
 from lightning_lossagg.weighting import LossRecord, check_checkpoint_tasks
 
@@ -34,18 +34,6 @@ _SYNC_DIST_ADVICE = (
     r"It is recommended to use `self\.log\('(train_epoch|val|test)/"
     r"(loss|static_loss|(loss|weight|weighted|share)/[^']*)', \.\.\., sync_dist=True\)`"
 )
-
-
-class _SavedRecord(NamedTuple):
-    """A training record restored from a checkpoint saved amid an optimizer step."""
-
-    losses: Tensor
-    weights: Tensor
-    counts: Tensor
-    stage: str = "train"
-
-    def to(self, device: torch.device) -> _SavedRecord:
-        return _SavedRecord(self.losses.to(device), self.weights.to(device), self.counts.to(device))
 
 
 class _EpochAccumulator:
@@ -65,7 +53,7 @@ class _EpochAccumulator:
         self._sums: Tensor | None = None
         self._restored = False  # restored from a checkpoint: on the host until the next step
 
-    def add(self, record: LossRecord | _SavedRecord) -> None:
+    def add(self, record: LossRecord | SavedRecord) -> None:
         if self._restored:
             self._move_to(record.losses.device)
         self._pending.append((record.losses, record.weights, record.counts.clone()))
@@ -177,13 +165,13 @@ class LossLogger(L.Callback):
         self._records = FreshRecords()
         # The records of the optimizer step's micro-batches so far: they join the epoch's
         # figures once the step is taken (a skipped step's leave nothing).
-        self._step_records: list[LossRecord | _SavedRecord] = []
+        self._step_records: list[LossRecord | SavedRecord] = []
         self._trajectory: Trajectory | None = None
         self._wandb: WandbLogger | None = None
         self._described_runs: set[str] = set()
         self._train_epoch = 0
         # A checkpoint's training epoch figures, until the fit it resumes starts: (epoch, sums).
-        self._restored_epoch: tuple[int, _EpochAccumulator, list[_SavedRecord]] | None = None
+        self._restored_epoch: tuple[int, _EpochAccumulator, list[SavedRecord]] | None = None
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -226,7 +214,7 @@ class LossLogger(L.Callback):
             # the epoch's figures, as out of the model and the method's state.
             return
         for taken in records:
-            if isinstance(taken, _SavedRecord) and record is not None:
+            if isinstance(taken, SavedRecord) and record is not None:
                 taken = taken.to(record.losses.device)
             self._take(taken, "train")
         if record is None:
@@ -272,7 +260,7 @@ class LossLogger(L.Callback):
     ) -> None:
         self._take(self._records.take(pl_module), "test")
 
-    def _take(self, record: LossRecord | _SavedRecord | None, stage: str) -> None:
+    def _take(self, record: LossRecord | SavedRecord | None, stage: str) -> None:
         """Add ``record`` to its stage's epoch figures, if it is one of that stage."""
         if record is None or record.stage != stage:
             return
@@ -294,10 +282,7 @@ class LossLogger(L.Callback):
         return {
             "epoch": self._train_epoch,
             "train_epoch": (train or _EpochAccumulator()).state_dict(),
-            "step_records": [
-                [record.losses.cpu(), record.weights.cpu(), record.counts.cpu()]
-                for record in self._step_records
-            ],
+            "step_records": [SavedRecord.of(record) for record in self._step_records],
         }
 
     @override
@@ -310,7 +295,7 @@ class LossLogger(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "train_epoch" in state_dict:
             accumulator = _EpochAccumulator.from_state(state_dict["train_epoch"])
-            step = [_SavedRecord(*saved) for saved in state_dict.get("step_records", [])]
+            step = [SavedRecord(*saved) for saved in state_dict.get("step_records", [])]
             self._restored_epoch = (state_dict["epoch"], accumulator, step)
 
     @override

@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader
 from lightning_lossagg import LossRecord, WeightingCallback
 from lightning_lossagg.callbacks import LossBalanceError, LossBalanceMonitor, _balance_window
 from lightning_lossagg.demos import PenguinsDataModule, PenguinsNet
+from tests.callbacks._fits import assert_nested_equal
+from tests.callbacks.test_loss_logger import CheckpointAmidAStep
 from tests.models import ThreeTaskNet, make_batch
 from tests.process_group import run_on_lightning_ranks
 
@@ -426,6 +428,36 @@ def test_a_resumed_run_flags_and_reports_as_an_uninterrupted_one(tmp_path):
     assert len(flags) >= 5 and all(row["train/monitor/dominance/price"] for row in flags)
     assert resumed_flags == flags
     assert resumed_messages == messages
+
+
+class ScriptedByIndex(ScriptedNet):
+    """Plays back step ``batch_idx`` whatever the loader yields: a fit resumed amid an epoch
+    from a plain loader starts it again, and its batch index goes on."""
+
+    def training_step(self, index, batch_idx):
+        return super().training_step(batch_idx, batch_idx)
+
+
+def test_a_fit_resumed_amid_an_accumulated_step_judges_it_whole(tmp_path):
+    # Saved after micro-batch 2, the first of optimizer step 1: the resumed fit's figure of
+    # that step must hold micro-batch 2 too, as the uninterrupted fit's does.
+    losses = torch.tensor([[1.0, 2.0, 3.0], [2.0, 1.0, 3.0], [5.0, 0.5, 0.5], [0.5, 5.0, 0.5]])
+    losses = torch.cat([losses, losses.flip(0)])
+    path = tmp_path / "amid.ckpt"
+    states = []
+    for ckpt_path, callbacks in ((None, [CheckpointAmidAStep(2, path)]), (path, [])):
+        monitor = LossBalanceMonitor(window=4)  # the window holds every step
+        _fit(
+            ScriptedByIndex(losses),
+            monitor,
+            callbacks=callbacks,
+            ckpt_path=ckpt_path,
+            accumulate_grad_batches=2,
+        )
+        states.append(monitor.state_dict())
+    uninterrupted, resumed = states
+    assert uninterrupted["window"]["seen"] == 4
+    assert_nested_equal(resumed, uninterrupted)
 
 
 def test_a_model_without_the_mixin_is_refused():
