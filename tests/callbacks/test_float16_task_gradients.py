@@ -39,6 +39,15 @@ class WholeSmallPriceNet(SmallPriceNet):
         return ThreeTaskNet.forward_heads(self, ThreeTaskNet.forward_shared(self, inputs))
 
 
+class SmallPriceHeadNet(ThreeTaskNet):
+    """The registry's losses (the per-task gradients of one backward pass through the heads'
+    views), the price head's output scaled down: its gradients are as small."""
+
+    def forward_heads(self, shared):
+        predictions = super().forward_heads(shared)
+        return {**predictions, "price": predictions["price"] * (SMALL / 10)}
+
+
 class GradNormsAtFirstStep(L.Callback):
     def __init__(self, method: L.Callback) -> None:
         self.method, self.grad_norms = method, None
@@ -52,6 +61,10 @@ class GradNormsAtFirstStep(L.Callback):
 METHODS = {
     "MGDA, parameter gradients, whole forward": (MGDA, WholeSmallPriceNet),
     "Nash-MTL updated every 2 steps": (lambda: NashMTL(update_weights_every=2), SmallPriceNet),
+    "Nash-MTL every 2 steps, one pass": (
+        lambda: NashMTL(update_weights_every=2),
+        SmallPriceHeadNet,
+    ),
     "Nash-MTL at the representation": (
         lambda: NashMTL(rep_grad=True, update_weights_every=2),
         SmallPriceNet,
