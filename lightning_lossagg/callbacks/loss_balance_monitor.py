@@ -51,7 +51,7 @@ class LossBalanceMonitor(L.Callback):
         dominance_threshold: the share of the objective, in (0, 1), that counts as dominating.
         window: training steps a condition is judged over (at least 2).
         check_every_n_steps: evaluate every this many training steps (default: the trainer's
-            ``log_every_n_steps``, or ``window`` when logging is off).
+            ``log_every_n_steps``, also without a logger, or ``window`` where it is 0).
         rise_tolerance: relative rise of a task's loss (>= 0) that counts as rising.
         collapse_fraction: the fraction, in (0, 1), of its first weight a weight collapses below.
         explosion_factor: the multiple (> 1) of its first weight a weight explodes above.

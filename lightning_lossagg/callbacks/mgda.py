@@ -127,7 +127,11 @@ class MGDA(GradientWeighting):
         # weights_from_gramian sees the valid tasks only.
         losses = all_losses[valid > 0]
         names = [name for name, ok in zip(self._names, valid, strict=True) if ok]
-        negative = [name for name, loss in zip(names, losses.tolist(), strict=True) if loss < 0]
+        negative = [
+            f"{name!r} ({loss:g})"
+            for name, loss in zip(names, losses.tolist(), strict=True)
+            if loss < 0
+        ]
         if negative:
             raise ValueError(
                 f"MGDA(normalization={self.normalization!r}) divides each task's gradient by its "
