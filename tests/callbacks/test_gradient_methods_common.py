@@ -26,7 +26,7 @@ from tests.callbacks._gradient_based import (
     training_batches,
 )
 from tests.callbacks._stateful_gradient import assert_resume_equals_uninterrupted
-from tests.models import IN_FEATURES, ThreeTaskNet, make_batch, one_batch_loader
+from tests.models import IN_FEATURES, ThreeTaskNet, make_batch, one_batch_loader, quiet_trainer
 from tests.process_group import run_on_lightning_ranks
 
 PENGUIN_TASKS = ("species", "sex", "body_mass")
@@ -222,14 +222,7 @@ def test_a_float32_gramians_rounding_is_told_from_its_rank(method, reference):
         targets["price"][:] = 0.3 * step - 1.0  # every task labelled
     callback = SeesGramians(rep_grad=True)
     torch.manual_seed(0)
-    trainer = L.Trainer(
-        callbacks=[callback],
-        max_epochs=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    trainer = quiet_trainer(1, len(batches), "32-true", [callback])
     trainer.fit(NarrowThreeTaskNet(), DataLoader(batches, batch_size=None))
     assert callback.gramian_eps == torch.finfo(torch.float32).eps
     assert len(callback.seen) == len(batches)

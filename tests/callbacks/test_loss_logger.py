@@ -123,16 +123,7 @@ def test_a_batch_the_model_leaves_out_logs_no_row_and_no_part_of_the_epoch(tmp_p
     # left-out batch's step and counted twice in the epoch's figures.
     batches = [make_batch(6, seed=seed, dtype=torch.float32) for seed in range(3)]
     model = LeavesOutBatchOne(lr=0.0)  # frozen: the reference sees the same model
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=CSVLogger(tmp_path),
-        callbacks=[LossLogger(plot=False)],
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(model, torch.utils.data.DataLoader(batches, batch_size=None))
+    trainer = _fit_three_tasks(tmp_path, [LossLogger(plot=False)], batches=batches, model=model)
     rows = _read_csv(trainer.logger.log_dir + "/metrics.csv")
     trained = [batches[0], batches[2]]
     with torch.no_grad():
