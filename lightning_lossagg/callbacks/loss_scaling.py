@@ -171,7 +171,9 @@ class LossScaling(WeightingCallback):
         """Once every task has a level: the arithmetic of :meth:`_update_levels` and
         :meth:`task_weights` where ``has_level`` is all True, without their operations that only
         start levels (three per step; with fixed levels, all of them); on the CPU in Python
-        floats (to the last bit: torch may fuse ``lerp``'s product and sum)."""
+        floats (a float32 level may differ from the device's in its last bit, and in float64 too
+        where torch fuses ``lerp``'s product and sum: which of the two ways a step takes is saved
+        with the state, so a resumed fit takes the same way at every step)."""
         losses = step.losses
         levels = on_device(self._levels, losses.device)  # type: ignore[arg-type]
         if self.mode == "initial":  # fixed levels, fixed weights
@@ -183,7 +185,8 @@ class LossScaling(WeightingCallback):
             host_levels = _host_moving_levels(levels.tolist(), losses.tolist(), self.decay)
             self._levels = torch.tensor(host_levels, dtype=levels.dtype)
             floor = level_floor(self.eps, levels.dtype)
-            weights = [1.0 / max(level, floor) for level in host_levels]
+            # The reciprocals of the levels as kept (rounded to their dtype), as on the device.
+            weights = [1.0 / max(level, floor) for level in self._levels.tolist()]
             return torch.tensor(weights, dtype=levels.dtype)
         moving_average = update_loss_levels(levels, losses, self.decay, validate_args=False)
         self._levels = torch.where(usable_tasks(step), moving_average, levels)
@@ -205,13 +208,18 @@ class LossScaling(WeightingCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"levels": self._levels, "has_level": self._has_level}
+        return {
+            "levels": self._levels,
+            "has_level": self._has_level,
+            "all_have_levels": self._all_have_levels,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._levels, self._has_level = state_dict["levels"], state_dict["has_level"]
-        has_level = self._has_level
-        self._all_have_levels = has_level is not None and bool(has_level.all())
+        # As the host had learnt it, not from `has_level`: a fit that learns it a step later
+        # weighs that step on the device, to its rounding (see _weights_of_known_levels).
+        self._all_have_levels = bool(state_dict.get("all_have_levels", False))
         self._has_level_copy = self._weights = None
 
 

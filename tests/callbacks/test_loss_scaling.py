@@ -2,15 +2,23 @@
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
 from lightning_lossagg.callbacks import LossScaling
 from lightning_lossagg.callbacks.loss_scaling import _host_moving_levels
 from lightning_lossagg.functional.loss_scaling import update_loss_levels
-from tests.callbacks._fits import ParametersAfterEachStep, SignedPriceNet, signed_price_batches
-from tests.callbacks._loss_based import at_step, global_losses, trainer
-from tests.models import ThreeTaskNet
+from tests.callbacks._fits import (
+    ParametersAfterEachStep,
+    SignedPriceNet,
+    assert_nested_equal,
+    loader,
+    signed_price_batches,
+)
+from tests.callbacks._fits import trainer as float64_trainer
+from tests.callbacks._loss_based import Recorder, at_step, global_losses, trainer
+from tests.models import ThreeTaskNet, make_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -165,14 +173,21 @@ def test_once_every_task_has_a_level_the_steps_leave_out_the_operations_that_sta
         assert steps[2][1] == 0
 
 
-def test_levels_restored_from_a_checkpoint_take_the_shorter_steps_at_once():
+@pytest.mark.parametrize("host_knew", [True, False])
+def test_a_restored_state_takes_the_shorter_steps_where_the_saved_one_did(host_knew):
+    # The two ways may differ in a float32 level's last bit: a resumed fit takes the shorter
+    # steps from where the saved fit took them (its host had read that every task has a level),
+    # not from where its levels alone would allow them.
     trained = _set_up(mode="ema")
     _weights_and_operations(trained, 0, global_losses([2.0, 4.0, 8.0]), optimizer_step=False)
+    if host_knew:
+        _weights_and_operations(trained, 1, global_losses([2.0, 4.0, 8.0]))
     restored = _set_up(mode="ema")
     restored.load_state_dict(trained.state_dict())
-    weights, operations = _weights_and_operations(restored, 1, global_losses([4.0, 4.0, 4.0]))
+    weights, operations = _weights_and_operations(restored, 2, global_losses([4.0, 4.0, 4.0]))
     torch.testing.assert_close(weights, 1 / torch.tensor([3.0, 4.0, 6.0], dtype=torch.float64))
-    assert operations <= _operations_of_a_general_step(mode="ema") - 3
+    general = _operations_of_a_general_step(mode="ema")
+    assert (operations <= general - 3) if host_knew else (operations == general)
 
 
 @pytest.mark.parametrize("decay", [0.0, 0.3, 0.9, 0.99])
@@ -191,3 +206,33 @@ def test_the_cpu_steps_host_levels_equal_the_functional_update(decay):
         # torch may fuse lerp's product and sum (one rounding fewer): a last-bit difference.
         torch.testing.assert_close(host, expected, rtol=4 * torch.finfo(torch.float64).eps, atol=0)
         levels = host
+
+
+def _float32_fit(
+    max_epochs: int, extra: tuple = (), ckpt_path=None, **kwargs
+) -> tuple[Recorder, ThreeTaskNet]:
+    """Two batches an epoch, a warm-up of two steps."""
+    torch.manual_seed(0)
+    model, recorder = ThreeTaskNet(), Recorder()
+    callbacks = [LossScaling(warmup_steps=2), recorder, *extra]
+    run = float64_trainer(callbacks, max_epochs, precision="32-true", **kwargs)
+    batches = [make_batch(9, seed=seed, dtype=torch.float32) for seed in range(2)]
+    run.fit(model, loader(batches), ckpt_path=ckpt_path)
+    return recorder, model
+
+
+def test_a_float32_fit_resumed_at_the_end_of_the_warmup_weighs_as_the_uninterrupted_one(tmp_path):
+    # The first step after the warm-up weighs on the device (the host has not yet read that every
+    # task has a level); a resumed fit must too: in float32 the host's way differs in a last bit.
+    full, full_model = _float32_fit(3)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    first, _ = _float32_fit(1, extra=(checkpoint,), enable_checkpointing=True)
+    second, resumed_model = _float32_fit(3, ckpt_path=tmp_path / "last.ckpt")
+    steps = first.steps + second.steps
+    assert len(steps) == len(full.steps) == 6
+    for index, (resumed, uninterrupted) in enumerate(zip(steps, full.steps, strict=True)):
+        assert torch.equal(resumed["weights"], uninterrupted["weights"]), f"step {index}"
+    assert_nested_equal(resumed_model.state_dict(), full_model.state_dict())
+    static = torch.tensor([task.weight for task in full_model.tasks.values()])
+    for step in full.steps[2:]:  # either way, the weights are the reciprocals of the kept levels
+        assert torch.equal(step["weights"], 1 / step["state"]["loss_level"] * static)
