@@ -106,11 +106,12 @@ class LossesReadLater:
     def clear(self) -> None:
         self._unread = []
 
-    def check(self, pl_module: L.LightningModule, global_step: int) -> None:
+    def check(self, pl_module: L.LightningModule, global_step: int, amid_step: bool = True) -> None:
         """Read (and forget) every unread step; raise, naming the tasks of the first with a loss
         that offends, their values and ``global_step`` (the step whose batches were read), once
         the model has put back the state from before the step
-        (:meth:`MultiTaskMixin.forget_refused_step`)."""
+        (:meth:`MultiTaskMixin.forget_refused_step`; not where no step is under way:
+        ``amid_step=False``)."""
         model = cast(MultiTaskMixin, pl_module)  # required at setup
         method_takes, offends, bound, fix, error = self._rule
         unread, self._unread = self._unread, []
@@ -120,7 +121,8 @@ class LossesReadLater:
             pairs = zip(model.task_names, values, strict=True)
             bad = [f"{n!r} ({v:g})" for n, v in pairs if math.isfinite(v) and offends(v)]
             if bad:
-                model.forget_refused_step()
+                if amid_step:
+                    model.forget_refused_step()
                 raise error(
                     f"{method_takes}, but the global loss of task(s) {', '.join(bad)} was "
                     f"{bound} at global step {global_step}. {fix}, or use another weighting "

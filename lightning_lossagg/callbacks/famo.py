@@ -61,6 +61,9 @@ class FAMO(WeightingCallback):
     The logarithms need :math:`L_k + \epsilon > 0`: a global loss at or below :math:`-\epsilon`
     (a custom loss that can be negative, or 0 with ``eps=0``) raises before the optimizer step
     that met it updates the model or the logits (read from a host copy made without a stall).
+    Where the batch evaluated again after its step has such a loss, that task is left out of the
+    step's logit update, and the error is raised at the next optimizer step, before it moves the
+    model, or at the end of the fit.
 
     Args:
         lr: Adam's learning rate for the logits.
@@ -94,6 +97,13 @@ class FAMO(WeightingCallback):
             "<= -eps",
             "Shift that task's loss to be >= 0 (and > 0 with eps=0)",
         )
+        self._unchecked_after = LossesReadLater(
+            f"FAMO takes the logarithm of every task loss plus eps={eps:g}, also of the batch "
+            "evaluated again after its optimizer step",
+            partial(operator.ge, -eps),
+            "<= -eps after the step",
+            "Shift that task's loss to be >= 0 (and > 0 with eps=0)",
+        )
 
     @property
     @override
@@ -109,6 +119,7 @@ class FAMO(WeightingCallback):
         self._weighed_on = {}
         self._losses_before = None
         self._unchecked.clear()
+        self._unchecked_after.clear()
 
     @override
     def task_weights(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:
@@ -134,7 +145,14 @@ class FAMO(WeightingCallback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        # The batch before's evaluation after its step first: it came first.
+        self._unchecked_after.check(pl_module, trainer.global_step - 1)
         self._unchecked.check(pl_module, trainer.global_step)
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The fit's last step, taken: nothing to put back.
+        self._unchecked_after.check(pl_module, trainer.global_step - 1, amid_step=False)
 
     @override
     def on_train_batch_end(
@@ -154,7 +172,8 @@ class FAMO(WeightingCallback):
         with torch.no_grad(), trainer.precision_plugin.train_step_context():
             after = pl_module.compute_global_losses(batch)  # type: ignore[operator]
         # A loss that fell to -eps or below has no logarithm: that task is left out of this
-        # update (its loss is refused at the next optimizer step, before it moves anything).
+        # update, and the loss is refused at the next optimizer step (or the fit's end).
+        self._unchecked_after.add(after.losses)
         usable = usable_before & self._usable_tasks(after) & (after.losses + self.eps > 0)
         logits = self._logits.values(losses_before)
         losses_after = torch.where(usable, after.losses, 1.0).to(logits.dtype)

@@ -107,6 +107,35 @@ def test_a_loss_at_or_below_minus_eps_is_refused_before_the_optimizer_step():
     assert torch.isfinite(famo.state_to_log()["logit"]).all()
 
 
+class PriceNegativeWhenEvaluatedAgain(SignedPriceNet):
+    """The "price" loss is its target in training, minus its target in FAMO's re-evaluation
+    (which runs without gradients)."""
+
+    def per_sample_losses(self, predictions, targets):
+        losses = super().per_sample_losses(predictions, targets)
+        if not torch.is_grad_enabled():
+            losses["price"] = losses["price"]._replace(values=-losses["price"].values)
+        return losses
+
+
+@pytest.mark.parametrize("num_batches", [3, 1], ids=["at the next step", "at the fit's end"])
+def test_a_loss_at_or_below_minus_eps_after_the_step_is_refused_too(num_batches):
+    # Left out of the step's logit update, refused before the next step moves the model.
+    batches = signed_price_batches(num_batches, negative_at=99)
+    model, after_step = PriceNegativeWhenEvaluatedAgain().double(), ParametersAfterEachStep()
+    famo, seen = FAMO(), WeightsSeen()
+    message = (
+        r"evaluated again after .* 'price' \(-[0-9.]+\) was <= -eps after the step at global step 0"
+    )
+    with pytest.raises(ValueError, match=message):
+        trainer([famo, after_step, seen], max_epochs=1).fit(model, DataLoader(batches, None))
+    assert len(after_step.parameters) == 1
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, after_step.parameters[0][name]), name  # step 1 never applied
+    assert famo.state_dict()["logits"]["steps"].tolist() == [0.0, 1.0, 1.0]
+    assert torch.equal(model._fold_step_weights(), seen.weights[0])  # step 0's: it was taken
+
+
 def _optimizer_step(callback, module, losses_before, batch=None):
     """One optimizer step of the hooks as Lightning calls them, the model's own update aside."""
     trainer = SimpleNamespace(
