@@ -742,11 +742,7 @@ class MultiTaskMixin(_ModuleBase):
         self._task_heads, self._heads_apart, self._linear_heads = None, None, None
         if self._weighting is not None and self._weighting.splits_forward and _default_losses(self):
             self._task_heads = find_task_heads(self)
-        if self._task_heads is not None and not all(
-            # An nn.Linear, not a subclass or an instance with a forward of its own.
-            type(head) is torch.nn.Linear and "forward" not in vars(head)
-            for head in self._task_heads.modules
-        ):
+        if self._task_heads is not None and not all(map(_plain_linear, self._task_heads.modules)):
             self._linear_heads = False
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -1138,6 +1134,22 @@ def not_overridden(model: MultiTaskMixin, method: str) -> bool:
     """Whether ``model``'s ``method`` is the mixin's own: overridden neither in a subclass nor on
     the instance (a function set there has no ``__func__``)."""
     return getattr(getattr(model, method), "__func__", None) is getattr(MultiTaskMixin, method)
+
+
+def _plain_linear(head: torch.nn.Module) -> bool:
+    """Whether ``head`` computes as ``nn.Linear`` with its own parameters, so that its output can
+    come from one node with the other heads': an ``nn.Linear``, not a subclass nor an instance
+    with a forward of its own, whose weight and bias are its parameters, and which has no forward
+    pre-hook (``torch.nn.utils.prune``, ``weight_norm`` and ``spectral_norm`` compute the weight
+    in one, at the head's own call)."""
+    own = head._parameters
+    return (
+        type(head) is torch.nn.Linear
+        and "forward" not in vars(head)
+        and not head._forward_pre_hooks
+        and isinstance(own.get("weight"), torch.nn.Parameter)
+        and (head.bias is None or isinstance(own.get("bias"), torch.nn.Parameter))
+    )
 
 
 def _default_losses(model: MultiTaskMixin) -> bool:

@@ -189,6 +189,33 @@ def test_heads_in_one_node_give_the_weights_and_update_of_the_views(
         assert all(grad.abs().sum() > 0 for grad in record["grads"].values()), index
 
 
+def _l1_pruned(head: torch.nn.Linear) -> torch.nn.Linear:
+    return torch.nn.utils.prune.l1_unstructured(head, "weight", amount=0.25)
+
+
+@pytest.mark.parametrize(
+    "wrap", [_l1_pruned, torch.nn.utils.weight_norm, torch.nn.utils.spectral_norm]
+)
+def test_heads_whose_weight_a_pre_hook_computes_take_their_views(tmp_path, wrap):
+    # Each head's pre-hook computes its weight at its own call: one node made at the first
+    # head's call would compute the others with their weights of the step before.
+    class HookedHeadsNet(LinearFactorsNet):
+        def __init__(self, *args) -> None:
+            torch.manual_seed(0)
+            super().__init__(*args)
+            for name, head in self.heads.items():
+                self.heads[name] = wrap(head)
+
+    batch = make_batch(9, seed=5)
+    model, views = HookedHeadsNet(str(tmp_path), [batch]), HookedHeadsNet(str(tmp_path), [batch])
+    views._predict_with_linear_heads = lambda *args: None  # (the old hooks refuse deepcopy)
+    for net in (model, views):
+        fit_model(net, 1, NormalisedGradients(rep_grad=True), steps=3)
+    assert model._linear_heads is False and model.one_node_steps == []
+    for record, expected in zip(model.records, views.records, strict=True):
+        assert_matches(record, expected)
+
+
 class SoldReadsPricesHeadFromTheSecondStepNet(LinearFactorsNet):
     """From the second step on, sold's prediction is price's head output: sold's own head is
     not called (its parameters then get a zero gradient)."""
