@@ -47,13 +47,14 @@ class FAMO(WeightingCallback):
     by design: the re-evaluation runs in ``on_train_batch_end``, through
     ``pl_module.compute_global_losses`` (a collective, called on every rank together), in the
     precision context of the training step and in training mode (as LibMTL does). With gradient
-    accumulation the last micro-batch of each optimizer step is the one evaluated again. Tasks
-    without a valid sample are left out of the weights (the others are renormalised) and keep
-    their logit and Adam moments, as are tasks of ``Task.weight`` 0 at every step: they take no
-    gradient, so their losses would hardly fall and FAMO would move its weight towards them. A
-    checkpoint saved in ``on_train_batch_end`` by a callback listed before FAMO holds the logits
-    before that step's update: list FAMO first, or save with ``ModelCheckpoint`` (which
-    Lightning runs after every other callback).
+    accumulation the last micro-batch of each optimizer step is the one evaluated again (a step
+    whose last micro-batch was left out, with ``nonfinite="drop_task"`` and no task left in it,
+    gives the logits no update). Tasks without a valid sample are left out of the weights (the
+    others are renormalised) and keep their logit and Adam moments, as are tasks of
+    ``Task.weight`` 0 at every step: they take no gradient, so their losses would hardly fall
+    and FAMO would move its weight towards them. A checkpoint saved in ``on_train_batch_end`` by
+    a callback listed before FAMO holds the logits before that step's update: list FAMO first,
+    or save with ``ModelCheckpoint`` (which Lightning runs after every other callback).
 
     The logits and their Adam live in this callback (the model's ``state_dict`` does not change)
     and are saved in its ``state_dict``; they are logged as ``train/logit/<task>``.

@@ -65,6 +65,25 @@ def test_one_extra_forward_per_optimizer_step(accumulate, expected_forwards):
     assert not torch.equal(callback.state_to_log()["logit"], torch.zeros(3, dtype=torch.float64))
 
 
+def test_a_step_whose_last_micro_batch_is_left_out_gives_the_logits_no_update():
+    # The last micro-batch is the one evaluated again: left out (drop_task, no task left in it:
+    # price's loss infinite, no label of the others), it has no losses before the step.
+    first, last = make_batch(6, seed=0), make_batch(6, seed=1)
+    last[1]["price"][:] = torch.inf
+    last[1]["kind"][:] = -100
+    last[1]["sold"][:] = torch.nan
+    model, famo, after_step = ThreeTaskNet().double(), FAMO(), ParametersAfterEachStep()
+    model.nonfinite = "drop_task"
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    run = trainer([famo, after_step], max_epochs=1, accumulate_grad_batches=2)
+    with pytest.warns(UserWarning, match="no task left"):
+        run.fit(model, DataLoader([first, last], batch_size=None))
+    assert run.global_step == 1 and not torch.equal(
+        after_step.parameters[-1]["trunk.0.weight"], before["trunk.0.weight"]
+    )
+    assert famo.state_dict()["logits"]["steps"].tolist() == [0.0, 0.0, 0.0]
+
+
 class OwnBeforeOptimizerStep(ThreeTaskNet):
     def on_before_optimizer_step(self, optimizer) -> None:  # logs gradient norms, say
         pass
