@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import lightning as L
 import torch
@@ -22,10 +22,18 @@ from lightning_lossagg.weighting import WeightingCallback
 # would otherwise drive its log-scale at a constant rate for ever, until its weight overflowed.
 LOG_SCALE_BOUND = 30.0
 
-# The host copies of the step's losses, the sums and counts restored from a checkpoint, and s.
-_StepState = tuple[
-    list[distributed.HostCopy], list[float] | None, list[float] | None, dict[str, Any] | None
-]
+
+class _Accumulated(NamedTuple):
+    """Per task, over an optimizer step's micro-batches so far: the sum of the finite global
+    losses, their number and the lowest of them."""
+
+    totals: list[float]
+    counts: list[float]
+    lowest: list[float]
+
+
+# The host copies of the step's losses, the figures restored from a checkpoint, and s.
+_StepState = tuple[list[distributed.HostCopy], _Accumulated | None, dict[str, Any] | None]
 
 
 class LearnedScalesWeighting(WeightingCallback):
@@ -57,10 +65,9 @@ class LearnedScalesWeighting(WeightingCallback):
         self.lr = check_positive("lr", lr, "Use e.g. lr=1e-2 for the log-scales' own Adam.")
         self._scales = HostTaskParameters(self.lr, bound=LOG_SCALE_BOUND)
         # This optimizer step's global losses on their way to the host, and (restored from a
-        # checkpoint taken amid an accumulation) the sums and counts of the micro-batches before.
+        # checkpoint taken amid an accumulation) the figures of the micro-batches before.
         self._pending: list[distributed.HostCopy] = []
-        self._loss_sum: list[float] | None = None
-        self._loss_count: list[float] | None = None
+        self._restored: _Accumulated | None = None
         self._host_weights_of_s: list[float] | None = None  # the weights, until s moves
         self._device_weights: Tensor | None = None  # the same on the device
         self._logged: list[float] | None = None  # the s behind those weights, for the logs
@@ -99,13 +106,13 @@ class LearnedScalesWeighting(WeightingCallback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         model = cast(MultiTaskMixin, pl_module)  # required at setup
-        if not self._pending and self._loss_sum is None:
+        if not self._pending and self._restored is None:
             return
         if model.skipping_optimizer_step:
-            self._pending, self._loss_sum, self._loss_count = [], None, None
+            self._pending, self._restored = [], None
             return  # the model does not move: neither does s
         totals, counts, lowest = self._accumulated_losses()
-        self._pending, self._loss_sum, self._loss_count = [], None, None
+        self._pending, self._restored = [], None
         named = zip(self._task_names, lowest, strict=True)
         negative = [(name, loss) for name, loss in named if loss < 0]
         if negative:  # the objective would be unbounded below in s: s would run away
@@ -127,13 +134,13 @@ class LearnedScalesWeighting(WeightingCallback):
     @override
     def step_state(self) -> _StepState:
         """The step's losses on their way to the host (a list that grows: copied; empty before
-        the step's first batch), the sums restored from a checkpoint, and ``s`` with its Adam
+        the step's first batch), the figures restored from a checkpoint, and ``s`` with its Adam
         (which a step left unfinished after ``on_before_optimizer_step`` has moved)."""
-        return list(self._pending), self._loss_sum, self._loss_count, self._scales.kept()
+        return list(self._pending), self._restored, self._scales.kept()
 
     @override
     def put_back_step_state(self, state: _StepState) -> None:
-        pending, self._loss_sum, self._loss_count, scales = state
+        pending, self._restored, scales = state
         self._pending = list(pending)
         if scales is not self._scales.kept():
             self._scales.put_back(scales)
@@ -146,21 +153,21 @@ class LearnedScalesWeighting(WeightingCallback):
             self._host_weights_of_s = [self._weight(task, scale) for task, scale in scales]
         return self._host_weights_of_s
 
-    def _accumulated_losses(self) -> tuple[list[float], list[float], list[float]]:
-        """Per task, the sum of its finite global losses over this optimizer step's micro-batches,
-        their number, and the lowest of those not yet read (each must be >= 0: a sum can hide
-        one that was not)."""
+    def _accumulated_losses(self) -> _Accumulated:
+        """This optimizer step's figures so far (the lowest loss: each must be >= 0, and a sum
+        can hide one that was not)."""
         num_tasks = self._scales.num_tasks
-        totals = list(self._loss_sum or [0.0] * num_tasks)
-        counts = list(self._loss_count or [0.0] * num_tasks)
-        lowest = [math.inf] * num_tasks
+        restored = self._restored
+        if restored is None:
+            restored = _Accumulated([0.0] * num_tasks, [0.0] * num_tasks, [math.inf] * num_tasks)
+        totals, counts, lowest = (list(figures) for figures in restored)
         for copy in self._pending:
             for task, loss in enumerate(copy.get().tolist()):
                 if math.isfinite(loss):  # NaN: no valid sample
                     totals[task] += loss
                     counts[task] += 1.0
                     lowest[task] = min(lowest[task], loss)
-        return totals, counts, lowest
+        return _Accumulated(totals, counts, lowest)
 
     @override
     def state_to_log(self) -> dict[str, Tensor]:
@@ -172,20 +179,26 @@ class LearnedScalesWeighting(WeightingCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        totals, counts = (None, None)
-        if self._pending or self._loss_sum is not None:
-            totals, counts, _ = self._accumulated_losses()
-        return {
-            "scales": self._scales.state_dict(),
-            "loss_sum": None if totals is None else torch.tensor(totals, dtype=torch.float64),
-            "loss_count": None if counts is None else torch.tensor(counts, dtype=torch.float64),
-        }
+        state: dict[str, Any] = {"scales": self._scales.state_dict()}
+        state.update(loss_sum=None, loss_count=None, loss_min=None)
+        if self._pending or self._restored is not None:  # saved amid an accumulation
+            totals, counts, lowest = (
+                torch.tensor(figures, dtype=torch.float64) for figures in self._accumulated_losses()
+            )
+            state.update(loss_sum=totals, loss_count=counts, loss_min=lowest)
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._scales.load_state_dict(state_dict["scales"])
         totals, counts = state_dict["loss_sum"], state_dict["loss_count"]
-        self._loss_sum = None if totals is None else totals.double().tolist()
-        self._loss_count = None if counts is None else counts.double().tolist()
+        self._restored = None
+        if totals is not None:
+            lowest = state_dict.get("loss_min")  # (absent from older checkpoints)
+            self._restored = _Accumulated(
+                totals.double().tolist(),
+                counts.double().tolist(),
+                [math.inf] * len(totals) if lowest is None else lowest.double().tolist(),
+            )
         self._pending, self._logged = [], None
         self._host_weights_of_s = self._device_weights = None

@@ -32,6 +32,7 @@ from tests.callbacks._loss_based import (
     STATEFUL,
     STATIC_WEIGHTS,
     assert_nested_equal,
+    at_step,
     concatenated_ddp_batches,
     ddp_batches,
     ddp_rank,
@@ -374,6 +375,22 @@ def test_a_negative_micro_batch_loss_stops_a_learned_scale_under_accumulation(me
         trainer([method()], max_epochs=1, accumulate_grad_batches=2).fit(
             model, torch.utils.data.DataLoader(batches, batch_size=None)
         )
+
+
+@pytest.mark.parametrize("method", [UncertaintyWeighting, IMTLL], ids=["UW", "IMTLL"])
+def test_a_negative_micro_batch_loss_saved_amid_an_accumulation_is_refused_after_resuming(method):
+    # The checkpoint keeps the lowest loss of the micro-batches before it, not only their sum.
+    micro_batches = [global_losses([-1.0, 1.0, 0.5]), global_losses([3.0, 1.0, 0.5])]
+    model = at_step(0)
+    saved = method(lr=0.1)
+    saved.setup(None, ThreeTaskNet(), "fit")
+    saved.task_weights(model, micro_batches[0])
+    resumed = method(lr=0.1)
+    resumed.setup(None, ThreeTaskNet(), "fit")
+    resumed.load_state_dict(saved.state_dict())
+    resumed.task_weights(model, micro_batches[1])
+    with pytest.raises(ValueError, match=r"'price' \(-1\) was < 0"):
+        resumed.on_before_optimizer_step(model.trainer, model, None)
 
 
 @pytest.mark.parametrize(
