@@ -148,3 +148,26 @@ def test_a_norm_at_the_dtypes_rounding_gets_weight_0_from_either_form(dtype) -> 
     expected = torch.tensor([1.0, 0.0, 2.0], dtype=dtype)
     torch.testing.assert_close(db_mtl_buffer_weights(buffer), expected)
     torch.testing.assert_close(db_mtl_weights(buffer @ buffer.T), expected)
+
+
+# DB-MTL with ``losses`` given: the buffer must hold the gradients of LibMTL's log(L_k + 1e-8), also
+# for losses at or near 0 (a task fitted exactly), where dividing by L_k alone gives NaN (0 / 0) or
+# gradients 10x too large. Reference: torch.autograd of log(L_k + 1e-8) itself.
+@pytest.mark.parametrize("distance", [0.0, 1e-5, 1e-4])
+def test_buffer_holds_the_gradients_of_log_loss_plus_1e_8(distance: float) -> None:
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+    theta = targets[0] + distance  # task 0 is fitted, or nearly: its loss is 4 distance^2
+    theta = theta.requires_grad_()
+    losses = ((theta - targets) ** 2).sum(dim=1)
+    grads = torch.stack([torch.autograd.grad(loss, theta, retain_graph=True)[0] for loss in losses])
+    log_grads = torch.stack(
+        [
+            torch.autograd.grad(torch.log(loss + 1e-8), theta, retain_graph=True)[0]
+            for loss in losses
+        ]
+    )
+    beta = 0.9
+    _, buffer = db_mtl(grads, None, step=1, beta=beta, losses=losses.detach())
+    assert torch.isfinite(buffer).all()
+    torch.testing.assert_close(buffer, (1 - beta) * log_grads, rtol=1e-12, atol=0.0)

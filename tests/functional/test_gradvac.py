@@ -149,6 +149,7 @@ def test_dtype_and_device_follow_the_gramian() -> None:
         ({"beta": 1.5}, "beta must be in"),
         ({"targets": torch.zeros(3, 3)}, "targets must be the"),
         ({"targets": torch.full((2, 2), 1.5)}, "targets must be the"),
+        ({"targets": torch.full((2, 2), 1.0 + 1e-4)}, "targets must be the"),  # not rounding
     ],
 )
 def test_invalid_input_is_rejected(kwargs: dict, message: str) -> None:
@@ -166,3 +167,22 @@ def test_targets_rounded_past_one_are_taken_as_one() -> None:
     torch.testing.assert_close(weights, expected_weights, rtol=0, atol=0)
     torch.testing.assert_close(targets, expected_targets, rtol=0, atol=0)
     assert torch.isfinite(weights).all()
+
+
+# GradVac corrects g_i^PC only when its cosine with g_j is *below* the target (Wang et al., 2021,
+# Alg. 1: "if phi_ij < phi_hat_ij"). A cosine already at the target, e.g. identical gradients
+# (cosine exactly 1) with the EMA at 1, needs no correction: the weights stay those of plain
+# summation. (At target 1 the formula's sine is floored at 1e-8, so a correction applied there would
+# remove the whole gradient instead of nothing.)
+@pytest.mark.parametrize("num_tasks", [2, 3])
+def test_a_cosine_equal_to_the_target_is_not_corrected(num_tasks: int) -> None:
+    gradient = torch.tensor([3.0, -1.0, 2.0], dtype=torch.float64)
+    jacobian = gradient.repeat(num_tasks, 1)
+    gramian = jacobian @ jacobian.T
+    targets = torch.ones(num_tasks, num_tasks, dtype=torch.float64)
+    weights, new_targets = gradvac(gramian, targets, beta=0.5)
+    torch.testing.assert_close(weights, torch.ones(num_tasks, dtype=torch.float64))
+    off_diagonal = ~torch.eye(num_tasks, dtype=torch.bool)
+    torch.testing.assert_close(
+        new_targets[off_diagonal], torch.ones(num_tasks * (num_tasks - 1), dtype=torch.float64)
+    )

@@ -120,6 +120,8 @@ def test_rejects_bad_solver_arguments() -> None:
         mgda(gramian, max_iter=0)
     with pytest.raises(ValueError, match="tol"):
         mgda(gramian, tol=-1.0)
+    with pytest.raises(ValueError, match="tol"):  # would free no bound: NaN weights
+        mgda(gramian, tol=float("inf"))
 
 
 @pytest.mark.parametrize("jacobian", NONZERO_CASES)
@@ -150,3 +152,28 @@ def test_a_float32_gramian_of_dependent_gradients_gives_the_min_norm_point(seed:
     reference = min_norm_weights_by_quadprog(exact)
     trace = float(exact.trace())
     assert float(weights @ exact @ weights) <= float(reference @ exact @ reference) + 1e-6 * trace
+
+
+# Two tasks where either gradient may be the min-norm point of the segment [g_1, g_2]. Reference:
+# Sener & Koltun's Algorithm 1, gamma = clip(<g_2 - g_1, g_2> / ||g_1 - g_2||^2, 0, 1), and a
+# brute-force minimum of ||t g_1 + (1 - t) g_2|| over a fine grid of t in [0, 1].
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ([2.0, 0.1], [1.0, 0.0]),  # g_2 is the min-norm point: w = [0, 1]
+        ([3.0, 0.0], [1.0, 0.5]),
+        ([-4.0, 0.5], [1.0, 0.0]),  # interior, for contrast
+    ],
+)
+def test_two_tasks_min_norm_point_at_either_vertex(first: list[float], second: list[float]) -> None:
+    g1, g2 = np.array(first), np.array(second)
+    gamma = float(np.clip((g2 - g1) @ g2 / ((g1 - g2) @ (g1 - g2)), 0.0, 1.0))
+    grid = np.linspace(0.0, 1.0, 100_001)
+    norms = np.linalg.norm(grid[:, None] * g1 + (1 - grid[:, None]) * g2, axis=1)
+    assert abs(grid[norms.argmin()] - gamma) <= 1e-5
+    jacobian = torch.tensor(np.stack([g1, g2]))
+    weights = mgda(jacobian @ jacobian.T)
+    assert (weights >= 0).all()
+    torch.testing.assert_close(
+        weights, torch.tensor([gamma, 1.0 - gamma], dtype=torch.float64), rtol=0.0, atol=1e-8
+    )

@@ -120,3 +120,36 @@ def test_two_task_closed_form_equals_the_general_solver(seed: int) -> None:
             torch.manual_seed(index)
             _general_pcgrad_weights(matrix)
             assert torch.equal(state, torch.get_rng_state())
+
+
+# PCGrad's two-task closed form with either gradient negligible. Reference: the documented
+# algorithm run on the vectors themselves in NumPy (project g_i away from each conflicting g_j,
+# skipping any g_j whose squared norm is below K * eps * max ||g||^2), independent of the
+# Gramian-coefficient implementation.
+EPS = float(np.finfo(np.float64).eps)
+
+
+def _reference_update(jacobian: np.ndarray) -> np.ndarray:
+    squared = (jacobian**2).sum(1)
+    negligible = len(jacobian) * EPS * squared.max()
+    update = np.zeros(jacobian.shape[1])
+    for i in range(2):  # two tasks: one other each, the order does not matter
+        projected = jacobian[i].copy()
+        j = 1 - i
+        inner = projected @ jacobian[j]
+        if inner < 0 and squared[j] > negligible:
+            projected -= inner / squared[j] * jacobian[j]
+        update += projected
+    return update
+
+
+@pytest.mark.parametrize("order", ["negligible-first", "negligible-second"])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_nothing_is_projected_onto_a_negligible_gradient(order: str, scale: float) -> None:
+    gradient = np.random.default_rng(0).normal(size=6) * scale
+    rows = [gradient, -1e-9 * gradient]
+    jacobian = np.stack(rows if order == "negligible-second" else rows[::-1])
+    weights = pcgrad(torch.from_numpy(jacobian @ jacobian.T)).numpy()
+    assert np.isfinite(weights).all()
+    expected = _reference_update(jacobian)
+    np.testing.assert_allclose(weights @ jacobian, expected, rtol=1e-9, atol=1e-12 * scale)

@@ -149,3 +149,26 @@ def test_two_task_closed_form_equals_the_active_set_solver(seed: int) -> None:
         weights, supports = upgrad_weights(matrix, preferences, reg_eps=1e-4)
         np.testing.assert_allclose(weights, projections.sum(0), rtol=1e-12, atol=1e-15)
         np.testing.assert_array_equal(supports, projections > lowers)
+
+
+# UPGrad's projections are positively homogeneous in the preference vector: projecting p_i e_i onto
+# {x : G x >= 0}-dual cone commutes with scaling p by s > 0, so upgrad(G, s p) = s upgrad(G, p) for
+# every s (validated_preferences accepts any p >= 0 with a positive entry). The KKT tolerance must
+# therefore scale with p: an absolute 1e-12 stops the active-set search early for small preferences.
+# The unscaled weights are checked against torchjd's UPGradWeighting (quadprog).
+PREFERENCE_CASES = as_params(
+    random_jacobians(num_tasks=[3, 5, 8, 11])
+    + [case for case in degenerate_jacobians() if case[0] in ("crowded", "rank-deficient")]
+)
+
+
+@pytest.mark.parametrize("scale", [1e-14, 1e-9, 1e6])
+@pytest.mark.parametrize("jacobian", PREFERENCE_CASES)
+def test_weights_scale_with_the_preferences(jacobian: torch.Tensor, scale: float) -> None:
+    gramian = jacobian @ jacobian.T
+    preferences = torch.linspace(0.5, 2.0, jacobian.shape[0], dtype=torch.float64)
+    reference = UPGradWeighting(pref_vector=preferences)(gramian)
+    weights = upgrad(gramian, pref_vector=preferences)
+    torch.testing.assert_close(weights, reference, rtol=1e-7, atol=1e-9 * reference.abs().max())
+    scaled = upgrad(gramian, pref_vector=scale * preferences)
+    torch.testing.assert_close(scaled / scale, weights, rtol=1e-7, atol=1e-9 * weights.abs().max())
