@@ -74,22 +74,29 @@ METHODS = {
 }
 
 
-def _grad_norms(name: str, float16: bool) -> torch.Tensor:
-    make_method, model_class = METHODS[name]
-    method = make_method()
-    recorder = GradNormsAtFirstStep(method)
+def _fit(
+    float16: bool, method: L.Callback, model_class: type, num_batches: int, *callbacks
+) -> None:
+    """A fit of the seeded model on 64-sample batches, in float32 or float16 mixed precision."""
     torch.manual_seed(0)
     model = model_class()
-    batch = make_batch(64, seed=0, dtype=torch.float32)
+    batches = [make_batch(64, seed=seed, dtype=torch.float32) for seed in range(num_batches)]
     options = {"precision": "32-true"}
     if float16:
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
         options = {"precision": None, "plugins": [MixedPrecision("16-mixed", "cpu", scaler)]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        trainer([method, recorder], max_epochs=1, **options).fit(
-            model, DataLoader([batch], batch_size=None)
+        trainer([method, *callbacks], max_epochs=1, **options).fit(
+            model, DataLoader(batches, batch_size=None)
         )
+
+
+def _grad_norms(name: str, float16: bool) -> torch.Tensor:
+    make_method, model_class = METHODS[name]
+    method = make_method()
+    recorder = GradNormsAtFirstStep(method)
+    _fit(float16, method, model_class, 1, recorder)
     return recorder.grad_norms
 
 
@@ -98,6 +105,42 @@ def test_small_task_gradients_are_seen_in_float16_as_in_float32(name):
     in_float32 = _grad_norms(name, float16=False)
     assert in_float32[0] < 1e-6 < in_float32[1:].min()  # price's gradients are that small
     torch.testing.assert_close(_grad_norms(name, float16=True), in_float32, rtol=2e-2, atol=0)
+
+
+class GradientsBeforeStep(L.Callback):
+    def __init__(self) -> None:
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        named = pl_module.named_parameters()
+        self.steps.append({n: p.grad.double().clone() for n, p in named if p.grad is not None})
+
+
+# The gradients the parameters end up with, unscaled by the GradScaler before the optimizer step,
+# where a surrogate hands them over: the heads' from the per-task passes of the whole forward,
+# and the trunk's on a Nash-MTL step that reuses its weights (the weighted sum's representation
+# gradient). Reference: the same fit in float32.
+SURROGATES = {
+    "MGDA, whole forward": (MGDA, WholeSmallPriceNet),
+    "Nash-MTL at the representation, reusing at step 1": (
+        lambda: NashMTL(rep_grad=True, update_weights_every=2, max_norm=0.0),
+        SmallPriceNet,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SURROGATES))
+def test_the_gradients_handed_over_in_float16_are_those_of_float32(name):
+    make_method, model_class = SURROGATES[name]
+    in_float32, in_float16 = GradientsBeforeStep(), GradientsBeforeStep()
+    _fit(False, make_method(), model_class, 2, in_float32)
+    _fit(True, make_method(), model_class, 2, in_float16)
+    assert len(in_float32.steps) == len(in_float16.steps) == 2
+    for step, (expected, actual) in enumerate(zip(in_float32.steps, in_float16.steps, strict=True)):
+        assert set(actual) == set(expected)
+        for key, reference in expected.items():
+            error = (actual[key] - reference).norm()
+            assert error <= 0.05 * reference.norm() + 1e-8, f"step {step} {key}: {error}"
 
 
 class ConflictingTasks(MultiTaskMixin, L.LightningModule):

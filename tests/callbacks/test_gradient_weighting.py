@@ -830,20 +830,25 @@ class PartlyReachedSharedLayersNet(UnusedSharedLayerNet):
     """:class:`UnusedSharedLayerNet` with more shared layers: ``rare``, that only rows whose
     first input is above 1 reach (none of rank 0's rows in :func:`ddp_batches`, some of rank 1's
     at every step); ``once``, above 1.5 (only rank 1's second batch: reached at every other
-    step, by no rank at the steps between); and ``aux``, that no task reaches but a term of the
-    model's own added to the objective does. The concatenated batches reach ``rare`` at every
-    step and ``once`` at every other."""
+    step, by no rank at the steps between); ``zero``, reached as ``rare`` but times 0 (a
+    gradient of exactly 0, on one rank); and ``aux``, that no task reaches but a term of the
+    model's own added to the objective does. The concatenated batches reach ``rare`` and
+    ``zero`` at every step and ``once`` at every other."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.rare, self.once, self.aux = (torch.nn.Linear(8, 8) for _ in range(3))
+        self.rare, self.once, self.zero, self.aux = (torch.nn.Linear(8, 8) for _ in range(4))
 
     def forward_shared(self, inputs):
         shared = self.trunk(inputs)
-        for layer, above in ((self.rare, 1.0), (self.once, 1.5)):
+        for layer, above, factor in (
+            (self.rare, 1.0, 1.0),
+            (self.once, 1.5, 1.0),
+            (self.zero, 1.0, 0.0),
+        ):
             rows = inputs[:, :1] > above
             if rows.any():  # else the layer is not in the graph at all
-                shared = torch.where(rows, shared + layer(shared), shared)
+                shared = torch.where(rows, shared + factor * layer(shared), shared)
         return shared
 
     def training_step(self, batch, batch_idx):
@@ -881,6 +886,7 @@ def _fit_partly_reached(rank: int | None, cases: list[tuple[str, str]]) -> dict:
         results[(net, sync)] = {
             "unused grad": model.unused.weight.grad,
             "rare grad": model.rare.weight.grad,
+            "zero grad": model.zero.weight.grad,
             "aux grad": model.aux.weight.grad,
             "parameters": {k: v.clone() for k, v in model.state_dict().items()},
         }
@@ -898,9 +904,11 @@ def test_two_ranks_give_no_gradient_to_a_shared_parameter_no_rank_reaches():
     single = _fit_partly_reached(None, cases)
     for case in cases:
         assert single[case]["unused grad"] is None and single[case]["rare grad"] is not None
+        assert not single[case]["zero grad"].any()  # reached: a gradient of 0, which AdamW takes
         for on_rank in ranks:
             assert on_rank[case]["unused grad"] is None, case
             assert on_rank[case]["rare grad"] is not None, case  # rank 0's own 0, averaged
+            assert on_rank[case]["zero grad"] is not None, case  # reached on rank 1 only
             torch.testing.assert_close(on_rank[case]["aux grad"], single[case]["aux grad"])
         initial = PARTLY_REACHED_NETS[case[0]]
         torch.manual_seed(0)

@@ -335,3 +335,36 @@ def test_the_last_shared_layer_is_the_last_that_trains():
     assert torch.equal(
         named.state_dict()["weights"]["values"], last.state_dict()["weights"]["values"]
     )
+
+
+# Under gradient accumulation a task without a label in one micro-batch has its dL_grad/dw
+# averaged over the micro-batches it took part in, not diluted by the one it sat out. Reference:
+# the paper's gradient by plain autograd, and Adam's first moment after one step, (1 - beta1) g.
+def test_an_accumulated_update_averages_a_task_over_the_micro_batches_it_took_part_in():
+    alpha, lr = 1.5, 0.1
+    batches = [make_batch(6, seed=1), make_batch(9, seed=2)]
+    batches[1][1]["kind"][:] = -100  # kind sits out the second micro-batch
+    recorder, _ = fit(GradNorm(alpha=alpha, lr=lr), batches, deep=True, accumulate_grad_batches=2)
+
+    model = initial_model(deep=True)  # the model does not move between the micro-batches
+    last_layer = list(model.trunk[2].parameters())
+    total, count, initial = torch.zeros(3, dtype=torch.float64), torch.zeros(3), None
+    for batch in batches:
+        losses, _ = forward_losses(model, batch)
+        present = ~torch.isnan(losses)  # a mean over no label is NaN
+        norms = torch.stack(
+            [
+                flat_grad(loss, last_layer).norm() if ok else loss.new_zeros(())
+                for loss, ok in zip(losses, present, strict=True)
+            ]
+        )
+        losses = losses.detach()
+        initial = losses if initial is None else initial
+        ratios = (losses / initial)[present]
+        target = norms[present].mean() * (ratios / ratios.mean()) ** alpha  # w = 1
+        gradient = torch.zeros(3, dtype=torch.float64)
+        gradient[present] = torch.sign(norms[present] - target) * norms[present]
+        total, count = total + gradient, count + present
+    assert count.tolist() == [2, 1, 2]
+    first_moment = recorder.steps[-1]["state"]["weights"]["exp_avg"]
+    torch.testing.assert_close(first_moment, 0.1 * total / count.double())

@@ -89,11 +89,13 @@ class PriceLossMapped(ThreeTaskNet):
 
 
 @pytest.mark.parametrize("normalization", ["loss", "loss+"])
-def test_a_negative_loss_is_refused_by_the_loss_normalisations(normalization):
+@pytest.mark.parametrize("loss", [-100.0, -0.25, -1e-6])
+def test_a_negative_loss_is_refused_by_the_loss_normalisations(normalization, loss):
     run = trainer([MGDA(normalization=normalization)], max_epochs=1)
-    # The price loss is shifted 100 below 0: the task is named with its loss.
-    with pytest.raises(ValueError, match=r"task\(s\) 'price' \(-\d+(\.\d+)?\) was negative at"):
-        run.fit(PriceLossMapped(lambda v: v - 100.0).double(), loader(training_batches(1)))
+    # The price loss is below 0, far or just: the task is named with its loss.
+    model = PriceLossMapped(lambda v: v * 0.0 + loss).double()
+    with pytest.raises(ValueError, match=r"task\(s\) 'price' \(-[0-9.e-]+\) was negative at"):
+        run.fit(model, loader(training_batches(1)))
 
 
 def test_bad_arguments_are_refused():

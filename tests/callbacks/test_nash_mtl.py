@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_lossagg.callbacks import NashMTL, gradient_weighting
+from lightning_lossagg.functional import nash_mtl
 from tests.callbacks._gradient_based import (
     METHODS,
     STATIC_WEIGHTS,
@@ -154,3 +155,38 @@ def test_resuming_between_solves_without_a_saved_solution_solves(tmp_path):
     assert [s["global_step"] for s in resumed.steps] == [2, 3]
     weights = resumed.steps[0]["weights"]
     assert torch.isfinite(weights).all() and (weights > 0).all()
+
+
+# Nash-MTL when the bargaining problem has no solution (a task whose shared gradient is exactly
+# zero: no alpha_k (G alpha)_k = 1): the step keeps the previous solution, rescaled so that alpha^T
+# G alpha = K (LibMTL keeps ``prvs_alpha`` when its solver fails). The reference is built by hand
+# from the Gramian of plain autograd gradients and the functional ``nash_mtl`` for the solvable
+# step; nothing is read from the callback's own state.
+class _ZeroSoldHeadAfterFirstStep(L.Callback):
+    """After global step 0, the "sold" head's weight is set to 0: from then on its task's
+    gradient at the representation and at the trunk is exactly zero (its loss still valid)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            with torch.no_grad():
+                pl_module.heads["sold"].weight.zero_()
+
+
+def test_a_step_without_a_bargaining_solution_keeps_the_previous_one_rescaled():
+    batches = [make_batch(9, seed=s) for s in range(2)]
+    callback = NashMTL(update_weights_every=1, max_norm=0.0)
+    recorder, _ = fit(callback, batches, 1, extra_callbacks=(_ZeroSoldHeadAfterFirstStep(),))
+    first, second = recorder.steps
+    assert bool(first["valid"].all()) and bool(second["valid"].all())
+
+    hand_first = HandStep(first["before"], first["batch"], rep_grad=False)
+    alpha_first = nash_mtl(hand_first.gramian, torch.ones(3, dtype=torch.float64), max_norm=0.0)
+    torch.testing.assert_close(first["weights"], alpha_first * STATIC_WEIGHTS)
+    # The solve must not have been trivial: a restart from ones would give other weights.
+    assert not torch.allclose(alpha_first / alpha_first[0], torch.ones(3, dtype=torch.float64))
+
+    hand_second = HandStep(second["before"], second["batch"], rep_grad=False)
+    gramian = hand_second.gramian
+    assert gramian[2, 2] == 0 and gramian[0, 0] > 0 and gramian[1, 1] > 0  # no solution
+    expected = alpha_first * torch.sqrt(3 / (alpha_first @ gramian @ alpha_first))
+    torch.testing.assert_close(second["weights"], expected * STATIC_WEIGHTS, rtol=1e-9, atol=1e-12)
