@@ -384,6 +384,9 @@ class MultiTaskMixin(_ModuleBase):
         casts the node would have to repeat."""
         if torch.is_autocast_enabled(shared.device.type):
             return None
+        if not all(map(_plain_linear, heads.modules)):  # hooked mid-fit (pruning, say)
+            self._linear_heads = False
+            return None
         linear: list[torch.nn.Linear] = heads.modules  # type: ignore[assignment]
         with FusedLinearHeads(linear, detached, shared, split) as fused:
             predictions = self.forward_heads(detached)

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelPruning
 from torch.utils.data import DataLoader
 
 from lightning_lossagg.callbacks import NashMTL, gradient_weighting
@@ -193,27 +194,66 @@ def _l1_pruned(head: torch.nn.Linear) -> torch.nn.Linear:
     return torch.nn.utils.prune.l1_unstructured(head, "weight", amount=0.25)
 
 
-@pytest.mark.parametrize(
-    "wrap", [_l1_pruned, torch.nn.utils.weight_norm, torch.nn.utils.spectral_norm]
-)
-def test_heads_whose_weight_a_pre_hook_computes_take_their_views(tmp_path, wrap):
-    # Each head's pre-hook computes its weight at its own call: one node made at the first
-    # head's call would compute the others with their weights of the step before.
-    class HookedHeadsNet(LinearFactorsNet):
-        def __init__(self, *args) -> None:
-            torch.manual_seed(0)
-            super().__init__(*args)
-            for name, head in self.heads.items():
-                self.heads[name] = wrap(head)
+def _max_norm(head: torch.nn.Linear) -> torch.nn.Linear:
+    """A max-norm constraint kept by a pre-hook: the weight, still the head's parameter, is
+    renormalised in place at each call."""
 
+    def renormalise(module: torch.nn.Module, args: tuple) -> None:
+        with torch.no_grad():
+            module.weight.copy_(torch.renorm(module.weight, 2, 0, 0.5))
+
+    head.register_forward_pre_hook(renormalise)
+    return head
+
+
+class HookedHeadsNet(LinearFactorsNet):
+    """Seeded, with three batches an epoch."""
+
+    def __init__(self, *args, wrap=None) -> None:
+        torch.manual_seed(0)
+        super().__init__(*args)
+        for name, head in self.heads.items():
+            self.heads[name] = head if wrap is None else wrap(head)
+
+    def train_dataloader(self):
+        return DataLoader(self.rank_batches * 3, batch_size=None)
+
+
+def _fit_with_views_too(tmp_path, steps: int, wrap=None, prune: bool = False):
+    """The net fitted, and a twin that takes the views at every step (the old hooks refuse
+    deepcopy); ``prune``: Lightning's ``ModelPruning`` prunes the heads at each epoch's end."""
     batch = make_batch(9, seed=5)
-    model, views = HookedHeadsNet(str(tmp_path), [batch]), HookedHeadsNet(str(tmp_path), [batch])
-    views._predict_with_linear_heads = lambda *args: None  # (the old hooks refuse deepcopy)
+    model, views = (HookedHeadsNet(str(tmp_path), [batch], wrap=wrap) for _ in range(2))
+    views._predict_with_linear_heads = lambda *args: None
     for net in (model, views):
-        fit_model(net, 1, NormalisedGradients(rep_grad=True), steps=3)
-    assert model._linear_heads is False and model.one_node_steps == []
+        callbacks = [NormalisedGradients(rep_grad=True)]
+        if prune:
+            heads = [(head, "weight") for head in net.heads.values()]
+            callbacks.append(
+                ModelPruning(
+                    "l1_unstructured", heads, amount=0.25, use_lottery_ticket_hypothesis=False
+                )
+            )
+        quiet_trainer(1, steps, "64-true", callbacks).fit(net)
+    assert len(model.records) == len(views.records) == steps
     for record, expected in zip(model.records, views.records, strict=True):
         assert_matches(record, expected)
+    return model
+
+
+@pytest.mark.parametrize(
+    "wrap", [_l1_pruned, torch.nn.utils.weight_norm, torch.nn.utils.spectral_norm, _max_norm]
+)
+def test_heads_whose_weight_a_pre_hook_computes_take_their_views(tmp_path, wrap):
+    # Each head's pre-hook sets its weight at its own call: one node made at the first head's
+    # call would compute the others with their weights of the step before.
+    model = _fit_with_views_too(tmp_path, 3, wrap=wrap)
+    assert model._linear_heads is False and model.one_node_steps == []
+
+
+def test_heads_pruned_amid_the_fit_take_their_views_from_then_on(tmp_path):
+    model = _fit_with_views_too(tmp_path, 6, prune=True)  # pruned after the third step
+    assert model.one_node_steps == [True, True, True, False] and model._linear_heads is False
 
 
 class SoldReadsPricesHeadFromTheSecondStepNet(LinearFactorsNet):
