@@ -106,6 +106,11 @@ class LossesReadLater:
     def clear(self) -> None:
         self._unread = []
 
+    def unread(self) -> list[Tensor]:
+        """The queued losses, on the host, for a checkpoint: the fit resumed from it adds them
+        back, and checks them where the uninterrupted fit would have."""
+        return [copy.get().clone() for copy in self._unread]
+
     def check(self, pl_module: L.LightningModule, global_step: int, amid_step: bool = True) -> None:
         """Read (and forget) every unread step; raise, naming the tasks of the first with a loss
         that offends, their values and ``global_step`` (the step whose batches were read), once

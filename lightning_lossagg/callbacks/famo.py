@@ -208,9 +208,13 @@ class FAMO(WeightingCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"logits": self._logits.state_dict()}
+        # The losses of the batch evaluated again after the latest step, still to be checked.
+        return {"logits": self._logits.state_dict(), "after_step": self._unchecked_after.unread()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._logits.load_state_dict(state_dict["logits"])
         self._logits_used = None
+        self._unchecked_after.clear()
+        for losses in state_dict.get("after_step", ()):  # (absent from older checkpoints)
+            self._unchecked_after.add(losses)

@@ -218,7 +218,8 @@ class LossScaling(WeightingCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._levels, self._has_level = state_dict["levels"], state_dict["has_level"]
         # As the host had learnt it, not from `has_level`: a fit that learns it a step later
-        # weighs that step on the device, to its rounding (see _weights_of_known_levels).
+        # weighs that step on the device, to its rounding (see _weights_of_known_levels). An
+        # older checkpoint lacks it: its first step resumed is weighed on the device.
         self._all_have_levels = bool(state_dict.get("all_have_levels", False))
         self._has_level_copy = self._weights = None
 

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_lossagg.callbacks import FAMO
@@ -63,6 +64,23 @@ def test_one_extra_forward_per_optimizer_step(accumulate, expected_forwards):
     assert run.global_step == 4 // accumulate
     assert model.forward_calls == expected_forwards
     assert not torch.equal(callback.state_to_log()["logit"], torch.zeros(3, dtype=torch.float64))
+
+
+def test_a_checkpoint_keeps_the_losses_after_the_step_still_to_be_checked(tmp_path):
+    # Saved at the epoch's end, before the fit's end checked them: the resumed fit checks them
+    # before its first step moves the model.
+    batches = DataLoader(signed_price_batches(1, negative_at=99), batch_size=None)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    first = trainer([FAMO(), checkpoint], max_epochs=1, enable_checkpointing=True)
+    with pytest.raises(ValueError, match="after the step at global step 0"):
+        first.fit(PriceNegativeWhenEvaluatedAgain().double(), batches)
+    model, after_step = PriceNegativeWhenEvaluatedAgain().double(), ParametersAfterEachStep()
+    resumed = trainer([FAMO(), after_step], max_epochs=2)
+    with pytest.raises(ValueError, match="after the step at global step 0"):
+        resumed.fit(model, batches, ckpt_path=tmp_path / "last.ckpt")
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    assert after_step.parameters == []  # no step taken: the model is the checkpoint's
+    assert all(torch.equal(value, saved[name]) for name, value in model.state_dict().items())
 
 
 def test_a_step_whose_last_micro_batch_is_left_out_gives_the_logits_no_update():
