@@ -106,10 +106,16 @@ class LossesReadLater:
     def clear(self) -> None:
         self._unread = []
 
-    def unread(self) -> list[Tensor]:
-        """The queued losses, on the host, for a checkpoint: the fit resumed from it adds them
-        back, and checks them where the uninterrupted fit would have."""
-        return [copy.get().clone() for copy in self._unread]
+    def offending(self) -> list[Tensor]:
+        """The queued losses that the check will refuse, on the host, for a checkpoint: the fit
+        resumed from it adds them back, and refuses them where the uninterrupted fit would."""
+        offends = self._rule[1]
+        unread = [copy.get() for copy in self._unread]
+        return [
+            losses.clone()
+            for losses in unread
+            if any(math.isfinite(value) and offends(value) for value in losses.tolist())
+        ]
 
     def check(self, pl_module: L.LightningModule, global_step: int, amid_step: bool = True) -> None:
         """Read (and forget) every unread step; raise, naming the tasks of the first with a loss

@@ -208,8 +208,10 @@ class FAMO(WeightingCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        # The losses of the batch evaluated again after the latest step, still to be checked.
-        return {"logits": self._logits.state_dict(), "after_step": self._unchecked_after.unread()}
+        # The losses of the batch evaluated again after the latest step that are still to be
+        # refused.
+        after_step = self._unchecked_after.offending()
+        return {"logits": self._logits.state_dict(), "after_step": after_step}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
