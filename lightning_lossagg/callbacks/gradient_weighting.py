@@ -302,12 +302,7 @@ class GradientWeighting(WeightingCallback):
         if linear is not None:
             local = _factored_gramian(*linear)
         else:
-            rows = [grad.reshape(-1) for grad in grads]
-            # On the CPU, with few tasks, K(K+1)/2 dot products beat copying the rows into a
-            # matrix.
-            few = len(rows) <= _DOT_PRODUCTS_UP_TO and rows[0].dtype in _DOT_DTYPES
-            jacobian = None if few and rows[0].device.type == "cpu" else torch.stack(rows)
-            local = _dot_gramian(rows) if jacobian is None else _gramian(jacobian)
+            local, jacobian = _rows_gramian([grad.reshape(-1) for grad in grads])
         self.gramian_eps = torch.finfo(local.dtype).eps
         host = _on_host(distributed.all_reduce_sum(local), factor, pending)
         # Each rank's row k is W * factor * s_k times its share of the global gradient g_k.
@@ -866,6 +861,17 @@ def _in_one_transfer(*tensors: Tensor) -> list[np.ndarray]:
     host = flat.to("cpu", torch.float64).numpy()
     ends = np.cumsum([t.numel() for t in tensors])[:-1]
     return [part.reshape(t.shape) for part, t in zip(np.split(host, ends), tensors, strict=True)]
+
+
+def _rows_gramian(rows: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+    """The Gramian of ``rows`` in float32 at least, and the rows stacked where that took them
+    (``None``: on the CPU, a few float32 or float64 rows take K(K+1)/2 dot products, cheaper
+    than copying them into a matrix; half-precision rows are stacked and widened)."""
+    few = len(rows) <= _DOT_PRODUCTS_UP_TO and rows[0].dtype in _DOT_DTYPES
+    if few and rows[0].device.type == "cpu":
+        return _dot_gramian(rows), None
+    jacobian = torch.stack(rows)
+    return _gramian(jacobian), jacobian
 
 
 def _dot_gramian(rows: list[Tensor]) -> Tensor:
