@@ -64,7 +64,8 @@ class FAMO(WeightingCallback):
     that met it updates the model or the logits (read from a host copy made without a stall).
     Where the batch evaluated again after its step has such a loss, that task is left out of the
     step's logit update, and the error is raised at the next optimizer step, before it moves the
-    model, or at the end of the fit.
+    model, or at the end of the fit (a checkpoint saved between keeps the loss, and the fit
+    resumed from it raises the error).
 
     Args:
         lr: Adam's learning rate for the logits.
