@@ -109,31 +109,26 @@ class LossesReadLater:
     def offending(self) -> list[Tensor]:
         """The queued losses that the check will refuse, on the host, for a checkpoint: the fit
         resumed from it adds them back, and refuses them where the uninterrupted fit would."""
-        offends = self._rule[1]
         unread = [copy.get() for copy in self._unread]
-        return [
-            losses.clone()
-            for losses in unread
-            if any(math.isfinite(value) and offends(value) for value in losses.tolist())
-        ]
+        return [losses.clone() for losses in unread if any(map(self._offends, losses.tolist()))]
 
-    def check(self, pl_module: L.LightningModule, global_step: int, amid_step: bool = True) -> None:
+    def _offends(self, loss: float) -> bool:
+        # A non-finite loss is the mixin's to report (nonfinite=...), with its own advice.
+        return math.isfinite(loss) and self._rule[1](loss)
+
+    def check(self, pl_module: L.LightningModule, global_step: int) -> None:
         """Read (and forget) every unread step; raise, naming the tasks of the first with a loss
         that offends, their values and ``global_step`` (the step whose batches were read), once
-        the model has put back the state from before the step
-        (:meth:`MultiTaskMixin.forget_refused_step`; not where no step is under way:
-        ``amid_step=False``)."""
+        the model has put back the state from before the step, unless the step was taken
+        (:meth:`MultiTaskMixin.forget_unfinished_step`)."""
         model = cast(MultiTaskMixin, pl_module)  # required at setup
-        method_takes, offends, bound, fix, error = self._rule
+        method_takes, _, bound, fix, error = self._rule
         unread, self._unread = self._unread, []
         for copy in unread:
-            values = copy.get().tolist()
-            # A non-finite loss is the mixin's to report (nonfinite=...), with its own advice.
-            pairs = zip(model.task_names, values, strict=True)
-            bad = [f"{n!r} ({v:g})" for n, v in pairs if math.isfinite(v) and offends(v)]
+            pairs = zip(model.task_names, copy.get().tolist(), strict=True)
+            bad = [f"{n!r} ({v:g})" for n, v in pairs if self._offends(v)]
             if bad:
-                if amid_step:
-                    model.forget_refused_step()
+                model.forget_unfinished_step()
                 raise error(
                     f"{method_takes}, but the global loss of task(s) {', '.join(bad)} was "
                     f"{bound} at global step {global_step}. {fix}, or use another weighting "

@@ -153,8 +153,7 @@ class FAMO(WeightingCallback):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # The fit's last step, taken: nothing to put back.
-        self._unchecked_after.check(pl_module, trainer.global_step - 1, amid_step=False)
+        self._unchecked_after.check(pl_module, trainer.global_step - 1)  # the fit's last step
 
     @override
     def on_train_batch_end(

@@ -119,6 +119,7 @@ def at_step(global_step: int, epoch: int = 0) -> Any:
         skipping_optimizer_step=False,
         optimizer_step_taken=True,
         forget_refused_step=lambda: None,
+        forget_unfinished_step=lambda: None,
     )
 
 
