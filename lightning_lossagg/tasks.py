@@ -448,7 +448,7 @@ class Task:
     def _check_probabilities(self, name: str, target: Tensor) -> None:
         """Refuse targets outside [0, 1] for ``bce_with_logits`` (whose loss would fall without
         bound instead of failing), read on the host at the first batch of a layout."""
-        layout = (target.shape, target.dtype, target.device)
+        layout = _layout(target)
         if layout in self._checked_layouts:
             return
         labelled = target[target.isfinite()]  # NaN: missing; ±inf: the nonfinite policy's
@@ -469,11 +469,16 @@ class Task:
         ``bce_with_logits`` batch without a label leaves the range of its values unchecked."""
         if self.loss != "bce_with_logits":
             return True
-        return (target.shape, target.dtype, target.device) in self._checked_layouts
+        return _layout(target) in self._checked_layouts
 
     @cached_property
     def _checked_layouts(self) -> set[tuple[object, ...]]:
         return set()
+
+
+def _layout(target: Tensor) -> tuple[object, ...]:
+    """What :meth:`Task.check_target` checks a ``bce_with_logits`` target's range once for."""
+    return (target.shape, target.dtype, target.device)
 
 
 def _tensor_values(name: str, task: Task, values: object) -> Tensor:
