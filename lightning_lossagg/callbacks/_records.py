@@ -3,7 +3,7 @@ optimizer step."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -43,6 +43,43 @@ class FreshRecords:
             return None
         self._last = record
         return record
+
+
+class StepRecords:
+    """The training records of an optimizer step's micro-batches, each taken once: a logging
+    callback counts them once the step is taken (a step skipped for a non-finite loss leaves
+    none), and a checkpoint saved amid the step keeps them."""
+
+    def __init__(self) -> None:
+        self.fresh = FreshRecords()
+        self.pending: list[LossRecord | SavedRecord] = []
+
+    def end_batch(
+        self, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> tuple[LossRecord | None, list[LossRecord | SavedRecord] | None]:
+        """After a training batch: its record (``None``: no fresh training record), and at its
+        optimizer step's last micro-batch the step's records, forgotten here (``None`` amid the
+        step, and for a step skipped for a non-finite loss)."""
+        record = self.fresh.take(pl_module)
+        if record is None or record.stage != "train":
+            record = None
+        else:
+            self.pending.append(record)
+        if trainer.fit_loop._should_accumulate():
+            return record, None
+        records, self.pending = self.pending, []
+        if getattr(pl_module, "skipping_optimizer_step", False):
+            return record, None
+        return record, records
+
+    def state(self) -> list[list[Tensor]]:
+        """The pending records, for a checkpoint (on the host)."""
+        return [SavedRecord.of(record) for record in self.pending]
+
+    @staticmethod
+    def restored(state: list[Any]) -> list[SavedRecord]:
+        """The records :meth:`state` kept."""
+        return [SavedRecord(*saved) for saved in state]
 
 
 def optimizer_step_record(

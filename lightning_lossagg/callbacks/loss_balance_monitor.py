@@ -14,12 +14,8 @@ from typing_extensions import override
 from lightning_lossagg.callbacks._balance_window import CONDITIONS, LossWindow, Thresholds
 from lightning_lossagg.callbacks._checks import check_int_at_least
 from lightning_lossagg.callbacks._direct_log import write_metrics
-from lightning_lossagg.callbacks._records import (
-    FreshRecords,
-    SavedRecord,
-    optimizer_step_record,
-)
-from lightning_lossagg.weighting import LossRecord, check_checkpoint_tasks
+from lightning_lossagg.callbacks._records import StepRecords, optimizer_step_record
+from lightning_lossagg.weighting import check_checkpoint_tasks
 
 
 class LossBalanceError(RuntimeError):
@@ -94,9 +90,8 @@ class LossBalanceMonitor(L.Callback):
         self._active: set[tuple[str, str]] = set()
         self._flags: dict[str, float] = {}
         self._skipped_steps = 0
-        self._records = FreshRecords()
         # The optimizer step's micro-batches so far (restored ones from a checkpoint amid it).
-        self._step_records: list[LossRecord | SavedRecord] = []
+        self._steps = StepRecords()
         self._state_key: str | None = None
 
     @property
@@ -127,7 +122,7 @@ class LossBalanceMonitor(L.Callback):
         # evaluate only to raise together with it.
         self._evaluates = trainer.is_global_zero or bool(self.raise_on)
         self._skipped_steps = getattr(pl_module, "skipped_steps", 0)
-        self._step_records = []  # an earlier fit may have stopped amid a step
+        self._steps.pending = []  # an earlier fit may have stopped amid a step
         names: tuple[str, ...] = pl_module.task_names  # type: ignore[assignment]
         self._flags = {f"train/monitor/{c}/{n}": 0.0 for c in CONDITIONS for n in names}
 
@@ -139,14 +134,11 @@ class LossBalanceMonitor(L.Callback):
             return
         if getattr(pl_module, "skipped_steps", 0) != self._skipped_steps:
             self._mark_nonfinite(pl_module)
-        record = self._records.take(pl_module)
-        if record is not None and record.stage == "train":
-            self._step_records.append(record)
-        if trainer.fit_loop._should_accumulate():  # one figure per optimizer step
+        # One figure per optimizer step; a step skipped for a non-finite loss: none, its finite
+        # micro-batches stay out too.
+        _, records = self._steps.end_batch(trainer, pl_module)
+        if not records:
             return
-        records, self._step_records = self._step_records, []
-        if not records or getattr(pl_module, "skipping_optimizer_step", False):
-            return  # a step skipped for a non-finite loss: its finite micro-batches stay out too
         names: tuple[str, ...] = pl_module.task_names  # type: ignore[assignment]
         self._history.add(optimizer_step_record(records, names))
         if self._history.seen % self._every == 0:
@@ -230,7 +222,7 @@ class LossBalanceMonitor(L.Callback):
             "flags": dict(self._flags),
             "skipped_steps": self._skipped_steps,
             "window": self._history.state_dict(),
-            "step_records": [SavedRecord.of(record) for record in self._step_records],
+            "step_records": self._steps.state(),
         }
 
     @override
@@ -249,7 +241,7 @@ class LossBalanceMonitor(L.Callback):
         self._skipped_steps = state_dict["skipped_steps"]
         self._history.load_state_dict(state_dict["window"])
         # Restored after setup: a checkpoint saved amid an optimizer step resumes it.
-        self._step_records = [SavedRecord(*saved) for saved in state_dict.get("step_records", [])]
+        self._steps.pending = list(StepRecords.restored(state_dict.get("step_records", [])))
 
 
 def _check_number(

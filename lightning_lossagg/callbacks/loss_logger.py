@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from lightning_lossagg.callbacks import _wandb_extras
 from lightning_lossagg.callbacks._direct_log import logging_step, write_metrics
-from lightning_lossagg.callbacks._records import FreshRecords, SavedRecord
+from lightning_lossagg.callbacks._records import SavedRecord, StepRecords
 from lightning_lossagg.callbacks._trajectory import Trajectory
 from lightning_lossagg.weighting import LossRecord, check_checkpoint_tasks
 
@@ -162,10 +162,9 @@ class LossLogger(L.Callback):
         self.prog_bar = prog_bar
         self.plot = plot
         self._epochs: dict[str, _EpochAccumulator] = {}
-        self._records = FreshRecords()
         # The records of the optimizer step's micro-batches so far: they join the epoch's
         # figures once the step is taken (a skipped step's leave nothing).
-        self._step_records: list[LossRecord | SavedRecord] = []
+        self._steps = StepRecords()
         self._trajectory: Trajectory | None = None
         self._wandb: WandbLogger | None = None
         self._described_runs: set[str] = set()
@@ -193,25 +192,18 @@ class LossLogger(L.Callback):
         wanted = self.plot or self._wandb is not None
         keep = trainer.is_global_zero and bool(trainer.loggers) and wanted
         self._trajectory = Trajectory() if keep else None
-        self._step_records = []  # an earlier fit may have stopped amid a step
+        self._steps.pending = []  # an earlier fit may have stopped amid a step
 
     # --------------------------------------------------------------------- per batch
     @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
     ) -> None:
-        record = self._records.take(pl_module)
-        if record is not None and record.stage == "train":
-            self._step_records.append(record)
-        else:
-            record = None
-        if trainer.fit_loop._should_accumulate():
-            # Per optimizer step, as Lightning's own step metrics: its last micro-batch's figures.
-            return
-        records, self._step_records = self._step_records, []
-        if getattr(pl_module, "skipping_optimizer_step", False):
-            # Skipped for a non-finite loss: no row, and its finite micro-batches stay out of
-            # the epoch's figures, as out of the model and the method's state.
+        # Per optimizer step, as Lightning's own step metrics: its last micro-batch's figures.
+        # A step skipped for a non-finite loss gives no row, and its finite micro-batches stay
+        # out of the epoch's figures, as out of the model and the method's state.
+        record, records = self._steps.end_batch(trainer, pl_module)
+        if records is None:
             return
         for taken in records:
             if isinstance(taken, SavedRecord) and record is not None:
@@ -246,7 +238,7 @@ class LossLogger(L.Callback):
         i: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._take(self._records.take(pl_module), "val")
+        self._take(self._steps.fresh.take(pl_module), "val")
 
     @override
     def on_test_batch_end(
@@ -258,7 +250,7 @@ class LossLogger(L.Callback):
         i: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._take(self._records.take(pl_module), "test")
+        self._take(self._steps.fresh.take(pl_module), "test")
 
     def _take(self, record: LossRecord | SavedRecord | None, stage: str) -> None:
         """Add ``record`` to its stage's epoch figures, if it is one of that stage."""
@@ -277,12 +269,12 @@ class LossLogger(L.Callback):
         Lightning does not start the epoch again) logs the same epoch figures as an
         uninterrupted one. Evaluation epochs end before any checkpoint is taken."""
         train = self._epochs.get("train")
-        if train is None and not self._step_records:
+        if train is None and not self._steps.pending:
             return {}
         return {
             "epoch": self._train_epoch,
             "train_epoch": (train or _EpochAccumulator()).state_dict(),
-            "step_records": [SavedRecord.of(record) for record in self._step_records],
+            "step_records": self._steps.state(),
         }
 
     @override
@@ -295,7 +287,7 @@ class LossLogger(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "train_epoch" in state_dict:
             accumulator = _EpochAccumulator.from_state(state_dict["train_epoch"])
-            step = [SavedRecord(*saved) for saved in state_dict.get("step_records", [])]
+            step = StepRecords.restored(state_dict.get("step_records", []))
             self._restored_epoch = (state_dict["epoch"], accumulator, step)
 
     @override
@@ -305,7 +297,7 @@ class LossLogger(L.Callback):
         # on_train_epoch_start): the restored figures are then another epoch's.
         if restored is not None and restored[0] == trainer.current_epoch:
             self._epochs["train"] = restored[1]
-            self._step_records = list(restored[2])
+            self._steps.pending = list(restored[2])
         self._train_epoch = trainer.current_epoch
 
     # --------------------------------------------------------------------- per epoch
