@@ -92,19 +92,15 @@ class FAMO(WeightingCallback):
         self._weighed: list[bool] | None = None
         self._weighed_on: dict[torch.device, Tensor] = {}
         self._logits_used: Tensor | None = None  # behind the latest weights (Adam makes new ones)
-        eps = self.eps
-        self._unchecked = LossesReadLater(
-            f"FAMO takes the logarithm of every task loss plus eps={eps:g}",
-            partial(operator.ge, -eps),  # loss <= -eps (picklable, for ddp_spawn)
-            "<= -eps",
-            "Shift that task's loss to be >= 0 (and > 0 with eps=0)",
-        )
+        takes = f"FAMO takes the logarithm of every task loss plus eps={self.eps:g}"
+        below = partial(operator.ge, -self.eps)  # loss <= -eps (picklable, for ddp_spawn)
+        fix = "Shift that task's loss to be >= 0 (and > 0 with eps=0)"
+        self._unchecked = LossesReadLater(takes, below, "<= -eps", fix)
         self._unchecked_after = LossesReadLater(
-            f"FAMO takes the logarithm of every task loss plus eps={eps:g}, also of the batch "
-            "evaluated again after its optimizer step",
-            partial(operator.ge, -eps),
+            f"{takes}, also of the batch evaluated again after its optimizer step",
+            below,
             "<= -eps after the step",
-            "Shift that task's loss to be >= 0 (and > 0 with eps=0)",
+            fix,
         )
 
     @property
