@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,30 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as distributed_c10d
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import _wrap as _torch_wrap
+
+
+def run_rank_then_exit(fn: Callable, i: int, args: tuple, error_file: str) -> None:
+    """torch's ``_wrap`` of a spawned process (it reports an error to the parent and exits 1), but
+    a rank that finished leaves at once, without interpreter finalization: a gloo worker thread
+    that frees its state while the interpreter finalizes can abort the process (torch's bug,
+    pytorch/pytorch#190489), failing a test whose rank had done all its work. The ranks meet
+    first, so none leaves while another still talks to it; the process group is destroyed."""
+    finished = []
+
+    def run(i: int, *args: Any) -> None:
+        fn(i, *args)
+        finished.append(True)
+
+    _torch_wrap(run, i, args, error_file)
+    if not finished:  # interrupted by the parent: nothing to hurry
+        return
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _launch(worker: Callable, world_size: int, fn: Callable, args: tuple, *extra: Any) -> list:
