@@ -106,11 +106,25 @@ class LossesReadLater:
     def clear(self) -> None:
         self._unread = []
 
+    def queued(self) -> list[distributed.HostCopy]:
+        """The queue as it is, for a method's :meth:`~WeightingCallback.step_state`: a step put
+        back leaves it as at the step's start."""
+        return self._unread.copy()
+
+    def put_back(self, queued: list[distributed.HostCopy]) -> None:
+        """Put back what :meth:`queued` returned."""
+        self._unread = queued.copy()
+
     def offending(self) -> list[Tensor]:
-        """The queued losses that the check will refuse, on the host, for a checkpoint: the fit
-        resumed from it adds them back, and refuses them where the uninterrupted fit would."""
+        """The queued losses that the check will refuse, on the host, for a checkpoint (one saved
+        amid an optimizer step holds its earlier micro-batches'): the fit resumed from it queues
+        them again (:meth:`queue_again`), and refuses them where the uninterrupted fit would."""
         unread = [copy.get() for copy in self._unread]
         return [losses.clone() for losses in unread if any(map(self._offends, losses.tolist()))]
+
+    def queue_again(self, offending: Iterable[Tensor]) -> None:
+        """Replace the queue with the losses :meth:`offending` gave a checkpoint."""
+        self._unread = [distributed.HostCopy(losses) for losses in offending]
 
     def _offends(self, loss: float) -> bool:
         # A non-finite loss is the mixin's to report (nonfinite=...), with its own advice.

@@ -192,12 +192,14 @@ class DBMTL(GradientWeighting):
         self._unchecked.check(pl_module, trainer.global_step)
 
     @override
-    def step_state(self) -> tuple[Tensor | None, int]:
-        return self._buffer, self._step  # the buffer is replaced, never changed
+    def step_state(self) -> tuple[Tensor | None, int, list[Any]]:
+        # The buffer is replaced, never changed; the losses queued for the bound check.
+        return self._buffer, self._step, self._unchecked.queued()
 
     @override
-    def put_back_step_state(self, state: tuple[Tensor | None, int]) -> None:
-        self._buffer, self._step = state
+    def put_back_step_state(self, state: tuple[Tensor | None, int, list[Any]]) -> None:
+        self._buffer, self._step, queued = state
+        self._unchecked.put_back(queued)
 
     @override
     def backward_objective(
@@ -247,12 +249,14 @@ class DBMTL(GradientWeighting):
     @override
     def state_dict(self) -> dict[str, Any]:
         buffer = None if self._buffer is None else self._buffer.clone()
-        return {"buffer": buffer, "step": self._step}
+        # The losses the check will refuse, of the micro-batches before a checkpoint amid a step.
+        return {"buffer": buffer, "step": self._step, "unchecked": self._unchecked.offending()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_buffer(state_dict["buffer"])
         self._buffer, self._step = state_dict["buffer"], int(state_dict["step"])
+        self._unchecked.queue_again(state_dict.get("unchecked", ()))
 
     def _restart_buffer(self, size: int) -> None:
         """The trainable shared parameters changed (a backbone unfrozen, say): the buffer of the

@@ -199,15 +199,18 @@ class DWA(WeightingCallback):
 
     @override
     def step_state(self) -> tuple[Any, ...]:
-        """The periods' figures (tensors are replaced, never changed; the pending list grows)."""
+        """The periods' figures (tensors are replaced, never changed; the pending list grows),
+        and the losses queued for the bound check."""
         tensors = tuple(getattr(self, name) for name in _TENSOR_STATE)
         periods = (self._period, self._completed_periods, self._rates, self._weights)
-        return list(self._pending), self._pending_restored, tensors, periods
+        queued = self._unchecked.queued()
+        return list(self._pending), self._pending_restored, tensors, periods, queued
 
     @override
     def put_back_step_state(self, state: tuple[Any, ...]) -> None:
-        pending, self._pending_restored, tensors, periods = state
+        pending, self._pending_restored, tensors, periods, queued = state
         self._pending = pending
+        self._unchecked.put_back(queued)
         for name, value in zip(_TENSOR_STATE, tensors, strict=True):
             setattr(self, name, value)
         self._period, self._completed_periods, self._rates, self._weights = periods
@@ -219,6 +222,7 @@ class DWA(WeightingCallback):
         pending = list(zip(*self._pending, strict=True))  # ([losses, ...], [counts, ...])
         state["pending_losses"] = torch.stack(pending[0]) if pending else None
         state["pending_counts"] = torch.stack(pending[1]) if pending else None
+        state["unchecked"] = self._unchecked.offending()  # amid an optimizer step
         return state
 
     @override
@@ -234,3 +238,4 @@ class DWA(WeightingCallback):
         self._pending = [] if losses is None else list(zip(losses, counts, strict=True))  # type: ignore[arg-type]
         self._pending_restored = bool(self._pending)
         self._rates = self._weights = None
+        self._unchecked.queue_again(state_dict.get("unchecked", ()))

@@ -197,6 +197,16 @@ class FAMO(WeightingCallback):
         return usable & weighed
 
     @override
+    def step_state(self) -> tuple[list[Any], list[Any]]:
+        """The losses queued for the bound checks (the logits move once the step is taken)."""
+        return self._unchecked.queued(), self._unchecked_after.queued()
+
+    @override
+    def put_back_step_state(self, state: tuple[list[Any], list[Any]]) -> None:
+        self._unchecked.put_back(state[0])
+        self._unchecked_after.put_back(state[1])
+
+    @override
     def state_to_log(self) -> dict[str, Tensor]:
         """The logits as the latest step's weights came from (not as its update left them)."""
         logits = self._logits_used if self._logits_used is not None else self._logits.snapshot()
@@ -204,15 +214,18 @@ class FAMO(WeightingCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        # The losses of the batch evaluated again after the latest step that are still to be
-        # refused.
-        after_step = self._unchecked_after.offending()
-        return {"logits": self._logits.state_dict(), "after_step": after_step}
+        # The losses still to be refused: of the micro-batches before a checkpoint amid an
+        # optimizer step, and of the batch evaluated again after the latest step.
+        return {
+            "logits": self._logits.state_dict(),
+            "unchecked": self._unchecked.offending(),
+            "after_step": self._unchecked_after.offending(),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._logits.load_state_dict(state_dict["logits"])
         self._logits_used = None
-        self._unchecked_after.clear()
-        for losses in state_dict.get("after_step", ()):  # (absent from older checkpoints)
-            self._unchecked_after.add(losses)
+        # (Absent from older checkpoints.)
+        self._unchecked.queue_again(state_dict.get("unchecked", ()))
+        self._unchecked_after.queue_again(state_dict.get("after_step", ()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import operator
 from functools import partial
+from typing import Any
 
 import lightning as L
 import torch
@@ -40,7 +41,9 @@ class GLS(WeightingCallback):
     GLS takes the logarithm of every loss, so it refuses a loss :math:`\leq 0` with a
     :class:`NonPositiveLossError` naming the task and the step. The check reads a flag copied to
     the host without stalling the device and raises before the optimizer step, so a bad step
-    never updates the model. Stateless: nothing to save.
+    never updates the model. Stateless but for that check: a checkpoint saved amid an
+    optimizer step (between micro-batches) keeps its earlier micro-batches' losses that the check
+    will refuse.
 
     Example:
         >>> callback = GLS()
@@ -80,6 +83,22 @@ class GLS(WeightingCallback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         self._unchecked.check(pl_module, trainer.global_step)
+
+    @override
+    def step_state(self) -> list[Any]:
+        return self._unchecked.queued()
+
+    @override
+    def put_back_step_state(self, state: list[Any]) -> None:
+        self._unchecked.put_back(state)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"unchecked": self._unchecked.offending()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._unchecked.queue_again(state_dict.get("unchecked", ()))  # (older checkpoints: {})
 
 
 def _host_gls_weights(losses: list[float], counts: list[float]) -> list[float] | None:

@@ -194,12 +194,16 @@ class LossScaling(WeightingCallback):
 
     @override
     def step_state(self) -> tuple[Any, ...]:
-        """The levels and what follows from them (tensors are replaced, never changed)."""
-        return self._levels, self._has_level, self._all_have_levels, self._weights
+        """The levels and what follows from them (tensors are replaced, never changed), and the
+        losses queued for the bound check."""
+        levels = (self._levels, self._has_level, self._all_have_levels, self._weights)
+        return levels, self._unchecked.queued()
 
     @override
     def put_back_step_state(self, state: tuple[Any, ...]) -> None:
-        self._levels, self._has_level, self._all_have_levels, self._weights = state
+        levels, queued = state
+        self._levels, self._has_level, self._all_have_levels, self._weights = levels
+        self._unchecked.put_back(queued)
         self._has_level_copy = None
 
     @override
@@ -212,6 +216,7 @@ class LossScaling(WeightingCallback):
             "levels": self._levels,
             "has_level": self._has_level,
             "all_have_levels": self._all_have_levels,
+            "unchecked": self._unchecked.offending(),  # amid an optimizer step
         }
 
     @override
@@ -222,6 +227,7 @@ class LossScaling(WeightingCallback):
         # older checkpoint lacks it: its first step resumed is weighed on the device.
         self._all_have_levels = bool(state_dict.get("all_have_levels", False))
         self._has_level_copy = self._weights = None
+        self._unchecked.queue_again(state_dict.get("unchecked", ()))
 
 
 def _host_moving_levels(levels: list[float], losses: list[float], decay: float) -> list[float]:

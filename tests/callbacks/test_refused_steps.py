@@ -20,6 +20,7 @@ from lightning_lossagg.callbacks import (
     DBMTL,
     DWA,
     FAMO,
+    GLS,
     IMTLL,
     MGDA,
     GradNorm,
@@ -46,7 +47,10 @@ STATEFUL = {
 }
 # Methods without a state of their own that refuse some losses: what they put back is the model's
 # evaluation weights.
-STATELESS_BUT_BOUNDED = {'MGDA(normalization="loss")': lambda: MGDA(normalization="loss")}
+STATELESS_BUT_BOUNDED = {
+    'MGDA(normalization="loss")': lambda: MGDA(normalization="loss"),
+    "GLS": GLS,  # stateless but for its queue of losses to check
+}
 # nonfinite policy of the model, and its max_consecutive_skips (1: the skip is an error)
 POLICIES = {"raise": ("raise", 10), "skip": ("skip", 10), "a run of skips": ("skip", 1)}
 
@@ -158,6 +162,26 @@ def test_a_step_refused_after_a_resume_amid_it_leaves_the_state_of_the_step_befo
     assert checkpoint["lossagg"]["before_step"]["weighting"] is not None
     state, weights, raised = _fit(name, batches[3:], policy, ckpt_path=path)
     assert isinstance(raised, NonFiniteLossError) == (policy == "raise")
+    _assert_as_after_the_first_step(name, state, weights)
+
+
+# MGDA refuses a loss in that micro-batch's backward, before any checkpoint after it.
+REFUSED_AT_THE_OPTIMIZER_STEP = [name for name in BOUNDED if not name.startswith("MGDA")]
+
+
+@pytest.mark.parametrize("name", REFUSED_AT_THE_OPTIMIZER_STEP)
+def test_a_loss_the_method_cannot_take_before_a_checkpoint_amid_the_step_is_refused_after_it(
+    name, tmp_path
+):
+    # Micro-batch 2, the first of step 1, has a price loss < 0, refused at the optimizer step;
+    # the checkpoint comes right after it. The fit resumed from there never sees that loss, yet
+    # must refuse step 1 as the uninterrupted fit does, and leave the state of step 0.
+    batches, path = signed_price_batches(4, negative_at=2), tmp_path / "amid.ckpt"
+    *_, uninterrupted = _fit(name, batches, extra_callbacks=(SaveAt(2, path),))
+    state, weights, resumed = _fit(name, batches[3:], ckpt_path=path)
+    for raised in (uninterrupted, resumed):
+        assert isinstance(raised, ValueError)
+        assert re.search(r"'price' \(-[0-9.]+\).* at global step 1", str(raised))
     _assert_as_after_the_first_step(name, state, weights)
 
 
