@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_lossagg import MaskedLoss, Task, global_task_losses
-from lightning_lossagg.aggregation import TaskLossReducer
+from lightning_lossagg.aggregation import GlobalTaskLosses, TaskLossReducer
 from lightning_lossagg.tasks import StackedLosses
 from tests.process_group import CollectiveCounter, run_on_ranks
 
@@ -269,3 +269,56 @@ def test_many_values_of_one_task_are_counted_and_summed_exactly():
     torch.testing.assert_close(
         step.losses.double(), torch.stack([values.double().mean(), torch.tensor(3.0).double()])
     )
+
+
+def test_stacked_losses_named_in_another_order_than_the_tasks_give_each_task_its_own_loss():
+    # A StackedLosses' rows are indices into its own names: ("b", "a") puts b's values first.
+    tasks = {"a": Task("mse"), "b": Task("mse")}
+    values = torch.tensor([[10.0, 30.0, 50.0], [1.0, 3.0, 8.0]])  # rows: b, a
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    stacked = StackedLosses(("b", "a"), [([0, 1], MaskedLoss(values, mask))])
+    step = global_task_losses(stacked, tasks)
+    expected = torch.stack([values[1][mask[1]].mean(), values[0][mask[0]].mean()])  # a, b
+    torch.testing.assert_close(step.losses, expected)
+    assert step.counts.tolist() == [2.0, 3.0]
+
+
+def test_dropping_a_task_keeps_the_other_tasks_terms_apart_for_per_task_gradients():
+    # A gradient method takes one gradient per task from task_terms: after drop_task they must
+    # still be there, the kept task's its own masked mean, the dropped one's 0 with no graph.
+    tasks = {"a": Task("mse"), "b": Task("mse")}
+    a = torch.tensor([1.0, 3.0, 100.0], requires_grad=True)
+    b = torch.tensor([1.0, torch.inf], requires_grad=True)
+    masked = {
+        "a": MaskedLoss(a, torch.tensor([True, True, False])),
+        "b": MaskedLoss(b, torch.tensor([True, True])),
+    }
+    reducer = TaskLossReducer(tasks)
+    step = reducer(masked, separate_tasks=True)
+    dropped = reducer.drop_tasks(step, masked, torch.tensor([False, True]))
+    assert dropped.task_terms is not None
+    kept, gone = dropped.task_terms
+    torch.testing.assert_close(kept, a.detach()[:2].mean())
+    (grad,) = torch.autograd.grad(kept, a)
+    torch.testing.assert_close(grad, torch.tensor([0.5, 0.5, 0.0]))
+    assert gone.item() == 0.0
+    assert not gone.requires_grad or torch.autograd.grad(gone, b, allow_unused=True)[0] is None
+
+
+def test_dropping_a_task_keeps_the_ranks_whose_loss_was_not_finite():
+    # Under DDP the bit-sets come from the all-reduce (rank 1's bit: 2); dropping the task must
+    # not replace them with figures of its own (rank 0's bit, from the NaN numerator).
+    tasks = {"a": Task("mse"), "b": Task("mse")}
+    masked = {
+        "a": MaskedLoss(torch.tensor([1.0, 3.0]), torch.tensor([True, True])),
+        "b": MaskedLoss(torch.tensor([1.0, 2.0]), torch.tensor([True, True])),
+    }
+    reducer = TaskLossReducer(tasks)
+    local = reducer(masked)
+    numerators = torch.tensor([4.0, torch.inf], dtype=torch.float64)
+    bits = torch.tensor([0.0, 2.0], dtype=torch.float64)  # task b not finite on rank 1 only
+    step = GlobalTaskLosses(
+        local.names, numerators, local.counts, local.local_sums, local.term_scale, bits
+    )
+    dropped = reducer.drop_tasks(step, masked, bits > 0)
+    assert dropped.nonfinite_ranks.tolist() == [0.0, 2.0]

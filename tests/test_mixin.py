@@ -656,3 +656,21 @@ def test_a_task_whose_losses_carry_no_gradient_is_named_at_the_first_step():
             NumpyPrice().double(), torch.utils.data.DataLoader(batches, batch_size=None)
         )
     assert sum("carry no gradient" in str(w.message) for w in record) == 1
+
+
+def test_per_sample_losses_returned_as_a_bare_tensor_count_every_sample_even_zero_or_negative():
+    class BareLosses(MultiTaskMixin, L.LightningModule):
+        def __init__(self):
+            super().__init__(tasks={"a": "mse"})
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def task_losses(self, batch):
+            return {"a": self.scale * batch}  # a tensor: every sample valid
+
+    model = BareLosses()
+    batch = torch.tensor([0.0, 2.0, -1.0, 0.0, 4.0])
+    objective = model.training_step(batch, 0)
+    torch.testing.assert_close(model.loss_record.losses, batch.mean()[None])
+    assert model.loss_record.counts.tolist() == [5.0]
+    (grad,) = torch.autograd.grad(objective, [model.scale])
+    torch.testing.assert_close(grad, batch.mean())

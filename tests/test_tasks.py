@@ -521,3 +521,35 @@ def test_a_callable_that_returns_no_tensor_names_the_task(loss, message):
 def test_a_loss_class_instead_of_an_instance_is_refused_with_the_fix():
     with pytest.raises(TypeError, match=r"an instance.*CrossEntropyLoss\(reduction='none'\)"):
         Task(torch.nn.CrossEntropyLoss)
+
+
+@pytest.mark.parametrize(
+    ("loss", "target", "valid"),
+    [
+        (
+            lambda p, t: (p - t).abs(),
+            torch.tensor([0.5, torch.nan, -1.0, torch.nan, 2.0]),
+            lambda t: ~t.isnan(),
+        ),
+        (
+            partial(F.cross_entropy, reduction="none"),
+            torch.tensor([2, -100, 0, -100, 1]),
+            lambda t: t != -100,
+        ),
+    ],
+    ids=["float", "class"],
+)
+def test_a_callables_values_at_missing_labels_never_reach_the_global_loss(loss, target, valid):
+    # A callable sees 0.0 (class 0) at a missing label: its value there is no zero, and only
+    # the reducer's masking keeps it out of the loss and its gradient.
+    shape = (5,) if target.is_floating_point() else (5, 3)
+    prediction = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    prediction.requires_grad_()
+    task = Task(loss)
+    step = global_task_losses({"t": task.per_sample_loss("t", prediction, target)}, {"t": task})
+    keep = valid(target)
+    expected = loss(prediction[keep], target[keep]).mean()
+    torch.testing.assert_close(step.losses[0], expected.detach())
+    (grad,) = torch.autograd.grad(step.local_terms.sum(), prediction)
+    (expected_grad,) = torch.autograd.grad(expected, prediction)
+    torch.testing.assert_close(grad, expected_grad)
