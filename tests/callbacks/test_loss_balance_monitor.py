@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_lossagg import LossRecord, WeightingCallback
+from lightning_lossagg import LossRecord, NonFiniteLossError, WeightingCallback
 from lightning_lossagg.callbacks import LossBalanceError, LossBalanceMonitor, _balance_window
 from lightning_lossagg.demos import PenguinsDataModule, PenguinsNet
 from tests.callbacks._fits import assert_nested_equal
@@ -577,3 +577,52 @@ def test_a_skip_marked_before_a_checkpoint_is_reported_after_the_resume():
     restored.load_state_dict(window.state_dict())
     flags, _ = restored.evaluate(THRESHOLDS)
     assert flags[4] == [False, True]
+
+
+def test_under_accumulation_a_step_is_the_sample_weighted_mean_of_its_micro_batches():
+    # Two micro-batches per optimizer step, with different sample counts, "kind" without a
+    # sample in the second: per task the step's loss is the count-weighted mean of the
+    # micro-batches', its count their sum, its weight the mean over the micro-batches that had it.
+    nan = math.nan
+    losses = torch.tensor([[1.0, 2.0, 3.0], [4.0, nan, 6.0]] * 4)
+    weights = torch.tensor([[1.0, 2.0, 0.5], [3.0, 7.0, 1.5]] * 4)
+    counts = torch.tensor([[1.0, 3.0, 2.0], [3.0, 0.0, 2.0]] * 4)
+    monitor = LossBalanceMonitor(window=4)
+    _fit(ScriptedNet(losses, weights, counts), monitor, accumulate_grad_batches=2)
+    window = monitor.state_dict()["window"]
+    assert window["seen"] == 4
+    by_hand = torch.tensor(
+        [
+            [(1 * 1.0 + 3 * 4.0) / 4, 2.0, (2 * 3.0 + 2 * 6.0) / 4],  # losses
+            [(1.0 + 3.0) / 2, 2.0, (0.5 + 1.5) / 2],  # weights
+            [4.0, 3.0, 4.0],  # counts
+        ]
+    )
+    for step in window["buffer"]:  # [steps, (losses, weights, counts), tasks]
+        torch.testing.assert_close(step, by_hand)
+
+
+def test_a_monitor_reused_after_a_fit_aborted_amid_an_accumulated_step_starts_clean():
+    # Micro-batch 0 waits for its optimizer step, micro-batch 1 raises: the waiting record must
+    # not join the next fit's first step.
+    aborted = [make_batch(6, seed=s, dtype=torch.float32) for s in (1, 2)]
+    aborted[1][1]["price"][0] = torch.inf
+    monitor = LossBalanceMonitor(window=2)
+    settings = dict(
+        max_steps=1,
+        logger=False,
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(NonFiniteLossError):
+        L.Trainer(accumulate_grad_batches=2, **settings).fit(
+            ThreeTaskNet(), DataLoader(aborted, batch_size=None)
+        )
+    model = ThreeTaskNet()
+    batch = make_batch(6, seed=3, dtype=torch.float32)
+    L.Trainer(**settings).fit(model, DataLoader([batch], batch_size=None))
+    window = monitor.state_dict()["window"]
+    assert window["seen"] == 1
+    torch.testing.assert_close(window["buffer"][0, 0], model.loss_record.losses)

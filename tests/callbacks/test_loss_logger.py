@@ -837,9 +837,10 @@ def test_lightnings_sync_dist_advice_is_silenced_for_the_global_epoch_figures_al
     from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
     trainer = L.Trainer(logger=False, enable_progress_bar=False)
-    LossLogger().setup(trainer, ThreeTaskNet(), "fit")
     advice = "It is recommended to use `self.log({!r}, ..., sync_dist=True)` when logging on epoch"
     with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # whatever -W or PYTHONWARNINGS say
+        LossLogger().setup(trainer, ThreeTaskNet(), "fit")
         for key in ("val/loss/price", "train_epoch/weight/kind", "val/static_loss", "val/acc"):
             rank_zero_warn(advice.format(key), category=PossibleUserWarning)
     assert [str(w.message) for w in caught] == [advice.format("val/acc")]
@@ -858,3 +859,93 @@ def test_epoch_figures_keep_a_float64_runs_precision():
     logged = trainer.callback_metrics["train_epoch/loss/price"]
     assert logged.dtype == torch.float64
     assert logged.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_the_sanity_checks_batch_is_no_part_of_the_first_validation_epoch():
+    # The sanity check's figures are not logged; they must not stay behind either, to count a
+    # second time in the real validation epoch's means.
+    val = [make_batch(6, seed=s, dtype=torch.float32) for s in (1, 2)]
+    model = ThreeTaskNet(lr=0.0)  # frozen: the sanity check and the epoch see the same model
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        callbacks=[LossLogger(plot=False)],
+        num_sanity_val_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    train = one_batch_loader(make_batch(6, seed=0, dtype=torch.float32))
+    trainer.fit(model, train, torch.utils.data.DataLoader(val, batch_size=None))
+    price = torch.cat([batch[1]["price"] for batch in val])
+    with torch.no_grad():
+        predictions = model(torch.cat([batch[0] for batch in val]))["price"]
+    valid = ~price.isnan()
+    exact = torch.nn.functional.mse_loss(predictions[valid], price[valid]).item()
+    assert float(trainer.callback_metrics["val/loss/price"]) == pytest.approx(exact, rel=1e-5)
+
+
+def test_a_logger_reused_after_a_fit_aborted_amid_an_accumulated_step_starts_clean():
+    # Micro-batch 0 reaches the logger (its record waits for the optimizer step), micro-batch 1
+    # raises: the waiting record must not join the next fit's first step.
+    aborted = [make_batch(6, seed=s, dtype=torch.float32) for s in (1, 2)]
+    aborted[1][1]["price"][0] = torch.inf
+    logger = LossLogger(plot=False)
+    with pytest.raises(NonFiniteLossError):
+        quiet_trainer(1, precision="32-true", callbacks=[logger], accumulate_grad_batches=2).fit(
+            ThreeTaskNet(), torch.utils.data.DataLoader(aborted, batch_size=None)
+        )
+    model = ThreeTaskNet()
+    trainer = quiet_trainer(1, precision="32-true", callbacks=[logger])
+    batch = make_batch(6, seed=3, dtype=torch.float32)
+    trainer.fit(model, one_batch_loader(batch))
+    # One step in the epoch: its figures are that step's, nothing of the aborted fit's.
+    logged = float(trainer.callback_metrics["train_epoch/loss/price"])
+    assert logged == pytest.approx(model.loss_record.losses[0].item(), rel=1e-6)
+
+
+def test_step_figures_keep_a_float64_runs_precision(tmp_path):
+    batch = make_batch(6, seed=1)  # float64
+    model = ThreeTaskNet(lr=0.0).double()
+    trainer = _fit_three_tasks(
+        tmp_path, [LossLogger(plot=False)], batches=[batch], model=model, precision="64-true"
+    )
+    (row,) = [r for r in _read_csv(trainer.logger.log_dir + "/metrics.csv") if r["train/loss"]]
+    with torch.no_grad():
+        expected = reference_task_losses(model, batch)
+    for task, loss in expected.items():
+        assert float(row[f"train/loss/{task}"]) == pytest.approx(loss.item(), rel=1e-12), task
+    objective = 2 * expected["price"] + expected["kind"] + expected["sold"]
+    assert float(row["train/loss"]) == pytest.approx(objective.item(), rel=1e-12)
+
+
+class LeavesOutValidationBatchZero(ThreeTaskNet):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0:
+            return None  # no record of its own: the model still holds its training record
+        return super().validation_step(batch, batch_idx, dataloader_idx)
+
+
+def test_a_training_record_left_on_the_model_is_no_part_of_a_validation_epoch():
+    model = LeavesOutValidationBatchZero(lr=0.0)
+    quiet_trainer(1, precision="32-true").fit(
+        model, one_batch_loader(make_batch(6, seed=0, dtype=torch.float32))
+    )
+    assert model.loss_record.stage == "train"
+    val = [make_batch(6, seed=s, dtype=torch.float32) for s in (1, 2)]
+    trainer = L.Trainer(logger=False, callbacks=[LossLogger(plot=False)], enable_progress_bar=False)
+    trainer.validate(model, torch.utils.data.DataLoader(val, batch_size=None), verbose=False)
+    with torch.no_grad():
+        expected = reference_task_losses(model, val[1])
+    for task, loss in expected.items():
+        logged = float(trainer.callback_metrics[f"val/loss/{task}"])
+        assert logged == pytest.approx(loss.item(), rel=1e-5), task
+
+
+def test_the_first_loss_can_be_the_best():
+    trajectory = Trajectory()
+    for step, loss in enumerate((1.0, 3.0, 2.0)):
+        record = LossRecord("train", ("a",), torch.tensor([loss]), torch.ones(1), torch.ones(1))
+        trajectory.add(step, record)
+    trajectory.flush()
+    assert trajectory.summary_rows(("a",)) == [["a", 1.0, 1.0, 2.0, 1.0]]
