@@ -446,3 +446,26 @@ def test_a_loss_that_stays_at_0_drives_its_learned_scale_to_the_bound_not_overfl
     scales = callback.state_dict()["scales"]["values"]
     assert scales[2] == bound
     assert scales[:2].min() >= -30 and scales[:2].max() <= 30
+
+
+@pytest.mark.parametrize("method", [UncertaintyWeighting, IMTLL], ids=["UW", "IMTLL"])
+def test_an_instance_that_loads_a_state_weighs_by_the_loaded_values_not_its_own(method):
+    # A callback reused for a second fit (e.g. resumed from a checkpoint after the first fit
+    # stopped amid a step) has weights of its own s at hand; the loaded s must replace them.
+    model = ThreeTaskNet()
+    losses = global_losses([2.0, 1.0, 0.5])
+    trained = method(lr=0.1)
+    trained.setup(None, model, "fit")
+    for _ in range(3):
+        trained.task_weights(model, losses)
+        trained.on_before_optimizer_step(None, model, None)
+    state = trained.state_dict()
+    reused, fresh = method(lr=0.1), method(lr=0.1)
+    for callback in (reused, fresh):
+        callback.setup(None, model, "fit")
+    initial = reused.task_weights(model, losses)  # the weights of s = 0, computed once per s
+    for callback in (reused, fresh):
+        callback.load_state_dict(state)
+    expected = fresh.task_weights(model, losses)
+    assert not torch.equal(expected, initial)  # the loaded s moved
+    assert torch.equal(reused.task_weights(model, losses), expected)

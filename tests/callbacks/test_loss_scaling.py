@@ -236,3 +236,22 @@ def test_a_float32_fit_resumed_at_the_end_of_the_warmup_weighs_as_the_uninterrup
     static = torch.tensor([task.weight for task in full_model.tasks.values()])
     for step in full.steps[2:]:  # either way, the weights are the reciprocals of the kept levels
         assert torch.equal(step["weights"], 1 / step["state"]["loss_level"] * static)
+
+
+def test_initial_levels_are_each_tasks_first_loss_after_the_warmup_then_fixed():
+    # Task 'sold' has no label at the first step after the warm-up: its level is its next loss,
+    # and the other tasks keep theirs meanwhile (they are not re-anchored until all have one).
+    callback = LossScaling(mode="initial", warmup_steps=1)
+    callback.setup(None, ThreeTaskNet(), "fit")
+    steps = [
+        ([9.0, 9.0, 9.0], None),  # warm-up
+        ([2.0, 4.0, 7.0], [True, True, False]),  # first step after it: levels of price, kind
+        ([8.0, 16.0, 5.0], None),  # sold's first loss: its level
+        ([3.0, 3.0, 3.0], None),
+    ]
+    for index, (losses, valid) in enumerate(steps):
+        model = at_step(index)
+        weights = callback.task_weights(model, global_losses(losses, valid))
+        callback.on_before_optimizer_step(model.trainer, model, None)
+    expected = 1.0 / torch.tensor([2.0, 4.0, 5.0], dtype=torch.float64)
+    torch.testing.assert_close(weights, expected, rtol=0, atol=0)

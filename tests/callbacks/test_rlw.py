@@ -70,3 +70,12 @@ def test_the_global_random_generator_is_not_touched():
 def test_each_block_of_draws_has_a_seed_of_its_own():
     same_row_of_three_blocks = _draws(seed=5, steps=range(3, 3 * DRAW_BLOCK, DRAW_BLOCK))
     assert len({tuple(row.tolist()) for row in same_row_of_three_blocks}) == 3
+
+
+def test_a_seeds_later_blocks_are_not_another_seeds_earlier_ones():
+    # Each block's generator is seeded from the pair (seed, block): with a seed derived from
+    # seed + block, two runs with seeds 5 and 6 would draw the same weights one block apart.
+    for shift in (1, 2):
+        start = shift * DRAW_BLOCK
+        later_block_of_seed_5 = _draws(seed=5, steps=range(start, start + 3))
+        assert not torch.equal(later_block_of_seed_5, _draws(seed=5 + shift, steps=range(3)))

@@ -113,3 +113,21 @@ def test_outputs_sum_to_one_and_zero_and_are_detached():
 def test_invalid_arguments_are_refused(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize(
+    ("losses", "min_losses", "eps"),
+    [
+        ([0.0, 1.0], None, 0.0),  # L - b + eps = 0 exactly: log(0) = -inf
+        ([2.0, 1.0], [2.0, 0.0], 0.0),  # a loss exactly at its bound
+    ],
+    ids=["zero loss, eps=0", "loss at its bound"],
+)
+def test_a_loss_exactly_at_its_bound_minus_eps_is_refused(losses, min_losses, eps):
+    # The docs promise L > b - eps: at equality the logarithm is -inf and the weights NaN/inf.
+    losses = torch.tensor(losses)
+    bounds = None if min_losses is None else torch.tensor(min_losses)
+    with pytest.raises(ValueError, match=r"indices \[0\]"):
+        famo_weights(torch.zeros(2), losses, bounds, eps=eps)
+    with pytest.raises(ValueError, match=r"indices \[0\]"):
+        famo_logit_gradient(torch.zeros(2), torch.full((2,), 3.0), losses, bounds, eps=eps)

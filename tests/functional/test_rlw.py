@@ -67,3 +67,13 @@ def test_several_draws_at_once_are_independent_rows_on_the_simplex():
 def test_an_invalid_number_of_draws_is_refused(draws):
     with pytest.raises(ValueError, match="`draws` must be None or an int >= 1"):
         rlw(3, draws=draws)
+
+
+def test_the_draw_is_made_on_the_generators_device_by_default():
+    # `device` defaults to the generator's device, not torch's default device: a CUDA
+    # generator draws on CUDA. Observable on the CPU through another default device.
+    expected = rlw(3, torch.Generator().manual_seed(0))
+    with torch.device("meta"):
+        weights = rlw(3, torch.Generator().manual_seed(0))
+    assert weights.device.type == "cpu"
+    assert_close(weights, expected, rtol=0, atol=0)
