@@ -2,6 +2,7 @@
 
 from lightning_lossagg.aggregation import GlobalTaskLosses, global_task_losses
 from lightning_lossagg.mixin import MultiTaskMixin, NonFiniteLossError
+from lightning_lossagg.padding import PaddedForRanks
 from lightning_lossagg.tasks import LOSSES, MaskedLoss, Task
 from lightning_lossagg.weighting import LossRecord, WeightingCallback
 
@@ -14,6 +15,7 @@ __all__ = [
     "MaskedLoss",
     "MultiTaskMixin",
     "NonFiniteLossError",
+    "PaddedForRanks",
     "Task",
     "WeightingCallback",
     "global_task_losses",

@@ -1,5 +1,6 @@
 """The demo data: the Palmer penguins as the quickstart trains on them."""
 
+import lightning as L
 import torch
 
 from lightning_lossagg.demos import PenguinsDataModule
@@ -19,3 +20,18 @@ def test_penguins_are_standardised_with_train_statistics_and_missing_sex_is_kept
     # A penguin without a recorded sex stays, its "sex" label missing (NaN): 9 of them.
     sex = torch.cat([data.splits[split].targets["sex"] for split in sizes])
     assert int(sex.isnan().sum()) == 9
+
+
+def test_under_ddp_the_evaluation_sets_are_padded_with_samples_that_count_for_nothing():
+    # 51 validation penguins on 2 ranks: Lightning's sampler would repeat one, counted twice.
+    data = PenguinsDataModule(seed=0)
+    data.setup("fit")
+    data.trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    for loader, size in ((data.val_dataloader(), 51), (data.test_dataloader(), 52)):
+        assert len(loader.dataset) == size + size % 2
+        if size % 2:
+            _, targets = loader.dataset[size]
+            assert targets["species"].item() == -100
+            assert targets["sex"].isnan() and targets["body_mass"].isnan()
+    data.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)
+    assert len(data.val_dataloader().dataset) == 51

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_lossagg.aggregation import RankWeighting
 from lightning_lossagg.mixin import MultiTaskMixin
+from lightning_lossagg.padding import PaddedForRanks
 from lightning_lossagg.tasks import Task
 
 SPECIES = ("Adelie", "Chinstrap", "Gentoo")
@@ -54,7 +55,9 @@ def load_penguins_tensors() -> tuple[Tensor, dict[str, Tensor]]:
 
 
 class PenguinsDataModule(L.LightningDataModule):
-    """Penguins split 70/15/15 with a fixed seed; standardised with training statistics.
+    """Penguins split 70/15/15 with a fixed seed; standardised with training statistics. Under
+    DDP the validation and test sets are padded with samples that count for nothing
+    (:class:`~lightning_lossagg.PaddedForRanks`): their figures are exact.
 
     Args:
         batch_size: samples per batch.
@@ -89,8 +92,13 @@ class PenguinsDataModule(L.LightningDataModule):
         }
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        data: Dataset = self.splits[split]
+        num_ranks = self.trainer.world_size if self.trainer is not None else 1
+        if split in ("val", "test") and num_ranks > 1:
+            # Under DDP the sampler would repeat a few penguins: exact figures instead.
+            data = PaddedForRanks(data, num_ranks)
         return DataLoader(  # keywords: Lightning rebuilds the predict loader with them
-            self.splits[split],
+            data,
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
