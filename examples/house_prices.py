@@ -43,10 +43,10 @@ def as_task_batch(batch: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
     return features, {"price": price, "kind": kind}
 
 
-def house_loader(dataset: TensorDataset, shuffle: bool = False) -> DataLoader:
+def house_loader(dataset: TensorDataset, batch_size: int, shuffle: bool = False) -> DataLoader:
     return DataLoader(
         dataset,
-        batch_size=128,
+        batch_size=batch_size,
         shuffle=shuffle,
         collate_fn=lambda rows: as_task_batch(torch.utils.data.default_collate(rows)),
     )
@@ -86,7 +86,8 @@ def main(max_epochs: int = 5, **trainer_kwargs: object) -> dict[str, float]:
         **trainer_kwargs,
     )
     model = HouseNet()
-    trainer.fit(model, house_loader(train, shuffle=True), house_loader(val))
+    batch_size = 128 // trainer.world_size  # per rank: a global batch of 128 on any number
+    trainer.fit(model, house_loader(train, batch_size, True), house_loader(val, batch_size))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if trainer.is_global_zero:
         for key in ("val/loss/price", "val/loss/kind", "val/weighted/price", "val/weighted/kind"):
