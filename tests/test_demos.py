@@ -33,5 +33,8 @@ def test_under_ddp_the_evaluation_sets_are_padded_with_samples_that_count_for_no
             _, targets = loader.dataset[size]
             assert targets["species"].item() == -100
             assert targets["sex"].isnan() and targets["body_mass"].isnan()
+    data.trainer = L.Trainer(accelerator="cpu", devices=3, strategy="ddp", logger=False)
+    assert len(data.test_dataloader().dataset) == 54
+    assert len(data.predict_dataloader().dataset) == 52  # predictions of real penguins only
     data.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)
     assert len(data.val_dataloader().dataset) == 51

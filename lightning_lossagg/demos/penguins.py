@@ -91,10 +91,10 @@ class PenguinsDataModule(L.LightningDataModule):
             for split, rows in parts.items()
         }
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool = False, evaluate: bool = False) -> DataLoader:
         data: Dataset = self.splits[split]
         num_ranks = self.trainer.world_size if self.trainer is not None else 1
-        if split in ("val", "test") and num_ranks > 1:
+        if evaluate and num_ranks > 1:
             # Under DDP the sampler would repeat a few penguins: exact figures instead.
             data = PaddedForRanks(data, num_ranks)
         return DataLoader(  # keywords: Lightning rebuilds the predict loader with them
@@ -108,10 +108,10 @@ class PenguinsDataModule(L.LightningDataModule):
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self._loader("val", evaluate=True)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader("test", evaluate=True)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test")
