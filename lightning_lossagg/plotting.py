@@ -59,9 +59,10 @@ def trajectory_figure(
     figure = Figure(figsize=(8, 6), layout="constrained")
     FigureCanvasAgg(figure)
     loss_axes, weight_axes = figure.subplots(2, 1, sharex=True)
+    marker = "o" if num_steps == 1 else ""  # one step: a dot, where a line would be nothing
     for index, name in enumerate(names):
-        loss_axes.plot(steps, losses[:, index].tolist(), label=name)
-        weight_axes.plot(steps, weights[:, index].tolist(), label=name)
+        loss_axes.plot(steps, losses[:, index].tolist(), label=name, marker=marker)
+        weight_axes.plot(steps, weights[:, index].tolist(), label=name, marker=marker)
     finite = losses[torch.isfinite(losses)]
     # A log scale hides non-positive values, which a custom loss may take: symlog keeps them.
     loss_axes.set_yscale("log" if finite.numel() and bool((finite > 0).all()) else "symlog")

@@ -2,6 +2,7 @@
 
 import csv
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -113,3 +114,34 @@ def test_a_zero_loss_gets_a_symlog_axis_and_the_losses_a_legend(tmp_path):
     assert legend is not None and [t.get_text() for t in legend.get_texts()] == ["a", "b"]
     path = plotting.save_figure(figure, tmp_path / "new" / "dir" / "plot.png")
     assert path.is_file()
+
+
+def test_a_fit_that_logged_one_step_warns_how_to_log_more_and_plots_dots(tmp_path, monkeypatch):
+    # 3 steps at Lightning's default log_every_n_steps=50: only the first step's point.
+    figures = []
+
+    def keep(*args, **kwargs):
+        figures.append(trajectory_figure(*args, **kwargs))
+        return figures[-1]
+
+    monkeypatch.setattr(plotting, "trajectory_figure", keep)
+    trainer = L.Trainer(
+        max_steps=3,
+        logger=CSVLogger(tmp_path),
+        callbacks=[LossLogger()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    batches = [make_batch(6, seed=seed, dtype=torch.float32) for seed in range(3)]
+    with pytest.warns(UserWarning, match=r"log_every_n_steps=50th of its 3 optimizer steps"):
+        trainer.fit(ThreeTaskNet(), torch.utils.data.DataLoader(batches, None))
+    (figure,) = figures
+    assert [len(line.get_xdata()) for line in figure.axes[0].get_lines()] == [1, 1, 1]
+    assert {line.get_marker() for axes in figure.axes for line in axes.get_lines()} == {"o"}
+
+
+def test_a_fit_that_logged_several_steps_does_not_warn_of_its_plot(tmp_path):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="LossLogger's plot")
+        _fit(tmp_path, [LossLogger()])

@@ -387,6 +387,15 @@ class LossLogger(L.Callback):
         folder = self._run_folder(trainer)
         if folder is None:
             return None
+        if len(trajectory.steps) == 1:
+            every = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning
+            rank_zero_warn(
+                f"LossLogger's plot has one point per task, no line: the fit logged every "
+                f"log_every_n_steps={every}th of its {trainer.global_step} "
+                "optimizer steps. Give Trainer(log_every_n_steps=...) a smaller value to see "
+                "the trajectories.",
+                category=UserWarning,
+            )
         losses, weights = trajectory.values()
         try:
             figure = plotting.trajectory_figure(trajectory.steps, losses, weights, names)
