@@ -88,6 +88,20 @@ def _lightning_worker(
     torch.save(fn(rank, *args), Path(out_dir) / f"rank{rank}.pt")
 
 
+def rank_trainer(**settings: Any) -> L.Trainer:
+    """A quiet float64 Trainer that joins :func:`run_on_lightning_ranks`' 2-rank job."""
+    return L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        precision="64-true",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **settings,
+    )
+
+
 def run_on_lightning_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> list[Any]:
     """``[fn(rank, *args) for each rank]``, each run in its own process set up as a rank of a
     Lightning DDP job (as ``ddp_spawn`` would launch it): a Trainer with ``strategy="ddp"`` inside

@@ -5,7 +5,6 @@ import copy
 import re
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -18,7 +17,7 @@ from tests.models import (
     quiet_trainer,
     reference_task_losses,
 )
-from tests.process_group import CollectiveCounter, run_on_lightning_ranks
+from tests.process_group import CollectiveCounter, rank_trainer, run_on_lightning_ranks
 
 
 class RecordingNet(ThreeTaskNet):
@@ -163,16 +162,7 @@ def _evaluate_unequal_batches(rank: int) -> dict[str, str]:
     batches = [make_batch(4, seed=seed) for seed in range(2 - rank)]
     messages = {}
     for stage in ("validate", "test"):
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=2,
-            strategy="ddp",
-            precision="64-true",
-            use_distributed_sampler=False,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+        trainer = rank_trainer(use_distributed_sampler=False)
         try:
             loader = DataLoader(batches, batch_size=None)
             getattr(trainer, stage)(ThreeTaskNet().double(), loader, verbose=False)

@@ -3,7 +3,6 @@ the val/ and test/ figures of a 2-rank run are those of one process on the whole
 
 import math
 
-import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -12,7 +11,7 @@ from lightning_lossagg import PaddedForRanks
 from lightning_lossagg.callbacks import LossLogger
 from lightning_lossagg.demos.penguins import TaskDataset
 from tests.models import ThreeTaskNet, make_batch, reference_task_losses
-from tests.process_group import run_on_lightning_ranks
+from tests.process_group import rank_trainer, run_on_lightning_ranks
 
 
 def _dataset(num_samples: int) -> TaskDataset:
@@ -70,16 +69,7 @@ def _validate_seven_samples(rank: int) -> dict[str, dict[str, float]]:
     figures = {}
     for name, data in (("padded", PaddedForRanks(_dataset(7), 2)), ("plain", _dataset(7))):
         torch.manual_seed(0)
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=2,
-            strategy="ddp",
-            precision="64-true",
-            logger=False,
-            callbacks=[LossLogger(plot=False)],
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+        trainer = rank_trainer(callbacks=[LossLogger(plot=False)])
         loader = DataLoader(data, batch_size=3)
         (metrics,) = trainer.validate(ThreeTaskNet().double(), loader, verbose=False)
         figures[name] = {key: float(value) for key, value in metrics.items()}

@@ -47,11 +47,11 @@ def test_non_positive_losses_get_a_symlog_scale_and_bad_shapes_are_refused():
         trajectory_figure([0, 1], losses, torch.ones(3, 1), ["custom"])
 
 
-def _fit(root: Path, callbacks) -> L.Trainer:
+def _fit(root: Path, callbacks, **settings) -> L.Trainer:
+    """Two epochs of 5 batches, logged every 2 steps unless ``settings`` say otherwise."""
     batches = [make_batch(6, seed=seed, dtype=torch.float32) for seed in range(5)]
     trainer = L.Trainer(
-        max_epochs=2,
-        log_every_n_steps=2,
+        **{"max_epochs": 2, "log_every_n_steps": 2, **settings},
         logger=CSVLogger(root),
         callbacks=callbacks,
         enable_checkpointing=False,
@@ -62,14 +62,20 @@ def _fit(root: Path, callbacks) -> L.Trainer:
     return trainer
 
 
-def test_a_fit_writes_the_png_of_what_it_logged(tmp_path, monkeypatch):
-    figures = []
+@pytest.fixture
+def figures(monkeypatch) -> list:
+    """The figures a fit's LossLogger draws, kept as it draws them."""
+    drawn = []
 
     def keep(*args, **kwargs):
-        figures.append(trajectory_figure(*args, **kwargs))
-        return figures[-1]
+        drawn.append(trajectory_figure(*args, **kwargs))
+        return drawn[-1]
 
     monkeypatch.setattr(plotting, "trajectory_figure", keep)
+    return drawn
+
+
+def test_a_fit_writes_the_png_of_what_it_logged(tmp_path, figures):
     trainer = _fit(tmp_path, [LossLogger()])
     log_dir = Path(trainer.logger.log_dir)
     height, width, _ = matplotlib.image.imread(log_dir / "loss_trajectories.png").shape
@@ -116,26 +122,10 @@ def test_a_zero_loss_gets_a_symlog_axis_and_the_losses_a_legend(tmp_path):
     assert path.is_file()
 
 
-def test_a_fit_that_logged_one_step_warns_how_to_log_more_and_plots_dots(tmp_path, monkeypatch):
+def test_a_fit_that_logged_one_step_warns_how_to_log_more_and_plots_dots(tmp_path, figures):
     # 3 steps at Lightning's default log_every_n_steps=50: only the first step's point.
-    figures = []
-
-    def keep(*args, **kwargs):
-        figures.append(trajectory_figure(*args, **kwargs))
-        return figures[-1]
-
-    monkeypatch.setattr(plotting, "trajectory_figure", keep)
-    trainer = L.Trainer(
-        max_steps=3,
-        logger=CSVLogger(tmp_path),
-        callbacks=[LossLogger()],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    batches = [make_batch(6, seed=seed, dtype=torch.float32) for seed in range(3)]
     with pytest.warns(UserWarning, match=r"log_every_n_steps=50th of its 3 optimizer steps"):
-        trainer.fit(ThreeTaskNet(), torch.utils.data.DataLoader(batches, None))
+        _fit(tmp_path, [LossLogger()], max_steps=3, log_every_n_steps=50)
     (figure,) = figures
     assert [len(line.get_xdata()) for line in figure.axes[0].get_lines()] == [1, 1, 1]
     assert {line.get_marker() for axes in figure.axes for line in axes.get_lines()} == {"o"}
