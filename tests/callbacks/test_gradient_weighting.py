@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_lossagg import MaskedLoss, MultiTaskMixin, Task, callbacks
+from lightning_lossagg import MaskedLoss, MultiTaskMixin, Task, callbacks, functional
 from lightning_lossagg.callbacks import gradient_weighting
 from lightning_lossagg.callbacks.gradient_weighting import (
     GradientWeighting,
@@ -940,8 +940,8 @@ class TiedHeadNet(MultiTaskMixin, L.LightningModule):
     """One task whose head's weight is the trunk's second layer's (tied, as a language model's
     output layer and its embedding): a head parameter with a trunk side too."""
 
-    def __init__(self) -> None:
-        super().__init__(tasks={"price": Task("mse")})
+    def __init__(self, tasks: dict[str, Task] | None = None) -> None:
+        super().__init__(tasks=tasks or {"price": Task("mse")})
         self.first, self.mix = torch.nn.Linear(5, 8), torch.nn.Linear(8, 8)
         self.heads = torch.nn.ModuleDict({"price": torch.nn.Linear(8, 8)})
         self.heads["price"].weight = self.mix.weight
@@ -975,3 +975,59 @@ def test_a_head_weight_tied_to_the_trunk_takes_both_sides_gradients(method):
     plain, weighted = step([]), step([method()])
     for name, value in plain.items():
         torch.testing.assert_close(weighted[name], value, rtol=1e-12, atol=1e-14, msg=name)
+
+
+class TiedHeadTwoTaskNet(TiedHeadNet):
+    """:class:`TiedHeadNet` with a second, plain head, and static weights 2 and 0.5."""
+
+    def __init__(self) -> None:
+        super().__init__({"price": Task("mse", weight=2.0), "sold": Task("mse", weight=0.5)})
+        self.heads["sold"] = torch.nn.Linear(8, 1)
+
+    def forward_heads(self, shared):
+        return {**super().forward_heads(shared), "sold": self.heads["sold"](shared).squeeze(-1)}
+
+
+@pytest.mark.parametrize("method", [callbacks.MGDA, callbacks.UPGrad])
+def test_with_rep_grad_a_tied_head_weight_takes_its_head_use_and_the_trunks_share_of_d(method):
+    # The README's promise, worked by hand: heads get their own task's gradient times its
+    # Task.weight; the trunk gets d = sum_k w_k s_k r_k at the representation, w from the
+    # Gramian of the r_k; the tied weight, in both, gets the two sums.
+    inputs, targets = make_batch(8, seed=1)
+    batch = (inputs, {"price": targets["price"], "sold": targets["sold"]})
+    torch.manual_seed(0)
+    model = TiedHeadTwoTaskNet().double()
+    before = copy.deepcopy(model)
+    quiet_trainer(1, steps=1, callbacks=[method(rep_grad=True)]).fit(model, one_batch_loader(batch))
+
+    shared = before.forward_shared(inputs)
+    view = shared.detach().requires_grad_()
+    predictions = before.forward_heads(view)
+    labelled = ~torch.isnan(batch[1]["price"])
+    losses = {
+        "price": torch.nn.functional.mse_loss(
+            predictions["price"][labelled], batch[1]["price"][labelled]
+        ),
+        "sold": torch.nn.functional.mse_loss(predictions["sold"], batch[1]["sold"]),
+    }
+    static = {"price": 2.0, "sold": 0.5}
+    rows = torch.stack([torch.autograd.grad(losses[k], view, retain_graph=True)[0] for k in static])
+    flat = rows.flatten(1)
+    weights = getattr(functional, method.__name__.lower())(flat @ flat.T)
+    direction = sum(w * s * row for w, s, row in zip(weights, static.values(), rows, strict=True))
+    parameters = dict(before.named_parameters())
+
+    def gradients(output, grad_output=None) -> dict:
+        values = torch.autograd.grad(
+            output, list(parameters.values()), grad_output, retain_graph=True, allow_unused=True
+        )
+        return dict(zip(parameters, values, strict=True))
+
+    head_use = gradients(sum(static[k] * losses[k] for k in static))
+    trunk = gradients(shared, direction)
+    after = dict(model.named_parameters())
+    for name, parameter in parameters.items():
+        grad = sum(g for g in (head_use[name], trunk[name]) if g is not None)
+        torch.testing.assert_close(
+            after[name], parameter.detach() - 0.1 * grad, rtol=1e-12, atol=1e-14, msg=name
+        )
