@@ -887,14 +887,19 @@ def _dot_gramian(rows: list[Tensor]) -> Tensor:
 
 def _factored_gramian(outputs: Tensor, weights: Tensor, sizes: list[int]) -> Tensor:
     """The Gramian of the gradients ``D_k W_k`` (:meth:`GradientsAtHeads.linear_factors`):
-    ``<D_i W_i, D_j W_j> = sum((D_i^T D_j) * (W_i W_j^T))``, in float32 at least."""
+    ``<D_i W_i, D_j W_j> = sum((D_i^T D_j) * (W_i W_j^T))``, in float32 at least. A head of
+    several outputs sums products that can cancel far beyond ``|D_k W_k|^2`` (a softmax head's
+    rows share a part no gradient sees, however large): those sums are taken in float64 (where
+    the device has it)."""
     dtype = torch.promote_types(outputs.dtype, torch.float32)
-    outputs, weights = outputs.to(dtype), weights.to(dtype)
-    products = (outputs.T @ outputs) * (weights @ weights.T)
     if all(size == 1 for size in sizes):
-        return products
-    blocks = _blocks(tuple(sizes), dtype, products.device)
-    return blocks.T @ products @ blocks
+        outputs, weights = outputs.to(dtype), weights.to(dtype)
+        return (outputs.T @ outputs) * (weights @ weights.T)
+    wide = torch.promote_types(dtype, distributed.stats_dtype(outputs.device))
+    outputs, weights = outputs.to(wide), weights.to(wide)
+    products = (outputs.T @ outputs) * (weights @ weights.T)
+    blocks = _blocks(tuple(sizes), wide, products.device)
+    return (blocks.T @ products @ blocks).to(dtype)
 
 
 def _factored_combination(

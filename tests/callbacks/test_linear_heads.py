@@ -96,15 +96,20 @@ def test_linear_heads_give_the_gramian_and_update_from_their_factors(
     assert bool(model._linear_heads) is linear
 
 
+def _per_head_gradients(outputs: torch.Tensor, weights: torch.Tensor, sizes: list[int]):
+    """The K × (N·H) gradients ``D_k W_k``, one row per head of ``sizes[k]`` outputs."""
+    blocks = torch.arange(len(sizes)).repeat_interleave(torch.tensor(sizes))
+    return torch.stack(
+        [(outputs[:, blocks == k] @ weights[blocks == k]).flatten() for k in range(len(sizes))]
+    )
+
+
 def test_factored_gramian_and_combination_equal_those_of_the_products():
     generator = torch.Generator().manual_seed(0)
     sizes = [1, 3, 2]
     outputs = torch.randn(7, sum(sizes), generator=generator, dtype=torch.float64)
     weights = torch.randn(sum(sizes), 4, generator=generator, dtype=torch.float64)
-    blocks = torch.arange(len(sizes)).repeat_interleave(torch.tensor(sizes))
-    gradients = torch.stack(
-        [(outputs[:, blocks == k] @ weights[blocks == k]).flatten() for k in range(len(sizes))]
-    )
+    gradients = _per_head_gradients(outputs, weights, sizes)
     factors = (outputs, weights, sizes)
     torch.testing.assert_close(_factored_gramian(*factors), gradients @ gradients.T)
     adaptive = torch.tensor([0.5, -2.0, 0.0], dtype=torch.float64)
@@ -116,6 +121,45 @@ def test_factored_gramian_and_combination_equal_those_of_the_products():
         _factored_gramian(*ones),
         (outputs[:, :3].T @ outputs[:, :3]) * (weights[:3] @ weights[:3].T),
     )
+
+
+def _softmax_head_with_a_common_row_part(offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A regression head's and a 3-class head's factors, the class head's output gradients
+    summing to 0 in each row (softmax minus one-hot) and its weight rows sharing a part of size
+    ``offset``, which no gradient ``D_k W_k`` sees."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(32, 3, generator=generator)
+    classes = torch.nn.functional.one_hot(torch.randint(0, 3, (32,), generator=generator), 3)
+    outputs = torch.cat([torch.randn(32, 1, generator=generator), logits.softmax(1) - classes], 1)
+    weights = torch.randn(4, 16, generator=generator)
+    weights[1:] += offset * torch.linspace(-1, 1, 16)
+    return outputs, weights
+
+
+def _autocast_factors(num_outputs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(num_outputs)
+    outputs = torch.randn(64, num_outputs, generator=generator).bfloat16()
+    return outputs, torch.randn(num_outputs, 16, generator=generator)
+
+
+@pytest.mark.parametrize(
+    ("factors", "sizes"),
+    [
+        pytest.param(_softmax_head_with_a_common_row_part(0.0), [1, 3], id="softmax"),
+        # Cancelled to nothing in float32: the class task's gradient norm logged as 0, and its
+        # MGDA weight from a Gramian without its gradient.
+        pytest.param(_softmax_head_with_a_common_row_part(3000.0), [1, 3], id="common-part"),
+        # Under autocast: bfloat16 output gradients, float32 weights.
+        pytest.param(_autocast_factors(5), [1, 1, 1, 1, 1], id="bf16"),
+        pytest.param(_autocast_factors(7), [2, 1, 3, 1], id="bf16-blocks"),
+    ],
+)
+def test_the_factored_gramian_is_the_float32_gramian_of_the_factors_values(factors, sizes):
+    outputs, weights = factors
+    gradients = _per_head_gradients(outputs.double(), weights.double(), sizes)
+    gramian = _factored_gramian(outputs, weights, sizes)
+    assert gramian.dtype == torch.float32
+    torch.testing.assert_close(gramian.double(), gradients @ gradients.T, rtol=1e-5, atol=1e-6)
 
 
 def test_the_factors_are_used_where_they_take_fewer_operations():
