@@ -37,7 +37,9 @@ class RecordingNet(ThreeTaskNet):
         super().on_before_optimizer_step(optimizer)
         record = {
             "weights": self.loss_record.weights,
-            "grads": {n: p.grad.clone() for n, p in self.named_parameters()},
+            "grads": {
+                n: None if p.grad is None else p.grad.clone() for n, p in self.named_parameters()
+            },
             "linear_heads": self._linear_heads,
             "one_node": list(self.one_node_steps),
         }

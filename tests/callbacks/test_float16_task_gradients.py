@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from lightning_lossagg import MaskedLoss, MultiTaskMixin, Task
 from lightning_lossagg.callbacks import DBMTL, MGDA, GradNorm, NashMTL
+from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting
 from tests.callbacks._fits import trainer
 from tests.models import ThreeTaskNet, make_batch
 
@@ -197,3 +198,32 @@ def test_gradnorm_takes_no_step_whose_per_task_gradients_overflowed():
     assert taken and len(taken) < len(recorder.norms)
     assert all(bool(norms.isfinite().all()) for norms in taken), taken
     assert not torch.equal(method.state_dict()["weights"]["values"], torch.ones(2))
+
+
+@pytest.mark.parametrize("rep_grad", [False, True])
+def test_the_heads_gradients_of_the_one_pass_in_float16_are_those_of_float32(rep_grad, monkeypatch):
+    # The registry's losses and Nash-MTL, which weighs the heads too: ONE pass of the summed
+    # terms to per-head leaves before backward, taken times the loss scale in float16.
+    passes = []
+    original = GradientWeighting._gradients_in_one_pass
+
+    def counted(self, *args, **kwargs):
+        passes.append(args[-1] is not None)  # taken times a loss scale
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GradientWeighting, "_gradients_in_one_pass", counted)
+
+    def method():
+        return NashMTL(update_weights_every=2, max_norm=0.0, rep_grad=rep_grad)
+
+    in_float32, in_float16 = GradientsBeforeStep(), GradientsBeforeStep()
+    _fit(False, method(), SmallPriceHeadNet, 1, in_float32)
+    _fit(True, method(), SmallPriceHeadNet, 1, in_float16)
+    assert passes == [False, True]
+    # One step: the next reuses weights of ~1 / |g_price| ~ 1e7, whose weighted sum rightly
+    # overflows float16 (the scaler skips it).
+    (expected,), (actual,) = in_float32.steps, in_float16.steps
+    assert set(actual) == set(expected)
+    for key, reference in expected.items():
+        error = (actual[key] - reference).norm()
+        assert error <= 0.05 * reference.norm() + 1e-8, f"{key}: {error}"

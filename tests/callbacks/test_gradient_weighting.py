@@ -719,6 +719,20 @@ def test_a_representation_of_several_tensors_takes_parameter_gradients_from_the_
         trainer.fit(model, one_batch_loader(batch))
 
 
+class BypassesPredictTasksNet(ThreeTaskNet):
+    """Predicts with its own forward: no representation is kept for the heads."""
+
+    def task_losses(self, batch):
+        inputs, targets = batch
+        return self.per_sample_losses(self(inputs), targets)
+
+
+def test_rep_grad_without_a_representation_kept_is_refused_not_weighed_statically():
+    trainer = quiet_trainer(1, callbacks=[callbacks.MGDA(rep_grad=True)])
+    with pytest.raises(RuntimeError, match=r"MGDA\(rep_grad=True\) found no shared representation"):
+        trainer.fit(BypassesPredictTasksNet().double(), one_batch_loader(make_batch(7, seed=0)))
+
+
 class FreezeTrunk(L.Callback):
     """Freezes the trunk at setup, before the method's (as BackboneFinetuning does)."""
 
@@ -749,6 +763,30 @@ def test_a_frozen_trunk_leaves_nothing_to_weigh_and_the_heads_train_with_task_we
     for name, value in model.trunk.state_dict().items():
         assert torch.equal(value, trunk_before[name]), name
     assert any(not torch.equal(v, heads_before[n]) for n, v in model.heads.state_dict().items())
+
+
+class FreezeTrunkAfterTheFirstStep(L.Callback):
+    """Freezes the trunk after step 0, keeping what the method logged there."""
+
+    def __init__(self, method: GradientWeighting) -> None:
+        self.method, self.logged_at_first_step = method, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.logged_at_first_step = self.method.state_to_log()
+            pl_module.trunk.requires_grad_(False)
+
+
+@pytest.mark.parametrize("rep_grad", [False, True])
+def test_a_trunk_frozen_amid_the_fit_logs_no_gramian_of_the_step_before(rep_grad):
+    batches = [make_batch(7, seed=seed) for seed in range(2)]
+    method = callbacks.MGDA(rep_grad=rep_grad)
+    freeze = FreezeTrunkAfterTheFirstStep(method)
+    trainer = quiet_trainer(1, steps=2, callbacks=[method, freeze])
+    trainer.fit(ThreeTaskNet().double(), torch.utils.data.DataLoader(batches, batch_size=None))
+    assert set(freeze.logged_at_first_step) == {"grad_norm"}
+    assert method.state_to_log() == {}
+    assert method.pairwise_state_to_log() == {}
 
 
 def test_nash_mtl_logs_no_gramian_on_a_step_that_does_not_solve():
@@ -1031,3 +1069,25 @@ def test_with_rep_grad_a_tied_head_weight_takes_its_head_use_and_the_trunks_shar
         torch.testing.assert_close(
             after[name], parameter.detach() - 0.1 * grad, rtol=1e-12, atol=1e-14, msg=name
         )
+
+
+def test_a_jacobian_of_mixed_dtypes_keeps_the_widest_exactly():
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.zeros(3, dtype=torch.float32), torch.zeros(2, 2, dtype=torch.float64)]
+    rows = [
+        tuple(torch.randn(x.shape, generator=generator, dtype=x.dtype) / 3 for x in inputs)
+        for _ in range(2)
+    ]
+    jacobian = gradient_weighting._jacobian(rows, inputs)
+    expected = torch.stack([torch.cat([a.double(), b.reshape(-1)]) for a, b in rows])
+    assert jacobian.dtype == torch.float64
+    assert torch.equal(jacobian, expected)
+
+
+def test_a_gramian_diagonal_rounded_below_zero_logs_a_zero_norm_not_nan():
+    # A Gramian summed from parts (the linear heads' factors, the ranks' Gramians) can round a
+    # zero gradient's G[k, k] just below 0.
+    method = callbacks.MGDA()
+    gramian = torch.tensor([[-1e-20, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    method._gramian, method._gramian_valid = gramian, torch.tensor([True, True])
+    assert method.state_to_log()["grad_norm"].tolist() == [0.0, 2.0]

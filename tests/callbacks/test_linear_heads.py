@@ -333,6 +333,22 @@ def test_a_head_left_uncalled_after_the_first_step_gives_the_weights_and_update_
         assert_matches(record, expected)
 
 
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+def test_a_head_with_a_frozen_parameter_in_one_node_trains_the_other(tmp_path, frozen):
+    # Each of the one node's parameters takes its gradient as its own requires_grad says.
+    batch = make_batch(9, seed=5)
+    model = LinearFactorsNet(str(tmp_path), [batch])
+    reference = reference_update(model, batch, rep_grad=True)
+    getattr(model.heads["price"], frozen).requires_grad_(False)
+    fit_model(model, 1, FactoredGradients(rep_grad=True))
+    (record,) = model.records
+    assert record["one_node"] == [True]
+    frozen_name = f"heads.price.{frozen}"
+    assert record["grads"].pop(frozen_name) is None
+    for name, grad in record["grads"].items():
+        torch.testing.assert_close(grad, reference["grads"][name], msg=name)
+
+
 def test_heads_under_autocast_keep_their_views(tmp_path):
     batch = _cast(make_batch(9, seed=5), torch.float32)
     model = LinearFactorsNet(str(tmp_path), [batch])
