@@ -4,11 +4,12 @@ One fit of :class:`benchmarks._timing.PlainEveryOtherStep` (every other step is 
 LightningModule's: the sum of ``F.mse_loss``), with the weighting callback named (or static weights)
 acting on the mixin's steps. Each step's CPU time of the training thread is split into sections by
 timing a few functions (each wrapper costs ~1 µs): ``training_step`` (forward, losses and
-reduction), Lightning's ``backward``, and inside it the weighting's work at the heads' views (the
-trunk's K backwards included with parameter gradients) and the host solve of the weights. Printed
-per section: the median of the plain steps, of the mixin's, and their difference. Sections nest (the
-weights are part of the views' work, which is part of backward). On this machine a whole fit runs
-fast or slow at random; within one fit the two sides share its speed.
+reduction), Lightning's ``backward``, and inside it the weighting's work at the heads' views (with
+``--param`` the trunk's K backwards, the Jacobian and Gramian, the host copy and the split into
+parameters) and the host solve of the weights. Printed per section: the median of the plain steps,
+of the mixin's, and their difference. Sections nest (the weights are part of the views' work,
+which is part of backward). On this machine a whole fit runs fast or slow at random; within one
+fit the two sides share its speed.
 
     python -m benchmarks.step_sections [--tasks 4] [--method mgda|static] [--fits 3] [--param]
 """
@@ -28,6 +29,7 @@ from lightning.pytorch.core.module import LightningModule
 
 from benchmarks._timing import PlainEveryOtherStep, quiet, step_times, synthetic_loader
 from benchmarks.gradient_methods import METHODS
+from lightning_lossagg.callbacks import gradient_weighting
 from lightning_lossagg.callbacks.gradient_weighting import GradientWeighting
 
 SECTIONS: list[tuple[str, Any, str]] = [
@@ -35,6 +37,14 @@ SECTIONS: list[tuple[str, Any, str]] = [
     ("backward", LightningModule, "backward"),
     ("  views' work in backward", GradientWeighting, "_weigh_at_heads"),
     ("  views' work in backward", GradientWeighting, "_weigh_at_parameters"),
+    # With parameter gradients (--param): the K backwards through the trunk, then the rest.
+    ("    trunk backwards", gradient_weighting, "_trunk_gradients"),
+    ("    Jacobian and Gramian", gradient_weighting, "_jacobian"),
+    ("    Jacobian and Gramian", GradientWeighting, "_synced_gramian"),
+    ("    host copy, split, reach", gradient_weighting, "_on_host"),
+    ("    host copy, split, reach", gradient_weighting, "_shaped_like"),
+    ("    host copy, split, reach", gradient_weighting, "_reached"),
+    ("    host copy, split, reach", GradientWeighting, "_shared_gradients"),
     ("    host weights", GradientWeighting, "_weights_of_scaled_gramian"),
 ]
 
