@@ -155,6 +155,7 @@ class GradientWeighting(WeightingCallback):
         # gradient and lose it if it is still 0 once DDP has reduced it (_shared_gradients).
         self._no_gradient_after_backward: list[torch.nn.Parameter] = []
         self._shared_parameters: list[torch.nn.Parameter] = []
+        self._ddp_awaits_every_gradient = False  # the model is DDP's, on any number of ranks
         # The heads' parameters, each with its (task, gradient) pairs (None: the task does not
         # reach it), from the per-task pass(es), for the surrogate.
         self._own_task_gradients: list[tuple[torch.nn.Parameter, TaskGradients]] = []
@@ -217,7 +218,7 @@ class GradientWeighting(WeightingCallback):
     @override
     def task_weights(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:
         if not self.rep_grad:
-            self._shared_parameters = pl_module.shared_parameters()
+            self._take_shared_parameters(pl_module)
         if _nothing_shared(pl_module, self.rep_grad, self._shared_parameters):
             return self._nothing_to_weigh(pl_module, step)
         self.prepare_step(pl_module, step)
@@ -240,6 +241,17 @@ class GradientWeighting(WeightingCallback):
         weights = self._weights_of_valid_tasks(gramian, valid)
         return distributed.to_device(weights, step.local_sums, step.dtype)
 
+    def _take_shared_parameters(self, pl_module: MultiTaskMixin) -> None:
+        """The step's shared parameters, and whether DDP wraps the model: its reducer then waits
+        for a gradient of every one, with one rank too (``devices=1``, ``torchrun
+        --nproc_per_node=1``), where nothing is synced."""
+        self._shared_parameters = pl_module.shared_parameters()
+        trainer = pl_module._trainer
+        model = None if trainer is None else trainer.strategy.model
+        self._ddp_awaits_every_gradient = isinstance(
+            model, torch.nn.parallel.DistributedDataParallel
+        )
+
     def _nothing_to_weigh(self, pl_module: MultiTaskMixin, step: GlobalTaskLosses) -> Tensor:
         """Weights of 1 for a step without a shared gradient to weigh (a frozen trunk, as under
         BackboneFinetuning): the heads follow their tasks' gradients times Task.weight
@@ -255,7 +267,7 @@ class GradientWeighting(WeightingCallback):
             split.wants_linear_factors = split.num_tasks >= self.linear_factors_from
             return split.views(output)
         # The receiver takes the trunk's gradients itself: backward stops at the views.
-        self._shared_parameters = pl_module.shared_parameters()
+        self._take_shared_parameters(pl_module)
         return split.views(leaf, self._shared_parameters)
 
     @override
@@ -348,12 +360,12 @@ class GradientWeighting(WeightingCallback):
     ) -> tuple[Tensor | None, ...]:
         """The shared parameters' gradients, ``None`` for one that no task reached (on any
         rank), as in a plain backward: an optimizer with momentum or weight decay leaves it
-        alone. Under DDP each rank hands DDP a gradient for every one (DDP waits for each, a 0
-        where no task reached it), and :meth:`on_after_backward` takes off those still exactly
-        0 once DDP has reduced them, as DDP itself does with ``find_unused_parameters=True``
-        (a term of the user's own added to the objective may have reached one, and an earlier
-        micro-batch's task may have)."""
-        if not distributed.is_distributed():
+        alone. Under DDP (one rank too) each rank hands DDP a gradient for every one (DDP waits
+        for each, a 0 where no task reached it), and :meth:`on_after_backward` takes off those
+        still exactly 0 once DDP has reduced them, as DDP itself does with
+        ``find_unused_parameters=True`` (a term of the user's own added to the objective may have
+        reached one, and an earlier micro-batch's task may have)."""
+        if not self._ddp_awaits_every_gradient:
             return tuple(grad if hit else None for grad, hit in zip(grads, reached, strict=True))
         pairs = zip(shared, reached, strict=True)
         self._no_gradient_after_backward = [parameter for parameter, hit in pairs if not hit]

@@ -877,6 +877,32 @@ def test_a_shared_parameter_no_task_reaches_gets_no_gradient_and_stays(method, n
     assert not torch.equal(model.trunk[0].weight.detach(), trunk.double())  # the rest trains
 
 
+def _fit_with_an_unused_layer(rank: int | None, net: type) -> dict:
+    """Two MGDA steps of ``net``: without DDP (``rank`` None) or as the rank of a DDP job."""
+    torch.manual_seed(0)
+    model = net().double()
+    batches = [make_batch(6, seed=seed) for seed in range(2)]
+    ddp = {} if rank is None else {"strategy": "ddp"}
+    trainer([callbacks.MGDA()], 1, use_distributed_sampler=False, **ddp).fit(
+        model, DataLoader(batches, batch_size=None)
+    )
+    return {"grad": model.unused.weight.grad, "state": model.state_dict()}
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("net", [UnusedSharedLayerNet, UnusedSharedLayerNoSplitNet])
+def test_ddp_on_one_rank_leaves_a_shared_parameter_no_task_reaches_as_one_process_does(net):
+    # DDP wraps the model on one rank too (devices=1, torchrun --nproc_per_node=1) and waits for
+    # a gradient of every parameter, where nothing is synced: the parameter with no gradient
+    # failed the next step ("parameters that were not used"), or, with the views, got a 0 that
+    # AdamW's decay moved.
+    (on_ddp,) = run_on_lightning_ranks(_fit_with_an_unused_layer, net, world_size=1)
+    plain = _fit_with_an_unused_layer(None, net)
+    assert plain["grad"] is None and on_ddp["grad"] is None
+    for key, value in plain["state"].items():
+        torch.testing.assert_close(on_ddp["state"][key], value, rtol=0, atol=0, msg=key)
+
+
 class PartlyReachedSharedLayersNet(UnusedSharedLayerNet):
     """:class:`UnusedSharedLayerNet` with more shared layers: ``rare``, that only rows whose
     first input is above 1 reach (none of rank 0's rows in :func:`ddp_batches`, some of rank 1's
