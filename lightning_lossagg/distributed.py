@@ -54,10 +54,16 @@ def rank_bit(rank_index: int) -> float:
     return float(2 ** min(rank_index, _MAX_RANK_BIT))
 
 
-def ranks_in_bitset(bitset: float) -> list[int]:
-    """Decode a summed bit-set of ranks; ranks from 52 on share the last bit."""
+def ranks_in_bitset(bitset: float) -> str:
+    """The ranks a summed bit-set names, as text: "0, 3", or "0, 3, 2 ranks from 52 on", whose
+    shared bit adds up to their count (with two or more of those, float64 may have rounded off
+    the lowest ranks' bits)."""
     bits = int(bitset)
-    return [index for index in range(_MAX_RANK_BIT + 1) if bits >> index & 1]
+    ranks = [str(index) for index in range(_MAX_RANK_BIT) if bits >> index & 1]
+    beyond = bits >> _MAX_RANK_BIT
+    if beyond:
+        ranks.append(f"{beyond} rank{'s' * (beyond > 1)} from {_MAX_RANK_BIT} on")
+    return ", ".join(ranks)
 
 
 def stats_dtype(device: torch.device) -> torch.dtype:

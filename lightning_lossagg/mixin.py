@@ -1224,8 +1224,7 @@ def _folded_weights(
 def _nonfinite_message(bad: list[tuple[str, float]], step_index: int) -> str:
     parts = []
     for name, bits in bad:
-        ranks = ", ".join(str(r) for r in distributed.ranks_in_bitset(bits))
-        parts.append(f"task {name!r} on rank(s) {ranks}")
+        parts.append(f"task {name!r} on rank(s) {distributed.ranks_in_bitset(bits)}")
     return (
         f"Non-finite loss at global step {step_index}: {'; '.join(parts)}. Check the inputs and "
         "targets of that batch (a NaN or inf among a task's per-sample losses counts even where "

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lightning_lossagg import NonFiniteLossError, callbacks
+from lightning_lossagg import NonFiniteLossError, callbacks, distributed
 from tests.callbacks._fits import ParametersAfterEachStep
 from tests.models import (
     ThreeTaskNet,
@@ -572,3 +572,18 @@ def test_drop_task_leaves_out_a_micro_batch_with_no_task_left_and_takes_the_othe
         assert all(not torch.equal(a, b) for a, b in zip(fitted[-1], start, strict=True)), kind
     for nan_inputs, no_label in zip(*fitted, strict=True):
         torch.testing.assert_close(nan_inputs, no_label, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("ranks", "named"),
+    [
+        ([1], "1"),
+        ([0, 3, 51], "0, 3, 51"),
+        # From rank 52 on the ranks share float64's last exact bit, which adds up to their count.
+        ([52], "1 rank from 52 on"),
+        ([1, 52, 60], "1, 2 ranks from 52 on"),
+    ],
+)
+def test_the_error_names_the_ranks_of_a_summed_bit_set(ranks, named):
+    bitset = torch.tensor([distributed.rank_bit(rank) for rank in ranks], dtype=torch.float64)
+    assert distributed.ranks_in_bitset(float(bitset.sum())) == named
