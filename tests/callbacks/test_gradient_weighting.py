@@ -7,6 +7,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
 from lightning_lossagg import MaskedLoss, MultiTaskMixin, Task, callbacks, functional
@@ -909,8 +910,9 @@ class PartlyReachedSharedLayersNet(UnusedSharedLayerNet):
     at every step); ``once``, above 1.5 (only rank 1's second batch: reached at every other
     step, by no rank at the steps between); ``zero``, reached as ``rare`` but times 0 (a
     gradient of exactly 0, on one rank); and ``aux``, that no task reaches but a term of the
-    model's own added to the objective does. The concatenated batches reach ``rare`` and
-    ``zero`` at every step and ``once`` at every other."""
+    model's own added to the objective does, in its first row only (a gradient 0 elsewhere).
+    The concatenated batches reach ``rare`` and ``zero`` at every step and ``once`` at every
+    other."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -929,7 +931,7 @@ class PartlyReachedSharedLayersNet(UnusedSharedLayerNet):
         return shared
 
     def training_step(self, batch, batch_idx):
-        return super().training_step(batch, batch_idx) + 0.5 * self.aux.weight.pow(2).sum()
+        return super().training_step(batch, batch_idx) + 0.5 * self.aux.weight[0].pow(2).sum()
 
 
 class PartlyReachedSharedLayersNoSplitNet(PartlyReachedSharedLayersNet):
@@ -998,6 +1000,51 @@ def test_two_ranks_give_no_gradient_to_a_shared_parameter_no_rank_reaches():
                     torch.testing.assert_close(
                         parameters[key], value, rtol=1e-8, atol=1e-11, msg=f"{case} {key}"
                     )
+
+
+class ZeroAtOddStepsNet(UnusedSharedLayerNet):
+    """``alt``: reached times 0 (a gradient of exactly 0) by rows whose first input is above 1.5:
+    in :func:`ddp_batches` only rank 1's second batch (global steps 1 and 3); no rank at steps
+    0 and 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alt = torch.nn.Linear(8, 8)
+
+    def forward_shared(self, inputs):
+        shared = self.trunk(inputs)
+        rows = inputs[:, :1] > 1.5
+        if rows.any():
+            shared = torch.where(rows, shared + 0.0 * self.alt(shared), shared)
+        return shared
+
+
+def _fit_zero_at_odd_steps(rank: int | None) -> dict:
+    torch.manual_seed(0)
+    model = ZeroAtOddStepsNet().double()
+    # The steps between Nash-MTL's solves are plain backwards: alt is off rank 0's graph there.
+    ddp = {"strategy": DDPStrategy(find_unused_parameters=True), "devices": 2}
+    ddp = {} if rank is None else ddp
+    batches = concatenated_ddp_batches() if rank is None else ddp_batches()[rank]
+    method = callbacks.NashMTL(update_weights_every=2)
+    trainer([method], 2, use_distributed_sampler=False, **ddp).fit(
+        model, DataLoader(batches, batch_size=None)
+    )
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.ddp
+def test_a_solving_steps_unreached_parameters_are_its_own_not_the_next_steps():
+    # Nash-MTL solves at steps 0 and 2, where no rank reaches alt (its gradient is taken off);
+    # at steps 1 and 3 a task reaches it with a gradient of exactly 0, which it keeps, as one
+    # process on the concatenated batches does: AdamW decays it.
+    ranks = run_on_lightning_ranks(_fit_zero_at_odd_steps)
+    single = _fit_zero_at_odd_steps(None)
+    torch.manual_seed(0)
+    assert not torch.equal(single["alt.weight"], ZeroAtOddStepsNet().double().alt.weight)
+    for on_rank in ranks:
+        for key, value in single.items():
+            torch.testing.assert_close(on_rank[key], value, rtol=1e-8, atol=1e-11, msg=key)
 
 
 class TiedHeadNet(MultiTaskMixin, L.LightningModule):
