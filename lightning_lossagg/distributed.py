@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-# Ranks are encoded as bits of a float64; 2**52 is the last power of two it holds exactly.
-_MAX_RANK_BIT = 52
+# A summed set of ranks, exact in float64 (integers below 2**53): ranks 0 to 40 each set their
+# bit; the 12 bits above count the ranks from 41 on (up to 4095 of them).
+_NAMED_RANKS = 41
 _AVAILABLE = dist.is_available()  # whether this build of torch has torch.distributed
 
 
@@ -50,19 +51,17 @@ def all_reduce_max(tensor: Tensor) -> Tensor:
 
 
 def rank_bit(rank_index: int) -> float:
-    """The value a rank contributes to a summed bit-set of ranks (exact in float64)."""
-    return float(2 ** min(rank_index, _MAX_RANK_BIT))
+    """The value a rank contributes to a summed set of ranks (exact in float64, in any order)."""
+    return float(2 ** min(rank_index, _NAMED_RANKS))
 
 
 def ranks_in_bitset(bitset: float) -> str:
-    """The ranks a summed bit-set names, as text: "0, 3", or "0, 3, 2 ranks from 52 on", whose
-    shared bit adds up to their count (with two or more of those, float64 may have rounded off
-    the lowest ranks' bits)."""
+    """The ranks a summed set names, as text: "0, 3", or "0, 3, 2 ranks from 41 on"."""
     bits = int(bitset)
-    ranks = [str(index) for index in range(_MAX_RANK_BIT) if bits >> index & 1]
-    beyond = bits >> _MAX_RANK_BIT
+    ranks = [str(index) for index in range(_NAMED_RANKS) if bits >> index & 1]
+    beyond = bits >> _NAMED_RANKS
     if beyond:
-        ranks.append(f"{beyond} rank{'s' * (beyond > 1)} from {_MAX_RANK_BIT} on")
+        ranks.append(f"{beyond} rank{'s' * (beyond > 1)} from {_NAMED_RANKS} on")
     return ", ".join(ranks)
 
 

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_lossagg import NonFiniteLossError, callbacks, distributed
+from lightning_lossagg.mixin import _nonfinite_message
 from tests.callbacks._fits import ParametersAfterEachStep
 from tests.models import (
     ThreeTaskNet,
@@ -578,12 +579,25 @@ def test_drop_task_leaves_out_a_micro_batch_with_no_task_left_and_takes_the_othe
     ("ranks", "named"),
     [
         ([1], "1"),
-        ([0, 3, 51], "0, 3, 51"),
-        # From rank 52 on the ranks share float64's last exact bit, which adds up to their count.
-        ([52], "1 rank from 52 on"),
-        ([1, 52, 60], "1, 2 ranks from 52 on"),
+        ([0, 3, 40], "0, 3, 40"),
+        # From rank 41 on the ranks are counted, in the bits above.
+        ([41], "1 rank from 41 on"),
+        ([1, 41, 60], "1, 2 ranks from 41 on"),
+        # Every rank of a 64-GPU job: the named ranks' bits never carry into the count.
+        (list(range(64)), ", ".join(str(rank) for rank in range(41)) + ", 23 ranks from 41 on"),
+        (
+            list(range(41 + 4095)),
+            ", ".join(str(rank) for rank in range(41)) + ", 4095 ranks from 41 on",
+        ),
     ],
 )
-def test_the_error_names_the_ranks_of_a_summed_bit_set(ranks, named):
-    bitset = torch.tensor([distributed.rank_bit(rank) for rank in ranks], dtype=torch.float64)
-    assert distributed.ranks_in_bitset(float(bitset.sum())) == named
+def test_the_error_names_the_ranks_of_a_summed_set_in_any_order(ranks, named):
+    for order in (ranks, ranks[::-1]):  # as the all-reduce may sum them
+        bits = torch.tensor([distributed.rank_bit(rank) for rank in order], dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64)
+        for value in bits:  # one at a time, rounding after each addition
+            total += value
+        message = _nonfinite_message([("price", total.item())], 7)
+        assert message.startswith(
+            f"Non-finite loss at global step 7: task 'price' on rank(s) {named}."
+        )
