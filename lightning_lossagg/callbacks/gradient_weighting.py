@@ -155,7 +155,7 @@ class GradientWeighting(WeightingCallback):
         # gradient and lose it if it is still 0 once DDP has reduced it (_shared_gradients).
         self._no_gradient_after_backward: list[torch.nn.Parameter] = []
         self._shared_parameters: list[torch.nn.Parameter] = []
-        self._ddp_awaits_every_gradient = False  # the model is DDP's, on any number of ranks
+        self._every_gradient_awaited = False  # several ranks, or DDP on one
         # The heads' parameters, each with its (task, gradient) pairs (None: the task does not
         # reach it), from the per-task pass(es), for the surrogate.
         self._own_task_gradients: list[tuple[torch.nn.Parameter, TaskGradients]] = []
@@ -242,13 +242,15 @@ class GradientWeighting(WeightingCallback):
         return distributed.to_device(weights, step.local_sums, step.dtype)
 
     def _take_shared_parameters(self, pl_module: MultiTaskMixin) -> None:
-        """The step's shared parameters, and whether DDP wraps the model: its reducer then waits
-        for a gradient of every one, with one rank too (``devices=1``, ``torchrun
-        --nproc_per_node=1``), where nothing is synced."""
+        """The step's shared parameters, and whether every one must get a gradient: on several
+        ranks (DDP's reducer, and other strategies', may wait for each), and where DDP wraps the
+        model on one rank (``devices=1``, ``torchrun --nproc_per_node=1``: nothing is synced,
+        but its reducer still waits)."""
         self._shared_parameters = pl_module.shared_parameters()
         trainer = pl_module._trainer
         model = None if trainer is None else trainer.strategy.model
-        self._ddp_awaits_every_gradient = isinstance(
+        model = getattr(model, "_orig_mod", model)  # under torch.compile
+        self._every_gradient_awaited = distributed.is_distributed() or isinstance(
             model, torch.nn.parallel.DistributedDataParallel
         )
 
@@ -365,7 +367,7 @@ class GradientWeighting(WeightingCallback):
         still exactly 0 once DDP has reduced them, as DDP itself does with
         ``find_unused_parameters=True`` (a term of the user's own added to the objective may have
         reached one, and an earlier micro-batch's task may have)."""
-        if not self._ddp_awaits_every_gradient:
+        if not self._every_gradient_awaited:
             return tuple(grad if hit else None for grad, hit in zip(grads, reached, strict=True))
         pairs = zip(shared, reached, strict=True)
         self._no_gradient_after_backward = [parameter for parameter, hit in pairs if not hit]
@@ -901,9 +903,9 @@ def _factored_gramian(outputs: Tensor, weights: Tensor, sizes: list[int]) -> Ten
     """The Gramian of the gradients ``D_k W_k`` (:meth:`GradientsAtHeads.linear_factors`):
     ``<D_i W_i, D_j W_j> = sum((D_i^T D_j) * (W_i W_j^T))``, in float32 at least. A head of
     several outputs sums products that can cancel far beyond ``|D_k W_k|^2`` (a softmax head's
-    rows share a part no gradient sees, however large): those sums are taken in float64 (where
-    the device has it)."""
-    dtype = torch.promote_types(outputs.dtype, torch.float32)
+    rows may share a part that no gradient sees): those sums are taken in float64 (where the
+    device has it)."""
+    dtype = functools.reduce(torch.promote_types, (outputs.dtype, weights.dtype, torch.float32))
     if all(size == 1 for size in sizes):
         outputs, weights = outputs.to(dtype), weights.to(dtype)
         return (outputs.T @ outputs) * (weights @ weights.T)

@@ -4,6 +4,7 @@ keeps them, instead of flushing to zero in float16, and the method sees its figu
 
 The real ``GradScaler`` on the CPU (Lightning's ``MixedPrecision("16-mixed", "cpu")`` plugin)."""
 
+import inspect
 import warnings
 
 import lightning as L
@@ -201,14 +202,16 @@ def test_gradnorm_takes_no_step_whose_per_task_gradients_overflowed():
 
 
 @pytest.mark.parametrize("rep_grad", [False, True])
-def test_the_heads_gradients_of_the_one_pass_in_float16_are_those_of_float32(rep_grad, monkeypatch):
+def test_the_gradients_after_the_one_pass_in_float16_are_those_of_float32(rep_grad, monkeypatch):
     # The registry's losses and Nash-MTL, which weighs the heads too: ONE pass of the summed
-    # terms to per-head leaves before backward, taken times the loss scale in float16.
+    # terms to per-head leaves before backward, taken times the loss scale in float16; the
+    # heads' gradients from it are handed over, the trunk's follow.
     passes = []
     original = GradientWeighting._gradients_in_one_pass
 
     def counted(self, *args, **kwargs):
-        passes.append(args[-1] is not None)  # taken times a loss scale
+        scale = inspect.signature(original).bind(self, *args, **kwargs).arguments["scale"]
+        passes.append(scale is not None)  # taken times a loss scale
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(GradientWeighting, "_gradients_in_one_pass", counted)

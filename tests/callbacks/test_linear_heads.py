@@ -162,6 +162,15 @@ def test_the_factored_gramian_is_the_float32_gramian_of_the_factors_values(facto
     torch.testing.assert_close(gramian.double(), gradients @ gradients.T, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("sizes", [[1, 3], [1, 1, 1, 1]])
+def test_the_factored_gramian_takes_the_widest_dtype_of_its_factors(sizes):
+    outputs, weights = _softmax_head_with_a_common_row_part(0.0)
+    gramian = _factored_gramian(outputs, weights.double(), sizes)
+    gradients = _per_head_gradients(outputs.double(), weights.double(), sizes)
+    assert gramian.dtype == torch.float64
+    torch.testing.assert_close(gramian, gradients @ gradients.T, rtol=1e-12, atol=1e-12)
+
+
 def test_the_factors_are_used_where_they_take_fewer_operations():
     pays = ThreeTaskNet._linear_factors_pay
     two_heads = [torch.nn.Linear(256, 1), torch.nn.Linear(256, 1)]
