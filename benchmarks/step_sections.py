@@ -37,7 +37,8 @@ SECTIONS: list[tuple[str, Any, str]] = [
     ("backward", LightningModule, "backward"),
     ("  views' work in backward", GradientWeighting, "_weigh_at_heads"),
     ("  views' work in backward", GradientWeighting, "_weigh_at_parameters"),
-    # With parameter gradients (--param): the K backwards through the trunk, then the rest.
+    # With parameter gradients (--param): the K backwards through the trunk, then the rest
+    # (a row counts every caller of its functions; w @ J is in none).
     ("    trunk backwards", gradient_weighting, "_trunk_gradients"),
     ("    Jacobian and Gramian", gradient_weighting, "_jacobian"),
     ("    Jacobian and Gramian", GradientWeighting, "_synced_gramian"),
