@@ -362,9 +362,9 @@ class GradientWeighting(WeightingCallback):
     ) -> tuple[Tensor | None, ...]:
         """The shared parameters' gradients, ``None`` for one that no task reached (on any
         rank), as in a plain backward: an optimizer with momentum or weight decay leaves it
-        alone. Under DDP (one rank too) each rank hands DDP a gradient for every one (DDP waits
-        for each, a 0 where no task reached it), and :meth:`on_after_backward` takes off those
-        still exactly 0 once DDP has reduced them, as DDP itself does with
+        alone. On several ranks, or under DDP on one, each rank hands DDP a gradient for every
+        one (DDP waits for each, a 0 where no task reached it), and :meth:`on_after_backward`
+        takes off those still exactly 0 once DDP has reduced them, as DDP itself does with
         ``find_unused_parameters=True`` (a term of the user's own added to the objective may have
         reached one, and an earlier micro-batch's task may have)."""
         if not self._every_gradient_awaited:
