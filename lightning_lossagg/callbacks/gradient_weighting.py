@@ -906,12 +906,16 @@ def _factored_gramian(outputs: Tensor, weights: Tensor, sizes: list[int]) -> Ten
     rows may share a part that no gradient sees): those sums are taken in float64 (where the
     device has it)."""
     dtype = functools.reduce(torch.promote_types, (outputs.dtype, weights.dtype, torch.float32))
-    if all(size == 1 for size in sizes):
-        outputs, weights = outputs.to(dtype), weights.to(dtype)
-        return (outputs.T @ outputs) * (weights @ weights.T)
-    wide = torch.promote_types(dtype, distributed.stats_dtype(outputs.device))
+    one_output_each = all(size == 1 for size in sizes)
+    wide = (  # block sums (a head of several outputs) in float64
+        dtype
+        if one_output_each
+        else torch.promote_types(dtype, distributed.stats_dtype(outputs.device))
+    )
     outputs, weights = outputs.to(wide), weights.to(wide)
     products = (outputs.T @ outputs) * (weights @ weights.T)
+    if one_output_each:
+        return products
     blocks = _blocks(tuple(sizes), wide, products.device)
     return (blocks.T @ products @ blocks).to(dtype)
 
