@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from lightning_lossagg.tasks import Task
+
 
 class PaddedForRanks(Dataset):
     """``dataset`` padded to a multiple of ``num_ranks`` samples with samples that count for
@@ -37,7 +39,10 @@ class PaddedForRanks(Dataset):
     """
 
     def __init__(
-        self, dataset: Any, num_ranks: int, ignore_index: int | Mapping[str, int] = -100
+        self,
+        dataset: Any,
+        num_ranks: int,
+        ignore_index: int | Mapping[str, int] = Task.ignore_index,
     ) -> None:
         if isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks < 1:
             raise ValueError(
@@ -81,5 +86,5 @@ class PaddedForRanks(Dataset):
             )
         ignore_index = self.ignore_index
         if isinstance(ignore_index, Mapping):
-            ignore_index = ignore_index.get(task, -100)
+            ignore_index = ignore_index.get(task, Task.ignore_index)
         return torch.full_like(target, ignore_index)
